@@ -1,0 +1,131 @@
+"""Reading arcface_torch checkpoints safely and loading them into a backbone.
+
+Checkpoints are pickles: they are only ever read with ``weights_only=True``,
+so a hostile file fails with a clear error instead of running code.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbones import ARCHS, build_model, describe_layout, detect_arch
+from .errors import ArcdeployError
+
+# wrappers people save around the state dict (training scripts, Lightning, ...)
+_WRAPPER_KEYS = ("state_dict", "model", "backbone", "model_state_dict", "module")
+# prefixes added by DataParallel / DDP and by torch.compile
+_PREFIXES = ("module.", "_orig_mod.", "backbone.")
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    arch: str
+    state_dict: dict[str, torch.Tensor]
+    notes: list[str]
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The float32 state dict inside a checkpoint file, and notes on what was unwrapped."""
+    path = Path(path)
+    if not path.exists():
+        raise ArcdeployError(f"{path}: no such file")
+    if path.is_dir():
+        raise ArcdeployError(f"{path}: is a folder, expected a checkpoint file (backbone.pth)")
+    if path.stat().st_size == 0:
+        raise ArcdeployError(f"{path}: empty file, not a checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "GLOBAL" in str(exc) or "Unsupported" in str(exc):
+            raise ArcdeployError(
+                f"{path}: refused: the pickle holds objects a weights-only load does not allow "
+                f"({_short(first)}); save the model's state_dict() instead"
+            ) from None
+        raise ArcdeployError(f"{path}: not a PyTorch checkpoint ({_short(first)})") from None
+    except Exception as exc:  # whatever torch raises for a file it cannot read
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if zipfile.is_zipfile(path) or "zip" in msg.lower() or isinstance(exc, EOFError):
+            raise ArcdeployError(f"{path}: truncated or damaged checkpoint ({_short(msg)})") from None
+        raise ArcdeployError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {_short(msg)})") from None
+
+    notes: list[str] = []
+    for _ in range(3):  # unwrap {"state_dict": ...}, {"model": {"state_dict": ...}}, ...
+        if isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+            inner = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+            if inner is None:
+                break
+            notes.append(f"unwrapped {inner!r}")
+            obj = obj[inner]
+    if not isinstance(obj, Mapping):
+        raise ArcdeployError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ArcdeployError(f"{path}: unknown layout ({describe_layout(obj)}); no tensors found")
+
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+            notes.append(f"stripped prefix {prefix!r}")
+    converted = {v.dtype for v in tensors.values() if v.is_floating_point() and v.dtype != torch.float32}
+    if converted:
+        notes.append(f"converted {', '.join(sorted(str(d).replace('torch.', '') for d in converted))} to float32")
+    tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
+    return tensors, notes
+
+
+def _is_tensor_dict(obj: Mapping) -> bool:
+    return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_checkpoint(path: str | os.PathLike, arch: str = "auto") -> LoadedCheckpoint:
+    """Read a checkpoint and settle its architecture (detected, and checked against ``arch``)."""
+    state_dict, notes = read_state_dict(path)
+    if arch not in ("auto", *ARCHS):
+        raise ArcdeployError(f"unknown --arch {arch!r}; choose auto or one of {', '.join(ARCHS)}")
+    detected = detect_arch(state_dict, source=str(path))
+    if arch != "auto" and arch != detected:
+        raise ArcdeployError(f"{path}: the checkpoint is {detected}, but {arch} was asked for")
+    return LoadedCheckpoint(Path(path), detected, state_dict, notes)
+
+
+def load_backbone(path: str | os.PathLike, arch: str = "auto") -> tuple[nn.Module, LoadedCheckpoint]:
+    """The backbone in eval mode with the checkpoint strict-loaded into it."""
+    ckpt = read_checkpoint(path, arch)
+    model = build_model(ckpt.arch)
+    state = {k: v for k, v in ckpt.state_dict.items()}
+    # num_batches_tracked is bookkeeping; some exporters drop it, so supply it when missing
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        missing, unexpected = _key_diff(model, state)
+        detail = []
+        if missing:
+            detail.append(f"missing {len(missing)} such as {missing[0]!r}")
+        if unexpected:
+            detail.append(f"unexpected {len(unexpected)} such as {unexpected[0]!r}")
+        if not detail:
+            detail.append(_short(str(exc).splitlines()[-1]))
+        raise ArcdeployError(f"{path}: does not load into {ckpt.arch}: {'; '.join(detail)}") from None
+    return model.eval(), ckpt
+
+
+def _key_diff(model: nn.Module, state: Mapping) -> tuple[list[str], list[str]]:
+    expected = set(model.state_dict())
+    return sorted(expected - set(state)), sorted(set(state) - expected)

@@ -1,0 +1,62 @@
+"""The ``arcdeploy`` command: a thin layer over the library's public functions.
+
+Each sub-command lives in its own module here with ``register(subparsers)``,
+which adds its parser and sets ``func``; heavy libraries are imported inside
+the handlers so ``arcdeploy --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from ..errors import ArcdeployError
+
+COMMANDS = ("export", "build", "check", "embed", "compare", "bench", "eval", "run", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="arcdeploy",
+        description="Turn an arcface_torch checkpoint into a fast, verified inference package, and measure it.",
+    )
+    parser.add_argument("--version", action="version", version=f"arcdeploy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{name}":
+                continue  # command not part of this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except ArcdeployError as exc:
+        print(f"arcdeploy {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"arcdeploy {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("ARCDEPLOY_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"arcdeploy {args.command}: internal error: {type(exc).__name__}: {first} "
+              "(set ARCDEPLOY_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    return int(code or 0)
+
+
+def entry() -> None:
+    sys.exit(main())

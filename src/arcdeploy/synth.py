@@ -1,0 +1,143 @@
+"""Generated stand-ins for real data, used by the demo and the tests.
+
+Nothing here is trained or real: a deterministic *untrained* checkpoint whose
+BatchNorm statistics are fitted to synthetic faces (so activations have sane
+ranges, as in a trained net), and cartoon faces drawn with OpenCV whose look
+depends on an identity seed, placed in a loose crop with known 5 landmarks.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .backbones import build_model
+
+# ArcFace 112x112 template (SPEC section 4)
+TEMPLATE_112 = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
+
+
+def _similarity(angle_deg: float, scale: float, tx: float, ty: float, center: tuple[float, float]) -> np.ndarray:
+    import cv2
+
+    m = cv2.getRotationMatrix2D(center, angle_deg, scale)
+    m[:, 2] += (tx, ty)
+    return m
+
+
+def draw_face(identity: int, variation: int = 0, size: int = 250, jitter: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB uint8 loose crop of a cartoon face and its 5 landmarks (x, y), float32 [5, 2].
+
+    ``identity`` fixes the face's look; ``variation`` changes pose, light and noise.
+    """
+    import cv2
+
+    idr = np.random.default_rng(10_000 + identity)
+    var = np.random.default_rng([identity, variation])
+    canon = 112 * 2  # draw at 2x of the template frame, then place in the loose crop
+    s = 2.0
+    lm = TEMPLATE_112 * s
+    img = np.zeros((canon, canon, 3), np.uint8)
+    bg = idr.integers(20, 235, 3)
+    img[:] = bg
+    skin = idr.integers(90, 250, 3)
+    hair = idr.integers(0, 200, 3)
+    cx = float(lm[2, 0])
+    face_w, face_h = idr.uniform(70, 92), idr.uniform(96, 118)
+    cv2.ellipse(img, (int(cx), int(lm[2, 1] - 6)), (int(face_w), int(face_h)), 0, 0, 360, skin.tolist(), -1, cv2.LINE_AA)
+    # hair: an arc on top, shape set by identity
+    hair_h = idr.uniform(20, 60)
+    cv2.ellipse(img, (int(cx), int(lm[2, 1] - face_h + 20)), (int(face_w + 6), int(hair_h)), 0, 180, 360, hair.tolist(), -1, cv2.LINE_AA)
+    # identity texture: a few blobs (marks, glasses-like rims)
+    for _ in range(idr.integers(2, 6)):
+        c = (int(cx + idr.uniform(-60, 60)), int(lm[2, 1] + idr.uniform(-70, 50)))
+        cv2.circle(img, c, int(idr.uniform(3, 12)), idr.integers(0, 255, 3).tolist(), -1, cv2.LINE_AA)
+    eye_r = idr.uniform(7, 13)
+    iris = idr.integers(0, 160, 3).tolist()
+    brow = idr.uniform(-0.3, 0.3)
+    for k in (0, 1):
+        ex, ey = lm[k]
+        cv2.ellipse(img, (int(ex), int(ey)), (int(eye_r * 1.6), int(eye_r)), 0, 0, 360, (245, 245, 245), -1, cv2.LINE_AA)
+        open_ = var.uniform(0.6, 1.0) if jitter else 0.8
+        cv2.circle(img, (int(ex), int(ey)), int(eye_r * open_), iris, -1, cv2.LINE_AA)
+        sign = -1 if k == 0 else 1
+        p1 = (int(ex - 16), int(ey - 22 - sign * brow * 10))
+        p2 = (int(ex + 16), int(ey - 22 + sign * brow * 10))
+        cv2.line(img, p1, p2, hair.tolist(), 4, cv2.LINE_AA)
+    nose = lm[2]
+    pts = np.array([[nose[0], nose[1] - 34], [nose[0] - 10, nose[1] + 4], [nose[0] + 10, nose[1] + 4]], np.int32)
+    cv2.fillPoly(img, [pts], (skin * 0.75).astype(int).tolist(), cv2.LINE_AA)
+    lip = idr.integers(60, 220, 3).tolist()
+    smile = var.uniform(-6, 10) if jitter else 4
+    mouth = np.array([lm[3], [(lm[3, 0] + lm[4, 0]) / 2, lm[3, 1] + smile], lm[4]], np.int32)
+    cv2.polylines(img, [mouth], False, lip, 6, cv2.LINE_AA)
+
+    # place into the loose crop with a random similarity transform
+    angle = var.uniform(-15, 15) if jitter else 0.0
+    scale = (size / 250) * (var.uniform(0.62, 0.8) if jitter else 0.7)
+    shift = var.uniform(-12, 12, 2) * (size / 250) if jitter else np.zeros(2)
+    m = _similarity(angle, scale, 0, 0, (canon / 2, canon / 2))
+    m[:, 2] += (size / 2 - canon / 2) + shift
+    crop = cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    landmarks = (np.c_[lm, np.ones(5)] @ m.T).astype(np.float32)
+    if jitter:
+        gain = var.uniform(0.7, 1.25)
+        noise = var.normal(0, 6, crop.shape)
+        crop = np.clip(crop.astype(np.float32) * gain + noise, 0, 255).astype(np.uint8)
+        landmarks += var.normal(0, 0.8, landmarks.shape).astype(np.float32)
+    return crop, landmarks
+
+
+def aligned_faces(n: int, seed: int = 0, identities: int | None = None) -> np.ndarray:
+    """``n`` aligned 112x112 RGB uint8 synthetic faces (NHWC), deterministic in ``seed``."""
+    import cv2
+
+    identities = identities or max(1, n // 2)
+    out = np.empty((n, 112, 112, 3), np.uint8)
+    for i in range(n):
+        img, lm = draw_face(seed * 7919 + i % identities, variation=i, size=160)
+        m, _ = cv2.estimateAffinePartial2D(lm, TEMPLATE_112, method=cv2.LMEDS)
+        out[i] = cv2.warpAffine(img, m, (112, 112), flags=cv2.INTER_LINEAR, borderValue=0)
+    return out
+
+
+def generated_state_dict(arch: str = "r18", seed: int = 0, fit_images: int = 64) -> dict[str, torch.Tensor]:
+    """A deterministic, UNTRAINED state dict in the official layout.
+
+    Weights are random (fixed seed); affine BN parameters and PReLU slopes are
+    perturbed, and BatchNorm running statistics are fitted on synthetic faces
+    so that every layer sees activations of a realistic scale, as in a trained
+    net. It is meant for demos and tests, never for recognition.
+    """
+    torch.manual_seed(seed)
+    model = build_model(arch)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                mod.weight.copy_(1 + 0.2 * torch.randn(mod.weight.shape, generator=gen))
+                mod.bias.copy_(0.1 * torch.randn(mod.bias.shape, generator=gen))
+                mod.momentum = None  # cumulative average over the fitting batches
+                mod.reset_running_stats()
+            elif isinstance(mod, torch.nn.PReLU):
+                mod.weight.copy_(0.25 + 0.05 * torch.randn(mod.weight.shape, generator=gen))
+        faces = aligned_faces(fit_images, seed=seed + 1)
+        x = torch.from_numpy(faces).permute(0, 3, 1, 2).float().sub_(127.5).div_(127.5)
+        model.train()
+        for chunk in x.split(16):
+            model(chunk)
+        model.eval()
+        for mod in model.modules():
+            if isinstance(mod, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                mod.momentum = 0.1
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def write_generated_checkpoint(path, arch: str = "r18", seed: int = 0) -> None:
+    """Save :func:`generated_state_dict` as a plain ``backbone.pth``."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(generated_state_dict(arch, seed), path)
