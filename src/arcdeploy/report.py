@@ -1,0 +1,328 @@
+"""report.md / report.json and plots for a run: one table per stage, by precision.
+
+Tables follow the reference pipeline's layout (a row per precision); plots are
+the ROC per precision, throughput by precision and batch, and the histogram of
+per-image cosine to the fp32 PyTorch reference.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .utils import cpu_name, library_versions, write_json_atomic
+
+FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _text_table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        return str(v)
+
+    cells = [header] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+class Table:
+    """A titled table that renders both as Markdown and as aligned text."""
+
+    def __init__(self, title: str, header: list[str], rows: list[list[Any]], note: str | None = None):
+        self.title, self.header, self.rows, self.note = title, header, rows, note
+
+    def markdown(self) -> str:
+        parts = [f"## {self.title}", ""]
+        if self.rows:
+            parts.append(_md_table(self.header, self.rows))
+        else:
+            parts.append("_no results_")
+        if self.note:
+            parts += ["", self.note]
+        return "\n".join(parts)
+
+    def text(self) -> str:
+        body = _text_table(self.header, self.rows) if self.rows else "(no results)"
+        return f"{self.title}\n{body}" + (f"\n{self.note}" if self.note else "")
+
+    def as_json(self) -> dict:
+        return {"title": self.title, "header": self.header, "rows": self.rows, "note": self.note}
+
+
+def _by_prefix(records, prefix: str) -> dict[str, Any]:
+    """{precision-suffix: record} for step names like 'bench openvino-int8'."""
+    out = {}
+    for rec in records:
+        if rec.name.startswith(prefix + " "):
+            out[rec.name[len(prefix) + 1:]] = rec
+    return out
+
+
+def fidelity_table(records) -> Table:
+    rows = []
+    for name, rec in _by_prefix(records, "check").items():
+        if rec.status in ("done", "reused") and rec.result:
+            cos = rec.result.get("cosine", {})
+            rows.append([name, cos.get("n", rec.result.get("n")), _r(cos.get("mean"), 6), _r(cos.get("min"), 6),
+                         _r(cos.get("p1"), 6), _floor_text(rec.result.get("floor")),
+                         "pass" if rec.result.get("passed") else "BELOW FLOOR"])
+        else:
+            rows.append([name, None, None, None, None, None, f"{rec.status}: {rec.error}"])
+    return Table("Fidelity: per-image cosine to the fp32 PyTorch reference",
+                 ["package", "images", "mean", "min", "p1", "floor", "result"], rows)
+
+
+def _floor_text(floor) -> str | None:
+    if not floor:
+        return None
+    if isinstance(floor, dict):
+        return ", ".join(f"{k} >= {v}" for k, v in floor.items())
+    return str(floor)
+
+
+def _r(v, nd=2):
+    return None if v is None else round(float(v), nd)
+
+
+def speed_table(records) -> Table:
+    rows = []
+    base: dict[int, float] = {}
+    benches = _by_prefix(records, "bench")
+    for name, rec in benches.items():
+        if name.endswith("-fp32") and rec.result:
+            base = {r["batch"]: r["throughput"] for r in rec.result.get("results", [])}
+    for name, rec in benches.items():
+        if rec.status in ("done", "reused") and rec.result:
+            for r in rec.result.get("results", []):
+                lat = r.get("latency_ms", {})
+                ratio = r["throughput"] / base[r["batch"]] if base.get(r["batch"]) else None
+                rows.append([name, r["batch"], _r(r["throughput"], 1), _r(lat.get("mean")), _r(lat.get("p50")),
+                             _r(lat.get("p90")), _r(lat.get("p99")), _r(ratio)])
+        else:
+            rows.append([name, None, None, None, None, None, None, f"{rec.status}: {rec.error}"])
+    return Table("Speed: throughput (images/s) and latency (ms) by precision and batch",
+                 ["package", "batch", "img/s", "mean", "p50", "p90", "p99", "x fp32"], rows)
+
+
+def ijb_table(records) -> Table:
+    rows = []
+    target = None
+    mode = None
+    for name, rec in _by_prefix(records, "eval ijb").items():
+        if rec.status in ("done", "reused") and rec.result:
+            res = _first_result(rec.result)
+            target = res.get("target", target)
+            mode = res.get("mode", mode)
+            tar = dict(zip([float(f) for f in res.get("far", [])], res.get("tar", [])))
+            rows.append([name] + [_r(100 * tar[f]) if f in tar else None for f in FARS])
+        else:
+            rows.append([name] + [None] * (len(FARS) - 1) + [f"{rec.status}: {rec.error}"])
+    note = f"TAR (%) at FAR; mode {mode}." if mode else None
+    return Table(f"Accuracy: {target or 'IJB'} 1:1 verification, TAR@FAR",
+                 ["package"] + [f"{f:.0e}" for f in FARS], rows, note)
+
+
+def _first_result(result: dict) -> dict:
+    if "tar" in result:
+        return result
+    if result.get("results"):
+        return result["results"][0]
+    return result
+
+
+def bins_table(records) -> Table:
+    rows = []
+    for name, rec in _by_prefix(records, "eval bin").items():
+        if rec.status in ("done", "reused") and rec.result:
+            for r in rec.result.get("results", []):
+                rows.append([name, r.get("name"), r.get("pairs"), _r(100 * r["accuracy"], 2) if r.get("accuracy") is not None else None,
+                             _r(100 * r["std"], 2) if r.get("std") is not None else None, _r(r.get("xnorm"), 3)])
+        else:
+            rows.append([name, None, None, None, None, f"{rec.status}: {rec.error}"])
+    return Table("Accuracy: verification .bin sets (10-fold, flip)",
+                 ["package", "set", "pairs", "accuracy %", "std %", "XNorm"], rows)
+
+
+def steps_table(records) -> Table:
+    rows = [[r.name, r.status, _r(r.seconds, 1), r.error] for r in records]
+    return Table("Steps", ["step", "status", "seconds", "note"], rows)
+
+
+# ---------------------------------------------------------------- plots
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(records, path: Path) -> Path | None:
+    curves = []
+    for name, rec in _by_prefix(records, "eval ijb").items():
+        if rec.status in ("done", "reused") and rec.result:
+            res = _first_result(rec.result)
+            roc = res.get("roc") or {}
+            if roc.get("fpr") and roc.get("tpr"):
+                curves.append((name, np.asarray(roc["fpr"]), np.asarray(roc["tpr"])))
+    if not curves:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, fpr, tpr in curves:
+        keep = fpr > 0
+        ax.plot(fpr[keep], tpr[keep], label=name)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-6, 1)
+    ax.set_xlabel("False accept rate")
+    ax.set_ylabel("True accept rate")
+    ax.set_title("ROC by precision")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_throughput(records, path: Path) -> Path | None:
+    data = {}
+    for name, rec in _by_prefix(records, "bench").items():
+        if rec.status in ("done", "reused") and rec.result:
+            data[name] = {r["batch"]: r["throughput"] for r in rec.result.get("results", [])}
+    if not data:
+        return None
+    plt = _plt()
+    batches = sorted({b for d in data.values() for b in d})
+    width = 0.8 / len(data)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, d) in enumerate(data.items()):
+        xs = [j + i * width for j in range(len(batches))]
+        ax.bar(xs, [d.get(b, 0) for b in batches], width, label=name)
+    ax.set_xticks([j + width * (len(data) - 1) / 2 for j in range(len(batches))])
+    ax.set_xticklabels([f"batch {b}" for b in batches])
+    ax.set_ylabel("images / s")
+    ax.set_title("Throughput by precision and batch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_cosine_hist(records, path: Path) -> Path | None:
+    data = {}
+    for name, rec in _by_prefix(records, "check").items():
+        if rec.status in ("done", "reused") and rec.result and rec.result.get("per_image"):
+            data[name] = np.asarray(rec.result["per_image"], dtype=np.float64)
+    if not data:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lo = min(float(v.min()) for v in data.values())
+    bins = np.linspace(min(lo, 0.999), 1.0, 60)
+    for name, v in data.items():
+        ax.hist(np.clip(v, bins[0], 1.0), bins=bins, alpha=0.6, label=name)
+    ax.set_xlabel("cosine to fp32 PyTorch (per image)")
+    ax.set_ylabel("images")
+    ax.set_title("Fidelity by precision")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- writing
+
+def build_tables(records) -> list[Table]:
+    tables = [fidelity_table(records), speed_table(records)]
+    if _by_prefix(records, "eval ijb"):
+        tables.append(ijb_table(records))
+    if _by_prefix(records, "eval bin"):
+        tables.append(bins_table(records))
+    tables.append(steps_table(records))
+    return tables
+
+
+def write_report(out: Path, records, engine: str, precisions, ckpt: str, title: str | None = None,
+                 notes: list[str] | None = None) -> tuple[Path, Path]:
+    out = Path(out)
+    plots_dir = out / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(records)
+    plots = {
+        "roc": plot_roc(records, plots_dir / "roc.png"),
+        "throughput": plot_throughput(records, plots_dir / "throughput.png"),
+        "cosine_histogram": plot_cosine_hist(records, plots_dir / "cosine_hist.png"),
+    }
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    versions = library_versions("arcdeploy", "torch", "openvino", "nncf", "onnxruntime", "numpy")
+    lines = [f"# {title or 'arcdeploy report'}", "",
+             f"- checkpoint: `{ckpt}`", f"- engine: {engine}; precisions: {', '.join(precisions)}",
+             f"- CPU: {cpu_name()}", f"- date: {now}",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    for note in notes or []:
+        lines += [f"> {note}", ""]
+    for t in tables:
+        lines += [t.markdown(), ""]
+    for name, p in plots.items():
+        if p is not None:
+            lines += [f"![{name}](plots/{p.name})", ""]
+    md = out / "report.md"
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(md)
+    js = out / "report.json"
+    write_json_atomic(js, {
+        "title": title, "checkpoint": ckpt, "engine": engine, "precisions": list(precisions),
+        "cpu": cpu_name(), "date": now, "versions": versions, "notes": notes or [],
+        "tables": [t.as_json() for t in tables],
+        "plots": {k: (f"plots/{p.name}" if p else None) for k, p in plots.items()},
+        "steps": [{"name": r.name, "status": r.status, "seconds": r.seconds, "error": r.error,
+                   "result": _compact(r.result)} for r in records],
+    })
+    return md, js
+
+
+def _compact(value, limit: int = 200):
+    """The step result without long arrays (per-image cosines, ROC points): those stay in their own files."""
+    if isinstance(value, dict):
+        return {k: _compact(v, limit) for k, v in value.items()}
+    if isinstance(value, list) and len(value) > limit:
+        return f"<{len(value)} values>"
+    if isinstance(value, list):
+        return [_compact(v, limit) for v in value]
+    return value
+
+
+def print_tables(records, file=None) -> None:
+    import sys
+
+    file = file or sys.stdout
+    for t in build_tables(records):
+        print(t.text(), file=file)
+        print(file=file)

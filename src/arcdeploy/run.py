@@ -1,0 +1,225 @@
+"""One command for the whole job: export -> build (each precision) -> check -> bench -> eval -> report.
+
+Every step writes its result as JSON under OUT and is recorded in
+``OUT/steps.json`` with a key made from its inputs. A rerun with the same
+inputs reuses finished steps; a step that fails is recorded with its one-line
+reason and the steps that do not depend on it still run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ArcdeployError
+from .utils import write_json_atomic
+
+DEFAULT_PRECISIONS = ("fp32", "bf16", "int8")
+DEFAULT_BATCHES = (1, 16)
+
+
+@dataclass
+class StepRecord:
+    name: str
+    status: str  # "done", "reused", "failed", "skipped"
+    seconds: float = 0.0
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass
+class RunResult:
+    out: Path
+    steps: list[StepRecord] = field(default_factory=list)
+    report_md: Path | None = None
+    report_json: Path | None = None
+
+    @property
+    def failed(self) -> list[StepRecord]:
+        return [s for s in self.steps if s.status == "failed"]
+
+
+class StepRunner:
+    """Runs named steps, reusing finished ones whose input key is unchanged."""
+
+    def __init__(self, out: Path, log: Callable[[str], None] = print):
+        self.out = out
+        self.state_path = out / "steps.json"
+        self.state: dict[str, dict] = {}
+        if self.state_path.exists():
+            try:
+                self.state = json.loads(self.state_path.read_text())
+            except ValueError:
+                self.state = {}  # a damaged state file only costs recomputation
+        self.records: list[StepRecord] = []
+        self.log = log
+
+    def run(self, name: str, key: dict, fn: Callable[[], Any], needs: list[str] | None = None) -> StepRecord:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        failed_deps = [d for d in (needs or []) if self.status(d) not in ("done", "reused")]
+        if failed_deps:
+            rec = StepRecord(name, "skipped", error=f"needs {', '.join(failed_deps)}")
+            self.log(f"[skip] {name}: {rec.error}")
+            return self._record(rec, digest, persist=False)
+        prev = self.state.get(name)
+        if prev and prev.get("status") in ("done", "reused") and prev.get("key") == digest:
+            rec = StepRecord(name, "reused", prev.get("seconds", 0.0), prev.get("result"))
+            self.log(f"[reuse] {name}")
+            return self._record(rec, digest, persist=False)
+        self.log(f"[run] {name} ...")
+        start = time.perf_counter()
+        try:
+            result = fn()
+            rec = StepRecord(name, "done", time.perf_counter() - start, result)
+            self.log(f"[done] {name} ({rec.seconds:.1f} s)")
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # a failed step is reported; the run goes on
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if not isinstance(exc, ArcdeployError):
+                reason = f"{type(exc).__name__}: {reason}"
+                if os.environ.get("ARCDEPLOY_DEBUG"):
+                    traceback.print_exc()
+            rec = StepRecord(name, "failed", time.perf_counter() - start, error=reason)
+            self.log(f"[FAILED] {name}: {reason}")
+        return self._record(rec, digest, persist=True)
+
+    def status(self, name: str) -> str | None:
+        for rec in reversed(self.records):
+            if rec.name == name:
+                return rec.status
+        return None
+
+    def result(self, name: str) -> Any:
+        for rec in reversed(self.records):
+            if rec.name == name:
+                return rec.result
+        return None
+
+    def _record(self, rec: StepRecord, digest: str, persist: bool) -> StepRecord:
+        self.records.append(rec)
+        if persist:
+            self.state[rec.name] = {"status": rec.status, "key": digest, "seconds": rec.seconds,
+                                    "result": rec.result, "error": rec.error}
+            write_json_atomic(self.state_path, self.state)
+        return rec
+
+
+def _file_key(path) -> dict:
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return {"path": str(p.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns}
+    return {"path": str(p.resolve()) if p.exists() else str(p)}
+
+
+def _load_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def run_pipeline(ckpt, out, engine: str = "openvino", precisions=DEFAULT_PRECISIONS, calib=None,
+                 calib_landmarks=None, check_images=None, check_landmarks=None, ijb_root=None,
+                 target: str = "IJBC", bins=(), batches=DEFAULT_BATCHES, iterations: int | None = None,
+                 threads: int | None = None, arch: str = "auto", ijb_flip: bool = True,
+                 log: Callable[[str], None] | None = None, title: str | None = None,
+                 notes: list[str] | None = None) -> RunResult:
+    """Run every stage for one checkpoint; returns what each step did. Writes OUT/report.{md,json}."""
+    from . import report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    runner = StepRunner(out, log)
+    precisions = [p for p in precisions]
+    ckpt_key = _file_key(ckpt)
+    export_dir = out / "export"
+
+    def do_export():
+        from .export import export
+
+        export(ckpt, export_dir, arch=arch, force=True)
+        return {"dir": str(export_dir), "manifest": _load_json(export_dir / "manifest.json")}
+
+    runner.run("export", {"ckpt": ckpt_key, "arch": arch}, do_export)
+
+    packages: dict[str, Path] = {}
+    for precision in precisions:
+        name = f"{engine}-{precision}"
+        pkg_dir = out / "packages" / name
+
+        def do_build(precision=precision, pkg_dir=pkg_dir):
+            from .build import build
+
+            build(export_dir, pkg_dir, engine=engine, precision=precision, calib=calib,
+                  calib_landmarks=calib_landmarks, threads=threads, force=True)
+            return {"package": str(pkg_dir), "manifest": _load_json(pkg_dir / "manifest.json")}
+
+        key = {"ckpt": ckpt_key, "engine": engine, "precision": precision,
+               "calib": _file_key(calib) if calib else None,
+               "calib_landmarks": _file_key(calib_landmarks) if calib_landmarks else None}
+        rec = runner.run(f"build {name}", key, do_build, needs=["export"])
+        if rec.status in ("done", "reused"):
+            packages[precision] = pkg_dir
+
+    for precision, pkg_dir in packages.items():
+        name = f"{engine}-{precision}"
+
+        def do_check(pkg_dir=pkg_dir):
+            from .fidelity import check
+
+            return check(pkg_dir, images=check_images, landmarks=check_landmarks)
+
+        runner.run(f"check {name}", {"build": runner.state.get(f"build {name}", {}).get("key"),
+                                     "images": _file_key(check_images) if check_images else None},
+                   do_check, needs=[f"build {name}"])
+
+    for precision, pkg_dir in packages.items():
+        name = f"{engine}-{precision}"
+
+        def do_bench(pkg_dir=pkg_dir):
+            from .bench import bench
+
+            return bench(str(pkg_dir), batches=tuple(batches), iterations=iterations, threads=threads)
+
+        runner.run(f"bench {name}", {"build": runner.state.get(f"build {name}", {}).get("key"),
+                                     "batches": list(batches), "iterations": iterations, "threads": threads},
+                   do_bench, needs=[f"build {name}"])
+
+    if ijb_root:
+        for precision, pkg_dir in packages.items():
+            name = f"{engine}-{precision}"
+
+            def do_ijb(pkg_dir=pkg_dir, name=name):
+                from .evaluate.ijb import evaluate_packages
+
+                return evaluate_packages([pkg_dir], root=ijb_root, target=target, flip=ijb_flip,
+                                         out_dir=out / "eval" / "ijb" / name)
+
+            runner.run(f"eval ijb {name}", {"build": runner.state.get(f"build {name}", {}).get("key"),
+                                            "root": str(ijb_root), "target": target, "flip": ijb_flip},
+                       do_ijb, needs=[f"build {name}"])
+
+    if bins:
+        for precision, pkg_dir in packages.items():
+            name = f"{engine}-{precision}"
+
+            def do_bins(pkg_dir=pkg_dir):
+                from .evaluate.binsets import evaluate_bins
+
+                return evaluate_bins(pkg_dir, [str(b) for b in bins])
+
+            runner.run(f"eval bin {name}", {"build": runner.state.get(f"build {name}", {}).get("key"),
+                                            "bins": [_file_key(b) for b in bins]},
+                       do_bins, needs=[f"build {name}"])
+
+    result = RunResult(out, runner.records)
+    result.report_md, result.report_json = report.write_report(
+        out, runner.records, engine=engine, precisions=precisions, ckpt=str(ckpt),
+        title=title, notes=notes or [])
+    return result
