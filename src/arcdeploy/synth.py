@@ -8,9 +8,6 @@ depends on an identity seed, placed in a loose crop with known 5 landmarks.
 from __future__ import annotations
 
 import numpy as np
-import torch
-
-from .backbones import build_model
 
 # ArcFace 112x112 template (SPEC section 4)
 TEMPLATE_112 = np.array(
@@ -103,7 +100,7 @@ def aligned_faces(n: int, seed: int = 0, identities: int | None = None) -> np.nd
     return out
 
 
-def generated_state_dict(arch: str = "r18", seed: int = 0, fit_images: int = 64) -> dict[str, torch.Tensor]:
+def generated_state_dict(arch: str = "r18", seed: int = 0, fit_images: int = 64) -> dict:
     """A deterministic, UNTRAINED state dict in the official layout.
 
     Weights are random (fixed seed); affine BN parameters and PReLU slopes are
@@ -111,6 +108,10 @@ def generated_state_dict(arch: str = "r18", seed: int = 0, fit_images: int = 64)
     so that every layer sees activations of a realistic scale, as in a trained
     net. It is meant for demos and tests, never for recognition.
     """
+    import torch  # here, so that drawing faces does not pay for importing torch
+
+    from .backbones import build_model
+
     torch.manual_seed(seed)
     model = build_model(arch)
     gen = torch.Generator().manual_seed(seed)
@@ -138,6 +139,8 @@ def generated_state_dict(arch: str = "r18", seed: int = 0, fit_images: int = 64)
 def write_generated_checkpoint(path, arch: str = "r18", seed: int = 0) -> None:
     """Save :func:`generated_state_dict` as a plain ``backbone.pth``."""
     from pathlib import Path
+
+    import torch
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(generated_state_dict(arch, seed), path)

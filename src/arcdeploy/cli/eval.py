@@ -1,0 +1,106 @@
+"""arcdeploy eval ijb ... | arcdeploy eval bin PKG [PKG ...] FILE.bin [FILE.bin ...]"""
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy: IJB-B/IJB-C 1:1 TAR@FAR, LFW-style .bin sets",
+                       description="Accuracy as insightface computes it (SPEC sections 5 and 6).")
+    esub = p.add_subparsers(dest="eval_command", metavar="SET")
+    esub.required = True
+
+    ij = esub.add_parser("ijb", help="IJB-B / IJB-C 1:1 verification, TAR at FAR 1e-6 ... 1e-1",
+                         description="IJB-B/IJB-C 1:1 verification from packages (features extracted, cached "
+                                     "in OUTDIR and resumed) or from a features file. Several packages give "
+                                     "one table and one ROC plot; the JSON has the first at top level and "
+                                     "all of them in 'results'.")
+    ij.add_argument("packages", nargs="*", metavar="PKG", help="built package(s)")
+    ij.add_argument("--root", required=True, metavar="DIR", help="IJB_release/IJBC (or IJBB): meta/ and loose_crop/")
+    ij.add_argument("--target", default="IJBC", type=str.upper, choices=("IJBC", "IJBB"))
+    ij.add_argument("--features", action="append", default=[], metavar="FEATS.npy",
+                    help="float [N, D] (no flip: mode F0) or [N, 2, D] (image, flipped image; raw features) "
+                         "in 5pts-file row order; repeatable")
+    ij.add_argument("--no-flip", action="store_true", help="no flip test (mode F0)")
+    ij.add_argument("--no-detector-score", action="store_true", help="do not weight by faceness score (D0)")
+    ij.add_argument("--normalize-images", action="store_true", help="L2-normalise each image feature (N0)")
+    ij.add_argument("--batch", type=int, default=None, metavar="N", help="inference batch size")
+    ij.add_argument("--json", metavar="FILE", help="also write the result JSON here")
+    ij.add_argument("-o", "--output", metavar="OUTDIR", help="features cache, scores, roc.png, result.json "
+                                                                "(default ./ijb_<target>_results)")
+    ij.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ij.set_defaults(func=run_ijb)
+
+    b = esub.add_parser("bin", help="LFW-style .bin sets: 10-fold accuracy with flip",
+                        description="Verification accuracy on .bin sets (lfw, cfp_fp, agedb_30, ...): "
+                                    "packages first, then .bin files.")
+    b.add_argument("items", nargs="+", metavar="PKG|FILE.bin", help="package folder(s), then .bin file(s)")
+    b.add_argument("--batch", type=int, default=64, metavar="N", help="inference batch size (default 64)")
+    b.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    b.set_defaults(func=run_bin)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_ijb(args) -> int:
+    from pathlib import Path
+
+    from ..errors import ArcdeployError
+    from ..evaluate.ijb import evaluate_ijb
+
+    if args.packages and args.features:
+        raise ArcdeployError("give packages or --features, not both")
+    if args.batch is not None and args.batch < 1:
+        raise ArcdeployError(f"--batch must be at least 1, got {args.batch}")
+    doc = evaluate_ijb(args.root, args.target, packages=args.packages, features=args.features,
+                       flip=not args.no_flip, detector_score=not args.no_detector_score,
+                       normalize_images=args.normalize_images, batch=args.batch, out_dir=args.output,
+                       json_path=args.json, progress=not args.no_progress, log=_log)
+    print(doc["table"])
+    for r in doc["results"]:
+        print(f"{r['name']}: mode {r['mode']}, {r['pairs']} pairs ({r['genuine']} genuine), "
+              f"{r['templates']} templates, {r['images']} images, AUC {100 * r['auc']:.4f} %"
+              + (f", {r['failed_images']} failed images" if r["failed_images"] else ""))
+    print(f"scores, roc.png and result.json in {Path(doc['scores_file']).parent}")
+    return 0
+
+
+def run_bin(args) -> int:
+    from pathlib import Path
+
+    from ..errors import ArcdeployError
+    from ..evaluate.binsets import evaluate_bins, format_bin_table
+    from ..utils import write_json_atomic
+
+    packages, bins = [], []
+    for item in args.items:
+        p = Path(item)
+        if p.is_dir():
+            if bins:
+                raise ArcdeployError(f"{item}: packages must come before the .bin files")
+            packages.append(p)
+        else:
+            bins.append(p)
+    if not packages:
+        raise ArcdeployError("eval bin: no package given (usage: arcdeploy eval bin PKG [PKG ...] FILE.bin [...])")
+    if not bins:
+        raise ArcdeployError("eval bin: no .bin file given")
+    if args.batch < 1:
+        raise ArcdeployError(f"--batch must be at least 1, got {args.batch}")
+    for b in bins:
+        if not b.exists():
+            raise ArcdeployError(f"{b}: no such .bin file")
+    rows, per_package = [], []
+    for pkg in packages:
+        res = evaluate_bins(pkg, bins, batch=args.batch, log=_log)
+        per_package.append(res)
+        rows.extend(res["results"])
+    print(format_bin_table(rows))
+    if args.json:
+        doc = {"results": rows} if len(packages) > 1 else per_package[0]
+        if len(packages) > 1:
+            doc["packages"] = [str(p) for p in packages]
+        write_json_atomic(args.json, doc)
+    return 0
