@@ -11,10 +11,9 @@ from collections.abc import Mapping
 from torch import nn
 
 from ..errors import ArcdeployError
-from .iresnet import IRESNET_LAYERS, IResNet
-from .mobilefacenet import MBF_CONFIGS, MobileFaceNet
-
-ARCHS: tuple[str, ...] = (*IRESNET_LAYERS, *MBF_CONFIGS)
+from .iresnet import IResNet
+from .mobilefacenet import MobileFaceNet
+from ..archs import ARCHS, IRESNET_LAYERS, MBF_CONFIGS
 
 
 def build_model(arch: str, num_features: int = 512) -> nn.Module:

@@ -9,14 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# blocks per stage, by architecture name
-IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
-    "r18": (2, 2, 2, 2),
-    "r34": (3, 4, 6, 3),
-    "r50": (3, 4, 14, 3),
-    "r100": (3, 13, 30, 3),
-    "r200": (6, 26, 60, 6),
-}
+from ..archs import IRESNET_LAYERS  # noqa: F401  (re-exported)
 
 _BN_EPS = 1e-5
 

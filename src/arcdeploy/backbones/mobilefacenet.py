@@ -8,11 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MBF_CONFIGS: dict[str, tuple[tuple[int, int, int, int], int]] = {
-    # name: (blocks per residual stage, width scale)
-    "mbf": ((1, 4, 6, 2), 2),
-    "mbf_large": ((2, 8, 12, 4), 4),
-}
+from ..archs import MBF_CONFIGS  # noqa: F401  (re-exported)
 
 
 class ConvBlock(nn.Module):

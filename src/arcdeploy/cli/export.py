@@ -1,7 +1,7 @@
 """arcdeploy export CKPT [--arch ...] -o DIR"""
 from __future__ import annotations
 
-from ..backbones import ARCHS
+from ..archs import ARCHS
 
 
 def register(sub) -> None:

@@ -1,0 +1,112 @@
+"""5-point similarity alignment to the ArcFace 112x112 template (SPEC section 4).
+
+The transform is the least-squares similarity of Umeyama (1991) from the five
+points to the template, the estimate insightface takes from scikit-image's
+``SimilarityTransform``; the warp is bilinear with a constant 0 border.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ArcdeployError
+from .preprocess import ALIGNED_SIZE
+
+TEMPLATE_112 = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
+
+
+def umeyama(src, dst, estimate_scale: bool = True) -> np.ndarray:
+    """Least-squares similarity ``dst ~ s R src + t`` of point sets [K, D]; a (D+1)x(D+1) matrix.
+
+    Degenerate input (all points equal) gives a matrix of NaN. Arithmetic runs
+    in the inputs' precision (float32 when both are float32) into a float64
+    matrix, the way scikit-image's estimate does, so the two agree to rounding.
+    """
+    src = np.asarray(src)
+    dst = np.asarray(dst)
+    dtype = np.result_type(src.dtype, dst.dtype, np.float32)
+    src = src.astype(dtype, copy=False)
+    dst = dst.astype(dtype, copy=False)
+    k, d = src.shape
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    sc, dc = src - mu_s, dst - mu_d
+    cov = dc.T @ sc / k
+    sign = np.ones(d, dtype=np.float64)
+    if np.linalg.det(cov) < 0:
+        sign[-1] = -1  # reflection would fit better: force a proper rotation
+    out = np.eye(d + 1)  # float64
+    u, sv, vt = np.linalg.svd(cov)
+    rank = int(np.count_nonzero(sv > sv.max() * max(cov.shape) * np.finfo(np.float64).eps))
+    if rank == 0:
+        return np.full((d + 1, d + 1), np.nan)
+    if rank == d - 1:
+        if np.linalg.det(u) * np.linalg.det(vt) > 0:
+            out[:d, :d] = u @ vt
+        else:
+            keep = sign[-1]
+            sign[-1] = -1
+            out[:d, :d] = u @ np.diag(sign) @ vt
+            sign[-1] = keep
+    else:
+        out[:d, :d] = u @ np.diag(sign) @ vt
+    scale = 1.0 / sc.var(0).sum() * (sv @ sign) if estimate_scale else 1.0
+    out[:d, d] = mu_d - scale * (out[:d, :d] @ mu_s)
+    out[:d, :d] *= scale
+    return out
+
+
+def estimate_transform(lmk5, template=TEMPLATE_112) -> np.ndarray:
+    """2x3 float64 similarity matrix mapping the 5 landmarks [5, 2] onto ``template``."""
+    lmk = np.asarray(lmk5)
+    lmk = lmk.astype(lmk.dtype if lmk.dtype in (np.float32, np.float64) else np.float64).reshape(-1, 2)
+    if lmk.shape != (5, 2):
+        raise ArcdeployError(f"expected 5 landmarks (x, y), got {lmk.shape[0]}")
+    return umeyama(lmk, template)[:2]
+
+
+def landmarks_problem(lmk5, shape) -> str | None:
+    """Why these landmarks cannot align an image of ``shape`` (H, W, ...), or None when usable.
+
+    Refused: non-finite values, all points (nearly) at one place, or most points
+    (3 of 5 or more) outside the image.
+    """
+    lmk = np.asarray(lmk5, dtype=np.float64).reshape(-1, 2)
+    if lmk.shape != (5, 2):
+        return f"expected 5 landmark points, got {lmk.shape[0]}"
+    if not np.all(np.isfinite(lmk)):
+        return "landmarks are not finite numbers"
+    h, w = shape[:2]
+    inside = (lmk[:, 0] >= 0) & (lmk[:, 0] <= w) & (lmk[:, 1] >= 0) & (lmk[:, 1] <= h)
+    if inside.sum() < 3:
+        return f"landmarks off the image ({5 - int(inside.sum())} of 5 points outside {w}x{h})"
+    if np.ptp(lmk, axis=0).max() < 1.0:
+        return "degenerate landmarks (all points at one place)"
+    return None
+
+
+def align_face(img: np.ndarray, lmk5, size: int = ALIGNED_SIZE) -> np.ndarray:
+    """The aligned ``size`` x ``size`` crop (uint8, channels kept) of ``img`` given its 5 landmarks."""
+    import cv2
+
+    m = estimate_transform(lmk5, TEMPLATE_112 * (size / ALIGNED_SIZE))
+    if not np.all(np.isfinite(m)):
+        raise ArcdeployError("degenerate landmarks (no similarity transform)")
+    return cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def to_aligned(img: np.ndarray, lmk=None) -> np.ndarray:
+    """A 112x112 aligned crop: warped with ``lmk`` when given; otherwise ``img`` is
+    taken as an aligned crop and resized to 112x112 when it is not (area
+    interpolation when shrinking, bilinear when growing)."""
+    import cv2
+
+    if lmk is not None:
+        return align_face(img, lmk)
+    h, w = img.shape[:2]
+    if (h, w) == (ALIGNED_SIZE, ALIGNED_SIZE):
+        return img
+    interp = cv2.INTER_AREA if h > ALIGNED_SIZE or w > ALIGNED_SIZE else cv2.INTER_LINEAR
+    return cv2.resize(img, (ALIGNED_SIZE, ALIGNED_SIZE), interpolation=interp)
