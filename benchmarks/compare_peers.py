@@ -1,0 +1,735 @@
+"""arcdeploy against what users would run instead, side by side, on one checkpoint.
+
+Peers (what a user of the checkpoint does without arcdeploy):
+- "PyTorch eager fp32": arcface_torch's own inference - the backbone in
+  ``model.eval()`` under ``torch.no_grad()``, torch's default threads.
+- "ONNX Runtime default fp32": what insightface's python package does -
+  ``ort.InferenceSession(model.onnx, providers=["CPUExecutionProvider"])``
+  with default session options, on the exported ONNX.
+arcdeploy: packages built by ``arcdeploy.build.build`` (OpenVINO fp32 / bf16 /
+int8, ONNX Runtime fp32 / int8 by default); a combination that fails to build
+or load is a row with its error.
+
+Checkpoints are generated (``arcdeploy.synth.write_generated_checkpoint``):
+the real architecture with untrained weights. Speed does not depend on the
+weights' values (BN statistics are fitted, PReLU slopes normal, no denormals),
+so the timings carry over to a trained checkpoint; the cosine column is
+against fp32 PyTorch on the same synthetic faces.
+
+Measurement: every runner is loaded once; then for each batch size, R rounds,
+each round running every runner in turn (the order rotates each round, so no
+runner always follows the same neighbour): one warm-up run per runner and batch
+size (first round only), then timed runs
+for at least ``--seconds`` and ``--min-runs``. Reported: the median over
+rounds of the round's throughput (images/s) and of the round's p50 latency.
+All runners see the same input (synthetic aligned faces, already in each
+runner's input format: model time only, as in ``arcdeploy bench``).
+
+Machine limit (``machine_peak.py``): best measured rate of this machine per
+precision; share = model GFLOPs (2 x conv/linear MACs, computed from the
+architecture) x images/s / limit of the precision the runner *executed* in.
+
+    python benchmarks/compare_peers.py --archs r50,r100 --batches 1,16 [--quick]
+                                       [--write-results] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import shlex
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+DEFAULT_COMBOS = "openvino:fp32,openvino:bf16,openvino:int8,onnxruntime:fp32,onnxruntime:int8"
+REFERENCE = "ONNX Runtime default fp32"
+# int8 calibration: 300 generated aligned faces (+ 64 held out for the build's fidelity check)
+CALIB_COUNT = 364
+# targets of issue 6 (r100), set for a Sapphire Rapids with AMX
+TARGETS = {"int8_b16_ratio": 7.0, "bf16_b16_ratio": 5.0, "int8_b1_p50_ms": 20.0}
+
+
+@dataclass
+class Runner:
+    name: str
+    kind: str                 # "peer" or "arcdeploy"
+    precision: str            # what was asked
+    executed: str = "fp32"    # what the heavy layers executed in (for the machine limit)
+    fn: object = None         # fn(x) for x in this runner's input format
+    fmt: dict | None = None   # manifest["input"] (None: float32 NCHW normalised)
+    error: str | None = None
+    load_s: float | None = None
+    build_s: float | None = None
+    cosine: dict | None = None
+    manifest_fidelity: object = None
+    info: dict = field(default_factory=dict)
+    rounds: dict = field(default_factory=dict)  # batch -> list of (throughput, p50, latencies)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _faces(n: int) -> np.ndarray:
+    from arcdeploy.synth import aligned_faces
+
+    base = aligned_faces(min(n, 16), seed=11)
+    return np.ascontiguousarray(np.tile(base, (-(-n // base.shape[0]), 1, 1, 1))[:n])
+
+
+def _prepare_checkpoint(workdir: Path, arch: str, log) -> tuple[Path, Path]:
+    from arcdeploy.export import export
+    from arcdeploy.synth import write_generated_checkpoint
+
+    d = workdir / arch
+    ckpt = d / "backbone.pth"
+    if not ckpt.exists():
+        log(f"[{arch}] writing generated (untrained) checkpoint {ckpt}")
+        write_generated_checkpoint(ckpt, arch)
+    exp = d / "export"
+    if not (exp / "manifest.json").exists():
+        log(f"[{arch}] exporting")
+        export(ckpt, exp, force=True)
+    return ckpt, exp
+
+
+def calibration_faces(workdir: Path, n: int = CALIB_COUNT) -> np.ndarray:
+    """Synthetic aligned faces for int8 calibration (and the build's held-out fidelity check), cached."""
+    from arcdeploy.synth import aligned_faces
+
+    path = workdir / f"calib_faces_{n}.npy"
+    if path.exists():
+        return np.load(path)
+    faces = aligned_faces(n, seed=21, identities=n // 4)
+    np.save(path, faces)
+    return faces
+
+
+def _package(workdir: Path, arch: str, exp: Path, engine: str, precision: str, rebuild: bool, log):
+    """Build (or reuse) a package; returns (path, build seconds or None when reused)."""
+    from arcdeploy.build import build
+
+    out = workdir / arch / f"pkg_{engine}_{precision}"
+    src_sha = json.loads((exp / "manifest.json").read_text())["source"]["sha256"]
+    if (out / "manifest.json").exists() and not rebuild:
+        m = json.loads((out / "manifest.json").read_text())
+        if m.get("source", {}).get("sha256") == src_sha and m.get("precision") == precision:
+            return out, None
+    log(f"[{arch}] building {engine} {precision} -> {out}")
+    t = time.perf_counter()
+    calib = calibration_faces(workdir) if precision == "int8" else None
+    build(exp, out, engine=engine, precision=precision, calib=calib, force=True)
+    return out, time.perf_counter() - t
+
+
+def _executed_precision(desc: dict, asked: str) -> str:
+    """The precision the convolutions ran in, from the engine's description."""
+    ex = (desc or {}).get("executed") or {}
+    convs = (ex.get("layers") or {}).get("Convolution") or {}
+    if convs:
+        top = max(convs, key=convs.get)
+        return {"u8": "int8", "i8": "int8", "bf16": "bf16", "f16": "fp16", "f32": "fp32"}.get(top, top)
+    return asked
+
+
+def _streams_runner(base: Runner, path: Path) -> Runner:
+    """The same OpenVINO package compiled for throughput: a batch is split across the plugin's
+    streams (one infer request each, run at once); its latency is that of the whole batch."""
+    from arcdeploy.package import load
+
+    r = Runner(f"{base.name} (throughput streams)", "arcdeploy", base.precision, executed=base.executed,
+               fmt=base.fmt, manifest_fidelity=base.manifest_fidelity)
+    t = time.perf_counter()
+    eng = load(path, performance_hint="THROUGHPUT").engine
+    r.load_s = time.perf_counter() - t
+    r.info.update(eng.describe())
+    r.info["package"] = str(path)
+    jobs = max(1, int(eng.compiled_model.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+
+    def run(x, eng=eng, jobs=jobs):
+        parts = [p for p in np.array_split(x, min(jobs, x.shape[0])) if p.shape[0]]
+        return np.concatenate(eng.infer_many(parts)) if len(parts) > 1 else eng.infer(x)
+
+    r.fn = run
+    return r
+
+
+def make_runners(arch: str, ckpt: Path, exp: Path, workdir: Path, combos, rebuild: bool, log,
+                 streams: bool = False) -> list[Runner]:
+    import onnxruntime as ort
+    import torch
+
+    from arcdeploy.checkpoint import load_backbone
+    from arcdeploy.package import load
+
+    runners = []
+    t = time.perf_counter()
+    model, _ = load_backbone(ckpt, arch)
+    model.eval()
+
+    def torch_fn(x, model=model):
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    runners.append(Runner("PyTorch eager fp32", "peer", "fp32", fn=torch_fn, load_s=time.perf_counter() - t,
+                          info={"threads": torch.get_num_threads(), "version": torch.__version__}))
+    t = time.perf_counter()
+    sess = ort.InferenceSession(str(exp / "model.onnx"), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    runners.append(Runner(REFERENCE, "peer", "fp32", fn=lambda x, s=sess, n=name: s.run(None, {n: x})[0],
+                          load_s=time.perf_counter() - t, info={"version": ort.__version__}))
+    for engine, precision in combos:
+        r = Runner(f"arcdeploy {engine} {precision}", "arcdeploy", precision)
+        try:
+            path, r.build_s = _package(workdir, arch, exp, engine, precision, rebuild, log)
+            t = time.perf_counter()
+            pkg = load(path)
+            eng = pkg.engine
+            r.load_s = time.perf_counter() - t
+            if pkg.fixed_batch:
+                r.info["fixed_batch"] = pkg.fixed_batch
+            r.fmt = pkg.input_format
+            r.fn = (lambda x, e=eng: e.infer(x)) if not pkg.fixed_batch else None
+            r.info.update(pkg.describe())
+            r.executed = _executed_precision(r.info, precision)
+            r.manifest_fidelity = pkg.manifest.get("fidelity")
+            r.info["package"] = str(path)
+            r.info["package_built"] = dt.datetime.fromtimestamp((path / "manifest.json").stat().st_mtime,
+                                                                dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            if r.fn is None:
+                faces_fn = pkg.infer
+                r.fn = ("faces", faces_fn)
+        except Exception as exc:  # reported as a row, never a crash
+            r.error = _one_line(exc)
+            log(f"[{arch}] {r.name}: {r.error}")
+            if os.environ.get("ARCDEPLOY_DEBUG"):
+                traceback.print_exc()
+        runners.append(r)
+        if streams and engine == "openvino" and not r.error and not r.info.get("fixed_batch"):
+            try:
+                runners.append(_streams_runner(r, Path(r.info["package"])))
+            except Exception as exc:
+                runners.append(Runner(f"{r.name} (throughput streams)", "arcdeploy", precision, error=_one_line(exc)))
+    return runners
+
+
+def _call(r: Runner, faces: np.ndarray, prepared: dict) -> np.ndarray:
+    if isinstance(r.fn, tuple):  # a fixed-batch package: Package.infer pads / splits
+        return r.fn[1](faces)
+    key = json.dumps(r.fmt, sort_keys=True) if r.fmt else "default"
+    return r.fn(prepared[key])
+
+
+def _prepare(faces: np.ndarray, runners: list[Runner]) -> dict:
+    from arcdeploy.faces.preprocess import to_model_input
+
+    out = {"default": to_model_input(faces, None)}
+    for r in runners:
+        if r.fmt:
+            out[json.dumps(r.fmt, sort_keys=True)] = to_model_input(faces, r.fmt)
+    return out
+
+
+def fidelity(runners: list[Runner], n: int = 16) -> None:
+    """Per-image cosine of every runner to fp32 PyTorch eager on the same faces."""
+    faces = _faces(n)
+    ok = [r for r in runners if not r.error]
+    prepared = _prepare(faces, ok)
+    ref = _call(ok[0], faces, prepared).astype(np.float64)
+    for r in ok:
+        try:
+            out = np.asarray(_call(r, faces, prepared), dtype=np.float64)
+            cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
+            r.cosine = {"mean": float(cos.mean()), "min": float(cos.min()), "n": n}
+        except Exception as exc:
+            r.error = _one_line(exc)
+
+
+def measure(runners: list[Runner], batches, rounds: int, seconds: float, min_runs: int, log) -> None:
+    ok = [r for r in runners if not r.error]
+    for b in batches:
+        faces = _faces(b)
+        prepared = _prepare(faces, ok)
+        for rnd in range(rounds):
+            order = ok[rnd % len(ok):] + ok[: rnd % len(ok)]
+            for r in order:
+                try:
+                    if rnd == 0:  # one warm-up per runner and batch size (first runs do one-time work)
+                        _call(r, faces, prepared)
+                    lat = []
+                    t0 = time.perf_counter()
+                    while len(lat) < min_runs or time.perf_counter() - t0 < seconds:
+                        s = time.perf_counter()
+                        _call(r, faces, prepared)
+                        lat.append((time.perf_counter() - s) * 1e3)
+                    wall = time.perf_counter() - t0
+                    r.rounds.setdefault(b, []).append((b * len(lat) / wall, float(np.median(lat)), lat))
+                except Exception as exc:
+                    r.error = _one_line(exc)
+                    log(f"  {r.name}: {r.error}")
+            log(f"  batch {b} round {rnd + 1}/{rounds}: " + ", ".join(
+                f"{r.name.replace('arcdeploy ', '')} {r.rounds[b][-1][0]:.1f}/s" for r in ok if r.rounds.get(b)))
+
+
+def summarize(arch: str, runners: list[Runner], batches, macs: int, limits: dict) -> list[dict]:
+    rows = []
+    ref = next((r for r in runners if r.name == REFERENCE), None)
+    for b in batches:
+        ref_tp = float(np.median([x[0] for x in ref.rounds[b]])) if ref and ref.rounds.get(b) else None
+        for r in runners:
+            row = {"arch": arch, "batch": b, "runner": r.name, "kind": r.kind, "precision": r.precision,
+                   "executed": r.executed, "error": r.error, "load_s": r.load_s, "build_s": r.build_s,
+                   "cosine": r.cosine, "manifest_fidelity": r.manifest_fidelity,
+                   "threads": r.info.get("threads"), "streams": r.info.get("streams")}
+            rs = r.rounds.get(b)
+            if rs and not r.error:
+                tp = float(np.median([x[0] for x in rs]))
+                p50 = float(np.median([x[1] for x in rs]))
+                pooled = np.concatenate([x[2] for x in rs])
+                gflops = 2 * macs * tp / 1e9
+                lim = limits.get(r.executed) or limits.get("fp32")
+                row.update({
+                    "throughput": tp, "p50_ms": p50,
+                    "throughput_rounds": [x[0] for x in rs],
+                    "latency_ms": {"mean": float(pooled.mean()), "p90": float(np.percentile(pooled, 90)),
+                                   "p99": float(np.percentile(pooled, 99)), "runs": int(pooled.size)},
+                    "ratio_vs_ort_fp32": tp / ref_tp if ref_tp else None,
+                    "achieved_gflops": gflops, "limit_gflops": lim,
+                    "share_of_limit": gflops / lim if lim else None,
+                })
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| arch | batch | runner | executed | img/s | p50 ms | x ORT fp32 | cos vs PyTorch fp32 (mean / min) "
+            "| build check cos min | GFLOP/s | share of limit |")
+    lines = [head, "|---|---:|---|---|---:|---:|---:|---|---|---:|---:|"]
+    for r in rows:
+        if r.get("throughput") is None:
+            lines.append(f"| {r['arch']} | {r['batch']} | {r['runner']} | - | error: {r['error'] or 'not measured'} "
+                         "| | | | | | |")
+            continue
+        cos = f"{r['cosine']['mean']:.5f} / {r['cosine']['min']:.5f}" if r.get("cosine") else "-"
+        ratio = f"{r['ratio_vs_ort_fp32']:.2f}" if r.get("ratio_vs_ort_fp32") else "-"
+        share = f"{100 * r['share_of_limit']:.0f}% of {r['limit_gflops']:.0f}" if r.get("share_of_limit") else "-"
+        mf = r.get("manifest_fidelity") or {}
+        mcos = mf.get("cosine") if isinstance(mf, dict) else None
+        build_cos = f"{mcos['min']:.5f} (n={mcos.get('n')})" if isinstance(mcos, dict) and "min" in mcos else "-"
+        lines.append(f"| {r['arch']} | {r['batch']} | {r['runner']} | {r['executed']} | {r['throughput']:.2f} "
+                     f"| {r['p50_ms']:.1f} | {ratio} | {cos} | {build_cos} | {r['achieved_gflops']:.1f} | {share} |")
+    return "\n".join(lines)
+
+
+def check_targets(rows: list[dict], limits: dict) -> list[dict]:
+    """The issue's r100 targets: met or missed, by how much, and the ceiling this machine allows."""
+    out = []
+
+    def best(prec, batch, key="throughput", lowest=False):
+        cands = [r for r in rows if r["arch"] == "r100" and r["batch"] == batch and r["kind"] == "arcdeploy"
+                 and r["precision"] == prec and r.get(key) is not None]
+        if not cands:
+            return None
+        return (min if lowest else max)(cands, key=lambda r: r[key])
+
+    ref16 = next((r for r in rows if r["arch"] == "r100" and r["batch"] == 16 and r["runner"] == REFERENCE
+                  and r.get("throughput")), None)
+    for prec, target in (("int8", TARGETS["int8_b16_ratio"]), ("bf16", TARGETS["bf16_b16_ratio"])):
+        r = best(prec, 16)
+        if r is None or ref16 is None:
+            out.append({"target": f"r100 {prec} batch 16 >= {target}x ONNX Runtime fp32", "status": "not measured"})
+            continue
+        ratio = r["ratio_vs_ort_fp32"]
+        # the best this machine could give: the runner at 100% of its precision's limit
+        ceiling = (r["limit_gflops"] / ref16["achieved_gflops"]) if ref16["achieved_gflops"] else None
+        out.append({"target": f"r100 {prec} batch 16 >= {target}x ONNX Runtime fp32", "runner": r["runner"],
+                    "value": ratio, "met": ratio >= target, "shortfall": target / ratio if ratio else None,
+                    "executed": r["executed"], "ceiling_ratio": ceiling})
+    r = best("int8", 1, key="p50_ms", lowest=True)
+    if r is None:
+        out.append({"target": f"r100 int8 batch 1 p50 <= {TARGETS['int8_b1_p50_ms']} ms", "status": "not measured"})
+    else:
+        out.append({"target": f"r100 int8 batch 1 p50 <= {TARGETS['int8_b1_p50_ms']} ms", "runner": r["runner"],
+                    "value": r["p50_ms"], "met": r["p50_ms"] <= TARGETS["int8_b1_p50_ms"],
+                    "shortfall": r["p50_ms"] / TARGETS["int8_b1_p50_ms"],
+                    "floor_ms": 1e3 * r["achieved_gflops"] / r["throughput"] / r["limit_gflops"]
+                    if r.get("limit_gflops") else None, "executed": r["executed"]})
+    return out
+
+
+def format_targets(targets: list[dict]) -> str:
+    lines = []
+    for t in targets:
+        if "value" not in t:
+            lines.append(f"- {t['target']}: {t.get('status', 'not measured')}")
+            continue
+        if "ratio" in t["target"] or "x ONNX" in t["target"]:
+            verdict = "MET" if t["met"] else f"MISSED by {t['shortfall']:.1f}x"
+            ceil = (f"; at 100% of this machine's measured {t['executed']} limit the ratio could be at most "
+                    f"{t['ceiling_ratio']:.1f}x" if t.get("ceiling_ratio") else "")
+            lines.append(f"- {t['target']}: {t['runner']} gives {t['value']:.2f}x -> {verdict} "
+                         f"(executed in {t['executed']}{ceil})")
+        else:
+            verdict = "MET" if t["met"] else f"MISSED by {t['shortfall']:.1f}x"
+            floor = (f"; even at 100% of the measured {t['executed']} limit one image takes {t['floor_ms']:.0f} ms"
+                     if t.get("floor_ms") else "")
+            lines.append(f"- {t['target']}: {t['runner']} p50 {t['value']:.1f} ms -> {verdict}{floor}")
+    return "\n".join(lines)
+
+
+def write_results(path: Path, report: dict, table: str, targets_md: str, profile_md: str | None) -> None:
+    from arcdeploy.utils import library_versions
+
+    cpu = report["cpu"]
+    lim = report["limits"]
+    conv = lim["detail"]["openvino_conv"]
+    gemm = lim["detail"]["gemm_gflops"]
+    vers = library_versions("arcdeploy", "torch", "onnxruntime", "openvino", "nncf", "numpy")
+    lines = [
+        "# arcdeploy vs. what users run instead (CPU)",
+        "",
+        f"Date: {report['date']}  ",
+        f"Command: `{report['command']}`  ",
+        f"CPU: {cpu['cpu']}, {cpu['logical_cpus']} logical CPUs, {cpu.get('mhz')} MHz; "
+        f"flags: {' '.join(cpu['flags']) or '-'} (no AVX-512, VNNI, AMX or avx512_bf16 unless listed)  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
+        "",
+        "Checkpoints: generated by `arcdeploy.synth.write_generated_checkpoint` - the real IResNet "
+        "architecture with UNTRAINED weights (BN statistics fitted on synthetic faces). Speed does not "
+        "depend on the weights' values, so the timings hold for trained checkpoints; the cosine column "
+        "compares each runner with fp32 PyTorch on the same 16 synthetic faces (for int8, a trained "
+        "checkpoint's fidelity must be checked with `arcdeploy check`); `build check cos min` is the "
+        "fidelity the build recorded in the package's manifest (64 faces).",
+        "",
+        "Method: all runners loaded at once; per batch size, rounds in which every runner runs in turn "
+        f"(order rotated each round; {report['rounds']} rounds, >= {report['seconds']} s and >= "
+        f"{report['min_runs']} timed runs per runner per round, one untimed warm-up run per runner and batch "
+        "size in the first round); reported: the median "
+        "over rounds of throughput and of p50 latency. Model time only (input already in each runner's "
+        "format). This machine is shared with other jobs, so single numbers are noisy (see the per-round "
+        "throughputs in the JSON); load average (1, 5, 15 min) at the start "
+        + " / ".join(f"{x:.1f}" for x in report["load_average"]["start"]) + ", at the end "
+        + " / ".join(f"{x:.1f}" for x in report["load_average"].get("end", [])) + " on 2 CPUs. "
+        "Every runner uses its library's default threads (2 here); with more runnable jobs than cores, "
+        "OpenMP-based PyTorch is hurt most (its threads wait for each other at every layer), so its column is "
+        "the least stable.",
+        "",
+        "## Results",
+        "",
+        table,
+        "",
+        "`x ORT fp32`: throughput / throughput of the ONNX Runtime default session at the same batch. "
+        "`GFLOP/s`: model FLOPs (2 x MACs of every conv and linear layer, computed from the architecture: "
+        + ", ".join(f"{a} {2 * m / 1e9:.2f} GFLOPs" for a, m in report["macs"].items())
+        + " per image) x images/s. `share of limit`: that rate / the best rate measured on this machine "
+        "in the precision the runner executed in (below).",
+        "",
+        "## This machine's limits (measured)",
+        "",
+        "| kernel | rate | executed in |",
+        "|---|---:|---|",
+    ]
+    for k, v in gemm.items():
+        lines.append(f"| {k} | {v:.1f} GFLOP/s | {k.split()[0]} |")
+    for k, v in conv.items():
+        if v.get("gflops") is None:
+            lines.append(f"| OpenVINO 3x3 conv stack, {k} | failed: {v['error']} | |")
+        else:
+            lines.append(f"| OpenVINO 3x3 conv stack 256ch 14x14 batch 16, {k} | {v['gflops']:.1f} G(FL)OP/s "
+                         f"| {','.join(v['executed'])} |")
+    again = lim.get("detail_again")
+    if again:
+        lines.append("")
+        lines.append("Measured again after the runs (the limit is the higher of the two): " + ", ".join(
+            [f"{k} {v:.1f}" for k, v in again["gemm_gflops"].items()]
+            + [f"OpenVINO conv {k} {v['gflops']:.1f}" for k, v in again["openvino_conv"].items() if v.get("gflops")]))
+    lines += [
+        "",
+        (f"Nominal AVX2 fp32 peak at the reported clock: {cpu['nominal_fp32_gflops']:.0f} GFLOP/s "
+         "(2 FMA pipes x 8 lanes x 2 flops per cycle per core, if each vCPU is a whole core); the measured "
+         "rates are lower (other jobs share the cores during the run). Without VNNI an int8 dot product "
+         "takes three AVX2 instructions (vpmaddubsw, vpmaddwd, vpaddd) where VNNI needs one, so int8 "
+         "peaks at about 2x fp32 here (VNNI: 4x per instruction width; AMX: an order of magnitude more).")
+        if cpu.get("nominal_fp32_gflops") else "",
+        "",
+        "Limits used: " + ", ".join(f"{k} {lim[k]:.1f}" if lim.get(k) else f"{k} -" for k in ("fp32", "bf16", "int8"))
+        + " G(FL)OP/s (int8: GOP/s)"
+        + (" - raised to the best rate a runner reached for " + ", ".join(sorted(lim["raised_by_runner"]))
+           + ": the probes run one request on all threads, and a model split across streams beat them, so the "
+           "probes underestimate the peak" if lim.get("raised_by_runner") else "")
+        + ". "
+        "The int8 limit is OpenVINO's own u8 x i8 convolution (FakeQuantize model, as NNCF produces) on the "
+        "layer shape that dominates IResNet, because that is the kernel the int8 packages use; "
+        "torch._int_mm is a slow reference kernel on CPU and not a limit. bf16 has no hardware support "
+        "here: torch's bf16 matmul is emulated, and OpenVINO given a bf16 hint executes f32 (see `executed`).",
+        "",
+        "## Targets (set for Sapphire Rapids with AMX; this CPU has neither AMX nor VNNI nor bf16)",
+        "",
+        targets_md,
+        "",
+    ]
+    lines += [limits_paragraph(report), ""]
+    if profile_md:
+        lines += ["## Where the time goes (OpenVINO per-layer counters, PERF_COUNT)", "", profile_md, ""]
+    if report.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    path.write_text("\n".join(lines))
+
+
+def profile_summary(profiles: list[dict]) -> str:
+    """One paragraph: how much of each package's time is convolution, and int8 vs fp32 convolution time."""
+    by_prec = {p["precision"]: p for p in profiles}
+    lines = [""]
+    for p in profiles:
+        conv = p["by_type"].get("Convolution", 0.0)
+        kernels = sorted({k.split("[")[1].rstrip("]") for k in p["by_exec"] if k.startswith("Convolution [")})
+        lines.append(f"- {p['label']}: convolutions are {100 * conv / p['total_ms']:.0f}% of the layer time "
+                     f"(kernels {', '.join(kernels)}); PReLU and most BatchNorms have no row of their own: "
+                     "OpenVINO fuses them into the convolutions (BNs it cannot fuse show as MulAdd, or in int8 "
+                     "are folded into FakeQuantize).")
+    f, q = by_prec.get("fp32"), by_prec.get("int8")
+    if f and q and q["by_type"].get("Convolution"):
+        fc, qc = f["by_type"].get("Convolution", 0.0), q["by_type"]["Convolution"]
+        lines.append(f"- int8 convolutions take {qc:.0f} ms against {fc:.0f} ms in fp32 ({fc / qc:.2f}x faster); "
+                     f"the whole int8 model is {f['total_ms'] / q['total_ms']:.2f}x faster than fp32 by these counters, "
+                     "with the FakeQuantize (requantisation) layers and the float head taking the rest.")
+    return "\n".join(lines)
+
+
+def limits_paragraph(report: dict) -> str:
+    """What limits the speed-ups, from the measured shares (r100 at the largest batch, else the last arch)."""
+    rows = [r for r in report["rows"] if r.get("throughput")]
+    if not rows:
+        return ""
+    arch = "r100" if any(r["arch"] == "r100" for r in rows) else rows[-1]["arch"]
+    batch = max(r["batch"] for r in rows if r["arch"] == arch)
+    at = {r["runner"]: r for r in rows if r["arch"] == arch and r["batch"] == batch}
+    ref = at.get(REFERENCE)
+    lim = report["limits"]
+    if not ref or not ref.get("share_of_limit") or not lim.get("int8") or not lim.get("fp32"):
+        return ""
+    int8 = max((r for r in at.values() if r["kind"] == "arcdeploy" and r["executed"] == "int8"),
+               key=lambda r: r["throughput"], default=None)
+    text = (f"What limits it ({arch}, batch {batch}): the ONNX Runtime fp32 reference already runs at "
+            f"{100 * ref['share_of_limit']:.0f}% of this machine's measured fp32 limit, so an fp32 build - and a "
+            f"bf16 one, which executes f32 here - can be at most {1 / ref['share_of_limit']:.2f}x faster. The int8 "
+            f"convolution available on AVX2 without VNNI peaks at {lim['int8'] / lim['fp32']:.1f}x the fp32 rate, "
+            f"so int8 is capped near {lim['int8'] / ref['achieved_gflops']:.1f}x ONNX Runtime fp32")
+    if int8:
+        text += (f"; {int8['runner']} reaches {100 * int8['share_of_limit']:.0f}% of the int8 limit "
+                 f"({int8['ratio_vs_ort_fp32']:.2f}x)")
+    shares = [p["by_type"].get("Convolution", 0.0) / p["total_ms"] for p in report.get("profiles") or [] if p.get("total_ms")]
+    conv = f"convolutions are {100 * min(shares):.0f}% or more of the layer time, see below" if shares else "see the shares above"
+    text += (f". Both run near their kernel's limit ({conv}), so the remaining gap to "
+             "the 7x / 5x / 20 ms targets is the missing hardware - AMX int8/bf16 tiles (or at least VNNI) - "
+             "not the software.")
+    return text
+
+
+def auto_notes(rows: list[dict], runners: list[Runner]) -> list[str]:
+    """Provenance of the packages and fidelity worth a warning, for the results file."""
+    notes = []
+    built = sorted({r.info["package_built"] for r in runners if r.info.get("package_built")})
+    if built:
+        notes.append(f"Packages built by arcdeploy.build.build between {built[0]} and {built[-1]} (int8: calibrated "
+                     f"on {CALIB_COUNT - 64} generated aligned faces, 64 more held out for the build's fidelity check).")
+    seen = set()
+    for r in rows:
+        cos = r.get("cosine")
+        if r["kind"] == "arcdeploy" and cos and cos["min"] < 0.95 and (r["arch"], r["runner"]) not in seen:
+            seen.add((r["arch"], r["runner"]))
+            notes.append(f"{r['arch']} {r['runner']}: low fidelity to fp32 on these untrained weights (min cosine "
+                         f"{cos['min']:.3f}); speed is unaffected, but judge int8 fidelity on a trained checkpoint.")
+    return notes
+
+
+def apply_observed_limits(rows: list[dict], limits: dict) -> dict:
+    """Raise each precision's limit to the best rate any runner reached in it (the probes run one
+    request on all threads; a model split across streams can beat them), and recompute the shares."""
+    limits = dict(limits)
+    observed = {}
+    for r in rows:
+        if r.get("achieved_gflops") and r.get("executed") in ("fp32", "bf16", "int8"):
+            observed[r["executed"]] = max(observed.get(r["executed"], 0.0), r["achieved_gflops"])
+    for k, v in observed.items():
+        if not limits.get(k) or v > limits[k]:
+            limits[k] = v
+            limits.setdefault("raised_by_runner", {})[k] = v
+    for r in rows:
+        lim = limits.get(r.get("executed")) or limits.get("fp32")
+        if r.get("achieved_gflops") and lim:
+            r["limit_gflops"], r["share_of_limit"] = lim, r["achieved_gflops"] / lim
+    return limits
+
+
+def _limit_values(limits: dict) -> dict:
+    return {k: limits.get(k) for k in ("fp32", "bf16", "int8")}
+
+
+def merge_limits(a: dict, b: dict) -> dict:
+    """Per precision, the higher of two limit measurements; both kept in the detail."""
+    out = {k: max([v for v in (a.get(k), b.get(k)) if v] or [None]) for k in ("fp32", "bf16", "int8")}
+    out["detail"] = a["detail"]
+    out["detail_again"] = b["detail"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="arcdeploy vs. PyTorch eager and ONNX Runtime default, side by side.")
+    ap.add_argument("--archs", default="r50,r100")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--combos", default=DEFAULT_COMBOS, help=f"engine:precision list (default {DEFAULT_COMBOS})")
+    ap.add_argument("--rounds", type=int, default=None, help="measurement rounds (default 3; --quick 2)")
+    ap.add_argument("--seconds", type=float, default=None, help="seconds per runner per round (default 4; --quick 1.5)")
+    ap.add_argument("--min-runs", type=int, default=None, help="timed runs per runner per round (default 3; --quick 1)")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and shorter runs, quick machine-limit probe")
+    ap.add_argument("--no-peak", action="store_true", help="skip measuring the machine limits")
+    ap.add_argument("--profile", action="store_true", help="per-layer counters of the r100 (or last arch) OpenVINO packages")
+    ap.add_argument("--profile-batch", type=int, default=None, help="batch for --profile (default: the largest)")
+    ap.add_argument("--workdir", default="/tmp/arcdeploy-compare", help="checkpoints, exports and packages (reused)")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild packages even if present")
+    ap.add_argument("--json", default=None, metavar="FILE")
+    ap.add_argument("--write-results", action="store_true", help=f"write {HERE / 'RESULTS.md'} (and RESULTS.json)")
+    ap.add_argument("--results", default=str(HERE / "RESULTS.md"), metavar="MD",
+                    help="where --write-results writes (default benchmarks/RESULTS.md; the JSON goes beside it)")
+    ap.add_argument("--streams", action="store_true",
+                    help="also run each OpenVINO package compiled for throughput, a batch split across its streams")
+    ap.add_argument("--render", default=None, metavar="REPORT.json",
+                    help="only rewrite the results file (--results) from a saved report; measures nothing")
+    args = ap.parse_args(argv)
+
+    if args.render:
+        from profile_layers import format_profiles
+
+        report = json.loads(Path(args.render).read_text())
+        profiles = list({p["package"]: p for p in report.get("profiles") or []}.values())  # one per package
+        report["profiles"] = profiles
+        profile_md = format_profiles(profiles) + profile_summary(profiles) if profiles else None
+        report["limits"] = apply_observed_limits(report["rows"], report["limits"])
+        report["targets"] = check_targets(report["rows"], report["limits"])
+        write_results(Path(args.results), report, format_table(report["rows"]),
+                      format_targets(report["targets"]), profile_md)
+        from arcdeploy.utils import write_json_atomic
+
+        if Path(args.render).resolve() == Path(args.results).with_suffix(".json").resolve():
+            write_json_atomic(args.render, report)
+        print(f"wrote {args.results} from {args.render}", file=sys.stderr)
+        return 0
+
+    from arcdeploy.bench import parse_batches
+    from machine_peak import cpu_summary, machine_limits, model_macs
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    batches = parse_batches(args.batches)
+    combos = [tuple(c.split(":")) for c in args.combos.split(",") if c.strip()]
+    rounds = args.rounds or (2 if args.quick else 3)
+    seconds = args.seconds if args.seconds is not None else (1.5 if args.quick else 4.0)
+    min_runs = args.min_runs or (1 if args.quick else 3)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "command": "python benchmarks/compare_peers.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+              "cpu": cpu_summary(), "rounds": rounds, "seconds": seconds, "min_runs": min_runs,
+              "archs": archs, "batches": batches, "combos": [":".join(c) for c in combos], "notes": [],
+              "load_average": {"start": list(os.getloadavg())}}
+    if args.no_peak:
+        limits = {"fp32": None, "bf16": None, "int8": None, "detail": {"gemm_gflops": {}, "openvino_conv": {}}}
+    else:
+        log("measuring this machine's limits ...")
+        limits = machine_limits(quick=args.quick)
+        log("  " + ", ".join(f"{k} {limits[k]:.1f}" if limits.get(k) else f"{k} -" for k in ("fp32", "bf16", "int8"))
+            + " G(FL)OP/s")
+    # a "bf16" limit counts only if something executed bf16; OpenVINO's bf16 hint runs f32 here
+    report["limits"] = limits
+    report["macs"] = {a: model_macs(a) for a in archs}
+
+    measured, profiles = [], []
+    for arch in archs:
+        ckpt, exp = _prepare_checkpoint(workdir, arch, log)
+        runners = make_runners(arch, ckpt, exp, workdir, combos, args.rebuild, log, streams=args.streams)
+        fidelity(runners)
+        log(f"[{arch}] measuring {len([r for r in runners if not r.error])} runners at batches {batches}")
+        measure(runners, batches, rounds, seconds, min_runs, log)
+        measured.append((arch, runners))
+        print(format_table(summarize(arch, runners, batches, report["macs"][arch], _limit_values(limits))), flush=True)
+        if args.profile and (arch == "r100" or arch == archs[-1]) and not profiles:
+            from profile_layers import profile_package
+
+            pb = args.profile_batch or max(batches)
+            for r in runners:
+                if (r.kind == "arcdeploy" and not r.error and r.info.get("engine") == "openvino"
+                        and "streams" not in r.name):  # same model and compiled settings as the latency runner
+                    log(f"[{arch}] profiling {r.name} at batch {pb}")
+                    try:
+                        p = profile_package(r.info["package"], pb, iterations=1 if args.quick else 2)
+                        p["label"] = f"{arch} {r.precision}"
+                        profiles.append(p)
+                    except Exception as exc:
+                        report["notes"].append(f"profile of {r.name} failed: {_one_line(exc)}")
+        for r in runners:  # free the models, keep the measurements
+            r.fn = None
+        del runners
+        gc.collect()
+
+    if not args.no_peak and not args.quick:
+        # again after the runs: the machine is shared, the least disturbed measurement is the limit
+        log("measuring this machine's limits again ...")
+        limits = merge_limits(limits, machine_limits(quick=True))
+        report["limits"] = limits
+    all_rows = []
+    for arch, runners in measured:
+        all_rows += summarize(arch, runners, batches, report["macs"][arch], _limit_values(limits))
+    limits = report["limits"] = apply_observed_limits(all_rows, limits)
+    table = format_table(all_rows)
+    targets = check_targets(all_rows, limits)
+    targets_md = format_targets(targets)
+    profile_md = None
+    if profiles:
+        from profile_layers import format_profiles
+
+        profile_md = format_profiles(profiles) + profile_summary(profiles)
+    print()
+    print(table)
+    print()
+    print(targets_md)
+    if profile_md:
+        print()
+        print(profile_md)
+    report["load_average"]["end"] = list(os.getloadavg())
+    report["notes"] += auto_notes(all_rows, [r for _, rs in measured for r in rs])
+    report.update({"rows": all_rows, "targets": targets, "profiles": profiles})
+    if args.json:
+        from arcdeploy.utils import write_json_atomic
+
+        write_json_atomic(args.json, report)
+    if args.write_results:
+        from arcdeploy.utils import write_json_atomic
+
+        md = Path(args.results)
+        write_results(md, report, table, targets_md, profile_md)
+        write_json_atomic(md.with_suffix(".json"), report)
+        log(f"wrote {md} and {md.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""What this machine can do: measured peak arithmetic rate per precision, and
+the arithmetic cost of a model.
+
+Peak rates (GFLOP/s; for int8 "GOP/s", one multiply-add = 2 ops):
+
+- fp32 GEMM: numpy and torch matmul of large square float32 matrices
+  (MKL / oneDNN, all cores); the best of several runs.
+- bf16 GEMM: torch matmul in bfloat16. On a CPU without avx512_bf16/AMX this
+  is emulated and slow; it is reported as measured, not as a hardware limit.
+- OpenVINO convolution: a stack of 3x3 convolutions shaped like IResNet's
+  third stage (256 channels, 14x14, batch 16), compiled by the OpenVINO CPU
+  plugin in f32, with the bf16 precision hint, and in int8 (FakeQuantize on
+  activations and weights, which OpenVINO's low-precision transformations turn
+  into u8 x i8 convolutions - the same path an NNCF int8 model takes). The
+  precision each convolution *executed* in is read back from the runtime model.
+  This is the honest int8 peak for our purpose: the kernel the int8 packages
+  actually use, on the layer shape that dominates the network's cost.
+  (torch._int_mm is not used: on CPU it is a slow reference kernel, ~1 GOP/s.)
+
+The "machine limit" per precision is the best measured rate in that
+precision. Share of the limit = model GFLOPs x images/s / limit.
+
+Model cost: multiply-accumulates of every convolution and linear layer of the
+real architecture, counted with forward hooks on a 112x112 input (elementwise
+BN / PReLU / add are ignored: under 1% of the work). FLOPs = 2 x MACs.
+
+Run alone: ``python benchmarks/machine_peak.py [--quick] [--json FILE]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+if SRC not in sys.path:
+    sys.path.insert(0, SRC)
+
+
+def model_macs(arch: str) -> int:
+    """Multiply-accumulates of one 112x112 image through ``arch`` (conv + linear layers)."""
+    import torch
+
+    from arcdeploy.backbones import build_model
+
+    model = build_model(arch).eval()
+    total = 0
+
+    def conv_hook(mod, inp, out):
+        nonlocal total
+        kh, kw = mod.kernel_size
+        total += out.numel() * (mod.in_channels // mod.groups) * kh * kw
+
+    def linear_hook(mod, inp, out):
+        nonlocal total
+        total += out.numel() * mod.in_features
+
+    handles = []
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            handles.append(mod.register_forward_hook(conv_hook))
+        elif isinstance(mod, torch.nn.Linear):
+            handles.append(mod.register_forward_hook(linear_hook))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 112, 112))
+    for h in handles:
+        h.remove()
+    return total
+
+
+def _best_rate(fn, ops: float, seconds: float, min_runs: int = 3) -> float:
+    """Best ops/s of ``fn`` over runs lasting about ``seconds`` in total (after one warm-up)."""
+    fn()
+    best = float("inf")
+    t_end = time.perf_counter() + seconds
+    runs = 0
+    while runs < min_runs or time.perf_counter() < t_end:
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+        runs += 1
+    return ops / best
+
+
+def gemm_rates(n: int = 2048, seconds: float = 2.0) -> dict:
+    import torch
+
+    ops = 2.0 * n ** 3
+    out = {}
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    out[f"fp32 numpy matmul {n}x{n}"] = _best_rate(lambda: a @ a, ops, seconds)
+    t = torch.from_numpy(a)
+    out[f"fp32 torch matmul {n}x{n}"] = _best_rate(lambda: t @ t, ops, seconds)
+    # bf16: small size, it may be emulated (very slow without bf16 hardware)
+    nb = 512
+    tb = torch.randn(nb, nb).to(torch.bfloat16)
+    out[f"bf16 torch matmul {nb}x{nb}"] = _best_rate(lambda: tb @ tb, 2.0 * nb ** 3, seconds / 2, min_runs=2)
+    return {k: v / 1e9 for k, v in out.items()}
+
+
+def _conv_stack_model(int8: bool, batch: int, channels: int, size: int, depth: int):
+    """``depth`` 3x3 convolutions (+ PReLU-like leaky ReLU); int8: FakeQuantize before each conv."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    x = ops.parameter([batch, channels, size, size], np.float32, name="input")
+    h = x
+    for i in range(depth):
+        w = (rng.standard_normal((channels, channels, 3, 3)) * (1.0 / np.sqrt(9 * channels))).astype(np.float32)
+        wnode = ops.constant(w)
+        if int8:
+            # activations: asymmetric u8 range; weights: symmetric per-output-channel i8 (levels 255), as NNCF does
+            lo, hi = np.float32(-4.0), np.float32(4.0)
+            h = ops.fake_quantize(h, lo, hi, lo, hi, 256)
+            wmax = np.abs(w).reshape(channels, -1).max(axis=1).reshape(channels, 1, 1, 1).astype(np.float32)
+            wnode = ops.fake_quantize(wnode, -wmax, wmax, -wmax, wmax, 255)
+        h = ops.convolution(h, wnode, [1, 1], [1, 1], [1, 1], [1, 1])
+        slope = ops.constant(np.full((1, channels, 1, 1), 0.25, np.float32))
+        h = ops.prelu(h, slope)
+    return ov.Model([h], [x], f"conv_stack_{'int8' if int8 else 'fp32'}")
+
+
+def openvino_conv_rates(batch: int = 16, channels: int = 256, size: int = 14, depth: int = 8,
+                        seconds: float = 3.0) -> dict:
+    """GFLOP/s (GOP/s) of OpenVINO's 3x3 convolutions in f32, bf16-hint and int8, and what each executed in."""
+    import openvino as ov
+
+    macs = batch * depth * channels * channels * 9 * size * size
+    core = ov.Core()
+    x = np.random.default_rng(1).standard_normal((batch, channels, size, size)).astype(np.float32)
+    out = {}
+    for label, int8, hint in (("fp32", False, "f32"), ("bf16", False, "bf16"), ("int8", True, "f32")):
+        try:
+            cm = core.compile_model(_conv_stack_model(int8, batch, channels, size, depth), "CPU",
+                                    {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint})
+        except Exception as exc:  # a hint this CPU refuses
+            out[label] = {"gflops": None, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            continue
+        executed = sorted({op.get_rt_info()["runtimePrecision"].astype(str)
+                           for op in cm.get_runtime_model().get_ops()
+                           if "layerType" in op.get_rt_info()
+                           and op.get_rt_info()["layerType"].astype(str) == "Convolution"})
+        req = cm.create_infer_request()
+        rate = _best_rate(lambda: req.infer({0: x}), 2.0 * macs, seconds)
+        out[label] = {"gflops": rate / 1e9, "executed": executed,
+                      "inference_precision": str(cm.get_property("INFERENCE_PRECISION_HINT"))}
+    return out
+
+
+def machine_limits(quick: bool = False) -> dict:
+    """{"fp32": GFLOP/s, "bf16": ..., "int8": GOP/s, "detail": {...}}: the best measured rate per precision."""
+    seconds = 1.0 if quick else 2.5
+    gemm = gemm_rates(1536 if quick else 2048, seconds)
+    conv = openvino_conv_rates(seconds=seconds)
+    # a rate counts for the precision it *executed* in (a bf16 hint that ran f32 is an f32 rate)
+    executed = {"f32": "fp32", "bf16": "bf16", "u8": "int8", "i8": "int8"}
+    by_prec: dict[str, list[float]] = {"fp32": [], "bf16": [], "int8": []}
+    for k, v in gemm.items():
+        by_prec[k.split()[0]].append(v)
+    for v in conv.values():
+        if v.get("gflops"):
+            for e in v["executed"]:
+                by_prec.setdefault(executed.get(e, e), []).append(v["gflops"])
+    limits = {k: (max(v) if v else None) for k, v in by_prec.items()}
+    return {**limits, "detail": {"gemm_gflops": gemm, "openvino_conv": conv}}
+
+
+def cpu_summary() -> dict:
+    from arcdeploy.bench import machine_info
+
+    info = machine_info()
+    mhz = None
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("cpu MHz"):
+                mhz = float(line.split(":")[1])
+                break
+    except OSError:
+        pass
+    info["mhz"] = mhz
+    # nominal AVX2 fp32 peak: 2 FMA pipes x 8 lanes x 2 flops per cycle per core (Zen 3, Haswell+),
+    # at the clock /proc/cpuinfo reports, assuming every logical CPU is a whole core
+    if mhz and "fma" in info["flags"] and "avx2" in info["flags"]:
+        info["nominal_fp32_gflops"] = info["logical_cpus"] * 32 * mhz / 1e3
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--archs", default="r18,r50,r100")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    cpu = cpu_summary()
+    print(f"CPU: {cpu['cpu']}  {cpu['logical_cpus']} logical CPUs  {cpu['mhz']} MHz  flags: {' '.join(cpu['flags'])}"
+          + (f"  nominal AVX2 fp32 peak {cpu['nominal_fp32_gflops']:.0f} GFLOP/s" if cpu.get("nominal_fp32_gflops") else ""))
+    for arch in args.archs.split(","):
+        macs = model_macs(arch)
+        print(f"{arch:>5}: {macs / 1e9:.3f} GMACs = {2 * macs / 1e9:.3f} GFLOPs per 112x112 image")
+    lim = machine_limits(args.quick)
+    for k, v in lim["detail"]["gemm_gflops"].items():
+        print(f"  {k:<22} {v:8.1f} GFLOP/s")
+    for k, v in lim["detail"]["openvino_conv"].items():
+        if v.get("gflops") is None:
+            print(f"  OpenVINO conv {k:<8} failed: {v['error']}")
+        else:
+            print(f"  OpenVINO conv {k:<8} {v['gflops']:8.1f} G(FL)OP/s  executed {','.join(v['executed'])} "
+                  f"(inference precision {v['inference_precision']})")
+    print("limits: " + ", ".join(f"{k} {lim[k]:.1f}" if lim.get(k) else f"{k} -" for k in ("fp32", "bf16", "int8"))
+          + " G(FL)OP/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": cpu, "limits": lim}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
