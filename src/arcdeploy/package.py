@@ -80,6 +80,16 @@ class Package:
             outs.append(self.engine.infer(chunk)[: fixed - pad])
         return np.concatenate(outs)
 
+    def infer_many(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """Several batches of aligned crops at once, results in order. The OpenVINO
+        engine keeps them in flight on parallel infer requests (load the package
+        with ``performance_hint="THROUGHPUT"``); other engines run them one by one."""
+        xs = [to_model_input(b, self.input_format) for b in batches]
+        fixed = self.fixed_batch
+        if fixed and any(x.shape[0] != fixed for x in xs):
+            return [self.infer(b) for b in batches]
+        return self.engine.infer_many(xs)
+
     def embed(self, images, landmarks=None, flip: bool = False, raw: bool = False, batch: int | None = None) -> np.ndarray:
         """Embeddings of image paths or RGB arrays (see :func:`arcdeploy.faces.pipeline.embed_images`)."""
         from .faces.pipeline import embed_images

@@ -27,6 +27,11 @@ class Engine(ABC):
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Run one batch; returns float32 [N, 512]."""
 
+    def infer_many(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """Run several batches; engines that can overlap them (OpenVINO's async
+        infer requests) override this. Results come back in input order."""
+        return [self.infer(b) for b in batches]
+
     def describe(self) -> dict:
         """What is running: engine, device, precision, threads, library version."""
         return {"engine": self.name, "precision": self.manifest.get("precision"), "threads": self.threads}

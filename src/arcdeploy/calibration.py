@@ -1,0 +1,142 @@
+"""Calibration and held-out images for int8 builds and fidelity checks.
+
+Calibration uses exactly the inference preprocessing: each image is decoded
+(RGB), aligned with its 5 landmarks when a landmark file is given (otherwise
+taken as an aligned crop, resized to 112x112 if needed), then turned into the
+model input by the package's own :func:`to_model_input`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ArcdeployError
+
+DEFAULT_CALIB_COUNT = 300
+DEFAULT_HOLDOUT = 64
+# fewer held-out real images than this and the fidelity check uses generated faces
+MIN_HOLDOUT = 8
+
+
+@dataclass
+class ImageSet:
+    """Aligned uint8 RGB crops [N, 112, 112, 3] and where they came from."""
+
+    faces: np.ndarray
+    source: str
+    names: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "path: reason" of unreadable files
+
+
+@dataclass
+class CalibrationSplit:
+    calib: ImageSet
+    holdout: ImageSet | None  # the listed images not used for calibration (None: too few)
+
+
+def _check_array(arr, what: str) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[1:] != (112, 112, 3):
+        raise ArcdeployError(f"{what}: expected aligned uint8 RGB crops [N, 112, 112, 3], got shape {list(arr.shape)}")
+    if arr.dtype != np.uint8:
+        raise ArcdeployError(f"{what}: expected dtype uint8 (0..255 RGB), got {arr.dtype}")
+    if arr.shape[0] == 0:
+        raise ArcdeployError(f"{what}: empty image set (0 images)")
+    return np.ascontiguousarray(arr)
+
+
+def read_aligned(paths: list[Path], landmarks=None, root: Path | None = None, limit: int | None = None,
+                 warn: bool = True) -> ImageSet:
+    """Decode and align ``paths`` in order until ``limit`` usable crops; unreadable
+    files (and files without landmarks when a landmark file is given) are skipped
+    and listed in ``skipped``."""
+    from .faces.align import to_aligned
+    from .faces.io import read_image
+
+    faces, names, skipped = [], [], []
+    for path in paths:
+        if limit is not None and len(faces) >= limit:
+            break
+        try:
+            img = read_image(path)
+        except ArcdeployError as exc:
+            skipped.append(str(exc))
+            continue
+        lmk = None
+        if landmarks is not None:
+            lmk = landmarks.find(path, root)
+            if lmk is None:
+                skipped.append(f"{path}: no landmarks for this image in {landmarks.source}")
+                continue
+        try:
+            faces.append(to_aligned(img, lmk))
+        except ArcdeployError as exc:
+            skipped.append(str(exc))
+            continue
+        names.append(str(path))
+    if warn and skipped:
+        print(f"arcdeploy: warning: skipped {len(skipped)} unusable image(s), first: {skipped[0]}", file=sys.stderr)
+    arr = np.stack(faces) if faces else np.empty((0, 112, 112, 3), np.uint8)
+    return ImageSet(arr, source="", names=names, skipped=skipped)
+
+
+def load_images(spec, landmarks=None, limit: int | None = None, what: str = "images") -> ImageSet:
+    """An image set from an array, a folder, a list file or a list of paths."""
+    if isinstance(spec, np.ndarray):
+        arr = _check_array(spec, f"{what} array")
+        if limit is not None:
+            arr = arr[:limit]
+        return ImageSet(arr, source="array")
+    from .faces.io import images_root, list_images
+
+    if isinstance(spec, (list, tuple)):
+        paths, root, source = [Path(p) for p in spec], None, f"{len(spec)} listed paths"
+    else:
+        paths, root, source = list_images(spec), images_root(spec), str(Path(spec))
+    lmk = _read_landmarks(landmarks)
+    got = read_aligned(paths, lmk, root, limit=limit, warn=False)
+    if len(got.faces) == 0:
+        first = f" (first: {got.skipped[0]})" if got.skipped else ""
+        raise ArcdeployError(f"{source}: no usable {what}: all {len(got.skipped)} unreadable{first}")
+    if got.skipped:
+        print(f"arcdeploy: warning: {source}: skipped {len(got.skipped)} unusable image(s), first: {got.skipped[0]}",
+              file=sys.stderr)
+    got.source = source
+    return got
+
+
+def _read_landmarks(landmarks):
+    if landmarks is None:
+        return None
+    if isinstance(landmarks, (str, os.PathLike)):
+        from .faces.landmarks import read_landmarks
+
+        return read_landmarks(landmarks)
+    return landmarks  # an already read Landmarks object
+
+
+def calibration_split(calib, landmarks=None, count: int = DEFAULT_CALIB_COUNT,
+                      holdout: int = DEFAULT_HOLDOUT) -> CalibrationSplit:
+    """The first ``count`` usable images for calibration and up to ``holdout``
+    further ones for the fidelity check (None when fewer than MIN_HOLDOUT)."""
+    if calib is None:
+        raise ArcdeployError("int8 needs calibration images: pass --calib LIST|DIR "
+                             "(a few hundred aligned faces or photos with --calib-landmarks)")
+    if count < 1:
+        raise ArcdeployError(f"--calib-count must be at least 1, got {count}")
+    images = load_images(calib, landmarks, limit=count + holdout, what="calibration images")
+    faces = images.faces
+    if len(faces) < min(count, 16):
+        print(f"arcdeploy: warning: only {len(faces)} calibration images in {images.source}; "
+              f"a few hundred are advised", file=sys.stderr)
+    n_cal = min(count, len(faces))
+    cal = ImageSet(faces[:n_cal], images.source, images.names[:n_cal], images.skipped)
+    rest = faces[n_cal:]
+    hold = ImageSet(rest, images.source, images.names[n_cal:]) if len(rest) >= MIN_HOLDOUT else None
+    return CalibrationSplit(cal, hold)

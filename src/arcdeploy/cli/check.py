@@ -1,0 +1,36 @@
+"""arcdeploy check PKG [--images LIST|DIR] [--landmarks FILE] [--json FILE]"""
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("check", help="per-image cosine of a package against its fp32 PyTorch reference",
+                       description="Run the package and its stored fp32 PyTorch reference on the same aligned faces "
+                                   "and report per-image cosine (mean, min, 1st percentile) against the precision's floor. "
+                                   "Exit status 1 when below the floor.")
+    p.add_argument("package", metavar="PKG", help="a built package folder")
+    p.add_argument("--images", metavar="LIST|DIR", help="images to check on (default: 64 generated faces)")
+    p.add_argument("--landmarks", metavar="FILE", help="5-point landmark file: align the images with it")
+    p.add_argument("--count", type=int, metavar="N", help="use at most N images (generated: how many)")
+    p.add_argument("--threads", type=int, metavar="N", help="inference threads")
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..fidelity import check
+    from ..utils import write_json_atomic
+
+    result = check(args.package, images=args.images, landmarks=args.landmarks, count=args.count, threads=args.threads)
+    if args.json:
+        write_json_atomic(args.json, result)
+    c = result["cosine"]
+    print(f"{args.package}: {result['engine']} {result['precision']} vs {result['reference']} on {c['n']} "
+          f"{result['images']} images: cosine mean {c['mean']:.6f} min {c['min']:.6f} p1 {c['p1']:.6f} max {c['max']:.6f}")
+    floor = ", ".join(f"{k} >= {v}" for k, v in result["floor"].items())
+    if result["passed"]:
+        print(f"  passed (floor {floor})")
+        return 0
+    print(f"arcdeploy check: below the floor ({floor}): {'; '.join(result['below_floor'])}", file=sys.stderr)
+    return 1

@@ -1,0 +1,253 @@
+"""Issue 3: build packages (engine x precision), calibration, manifest, fidelity floors, errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from arcdeploy.build import build, normalize_precision
+from arcdeploy.cli import main as cli_main
+from arcdeploy.errors import ArcdeployError
+from arcdeploy.fidelity import FLOORS
+from arcdeploy.package import PACKAGE_FORMAT, load, read_manifest
+from arcdeploy.synth import aligned_faces, draw_face
+from arcdeploy.utils import cpu_flags
+
+CALIB_COUNT = 32
+CHECK_COUNT = 16  # images for each build's fidelity check (keeps the suite fast)
+
+
+@pytest.fixture(scope="module")
+def calib_faces() -> np.ndarray:
+    """32 calibration crops + 16 held out for the build's fidelity check."""
+    return aligned_faces(CALIB_COUNT + 16, seed=11)
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory, r18_export, calib_faces):
+    """Packages built once per (engine, precision), on demand."""
+    root = tmp_path_factory.mktemp("pkgs")
+    cache: dict = {}
+
+    def get(engine: str, precision: str):
+        key = (engine, precision)
+        if key not in cache:
+            calib = calib_faces if precision == "int8" else None
+            cache[key] = build(r18_export.out_dir, root / f"{engine}_{precision}", engine=engine,
+                               precision=precision, calib=calib, calib_count=CALIB_COUNT,
+                               check_count=CHECK_COUNT)
+        return cache[key]
+
+    return get
+
+
+RUNNABLE = [("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "fp16"), ("openvino", "int8"),
+            ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("torch", "fp32")]
+
+
+@pytest.mark.parametrize("engine,precision", RUNNABLE)
+def test_build_passes_its_fidelity_floor(packages, faces16, engine, precision):
+    pkg_dir = packages(engine, precision)
+    m = read_manifest(pkg_dir)
+    assert m["format"] == PACKAGE_FORMAT and m["engine"] == engine and m["precision"] == precision
+    fid = m["fidelity"]
+    assert fid["floor"] == FLOORS[precision]
+    for k, v in FLOORS[precision].items():
+        assert fid["cosine"][k] >= v, (engine, precision, fid["cosine"])
+    assert fid["passed"] is True
+    assert fid["reference"].startswith("pytorch fp32")
+    # the package runs on its own and its output agrees with the recorded check
+    pkg = load(pkg_dir)
+    out = pkg.infer(faces16)
+    assert out.shape == (16, 512) and out.dtype == np.float32 and np.all(np.isfinite(out))
+    assert pkg.describe()["engine"] == engine
+
+
+def test_int8_calibration_recorded(packages, calib_faces):
+    for engine in ("openvino", "onnxruntime"):
+        m = read_manifest(packages(engine, "int8"))
+        cal = m["calibration"]
+        assert cal["count"] == CALIB_COUNT and cal["source"] == "array"
+        assert cal["kept_float"], "the fc head is kept in float and recorded"
+        assert m["fidelity"]["images"].startswith("held-out calibration images")
+        assert m["fidelity"]["cosine"]["n"] == len(calib_faces) - CALIB_COUNT
+    # the OpenVINO int8 model really executes int8 convolutions, all but the float stem
+    ex = read_manifest(packages("openvino", "int8"))["openvino"]["executed"]
+    conv = ex["layers"]["Convolution"]
+    assert conv.get("f32", 0) == 1 and conv.get("u8", 0) + conv.get("i8", 0) == 20  # r18: 21 convolutions
+    assert ex["layers"]["FullyConnected"] == {"f32": 1}
+
+
+def test_low_precision_hint_reports_what_executes(packages):
+    for precision in ("bf16", "fp16"):
+        pkg = load(packages("openvino", precision))
+        d = pkg.describe()
+        recorded = pkg.manifest["openvino"]["executed"]["inference_precision"]
+        assert d["executed"]["inference_precision"] == recorded
+        assert d["requested_precision_hint"] == {"bf16": "bf16", "fp16": "f16"}[precision]
+        native = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"avx512_fp16", "amx_fp16"}}[precision]
+        if not cpu_flags() & native:
+            assert recorded == "f32" and "note" in pkg.manifest["openvino"]
+
+
+def test_manifest_contents(packages):
+    pkg_dir = packages("openvino", "fp32")
+    m = read_manifest(pkg_dir)
+    assert m["arch"] == "r18" and m["device"] == "CPU"
+    assert m["input"]["layout"] == "NCHW" and m["input"]["dtype"] == "float32"
+    assert m["input"]["normalize"] == {"mean": 127.5, "std": 127.5} and m["input"]["normalize_in_graph"] is False
+    assert m["dynamic_batch"] is True and m["batch"] is None and m["calibration"] is None
+    assert len(m["source"]["sha256"]) == 64
+    assert {"openvino", "torch", "onnxruntime", "nncf"} <= set(m["versions"])
+    assert (pkg_dir / m["files"]["model"]).exists() and (pkg_dir / "model.bin").exists()
+    ref = pkg_dir / m["reference"]["file"]
+    assert ref.exists() and m["reference"]["precision"] == "fp32"
+    assert {"mean", "min", "p1", "max", "n"} <= set(m["fidelity"]["cosine"])
+    assert m["fidelity"]["images"] == "generated"
+
+
+def test_build_from_checkpoint_folded_static_batch(tmp_path, r18_ckpt, faces16):
+    """Checkpoint in (export implied), uint8 NHWC input folded into the graph, static batch 4."""
+    out = build(r18_ckpt, tmp_path / "pkg", engine="openvino", precision="fp32", batch=4, fold_preprocessing=True,
+                check_count=CHECK_COUNT)
+    m = read_manifest(out)
+    assert m["input"]["dtype"] == "uint8" and m["input"]["layout"] == "NHWC" and m["input"]["normalize_in_graph"]
+    assert m["batch"] == 4 and m["dynamic_batch"] is False
+    assert m["fidelity"]["passed"] and m["fidelity"]["cosine"]["min"] >= FLOORS["fp32"]["min"]
+    pkg = load(out)
+    six = pkg.infer(faces16[:6])  # padded to two batches of 4
+    assert six.shape == (6, 512)
+    np.testing.assert_allclose(six[:4], pkg.infer(faces16[:4]), rtol=1e-5, atol=1e-5)
+
+
+def test_onnxruntime_folded_preprocessing(tmp_path, r18_export, faces16, packages):
+    out = build(r18_export.out_dir, tmp_path / "pkg", engine="onnxruntime", precision="fp32", fold_preprocessing=True,
+                check_count=CHECK_COUNT)
+    folded = load(out)
+    assert folded.engine.session.get_inputs()[0].type == "tensor(uint8)"
+    plain = load(packages("onnxruntime", "fp32"))
+    np.testing.assert_allclose(folded.infer(faces16), plain.infer(faces16), rtol=1e-4, atol=1e-4)
+
+
+def test_openvino_infer_many_matches_infer(packages, faces16):
+    pkg = load(packages("openvino", "int8"), performance_hint="THROUGHPUT")
+    assert pkg.describe()["performance_hint"] == "THROUGHPUT"
+    batches = [faces16[i:i + 4] for i in range(0, 16, 4)]
+    many = pkg.infer_many(batches)
+    assert len(many) == 4
+    for got, b in zip(many, batches):
+        np.testing.assert_allclose(got, pkg.infer(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+def test_load_and_infer_without_torch(packages, engine):
+    pkg_dir = packages(engine, "int8" if engine == "openvino" else "fp32")
+    code = (
+        "import sys, numpy as np, arcdeploy\n"
+        f"pkg = arcdeploy.load({str(pkg_dir)!r})\n"
+        "out = pkg.infer(np.full((2, 112, 112, 3), 128, np.uint8))\n"
+        "assert out.shape == (2, 512), out.shape\n"
+        "pkg.describe()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_precision_aliases(tmp_path, r18_export):
+    assert normalize_precision("force_float32") == "fp32"
+    assert normalize_precision("force_float16") == "fp16"
+    assert normalize_precision("qint8_mixed_float16") == "int8"
+    out = tmp_path / "pkg"
+    assert cli_main(["build", str(r18_export.onnx_path), "--engine", "onnxruntime", "--precision", "force_float32",
+                     "--check-count", "8", "-o", str(out)]) == 0
+    m = read_manifest(out)
+    assert m["precision"] == "fp32" and m["requested_precision"] == "force_float32"
+
+
+def test_int8_alias_builds_with_calibration_files(tmp_path, r18_export):
+    """qint8_mixed_float16 on photos + a landmark file: calibrated on aligned crops, rest held out."""
+    img_dir = tmp_path / "photos"
+    img_dir.mkdir()
+    rows = []
+    for i in range(24):
+        img, lmk = draw_face(identity=i % 12, variation=i, size=160)
+        name = f"p{i:02d}.png"
+        cv2.imwrite(str(img_dir / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        rows.append(name + " " + " ".join(f"{v:.2f}" for v in lmk.ravel()))
+    (img_dir / "broken.jpg").write_bytes(b"not a jpeg")
+    lmk_file = tmp_path / "lmk.txt"
+    lmk_file.write_text("\n".join(rows) + "\n")
+    out = build(r18_export.out_dir, tmp_path / "pkg", engine="onnxruntime", precision="qint8_mixed_float16",
+                calib=img_dir, calib_landmarks=lmk_file, calib_count=16)
+    m = read_manifest(out)
+    assert m["precision"] == "int8"
+    assert m["calibration"]["count"] == 16 and m["calibration"]["skipped_count"] == 1
+    assert "broken.jpg" in m["calibration"]["skipped"][0]
+    assert "alignment" in m["calibration"]["preprocessing"]
+    assert m["fidelity"]["cosine"]["n"] == 8  # 24 readable - 16 used
+
+
+def test_strict_fails_and_writes_nothing(tmp_path, r18_export):
+    """Calibrating on flat grey images gives useless activation ranges: below the
+    floor, --strict refuses to write the package; without it, a warning."""
+    flat = np.full((8, 112, 112, 3), 128, np.uint8)
+    out = tmp_path / "pkg"
+    with pytest.raises(ArcdeployError, match="below the floor.*not written"):
+        build(r18_export.out_dir, out, engine="openvino", precision="int8", calib=flat, strict=True, check_count=CHECK_COUNT)
+    assert not out.exists()
+
+
+def _cli_error(argv, capsys) -> str:
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_errors_one_line(tmp_path, r18_export, capsys, monkeypatch):
+    src = str(r18_export.out_dir)
+    out = str(tmp_path / "pkg")
+    err = _cli_error(["build", src, "--engine", "openvino", "--precision", "int8", "-o", out], capsys)
+    assert "calibration" in err and "--calib" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = _cli_error(["build", src, "--precision", "int8", "--calib", str(empty), "-o", out], capsys)
+    assert "no images" in err and str(empty) in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"x{i}.jpg").write_bytes(b"garbage")
+    err = _cli_error(["build", src, "--precision", "int8", "--calib", str(bad), "-o", out], capsys)
+    assert "no usable calibration images" in err and "x0.jpg" in err
+    err = _cli_error(["build", src, "--engine", "torch", "--precision", "int8", "--calib", str(bad), "-o", out], capsys)
+    assert "no int8 build" in err
+    err = _cli_error(["build", src, "--engine", "onnxruntime", "--precision", "fp16", "-o", out], capsys)
+    assert "needs a GPU" in err and "openvino" in err
+    err = _cli_error(["build", src, "--engine", "torch", "--precision", "bf16", "-o", out], capsys)
+    assert "CUDA" in err
+    with pytest.raises(ArcdeployError, match="unknown precision"):
+        build(src, out, engine="openvino", precision="int4")
+    with pytest.raises(ArcdeployError, match="unknown engine"):
+        build(src, out, engine="tensorrt", precision="fp32")
+    with pytest.raises(ArcdeployError, match=r"calibration images array: expected aligned uint8"):
+        build(src, out, engine="openvino", precision="int8", calib=np.zeros((4, 64, 64, 3), np.uint8))
+    import arcdeploy.engines as engines
+
+    monkeypatch.setitem(engines._REQUIRES, "openvino", "openvino_not_installed_here")
+    err = _cli_error(["build", src, "--engine", "openvino", "-o", out], capsys)
+    assert "not installed: pip install openvino" in err
+    assert not (tmp_path / "pkg").exists()  # no failed build leaves a package behind
+
+
+def test_existing_output_needs_force(tmp_path, r18_export, capsys):
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    err = _cli_error(["build", str(r18_export.out_dir), "--engine", "onnxruntime", "-o", str(out)], capsys)
+    assert "already exists" in err and "--force" in err
+    assert (out / "keep.txt").read_text() == "user data"

@@ -1,0 +1,90 @@
+"""Issue 3: `arcdeploy check` / arcdeploy.fidelity.check against the stored fp32 reference."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from arcdeploy.cli import main as cli_main
+from arcdeploy.errors import ArcdeployError
+from arcdeploy.fidelity import check, cosine_rows, summarize
+from arcdeploy.package import load, read_manifest
+from arcdeploy.synth import draw_face
+
+
+def test_check_generated_images(r18_ort_fp32_pkg):
+    res = check(r18_ort_fp32_pkg, count=12)
+    c = res["cosine"]
+    assert c["n"] == 12 and res["images"] == "generated"
+    assert c["min"] <= c["p1"] <= c["mean"] <= c["max"] <= 1.0 + 1e-9
+    assert c["min"] >= 0.99999 and res["passed"] is True
+    assert res["reference"].startswith("pytorch fp32") and res["precision"] == "fp32"
+    assert res["floor"] == {"min": 0.99999}
+
+
+def test_cosine_summary_is_per_image():
+    a = np.eye(4, 512, dtype=np.float32)
+    b = a.copy()
+    b[3] = -b[3]  # one image flipped: its cosine is -1, the mean is 0.5
+    cos = cosine_rows(a, b)
+    np.testing.assert_allclose(cos, [1, 1, 1, -1])
+    s = summarize(cos)
+    assert s["min"] == -1 and s["mean"] == pytest.approx(0.5) and s["n"] == 4
+
+
+def test_check_cli_images_dir_json(tmp_path, r18_ort_fp32_pkg, faces16):
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for i, f in enumerate(faces16[:8]):
+        cv2.imwrite(str(img_dir / f"{i}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    js = tmp_path / "check.json"
+    assert cli_main(["check", str(r18_ort_fp32_pkg), "--images", str(img_dir), "--json", str(js)]) == 0
+    data = json.loads(js.read_text())
+    assert {"mean", "min", "p1"} <= set(data["cosine"]) and data["cosine"]["n"] == 8
+    assert data["images"] == str(img_dir) and data["passed"] is True
+
+
+def test_check_with_landmarks(tmp_path, r18_ort_fp32_pkg):
+    img_dir = tmp_path / "photos"
+    img_dir.mkdir()
+    rows = []
+    for i in range(6):
+        img, lmk = draw_face(identity=i, variation=1, size=180)
+        cv2.imwrite(str(img_dir / f"f{i}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        rows.append(f"f{i}.jpg " + " ".join(f"{v:.2f}" for v in lmk.ravel()))
+    lmk_file = tmp_path / "lmk.txt"
+    lmk_file.write_text("\n".join(rows) + "\n")
+    res = check(r18_ort_fp32_pkg, images=img_dir, landmarks=lmk_file)
+    assert res["cosine"]["n"] == 6 and res["passed"]
+
+
+def test_check_catches_a_wrong_model(tmp_path, r18_ort_fp32_pkg, mbf_export, capsys):
+    """A package whose model is not its reference's network fails the check (exit 1)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(r18_ort_fp32_pkg, bad)
+    m = read_manifest(bad)
+    shutil.copyfile(mbf_export.torchscript_path, bad / m["reference"]["file"])
+    res = check(bad, count=8)
+    assert res["passed"] is False and res["cosine"]["mean"] < 0.5 and res["below_floor"]
+    assert cli_main(["check", str(bad), "--count", "8"]) == 1
+    assert "below the floor" in capsys.readouterr().err
+
+
+def test_check_errors(tmp_path, r18_ort_fp32_pkg, capsys):
+    nopkg = tmp_path / "nothing"
+    assert cli_main(["check", str(nopkg)]) == 2
+    assert "no such package" in capsys.readouterr().err
+    noref = tmp_path / "noref"
+    shutil.copytree(r18_ort_fp32_pkg, noref)
+    (noref / read_manifest(noref)["reference"]["file"]).unlink()
+    assert cli_main(["check", str(noref)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "reference is missing" in err and len(err.splitlines()) == 1
+    with pytest.raises(ArcdeployError, match="no usable check images"):
+        bad_dir = tmp_path / "bad"
+        bad_dir.mkdir()
+        (bad_dir / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+        check(load(r18_ort_fp32_pkg), images=bad_dir)
