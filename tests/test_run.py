@@ -40,7 +40,7 @@ def test_failing_step_is_reported_and_the_rest_runs(failing_run):
     assert any(t.startswith("Fidelity") for t in titles) and any(t.startswith("Speed") for t in titles)
     speed = next(t for t in report["tables"] if t["title"].startswith("Speed"))
     row = next(r for r in speed["rows"] if r[0] == "onnxruntime-fp32")
-    assert row[1] == 2 and row[2] > 0
+    assert row[1] == "fp32" and row[2] == 2 and row[3] > 0
     assert (out / "plots" / "throughput.png").stat().st_size > 1000
 
 

@@ -82,7 +82,7 @@ def check(package, images=None, landmarks=None, count: int | None = None, thread
     an aligned uint8 array [N, 112, 112, 3], a folder, a list file, or a list of paths
     (aligned with ``landmarks`` when given). Returns
     ``{"cosine": {"mean", "min", "p1", "max", "n"}, "reference", "images", "floor",
-    "passed", "below_floor", "engine", "precision", "worst"}``.
+    "passed", "below_floor", "engine", "precision", "worst", "per_image"}``.
     """
     from .package import Package, load
 
@@ -132,4 +132,5 @@ def check(package, images=None, landmarks=None, count: int | None = None, thread
         "passed": not problems,
         "below_floor": problems,
         "worst": worst,
+        "per_image": [round(float(c), 7) for c in cos],  # for the report's histogram
     }

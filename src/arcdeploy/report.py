@@ -84,8 +84,8 @@ def fidelity_table(records) -> Table:
     for name, rec in _by_prefix(records, "check").items():
         if rec.status in ("done", "reused") and rec.result:
             cos = rec.result.get("cosine", {})
-            rows.append([name, cos.get("n", rec.result.get("n")), _r(cos.get("mean"), 6), _r(cos.get("min"), 6),
-                         _r(cos.get("p1"), 6), _floor_text(rec.result.get("floor")),
+            rows.append([name, cos.get("n", rec.result.get("n")), _f6(cos.get("mean")), _f6(cos.get("min")),
+                         _f6(cos.get("p1")), _floor_text(rec.result.get("floor")),
                          "pass" if rec.result.get("passed") else "BELOW FLOOR"])
         else:
             rows.append([name, None, None, None, None, None, f"{rec.status}: {rec.error}"])
@@ -99,6 +99,28 @@ def _floor_text(floor) -> str | None:
     if isinstance(floor, dict):
         return ", ".join(f"{k} >= {v}" for k, v in floor.items())
     return str(floor)
+
+
+def _pct(v):
+    return None if v is None else f"{100 * float(v):.2f}"
+
+
+def _f6(v):
+    return None if v is None else f"{float(v):.6f}"
+
+
+def executed_as(records, name: str) -> str | None:
+    """What the engine really ran, from the build's manifest (e.g. a bf16 hint that ran f32)."""
+    rec = next((r for r in records if r.name == f"build {name}"), None)
+    manifest = (rec.result or {}).get("manifest", {}) if rec else {}
+    executed = (manifest.get("openvino") or {}).get("executed") or {}
+    if not executed:
+        return manifest.get("precision")
+    conv = (executed.get("layers") or {}).get("Convolution", {})
+    low = sum(n for p, n in conv.items() if p in ("u8", "i8"))
+    if low:
+        return f"int8 ({low}/{sum(conv.values())} conv)"
+    return executed.get("inference_precision")
 
 
 def _r(v, nd=2):
@@ -117,28 +139,34 @@ def speed_table(records) -> Table:
             for r in rec.result.get("results", []):
                 lat = r.get("latency_ms", {})
                 ratio = r["throughput"] / base[r["batch"]] if base.get(r["batch"]) else None
-                rows.append([name, r["batch"], _r(r["throughput"], 1), _r(lat.get("mean")), _r(lat.get("p50")),
-                             _r(lat.get("p90")), _r(lat.get("p99")), _r(ratio)])
+                rows.append([name, executed_as(records, name), r["batch"], _r(r["throughput"], 1), _r(lat.get("mean")),
+                             _r(lat.get("p50")), _r(lat.get("p90")), _r(lat.get("p99")), _r(ratio)])
         else:
-            rows.append([name, None, None, None, None, None, None, f"{rec.status}: {rec.error}"])
+            rows.append([name, None, None, None, None, None, None, None, f"{rec.status}: {rec.error}"])
     return Table("Speed: throughput (images/s) and latency (ms) by precision and batch",
-                 ["package", "batch", "img/s", "mean", "p50", "p90", "p99", "x fp32"], rows)
+                 ["package", "runs as", "batch", "img/s", "mean", "p50", "p90", "p99", "x fp32"], rows,
+                 "runs as: the precision the engine reports it executed (this CPU may run a bf16 hint in f32).")
 
 
 def ijb_table(records) -> Table:
     rows = []
     target = None
     mode = None
+    counts = None
     for name, rec in _by_prefix(records, "eval ijb").items():
         if rec.status in ("done", "reused") and rec.result:
             res = _first_result(rec.result)
             target = res.get("target", target)
             mode = res.get("mode", mode)
+            counts = (res.get("pairs"), res.get("genuine"), res.get("templates"), res.get("images"))
             tar = dict(zip([float(f) for f in res.get("far", [])], res.get("tar", [])))
-            rows.append([name] + [_r(100 * tar[f]) if f in tar else None for f in FARS])
+            rows.append([name] + [f"{100 * tar[f]:.2f}" if f in tar else None for f in FARS])
         else:
             rows.append([name] + [None] * (len(FARS) - 1) + [f"{rec.status}: {rec.error}"])
     note = f"TAR (%) at FAR; mode {mode}." if mode else None
+    if note and counts and counts[0]:
+        note += (f" {counts[0]} pairs ({counts[1]} genuine), {counts[2]} templates, {counts[3]} images;"
+                 " a FAR below 1/impostor pairs falls on the ROC's first point.")
     return Table(f"Accuracy: {target or 'IJB'} 1:1 verification, TAR@FAR",
                  ["package"] + [f"{f:.0e}" for f in FARS], rows, note)
 
@@ -156,8 +184,7 @@ def bins_table(records) -> Table:
     for name, rec in _by_prefix(records, "eval bin").items():
         if rec.status in ("done", "reused") and rec.result:
             for r in rec.result.get("results", []):
-                rows.append([name, r.get("name"), r.get("pairs"), _r(100 * r["accuracy"], 2) if r.get("accuracy") is not None else None,
-                             _r(100 * r["std"], 2) if r.get("std") is not None else None, _r(r.get("xnorm"), 3)])
+                rows.append([name, r.get("name"), r.get("pairs"), _pct(r.get("accuracy")), _pct(r.get("std")), _r(r.get("xnorm"), 3)])
         else:
             rows.append([name, None, None, None, None, f"{rec.status}: {rec.error}"])
     return Table("Accuracy: verification .bin sets (10-fold, flip)",
@@ -192,11 +219,13 @@ def plot_roc(records, path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    floor = 1e-6
     for name, fpr, tpr in curves:
-        keep = fpr > 0
-        ax.plot(fpr[keep], tpr[keep], label=name)
+        # a log axis has no 0: points at FPR 0 are drawn on the axis floor
+        ax.step(np.maximum(fpr, floor), tpr, where="post", marker=".", markersize=3, label=name)
     ax.set_xscale("log")
-    ax.set_xlim(1e-6, 1)
+    ax.set_xlim(floor, 1)
+    ax.set_ylim(0, 1.02)
     ax.set_xlabel("False accept rate")
     ax.set_ylabel("True accept rate")
     ax.set_title("ROC by precision")
