@@ -75,3 +75,21 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     for plot in ("roc.png", "throughput.png", "cosine_hist.png"):
         assert (out / "plots" / plot).stat().st_size > 1000, plot
     assert demo_cli  # the command module is importable
+
+
+def test_cli_run_names_failed_steps_and_exits_nonzero(failing_run, r18_ckpt, capsys):
+    out, _ = failing_run
+    code = main(["run", str(r18_ckpt), "-o", str(out), "--engine", "onnxruntime", "--precisions", "fp32,int8",
+                 "--batches", "2", "--iterations", "3"])
+    captured = capsys.readouterr()
+    assert code == 3
+    err_lines = [line for line in captured.err.splitlines() if "error:" in line]
+    assert err_lines == [f"arcdeploy run: error: 1 step(s) failed: build onnxruntime-int8 (see {out / 'report.md'})"]
+    assert "Speed: throughput" in captured.out and "report:" in captured.out
+
+
+def test_cli_run_rejects_bad_batches(r18_ckpt, tmp_path, capsys):
+    code = main(["run", str(r18_ckpt), "-o", str(tmp_path / "o"), "--batches", "0,a"])
+    assert code == 2
+    assert "--batch" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

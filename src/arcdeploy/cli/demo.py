@@ -12,20 +12,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import sys
-
     from ..demo import QUICK, UNTRAINED_NOTE, DemoConfig, demo
-    from ..report import print_tables
+    from .run import finish
 
     result = demo(args.output, QUICK if args.quick else DemoConfig())
-    print()
-    print_tables(result.steps)
-    print(f"NOTE: {UNTRAINED_NOTE}")
-    print()
-    print(f"report: {result.report_md}")
-    print(f"        {result.report_json}")
-    if result.failed:
-        names = ", ".join(s.name for s in result.failed)
-        print(f"arcdeploy demo: error: {len(result.failed)} step(s) failed: {names} (see {result.report_md})", file=sys.stderr)
-        return 3
-    return 0
+    return finish("demo", result, note=UNTRAINED_NOTE)

@@ -2,18 +2,6 @@
 from __future__ import annotations
 
 
-def _int_list(text: str) -> list[int]:
-    import argparse
-
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def register(sub) -> None:
     p = sub.add_parser("run", help="the whole job for one checkpoint, with a report",
                        description="Export, build each precision, check fidelity, bench, evaluate where data is "
@@ -32,15 +20,15 @@ def register(sub) -> None:
     p.add_argument("--target", default="IJBC", choices=("IJBC", "IJBB"))
     p.add_argument("--no-flip", action="store_true", help="IJB without the flip test")
     p.add_argument("--bins", nargs="+", default=[], metavar="FILE.bin", help=".bin verification sets")
-    p.add_argument("--batches", type=_int_list, default=[1, 16], help="bench batch sizes (default 1,16)")
+    p.add_argument("--batches", default="1,16", help="bench batch sizes, comma separated (default 1,16)")
     p.add_argument("--iterations", type=int, default=None, help="bench iterations per batch size")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from ..bench import parse_batches
     from ..build import normalize_precision
-    from ..report import print_tables
     from ..run import run_pipeline
 
     precisions = [normalize_precision(p.strip()) for p in args.precisions.split(",") if p.strip()]
@@ -48,15 +36,28 @@ def run(args) -> int:
         args.ckpt, args.output, engine=args.engine, precisions=precisions, calib=args.calib,
         calib_landmarks=args.calib_landmarks, check_images=args.check_images,
         check_landmarks=args.check_landmarks, ijb_root=args.ijb, target=args.target, bins=args.bins,
-        batches=args.batches, iterations=args.iterations, threads=args.threads, arch=args.arch,
+        batches=parse_batches(args.batches), iterations=args.iterations, threads=args.threads, arch=args.arch,
         ijb_flip=not args.no_flip,
     )
-    print_tables(result.steps)
-    print(f"report: {result.report_md}")
-    if result.failed:
-        import sys
+    return finish("run", result)
 
+
+def finish(command: str, result, note: str | None = None) -> int:
+    """Print the tables and where the report is; exit 3 when a step failed (named on stderr)."""
+    import sys
+
+    from ..report import print_tables
+
+    print()
+    print_tables(result.steps)
+    if note:
+        print(f"NOTE: {note}")
+        print()
+    print(f"report: {result.report_md}")
+    print(f"        {result.report_json}")
+    if result.failed:
         names = ", ".join(s.name for s in result.failed)
-        print(f"arcdeploy run: error: {len(result.failed)} step(s) failed: {names} (see {result.report_md})", file=sys.stderr)
+        print(f"arcdeploy {command}: error: {len(result.failed)} step(s) failed: {names} "
+              f"(see {result.report_md})", file=sys.stderr)
         return 3
     return 0
