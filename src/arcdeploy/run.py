@@ -7,6 +7,7 @@ reason and the steps that do not depend on it still run.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -167,56 +168,41 @@ def run_pipeline(ckpt, out, engine: str = "openvino", precisions=DEFAULT_PRECISI
         if rec.status in ("done", "reused"):
             packages[precision] = pkg_dir
 
-    for precision, pkg_dir in packages.items():
-        name = f"{engine}-{precision}"
+    # per-package stages: (step prefix, what else the result depends on, the work)
+    def do_check(pkg_dir, name):
+        from .fidelity import check
 
-        def do_check(pkg_dir=pkg_dir):
-            from .fidelity import check
+        return check(pkg_dir, images=check_images, landmarks=check_landmarks)
 
-            return check(pkg_dir, images=check_images, landmarks=check_landmarks)
+    def do_bench(pkg_dir, name):
+        from .bench import bench
 
-        runner.run(f"check {name}", {"build": runner.state.get(f"build {name}", {}).get("key"),
-                                     "images": _file_key(check_images) if check_images else None},
-                   do_check, needs=[f"build {name}"])
+        return bench(str(pkg_dir), batches=tuple(batches), iterations=iterations, threads=threads)
 
-    for precision, pkg_dir in packages.items():
-        name = f"{engine}-{precision}"
+    def do_ijb(pkg_dir, name):
+        from .evaluate.ijb import evaluate_packages
 
-        def do_bench(pkg_dir=pkg_dir):
-            from .bench import bench
+        return evaluate_packages([pkg_dir], root=ijb_root, target=target, flip=ijb_flip,
+                                 out_dir=out / "eval" / "ijb" / name)
 
-            return bench(str(pkg_dir), batches=tuple(batches), iterations=iterations, threads=threads)
+    def do_bins(pkg_dir, name):
+        from .evaluate.binsets import evaluate_bins
 
-        runner.run(f"bench {name}", {"build": runner.state.get(f"build {name}", {}).get("key"),
-                                     "batches": list(batches), "iterations": iterations, "threads": threads},
-                   do_bench, needs=[f"build {name}"])
+        return evaluate_bins(pkg_dir, [str(b) for b in bins])
 
+    stages = [
+        ("check", {"images": _file_key(check_images) if check_images else None}, do_check),
+        ("bench", {"batches": list(batches), "iterations": iterations, "threads": threads}, do_bench),
+    ]
     if ijb_root:
-        for precision, pkg_dir in packages.items():
-            name = f"{engine}-{precision}"
-
-            def do_ijb(pkg_dir=pkg_dir, name=name):
-                from .evaluate.ijb import evaluate_packages
-
-                return evaluate_packages([pkg_dir], root=ijb_root, target=target, flip=ijb_flip,
-                                         out_dir=out / "eval" / "ijb" / name)
-
-            runner.run(f"eval ijb {name}", {"build": runner.state.get(f"build {name}", {}).get("key"),
-                                            "root": str(ijb_root), "target": target, "flip": ijb_flip},
-                       do_ijb, needs=[f"build {name}"])
-
+        stages.append(("eval ijb", {"root": str(ijb_root), "target": target, "flip": ijb_flip}, do_ijb))
     if bins:
+        stages.append(("eval bin", {"bins": [_file_key(b) for b in bins]}, do_bins))
+    for stage, inputs, work in stages:
         for precision, pkg_dir in packages.items():
             name = f"{engine}-{precision}"
-
-            def do_bins(pkg_dir=pkg_dir):
-                from .evaluate.binsets import evaluate_bins
-
-                return evaluate_bins(pkg_dir, [str(b) for b in bins])
-
-            runner.run(f"eval bin {name}", {"build": runner.state.get(f"build {name}", {}).get("key"),
-                                            "bins": [_file_key(b) for b in bins]},
-                       do_bins, needs=[f"build {name}"])
+            key = {"build": runner.state.get(f"build {name}", {}).get("key"), **inputs}
+            runner.run(f"{stage} {name}", key, functools.partial(work, pkg_dir, name), needs=[f"build {name}"])
 
     result = RunResult(out, runner.records)
     result.report_md, result.report_json = report.write_report(
