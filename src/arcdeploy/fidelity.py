@@ -84,9 +84,9 @@ def check(package, images=None, landmarks=None, count: int | None = None, thread
     ``{"cosine": {"mean", "min", "p1", "max", "n"}, "reference", "images", "floor",
     "passed", "below_floor", "engine", "precision", "worst", "per_image"}``.
     """
-    from .package import Package, load
+    from .package import load
 
-    pkg = package if isinstance(package, Package) else load(package, threads=threads)
+    pkg = load(package, threads=threads)
     m = pkg.manifest
     ref = m.get("reference") or {}
     if not ref.get("file"):

@@ -104,6 +104,8 @@ class Package:
         return f"Package({str(self.path)!r}, arch={m.get('arch')}, engine={m.get('engine')}, precision={m.get('precision')})"
 
 
-def load(path: str | os.PathLike, threads: int | None = None, **engine_options) -> Package:
-    """Open a built package."""
+def load(path, threads: int | None = None, **engine_options) -> Package:
+    """Open a built package; a :class:`Package` passed in is returned as it is."""
+    if isinstance(path, Package):
+        return path
     return Package(path, threads=threads, **engine_options)

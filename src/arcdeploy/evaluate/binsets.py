@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArcdeployError
+from .roc import box_table
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 FOLDS = 10
@@ -195,7 +196,7 @@ def embed_pairs(package, faces: np.ndarray, batch: int = 64) -> tuple[np.ndarray
 def evaluate_bin(package, path: str | os.PathLike, batch: int = 64) -> dict:
     from ..package import load
 
-    pkg = load(package) if not hasattr(package, "infer") else package
+    pkg = load(package)
     path = Path(path)
     bins, issame = read_bin(path)
     faces = decode_faces(bins, path)
@@ -212,7 +213,7 @@ def evaluate_bins(package, paths, batch: int = 64, log=None) -> dict:
     """Every .bin through one package: {"package": .., "results": [per set]}."""
     from ..package import load
 
-    pkg = load(package) if not hasattr(package, "infer") else package
+    pkg = load(package)
     results = []
     for p in paths:
         r = evaluate_bin(pkg, p, batch=batch)
@@ -227,7 +228,4 @@ def format_bin_table(rows: list[dict]) -> str:
     header = ["package", "set", "pairs", "accuracy %", "std %", "XNorm"]
     body = [[Path(r["package"]).name, r["name"], str(r["pairs"]), f"{100 * r['accuracy']:.2f}",
              f"{100 * r['std']:.2f}", f"{r['xnorm']:.3f}"] for r in rows]
-    widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
-    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-    fmt = lambda cells: "|" + "|".join(f" {c:^{w}} " for c, w in zip(cells, widths)) + "|"  # noqa: E731
-    return "\n".join([line, fmt(header), line] + [fmt(r) for r in body] + [line])
+    return box_table(header, body)

@@ -511,7 +511,7 @@ def extract_features(package, meta: IJBMeta, out_dir: Path, flip: bool = True, b
     from ..package import load
     from ..utils import write_json_atomic
 
-    pkg = load(package) if not hasattr(package, "manifest") else package
+    pkg = load(package)
     name = name or Path(pkg.path).name
     cache = out_dir / f"features_{name}_{meta.target.lower()}_{'flip' if flip else 'noflip'}.npy"
     record_path = cache.with_suffix(".json")

@@ -98,16 +98,20 @@ def thin_roc(fpr: np.ndarray, tpr: np.ndarray, points: int = 400) -> tuple[list[
     return fpr[idx].tolist(), tpr[idx].tolist()
 
 
-def format_tar_table(rows: list[tuple[str, np.ndarray]], fars=FARS) -> str:
-    """The TAR@FAR table as insightface prints it: one row per method, columns are the FARs,
-    percentages with 2 decimals, in a PrettyTable-style box."""
-    header = ["Methods"] + [str(f) for f in fars]
-    body = [[name] + ["%.2f" % (float(t) * 100) for t in tars] for name, tars in rows]
+def box_table(header: list[str], body: list[list[str]]) -> str:
+    """Cells in a PrettyTable-style box, centred, as insightface's scripts print their tables."""
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
     line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
 
     def fmt(cells):
         return "|" + "|".join(f" {c:^{w}} " for c, w in zip(cells, widths)) + "|"
 
-    out = [line, fmt(header), line] + [fmt(r) for r in body] + [line]
-    return "\n".join(out)
+    return "\n".join([line, fmt(header), line] + [fmt(r) for r in body] + [line])
+
+
+def format_tar_table(rows: list[tuple[str, np.ndarray]], fars=FARS) -> str:
+    """The TAR@FAR table as insightface prints it: one row per method, columns are the FARs,
+    percentages with 2 decimals."""
+    header = ["Methods"] + [str(f) for f in fars]
+    body = [[name] + ["%.2f" % (float(t) * 100) for t in tars] for name, tars in rows]
+    return box_table(header, body)
