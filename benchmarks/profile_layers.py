@@ -30,7 +30,7 @@ def profile_package(pkg_dir, batch: int = 16, iterations: int = 2, threads: int 
     from arcdeploy.engines.openvino import compile_config
     from arcdeploy.faces.preprocess import to_model_input
     from arcdeploy.package import read_manifest
-    from arcdeploy.synth import aligned_faces
+    from arcdeploy.demo.synth import aligned_faces
 
     manifest = read_manifest(pkg_dir)
     if manifest.get("engine") != "openvino":

@@ -1,6 +1,6 @@
 """Shared fixtures: generated (untrained) checkpoints, exports and packages.
 
-Everything is made on the fly from arcdeploy.synth, so the suite needs no
+Everything is made on the fly from arcdeploy.demo.synth, so the suite needs no
 downloads. Session-scoped, because exporting and building cost seconds.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from arcdeploy.synth import aligned_faces, generated_state_dict
+from arcdeploy.demo.synth import aligned_faces, generated_state_dict
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +48,7 @@ def mbf_export(tmp_path_factory, mbf_ckpt):
 @pytest.fixture(scope="session")
 def r18_ort_fp32_pkg(tmp_path_factory, r18_export):
     """A small real package (ONNX Runtime fp32) for tests of later stages."""
-    from arcdeploy.build import build
+    from arcdeploy import build
 
     return build(r18_export.out_dir, tmp_path_factory.mktemp("pkg") / "r18_ort_fp32",
                  engine="onnxruntime", precision="fp32")

@@ -8,12 +8,13 @@ import cv2
 import numpy as np
 import pytest
 
-from arcdeploy.build import build, normalize_precision
+from arcdeploy import build
+from arcdeploy.build import normalize_precision
 from arcdeploy.cli import main as cli_main
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.fidelity import FLOORS
 from arcdeploy.package import PACKAGE_FORMAT, load, read_manifest
-from arcdeploy.synth import aligned_faces, draw_face
+from arcdeploy.demo.synth import aligned_faces, draw_face
 from arcdeploy.utils import cpu_flags
 
 CALIB_COUNT = 32

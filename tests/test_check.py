@@ -12,7 +12,7 @@ from arcdeploy.cli import main as cli_main
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.fidelity import check, cosine_rows, summarize
 from arcdeploy.package import load, read_manifest
-from arcdeploy.synth import draw_face
+from arcdeploy.demo.synth import draw_face
 
 
 def test_check_generated_images(r18_ort_fp32_pkg):

@@ -15,7 +15,7 @@ from arcdeploy.cli import main
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.faces import align_face, read_landmarks
 from arcdeploy.faces.pipeline import KILL_ENV, embed_files, embed_images, failures_path_for, parts_dir_for
-from arcdeploy.synth import draw_face
+from arcdeploy.demo.synth import draw_face
 
 
 N_LOOSE = 12

@@ -9,7 +9,7 @@ from arcdeploy.errors import ArcdeployError
 from arcdeploy.faces import (TEMPLATE_112, ImageError, align_face, estimate_transform, list_images, read_image,
                              read_landmarks, reduce_68_to_5, to_aligned)
 from arcdeploy.faces.align import landmarks_problem, umeyama
-from arcdeploy.synth import draw_face
+from arcdeploy.demo.synth import draw_face
 
 
 def _similarity(angle_deg, scale, tx, ty):

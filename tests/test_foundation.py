@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from arcdeploy.backbones import ARCHS, build_model, detect_arch
-from arcdeploy.checkpoint import load_backbone, read_checkpoint
+from arcdeploy.sources.checkpoint import load_backbone, read_checkpoint
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.export import export, reference_inputs
 

@@ -279,7 +279,7 @@ def test_cli_errors_are_one_line(random_set, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def small_ijb(tmp_path_factory):
-    from arcdeploy.evaluate.synthetic import write_ijb_set
+    from arcdeploy.demo.datasets import write_ijb_set
 
     return write_ijb_set(tmp_path_factory.mktemp("ijbset") / "IJB_release" / "IJBC", target="IJBC",
                          identities=4, templates_per_id=2, images_per_template=3, seed=0)

@@ -1,36 +1,85 @@
-"""arcdeploy: an arcface_torch checkpoint in, a fast verified inference package out.
+"""arcdeploy: a face-recognition model in, a fast verified inference package out.
 
 The Python API mirrors the command line::
 
     import arcdeploy
     arcdeploy.export("backbone.pth", "exported/")
-    pkg = arcdeploy.load("pkg/")            # a built package
+    arcdeploy.build("backbone.pth", "pkg/", engine="openvino", precision="int8", calib="faces/")
+    pkg = arcdeploy.load("pkg/")             # a built package
     feats = pkg.embed(["a.jpg", "b.jpg"])    # L2-normalised [N, 512]
     arcdeploy.compare(feats[0], feats[1])    # cosine similarity
+
+These functions are the layer the CLI calls; the stages behind them live in their
+own modules (export, build, fidelity, bench, evaluate). Where a user gives no images
+for a fidelity check, this layer supplies generated faces and says so in the result.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import logging
+from importlib import metadata
+from typing import Any
 
 from .errors import ArcdeployError
 
+try:
+    __version__ = metadata.version("arcdeploy")
+except metadata.PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0+unknown"
 
-def export(*args, **kwargs):
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+GENERATED_CHECK_COUNT = 64
+GENERATED_SEED = 9001  # far from the seeds the tests and demo calibrate with
+
+
+def generated_check_images(count: int | None = None):
+    """Generated aligned faces for a fidelity check when the user gives none (labelled "generated")."""
+    from .build import CheckImages
+    from .demo.synth import aligned_faces
+
+    n = count or GENERATED_CHECK_COUNT
+    return CheckImages(aligned_faces(n, seed=GENERATED_SEED), "generated",
+                       f"arcdeploy.demo.synth.aligned_faces(n={n}, seed={GENERATED_SEED})")
+
+
+def export(src, out_dir, **kwargs: Any):
+    """A checkpoint or a foreign ONNX -> an export folder (see :func:`arcdeploy.export.export`)."""
     from .export import export as _export
 
-    return _export(*args, **kwargs)
+    return _export(src, out_dir, **kwargs)
 
 
-def load(*args, **kwargs):
+def build(src, out, check_images=None, check_count: int | None = None, calib=None, precision: str = "fp32",
+          **kwargs: Any):
+    """Build a package (see :func:`arcdeploy.build.build`); checks on generated faces when no
+    images are given and none are held out from the calibration set."""
+    from .build import build as _build
+    from .manifest import parse_precision
+
+    if check_images is None and (calib is None or parse_precision(precision) == "int8"):
+        # an int8 build holds out part of its calibration images; only when too few remain
+        # does it need generated ones, which it asks for through this fallback
+        kwargs.setdefault("fallback_check_images", generated_check_images(check_count))
+    return _build(src, out, check_images=check_images, check_count=check_count, calib=calib,
+                  precision=precision, **kwargs)
+
+
+def check(package, images=None, count: int | None = None, **kwargs: Any):
+    """Per-image cosine of a package against its fp32 reference (see :func:`arcdeploy.fidelity.check`);
+    on generated faces when no images are given."""
+    from .fidelity import check as _check
+
+    if images is None:
+        gen = generated_check_images(count)
+        return _check(package, images=gen.faces, images_label=gen.label, images_source=gen.source, **kwargs)
+    return _check(package, images=images, count=count, **kwargs)
+
+
+def load(path, threads: int | None = None, **engine_options: Any):
+    """Open a built package (see :class:`arcdeploy.package.Package`)."""
     from .package import load as _load
 
-    return _load(*args, **kwargs)
-
-
-def build(*args, **kwargs):
-    from .build import build as _build
-
-    return _build(*args, **kwargs)
+    return _load(path, threads=threads, **engine_options)
 
 
 def compare(a, b) -> float:
@@ -42,4 +91,4 @@ def compare(a, b) -> float:
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
-__all__ = ["ArcdeployError", "export", "load", "build", "compare", "__version__"]
+__all__ = ["ArcdeployError", "__version__", "build", "check", "compare", "export", "generated_check_images", "load"]

@@ -1,5 +1,45 @@
-"""The one exception type the CLI turns into a one-line message."""
+"""The one exception type the CLI turns into a one-line message, and how foreign
+exceptions are cut down to one line."""
+from __future__ import annotations
+
+import re
 
 
 class ArcdeployError(Exception):
     """A user-facing failure: the message names the file and the problem, in one line."""
+
+
+# lines that say where an error was raised, not what went wrong (OpenVINO puts the
+# reason on the third line: "Exception from src/...cpp:84:", "Check '...' failed at ...")
+_LOCATION_LINES = (
+    re.compile(r"^Exception from \S+:\d+:?$"),
+    re.compile(r"^Check '.*' failed at \S+"),
+    re.compile(r"^\[ ?(GENERAL_ERROR|NOT_FOUND|PARAMETER_MISMATCH|NOT_IMPLEMENTED) ?\]\s*$"),
+    re.compile(r"^Traceback \(most recent call last\):$"),
+    re.compile(r"^(Error|Exception)\s*:?$"),
+)
+
+
+def first_line(exc: BaseException | str, limit: int = 240) -> str:
+    """The line of an exception message that says what went wrong, whitespace squeezed.
+
+    Location-only lines (OpenVINO's ``Exception from src/...cpp:84:``) are skipped;
+    an empty message gives the exception's type name.
+    """
+    text = str(exc)
+    for raw in text.splitlines():
+        line = " ".join(raw.split())
+        if not line or any(p.match(line) for p in _LOCATION_LINES):
+            continue
+        line = re.sub(r"^\[ ?(GENERAL_ERROR|NOT_FOUND|PARAMETER_MISMATCH) ?\]\s*", "", line)
+        return line if len(line) <= limit else line[: limit - 3] + "..."
+    return type(exc).__name__ if isinstance(exc, BaseException) else ""
+
+
+def describe(exc: BaseException) -> str:
+    """``TypeName: first line`` for an unexpected exception (ArcdeployError: its message)."""
+    if isinstance(exc, ArcdeployError):
+        return first_line(exc)
+    line = first_line(exc)
+    name = type(exc).__name__
+    return name if line == name else f"{name}: {line}"

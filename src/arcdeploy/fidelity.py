@@ -1,136 +1,167 @@
-"""Fidelity: a package's embeddings against the fp32 PyTorch reference, per image.
+"""Fidelity: a package's embeddings against its fp32 reference, per image.
 
-Every package carries its fp32 reference (the exported TorchScript, at
-``manifest["reference"]["file"]``), so it can be checked on its own. The
-reference sees the same aligned crops through the section 3 convention
-(float32 NCHW, (x - 127.5) / 127.5); the package sees them through its own
-``Package.infer`` (so folded preprocessing is covered too).
+Every package carries its fp32 reference (a checkpoint's TorchScript, or a foreign
+model's source ONNX, at ``manifest.reference``), so it can be checked on its own.
+The reference sees the aligned crops through its own input convention; the package
+through :meth:`Package.infer` (folded preprocessing included). The result is the
+per-image cosine: mean, min, 1st percentile, against the precision's floor.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .errors import ArcdeployError
 
-# per-image cosine floors by precision (the issue's acceptance levels)
+# per-image cosine floors by precision
 FLOORS: dict[str, dict[str, float]] = {
     "fp32": {"min": 0.99999},
     "fp16": {"mean": 0.9995},
     "bf16": {"mean": 0.9995},
     "int8": {"mean": 0.99, "min": 0.97},
 }
-GENERATED_COUNT = 64
-GENERATED_SEED = 9001  # far from the seeds the tests and demo calibrate with
 REFERENCE_BATCH = 32
 
 
+def floor_for(precision: str, max_cosine_drop: float | None = None) -> dict[str, float]:
+    """The floor for ``precision``; ``max_cosine_drop`` tightens (or sets) the mean."""
+    floor = dict(FLOORS.get(precision, FLOORS["int8"]))
+    if max_cosine_drop is not None:
+        floor["mean"] = round(1.0 - float(max_cosine_drop), 9)
+    return floor
+
+
+@dataclass
+class CosineStats:
+    mean: float
+    min: float
+    p1: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, cos: np.ndarray) -> CosineStats:
+        return cls(float(cos.mean()), float(cos.min()), float(np.percentile(cos, 1)), float(cos.max()), int(cos.size))
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FidelityResult:
+    """Per-image cosine of one package against its fp32 reference."""
+
+    cosine: CosineStats
+    reference: str
+    images: str
+    images_source: str
+    engine: str
+    precision: str
+    floor: dict[str, float]
+    below_floor: list[str]
+    worst: list[dict] = field(default_factory=list)
+    per_image: np.ndarray | None = None
+
+    @property
+    def passed(self) -> bool:
+        return not self.below_floor
+
+    def summary(self) -> dict:
+        """What the manifest keeps (no per-image values)."""
+        return {"cosine": self.cosine.to_json(), "reference": self.reference, "images": self.images,
+                "images_source": self.images_source, "engine": self.engine, "precision": self.precision,
+                "floor": self.floor, "passed": self.passed, "below_floor": self.below_floor}
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {**self.summary(), "worst": self.worst}
+        if self.per_image is not None:
+            d["per_image"] = [round(float(c), 7) for c in self.per_image]  # for the report's histogram
+        return d
+
+
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row cosine; a row with a non-finite value scores -1 (it fails any floor)."""
     a = a.astype(np.float64)
     b = b.astype(np.float64)
     den = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return (a * b).sum(axis=1) / den
+    cos = (a * b).sum(axis=1) / den
+    return np.where(np.isfinite(cos), cos, -1.0)
 
 
 def summarize(cos: np.ndarray) -> dict:
-    return {
-        "mean": float(cos.mean()),
-        "min": float(cos.min()),
-        "p1": float(np.percentile(cos, 1)),
-        "max": float(cos.max()),
-        "n": int(cos.size),
-    }
+    return CosineStats.of(cos).to_json()
 
 
-def floor_problems(stats: dict, floor: dict) -> list[str]:
-    """What falls below the floor, e.g. ["mean 0.9512 < 0.99"]; empty when it passes."""
-    return [f"{k} {stats[k]:.6f} < {v}" for k, v in floor.items() if not stats[k] >= v]
+def floor_problems(stats: CosineStats, floor: dict[str, float]) -> list[str]:
+    """What falls below the floor, e.g. ["mean 0.951200 < 0.99"]; empty when it passes."""
+    values = stats.to_json()
+    return [f"{k} {values[k]:.6f} < {v}" for k, v in floor.items() if not values[k] >= v]
 
 
-def reference_embeddings(model_path: str | os.PathLike, faces: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """fp32 embeddings of aligned uint8 crops from a TorchScript model (section 3 input)."""
-    import torch
+class Reference:
+    """A package's fp32 reference model, run on aligned crops."""
 
-    from .faces.preprocess import to_model_input
+    def __init__(self, pkg, threads: int | None = None):
+        from .engines.registry import REFERENCE_ENGINES, open_graph
+        from .manifest import InputSpec
 
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
-        model = torch.jit.load(str(model_path), map_location="cpu").float().eval()
-    except Exception as exc:
-        raise ArcdeployError(f"{model_path}: cannot load the fp32 reference ({type(exc).__name__})") from None
-    outs = []
-    with torch.inference_mode():
-        for start in range(0, len(faces), REFERENCE_BATCH):
-            x = to_model_input(faces[start:start + REFERENCE_BATCH])
-            outs.append(model(torch.from_numpy(x)).numpy())
-    return np.concatenate(outs).astype(np.float32)
+        ref = pkg.manifest.reference
+        if ref is None:
+            raise ArcdeployError(f"{pkg.path}: the package has no fp32 reference to check against (manifest 'reference')")
+        self.path = pkg.manifest.reference_path(pkg.path)
+        if not self.path.exists():
+            raise ArcdeployError(f"{self.path}: the package's fp32 reference is missing")
+        self.kind = ref.kind
+        self.input = ref.input or InputSpec()
+        self.engine = REFERENCE_ENGINES[ref.kind]
+        self.session = open_graph(self.path, engine=self.engine, threads=threads)
+        self.label = (f"pytorch fp32 (torchscript {ref.file})" if ref.kind == "torchscript"
+                      else f"onnxruntime fp32 (source onnx {ref.file})")
+
+    def embed(self, faces: np.ndarray) -> np.ndarray:
+        outs = [self.session.run_one(self.input.to_model_input(faces[s:s + REFERENCE_BATCH]))
+                for s in range(0, len(faces), REFERENCE_BATCH)]
+        return np.concatenate(outs).astype(np.float32)
 
 
 def package_embeddings(pkg, faces: np.ndarray) -> np.ndarray:
-    batch = pkg.manifest.get("batch") or REFERENCE_BATCH
+    batch = pkg.manifest.batch or REFERENCE_BATCH
     return np.concatenate([pkg.infer(faces[s:s + batch]) for s in range(0, len(faces), batch)])
 
 
-def check(package, images=None, landmarks=None, count: int | None = None, threads: int | None = None,
-          floor: dict | None = None, images_label: str | None = None) -> dict:
-    """Per-image cosine of a package against its fp32 PyTorch reference.
+def check(package, images, landmarks=None, count: int | None = None, threads: int | None = None,
+          floor: dict | None = None, images_label: str | None = None, images_source: str | None = None,
+          reference: Reference | None = None) -> FidelityResult:
+    """Per-image cosine of a package against its fp32 reference.
 
-    ``package``: a path or a loaded :class:`arcdeploy.package.Package`.
-    ``images``: None (``count`` or 64 generated faces, :func:`arcdeploy.synth.aligned_faces`),
-    an aligned uint8 array [N, 112, 112, 3], a folder, a list file, or a list of paths
-    (aligned with ``landmarks`` when given). Returns
-    ``{"cosine": {"mean", "min", "p1", "max", "n"}, "reference", "images", "floor",
-    "passed", "below_floor", "engine", "precision", "worst", "per_image"}``.
+    ``package``: a path or a loaded :class:`arcdeploy.package.Package`. ``images``: aligned
+    uint8 crops [N, 112, 112, 3], a folder, a list file or a list of paths (aligned with
+    ``landmarks`` when given), ``count`` of them at most.
     """
+    from .faces.calibration import load_images
     from .package import load
 
-    pkg = load(package, threads=threads)
-    m = pkg.manifest
-    ref = m.get("reference") or {}
-    if not ref.get("file"):
-        raise ArcdeployError(f"{pkg.path}: the package has no fp32 reference to check against (manifest 'reference')")
-    ref_path = pkg.path / ref["file"]
-    if not ref_path.exists():
-        raise ArcdeployError(f"{ref_path}: the package's fp32 reference is missing")
-
-    names: list[str] = []
     if images is None:
-        from .synth import aligned_faces
-
-        n = count or GENERATED_COUNT
-        faces = aligned_faces(n, seed=GENERATED_SEED)
-        label = images_label or "generated"
-        source = f"arcdeploy.synth.aligned_faces(n={n}, seed={GENERATED_SEED})"
-    else:
-        from .calibration import load_images
-
-        got = load_images(images, landmarks, limit=count, what="check images")
-        faces, names = got.faces, got.names
-        label = images_label or got.source
-        source = got.source
+        raise ArcdeployError("no images to check on")
+    pkg = load(package, threads=threads)
+    ref = reference or Reference(pkg, threads)
+    got = load_images(images, landmarks, limit=count, what="check images")
+    faces, names = got.faces, got.names
     out = package_embeddings(pkg, faces)
-    want = reference_embeddings(ref_path, faces, threads=threads)
+    want = ref.embed(faces)
     cos = cosine_rows(out, want)
-    if not np.all(np.isfinite(cos)):
-        cos = np.nan_to_num(cos, nan=-1.0)
-    stats = summarize(cos)
-    precision = m.get("precision", "fp32")
-    floor = floor or FLOORS.get(precision, FLOORS["int8"])
-    problems = floor_problems(stats, floor)
+    stats = CosineStats.of(cos)
+    precision = pkg.manifest.precision
+    floor = floor or floor_for(precision)
     order = np.argsort(cos)[:5]
     worst = [{"index": int(i), "cosine": float(cos[i]), **({"name": names[i]} if names else {})} for i in order]
-    return {
-        "cosine": stats,
-        "reference": f"pytorch fp32 ({ref.get('kind', 'torchscript')} {ref['file']})",
-        "images": label,
-        "images_source": source,
-        "engine": m.get("engine"),
-        "precision": precision,
-        "floor": floor,
-        "passed": not problems,
-        "below_floor": problems,
-        "worst": worst,
-        "per_image": [round(float(c), 7) for c in cos],  # for the report's histogram
-    }
+    return FidelityResult(cosine=stats, reference=ref.label, images=images_label or got.source,
+                          images_source=images_source or got.source, engine=pkg.manifest.engine, precision=precision,
+                          floor=dict(floor), below_floor=floor_problems(stats, floor), worst=worst, per_image=cos)
+
+
+def check_path(package: str | os.PathLike, **kwargs) -> FidelityResult:
+    return check(package, **kwargs)

@@ -1,94 +1,105 @@
 """A package: a folder with manifest.json and the engine's files.
 
-``load(PKG)`` returns a :class:`Package` that runs aligned crops through the
-engine (``infer``) and embeds image files or arrays (``embed``). Loading does
+``load(PKG)`` returns a :class:`Package`: the validated manifest, and the engine's
+runtime opened on first use. ``Package.infer`` runs aligned crops, ``Package.embed``
+image files or arrays. Both may be called from several threads at once. Loading does
 not import torch unless the package's engine is torch.
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .engines import engine_class
-from .errors import ArcdeployError
-from .faces.preprocess import to_model_input
-
-PACKAGE_FORMAT = "arcdeploy-package/1"
-
-
-def read_manifest(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    mf = path / "manifest.json" if path.is_dir() else path
-    if not path.exists():
-        raise ArcdeployError(f"{path}: no such package")
-    if not mf.exists():
-        raise ArcdeployError(f"{path}: not a package (no manifest.json)")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArcdeployError(f"{mf}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise ArcdeployError(f"{mf}: manifest is not a JSON object")
-    return manifest
+from .engines import Runtime, RuntimeInfo, get_engine
+from .errors import ArcdeployError, describe
+from .manifest import MANIFEST_NAME, InputSpec, OutputSpec, PackageManifest, read_package_manifest
 
 
 class Package:
-    """A built model: its manifest and a lazily created engine."""
+    """A built model: its manifest and a lazily opened runtime."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, **engine_options):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, **engine_options: Any):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
-        if self.manifest.get("format") != PACKAGE_FORMAT:
-            raise ArcdeployError(f"{self.path}: not a built package (format {self.manifest.get('format')!r}); run arcdeploy build first")
+        self.manifest: PackageManifest = read_package_manifest(self.path)
+        if threads is not None and int(threads) < 1:
+            raise ArcdeployError(f"threads must be at least 1, got {threads}")
         self.threads = threads
-        self.engine_options = engine_options
-        self._engine = None
+        self.engine_options = dict(engine_options)
+        self._runtime: Runtime | None = None
+        self._lock = threading.Lock()
+        self._fingerprint: str | None = None
+
+    # ---- the runtime
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            with self._lock:
+                if self._runtime is None:
+                    self._runtime = self._open_runtime()
+        return self._runtime
 
     @property
-    def engine(self):
-        if self._engine is None:
-            cls = engine_class(self.manifest["engine"])
-            self._engine = cls(self.path, self.manifest, threads=self.threads, **self.engine_options)
-        return self._engine
+    def loaded(self) -> bool:
+        return self._runtime is not None
+
+    def _open_runtime(self) -> Runtime:
+        engine = get_engine(self.manifest.engine)
+        try:
+            return engine.runtime(self.path, self.manifest, threads=self.threads, **self.engine_options)
+        except ArcdeployError:
+            raise
+        except Exception as exc:
+            raise ArcdeployError(f"{self.path}: the {engine.name} engine failed to load it ({describe(exc)})") from None
+
+    # ---- what it takes and gives
+    @property
+    def input_spec(self) -> InputSpec:
+        return self.manifest.input
+
+    @property
+    def output_spec(self) -> OutputSpec:
+        return self.manifest.output
 
     @property
     def fixed_batch(self) -> int | None:
         """The batch size the model was compiled for, or None when dynamic."""
-        b = self.manifest.get("batch")
-        return int(b) if b and not self.manifest.get("dynamic_batch", True) else None
+        return self.manifest.fixed_batch
 
-    @property
-    def input_format(self) -> dict:
-        return self.manifest["input"]
+    def to_model_input(self, faces: np.ndarray) -> np.ndarray:
+        return self.manifest.input.to_model_input(faces)
 
+    # ---- running
     def infer(self, faces: np.ndarray) -> np.ndarray:
-        """Raw float32 embeddings [N, 512] of aligned uint8 RGB crops [N, 112, 112, 3]."""
-        x = to_model_input(faces, self.input_format)
-        n = x.shape[0]
+        """Raw float32 embeddings [N, D] of aligned uint8 RGB crops [N, 112, 112, 3]."""
+        x = self.to_model_input(faces)
         fixed = self.fixed_batch
-        if not fixed or n == fixed:
-            return self.engine.infer(x)
+        if not fixed or x.shape[0] == fixed:
+            return self.runtime.infer(x)
+        return self._infer_padded(x, fixed)
+
+    def _infer_padded(self, x: np.ndarray, fixed: int) -> np.ndarray:
         outs = []
-        for start in range(0, n, fixed):
+        for start in range(0, x.shape[0], fixed):
             chunk = x[start:start + fixed]
             pad = fixed - chunk.shape[0]
             if pad:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            outs.append(self.engine.infer(chunk)[: fixed - pad])
+            outs.append(self.runtime.infer(chunk)[: fixed - pad])
         return np.concatenate(outs)
 
     def infer_many(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        """Several batches of aligned crops at once, results in order. The OpenVINO
-        engine keeps them in flight on parallel infer requests (load the package
-        with ``performance_hint="THROUGHPUT"``); other engines run them one by one."""
-        xs = [to_model_input(b, self.input_format) for b in batches]
+        """Several batches of aligned crops, results in order; engines with async requests
+        keep them in flight together."""
+        xs = [self.to_model_input(b) for b in batches]
         fixed = self.fixed_batch
         if fixed and any(x.shape[0] != fixed for x in xs):
             return [self.infer(b) for b in batches]
-        return self.engine.infer_many(xs)
+        return self.runtime.infer_many(xs)
 
     def embed(self, images, landmarks=None, flip: bool = False, raw: bool = False, batch: int | None = None) -> np.ndarray:
         """Embeddings of image paths or RGB arrays (see :func:`arcdeploy.faces.pipeline.embed_images`)."""
@@ -96,16 +107,39 @@ class Package:
 
         return embed_images(self, images, landmarks=landmarks, flip=flip, raw=raw, batch=batch)
 
-    def describe(self) -> dict:
-        return self.engine.describe()
+    def describe(self) -> RuntimeInfo:
+        return self.runtime.describe()
+
+    # ---- identity
+    def fingerprint(self) -> str:
+        """sha256 over manifest.json and every file it names (what a cached result depends on)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update((self.path / MANIFEST_NAME).read_bytes())
+            names = sorted(set(self.manifest.files.values())
+                           | ({self.manifest.reference.file} if self.manifest.reference else set()))
+            for name in names:
+                p = self.path / name
+                if p.is_file():
+                    h.update(name.encode())
+                    with open(p, "rb") as f:
+                        while block := f.read(1 << 20):
+                            h.update(block)
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def __repr__(self) -> str:
         m = self.manifest
-        return f"Package({str(self.path)!r}, arch={m.get('arch')}, engine={m.get('engine')}, precision={m.get('precision')})"
+        return f"Package({str(self.path)!r}, arch={m.arch}, engine={m.engine}, precision={m.precision})"
 
 
-def load(path, threads: int | None = None, **engine_options) -> Package:
+def load(path: str | os.PathLike | Package, threads: int | None = None, **engine_options: Any) -> Package:
     """Open a built package; a :class:`Package` passed in is returned as it is."""
     if isinstance(path, Package):
         return path
     return Package(path, threads=threads, **engine_options)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The package's manifest as plain JSON (validated)."""
+    return read_package_manifest(path).to_json()

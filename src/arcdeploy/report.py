@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from .utils import cpu_name, library_versions, write_json_atomic
+from .files import write_json_atomic
+from .machine import cpu_name
+from .utils import library_versions
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -113,7 +115,7 @@ def executed_as(records, name: str) -> str | None:
     """What the engine really ran, from the build's manifest (e.g. a bf16 hint that ran f32)."""
     rec = next((r for r in records if r.name == f"build {name}"), None)
     manifest = (rec.result or {}).get("manifest", {}) if rec else {}
-    executed = (manifest.get("openvino") or {}).get("executed") or {}
+    executed = manifest.get("executed") or {}
     if not executed:
         return manifest.get("precision")
     conv = (executed.get("layers") or {}).get("Convolution", {})

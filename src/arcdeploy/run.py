@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ArcdeployError
-from .utils import write_json_atomic
+from .files import write_json_atomic
 
 DEFAULT_PRECISIONS = ("fp32", "bf16", "int8")
 DEFAULT_BATCHES = (1, 16)
@@ -155,7 +155,7 @@ def run_pipeline(ckpt, out, engine: str = "openvino", precisions=DEFAULT_PRECISI
         pkg_dir = out / "packages" / name
 
         def do_build(precision=precision, pkg_dir=pkg_dir):
-            from .build import build
+            from . import build
 
             build(export_dir, pkg_dir, engine=engine, precision=precision, calib=calib,
                   calib_landmarks=calib_landmarks, threads=threads, force=True)
@@ -170,14 +170,14 @@ def run_pipeline(ckpt, out, engine: str = "openvino", precisions=DEFAULT_PRECISI
 
     # per-package stages: (step prefix, what else the result depends on, the work)
     def do_check(pkg_dir, name):
-        from .fidelity import check
+        from . import check
 
-        return check(pkg_dir, images=check_images, landmarks=check_landmarks)
+        return check(pkg_dir, images=check_images, landmarks=check_landmarks).to_json()
 
     def do_bench(pkg_dir, name):
         from .bench import bench
 
-        return bench(str(pkg_dir), batches=tuple(batches), iterations=iterations, threads=threads)
+        return bench(str(pkg_dir), batches=tuple(batches), iterations=iterations, threads=threads).to_json()
 
     def do_ijb(pkg_dir, name):
         from .evaluate.ijb import evaluate_packages

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -37,9 +38,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLine(logging.Formatter):
+    """Library warnings on stderr as ``arcdeploy: warning: ...``, one line each."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = " ".join(record.getMessage().split())
+        return f"arcdeploy: {record.levelname.lower()}: {msg}"
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("arcdeploy")
+    if not any(getattr(h, "_arcdeploy_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_OneLine())
+        handler._arcdeploy_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    level = os.environ.get("ARCDEPLOY_LOG", "WARNING").upper()
+    logger.setLevel(getattr(logging, level, logging.WARNING))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _setup_logging()
     try:
         code = args.func(args)
     except ArcdeployError as exc:

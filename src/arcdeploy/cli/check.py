@@ -5,8 +5,8 @@ import sys
 
 
 def register(sub) -> None:
-    p = sub.add_parser("check", help="per-image cosine of a package against its fp32 PyTorch reference",
-                       description="Run the package and its stored fp32 PyTorch reference on the same aligned faces "
+    p = sub.add_parser("check", help="per-image cosine of a package against its fp32 reference",
+                       description="Run the package and its stored fp32 reference on the same aligned faces "
                                    "and report per-image cosine (mean, min, 1st percentile) against the precision's floor. "
                                    "Exit status 1 when below the floor.")
     p.add_argument("package", metavar="PKG", help="a built package folder")
@@ -15,22 +15,25 @@ def register(sub) -> None:
     p.add_argument("--count", type=int, metavar="N", help="use at most N images (generated: how many)")
     p.add_argument("--threads", type=int, metavar="N", help="inference threads")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..fidelity import check
-    from ..utils import write_json_atomic
+    from .. import check
+    from ..files import refuse_existing, write_json_atomic
 
+    if args.json:
+        refuse_existing(args.json, args.force)
     result = check(args.package, images=args.images, landmarks=args.landmarks, count=args.count, threads=args.threads)
     if args.json:
-        write_json_atomic(args.json, result)
-    c = result["cosine"]
-    print(f"{args.package}: {result['engine']} {result['precision']} vs {result['reference']} on {c['n']} "
-          f"{result['images']} images: cosine mean {c['mean']:.6f} min {c['min']:.6f} p1 {c['p1']:.6f} max {c['max']:.6f}")
-    floor = ", ".join(f"{k} >= {v}" for k, v in result["floor"].items())
-    if result["passed"]:
+        write_json_atomic(args.json, result.to_json(), force=args.force)
+    c = result.cosine
+    print(f"{args.package}: {result.engine} {result.precision} vs {result.reference} on {c.n} "
+          f"{result.images} images: cosine mean {c.mean:.6f} min {c.min:.6f} p1 {c.p1:.6f} max {c.max:.6f}")
+    floor = ", ".join(f"{k} >= {v}" for k, v in result.floor.items())
+    if result.passed:
         print(f"  passed (floor {floor})")
         return 0
-    print(f"arcdeploy check: below the floor ({floor}): {'; '.join(result['below_floor'])}", file=sys.stderr)
+    print(f"arcdeploy check: below the floor ({floor}): {'; '.join(result.below_floor)}", file=sys.stderr)
     return 1

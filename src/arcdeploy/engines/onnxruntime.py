@@ -1,56 +1,218 @@
-"""ONNX Runtime engine: CPU, or CUDA / TensorRT when onnxruntime-gpu provides them.
+"""ONNX Runtime: CPU, or CUDA / TensorRT when onnxruntime-gpu provides them.
 
-fp32 and int8 (static QDQ) packages run on the CPU provider; an fp16 package
-needs a GPU provider and says so when none is installed.
+Builds fp32 (the exported ONNX as it is), int8 (static QDQ, made by NNCF's ONNX
+backend or by ``onnxruntime.quantization.quantize_static``, both from the same
+:class:`~arcdeploy.quantize.QuantRecipe`) and fp16 (needs a GPU provider).
+Thread safety: ``InferenceSession.run`` may be called from several threads at once.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
-from ..errors import ArcdeployError
-from .base import Engine
+from ..errors import ArcdeployError, first_line
+from ..quantize import QuantRecipe, float_nodes_onnx, quiet_quantizers
+from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, TensorInfo
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+QUANTIZERS = ("nncf", "onnxruntime")
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8",
+              "tensor(int8)": "int8", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+def _ort():
+    import onnxruntime as ort
+
+    return ort
 
 
 def gpu_providers() -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
+    available = _ort().get_available_providers()
     return [p for p in GPU_PROVIDERS if p in available]
 
 
-class OnnxRuntimeEngine(Engine):
-    name = "onnxruntime"
+def _session(path: Path, threads: int | None, gpu: bool):
+    ort = _ort()
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = (gpu_providers() if gpu else []) + ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as exc:
+        raise ArcdeployError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})") from None
+
+
+def _info(args) -> list[TensorInfo]:
+    return [TensorInfo(a.name, list(a.shape), _ORT_TYPES.get(a.type, a.type)) for a in args]
+
+
+class OrtGraph(GraphSession):
+    def __init__(self, path, threads: int | None = None, gpu: bool = False):
+        self.path = Path(path)
+        self.session = _session(self.path, threads, gpu)
+        self.inputs = _info(self.session.get_inputs())
+        self.outputs = _info(self.session.get_outputs())
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.session.run(None, feeds))
+
+
+def open_graph(path, threads: int | None = None, gpu: bool = False, **_: Any) -> OrtGraph:
+    return OrtGraph(path, threads, gpu)
+
+
+class OnnxRuntimeRuntime(Runtime):
+    engine_name = "onnxruntime"
 
     def __init__(self, package_dir, manifest, threads=None, **options):
         super().__init__(package_dir, manifest, threads, **options)
-        import onnxruntime as ort
-
-        self.threads = threads or manifest.get("threads")
-        so = ort.SessionOptions()
-        if self.threads:
-            so.intra_op_num_threads = int(self.threads)
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = gpu_providers() if options.get("gpu", True) else []
-        if manifest.get("precision") == "fp16" and not providers:
+        gpu = bool(options.get("gpu", True))
+        if manifest.precision == "fp16" and not gpu_providers():
             raise ArcdeployError(f"{self.package_dir}: an fp16 ONNX Runtime package needs a GPU "
                                  "(CUDAExecutionProvider from onnxruntime-gpu); none is available here")
-        providers.append("CPUExecutionProvider")
-        model = self.package_dir / manifest["files"]["model"]
-        self.session = ort.InferenceSession(str(model), so, providers=providers)
-        self.input_name = self.session.get_inputs()[0].name
-        self.input_dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else None
+        self.session = _session(manifest.file(self.package_dir), self.threads, gpu)
+        first = self.session.get_inputs()[0]
+        self.input_name = first.name
+        self.input_dtype = np.float16 if first.type == "tensor(float16)" else None
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         if self.input_dtype is not None and x.dtype == np.float32:
             x = x.astype(self.input_dtype)
-        return self.session.run(None, {self.input_name: x})[0].astype(np.float32, copy=False)
+        return np.asarray(self.session.run(None, {self.input_name: x})[0], dtype=np.float32)
 
-    def describe(self) -> dict:
-        import onnxruntime as ort
-
+    def describe(self) -> RuntimeInfo:
         providers = self.session.get_providers()
-        return {**super().describe(), "providers": providers, "version": ort.__version__,
-                "device": "GPU" if providers[0] != "CPUExecutionProvider" else "CPU",
-                "threads": self.threads or "default (one per physical core)"}
+        gpu = providers[0] != "CPUExecutionProvider"
+        return RuntimeInfo(engine="onnxruntime", device="GPU" if gpu else "CPU", precision=self.manifest.precision,
+                           executes=self.manifest.precision, threads=self.threads or "default (one per physical core)",
+                           version=_ort().__version__, details={"providers": providers})
+
+
+# ------------------------------------------------------------------ building
+
+def _check(precision: str) -> None:
+    if precision == "fp16" and not gpu_providers():
+        raise ArcdeployError("precision fp16 needs a GPU for onnxruntime (CUDAExecutionProvider from "
+                             "onnxruntime-gpu; none here); use --engine openvino")
+
+
+def build(job: BuildJob) -> None:
+    import onnx
+
+    target = job.out_dir / "model.onnx"
+    if job.precision == "int8":
+        assert job.recipe is not None and job.calib_inputs is not None
+        quantizer = job.options.get("ort_quantizer", "nncf")
+        if quantizer not in QUANTIZERS:
+            raise ArcdeployError(f"unknown ort_quantizer {quantizer!r}; choose {' or '.join(QUANTIZERS)}")
+        quantize = _quantize_nncf if quantizer == "nncf" else _quantize_ort
+        job.manifest.calibration = quantize(job.onnx_path, target, job.calib_inputs, job.input.name, job.recipe)
+    elif job.precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        onnx.save(convert_float_to_float16(onnx.load(str(job.onnx_path)), keep_io_types=True), str(target))
+        job.manifest.device = "GPU"
+    else:
+        shutil.copyfile(job.onnx_path, target)
+    if job.fold_preprocessing:
+        model = fold_preprocessing(onnx.load(str(target)), job.input)
+        onnx.checker.check_model(model)
+        onnx.save(model, str(target))
+    job.manifest.files = {"model": "model.onnx"}
+    job.manifest.executed = {"inference_precision": job.precision if job.precision != "int8" else "int8 (QDQ) + fp32",
+                             "note": "ONNX Runtime runs what the graph says: no precision hint"}
+
+
+def fold_preprocessing(model, spec):
+    """Prepend uint8 NHWC -> float NCHW and the spec's normalisation to an ONNX model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    old = graph.input[0]
+    name = old.name
+    raw = f"{name}_uint8_nhwc"
+    dims = [d.dim_param or d.dim_value for d in old.type.tensor_type.shape.dim]
+    h, w = spec.size
+    new_input = helper.make_tensor_value_info(raw, TensorProto.UINT8, [dims[0], h, w, 3])
+    mean = numpy_helper.from_array(np.asarray(spec.mean, np.float32).reshape(-1, 1, 1) if isinstance(spec.mean, tuple)
+                                   else np.array(spec.mean, np.float32), f"{name}_mean")
+    std = numpy_helper.from_array(np.asarray(spec.std, np.float32).reshape(-1, 1, 1) if isinstance(spec.std, tuple)
+                                  else np.array(spec.std, np.float32), f"{name}_std")
+    nodes = [helper.make_node("Transpose", [raw], [f"{name}_nchw"], perm=[0, 3, 1, 2], name="pre/Transpose"),
+             helper.make_node("Cast", [f"{name}_nchw"], [f"{name}_f32"], to=TensorProto.FLOAT, name="pre/Cast")]
+    src = f"{name}_f32"
+    if spec.color == "BGR":
+        # the package takes RGB crops; a BGR model gets its channels swapped in the graph
+        idx = numpy_helper.from_array(np.array([2, 1, 0], np.int64), f"{name}_bgr_index")
+        graph.initializer.append(idx)
+        nodes.append(helper.make_node("Gather", [src, idx.name], [f"{name}_bgr"], axis=1, name="pre/BGR"))
+        src = f"{name}_bgr"
+    if spec.normalize_in_graph:
+        nodes.append(helper.make_node("Identity", [src], [name], name="pre/Identity"))
+    else:
+        nodes += [helper.make_node("Sub", [src, mean.name], [f"{name}_centered"], name="pre/Sub"),
+                  helper.make_node("Div", [f"{name}_centered", std.name], [name], name="pre/Div")]
+        graph.initializer.extend([mean, std])
+    body = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + body)
+    graph.input.remove(old)
+    graph.input.insert(0, new_input)
+    return model
+
+
+def _quantize_nncf(src: Path, target: Path, x: np.ndarray, input_name: str, recipe: QuantRecipe) -> dict:
+    """NNCF's ONNX backend -> a QDQ model ONNX Runtime runs (the OpenVINO build's recipe)."""
+    import nncf
+    import onnx
+
+    model = onnx.load(str(src))
+    kept = float_nodes_onnx(model, recipe)
+    dataset = nncf.Dataset([{input_name: x[i:i + 1]} for i in range(len(x))])
+    with quiet_quantizers():
+        q = nncf.quantize(model, dataset, **recipe.nncf_kwargs(len(x), kept.names()))
+    onnx.save(q, str(target))
+    return recipe.manifest_entry("NNCF post-training quantization, ONNX backend -> QDQ", kept, len(x))
+
+
+def _quantize_ort(src: Path, target: Path, x: np.ndarray, input_name: str, recipe: QuantRecipe) -> dict:
+    """onnxruntime.quantization.quantize_static, QDQ format."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(range(len(x)))
+
+        def get_next(self):
+            i = next(self.it, None)
+            return None if i is None else {input_name: x[i:i + 1]}
+
+    with tempfile.TemporaryDirectory(prefix="arcdeploy-ortq-") as work:
+        pre = Path(work) / "pre.onnx"
+        with quiet_quantizers():
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        kept = float_nodes_onnx(onnx.load(str(pre), load_external_data=False), recipe)
+        with quiet_quantizers():
+            quantize_static(str(pre), str(target), Reader(), **recipe.ort_kwargs(kept.names()))
+    return recipe.manifest_entry("onnxruntime quantize_static -> QDQ", kept, len(x))
+
+
+def _version() -> str:
+    return str(_ort().__version__)
+
+
+ENGINE = Engine(
+    name="onnxruntime", requirement="onnxruntime", module="onnxruntime",
+    capabilities=Capabilities(precisions=("fp32", "fp16", "int8"), gpu_only=("fp16",), devices=("CPU", "GPU"),
+                              async_requests=False, reports_executed=False, folds_preprocessing=True,
+                              static_batch=False, quantizer="NNCF (ONNX backend) or onnxruntime.quantization"),
+    build=build, runtime=OnnxRuntimeRuntime, open_graph=open_graph, check=_check, describe_library=_version,
+)

@@ -1,25 +1,57 @@
-"""OpenVINO engine (CPU): an IR model (model.xml/.bin) compiled with the
-manifest's precision hint and threads.
+"""OpenVINO (CPU): IR packages compiled with the manifest's precision hint and threads.
 
-The precision the CPU plugin *executes* is read back from the compiled model
-(``INFERENCE_PRECISION_HINT`` and each layer's ``runtimePrecision``), because a
-bf16/f16 hint on a CPU without bf16/fp16 units silently runs f32.
+Builds fp32, bf16 / fp16 (through ``INFERENCE_PRECISION_HINT``; the IR keeps f16
+weights for fp16) and int8 (NNCF post-training quantization from the
+:class:`~arcdeploy.quantize.QuantRecipe`). What the CPU plugin really executes is
+read back from the compiled model (each compute layer's ``runtimePrecision``) and
+recorded: a bf16 hint on a CPU without bf16 runs f32, and on a bf16-capable CPU the
+plugin runs every float layer in bf16 unless told otherwise, the float layers of an
+int8 model included; the recipe says which (``float_precision``).
 
-For throughput measurements ``infer_many`` keeps several infer requests in
-flight (``openvino.AsyncInferQueue``); load the package with
-``performance_hint="THROUGHPUT"`` so the plugin makes one stream per request.
-``compiled_model`` is public for callers that drive requests themselves.
+Thread safety: each call takes an infer request from a pool (one per concurrent
+caller) and copies the output before handing the request back. ``infer_many`` and
+the throughput benchmark keep several requests in flight with ``AsyncInferQueue``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import queue
+import threading
+import time
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .base import Engine
+from ..errors import ArcdeployError, first_line
+from ..quantize import FloatScope, QuantRecipe, quiet_quantizers
+from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, StopRule, TensorInfo
 
 # layer types whose runtime precision says what the heavy math runs in
 COMPUTE_LAYERS = ("Convolution", "FullyConnected", "MatMul", "Gemm", "GroupConvolution", "Deconvolution")
+# OpenVINO's element types for the precision hint
+HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+
+
+@functools.lru_cache(maxsize=1)
+def _ov():
+    import openvino as ov
+
+    return ov
+
+
+@functools.lru_cache(maxsize=1)
+def core():
+    return _ov().Core()
+
+
+def _type_name(t) -> str:
+    # openvino.Type -> "f32", "bf16", "f16"
+    name = getattr(t, "get_type_name", None)
+    return name() if name else str(t)
 
 
 def executed_precisions(compiled_model) -> dict:
@@ -32,26 +64,20 @@ def executed_precisions(compiled_model) -> dict:
         kind = info["layerType"].astype(str)
         if kind in COMPUTE_LAYERS:
             layers.setdefault(kind, Counter())[info["runtimePrecision"].astype(str)] += 1
-    hint = compiled_model.get_property("INFERENCE_PRECISION_HINT")
     return {
-        "inference_precision": _type_name(hint),
+        "inference_precision": _type_name(compiled_model.get_property("INFERENCE_PRECISION_HINT")),
         "layers": {k: dict(sorted(v.items())) for k, v in sorted(layers.items())},
     }
 
 
-def _type_name(t) -> str:
-    # openvino.Type -> "f32", "bf16", "f16"
-    name = getattr(t, "get_type_name", None)
-    return name() if name else str(t)
-
-
-def compile_config(manifest: dict, threads: int | None, performance_hint: str | None = None,
+def compile_config(engine_config: dict, threads: int | None, performance_hint: str | None = None,
                    num_requests: int | None = None) -> dict:
-    ovm = manifest.get("openvino", {})
-    config = {"PERFORMANCE_HINT": (performance_hint or ovm.get("performance_hint") or "LATENCY").upper()}
-    if ovm.get("inference_precision"):
-        config["INFERENCE_PRECISION_HINT"] = ovm["inference_precision"]
-    threads = threads or manifest.get("threads")
+    hint = (performance_hint or engine_config.get("performance_hint") or "LATENCY").upper()
+    if hint not in PERFORMANCE_HINTS:
+        raise ArcdeployError(f"performance hint {hint!r}: choose LATENCY or THROUGHPUT")
+    config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
+    if engine_config.get("inference_precision"):
+        config["INFERENCE_PRECISION_HINT"] = engine_config["inference_precision"]
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     if num_requests:
@@ -59,52 +85,258 @@ def compile_config(manifest: dict, threads: int | None, performance_hint: str | 
     return config
 
 
-class OpenVINOEngine(Engine):
-    name = "openvino"
+def _compile(model_or_path, config: dict, what: str):
+    try:
+        return core().compile_model(model_or_path, "CPU", config)
+    except Exception as exc:
+        raise ArcdeployError(f"{what}: OpenVINO cannot compile it ({first_line(exc)})") from None
+
+
+def _read(path: Path):
+    try:
+        return core().read_model(str(path))
+    except Exception as exc:
+        raise ArcdeployError(f"{path}: OpenVINO cannot read it ({first_line(exc)})") from None
+
+
+class _RequestPool:
+    """Infer requests handed to one caller at a time; a new one is made when all are busy."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.free: queue.LifoQueue = queue.LifoQueue()
+
+    @contextlib.contextmanager
+    def request(self):
+        try:
+            req = self.free.get_nowait()
+        except queue.Empty:
+            req = self.compiled.create_infer_request()
+        try:
+            yield req
+        finally:
+            self.free.put(req)
+
+
+class OpenVINORuntime(Runtime):
+    engine_name = "openvino"
 
     def __init__(self, package_dir, manifest, threads=None, **options):
         super().__init__(package_dir, manifest, threads, **options)
-        import openvino as ov
-
-        self._ov = ov
-        self.config = compile_config(manifest, threads, options.get("performance_hint"), options.get("num_requests"))
-        core = ov.Core()
-        model = core.read_model(str(self.package_dir / manifest["files"]["model"]))
-        self.device = manifest.get("openvino", {}).get("device", "CPU")
-        self.compiled_model = core.compile_model(model, self.device, self.config)
-        self.request = self.compiled_model.create_infer_request()
+        self.config = compile_config(manifest.engine_config, self.threads, options.get("performance_hint"),
+                                     options.get("num_requests"))
+        path = manifest.file(self.package_dir)
+        if "weights" in manifest.files:
+            manifest.file(self.package_dir, "weights")  # refused when it points outside the package
+        self.compiled = _compile(_read(path), self.config, str(path))
+        self._pool = _RequestPool(self.compiled)
+        self._queue_lock = threading.Lock()
         self._queue = None
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        out = self.request.infer({0: x})
-        return np.asarray(out[0], dtype=np.float32)
+        with self._pool.request() as req:
+            req.infer({0: x})
+            return np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+    def _async_queue(self, jobs: int):
+        if self._queue is None or len(self._queue) != jobs:
+            self._queue = _ov().AsyncInferQueue(self.compiled, jobs)
+        return self._queue
 
     def infer_many(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        """Run the batches on ``OPTIMAL_NUMBER_OF_INFER_REQUESTS`` requests at once."""
-        if self._queue is None:
-            jobs = int(self.compiled_model.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-            self._queue = self._ov.AsyncInferQueue(self.compiled_model, max(1, jobs))
+        """The batches on ``OPTIMAL_NUMBER_OF_INFER_REQUESTS`` requests at once, results in order."""
         results: list = [None] * len(batches)
+        with self._queue_lock:
+            q = self._async_queue(self.optimal_in_flight())
 
-        def done(request, index):
-            results[index] = request.get_output_tensor(0).data.astype(np.float32, copy=True)
+            def done(request, index):
+                results[index] = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
-        self._queue.set_callback(done)
-        for i, b in enumerate(batches):
-            self._queue.start_async({0: b}, userdata=i)
-        self._queue.wait_all()
+            q.set_callback(done)
+            for i, b in enumerate(batches):
+                q.start_async({0: b}, userdata=i)
+            q.wait_all()
         return results
 
-    def describe(self) -> dict:
-        cm = self.compiled_model
-        return {
-            **super().describe(),
-            "device": self.device,
-            "version": self._ov.get_version(),
-            "threads": int(cm.get_property("INFERENCE_NUM_THREADS")),
-            "performance_hint": str(cm.get_property("PERFORMANCE_HINT")).split(".")[-1],
-            "streams": int(cm.get_property("NUM_STREAMS")),
-            "infer_requests": int(cm.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")),
-            "requested_precision_hint": self.config.get("INFERENCE_PRECISION_HINT"),
-            "executed": executed_precisions(cm),
-        }
+    def optimal_in_flight(self) -> int:
+        with contextlib.suppress(Exception):
+            return max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        return 1
+
+    def timed_runs(self, x: np.ndarray, in_flight: int, warmup: int, stop: StopRule) -> tuple[list[float], float]:
+        """Several requests in flight through ``AsyncInferQueue``; each request's latency runs
+        from its start to its completion callback."""
+        if in_flight <= 1:
+            return super().timed_runs(x, in_flight, warmup, stop)
+        lat: list[float] = []
+        with self._queue_lock:
+            q = self._async_queue(in_flight)
+            q.set_callback(lambda request, started: lat.append((time.perf_counter() - started) * 1e3))
+            inputs = {0: x}
+            for _ in range(max(warmup, 1) * in_flight):
+                q.start_async(inputs, time.perf_counter())
+            q.wait_all()
+            lat.clear()
+            started = 0
+            t0 = time.perf_counter()
+            while not stop.done(started, t0):
+                q.get_idle_request_id()  # wait for a free request, so its latency excludes queueing
+                q.start_async(inputs, time.perf_counter())
+                started += 1
+            q.wait_all()
+        return list(lat), time.perf_counter() - t0
+
+    def describe(self) -> RuntimeInfo:
+        cm = self.compiled
+        executed = executed_precisions(cm)
+        return RuntimeInfo(
+            engine="openvino", device="CPU", precision=self.manifest.precision,
+            executes=executed["inference_precision"], threads=int(cm.get_property("INFERENCE_NUM_THREADS")),
+            version=_ov().get_version(), streams=int(cm.get_property("NUM_STREAMS")),
+            infer_requests=self.optimal_in_flight(),
+            details={"performance_hint": str(cm.get_property("PERFORMANCE_HINT")).split(".")[-1],
+                     "requested_precision_hint": self.config.get("INFERENCE_PRECISION_HINT"),
+                     "executed": executed})
+
+
+class OvGraph(GraphSession):
+    """Any ONNX / IR file compiled for the CPU; a request per concurrent caller."""
+
+    def __init__(self, path, threads: int | None = None, precision_hint: str | None = "f32", **_: Any):
+        self.path = Path(path)
+        model = _read(self.path)
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if precision_hint:
+            config["INFERENCE_PRECISION_HINT"] = precision_hint
+        self.compiled = _compile(model, config, str(self.path))
+        self._pool = _RequestPool(self.compiled)
+        self.inputs = [TensorInfo(p.get_any_name(), _shape(p.get_partial_shape()), _type_name(p.get_element_type()))
+                       for p in self.compiled.inputs]
+        self.outputs = [TensorInfo(p.get_any_name(), _shape(p.get_partial_shape()), _type_name(p.get_element_type()))
+                        for p in self.compiled.outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with self._pool.request() as req:
+            req.infer(feeds)
+            return [np.array(req.get_output_tensor(i).data, copy=True) for i in range(len(self.outputs))]
+
+
+def _shape(ps) -> list[Any]:
+    return [d.get_length() if d.is_static else None for d in ps]
+
+
+def open_graph(path, threads: int | None = None, **options: Any) -> OvGraph:
+    return OvGraph(path, threads, **options)
+
+
+# ------------------------------------------------------------------ building
+
+def float_ops(model, recipe: QuantRecipe) -> FloatScope:
+    """The OpenVINO op names the recipe keeps in float (graph order)."""
+    ops = list(model.get_ordered_ops())
+    scope = FloatScope()
+    if "stem" in recipe.keep_float:
+        conv = next((op for op in ops if op.get_type_name() == "Convolution"), None)
+        if conv is not None:
+            scope.add(conv.get_friendly_name(), "stem")
+    if "depthwise" in recipe.keep_float:
+        for op in ops:
+            if op.get_type_name() == "GroupConvolution":
+                w = op.input(1).get_partial_shape()
+                if w.is_static and len(w) == 5 and w[1].get_length() == 1 and w[2].get_length() == 1:
+                    scope.add(op.get_friendly_name(), "depthwise")
+    if "head" in recipe.keep_float:
+        idx = max((i for i, op in enumerate(ops) if op.get_type_name() == "MatMul"), default=None)
+        if idx is not None:
+            for op in ops[idx:]:
+                if op.get_type_name() not in ("Result", "Constant"):
+                    scope.add(op.get_friendly_name(), "head")
+    for name in recipe.float_layers:
+        scope.add(name, "layers")
+    return scope
+
+
+def quantize(model, recipe: QuantRecipe, x: np.ndarray):
+    """NNCF post-training quantization of an OpenVINO model; (model, scope kept in float)."""
+    import nncf
+
+    scope = float_ops(model, recipe)
+    # the fc MatMul is enough to keep the head: NNCF never quantizes the folded BN1d after it
+    ignored = [n for n, role in scope.entries if role != "head"] + [n for n, role in scope.entries if role == "head"][:1]
+    dataset = nncf.Dataset([x[i:i + 1] for i in range(len(x))])
+    with quiet_quantizers():
+        q = nncf.quantize(model, dataset, **recipe.nncf_kwargs(len(x), ignored))
+    return q, scope
+
+
+def _check(precision: str) -> None:
+    return None
+
+
+def build(job: BuildJob) -> None:
+    ov = _ov()
+    model = _read(job.onnx_path)
+    cfg: dict[str, Any] = {"device": "CPU", "performance_hint": job.options.get("performance_hint", "LATENCY")}
+    if job.precision in HINTS:
+        cfg["inference_precision"] = HINTS[job.precision]
+    if job.precision == "int8":
+        assert job.recipe is not None and job.calib_inputs is not None
+        model, scope = quantize(model, job.recipe, job.calib_inputs)
+        job.manifest.calibration = job.recipe.manifest_entry("NNCF post-training quantization (OpenVINO)", scope,
+                                                             len(job.calib_inputs))
+        if job.recipe.float_precision != "auto":
+            cfg["inference_precision"] = job.recipe.float_precision
+    if job.batch:
+        model.reshape({model.inputs[0]: ov.PartialShape([int(job.batch), 3, *job.input.size])})
+        job.manifest.dynamic_batch = False
+    if job.fold_preprocessing:
+        model = _fold_preprocessing(model, job.input)
+    # fp16 keeps its weights in f16 on disk (what an f16 deployment ships); others stay exact
+    ov.save_model(model, str(job.out_dir / "model.xml"), compress_to_fp16=(job.precision == "fp16"))
+    job.manifest.files = {"model": "model.xml", "weights": "model.bin"}
+    job.manifest.engine_config = cfg
+    compiled = _compile(str(job.out_dir / "model.xml"), compile_config(cfg, job.manifest.threads), "the built model")
+    executed = executed_precisions(compiled)
+    if job.precision in ("fp16", "bf16") and executed["inference_precision"] != HINTS[job.precision]:
+        executed["note"] = (f"this CPU has no native {job.precision}: the compiled model reports inference precision "
+                            f"{executed['inference_precision']} despite the {HINTS[job.precision]} hint")
+        job.warnings.append(executed["note"] + " (recorded in the manifest)")
+    if job.precision == "int8":
+        executed["note"] = (f"layers left in float run in {executed['inference_precision']}"
+                            + (" (the CPU plugin's default)" if "inference_precision" not in cfg else " (as the recipe asks)"))
+    job.manifest.executed = executed
+    job.manifest.device = "CPU"
+
+
+def _fold_preprocessing(model, spec):
+    ov = _ov()
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    if spec.color == "BGR":
+        ppp.input().tensor().set_color_format(ov.preprocess.ColorFormat.RGB)
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    steps = ppp.input().preprocess().convert_element_type(ov.Type.f32)
+    if spec.color == "BGR":
+        steps.convert_color(ov.preprocess.ColorFormat.BGR)
+    if not spec.normalize_in_graph:
+        mean = list(spec.mean) if isinstance(spec.mean, tuple) else spec.mean
+        std = list(spec.std) if isinstance(spec.std, tuple) else spec.std
+        steps.mean(mean).scale(std)
+    return ppp.build()
+
+
+def _version() -> str:
+    return str(_ov().get_version())
+
+
+ENGINE = Engine(
+    name="openvino", requirement="openvino", module="openvino",
+    capabilities=Capabilities(precisions=("fp32", "fp16", "bf16", "int8"), devices=("CPU",), async_requests=True,
+                              reports_executed=True, folds_preprocessing=True, static_batch=True,
+                              quantizer="NNCF (OpenVINO backend)"),
+    build=build, runtime=OpenVINORuntime, open_graph=open_graph, check=_check, describe_library=_version,
+)

@@ -509,7 +509,7 @@ def extract_features(package, meta: IJBMeta, out_dir: Path, flip: bool = True, b
 
     from ..faces.pipeline import embed_files, package_fingerprint
     from ..package import load
-    from ..utils import write_json_atomic
+    from ..files import write_json_atomic
 
     pkg = load(package)
     name = name or Path(pkg.path).name
@@ -559,7 +559,7 @@ def evaluate_ijb(root: str | os.PathLike, target: str = "IJBC", packages=(), fea
     Writes ``<name>_<target>_scores.npy`` per method, ``roc.png`` and ``result.json``
     into out_dir.
     """
-    from ..utils import save_npy_atomic, write_json_atomic
+    from ..files import save_npy_atomic, write_json_atomic
 
     log = log or (lambda *_: None)
     packages, features = list(packages or []), list(features or [])

@@ -50,7 +50,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ArcdeployError
-from ..utils import write_json_atomic
+from ..files import write_json_atomic
 from .align import landmarks_problem, to_aligned
 from .io import ImageError, read_image
 from .landmarks import Landmarks, read_landmarks
@@ -106,7 +106,7 @@ def parts_dir_for(output: str | os.PathLike) -> Path:
 
 
 def default_batch(package) -> int:
-    return int(package.fixed_batch or package.manifest.get("batch") or DEFAULT_BATCH)
+    return int(package.fixed_batch or package.manifest.batch or DEFAULT_BATCH)
 
 
 # ---------------------------------------------------------------- inputs
@@ -245,7 +245,7 @@ def _features(package, crops: np.ndarray, flip: bool, raw: bool) -> np.ndarray:
 
 
 def _row_shape(package, flip: bool) -> tuple[int, ...]:
-    dim = int(package.manifest.get("embedding_size") or package.manifest.get("output", {}).get("dim", 0) or 512)
+    dim = int(package.output_spec.dim)
     return (2, dim) if flip else (dim,)
 
 
@@ -354,32 +354,8 @@ def _sha256_update_items(h, items, lmks) -> None:
 
 
 def package_fingerprint(package) -> str:
-    """sha256 over the package's manifest.json and the model files it names."""
-    h = hashlib.sha256()
-    root = Path(package.path)
-    mf = root / "manifest.json"
-    h.update(mf.read_bytes())
-    names: list[str] = []
-
-    def walk(v):
-        if isinstance(v, str):
-            names.append(v)
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-
-    walk(package.manifest.get("files", {}))
-    for name in sorted(set(names)):
-        p = root / name
-        if p.is_file():
-            h.update(name.encode())
-            with open(p, "rb") as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
-    return h.hexdigest()
+    """sha256 over the package's manifest.json and the files it names."""
+    return package.fingerprint()
 
 
 def _write_failures_tsv(path: Path, failures: list[Failure]) -> None:
@@ -398,7 +374,7 @@ def _write_failures_tsv(path: Path, failures: list[Failure]) -> None:
 
 
 def _save_chunk(parts: Path, c: int, feats: np.ndarray, failures: list[Failure]) -> None:
-    from ..utils import save_npy_atomic
+    from ..files import save_npy_atomic
 
     # failures first: the .npy is what marks the chunk as done
     write_json_atomic(parts / f"chunk_{c:06d}.json", [[f.index, f.path, f.reason] for f in failures])
@@ -462,7 +438,7 @@ def embed_files(package, paths: Sequence, landmarks=None, flip: bool = False, ra
     _sha256_update_items(h, items, lmks)
     state = {
         "format": STATE_FORMAT,
-        "package": package_fingerprint(package),
+        "package": package.fingerprint(),
         "images": h.hexdigest(),
         "count": n,
         "landmarks": lmks is not None,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ArcdeployError
+from ..errors import ArcdeployError
 
 DEFAULT_CALIB_COUNT = 300
 DEFAULT_HOLDOUT = 64
@@ -56,8 +56,8 @@ def read_aligned(paths: list[Path], landmarks=None, root: Path | None = None, li
     """Decode and align ``paths`` in order until ``limit`` usable crops; unreadable
     files (and files without landmarks when a landmark file is given) are skipped
     and listed in ``skipped``."""
-    from .faces.align import to_aligned
-    from .faces.io import read_image
+    from .align import to_aligned
+    from .io import read_image
 
     faces, names, skipped = [], [], []
     for path in paths:
@@ -93,7 +93,7 @@ def load_images(spec, landmarks=None, limit: int | None = None, what: str = "ima
         if limit is not None:
             arr = arr[:limit]
         return ImageSet(arr, source="array")
-    from .faces.io import images_root, list_images
+    from .io import images_root, list_images
 
     if isinstance(spec, (list, tuple)):
         paths, root, source = [Path(p) for p in spec], None, f"{len(spec)} listed paths"
@@ -115,7 +115,7 @@ def _read_landmarks(landmarks):
     if landmarks is None:
         return None
     if isinstance(landmarks, (str, os.PathLike)):
-        from .faces.landmarks import read_landmarks
+        from .landmarks import read_landmarks
 
         return read_landmarks(landmarks)
     return landmarks  # an already read Landmarks object

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import atomic_dir
+from ..files import atomic_dir, write_bytes_atomic
 
 
 def _jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
@@ -42,7 +42,7 @@ def write_ijb_set(root: str | os.PathLike, target: str = "IJBC", identities: int
     images share a media id (like frames of one video), the others have their own.
     Faceness scores are drawn in [0.55, 1.0).
     """
-    from ..synth import draw_face
+    from .synth import draw_face
 
     root = Path(root)
     t = target.lower()
@@ -106,7 +106,7 @@ def _py2_pickle(bins: list[bytes], issame: list[bool]) -> bytes:
 def bin_set_faces(pairs: int = 40, seed: int = 0) -> tuple[np.ndarray, list[bool]]:
     """Aligned RGB faces [2 * pairs, 112, 112, 3] and the issame list (alternating True, False)."""
     from ..faces.align import align_face
-    from ..synth import draw_face
+    from .synth import draw_face
 
     faces = np.empty((2 * pairs, 112, 112, 3), np.uint8)
     issame = []
@@ -131,8 +131,5 @@ def write_bin_set(path: str | os.PathLike, pairs: int = 40, seed: int = 0, encod
     bins = [_jpeg(f) for f in faces]
     data = pickle.dumps((bins, issame), protocol=4) if encoding == "py3" else _py2_pickle(bins, issame)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
     return path

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbones import ARCHS, build_model, describe_layout, detect_arch
-from .errors import ArcdeployError
+from ..backbones import ARCHS, build_model, describe_layout, detect_arch
+from ..errors import ArcdeployError
 
 # wrappers people save around the state dict (training scripts, Lightning, ...)
 _WRAPPER_KEYS = ("state_dict", "model", "backbone", "model_state_dict", "module")
@@ -41,6 +41,15 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
         raise ArcdeployError(f"{path}: is a folder, expected a checkpoint file (backbone.pth)")
     if path.stat().st_size == 0:
         raise ArcdeployError(f"{path}: empty file, not a checkpoint")
+    kind = sniff_model_file(path)
+    if kind == "torchscript":
+        raise ArcdeployError(f"{path}: a TorchScript model, not a checkpoint; arcdeploy needs the backbone's "
+                             "state dict (torch.save(model.state_dict(), 'backbone.pth'))")
+    if kind == "onnx":
+        raise ArcdeployError(f"{path}: an ONNX model, not a checkpoint; build it as it is: "
+                             f"arcdeploy build {path} --engine ... -o PKG")
+    if kind is None:
+        raise ArcdeployError(f"{path}: not a checkpoint (neither a PyTorch zip archive nor a pickle)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -79,7 +88,34 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
     if converted:
         notes.append(f"converted {', '.join(sorted(str(d).replace('torch.', '') for d in converted))} to float32")
     tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise ArcdeployError(f"{path}: weight {broken[0]!r}{more} holds NaN or infinite values; "
+                             "the checkpoint is broken (diverged training or a damaged file)")
     return tensors, notes
+
+
+def sniff_model_file(path: Path) -> str | None:
+    """What a file looks like from its first bytes: "checkpoint" (a torch zip archive or a
+    legacy pickle), "torchscript", "onnx", or None."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "checkpoint"  # damaged archive: torch.load says more
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+        return "checkpoint"
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        return "checkpoint"
+    # an ONNX ModelProto starts with ir_version (field 1, varint) followed by another field
+    if len(head) > 2 and head[0] == 0x08 and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x40, 0x42):
+        return "onnx"
+    return None
 
 
 def _is_tensor_dict(obj: Mapping) -> bool:

@@ -110,7 +110,7 @@ def generated_state_dict(arch: str = "r18", seed: int = 0, fit_images: int = 64)
     """
     import torch  # here, so that drawing faces does not pay for importing torch
 
-    from .backbones import build_model
+    from ..backbones import build_model
 
     torch.manual_seed(seed)
     model = build_model(arch)

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .utils import write_json_atomic
+from ..files import write_json_atomic
 
 UNTRAINED_NOTE = ("The checkpoint is GENERATED and UNTRAINED (random weights) and the faces are synthetic "
                   "cartoons: speed and fidelity figures are real for this architecture on this machine, "
@@ -44,7 +44,7 @@ def prepare_data(data: Path, cfg: DemoConfig, log=print) -> dict[str, Path]:
     """Generate (once) the checkpoint, calibration crops, IJB-C mini set and .bin set under ``data``."""
     import cv2
 
-    from .evaluate.synthetic import write_bin_set, write_ijb_set
+    from .datasets import write_bin_set, write_ijb_set
     from .synth import aligned_faces, write_generated_checkpoint
 
     data.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def _read_json(path: Path):
 
 def demo(out: str | Path = "arcdeploy-demo", cfg: DemoConfig | None = None, log=None):
     """Run the demo into ``out``; returns the :class:`arcdeploy.run.RunResult`."""
-    from .run import run_pipeline
+    from ..run import run_pipeline
 
     cfg = cfg or DemoConfig()
     log = log or (lambda m: print(m, file=sys.stderr))

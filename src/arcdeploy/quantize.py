@@ -1,0 +1,205 @@
+"""int8 quantization: one recipe object that every int8 path consumes.
+
+:class:`QuantRecipe` says what is quantized and how (weights per channel and
+symmetric, activations asymmetric for PReLU networks, range estimation, bias
+correction, the overflow fix for CPUs without VNNI), which parts stay in float and
+why, and what those float parts execute in. The NNCF-OpenVINO and NNCF-ONNX builders
+take :meth:`QuantRecipe.nncf_kwargs`; ONNX Runtime's ``quantize_static`` takes
+:meth:`QuantRecipe.ort_kwargs`; the manifest's ``calibration`` entry is
+:meth:`QuantRecipe.manifest_entry`, never written by hand.
+
+Float roles are resolved on each graph: ``stem`` (the first convolution, which sees
+the 3-channel image), ``head`` (the fc MatMul/Gemm and everything after it: the
+BN1d), ``depthwise`` (grouped convolutions with one channel per group), plus
+layers named one by one (``layers``: what the accuracy-aware fallback adds).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Iterator
+
+from .errors import ArcdeployError
+
+ROLES = ("stem", "head", "depthwise")
+ROLE_WHY = {
+    "stem": "the first convolution sees the 3-channel image: int8 costs the most fidelity there for ~1% of the MACs",
+    "head": "the fc + BN1d head writes the embedding itself; it is a few % of the work",
+    "depthwise": "depthwise convolutions have one filter per channel and lose the most in int8",
+    "layers": "kept in float by the accuracy-aware fallback (most sensitive first)",
+}
+RANGE_ESTIMATORS = ("minmax", "mean_minmax", "mean_quantile", "histogram", "median_minmax", "mean_no_outliers_minmax")
+BIAS_CORRECTION = ("fast", "full", "none")
+OVERFLOW_FIX = ("enable", "first_layer", "disable")
+FLOAT_PRECISIONS = ("f32", "bf16", "auto")
+DEFAULT_CALIBRATION_COUNT = 300
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How an int8 package is made (see the module doc)."""
+
+    per_channel_weights: bool = True
+    symmetric_activations: bool = False          # asymmetric: PReLU outputs are not centred on 0
+    weight_bits: int = 8                         # 7: the overflow fix in every layer
+    overflow_fix: str = "first_layer"            # NNCF's OverflowFix for 8-bit weights
+    range_estimator: str = "minmax"              # activations
+    bias_correction: str = "fast"
+    calibration_count: int = DEFAULT_CALIBRATION_COUNT
+    keep_float: tuple[str, ...] = ("stem", "head")
+    float_layers: tuple[str, ...] = ()           # named layers kept in float (the fallback's choice)
+    float_precision: str = "f32"                 # what float layers execute in (OpenVINO CPU; auto: its default)
+    ort_op_types: tuple[str, ...] = ("Conv",)    # ops quantize_static quantizes
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("range_estimator", self.range_estimator, RANGE_ESTIMATORS),
+                                     ("bias_correction", self.bias_correction, BIAS_CORRECTION),
+                                     ("overflow_fix", self.overflow_fix, OVERFLOW_FIX),
+                                     ("float_precision", self.float_precision, FLOAT_PRECISIONS)):
+            if value not in allowed:
+                raise ArcdeployError(f"int8 recipe: {name} {value!r}; choose one of {', '.join(allowed)}")
+        if self.weight_bits not in (7, 8):
+            raise ArcdeployError(f"int8 recipe: weight_bits must be 7 or 8, got {self.weight_bits}")
+        unknown = [r for r in self.keep_float if r not in ROLES]
+        if unknown:
+            raise ArcdeployError(f"int8 recipe: unknown float role(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}")
+        if self.calibration_count < 1:
+            raise ArcdeployError(f"--calib-count must be at least 1, got {self.calibration_count}")
+
+    # ---- construction
+    @classmethod
+    def for_this_cpu(cls, **overrides: Any) -> QuantRecipe:
+        """The default recipe for the CPU it runs on: 7-bit weights where int8 products
+        saturate (no VNNI / AMX), full 8 bits elsewhere."""
+        from .machine import has_int8_dot_product
+
+        base = cls() if has_int8_dot_product() else cls(weight_bits=7, overflow_fix="enable")
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def with_float_layers(self, names: list[str] | tuple[str, ...]) -> QuantRecipe:
+        return replace(self, float_layers=tuple(dict.fromkeys((*self.float_layers, *names))))
+
+    # ---- consumers
+    def nncf_kwargs(self, subset_size: int, ignored_names: list[str]) -> dict:
+        """Keyword arguments for ``nncf.quantize`` (either backend)."""
+        import nncf
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+        overflow = {"enable": OverflowFix.ENABLE, "first_layer": OverflowFix.FIRST_LAYER,
+                    "disable": OverflowFix.DISABLE}["enable" if self.weight_bits == 7 else self.overflow_fix]
+        advanced: dict[str, Any] = {"overflow_fix": overflow,
+                                    "disable_bias_correction": self.bias_correction == "none"}
+        if self.range_estimator != "minmax":
+            advanced["activations_range_estimator_params"] = getattr(RangeEstimatorParametersSet,
+                                                                     self.range_estimator.upper())
+        if not self.per_channel_weights:
+            from nncf.quantization.advanced_parameters import QuantizationParameters
+
+            advanced["weights_quantization_params"] = QuantizationParameters(per_channel=False)
+        preset = nncf.QuantizationPreset.PERFORMANCE if self.symmetric_activations else nncf.QuantizationPreset.MIXED
+        return {
+            "preset": preset, "subset_size": subset_size,
+            "fast_bias_correction": self.bias_correction != "full",
+            "advanced_parameters": AdvancedQuantizationParameters(**advanced),
+            "ignored_scope": nncf.IgnoredScope(names=list(ignored_names), validate=False),
+        }
+
+    def ort_kwargs(self, excluded_nodes: list[str]) -> dict:
+        """Keyword arguments for ``onnxruntime.quantization.quantize_static`` (QDQ)."""
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+        method = CalibrationMethod.MinMax if self.range_estimator in ("minmax", "mean_minmax") else CalibrationMethod.Percentile
+        return {
+            "quant_format": QuantFormat.QDQ, "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8,
+            "per_channel": self.per_channel_weights, "reduce_range": self.weight_bits == 7,
+            "calibrate_method": method, "op_types_to_quantize": list(self.ort_op_types),
+            "nodes_to_exclude": list(excluded_nodes),
+            "extra_options": {"ActivationSymmetric": self.symmetric_activations, "WeightSymmetric": True},
+        }
+
+    def describe(self) -> str:
+        weights = (f"{'per-channel' if self.per_channel_weights else 'per-tensor'} symmetric int8 weights"
+                   + (" (7-bit range: overflow fix for CPUs without VNNI)" if self.weight_bits == 7 else ""))
+        acts = "symmetric" if self.symmetric_activations else "asymmetric uint8"
+        bias = {"fast": "fast bias correction", "full": "bias correction", "none": "no bias correction"}[self.bias_correction]
+        return f"{weights}, {acts} activations ({self.range_estimator} ranges), {bias}"
+
+    def manifest_entry(self, method: str, kept: FloatScope, count: int) -> dict:
+        """The manifest's ``calibration`` entry: generated from the recipe and the resolved float scope."""
+        return {
+            "method": f"{method}: {self.describe()}",
+            "recipe": self.to_json(),
+            "count": int(count),
+            "kept_float": kept.names(),
+            "kept_float_why": {role: ROLE_WHY[role] for role in kept.roles()},
+            "seven_bit_weights": self.weight_bits == 7,
+            "float_layers_execute": self.float_precision,
+        }
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class FloatScope:
+    """The layers of one graph that stay in float, each with the role that put it there."""
+
+    entries: list[tuple[str, str]] = field(default_factory=list)   # (layer name, role)
+
+    def add(self, name: str, role: str) -> None:
+        if name not in {n for n, _ in self.entries}:
+            self.entries.append((name, role))
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.entries]
+
+    def roles(self) -> list[str]:
+        return list(dict.fromkeys(r for _, r in self.entries))
+
+
+def float_nodes_onnx(model, recipe: QuantRecipe) -> FloatScope:
+    """The ONNX node names the recipe keeps in float (graph order)."""
+    nodes = list(model.graph.node)
+    scope = FloatScope()
+    if "stem" in recipe.keep_float:
+        first = next((n for n in nodes if n.op_type == "Conv"), None)
+        if first is not None:
+            scope.add(first.name, "stem")
+    if "depthwise" in recipe.keep_float:
+        channels = _onnx_channels(model)
+        for n in nodes:
+            if n.op_type == "Conv":
+                group = next((a.i for a in n.attribute if a.name == "group"), 1)
+                if group > 1 and channels.get(n.input[1]) == group:
+                    scope.add(n.name, "depthwise")
+    if "head" in recipe.keep_float:
+        idx = max((i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul")), default=None)
+        if idx is not None:
+            for n in nodes[idx:]:
+                scope.add(n.name, "head")
+    for name in recipe.float_layers:
+        scope.add(name, "layers")
+    return scope
+
+
+def _onnx_channels(model) -> dict[str, int]:
+    """Output channels of each Conv weight initializer (dim 0)."""
+    return {init.name: int(init.dims[0]) for init in model.graph.initializer if len(init.dims) == 4}
+
+
+@contextlib.contextmanager
+def quiet_quantizers() -> Iterator[None]:
+    """Silence the quantizers' progress bars and INFO logs (their warnings still reach the log)."""
+    loggers = [logging.getLogger(n) for n in ("nncf", "onnxruntime", "root")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
