@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         if args.package:
             pkg_path = Path(args.package)
         else:
-            from arcdeploy.build import build
+            from arcdeploy.builder import build
 
             source = args.build
             if args.generate:

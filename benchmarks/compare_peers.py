@@ -6,7 +6,7 @@ Peers (what a user of the checkpoint does without arcdeploy):
 - "ONNX Runtime default fp32": what insightface's python package does -
   ``ort.InferenceSession(model.onnx, providers=["CPUExecutionProvider"])``
   with default session options, on the exported ONNX.
-arcdeploy: packages built by ``arcdeploy.build.build`` (OpenVINO fp32 / bf16 /
+arcdeploy: packages built by ``arcdeploy.builder.build`` (OpenVINO fp32 / bf16 /
 int8, ONNX Runtime fp32 / int8 by default); a combination that fails to build
 or load is a row with its error.
 
@@ -93,7 +93,7 @@ def _faces(n: int) -> np.ndarray:
 
 
 def _prepare_checkpoint(workdir: Path, arch: str, log) -> tuple[Path, Path]:
-    from arcdeploy.export import export
+    from arcdeploy.exporter import export
     from arcdeploy.demo.synth import write_generated_checkpoint
 
     d = workdir / arch
@@ -122,7 +122,7 @@ def calibration_faces(workdir: Path, n: int = CALIB_COUNT) -> np.ndarray:
 
 def _package(workdir: Path, arch: str, exp: Path, engine: str, precision: str, rebuild: bool, log):
     """Build (or reuse) a package; returns (path, build seconds or None when reused)."""
-    from arcdeploy.build import build
+    from arcdeploy.builder import build
 
     out = workdir / arch / f"pkg_{engine}_{precision}"
     src_sha = json.loads((exp / "manifest.json").read_text())["source"]["sha256"]
@@ -546,7 +546,7 @@ def auto_notes(rows: list[dict], runners: list[Runner]) -> list[str]:
     notes = []
     built = sorted({r.info["package_built"] for r in runners if r.info.get("package_built")})
     if built:
-        notes.append(f"Packages built by arcdeploy.build.build between {built[0]} and {built[-1]} (int8: calibrated "
+        notes.append(f"Packages built by arcdeploy.builder.build between {built[0]} and {built[-1]} (int8: calibrated "
                      f"on {CALIB_COUNT - 64} generated aligned faces, 64 more held out for the build's fidelity check).")
     seen = set()
     for r in rows:

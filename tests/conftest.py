@@ -33,14 +33,14 @@ def mbf_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def r18_export(tmp_path_factory, r18_ckpt):
-    from arcdeploy.export import export
+    from arcdeploy.exporter import export
 
     return export(r18_ckpt, tmp_path_factory.mktemp("export") / "r18")
 
 
 @pytest.fixture(scope="session")
 def mbf_export(tmp_path_factory, mbf_ckpt):
-    from arcdeploy.export import export
+    from arcdeploy.exporter import export
 
     return export(mbf_ckpt, tmp_path_factory.mktemp("export") / "mbf")
 

@@ -27,7 +27,7 @@ def _check_result_row(row, batch):
 
 
 def test_bench_function_fields(r18_ort_fp32_pkg):
-    res = bench(r18_ort_fp32_pkg, batches=(1, 3), iterations=4, warmup=1)
+    res = bench(r18_ort_fp32_pkg, batches=(1, 3), iterations=4, warmup=1).to_json()
     assert [r["batch"] for r in res["results"]] == [1, 3]
     for row, b in zip(res["results"], (1, 3)):
         _check_result_row(row, b)
@@ -44,14 +44,14 @@ def test_bench_function_fields(r18_ort_fp32_pkg):
 
 
 def test_bench_throughput_mode_without_async_says_so(r18_ort_fp32_pkg):
-    res = bench(r18_ort_fp32_pkg, batches=[2], iterations=2, warmup=0, mode="throughput", threads=1)
+    res = bench(r18_ort_fp32_pkg, batches=[2], iterations=2, warmup=0, mode="throughput", threads=1).to_json()
     assert res["streams_note"] == "1 (engine has no async)"
     assert res["threads"] == 1
     _check_result_row(res["results"][0], 2)
 
 
 def test_bench_duration_runs_until_time_is_up(r18_ort_fp32_pkg):
-    res = bench(r18_ort_fp32_pkg, batches=[1], duration=0.3, warmup=0)
+    res = bench(r18_ort_fp32_pkg, batches=[1], duration=0.3, warmup=0).to_json()
     row = res["results"][0]
     assert row["wall_s"] >= 0.3
     assert row["iterations"] >= 1
@@ -123,7 +123,7 @@ def test_bench_e2e_times_image_files(r18_ort_fp32_pkg, faces16, tmp_path):
     folder.mkdir()
     for i, face in enumerate(faces16[:5]):
         assert cv2.imwrite(str(folder / f"{i}.png"), face[:, :, ::-1])
-    res = bench(r18_ort_fp32_pkg, batches=[2], iterations=1, warmup=0, e2e=folder)
+    res = bench(r18_ort_fp32_pkg, batches=[2], iterations=1, warmup=0, e2e=folder).to_json()
     e2e = res["e2e"]
     assert e2e["images"] == 5 and e2e["failed"] == 0 and e2e["batch"] == 2
     assert e2e["throughput"] > 0 and e2e["ms_per_image"] == pytest.approx(1e3 * e2e["wall_s"] / 5)
@@ -144,7 +144,7 @@ def r18_ov_fp32_pkg(tmp_path_factory, r18_export):
 
 
 def test_bench_openvino_throughput_mode_uses_async_requests(r18_ov_fp32_pkg):
-    res = bench(r18_ov_fp32_pkg, batches=[2], iterations=4, warmup=1, mode="throughput", streams=2)
+    res = bench(r18_ov_fp32_pkg, batches=[2], iterations=4, warmup=1, mode="throughput", streams=2).to_json()
     assert res["streams"] == 2 and "async" in res["streams_note"]
     row = res["results"][0]
     assert row["iterations"] == 4 and row["how"].startswith("OpenVINO AsyncInferQueue")

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from arcdeploy import build
-from arcdeploy.build import normalize_precision
+from arcdeploy.builder import normalize_precision
 from arcdeploy.cli import main as cli_main
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.fidelity import FLOORS
-from arcdeploy.package import PACKAGE_FORMAT, load, read_manifest
+from arcdeploy.manifest import PACKAGE_FORMAT
+from arcdeploy.package import load, read_manifest
 from arcdeploy.demo.synth import aligned_faces, draw_face
-from arcdeploy.utils import cpu_flags
+from arcdeploy.machine import cpu_flags
 
 CALIB_COUNT = 32
 CHECK_COUNT = 16  # images for each build's fidelity check (keeps the suite fast)
@@ -64,7 +65,7 @@ def test_build_passes_its_fidelity_floor(packages, faces16, engine, precision):
     pkg = load(pkg_dir)
     out = pkg.infer(faces16)
     assert out.shape == (16, 512) and out.dtype == np.float32 and np.all(np.isfinite(out))
-    assert pkg.describe()["engine"] == engine
+    assert pkg.describe().engine == engine
 
 
 def test_int8_calibration_recorded(packages, calib_faces):
@@ -75,23 +76,34 @@ def test_int8_calibration_recorded(packages, calib_faces):
         assert cal["kept_float"], "the fc head is kept in float and recorded"
         assert m["fidelity"]["images"].startswith("held-out calibration images")
         assert m["fidelity"]["cosine"]["n"] == len(calib_faces) - CALIB_COUNT
-    # the OpenVINO int8 model really executes int8 convolutions, all but the float stem
-    ex = read_manifest(packages("openvino", "int8"))["openvino"]["executed"]
+    # the OpenVINO int8 model really executes int8 convolutions, all but those the recipe keeps in float,
+    # and those run in the precision the recipe asks for (f32 by default, on any CPU)
+    m = read_manifest(packages("openvino", "int8"))
+    ex, cal = m["executed"], m["calibration"]
     conv = ex["layers"]["Convolution"]
-    assert conv.get("f32", 0) == 1 and conv.get("u8", 0) + conv.get("i8", 0) == 20  # r18: 21 convolutions
-    assert ex["layers"]["FullyConnected"] == {"f32": 1}
+    kept_convs = sum(1 for name in cal["kept_float"] if "Conv" in name and "Gemm" not in name)
+    float_precision = cal["recipe"]["float_precision"]
+    assert kept_convs >= 1  # the stem
+    assert conv.get(float_precision, 0) == kept_convs
+    assert conv.get("u8", 0) + conv.get("i8", 0) == 21 - kept_convs  # r18: 21 convolutions
+    assert ex["layers"]["FullyConnected"] == {float_precision: 1}
+    assert ex["inference_precision"] == float_precision
 
 
 def test_low_precision_hint_reports_what_executes(packages):
     for precision in ("bf16", "fp16"):
         pkg = load(packages("openvino", precision))
         d = pkg.describe()
-        recorded = pkg.manifest["openvino"]["executed"]["inference_precision"]
-        assert d["executed"]["inference_precision"] == recorded
-        assert d["requested_precision_hint"] == {"bf16": "bf16", "fp16": "f16"}[precision]
+        executed = pkg.manifest.executed
+        recorded = executed["inference_precision"]
+        assert d.details["executed"]["inference_precision"] == recorded == d.executes
+        hint = {"bf16": "bf16", "fp16": "f16"}[precision]
+        assert d.details["requested_precision_hint"] == hint
         native = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"avx512_fp16", "amx_fp16"}}[precision]
-        if not cpu_flags() & native:
-            assert recorded == "f32" and "note" in pkg.manifest["openvino"]
+        if cpu_flags() & native:
+            assert recorded == hint
+        else:  # no native support: the plugin runs something else, and the manifest says so
+            assert recorded != hint and recorded in ("f32", "bf16") and "note" in executed
 
 
 def test_manifest_contents(packages):
@@ -128,14 +140,14 @@ def test_onnxruntime_folded_preprocessing(tmp_path, r18_export, faces16, package
     out = build(r18_export.out_dir, tmp_path / "pkg", engine="onnxruntime", precision="fp32", fold_preprocessing=True,
                 check_count=CHECK_COUNT)
     folded = load(out)
-    assert folded.engine.session.get_inputs()[0].type == "tensor(uint8)"
+    assert folded.runtime.session.get_inputs()[0].type == "tensor(uint8)"
     plain = load(packages("onnxruntime", "fp32"))
     np.testing.assert_allclose(folded.infer(faces16), plain.infer(faces16), rtol=1e-4, atol=1e-4)
 
 
 def test_openvino_infer_many_matches_infer(packages, faces16):
     pkg = load(packages("openvino", "int8"), performance_hint="THROUGHPUT")
-    assert pkg.describe()["performance_hint"] == "THROUGHPUT"
+    assert pkg.describe().details["performance_hint"] == "THROUGHPUT"
     batches = [faces16[i:i + 4] for i in range(0, 16, 4)]
     many = pkg.infer_many(batches)
     assert len(many) == 4
@@ -237,9 +249,10 @@ def test_errors_one_line(tmp_path, r18_export, capsys, monkeypatch):
         build(src, out, engine="tensorrt", precision="fp32")
     with pytest.raises(ArcdeployError, match=r"calibration images array: expected aligned uint8"):
         build(src, out, engine="openvino", precision="int8", calib=np.zeros((4, 64, 64, 3), np.uint8))
-    import arcdeploy.engines as engines
+    from arcdeploy.engines import registry
 
-    monkeypatch.setitem(engines._REQUIRES, "openvino", "openvino_not_installed_here")
+    monkeypatch.setitem(registry.ENGINE_MODULES, "openvino",
+                        ("arcdeploy.engines.openvino", "openvino_not_installed_here", "openvino"))
     err = _cli_error(["build", src, "--engine", "openvino", "-o", out], capsys)
     assert "not installed: pip install openvino" in err
     assert not (tmp_path / "pkg").exists()  # no failed build leaves a package behind

@@ -10,13 +10,14 @@ import pytest
 
 from arcdeploy.cli import main as cli_main
 from arcdeploy.errors import ArcdeployError
-from arcdeploy.fidelity import check, cosine_rows, summarize
+from arcdeploy import check
+from arcdeploy.fidelity import cosine_rows, summarize
 from arcdeploy.package import load, read_manifest
 from arcdeploy.demo.synth import draw_face
 
 
 def test_check_generated_images(r18_ort_fp32_pkg):
-    res = check(r18_ort_fp32_pkg, count=12)
+    res = check(r18_ort_fp32_pkg, count=12).to_json()
     c = res["cosine"]
     assert c["n"] == 12 and res["images"] == "generated"
     assert c["min"] <= c["p1"] <= c["mean"] <= c["max"] <= 1.0 + 1e-9
@@ -57,7 +58,7 @@ def test_check_with_landmarks(tmp_path, r18_ort_fp32_pkg):
         rows.append(f"f{i}.jpg " + " ".join(f"{v:.2f}" for v in lmk.ravel()))
     lmk_file = tmp_path / "lmk.txt"
     lmk_file.write_text("\n".join(rows) + "\n")
-    res = check(r18_ort_fp32_pkg, images=img_dir, landmarks=lmk_file)
+    res = check(r18_ort_fp32_pkg, images=img_dir, landmarks=lmk_file).to_json()
     assert res["cosine"]["n"] == 6 and res["passed"]
 
 
@@ -67,7 +68,7 @@ def test_check_catches_a_wrong_model(tmp_path, r18_ort_fp32_pkg, mbf_export, cap
     shutil.copytree(r18_ort_fp32_pkg, bad)
     m = read_manifest(bad)
     shutil.copyfile(mbf_export.torchscript_path, bad / m["reference"]["file"])
-    res = check(bad, count=8)
+    res = check(bad, count=8).to_json()
     assert res["passed"] is False and res["cosine"]["mean"] < 0.5 and res["below_floor"]
     assert cli_main(["check", str(bad), "--count", "8"]) == 1
     assert "below the floor" in capsys.readouterr().err

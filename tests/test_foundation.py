@@ -14,7 +14,8 @@ import torch
 from arcdeploy.backbones import ARCHS, build_model, detect_arch
 from arcdeploy.sources.checkpoint import load_backbone, read_checkpoint
 from arcdeploy.errors import ArcdeployError
-from arcdeploy.export import export, reference_inputs
+from arcdeploy.exporter import export
+from arcdeploy.exporter import verification_inputs as reference_inputs
 
 # SPEC section 2: key counts (with num_batches_tracked) and fp32 sizes
 KEY_COUNTS = {"r18": 187, "r34": 331, "r50": 475, "r100": 925, "r200": 1807}

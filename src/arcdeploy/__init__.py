@@ -34,7 +34,7 @@ GENERATED_SEED = 9001  # far from the seeds the tests and demo calibrate with
 
 def generated_check_images(count: int | None = None):
     """Generated aligned faces for a fidelity check when the user gives none (labelled "generated")."""
-    from .build import CheckImages
+    from .builder import CheckImages
     from .demo.synth import aligned_faces
 
     n = count or GENERATED_CHECK_COUNT
@@ -43,17 +43,17 @@ def generated_check_images(count: int | None = None):
 
 
 def export(src, out_dir, **kwargs: Any):
-    """A checkpoint or a foreign ONNX -> an export folder (see :func:`arcdeploy.export.export`)."""
-    from .export import export as _export
+    """A checkpoint or a foreign ONNX -> an export folder (see :func:`arcdeploy.exporter.export`)."""
+    from .exporter import export as _export
 
     return _export(src, out_dir, **kwargs)
 
 
 def build(src, out, check_images=None, check_count: int | None = None, calib=None, precision: str = "fp32",
           **kwargs: Any):
-    """Build a package (see :func:`arcdeploy.build.build`); checks on generated faces when no
+    """Build a package (see :func:`arcdeploy.builder.build`); checks on generated faces when no
     images are given and none are held out from the calibration set."""
-    from .build import build as _build
+    from .builder import build as _build
     from .manifest import parse_precision
 
     if check_images is None and (calib is None or parse_precision(precision) == "int8"):

@@ -142,7 +142,7 @@ def run_pipeline(ckpt, out, engine: str = "openvino", precisions=DEFAULT_PRECISI
     export_dir = out / "export"
 
     def do_export():
-        from .export import export
+        from .exporter import export
 
         export(ckpt, export_dir, arch=arch, force=True)
         return {"dir": str(export_dir), "manifest": _load_json(export_dir / "manifest.json")}

@@ -22,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--landmarks", default=None, metavar="FILE",
                    help="with --e2e: 5-point landmark file, so the images are aligned (without: taken as aligned crops)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     p.set_defaults(func=run)
 
 
@@ -44,9 +45,11 @@ def run(args) -> int:
 
     from ..bench import bench, format_report, parse_batches
     from ..errors import ArcdeployError
-    from ..utils import write_json_atomic
+    from ..files import refuse_existing, write_json_atomic
 
     batches = parse_batches(args.batch)
+    if args.json:
+        refuse_existing(args.json, args.force)
     if args.landmarks and not args.e2e:
         raise ArcdeployError("--landmarks is used with --e2e IMAGES only")
     if args.iterations is not None and args.duration is not None:
@@ -65,6 +68,6 @@ def run(args) -> int:
                 log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_report(res))
     if args.json:
-        write_json_atomic(args.json, res)
+        write_json_atomic(args.json, res.to_json(), force=args.force)
         print(f"[ INFO ] JSON          {args.json}")
     return 0

@@ -72,7 +72,7 @@ def run_bin(args) -> int:
 
     from ..errors import ArcdeployError
     from ..evaluate.binsets import evaluate_bins, format_bin_table
-    from ..utils import write_json_atomic
+    from ..files import write_json_atomic
 
     packages, bins = [], []
     for item in args.items:

@@ -16,10 +16,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..export import export
+    from ..exporter import export
 
     res = export(args.ckpt, args.output, arch=args.arch, force=args.force, opset=args.opset)
-    m = res.manifest
+    m = res.manifest.to_json()
     err = m["verification"]["relative_error"]
     notes = f" ({'; '.join(m['source']['notes'])})" if m["source"]["notes"] else ""
     print(f"exported {m['arch']}{notes} -> {res.out_dir}")

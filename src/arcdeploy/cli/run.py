@@ -28,7 +28,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..bench import parse_batches
-    from ..build import normalize_precision
+    from ..builder import normalize_precision
     from ..run import run_pipeline
 
     precisions = [normalize_precision(p.strip()) for p in args.precisions.split(",") if p.strip()]

@@ -25,7 +25,7 @@ def _is_export_folder(folder: Path) -> bool:
 def resolve_export(src: str | os.PathLike, workdir: Path, arch: str = "auto", **onnx_options) -> Path:
     """An export folder for ``src``: an export folder as it is, the folder of an exported
     model.onnx, or ``src`` (a checkpoint or a foreign ONNX) exported into ``workdir/export``."""
-    from ..export import export, is_onnx_source
+    from ..exporter import export, is_onnx_source
 
     src = Path(src)
     if not src.exists():

@@ -49,7 +49,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
         raise ArcdeployError(f"{path}: an ONNX model, not a checkpoint; build it as it is: "
                              f"arcdeploy build {path} --engine ... -o PKG")
     if kind is None:
-        raise ArcdeployError(f"{path}: not a checkpoint (neither a PyTorch zip archive nor a pickle)")
+        raise ArcdeployError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
