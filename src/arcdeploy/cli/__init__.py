@@ -14,7 +14,7 @@ import sys
 
 from ..errors import ArcdeployError
 
-COMMANDS = ("export", "build", "check", "embed", "compare", "bench", "eval", "run", "demo")
+COMMANDS = ("export", "build", "check", "embed", "compare", "detect", "bench", "eval", "run", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

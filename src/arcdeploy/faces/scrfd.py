@@ -1,0 +1,115 @@
+"""SCRFD (insightface) with 5 keypoints, run by ONNX Runtime or OpenVINO.
+
+What the detector expects and gives (facts of insightface's SCRFD): an RGB image resized
+keeping its aspect ratio into a 640 x 640 canvas at the top-left, normalised
+``(x - 127.5) / 128``, NCHW. Per stride s (8, 16, 32; or 8..128 for the 5-level models) and
+per cell of the ``H/s x W/s`` feature map, ``A`` anchors (2 for 3 strides, 1 for 5) centred on
+the cell's top-left corner ``(col * s, row * s)``, in row-major order with the anchors of
+one cell next to each other. Each anchor gives a score, box distances (left, top, right,
+bottom) and 5 keypoint offsets (x, y), all in stride units from the anchor centre.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ..errors import ArcdeployError
+from .detect import NMS_IOU, PAD_RETRY, FaceDetector, GraphIO, letterbox, nms
+
+DEFAULT_SIZE = (640, 640)
+
+
+@functools.lru_cache(maxsize=32)
+def anchor_centres(height: int, width: int, stride: int, anchors: int) -> np.ndarray:
+    """Anchor centres (x, y) in canvas pixels, [height * width * anchors, 2] float32."""
+    ys, xs = np.mgrid[:height, :width]
+    centres = (np.stack([xs, ys], axis=-1).reshape(-1, 2) * stride).astype(np.float32)
+    if anchors > 1:
+        centres = np.repeat(centres, anchors, axis=0)
+    centres.setflags(write=False)
+    return centres
+
+
+class ScrfdDetector(FaceDetector):
+    kind = "scrfd"
+
+    def __init__(self, graph: GraphIO, engine: str = "onnxruntime", threshold: float | None = None,
+                 min_face: float = 0.0, threads: int | None = None, input_size: tuple[int, int] | None = None,
+                 nms_iou: float = NMS_IOU, pad_retry: float = PAD_RETRY):
+        from ..engines import open_graph
+
+        super().__init__(graph.path, threshold, min_face, pad_retry)
+        self.engine = engine
+        self.nms_iou = float(nms_iou)
+        self.levels = 5 if len(graph.outputs) == 15 else 3
+        self.strides = (8, 16, 32, 64, 128)[: self.levels]
+        shape = graph.inputs[0][1]
+        fixed = [d if isinstance(d, int) and d > 0 else None for d in shape[2:]]
+        if all(fixed):
+            size = (fixed[1], fixed[0])
+            if input_size is not None and tuple(input_size) != size:
+                raise ArcdeployError(f"{self.path}: its input is fixed at {size[0]}x{size[1]}; "
+                                     f"cannot run it at {input_size[0]}x{input_size[1]}")
+        else:
+            size = tuple(int(v) for v in (input_size or DEFAULT_SIZE))
+        if any(v % self.strides[-1] for v in size):
+            raise ArcdeployError(f"{self.path}: input size {size[0]}x{size[1]} is not a multiple of its largest "
+                                 f"stride {self.strides[-1]}")
+        self.size = size  # (width, height)
+        self.session = open_graph(self.path, engine=engine, threads=threads)
+        self.input_name = self.session.inputs[0].name
+
+    def describe(self) -> str:
+        return f"SCRFD {self.path.name} ({self.size[0]}x{self.size[1]}, {self.engine})"
+
+    def _detect(self, rgb: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        canvas, (sx, sy) = letterbox(rgb, self.size)
+        blob = np.ascontiguousarray(canvas.transpose(2, 0, 1)[None], dtype=np.float32)
+        blob -= 127.5
+        blob *= 1.0 / 128.0
+        outs = self.session.run({self.input_name: blob})
+        scores, boxes, points = self._decode(outs, threshold)
+        keep = nms(boxes, scores, self.nms_iou)
+        scale = np.array([sx, sy], np.float32)
+        boxes = (boxes[keep].reshape(-1, 2, 2) / scale).reshape(-1, 4)
+        points = points[keep].reshape(-1, 5, 2) / scale
+        return boxes, points, scores[keep]
+
+    def _decode(self, outs: list[np.ndarray], threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Scores [n], boxes [n, 4] and points [n, 10] in canvas pixels, for anchors over ``threshold``."""
+        outs = [o[0] if o.ndim == 3 else o for o in outs]  # models exported with a batch axis
+        groups: dict[int, list[np.ndarray]] = {1: [], 4: [], 10: []}
+        for o in outs:
+            if o.ndim != 2 or o.shape[-1] not in groups:
+                raise ArcdeployError(f"{self.path}: unexpected SCRFD output shape {list(o.shape)}")
+            groups[o.shape[-1]].append(o)
+        if not all(len(groups[c]) == self.levels for c in groups):
+            raise ArcdeployError(f"{self.path}: expected {self.levels} score, box and keypoint outputs, got "
+                                 f"{', '.join(str(len(groups[c])) for c in groups)}")
+        # one output per stride: the finer the stride, the more anchors
+        for group in groups.values():
+            group.sort(key=lambda o: -o.shape[0])
+        h, w = self.size[1], self.size[0]
+        all_scores, all_boxes, all_points = [], [], []
+        for level, stride in enumerate(self.strides):
+            s, d, k = groups[1][level], groups[4][level], groups[10][level]
+            fh, fw = h // stride, w // stride
+            anchors, rem = divmod(s.shape[0], fh * fw)
+            if rem or anchors < 1 or d.shape[0] != s.shape[0] or k.shape[0] != s.shape[0]:
+                raise ArcdeployError(f"{self.path}: stride {stride} outputs ({s.shape[0]}, {d.shape[0]}, "
+                                     f"{k.shape[0]} rows) do not fit a {fw}x{fh} feature map")
+            hit = np.flatnonzero(s[:, 0] >= threshold)
+            if hit.size == 0:
+                continue
+            centres = anchor_centres(fh, fw, stride, anchors)[hit]
+            dist = d[hit].astype(np.float32) * stride
+            box = np.concatenate([centres - dist[:, :2], centres + dist[:, 2:]], axis=1)
+            pts = (k[hit].astype(np.float32) * stride).reshape(-1, 5, 2) + centres[:, None, :]
+            all_scores.append(s[hit, 0].astype(np.float32))
+            all_boxes.append(box)
+            all_points.append(pts.reshape(-1, 10))
+        if not all_scores:
+            return np.zeros(0, np.float32), np.zeros((0, 4), np.float32), np.zeros((0, 10), np.float32)
+        return np.concatenate(all_scores), np.concatenate(all_boxes), np.concatenate(all_points)
+
