@@ -8,6 +8,7 @@ the shared machine hits all of them alike). Reported: the median over rounds of 
 per photo, the best round, and each detector's time relative to SCRFD on ONNX Runtime. Then the
 throughput of ``detect_files`` (decode + detect, several worker threads) over the same photos.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         ("SCRFD-500M", "openvino", models / "scrfd_500m_kps.onnx"),
         ("YuNet int8bq", "opencv", models / "yunet_2023mar_int8bq.onnx"),
     ]
-    detectors = [open_detector(path, engine=engine if engine != "opencv" else "onnxruntime", threads=args.threads)
-                 for _, engine, path in setups]
+    detectors = [
+        open_detector(path, engine=engine if engine != "opencv" else "onnxruntime", threads=args.threads)
+        for _, engine, path in setups
+    ]
     for det in detectors:  # warm-up: first runs allocate and (OpenVINO) compile shapes
         for img in images[:3]:
             det.detect(img)
@@ -77,8 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     for (name, engine, _), times, rate in zip(setups, per_round, files_rate):
         med = statistics.median(times)
         print(f"{name:<14}{engine:<13}{med:>10.1f}{min(times):>8.1f}{med / base:>13.2f}x{rate:>13.1f}")
-        rows.append({"detector": name, "engine": engine, "ms_per_photo": med, "best_ms": min(times),
-                     "relative": med / base, "files_per_s": rate})
+        rows.append(
+            {
+                "detector": name,
+                "engine": engine,
+                "ms_per_photo": med,
+                "best_ms": min(times),
+                "relative": med / base,
+                "files_per_s": rate,
+            }
+        )
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "rounds": args.rounds, "results": rows}, indent=2))
     return 0

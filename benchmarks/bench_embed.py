@@ -14,6 +14,7 @@ Images are generated (arcdeploy.demo.synth.draw_face) and written with cv2.imwri
 runs alternate engine-only and end-to-end ``--repeat`` times and report the best
 of each (the machine is shared; best-of is the least disturbed run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,8 @@ import numpy as np
 def make_images(folder: Path, n: int, size: int, quality: int = 95) -> tuple[list[Path], Path, np.ndarray]:
     import cv2
 
-    from arcdeploy.faces import align_face
     from arcdeploy.demo.synth import draw_face
+    from arcdeploy.faces import align_face
 
     folder.mkdir(parents=True, exist_ok=True)
     paths, rows, crops = [], [], np.empty((n, 112, 112, 3), np.uint8)
@@ -49,7 +50,7 @@ def make_images(folder: Path, n: int, size: int, quality: int = 95) -> tuple[lis
 def time_engine(pkg, crops: np.ndarray, batch: int) -> float:
     t0 = time.perf_counter()
     for s in range(0, len(crops), batch):
-        pkg.infer(crops[s:s + batch])
+        pkg.infer(crops[s : s + batch])
     return time.perf_counter() - t0
 
 
@@ -70,8 +71,9 @@ def time_decode_align(paths, lmk, workers: int | None) -> float:
 
     lmks = resolve_landmarks(paths, lmk, Path(paths[0]).parent)
     t0 = time.perf_counter()
-    for _ in _prepared_batches(paths, lmks, [(s, min(s + 16, len(paths))) for s in range(0, len(paths), 16)],
-                               _workers(workers)):
+    for _ in _prepared_batches(
+        paths, lmks, [(s, min(s + 16, len(paths))) for s in range(0, len(paths), 16)], _workers(workers)
+    ):
         pass
     return time.perf_counter() - t0
 
@@ -117,8 +119,15 @@ def main(argv=None) -> int:
                 make_images(calib_dir, 64, 112)  # aligned-size crops; landmarks unused
                 calib = calib_dir
             print(f"building {args.engine} {args.precision} ...", file=sys.stderr)
-            pkg_path = build(source, tmp / "pkg", engine=args.engine, precision=args.precision, calib=calib,
-                             batch=args.batch, threads=args.threads)
+            pkg_path = build(
+                source,
+                tmp / "pkg",
+                engine=args.engine,
+                precision=args.precision,
+                calib=calib,
+                batch=args.batch,
+                threads=args.threads,
+            )
         pkg = arcdeploy.load(pkg_path, threads=args.threads)
         print(f"writing {args.images} loose-crop JPEGs of {args.size}x{args.size} ...", file=sys.stderr)
         paths, lmk, crops = make_images(tmp / "images", args.images, args.size)
@@ -140,8 +149,10 @@ def main(argv=None) -> int:
     ]
     ratio = min(eng) / min(e2e)
     where = pkg_path if args.package else f"built from {args.build or 'a generated ' + args.generate} (temporary)"
-    print(f"\npackage {where}: {m.get('arch')} {m.get('engine')} {m.get('precision')}, batch {args.batch}, "
-          f"{n} images {args.size}x{args.size} JPEG, best of {args.repeat}")
+    print(
+        f"\npackage {where}: {m.get('arch')} {m.get('engine')} {m.get('precision')}, batch {args.batch}, "
+        f"{n} images {args.size}x{args.size} JPEG, best of {args.repeat}"
+    )
     print(f"cpu: {cpu_name()} ({os.cpu_count()} logical CPUs)\n")
     print(f"| {'stage':<36} | {'images/s':>9} | {'ms/image':>8} |")
     print(f"|{'-' * 38}|{'-' * 11}|{'-' * 10}|")
@@ -151,12 +162,25 @@ def main(argv=None) -> int:
     if args.json:
         from arcdeploy.utils import write_json_atomic
 
-        write_json_atomic(args.json, {
-            "package": str(pkg_path), "arch": m.get("arch"), "engine": m.get("engine"), "precision": m.get("precision"),
-            "batch": args.batch, "images": n, "size": args.size, "repeat": args.repeat, "cpu": cpu_name(),
-            "engine_only_ips": n / min(eng), "decode_align_ips": n / min(dec), "end_to_end_ips": n / min(e2e),
-            "ratio": ratio, "times": {"engine": eng, "end_to_end": e2e, "decode_align": dec},
-        })
+        write_json_atomic(
+            args.json,
+            {
+                "package": str(pkg_path),
+                "arch": m.get("arch"),
+                "engine": m.get("engine"),
+                "precision": m.get("precision"),
+                "batch": args.batch,
+                "images": n,
+                "size": args.size,
+                "repeat": args.repeat,
+                "cpu": cpu_name(),
+                "engine_only_ips": n / min(eng),
+                "decode_align_ips": n / min(dec),
+                "end_to_end_ips": n / min(e2e),
+                "ratio": ratio,
+                "times": {"engine": eng, "end_to_end": e2e, "decode_align": dec},
+            },
+        )
     return 0
 
 

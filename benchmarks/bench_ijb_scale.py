@@ -13,6 +13,7 @@ block-wise scorer (every block needs every template).
 
     python benchmarks/bench_ijb_scale.py [--dir /tmp/arcdeploy_ijb_scale] [--scale 1.0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,12 @@ def generate(root: Path, scale: float, seed: int = 0) -> None:
     with open(meta / "ijbc_face_tid_mid.txt", "w") as f:
         f.write("".join(f"{n} {t} {m}\n" for n, t, m in zip(names, tpl.tolist(), mid.tolist())))
     with open(meta / "ijbc_name_5pts_score.txt", "w") as f:
-        f.write("".join(n + " " + " ".join(f"{v:.2f}" for v in p) + f" {s:.6f}\n"
-                        for n, p, s in zip(names, pts.tolist(), score.tolist())))
+        f.write(
+            "".join(
+                n + " " + " ".join(f"{v:.2f}" for v in p) + f" {s:.6f}\n"
+                for n, p, s in zip(names, pts.tolist(), score.tolist())
+            )
+        )
     a = rng.integers(0, n_tpl, n_pairs)
     b = (a + rng.integers(1, n_tpl, n_pairs)) % n_tpl
     label = np.zeros(n_pairs, np.int64)
@@ -55,9 +60,14 @@ def generate(root: Path, scale: float, seed: int = 0) -> None:
     with open(meta / "ijbc_template_pair_label.txt", "w") as f:
         step = 1_000_000
         for s in range(0, n_pairs, step):
-            f.write("".join(f"{x} {y} {z}\n" for x, y, z in zip(tids[a[s:s + step]].tolist(),
-                                                                  tids[b[s:s + step]].tolist(),
-                                                                  label[s:s + step].tolist())))
+            f.write(
+                "".join(
+                    f"{x} {y} {z}\n"
+                    for x, y, z in zip(
+                        tids[a[s : s + step]].tolist(), tids[b[s : s + step]].tolist(), label[s : s + step].tolist()
+                    )
+                )
+            )
     feats = np.lib.format.open_memmap(root / "features.npy", mode="w+", dtype=np.float32, shape=(n_img, 2, 512))
     for s in range(0, n_img, 65536):
         e = min(n_img, s + 65536)
@@ -79,12 +89,22 @@ def measure(root: Path) -> dict:
     feats = load_features(root / "features.npy")
     res = evaluate_features(meta, feats, name="random")
     t2, c2 = time.perf_counter(), time.process_time()
-    return {"parse_cpu_s": c1 - c0, "evaluate_cpu_s": c2 - c1, "load_avg": os.getloadavg()[0],
-            "images": meta.images, "templates": res.templates, "pairs": res.pairs, "genuine": res.genuine,
-            "parse_s": t1 - t0, "evaluate_s": t2 - t1, "total_s": t2 - t0,
-            "peak_rss_gib_after_parse": rss_parse,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "tar": res.tar.tolist(), "mode": res.mode}
+    return {
+        "parse_cpu_s": c1 - c0,
+        "evaluate_cpu_s": c2 - c1,
+        "load_avg": os.getloadavg()[0],
+        "images": meta.images,
+        "templates": res.templates,
+        "pairs": res.pairs,
+        "genuine": res.genuine,
+        "parse_s": t1 - t0,
+        "evaluate_s": t2 - t1,
+        "total_s": t2 - t0,
+        "peak_rss_gib_after_parse": rss_parse,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "tar": res.tar.tolist(),
+        "mode": res.mode,
+    }
 
 
 def main() -> int:
@@ -103,18 +123,26 @@ def main() -> int:
         generate(root, args.scale)
         print(f"  generated in {time.perf_counter() - t:.1f} s", flush=True)
     # a fresh process, so that peak RSS is the evaluation's alone
-    out = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--scale", str(args.scale), "--measure"],
-                         capture_output=True, text=True, env=dict(os.environ))
+    out = subprocess.run(
+        [sys.executable, __file__, "--dir", str(args.dir), "--scale", str(args.scale), "--measure"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
     if out.returncode:
         print(out.stderr, file=sys.stderr)
         return out.returncode
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"IJB-C scale {args.scale:g}: {r['images']:,} images, {r['templates']:,} templates, "
-          f"{r['pairs']:,} pairs ({r['genuine']:,} genuine), features [N, 2, 512] float32, mode {r['mode']}")
-    print(f"| step | wall s | CPU s (all threads) |\n|---|---|---|\n"
-          f"| parse meta files | {r['parse_s']:.1f} | {r['parse_cpu_s']:.1f} |\n"
-          f"| evaluate (templates, scores, ROC, TAR) | {r['evaluate_s']:.1f} | {r['evaluate_cpu_s']:.1f} |\n"
-          f"| total | {r['total_s']:.1f} | {r['parse_cpu_s'] + r['evaluate_cpu_s']:.1f} |")
+    print(
+        f"IJB-C scale {args.scale:g}: {r['images']:,} images, {r['templates']:,} templates, "
+        f"{r['pairs']:,} pairs ({r['genuine']:,} genuine), features [N, 2, 512] float32, mode {r['mode']}"
+    )
+    print(
+        f"| step | wall s | CPU s (all threads) |\n|---|---|---|\n"
+        f"| parse meta files | {r['parse_s']:.1f} | {r['parse_cpu_s']:.1f} |\n"
+        f"| evaluate (templates, scores, ROC, TAR) | {r['evaluate_s']:.1f} | {r['evaluate_cpu_s']:.1f} |\n"
+        f"| total | {r['total_s']:.1f} | {r['parse_cpu_s'] + r['evaluate_cpu_s']:.1f} |"
+    )
     print(f"{os.cpu_count()} CPUs; 1-min load average at the end: {r['load_avg']:.1f} (other work inflates wall time)")
     print(f"peak RSS: {r['peak_rss_gib']:.2f} GiB (after parsing: {r['peak_rss_gib_after_parse']:.2f} GiB)")
     print("TAR (random features, meaningless):", ["%.2f" % (100 * t) for t in r["tar"]])

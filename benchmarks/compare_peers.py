@@ -32,6 +32,7 @@ architecture) x images/s / limit of the precision the runner *executed* in.
     python benchmarks/compare_peers.py --archs r50,r100 --batches 1,16 [--quick]
                                        [--write-results] [--json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,11 +67,11 @@ TARGETS = {"int8_b16_ratio": 7.0, "bf16_b16_ratio": 5.0, "int8_b1_p50_ms": 20.0}
 @dataclass
 class Runner:
     name: str
-    kind: str                 # "peer" or "arcdeploy"
-    precision: str            # what was asked
-    executed: str = "fp32"    # what the heavy layers executed in (for the machine limit)
-    fn: object = None         # fn(x) for x in this runner's input format
-    fmt: dict | None = None   # manifest["input"] (None: float32 NCHW normalised)
+    kind: str  # "peer" or "arcdeploy"
+    precision: str  # what was asked
+    executed: str = "fp32"  # what the heavy layers executed in (for the machine limit)
+    fn: object = None  # fn(x) for x in this runner's input format
+    fmt: dict | None = None  # manifest["input"] (None: float32 NCHW normalised)
     error: str | None = None
     load_s: float | None = None
     build_s: float | None = None
@@ -93,8 +94,8 @@ def _faces(n: int) -> np.ndarray:
 
 
 def _prepare_checkpoint(workdir: Path, arch: str, log) -> tuple[Path, Path]:
-    from arcdeploy.exporter import export
     from arcdeploy.demo.synth import write_generated_checkpoint
+    from arcdeploy.exporter import export
 
     d = workdir / arch
     ckpt = d / "backbone.pth"
@@ -152,8 +153,14 @@ def _streams_runner(base: Runner, path: Path) -> Runner:
     streams (one infer request each, run at once); its latency is that of the whole batch."""
     from arcdeploy.package import load
 
-    r = Runner(f"{base.name} (throughput streams)", "arcdeploy", base.precision, executed=base.executed,
-               fmt=base.fmt, manifest_fidelity=base.manifest_fidelity)
+    r = Runner(
+        f"{base.name} (throughput streams)",
+        "arcdeploy",
+        base.precision,
+        executed=base.executed,
+        fmt=base.fmt,
+        manifest_fidelity=base.manifest_fidelity,
+    )
     t = time.perf_counter()
     eng = load(path, performance_hint="THROUGHPUT").engine
     r.load_s = time.perf_counter() - t
@@ -169,13 +176,14 @@ def _streams_runner(base: Runner, path: Path) -> Runner:
     return r
 
 
-def make_runners(arch: str, ckpt: Path, exp: Path, workdir: Path, combos, rebuild: bool, log,
-                 streams: bool = False) -> list[Runner]:
+def make_runners(
+    arch: str, ckpt: Path, exp: Path, workdir: Path, combos, rebuild: bool, log, streams: bool = False
+) -> list[Runner]:
     import onnxruntime as ort
     import torch
 
-    from arcdeploy.sources.checkpoint import load_backbone
     from arcdeploy.package import load
+    from arcdeploy.sources.checkpoint import load_backbone
 
     runners = []
     t = time.perf_counter()
@@ -186,13 +194,29 @@ def make_runners(arch: str, ckpt: Path, exp: Path, workdir: Path, combos, rebuil
         with torch.no_grad():
             return model(torch.from_numpy(x)).numpy()
 
-    runners.append(Runner("PyTorch eager fp32", "peer", "fp32", fn=torch_fn, load_s=time.perf_counter() - t,
-                          info={"threads": torch.get_num_threads(), "version": torch.__version__}))
+    runners.append(
+        Runner(
+            "PyTorch eager fp32",
+            "peer",
+            "fp32",
+            fn=torch_fn,
+            load_s=time.perf_counter() - t,
+            info={"threads": torch.get_num_threads(), "version": torch.__version__},
+        )
+    )
     t = time.perf_counter()
     sess = ort.InferenceSession(str(exp / "model.onnx"), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    runners.append(Runner(REFERENCE, "peer", "fp32", fn=lambda x, s=sess, n=name: s.run(None, {n: x})[0],
-                          load_s=time.perf_counter() - t, info={"version": ort.__version__}))
+    runners.append(
+        Runner(
+            REFERENCE,
+            "peer",
+            "fp32",
+            fn=lambda x, s=sess, n=name: s.run(None, {n: x})[0],
+            load_s=time.perf_counter() - t,
+            info={"version": ort.__version__},
+        )
+    )
     for engine, precision in combos:
         r = Runner(f"arcdeploy {engine} {precision}", "arcdeploy", precision)
         try:
@@ -209,8 +233,9 @@ def make_runners(arch: str, ckpt: Path, exp: Path, workdir: Path, combos, rebuil
             r.executed = _executed_precision(r.info, precision)
             r.manifest_fidelity = pkg.manifest.get("fidelity")
             r.info["package"] = str(path)
-            r.info["package_built"] = dt.datetime.fromtimestamp((path / "manifest.json").stat().st_mtime,
-                                                                dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            r.info["package_built"] = dt.datetime.fromtimestamp(
+                (path / "manifest.json").stat().st_mtime, dt.UTC
+            ).strftime("%Y-%m-%d %H:%M UTC")
             if r.fn is None:
                 faces_fn = pkg.infer
                 r.fn = ("faces", faces_fn)
@@ -266,7 +291,7 @@ def measure(runners: list[Runner], batches, rounds: int, seconds: float, min_run
         faces = _faces(b)
         prepared = _prepare(faces, ok)
         for rnd in range(rounds):
-            order = ok[rnd % len(ok):] + ok[: rnd % len(ok)]
+            order = ok[rnd % len(ok) :] + ok[: rnd % len(ok)]
             for r in order:
                 try:
                     if rnd == 0:  # one warm-up per runner and batch size (first runs do one-time work)
@@ -282,8 +307,12 @@ def measure(runners: list[Runner], batches, rounds: int, seconds: float, min_run
                 except Exception as exc:
                     r.error = _one_line(exc)
                     log(f"  {r.name}: {r.error}")
-            log(f"  batch {b} round {rnd + 1}/{rounds}: " + ", ".join(
-                f"{r.name.replace('arcdeploy ', '')} {r.rounds[b][-1][0]:.1f}/s" for r in ok if r.rounds.get(b)))
+            log(
+                f"  batch {b} round {rnd + 1}/{rounds}: "
+                + ", ".join(
+                    f"{r.name.replace('arcdeploy ', '')} {r.rounds[b][-1][0]:.1f}/s" for r in ok if r.rounds.get(b)
+                )
+            )
 
 
 def summarize(arch: str, runners: list[Runner], batches, macs: int, limits: dict) -> list[dict]:
@@ -292,10 +321,21 @@ def summarize(arch: str, runners: list[Runner], batches, macs: int, limits: dict
     for b in batches:
         ref_tp = float(np.median([x[0] for x in ref.rounds[b]])) if ref and ref.rounds.get(b) else None
         for r in runners:
-            row = {"arch": arch, "batch": b, "runner": r.name, "kind": r.kind, "precision": r.precision,
-                   "executed": r.executed, "error": r.error, "load_s": r.load_s, "build_s": r.build_s,
-                   "cosine": r.cosine, "manifest_fidelity": r.manifest_fidelity,
-                   "threads": r.info.get("threads"), "streams": r.info.get("streams")}
+            row = {
+                "arch": arch,
+                "batch": b,
+                "runner": r.name,
+                "kind": r.kind,
+                "precision": r.precision,
+                "executed": r.executed,
+                "error": r.error,
+                "load_s": r.load_s,
+                "build_s": r.build_s,
+                "cosine": r.cosine,
+                "manifest_fidelity": r.manifest_fidelity,
+                "threads": r.info.get("threads"),
+                "streams": r.info.get("streams"),
+            }
             rs = r.rounds.get(b)
             if rs and not r.error:
                 tp = float(np.median([x[0] for x in rs]))
@@ -303,27 +343,39 @@ def summarize(arch: str, runners: list[Runner], batches, macs: int, limits: dict
                 pooled = np.concatenate([x[2] for x in rs])
                 gflops = 2 * macs * tp / 1e9
                 lim = limits.get(r.executed) or limits.get("fp32")
-                row.update({
-                    "throughput": tp, "p50_ms": p50,
-                    "throughput_rounds": [x[0] for x in rs],
-                    "latency_ms": {"mean": float(pooled.mean()), "p90": float(np.percentile(pooled, 90)),
-                                   "p99": float(np.percentile(pooled, 99)), "runs": int(pooled.size)},
-                    "ratio_vs_ort_fp32": tp / ref_tp if ref_tp else None,
-                    "achieved_gflops": gflops, "limit_gflops": lim,
-                    "share_of_limit": gflops / lim if lim else None,
-                })
+                row.update(
+                    {
+                        "throughput": tp,
+                        "p50_ms": p50,
+                        "throughput_rounds": [x[0] for x in rs],
+                        "latency_ms": {
+                            "mean": float(pooled.mean()),
+                            "p90": float(np.percentile(pooled, 90)),
+                            "p99": float(np.percentile(pooled, 99)),
+                            "runs": int(pooled.size),
+                        },
+                        "ratio_vs_ort_fp32": tp / ref_tp if ref_tp else None,
+                        "achieved_gflops": gflops,
+                        "limit_gflops": lim,
+                        "share_of_limit": gflops / lim if lim else None,
+                    }
+                )
             rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| arch | batch | runner | executed | img/s | p50 ms | x ORT fp32 | cos vs PyTorch fp32 (mean / min) "
-            "| build check cos min | GFLOP/s | share of limit |")
+    head = (
+        "| arch | batch | runner | executed | img/s | p50 ms | x ORT fp32 | cos vs PyTorch fp32 (mean / min) "
+        "| build check cos min | GFLOP/s | share of limit |"
+    )
     lines = [head, "|---|---:|---|---|---:|---:|---:|---|---|---:|---:|"]
     for r in rows:
         if r.get("throughput") is None:
-            lines.append(f"| {r['arch']} | {r['batch']} | {r['runner']} | - | error: {r['error'] or 'not measured'} "
-                         "| | | | | | |")
+            lines.append(
+                f"| {r['arch']} | {r['batch']} | {r['runner']} | - | error: {r['error'] or 'not measured'} "
+                "| | | | | | |"
+            )
             continue
         cos = f"{r['cosine']['mean']:.5f} / {r['cosine']['min']:.5f}" if r.get("cosine") else "-"
         ratio = f"{r['ratio_vs_ort_fp32']:.2f}" if r.get("ratio_vs_ort_fp32") else "-"
@@ -331,8 +383,10 @@ def format_table(rows: list[dict]) -> str:
         mf = r.get("manifest_fidelity") or {}
         mcos = mf.get("cosine") if isinstance(mf, dict) else None
         build_cos = f"{mcos['min']:.5f} (n={mcos.get('n')})" if isinstance(mcos, dict) and "min" in mcos else "-"
-        lines.append(f"| {r['arch']} | {r['batch']} | {r['runner']} | {r['executed']} | {r['throughput']:.2f} "
-                     f"| {r['p50_ms']:.1f} | {ratio} | {cos} | {build_cos} | {r['achieved_gflops']:.1f} | {share} |")
+        lines.append(
+            f"| {r['arch']} | {r['batch']} | {r['runner']} | {r['executed']} | {r['throughput']:.2f} "
+            f"| {r['p50_ms']:.1f} | {ratio} | {cos} | {build_cos} | {r['achieved_gflops']:.1f} | {share} |"
+        )
     return "\n".join(lines)
 
 
@@ -341,14 +395,27 @@ def check_targets(rows: list[dict], limits: dict) -> list[dict]:
     out = []
 
     def best(prec, batch, key="throughput", lowest=False):
-        cands = [r for r in rows if r["arch"] == "r100" and r["batch"] == batch and r["kind"] == "arcdeploy"
-                 and r["precision"] == prec and r.get(key) is not None]
+        cands = [
+            r
+            for r in rows
+            if r["arch"] == "r100"
+            and r["batch"] == batch
+            and r["kind"] == "arcdeploy"
+            and r["precision"] == prec
+            and r.get(key) is not None
+        ]
         if not cands:
             return None
         return (min if lowest else max)(cands, key=lambda r: r[key])
 
-    ref16 = next((r for r in rows if r["arch"] == "r100" and r["batch"] == 16 and r["runner"] == REFERENCE
-                  and r.get("throughput")), None)
+    ref16 = next(
+        (
+            r
+            for r in rows
+            if r["arch"] == "r100" and r["batch"] == 16 and r["runner"] == REFERENCE and r.get("throughput")
+        ),
+        None,
+    )
     for prec, target in (("int8", TARGETS["int8_b16_ratio"]), ("bf16", TARGETS["bf16_b16_ratio"])):
         r = best(prec, 16)
         if r is None or ref16 is None:
@@ -357,18 +424,34 @@ def check_targets(rows: list[dict], limits: dict) -> list[dict]:
         ratio = r["ratio_vs_ort_fp32"]
         # the best this machine could give: the runner at 100% of its precision's limit
         ceiling = (r["limit_gflops"] / ref16["achieved_gflops"]) if ref16["achieved_gflops"] else None
-        out.append({"target": f"r100 {prec} batch 16 >= {target}x ONNX Runtime fp32", "runner": r["runner"],
-                    "value": ratio, "met": ratio >= target, "shortfall": target / ratio if ratio else None,
-                    "executed": r["executed"], "ceiling_ratio": ceiling})
+        out.append(
+            {
+                "target": f"r100 {prec} batch 16 >= {target}x ONNX Runtime fp32",
+                "runner": r["runner"],
+                "value": ratio,
+                "met": ratio >= target,
+                "shortfall": target / ratio if ratio else None,
+                "executed": r["executed"],
+                "ceiling_ratio": ceiling,
+            }
+        )
     r = best("int8", 1, key="p50_ms", lowest=True)
     if r is None:
         out.append({"target": f"r100 int8 batch 1 p50 <= {TARGETS['int8_b1_p50_ms']} ms", "status": "not measured"})
     else:
-        out.append({"target": f"r100 int8 batch 1 p50 <= {TARGETS['int8_b1_p50_ms']} ms", "runner": r["runner"],
-                    "value": r["p50_ms"], "met": r["p50_ms"] <= TARGETS["int8_b1_p50_ms"],
-                    "shortfall": r["p50_ms"] / TARGETS["int8_b1_p50_ms"],
-                    "floor_ms": 1e3 * r["achieved_gflops"] / r["throughput"] / r["limit_gflops"]
-                    if r.get("limit_gflops") else None, "executed": r["executed"]})
+        out.append(
+            {
+                "target": f"r100 int8 batch 1 p50 <= {TARGETS['int8_b1_p50_ms']} ms",
+                "runner": r["runner"],
+                "value": r["p50_ms"],
+                "met": r["p50_ms"] <= TARGETS["int8_b1_p50_ms"],
+                "shortfall": r["p50_ms"] / TARGETS["int8_b1_p50_ms"],
+                "floor_ms": 1e3 * r["achieved_gflops"] / r["throughput"] / r["limit_gflops"]
+                if r.get("limit_gflops")
+                else None,
+                "executed": r["executed"],
+            }
+        )
     return out
 
 
@@ -380,14 +463,23 @@ def format_targets(targets: list[dict]) -> str:
             continue
         if "ratio" in t["target"] or "x ONNX" in t["target"]:
             verdict = "MET" if t["met"] else f"MISSED by {t['shortfall']:.1f}x"
-            ceil = (f"; at 100% of this machine's measured {t['executed']} limit the ratio could be at most "
-                    f"{t['ceiling_ratio']:.1f}x" if t.get("ceiling_ratio") else "")
-            lines.append(f"- {t['target']}: {t['runner']} gives {t['value']:.2f}x -> {verdict} "
-                         f"(executed in {t['executed']}{ceil})")
+            ceil = (
+                f"; at 100% of this machine's measured {t['executed']} limit the ratio could be at most "
+                f"{t['ceiling_ratio']:.1f}x"
+                if t.get("ceiling_ratio")
+                else ""
+            )
+            lines.append(
+                f"- {t['target']}: {t['runner']} gives {t['value']:.2f}x -> {verdict} "
+                f"(executed in {t['executed']}{ceil})"
+            )
         else:
             verdict = "MET" if t["met"] else f"MISSED by {t['shortfall']:.1f}x"
-            floor = (f"; even at 100% of the measured {t['executed']} limit one image takes {t['floor_ms']:.0f} ms"
-                     if t.get("floor_ms") else "")
+            floor = (
+                f"; even at 100% of the measured {t['executed']} limit one image takes {t['floor_ms']:.0f} ms"
+                if t.get("floor_ms")
+                else ""
+            )
             lines.append(f"- {t['target']}: {t['runner']} p50 {t['value']:.1f} ms -> {verdict}{floor}")
     return "\n".join(lines)
 
@@ -423,8 +515,10 @@ def write_results(path: Path, report: dict, table: str, targets_md: str, profile
         "over rounds of throughput and of p50 latency. Model time only (input already in each runner's "
         "format). This machine is shared with other jobs, so single numbers are noisy (see the per-round "
         "throughputs in the JSON); load average (1, 5, 15 min) at the start "
-        + " / ".join(f"{x:.1f}" for x in report["load_average"]["start"]) + ", at the end "
-        + " / ".join(f"{x:.1f}" for x in report["load_average"].get("end", [])) + " on 2 CPUs. "
+        + " / ".join(f"{x:.1f}" for x in report["load_average"]["start"])
+        + ", at the end "
+        + " / ".join(f"{x:.1f}" for x in report["load_average"].get("end", []))
+        + " on 2 CPUs. "
         "Every runner uses its library's default threads (2 here); with more runnable jobs than cores, "
         "OpenMP-based PyTorch is hurt most (its threads wait for each other at every layer), so its column is "
         "the least stable.",
@@ -450,28 +544,43 @@ def write_results(path: Path, report: dict, table: str, targets_md: str, profile
         if v.get("gflops") is None:
             lines.append(f"| OpenVINO 3x3 conv stack, {k} | failed: {v['error']} | |")
         else:
-            lines.append(f"| OpenVINO 3x3 conv stack 256ch 14x14 batch 16, {k} | {v['gflops']:.1f} G(FL)OP/s "
-                         f"| {','.join(v['executed'])} |")
+            lines.append(
+                f"| OpenVINO 3x3 conv stack 256ch 14x14 batch 16, {k} | {v['gflops']:.1f} G(FL)OP/s "
+                f"| {','.join(v['executed'])} |"
+            )
     again = lim.get("detail_again")
     if again:
         lines.append("")
-        lines.append("Measured again after the runs (the limit is the higher of the two): " + ", ".join(
-            [f"{k} {v:.1f}" for k, v in again["gemm_gflops"].items()]
-            + [f"OpenVINO conv {k} {v['gflops']:.1f}" for k, v in again["openvino_conv"].items() if v.get("gflops")]))
+        lines.append(
+            "Measured again after the runs (the limit is the higher of the two): "
+            + ", ".join(
+                [f"{k} {v:.1f}" for k, v in again["gemm_gflops"].items()]
+                + [f"OpenVINO conv {k} {v['gflops']:.1f}" for k, v in again["openvino_conv"].items() if v.get("gflops")]
+            )
+        )
     lines += [
         "",
-        (f"Nominal AVX2 fp32 peak at the reported clock: {cpu['nominal_fp32_gflops']:.0f} GFLOP/s "
-         "(2 FMA pipes x 8 lanes x 2 flops per cycle per core, if each vCPU is a whole core); the measured "
-         "rates are lower (other jobs share the cores during the run). Without VNNI an int8 dot product "
-         "takes three AVX2 instructions (vpmaddubsw, vpmaddwd, vpaddd) where VNNI needs one, so int8 "
-         "peaks at about 2x fp32 here (VNNI: 4x per instruction width; AMX: an order of magnitude more).")
-        if cpu.get("nominal_fp32_gflops") else "",
+        (
+            f"Nominal AVX2 fp32 peak at the reported clock: {cpu['nominal_fp32_gflops']:.0f} GFLOP/s "
+            "(2 FMA pipes x 8 lanes x 2 flops per cycle per core, if each vCPU is a whole core); the measured "
+            "rates are lower (other jobs share the cores during the run). Without VNNI an int8 dot product "
+            "takes three AVX2 instructions (vpmaddubsw, vpmaddwd, vpaddd) where VNNI needs one, so int8 "
+            "peaks at about 2x fp32 here (VNNI: 4x per instruction width; AMX: an order of magnitude more)."
+        )
+        if cpu.get("nominal_fp32_gflops")
+        else "",
         "",
-        "Limits used: " + ", ".join(f"{k} {lim[k]:.1f}" if lim.get(k) else f"{k} -" for k in ("fp32", "bf16", "int8"))
+        "Limits used: "
+        + ", ".join(f"{k} {lim[k]:.1f}" if lim.get(k) else f"{k} -" for k in ("fp32", "bf16", "int8"))
         + " G(FL)OP/s (int8: GOP/s)"
-        + (" - raised to the best rate a runner reached for " + ", ".join(sorted(lim["raised_by_runner"]))
-           + ": the probes run one request on all threads, and a model split across streams beat them, so the "
-           "probes underestimate the peak" if lim.get("raised_by_runner") else "")
+        + (
+            " - raised to the best rate a runner reached for "
+            + ", ".join(sorted(lim["raised_by_runner"]))
+            + ": the probes run one request on all threads, and a model split across streams beat them, so the "
+            "probes underestimate the peak"
+            if lim.get("raised_by_runner")
+            else ""
+        )
         + ". "
         "The int8 limit is OpenVINO's own u8 x i8 convolution (FakeQuantize model, as NNCF produces) on the "
         "layer shape that dominates IResNet, because that is the kernel the int8 packages use; "
@@ -498,16 +607,20 @@ def profile_summary(profiles: list[dict]) -> str:
     for p in profiles:
         conv = p["by_type"].get("Convolution", 0.0)
         kernels = sorted({k.split("[")[1].rstrip("]") for k in p["by_exec"] if k.startswith("Convolution [")})
-        lines.append(f"- {p['label']}: convolutions are {100 * conv / p['total_ms']:.0f}% of the layer time "
-                     f"(kernels {', '.join(kernels)}); PReLU and most BatchNorms have no row of their own: "
-                     "OpenVINO fuses them into the convolutions (BNs it cannot fuse show as MulAdd, or in int8 "
-                     "are folded into FakeQuantize).")
+        lines.append(
+            f"- {p['label']}: convolutions are {100 * conv / p['total_ms']:.0f}% of the layer time "
+            f"(kernels {', '.join(kernels)}); PReLU and most BatchNorms have no row of their own: "
+            "OpenVINO fuses them into the convolutions (BNs it cannot fuse show as MulAdd, or in int8 "
+            "are folded into FakeQuantize)."
+        )
     f, q = by_prec.get("fp32"), by_prec.get("int8")
     if f and q and q["by_type"].get("Convolution"):
         fc, qc = f["by_type"].get("Convolution", 0.0), q["by_type"]["Convolution"]
-        lines.append(f"- int8 convolutions take {qc:.0f} ms against {fc:.0f} ms in fp32 ({fc / qc:.2f}x faster); "
-                     f"the whole int8 model is {f['total_ms'] / q['total_ms']:.2f}x faster than fp32 by these counters, "
-                     "with the FakeQuantize (requantisation) layers and the float head taking the rest.")
+        lines.append(
+            f"- int8 convolutions take {qc:.0f} ms against {fc:.0f} ms in fp32 ({fc / qc:.2f}x faster); "
+            f"the whole int8 model is {f['total_ms'] / q['total_ms']:.2f}x faster than fp32 by these counters, "
+            "with the FakeQuantize (requantisation) layers and the float head taking the rest."
+        )
     return "\n".join(lines)
 
 
@@ -523,21 +636,36 @@ def limits_paragraph(report: dict) -> str:
     lim = report["limits"]
     if not ref or not ref.get("share_of_limit") or not lim.get("int8") or not lim.get("fp32"):
         return ""
-    int8 = max((r for r in at.values() if r["kind"] == "arcdeploy" and r["executed"] == "int8"),
-               key=lambda r: r["throughput"], default=None)
-    text = (f"What limits it ({arch}, batch {batch}): the ONNX Runtime fp32 reference already runs at "
-            f"{100 * ref['share_of_limit']:.0f}% of this machine's measured fp32 limit, so an fp32 build - and a "
-            f"bf16 one, which executes f32 here - can be at most {1 / ref['share_of_limit']:.2f}x faster. The int8 "
-            f"convolution available on AVX2 without VNNI peaks at {lim['int8'] / lim['fp32']:.1f}x the fp32 rate, "
-            f"so int8 is capped near {lim['int8'] / ref['achieved_gflops']:.1f}x ONNX Runtime fp32")
+    int8 = max(
+        (r for r in at.values() if r["kind"] == "arcdeploy" and r["executed"] == "int8"),
+        key=lambda r: r["throughput"],
+        default=None,
+    )
+    text = (
+        f"What limits it ({arch}, batch {batch}): the ONNX Runtime fp32 reference already runs at "
+        f"{100 * ref['share_of_limit']:.0f}% of this machine's measured fp32 limit, so an fp32 build - and a "
+        f"bf16 one, which executes f32 here - can be at most {1 / ref['share_of_limit']:.2f}x faster. The int8 "
+        f"convolution available on AVX2 without VNNI peaks at {lim['int8'] / lim['fp32']:.1f}x the fp32 rate, "
+        f"so int8 is capped near {lim['int8'] / ref['achieved_gflops']:.1f}x ONNX Runtime fp32"
+    )
     if int8:
-        text += (f"; {int8['runner']} reaches {100 * int8['share_of_limit']:.0f}% of the int8 limit "
-                 f"({int8['ratio_vs_ort_fp32']:.2f}x)")
-    shares = [p["by_type"].get("Convolution", 0.0) / p["total_ms"] for p in report.get("profiles") or [] if p.get("total_ms")]
-    conv = f"convolutions are {100 * min(shares):.0f}% or more of the layer time, see below" if shares else "see the shares above"
-    text += (f". Both run near their kernel's limit ({conv}), so the remaining gap to "
-             "the 7x / 5x / 20 ms targets is the missing hardware - AMX int8/bf16 tiles (or at least VNNI) - "
-             "not the software.")
+        text += (
+            f"; {int8['runner']} reaches {100 * int8['share_of_limit']:.0f}% of the int8 limit "
+            f"({int8['ratio_vs_ort_fp32']:.2f}x)"
+        )
+    shares = [
+        p["by_type"].get("Convolution", 0.0) / p["total_ms"] for p in report.get("profiles") or [] if p.get("total_ms")
+    ]
+    conv = (
+        f"convolutions are {100 * min(shares):.0f}% or more of the layer time, see below"
+        if shares
+        else "see the shares above"
+    )
+    text += (
+        f". Both run near their kernel's limit ({conv}), so the remaining gap to "
+        "the 7x / 5x / 20 ms targets is the missing hardware - AMX int8/bf16 tiles (or at least VNNI) - "
+        "not the software."
+    )
     return text
 
 
@@ -546,15 +674,19 @@ def auto_notes(rows: list[dict], runners: list[Runner]) -> list[str]:
     notes = []
     built = sorted({r.info["package_built"] for r in runners if r.info.get("package_built")})
     if built:
-        notes.append(f"Packages built by arcdeploy.builder.build between {built[0]} and {built[-1]} (int8: calibrated "
-                     f"on {CALIB_COUNT - 64} generated aligned faces, 64 more held out for the build's fidelity check).")
+        notes.append(
+            f"Packages built by arcdeploy.builder.build between {built[0]} and {built[-1]} (int8: calibrated "
+            f"on {CALIB_COUNT - 64} generated aligned faces, 64 more held out for the build's fidelity check)."
+        )
     seen = set()
     for r in rows:
         cos = r.get("cosine")
         if r["kind"] == "arcdeploy" and cos and cos["min"] < 0.95 and (r["arch"], r["runner"]) not in seen:
             seen.add((r["arch"], r["runner"]))
-            notes.append(f"{r['arch']} {r['runner']}: low fidelity to fp32 on these untrained weights (min cosine "
-                         f"{cos['min']:.3f}); speed is unaffected, but judge int8 fidelity on a trained checkpoint.")
+            notes.append(
+                f"{r['arch']} {r['runner']}: low fidelity to fp32 on these untrained weights (min cosine "
+                f"{cos['min']:.3f}); speed is unaffected, but judge int8 fidelity on a trained checkpoint."
+            )
     return notes
 
 
@@ -599,18 +731,31 @@ def main(argv=None) -> int:
     ap.add_argument("--min-runs", type=int, default=None, help="timed runs per runner per round (default 3; --quick 1)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and shorter runs, quick machine-limit probe")
     ap.add_argument("--no-peak", action="store_true", help="skip measuring the machine limits")
-    ap.add_argument("--profile", action="store_true", help="per-layer counters of the r100 (or last arch) OpenVINO packages")
+    ap.add_argument(
+        "--profile", action="store_true", help="per-layer counters of the r100 (or last arch) OpenVINO packages"
+    )
     ap.add_argument("--profile-batch", type=int, default=None, help="batch for --profile (default: the largest)")
     ap.add_argument("--workdir", default="/tmp/arcdeploy-compare", help="checkpoints, exports and packages (reused)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild packages even if present")
     ap.add_argument("--json", default=None, metavar="FILE")
     ap.add_argument("--write-results", action="store_true", help=f"write {HERE / 'RESULTS.md'} (and RESULTS.json)")
-    ap.add_argument("--results", default=str(HERE / "RESULTS.md"), metavar="MD",
-                    help="where --write-results writes (default benchmarks/RESULTS.md; the JSON goes beside it)")
-    ap.add_argument("--streams", action="store_true",
-                    help="also run each OpenVINO package compiled for throughput, a batch split across its streams")
-    ap.add_argument("--render", default=None, metavar="REPORT.json",
-                    help="only rewrite the results file (--results) from a saved report; measures nothing")
+    ap.add_argument(
+        "--results",
+        default=str(HERE / "RESULTS.md"),
+        metavar="MD",
+        help="where --write-results writes (default benchmarks/RESULTS.md; the JSON goes beside it)",
+    )
+    ap.add_argument(
+        "--streams",
+        action="store_true",
+        help="also run each OpenVINO package compiled for throughput, a batch split across its streams",
+    )
+    ap.add_argument(
+        "--render",
+        default=None,
+        metavar="REPORT.json",
+        help="only rewrite the results file (--results) from a saved report; measures nothing",
+    )
     args = ap.parse_args(argv)
 
     if args.render:
@@ -622,8 +767,9 @@ def main(argv=None) -> int:
         profile_md = format_profiles(profiles) + profile_summary(profiles) if profiles else None
         report["limits"] = apply_observed_limits(report["rows"], report["limits"])
         report["targets"] = check_targets(report["rows"], report["limits"])
-        write_results(Path(args.results), report, format_table(report["rows"]),
-                      format_targets(report["targets"]), profile_md)
+        write_results(
+            Path(args.results), report, format_table(report["rows"]), format_targets(report["targets"]), profile_md
+        )
         from arcdeploy.utils import write_json_atomic
 
         if Path(args.render).resolve() == Path(args.results).with_suffix(".json").resolve():
@@ -646,18 +792,29 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 
-    report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "command": "python benchmarks/compare_peers.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-              "cpu": cpu_summary(), "rounds": rounds, "seconds": seconds, "min_runs": min_runs,
-              "archs": archs, "batches": batches, "combos": [":".join(c) for c in combos], "notes": [],
-              "load_average": {"start": list(os.getloadavg())}}
+    report = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python benchmarks/compare_peers.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "cpu": cpu_summary(),
+        "rounds": rounds,
+        "seconds": seconds,
+        "min_runs": min_runs,
+        "archs": archs,
+        "batches": batches,
+        "combos": [":".join(c) for c in combos],
+        "notes": [],
+        "load_average": {"start": list(os.getloadavg())},
+    }
     if args.no_peak:
         limits = {"fp32": None, "bf16": None, "int8": None, "detail": {"gemm_gflops": {}, "openvino_conv": {}}}
     else:
         log("measuring this machine's limits ...")
         limits = machine_limits(quick=args.quick)
-        log("  " + ", ".join(f"{k} {limits[k]:.1f}" if limits.get(k) else f"{k} -" for k in ("fp32", "bf16", "int8"))
-            + " G(FL)OP/s")
+        log(
+            "  "
+            + ", ".join(f"{k} {limits[k]:.1f}" if limits.get(k) else f"{k} -" for k in ("fp32", "bf16", "int8"))
+            + " G(FL)OP/s"
+        )
     # a "bf16" limit counts only if something executed bf16; OpenVINO's bf16 hint runs f32 here
     report["limits"] = limits
     report["macs"] = {a: model_macs(a) for a in archs}
@@ -676,8 +833,12 @@ def main(argv=None) -> int:
 
             pb = args.profile_batch or max(batches)
             for r in runners:
-                if (r.kind == "arcdeploy" and not r.error and r.info.get("engine") == "openvino"
-                        and "streams" not in r.name):  # same model and compiled settings as the latency runner
+                if (
+                    r.kind == "arcdeploy"
+                    and not r.error
+                    and r.info.get("engine") == "openvino"
+                    and "streams" not in r.name
+                ):  # same model and compiled settings as the latency runner
                     log(f"[{arch}] profiling {r.name} at batch {pb}")
                     try:
                         p = profile_package(r.info["package"], pb, iterations=1 if args.quick else 2)

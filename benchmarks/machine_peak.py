@@ -26,6 +26,7 @@ BN / PReLU / add are ignored: under 1% of the work). FLOPs = 2 x MACs.
 
 Run alone: ``python benchmarks/machine_peak.py [--quick] [--json FILE]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,7 +90,7 @@ def _best_rate(fn, ops: float, seconds: float, min_runs: int = 3) -> float:
 def gemm_rates(n: int = 2048, seconds: float = 2.0) -> dict:
     import torch
 
-    ops = 2.0 * n ** 3
+    ops = 2.0 * n**3
     out = {}
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     out[f"fp32 numpy matmul {n}x{n}"] = _best_rate(lambda: a @ a, ops, seconds)
@@ -98,7 +99,7 @@ def gemm_rates(n: int = 2048, seconds: float = 2.0) -> dict:
     # bf16: small size, it may be emulated (very slow without bf16 hardware)
     nb = 512
     tb = torch.randn(nb, nb).to(torch.bfloat16)
-    out[f"bf16 torch matmul {nb}x{nb}"] = _best_rate(lambda: tb @ tb, 2.0 * nb ** 3, seconds / 2, min_runs=2)
+    out[f"bf16 torch matmul {nb}x{nb}"] = _best_rate(lambda: tb @ tb, 2.0 * nb**3, seconds / 2, min_runs=2)
     return {k: v / 1e9 for k, v in out.items()}
 
 
@@ -110,7 +111,7 @@ def _conv_stack_model(int8: bool, batch: int, channels: int, size: int, depth: i
     rng = np.random.default_rng(0)
     x = ops.parameter([batch, channels, size, size], np.float32, name="input")
     h = x
-    for i in range(depth):
+    for _ in range(depth):
         w = (rng.standard_normal((channels, channels, 3, 3)) * (1.0 / np.sqrt(9 * channels))).astype(np.float32)
         wnode = ops.constant(w)
         if int8:
@@ -125,8 +126,9 @@ def _conv_stack_model(int8: bool, batch: int, channels: int, size: int, depth: i
     return ov.Model([h], [x], f"conv_stack_{'int8' if int8 else 'fp32'}")
 
 
-def openvino_conv_rates(batch: int = 16, channels: int = 256, size: int = 14, depth: int = 8,
-                        seconds: float = 3.0) -> dict:
+def openvino_conv_rates(
+    batch: int = 16, channels: int = 256, size: int = 14, depth: int = 8, seconds: float = 3.0
+) -> dict:
     """GFLOP/s (GOP/s) of OpenVINO's 3x3 convolutions in f32, bf16-hint and int8, and what each executed in."""
     import openvino as ov
 
@@ -136,19 +138,28 @@ def openvino_conv_rates(batch: int = 16, channels: int = 256, size: int = 14, de
     out = {}
     for label, int8, hint in (("fp32", False, "f32"), ("bf16", False, "bf16"), ("int8", True, "f32")):
         try:
-            cm = core.compile_model(_conv_stack_model(int8, batch, channels, size, depth), "CPU",
-                                    {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint})
+            cm = core.compile_model(
+                _conv_stack_model(int8, batch, channels, size, depth),
+                "CPU",
+                {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint},
+            )
         except Exception as exc:  # a hint this CPU refuses
             out[label] = {"gflops": None, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
             continue
-        executed = sorted({op.get_rt_info()["runtimePrecision"].astype(str)
-                           for op in cm.get_runtime_model().get_ops()
-                           if "layerType" in op.get_rt_info()
-                           and op.get_rt_info()["layerType"].astype(str) == "Convolution"})
+        executed = sorted(
+            {
+                op.get_rt_info()["runtimePrecision"].astype(str)
+                for op in cm.get_runtime_model().get_ops()
+                if "layerType" in op.get_rt_info() and op.get_rt_info()["layerType"].astype(str) == "Convolution"
+            }
+        )
         req = cm.create_infer_request()
-        rate = _best_rate(lambda: req.infer({0: x}), 2.0 * macs, seconds)
-        out[label] = {"gflops": rate / 1e9, "executed": executed,
-                      "inference_precision": str(cm.get_property("INFERENCE_PRECISION_HINT"))}
+        rate = _best_rate(lambda req=req: req.infer({0: x}), 2.0 * macs, seconds)
+        out[label] = {
+            "gflops": rate / 1e9,
+            "executed": executed,
+            "inference_precision": str(cm.get_property("INFERENCE_PRECISION_HINT")),
+        }
     return out
 
 
@@ -197,8 +208,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     cpu = cpu_summary()
-    print(f"CPU: {cpu['cpu']}  {cpu['logical_cpus']} logical CPUs  {cpu['mhz']} MHz  flags: {' '.join(cpu['flags'])}"
-          + (f"  nominal AVX2 fp32 peak {cpu['nominal_fp32_gflops']:.0f} GFLOP/s" if cpu.get("nominal_fp32_gflops") else ""))
+    print(
+        f"CPU: {cpu['cpu']}  {cpu['logical_cpus']} logical CPUs  {cpu['mhz']} MHz  flags: {' '.join(cpu['flags'])}"
+        + (
+            f"  nominal AVX2 fp32 peak {cpu['nominal_fp32_gflops']:.0f} GFLOP/s"
+            if cpu.get("nominal_fp32_gflops")
+            else ""
+        )
+    )
     for arch in args.archs.split(","):
         macs = model_macs(arch)
         print(f"{arch:>5}: {macs / 1e9:.3f} GMACs = {2 * macs / 1e9:.3f} GFLOPs per 112x112 image")
@@ -209,10 +226,15 @@ def main(argv=None) -> int:
         if v.get("gflops") is None:
             print(f"  OpenVINO conv {k:<8} failed: {v['error']}")
         else:
-            print(f"  OpenVINO conv {k:<8} {v['gflops']:8.1f} G(FL)OP/s  executed {','.join(v['executed'])} "
-                  f"(inference precision {v['inference_precision']})")
-    print("limits: " + ", ".join(f"{k} {lim[k]:.1f}" if lim.get(k) else f"{k} -" for k in ("fp32", "bf16", "int8"))
-          + " G(FL)OP/s")
+            print(
+                f"  OpenVINO conv {k:<8} {v['gflops']:8.1f} G(FL)OP/s  executed {','.join(v['executed'])} "
+                f"(inference precision {v['inference_precision']})"
+            )
+    print(
+        "limits: "
+        + ", ".join(f"{k} {lim[k]:.1f}" if lim.get(k) else f"{k} -" for k in ("fp32", "bf16", "int8"))
+        + " G(FL)OP/s"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": cpu, "limits": lim}, f, indent=2)

@@ -9,6 +9,7 @@ precision it executed in).
 
     python benchmarks/profile_layers.py PKG [PKG ...] [--batch 16] [--iterations 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,14 @@ if SRC not in sys.path:
 
 
 def profile_package(pkg_dir, batch: int = 16, iterations: int = 2, threads: int | None = None) -> dict:
-    """{"by_type": {type: ms per batch}, "by_exec": {(type, exec_type): ms}, "total_ms": ...} averaged over iterations."""
+    """{"by_type": {type: ms per batch}, "by_exec": {(type, exec_type): ms}, "total_ms": ...},
+    averaged over iterations."""
     import openvino as ov
 
+    from arcdeploy.demo.synth import aligned_faces
     from arcdeploy.engines.openvino import compile_config
     from arcdeploy.faces.preprocess import to_model_input
     from arcdeploy.package import read_manifest
-    from arcdeploy.demo.synth import aligned_faces
 
     manifest = read_manifest(pkg_dir)
     if manifest.get("engine") != "openvino":

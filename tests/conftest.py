@@ -3,6 +3,7 @@
 Everything is made on the fly from arcdeploy.demo.synth, so the suite needs no
 downloads. Session-scoped, because exporting and building cost seconds.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,8 +51,9 @@ def r18_ort_fp32_pkg(tmp_path_factory, r18_export):
     """A small real package (ONNX Runtime fp32) for tests of later stages."""
     from arcdeploy import build
 
-    return build(r18_export.out_dir, tmp_path_factory.mktemp("pkg") / "r18_ort_fp32",
-                 engine="onnxruntime", precision="fp32")
+    return build(
+        r18_export.out_dir, tmp_path_factory.mktemp("pkg") / "r18_ort_fp32", engine="onnxruntime", precision="fp32"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 Checks correctness of what is reported, never speed (timings on shared CI cores vary).
 """
+
 from __future__ import annotations
 
 import json
@@ -78,8 +79,9 @@ def test_bench_rejects_iterations_and_duration(r18_ort_fp32_pkg):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "arcdeploy", "bench", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "arcdeploy", "bench", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_writes_json(r18_ort_fp32_pkg, tmp_path):
@@ -93,12 +95,15 @@ def test_cli_writes_json(r18_ort_fp32_pkg, tmp_path):
     assert "throughput" in proc.stdout and "p50" in proc.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch", "0"], "batch sizes must be >= 1"),
-    (["--batch", "a,b"], "not an integer"),
-    (["--iterations", "2", "--duration", "1"], "not both"),
-    (["--iterations", "0"], "--iterations"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch", "0"], "batch sizes must be >= 1"),
+        (["--batch", "a,b"], "not an integer"),
+        (["--iterations", "2", "--duration", "1"], "not both"),
+        (["--iterations", "0"], "--iterations"),
+    ],
+)
 def test_cli_argument_errors(r18_ort_fp32_pkg, args, message):
     proc = _cli(r18_ort_fp32_pkg, *args)
     assert proc.returncode != 0
@@ -140,7 +145,9 @@ def test_cli_e2e_missing_folder(r18_ort_fp32_pkg, tmp_path):
 def r18_ov_fp32_pkg(tmp_path_factory, r18_export):
     from arcdeploy import build
 
-    return build(r18_export.out_dir, tmp_path_factory.mktemp("pkg") / "r18_ov_fp32", engine="openvino", precision="fp32")
+    return build(
+        r18_export.out_dir, tmp_path_factory.mktemp("pkg") / "r18_ov_fp32", engine="openvino", precision="fp32"
+    )
 
 
 def test_bench_openvino_throughput_mode_uses_async_requests(r18_ov_fp32_pkg):

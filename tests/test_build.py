@@ -1,4 +1,5 @@
 """Issue 3: build packages (engine x precision), calibration, manifest, fidelity floors, errors."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,12 +12,12 @@ import pytest
 from arcdeploy import build
 from arcdeploy.builder import normalize_precision
 from arcdeploy.cli import main as cli_main
+from arcdeploy.demo.synth import aligned_faces, draw_face
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.fidelity import FLOORS
+from arcdeploy.machine import cpu_flags
 from arcdeploy.manifest import PACKAGE_FORMAT
 from arcdeploy.package import load, read_manifest
-from arcdeploy.demo.synth import aligned_faces, draw_face
-from arcdeploy.machine import cpu_flags
 
 CALIB_COUNT = 32
 CHECK_COUNT = 16  # images for each build's fidelity check (keeps the suite fast)
@@ -38,16 +39,29 @@ def packages(tmp_path_factory, r18_export, calib_faces):
         key = (engine, precision)
         if key not in cache:
             calib = calib_faces if precision == "int8" else None
-            cache[key] = build(r18_export.out_dir, root / f"{engine}_{precision}", engine=engine,
-                               precision=precision, calib=calib, calib_count=CALIB_COUNT,
-                               check_count=CHECK_COUNT)
+            cache[key] = build(
+                r18_export.out_dir,
+                root / f"{engine}_{precision}",
+                engine=engine,
+                precision=precision,
+                calib=calib,
+                calib_count=CALIB_COUNT,
+                check_count=CHECK_COUNT,
+            )
         return cache[key]
 
     return get
 
 
-RUNNABLE = [("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "fp16"), ("openvino", "int8"),
-            ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("torch", "fp32")]
+RUNNABLE = [
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+    ("openvino", "fp16"),
+    ("openvino", "int8"),
+    ("onnxruntime", "fp32"),
+    ("onnxruntime", "int8"),
+    ("torch", "fp32"),
+]
 
 
 @pytest.mark.parametrize("engine,precision", RUNNABLE)
@@ -124,8 +138,15 @@ def test_manifest_contents(packages):
 
 def test_build_from_checkpoint_folded_static_batch(tmp_path, r18_ckpt, faces16):
     """Checkpoint in (export implied), uint8 NHWC input folded into the graph, static batch 4."""
-    out = build(r18_ckpt, tmp_path / "pkg", engine="openvino", precision="fp32", batch=4, fold_preprocessing=True,
-                check_count=CHECK_COUNT)
+    out = build(
+        r18_ckpt,
+        tmp_path / "pkg",
+        engine="openvino",
+        precision="fp32",
+        batch=4,
+        fold_preprocessing=True,
+        check_count=CHECK_COUNT,
+    )
     m = read_manifest(out)
     assert m["input"]["dtype"] == "uint8" and m["input"]["layout"] == "NHWC" and m["input"]["normalize_in_graph"]
     assert m["batch"] == 4 and m["dynamic_batch"] is False
@@ -137,8 +158,14 @@ def test_build_from_checkpoint_folded_static_batch(tmp_path, r18_ckpt, faces16):
 
 
 def test_onnxruntime_folded_preprocessing(tmp_path, r18_export, faces16, packages):
-    out = build(r18_export.out_dir, tmp_path / "pkg", engine="onnxruntime", precision="fp32", fold_preprocessing=True,
-                check_count=CHECK_COUNT)
+    out = build(
+        r18_export.out_dir,
+        tmp_path / "pkg",
+        engine="onnxruntime",
+        precision="fp32",
+        fold_preprocessing=True,
+        check_count=CHECK_COUNT,
+    )
     folded = load(out)
     assert folded.runtime.session.get_inputs()[0].type == "tensor(uint8)"
     plain = load(packages("onnxruntime", "fp32"))
@@ -148,7 +175,7 @@ def test_onnxruntime_folded_preprocessing(tmp_path, r18_export, faces16, package
 def test_openvino_infer_many_matches_infer(packages, faces16):
     pkg = load(packages("openvino", "int8"), performance_hint="THROUGHPUT")
     assert pkg.describe().details["performance_hint"] == "THROUGHPUT"
-    batches = [faces16[i:i + 4] for i in range(0, 16, 4)]
+    batches = [faces16[i : i + 4] for i in range(0, 16, 4)]
     many = pkg.infer_many(batches)
     assert len(many) == 4
     for got, b in zip(many, batches):
@@ -176,8 +203,23 @@ def test_precision_aliases(tmp_path, r18_export):
     assert normalize_precision("force_float16") == "fp16"
     assert normalize_precision("qint8_mixed_float16") == "int8"
     out = tmp_path / "pkg"
-    assert cli_main(["build", str(r18_export.onnx_path), "--engine", "onnxruntime", "--precision", "force_float32",
-                     "--check-count", "8", "-o", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "build",
+                str(r18_export.onnx_path),
+                "--engine",
+                "onnxruntime",
+                "--precision",
+                "force_float32",
+                "--check-count",
+                "8",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = read_manifest(out)
     assert m["precision"] == "fp32" and m["requested_precision"] == "force_float32"
 
@@ -195,8 +237,15 @@ def test_int8_alias_builds_with_calibration_files(tmp_path, r18_export):
     (img_dir / "broken.jpg").write_bytes(b"not a jpeg")
     lmk_file = tmp_path / "lmk.txt"
     lmk_file.write_text("\n".join(rows) + "\n")
-    out = build(r18_export.out_dir, tmp_path / "pkg", engine="onnxruntime", precision="qint8_mixed_float16",
-                calib=img_dir, calib_landmarks=lmk_file, calib_count=16)
+    out = build(
+        r18_export.out_dir,
+        tmp_path / "pkg",
+        engine="onnxruntime",
+        precision="qint8_mixed_float16",
+        calib=img_dir,
+        calib_landmarks=lmk_file,
+        calib_count=16,
+    )
     m = read_manifest(out)
     assert m["precision"] == "int8"
     assert m["calibration"]["count"] == 16 and m["calibration"]["skipped_count"] == 1
@@ -211,7 +260,15 @@ def test_strict_fails_and_writes_nothing(tmp_path, r18_export):
     flat = np.full((8, 112, 112, 3), 128, np.uint8)
     out = tmp_path / "pkg"
     with pytest.raises(ArcdeployError, match="below the floor.*not written"):
-        build(r18_export.out_dir, out, engine="openvino", precision="int8", calib=flat, strict=True, check_count=CHECK_COUNT)
+        build(
+            r18_export.out_dir,
+            out,
+            engine="openvino",
+            precision="int8",
+            calib=flat,
+            strict=True,
+            check_count=CHECK_COUNT,
+        )
     assert not out.exists()
 
 
@@ -251,8 +308,9 @@ def test_errors_one_line(tmp_path, r18_export, capsys, monkeypatch):
         build(src, out, engine="openvino", precision="int8", calib=np.zeros((4, 64, 64, 3), np.uint8))
     from arcdeploy.engines import registry
 
-    monkeypatch.setitem(registry.ENGINE_MODULES, "openvino",
-                        ("arcdeploy.engines.openvino", "openvino_not_installed_here", "openvino"))
+    monkeypatch.setitem(
+        registry.ENGINE_MODULES, "openvino", ("arcdeploy.engines.openvino", "openvino_not_installed_here", "openvino")
+    )
     err = _cli_error(["build", src, "--engine", "openvino", "-o", out], capsys)
     assert "not installed: pip install openvino" in err
     assert not (tmp_path / "pkg").exists()  # no failed build leaves a package behind

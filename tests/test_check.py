@@ -1,4 +1,5 @@
 """Issue 3: `arcdeploy check` / arcdeploy.fidelity.check against the stored fp32 reference."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
-from arcdeploy.cli import main as cli_main
-from arcdeploy.errors import ArcdeployError
 from arcdeploy import check
+from arcdeploy.cli import main as cli_main
+from arcdeploy.demo.synth import draw_face
+from arcdeploy.errors import ArcdeployError
 from arcdeploy.fidelity import cosine_rows, summarize
 from arcdeploy.package import load, read_manifest
-from arcdeploy.demo.synth import draw_face
 
 
 def test_check_generated_images(r18_ort_fp32_pkg):

@@ -1,4 +1,5 @@
 """Face detection with real detectors (SCRFD-500M, YuNet) on real photos: points, boxes, files, errors."""
+
 from __future__ import annotations
 
 import subprocess
@@ -32,8 +33,10 @@ RECOGNITION = REAL / "models" / "w600k_mbf.onnx"
 PHOTOS = REAL / "faces" / "photos"
 PHOTO_POINTS = REAL / "faces" / "photos_5pts.txt"
 
-needs_real = pytest.mark.skipif(not (SCRFD.exists() and YUNET.exists() and PHOTO_POINTS.exists()),
-                                reason=f"real detectors and photos not found at {REAL}")
+needs_real = pytest.mark.skipif(
+    not (SCRFD.exists() and YUNET.exists() and PHOTO_POINTS.exists()),
+    reason=f"real detectors and photos not found at {REAL}",
+)
 
 # largest point error allowed, as a fraction of the inter-ocular distance. The reference points
 # came from SCRFD-500M itself (insightface's code, which maps back with one scale for both axes;
@@ -44,8 +47,14 @@ MEAN_ERROR = {"scrfd": 0.005, "yunet": 0.12}
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "arcdeploy", "detect", *map(str, args)], check=False,
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "arcdeploy", "detect", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +79,7 @@ def _relative_errors(points, ref):
 
 
 # ------------------------------------------------------------------ real photos
+
 
 @needs_real
 @pytest.mark.parametrize("kind", ["scrfd", "yunet"])
@@ -218,8 +228,8 @@ def group(tmp_path_factory, photos, reference):
         centre = pts.mean(axis=0)
         half = 2.2 * np.linalg.norm(pts[0] - pts[1])
         x0, y0 = int(centre[0] - half), int(centre[1] - half)
-        crop = photos[name][max(y0, 0):y0 + int(2 * half), max(x0, 0):x0 + int(2 * half)]
-        canvas[y:y + side, x:x + side] = cv2.resize(crop, (side, side), interpolation=cv2.INTER_AREA)
+        crop = photos[name][max(y0, 0) : y0 + int(2 * half), max(x0, 0) : x0 + int(2 * half)]
+        canvas[y : y + side, x : x + side] = cv2.resize(crop, (side, side), interpolation=cv2.INTER_AREA)
         squares.append((x, y, x + side, y + side))
     folder = tmp_path_factory.mktemp("group")
     cv2.imwrite(str(folder / "group.png"), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
@@ -270,6 +280,7 @@ def test_group_photo_all_faces(kind, group, tmp_path):
 
 # ------------------------------------------------------------------ the command
 
+
 @needs_real
 def test_cli_photos_folder_end_to_end(tmp_path, reference):
     out = tmp_path / "faces.txt"
@@ -310,8 +321,7 @@ def test_images_without_a_face_or_unreadable_are_named(tmp_path, capsys):
     photo = PHOTOS / "Anthony_Hopkins" / "Anthony_Hopkins_0001.jpg"
     (folder / "people" / photo.name).write_bytes(photo.read_bytes())
     listing = tmp_path / "list.txt"
-    listing.write_text("imgs/flat.png\nimgs/noise.jpg\nimgs/notes.jpg\nimgs/missing.jpg\nimgs/people/"
-                       f"{photo.name}\n")
+    listing.write_text(f"imgs/flat.png\nimgs/noise.jpg\nimgs/notes.jpg\nimgs/missing.jpg\nimgs/people/{photo.name}\n")
     for detector in (SCRFD, YUNET):
         out = tmp_path / f"{detector.stem}.txt"
         code = main(["detect", str(listing), "--detector", str(detector), "-o", str(out)])
@@ -363,6 +373,7 @@ def test_detect_is_listed_in_help():
 
 # ------------------------------------------------------------------ pieces (no real material)
 
+
 def test_nms_keeps_the_best_of_overlapping_boxes():
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10.5]], np.float32)
     scores = np.array([0.6, 0.9, 0.7, 0.5], np.float32)
@@ -375,7 +386,7 @@ def test_nms_keeps_the_best_of_overlapping_boxes():
 def test_letterbox_keeps_aspect_and_maps_back(shape):
     h, w = shape
     img = np.zeros((h, w, 3), np.uint8)
-    img[h // 3: h // 3 + max(h // 10, 1), w // 2: w // 2 + max(w // 10, 1)] = 255
+    img[h // 3 : h // 3 + max(h // 10, 1), w // 2 : w // 2 + max(w // 10, 1)] = 255
     canvas, (sx, sy) = letterbox(img, (640, 640))
     assert canvas.shape == (640, 640, 3)
     nh, nw = round(h * sy), round(w * sx)
@@ -390,9 +401,9 @@ def test_best_first_is_largest_then_score():
     def face(box, score):
         return Face(np.array(box, np.float32), np.zeros((5, 2), np.float32), score)
 
-    small_sure = face([480, 280, 520, 330], 0.99)     # central, small
-    big_aside = face([0, 0, 200, 250], 0.7)           # off-centre, large
-    twin = face([600, 0, 800, 250], 0.8)              # as large, higher score
+    small_sure = face([480, 280, 520, 330], 0.99)  # central, small
+    big_aside = face([0, 0, 200, 250], 0.7)  # off-centre, large
+    twin = face([600, 0, 800, 250], 0.8)  # as large, higher score
     assert best_first([small_sure, big_aside, twin]) == [twin, big_aside, small_sure]
     assert best_first([]) == []
 

@@ -1,4 +1,5 @@
 """Issue 2: official backbones, checkpoint loading, export, one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,10 @@ import pytest
 import torch
 
 from arcdeploy.backbones import ARCHS, build_model, detect_arch
-from arcdeploy.sources.checkpoint import load_backbone, read_checkpoint
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.exporter import export
 from arcdeploy.exporter import verification_inputs as reference_inputs
+from arcdeploy.sources.checkpoint import load_backbone, read_checkpoint
 
 # SPEC section 2: key counts (with num_batches_tracked) and fp32 sizes
 KEY_COUNTS = {"r18": 187, "r34": 331, "r50": 475, "r100": 925, "r200": 1807}
@@ -153,6 +154,7 @@ def test_export_writes_files_and_manifest(r18_export, r18_ckpt):
     assert manifest["input"]["normalize"] == {"mean": 127.5, "std": 127.5}
     assert manifest["opset"] == 17
     import hashlib
+
     assert manifest["source"]["sha256"] == hashlib.sha256(r18_ckpt.read_bytes()).hexdigest()
     assert manifest["versions"]["torch"] == torch.__version__
     assert manifest["verification"]["relative_error"]["onnx"] <= 1e-4

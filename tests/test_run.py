@@ -1,4 +1,5 @@
 """Issue 7: the one-command run, its report, step reuse and failure handling, and the demo."""
+
 from __future__ import annotations
 
 import json
@@ -9,16 +10,25 @@ from arcdeploy.cli import main
 from arcdeploy.demo import DemoConfig
 from arcdeploy.run import run_pipeline
 
-TINY_DEMO = DemoConfig(identities=6, templates_per_id=2, images_per_template=2, bin_pairs=30, calib_images=24,
-                       precisions=("fp32", "int8"), batches=(1, 4), iterations=3)
+TINY_DEMO = DemoConfig(
+    identities=6,
+    templates_per_id=2,
+    images_per_template=2,
+    bin_pairs=30,
+    calib_images=24,
+    precisions=("fp32", "int8"),
+    batches=(1, 4),
+    iterations=3,
+)
 
 
 @pytest.fixture(scope="module")
 def failing_run(tmp_path_factory, r18_ckpt):
     """fp32 builds; int8 without calibration images must fail and be reported."""
     out = tmp_path_factory.mktemp("run") / "out"
-    first = run_pipeline(r18_ckpt, out, engine="onnxruntime", precisions=["fp32", "int8"],
-                         batches=[2], iterations=3, log=lambda m: None)
+    first = run_pipeline(
+        r18_ckpt, out, engine="onnxruntime", precisions=["fp32", "int8"], batches=[2], iterations=3, log=lambda m: None
+    )
     return out, first
 
 
@@ -46,8 +56,9 @@ def test_failing_step_is_reported_and_the_rest_runs(failing_run):
 
 def test_rerun_reuses_finished_steps(failing_run, r18_ckpt):
     out, _ = failing_run
-    again = run_pipeline(r18_ckpt, out, engine="onnxruntime", precisions=["fp32", "int8"],
-                         batches=[2], iterations=3, log=lambda m: None)
+    again = run_pipeline(
+        r18_ckpt, out, engine="onnxruntime", precisions=["fp32", "int8"], batches=[2], iterations=3, log=lambda m: None
+    )
     status = {s.name: s.status for s in again.steps}
     assert status["export"] == "reused"
     assert status["build onnxruntime-fp32"] == "reused"
@@ -79,8 +90,22 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
 
 def test_cli_run_names_failed_steps_and_exits_nonzero(failing_run, r18_ckpt, capsys):
     out, _ = failing_run
-    code = main(["run", str(r18_ckpt), "-o", str(out), "--engine", "onnxruntime", "--precisions", "fp32,int8",
-                 "--batches", "2", "--iterations", "3"])
+    code = main(
+        [
+            "run",
+            str(r18_ckpt),
+            "-o",
+            str(out),
+            "--engine",
+            "onnxruntime",
+            "--precisions",
+            "fp32,int8",
+            "--batches",
+            "2",
+            "--iterations",
+            "3",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 3
     err_lines = [line for line in captured.err.splitlines() if "error:" in line]

@@ -13,6 +13,7 @@ These functions are the layer the CLI calls; the stages behind them live in thei
 own modules (export, build, fidelity, bench, evaluate). Where a user gives no images
 for a fidelity check, this layer supplies generated faces and says so in the result.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,11 @@ def generated_check_images(count: int | None = None):
     from .demo.synth import aligned_faces
 
     n = count or GENERATED_CHECK_COUNT
-    return CheckImages(aligned_faces(n, seed=GENERATED_SEED), "generated",
-                       f"arcdeploy.demo.synth.aligned_faces(n={n}, seed={GENERATED_SEED})")
+    return CheckImages(
+        aligned_faces(n, seed=GENERATED_SEED),
+        "generated",
+        f"arcdeploy.demo.synth.aligned_faces(n={n}, seed={GENERATED_SEED})",
+    )
 
 
 def export(src, out_dir, **kwargs: Any):
@@ -49,8 +53,9 @@ def export(src, out_dir, **kwargs: Any):
     return _export(src, out_dir, **kwargs)
 
 
-def build(src, out, check_images=None, check_count: int | None = None, calib=None, precision: str = "fp32",
-          **kwargs: Any):
+def build(
+    src, out, check_images=None, check_count: int | None = None, calib=None, precision: str = "fp32", **kwargs: Any
+):
     """Build a package (see :func:`arcdeploy.builder.build`); checks on generated faces when no
     images are given and none are held out from the calibration set."""
     from .builder import build as _build
@@ -60,8 +65,9 @@ def build(src, out, check_images=None, check_count: int | None = None, calib=Non
         # an int8 build holds out part of its calibration images; only when too few remain
         # does it need generated ones, which it asks for through this fallback
         kwargs.setdefault("fallback_check_images", generated_check_images(check_count))
-    return _build(src, out, check_images=check_images, check_count=check_count, calib=calib,
-                  precision=precision, **kwargs)
+    return _build(
+        src, out, check_images=check_images, check_count=check_count, calib=calib, precision=precision, **kwargs
+    )
 
 
 def check(package, images=None, count: int | None = None, **kwargs: Any):

@@ -1,4 +1,5 @@
 """Architecture names and their shapes: plain data, so the CLI can list them without importing torch."""
+
 from __future__ import annotations
 
 # IResNet: blocks per stage

@@ -14,13 +14,15 @@ align + infer on real image files through :mod:`arcdeploy.faces.pipeline`.
 Modes: ``latency`` runs one request at a time; ``throughput`` keeps several requests
 in flight (OpenVINO: async infer requests, one CPU stream each).
 """
+
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +73,7 @@ def latency_summary(latencies_ms) -> dict:
 
 # ---- memory -------------------------------------------------------------------------
 
+
 def _status_kb(name: str) -> int | None:
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -98,6 +101,7 @@ def _peak_rss_mb() -> float:
 
 
 # ---- results --------------------------------------------------------------------------
+
 
 @dataclass
 class BenchRow:
@@ -151,6 +155,7 @@ class BenchResult:
 
 # ---- e2e ------------------------------------------------------------------------------
 
+
 def _e2e_inputs(source) -> tuple[list, Path | None]:
     """The image paths of ``--e2e`` and their root folder, checked before any timing starts."""
     from .faces.io import images_root, list_images
@@ -171,10 +176,20 @@ def _bench_e2e(pkg, paths, root, landmarks, batch: int, warmup: int) -> dict:
     res = embed_files(pkg, paths, landmarks=landmarks, batch=batch, progress=False, root=root)
     wall = time.perf_counter() - t0
     n = len(paths)
-    aligned = "5-point alignment from the landmark file" if landmarks is not None else "no landmarks: images taken as aligned crops"
-    return {"images": n, "failed": len(res.failures), "batch": batch, "wall_s": wall,
-            "throughput": n / wall, "ms_per_image": wall * 1e3 / n,
-            "what": f"decode + align + preprocess + infer (arcdeploy.faces.pipeline.embed_files; {aligned})"}
+    aligned = (
+        "5-point alignment from the landmark file"
+        if landmarks is not None
+        else "no landmarks: images taken as aligned crops"
+    )
+    return {
+        "images": n,
+        "failed": len(res.failures),
+        "batch": batch,
+        "wall_s": wall,
+        "throughput": n / wall,
+        "ms_per_image": wall * 1e3 / n,
+        "what": f"decode + align + preprocess + infer (arcdeploy.faces.pipeline.embed_files; {aligned})",
+    }
 
 
 def timing_faces(n: int) -> np.ndarray:
@@ -184,6 +199,7 @@ def timing_faces(n: int) -> np.ndarray:
 
 
 # ---- the benchmark --------------------------------------------------------------------
+
 
 def _validate(iterations, duration, warmup, threads, streams, mode) -> None:
     if iterations is not None and duration is not None:
@@ -202,9 +218,19 @@ def _validate(iterations, duration, warmup, threads, streams, mode) -> None:
         raise ArcdeployError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
 
 
-def bench(package_or_path, batches=DEFAULT_BATCHES, iterations: int | None = None, duration: float | None = None,
-          warmup: int = DEFAULT_WARMUP, threads: int | None = None, streams: int | None = None,
-          mode: str = "latency", e2e=None, e2e_landmarks=None, log: Callable[[str], None] | None = None) -> BenchResult:
+def bench(
+    package_or_path,
+    batches=DEFAULT_BATCHES,
+    iterations: int | None = None,
+    duration: float | None = None,
+    warmup: int = DEFAULT_WARMUP,
+    threads: int | None = None,
+    streams: int | None = None,
+    mode: str = "latency",
+    e2e=None,
+    e2e_landmarks=None,
+    log: Callable[[str], None] | None = None,
+) -> BenchResult:
     """Benchmark a package.
 
     ``package_or_path``: a package folder or a loaded :class:`arcdeploy.package.Package`.
@@ -220,8 +246,11 @@ def bench(package_or_path, batches=DEFAULT_BATCHES, iterations: int | None = Non
     _validate(iterations, duration, warmup, threads, streams, mode)
     iterations = int(iterations) if iterations is not None else None
     # an explicit --duration is obeyed even if it allows fewer than MIN_ITERATIONS runs
-    stop = StopRule(iterations, float(duration) if duration is not None else DEFAULT_DURATION_S,
-                    1 if duration is not None else MIN_ITERATIONS)
+    stop = StopRule(
+        iterations,
+        float(duration) if duration is not None else DEFAULT_DURATION_S,
+        1 if duration is not None else MIN_ITERATIONS,
+    )
     e2e_paths, e2e_root = _e2e_inputs(e2e) if e2e is not None else (None, None)
     if e2e_landmarks is not None and not Path(e2e_landmarks).exists():
         raise ArcdeployError(f"{e2e_landmarks}: no such landmark file")
@@ -273,32 +302,60 @@ def bench(package_or_path, batches=DEFAULT_BATCHES, iterations: int | None = Non
         if direct:
             x = pkg.to_model_input(fb)
             lat, wall = runtime.timed_runs(x, in_flight, int(warmup), stop)
-            how = (f"{'OpenVINO AsyncInferQueue' if has_async else runtime.engine_name + ' threads'}, {in_flight} requests"
-                   if in_flight > 1 else "engine.infer on prepared input")
+            how = (
+                f"{'OpenVINO AsyncInferQueue' if has_async else runtime.engine_name + ' threads'}, {in_flight} requests"
+                if in_flight > 1
+                else "engine.infer on prepared input"
+            )
         else:
             lat, wall = _sync_package(pkg, fb, int(warmup), stop)
             how = f"Package.infer (fixed batch {fixed}: padded/split, includes preprocessing)"
         n = len(lat)
-        row = BenchRow(batch=b, throughput=b * n / wall, latency_ms=latency_summary(lat), iterations=n,
-                       images=b * n, wall_s=wall, how=how)
+        row = BenchRow(
+            batch=b,
+            throughput=b * n / wall,
+            latency_ms=latency_summary(lat),
+            iterations=n,
+            images=b * n,
+            wall_s=wall,
+            how=how,
+        )
         rows.append(row)
         if log:
             log(f"batch {b:>4}: {row.throughput:9.1f} img/s  p50 {row.latency_ms['p50']:8.2f} ms  ({n} runs)")
 
-    e2e_result = _bench_e2e(pkg, e2e_paths, e2e_root, e2e_landmarks, max_batch, int(warmup)) if e2e is not None else None
+    e2e_result = (
+        _bench_e2e(pkg, e2e_paths, e2e_root, e2e_landmarks, max_batch, int(warmup)) if e2e is not None else None
+    )
     info = runtime.describe()
     m = pkg.manifest
     return BenchResult(
-        results=rows, package=str(pkg.path), arch=m.arch, engine=m.engine, precision=m.precision,
-        device=info.device or m.device, threads=info.threads or threads, threads_note="as set" if threads else "engine default",
-        mode=mode, streams=in_flight, streams_note=streams_note, warmup=int(warmup), iterations=iterations,
+        results=rows,
+        package=str(pkg.path),
+        arch=m.arch,
+        engine=m.engine,
+        precision=m.precision,
+        device=info.device or m.device,
+        threads=info.threads or threads,
+        threads_note="as set" if threads else "engine default",
+        mode=mode,
+        streams=in_flight,
+        streams_note=streams_note,
+        warmup=int(warmup),
+        iterations=iterations,
         duration_s=duration if duration is not None else (None if iterations is not None else DEFAULT_DURATION_S),
-        fixed_batch=fixed, load_ms=load_ms, first_inference_ms=first_ms, rss_before_load_mb=rss_before,
+        fixed_batch=fixed,
+        load_ms=load_ms,
+        first_inference_ms=first_ms,
+        rss_before_load_mb=rss_before,
         peak_rss_mb=_peak_rss_mb(),
-        peak_rss_note="process high-water mark since just before loading" if rss_reset
+        peak_rss_note="process high-water mark since just before loading"
+        if rss_reset
         else "process high-water mark (includes everything before loading)",
-        machine=machine_info(), engine_info={**{k: v for k, v in info.to_json().items() if k != "details"}, **info.details},
-        versions=library_versions("arcdeploy", "numpy", "openvino", "onnxruntime", "torch"), e2e=e2e_result,
+        machine=machine_info(),
+        engine_info={**{k: v for k, v in info.to_json().items() if k != "details"}, **info.details},
+        versions=library_versions("arcdeploy", "numpy", "openvino", "onnxruntime", "torch"),
+        e2e=e2e_result,
         what="model time on a batch already in the package's input format (seeded noise inputs)",
     )
 
@@ -321,8 +378,10 @@ def format_report(res: BenchResult | dict) -> str:
     mach = r["machine"]
     lines = [
         f"[ INFO ] Package       {r['package']}",
-        f"[ INFO ] Model         {r.get('arch')}  engine {r['engine']}  precision {r['precision']}  device {r['device']}",
-        f"[ INFO ] CPU           {mach['cpu']}  ({mach['logical_cpus']} logical CPUs; {' '.join(mach['flags']) or 'no AVX2'})",
+        f"[ INFO ] Model         {r.get('arch')}  engine {r['engine']}  "
+        f"precision {r['precision']}  device {r['device']}",
+        f"[ INFO ] CPU           {mach['cpu']}  "
+        f"({mach['logical_cpus']} logical CPUs; {' '.join(mach['flags']) or 'no AVX2'})",
         f"[ INFO ] Threads       {r['threads'] if r['threads'] else 'engine default'}"
         + ("" if r["threads_note"] == "as set" else " (engine default)" if r["threads"] else ""),
         f"[ INFO ] Mode          {r['mode']};  streams: {r['streams_note']}",
@@ -340,11 +399,15 @@ def format_report(res: BenchResult | dict) -> str:
     lines.append(f"{'':>6} {'':>6} {'(img/s)':>12} {'(ms)':>9} {'(ms)':>9} {'(ms)':>9} {'(ms)':>9} {'(ms)':>9}")
     for row in r["results"]:
         lm = row["latency_ms"]
-        lines.append(f"{row['batch']:>6} {row['iterations']:>6} {row['throughput']:>12.1f} {lm['mean']:>9.2f} {lm['p50']:>9.2f} "
-                     f"{lm['p90']:>9.2f} {lm['p95']:>9.2f} {lm['p99']:>9.2f}")
+        lines.append(
+            f"{row['batch']:>6} {row['iterations']:>6} {row['throughput']:>12.1f} {lm['mean']:>9.2f} {lm['p50']:>9.2f} "
+            f"{lm['p90']:>9.2f} {lm['p95']:>9.2f} {lm['p99']:>9.2f}"
+        )
     e2e = r.get("e2e")
     if e2e:
         lines.append("")
-        lines.append(f"[ INFO ] End to end    {e2e['images']} images at batch {e2e['batch']}: {e2e['throughput']:.1f} img/s, "
-                     f"{e2e['ms_per_image']:.2f} ms/image ({e2e['what']})")
+        lines.append(
+            f"[ INFO ] End to end    {e2e['images']} images at batch {e2e['batch']}: {e2e['throughput']:.1f} img/s, "
+            f"{e2e['ms_per_image']:.2f} ms/image ({e2e['what']})"
+        )
     return "\n".join(lines)

@@ -9,6 +9,7 @@ fallback keeps the most sensitive layers in float until it passes
 (:mod:`arcdeploy.fallback`); still below, the build warns, or with ``strict`` fails
 and writes nothing.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,14 @@ from .engines.registry import DEFAULT_ENGINE
 from .errors import ArcdeployError
 from .files import atomic_dir, refuse_existing, scratch_dir, write_json_atomic
 from .machine import cpu_name, relevant_flags
-from .manifest import MANIFEST_NAME, PackageManifest, ReferenceSpec, parse_precision, read_export_manifest, resolve_inside
+from .manifest import (
+    MANIFEST_NAME,
+    PackageManifest,
+    ReferenceSpec,
+    parse_precision,
+    read_export_manifest,
+    resolve_inside,
+)
 from .quantize import QuantRecipe
 from .utils import library_versions, sha256_file
 
@@ -47,8 +55,9 @@ def normalize_precision(precision: str) -> str:
     return parse_precision(precision)
 
 
-def check_engine_precision(engine: str, precision: str, fold_preprocessing: bool = False,
-                           batch: int | None = None) -> None:
+def check_engine_precision(
+    engine: str, precision: str, fold_preprocessing: bool = False, batch: int | None = None
+) -> None:
     """Fail early, before any export, for combinations that cannot be built here."""
     eng = get_engine(engine)
     if precision not in eng.capabilities.precisions:
@@ -66,13 +75,30 @@ def _positive(name: str, value: int | None) -> None:
         raise ArcdeployError(f"--{name} must be at least 1, got {value}")
 
 
-def build(src, out, engine: str = DEFAULT_ENGINE, precision: str = "fp32", calib=None, calib_landmarks=None,
-          batch: int | None = None, threads: int | None = None, arch: str = "auto", force: bool = False,
-          strict: bool = False, calib_count: int | None = None, fold_preprocessing: bool = False,
-          check_images=None, check_landmarks=None, check_count: int | None = None,
-          recipe: QuantRecipe | None = None, fallback: bool = False, max_cosine_drop: float | None = None,
-          onnx_options: dict | None = None, fallback_check_images: CheckImages | None = None,
-          **options: Any) -> Path:
+def build(
+    src,
+    out,
+    engine: str = DEFAULT_ENGINE,
+    precision: str = "fp32",
+    calib=None,
+    calib_landmarks=None,
+    batch: int | None = None,
+    threads: int | None = None,
+    arch: str = "auto",
+    force: bool = False,
+    strict: bool = False,
+    calib_count: int | None = None,
+    fold_preprocessing: bool = False,
+    check_images=None,
+    check_landmarks=None,
+    check_count: int | None = None,
+    recipe: QuantRecipe | None = None,
+    fallback: bool = False,
+    max_cosine_drop: float | None = None,
+    onnx_options: dict | None = None,
+    fallback_check_images: CheckImages | None = None,
+    **options: Any,
+) -> Path:
     """Build ``src`` (checkpoint, export folder, exported or foreign model.onnx) into the package ``out``.
 
     ``calib``: for int8, an image folder, list file, list of paths, or aligned uint8 crops
@@ -111,32 +137,67 @@ def build(src, out, engine: str = DEFAULT_ENGINE, precision: str = "fp32", calib
         exported = read_export_manifest(export_dir)
         with atomic_dir(out, force=force) as tmp:
             manifest = PackageManifest(
-                engine=engine, precision=precision, requested_precision=requested, arch=exported.arch,
-                input=exported.input.folded() if fold_preprocessing else exported.input, output=exported.output,
-                batch=int(batch) if batch else None, threads=int(threads) if threads else None,
+                engine=engine,
+                precision=precision,
+                requested_precision=requested,
+                arch=exported.arch,
+                input=exported.input.folded() if fold_preprocessing else exported.input,
+                output=exported.output,
+                batch=int(batch) if batch else None,
+                threads=int(threads) if threads else None,
                 source=exported.source,
-                export={"opset": exported.opset, "verification": exported.verification, "input": exported.input.to_json()},
+                export={
+                    "opset": exported.opset,
+                    "verification": exported.verification,
+                    "input": exported.input.to_json(),
+                },
                 host={"cpu": cpu_name(), "flags": relevant_flags()},
             )
             ts = exported.file(export_dir, "torchscript") if "torchscript" in exported.files else None
-            job = BuildJob(onnx_path=exported.file(export_dir, "onnx"), out_dir=tmp, manifest=manifest,
-                           precision=precision, input=exported.input, torchscript_path=ts, recipe=recipe,
-                           calib_inputs=exported.input.to_model_input(split.calib.faces) if split else None,
-                           batch=batch, fold_preprocessing=fold_preprocessing, options=options)
+            job = BuildJob(
+                onnx_path=exported.file(export_dir, "onnx"),
+                out_dir=tmp,
+                manifest=manifest,
+                precision=precision,
+                input=exported.input,
+                torchscript_path=ts,
+                recipe=recipe,
+                calib_inputs=exported.input.to_model_input(split.calib.faces) if split else None,
+                batch=batch,
+                fold_preprocessing=fold_preprocessing,
+                options=options,
+            )
             eng.build(job)
             for w in job.warnings:
                 log.warning(w)
             if split:
                 manifest.calibration = {**(manifest.calibration or {}), **_calibration_images(split, calib_landmarks)}
             manifest.reference = _store_reference(export_dir, exported, tmp, manifest)
-            manifest.versions = library_versions("arcdeploy", "torch", "onnx", "onnxruntime", "openvino", "nncf", "numpy")
+            manifest.versions = library_versions(
+                "arcdeploy", "torch", "onnx", "onnxruntime", "openvino", "nncf", "numpy"
+            )
             write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
 
-            images = _check_images(check_images, check_landmarks, check_count, split, calib, calib_landmarks,
-                                   precision, load_images, fallback_check_images)
+            images = _check_images(
+                check_images,
+                check_landmarks,
+                check_count,
+                split,
+                calib,
+                calib_landmarks,
+                precision,
+                load_images,
+                fallback_check_images,
+            )
             floor = floor_for(precision, max_cosine_drop)
-            result = check(tmp, images=images.faces, threads=threads, images_label=images.label,
-                           images_source=images.source, floor=floor)
+            result = check(
+                tmp,
+                images=images.faces,
+                threads=threads,
+                images_label=images.label,
+                images_source=images.source,
+                floor=floor,
+            )
             if not result.passed and precision == "int8" and fallback and split is not None:
                 from .fallback import keep_sensitive_layers_float
 
@@ -145,8 +206,10 @@ def build(src, out, engine: str = DEFAULT_ENGINE, precision: str = "fp32", calib
             manifest.build_seconds = round(time.time() - started, 1)
             write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
             if not result.passed:
-                msg = (f"{engine} {precision}: fidelity below the floor against the fp32 reference "
-                       f"({', '.join(result.below_floor)}; {result.cosine.n} {result.images} images)")
+                msg = (
+                    f"{engine} {precision}: fidelity below the floor against the fp32 reference "
+                    f"({', '.join(result.below_floor)}; {result.cosine.n} {result.images} images)"
+                )
                 if strict:
                     raise ArcdeployError(msg + "; package not written (--strict)")
                 log.warning(msg)
@@ -174,8 +237,17 @@ def _calibration_images(split, calib_landmarks) -> dict:
     return entry
 
 
-def _check_images(check_images, check_landmarks, check_count, split, calib, calib_landmarks, precision,
-                  load_images, fallback: CheckImages | None) -> CheckImages:
+def _check_images(
+    check_images,
+    check_landmarks,
+    check_count,
+    split,
+    calib,
+    calib_landmarks,
+    precision,
+    load_images,
+    fallback: CheckImages | None,
+) -> CheckImages:
     """Images for the build's fidelity check: given ones, else the calibration images held out
     by an int8 build, else (other precisions) the calibration images."""
     if isinstance(check_images, CheckImages):
@@ -191,8 +263,10 @@ def _check_images(check_images, check_landmarks, check_count, split, calib, cali
         return CheckImages(got.faces, f"calibration images ({got.source}; not used by a {precision} build)", got.source)
     if fallback is not None:
         return fallback
-    raise ArcdeployError("no images for the fidelity check: pass check images (--check-images) "
-                         "or enough calibration images to hold some out")
+    raise ArcdeployError(
+        "no images for the fidelity check: pass check images (--check-images) "
+        "or enough calibration images to hold some out"
+    )
 
 
 def _store_reference(export_dir: Path, exported, tmp: Path, manifest: PackageManifest) -> ReferenceSpec:
@@ -206,4 +280,3 @@ def _store_reference(export_dir: Path, exported, tmp: Path, manifest: PackageMan
         (tmp / REFERENCE_DIR).mkdir(exist_ok=True)
         shutil.copyfile(src, tmp / rel)
     return ReferenceSpec(file=rel, kind=ref.kind, sha256=sha256_file(tmp / rel), input=ref.input)
-

@@ -1,5 +1,6 @@
 """The one exception type the CLI turns into a one-line message, and how foreign
 exceptions are cut down to one line."""
+
 from __future__ import annotations
 
 import re

@@ -11,6 +11,7 @@ Sources:
 An export checks itself (ONNX Runtime and TorchScript against eager PyTorch at
 batch 1 and 5) and leaves nothing behind when the check fails.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,8 +65,14 @@ def is_onnx_source(src: str | os.PathLike) -> bool:
     return Path(src).suffix.lower() == ".onnx"
 
 
-def export(src: str | os.PathLike, out_dir: str | os.PathLike, arch: str = "auto", force: bool = False,
-           opset: int = OPSET, **onnx_options) -> ExportResult:
+def export(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    arch: str = "auto",
+    force: bool = False,
+    opset: int = OPSET,
+    **onnx_options,
+) -> ExportResult:
     """Export ``src`` (a checkpoint, or a foreign ONNX file) into ``out_dir``.
 
     ``onnx_options`` (foreign ONNX only): ``input_mean``, ``input_std``, ``bgr``; see
@@ -97,8 +104,13 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, arch: str = "auto"
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    model, (example,), str(onnx_path), dynamo=False, opset_version=opset,
-                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    model,
+                    (example,),
+                    str(onnx_path),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
                     dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                     do_constant_folding=True,
                 )
@@ -107,12 +119,20 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, arch: str = "auto"
                 dim = int(model(example).shape[1])
             verification = verify_export(model, onnx_path, ts_path)
             manifest = ExportManifest(
-                arch=info.arch, input=InputSpec(name=INPUT_NAME), output=OutputSpec(name=OUTPUT_NAME, dim=dim),
+                arch=info.arch,
+                input=InputSpec(name=INPUT_NAME),
+                output=OutputSpec(name=OUTPUT_NAME, dim=dim),
                 files={"onnx": "model.onnx", "torchscript": "model.pt"},
                 reference=ReferenceSpec(file="model.pt", kind="torchscript", sha256=sha256_file(ts_path)),
-                source={"kind": "checkpoint", "path": str(Path(ckpt).resolve()), "sha256": sha256_file(ckpt),
-                        "notes": info.notes},
-                opset=opset, dynamic_batch=True, verification=verification,
+                source={
+                    "kind": "checkpoint",
+                    "path": str(Path(ckpt).resolve()),
+                    "sha256": sha256_file(ckpt),
+                    "notes": info.notes,
+                },
+                opset=opset,
+                dynamic_batch=True,
+                verification=verification,
                 versions=library_versions("arcdeploy", "torch", "onnx", "onnxruntime"),
             )
             write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
@@ -140,12 +160,16 @@ def verify_export(model, onnx_path: Path, ts_path: Path) -> dict:
             for name, runner in (("onnx", sess), ("torchscript", traced)):
                 out = runner.run_one(xb)
                 if out.shape != ref.shape:
-                    raise ArcdeployError(f"{onnx_path.name}: {name} output shape {list(out.shape)} at batch {b}, "
-                                         f"expected {list(ref.shape)}")
+                    raise ArcdeployError(
+                        f"{onnx_path.name}: {name} output shape {list(out.shape)} at batch {b}, "
+                        f"expected {list(ref.shape)}"
+                    )
                 errors[name].append(relative_error(out, ref))
     worst = {name: float(np.max(errs)) for name, errs in errors.items()}  # NaN propagates (max() would drop it)
     for name, err in worst.items():
         if not err <= EXPORT_TOLERANCE:
-            raise ArcdeployError(f"export check failed: {name} differs from PyTorch by relative error {err:.2e} "
-                                 f"(limit {EXPORT_TOLERANCE:.0e})")
+            raise ArcdeployError(
+                f"export check failed: {name} differs from PyTorch by relative error {err:.2e} "
+                f"(limit {EXPORT_TOLERANCE:.0e})"
+            )
     return {"tolerance": EXPORT_TOLERANCE, "batches": list(VERIFY_BATCHES), "relative_error": worst}

@@ -6,6 +6,7 @@ The reference sees the aligned crops through its own input convention; the packa
 through :meth:`Package.infer` (folded preprocessing included). The result is the
 per-image cosine: mean, min, 1st percentile, against the precision's floor.
 """
+
 from __future__ import annotations
 
 import os
@@ -71,9 +72,17 @@ class FidelityResult:
 
     def summary(self) -> dict:
         """What the manifest keeps (no per-image values)."""
-        return {"cosine": self.cosine.to_json(), "reference": self.reference, "images": self.images,
-                "images_source": self.images_source, "engine": self.engine, "precision": self.precision,
-                "floor": self.floor, "passed": self.passed, "below_floor": self.below_floor}
+        return {
+            "cosine": self.cosine.to_json(),
+            "reference": self.reference,
+            "images": self.images,
+            "images_source": self.images_source,
+            "engine": self.engine,
+            "precision": self.precision,
+            "floor": self.floor,
+            "passed": self.passed,
+            "below_floor": self.below_floor,
+        }
 
     def to_json(self) -> dict:
         d: dict[str, Any] = {**self.summary(), "worst": self.worst}
@@ -110,7 +119,9 @@ class Reference:
 
         ref = pkg.manifest.reference
         if ref is None:
-            raise ArcdeployError(f"{pkg.path}: the package has no fp32 reference to check against (manifest 'reference')")
+            raise ArcdeployError(
+                f"{pkg.path}: the package has no fp32 reference to check against (manifest 'reference')"
+            )
         self.path = pkg.manifest.reference_path(pkg.path)
         if not self.path.exists():
             raise ArcdeployError(f"{self.path}: the package's fp32 reference is missing")
@@ -118,23 +129,36 @@ class Reference:
         self.input = ref.input or InputSpec()
         self.engine = REFERENCE_ENGINES[ref.kind]
         self.session = open_graph(self.path, engine=self.engine, threads=threads)
-        self.label = (f"pytorch fp32 (torchscript {ref.file})" if ref.kind == "torchscript"
-                      else f"onnxruntime fp32 (source onnx {ref.file})")
+        self.label = (
+            f"pytorch fp32 (torchscript {ref.file})"
+            if ref.kind == "torchscript"
+            else f"onnxruntime fp32 (source onnx {ref.file})"
+        )
 
     def embed(self, faces: np.ndarray) -> np.ndarray:
-        outs = [self.session.run_one(self.input.to_model_input(faces[s:s + REFERENCE_BATCH]))
-                for s in range(0, len(faces), REFERENCE_BATCH)]
+        outs = [
+            self.session.run_one(self.input.to_model_input(faces[s : s + REFERENCE_BATCH]))
+            for s in range(0, len(faces), REFERENCE_BATCH)
+        ]
         return np.concatenate(outs).astype(np.float32)
 
 
 def package_embeddings(pkg, faces: np.ndarray) -> np.ndarray:
     batch = pkg.manifest.batch or REFERENCE_BATCH
-    return np.concatenate([pkg.infer(faces[s:s + batch]) for s in range(0, len(faces), batch)])
+    return np.concatenate([pkg.infer(faces[s : s + batch]) for s in range(0, len(faces), batch)])
 
 
-def check(package, images, landmarks=None, count: int | None = None, threads: int | None = None,
-          floor: dict | None = None, images_label: str | None = None, images_source: str | None = None,
-          reference: Reference | None = None) -> FidelityResult:
+def check(
+    package,
+    images,
+    landmarks=None,
+    count: int | None = None,
+    threads: int | None = None,
+    floor: dict | None = None,
+    images_label: str | None = None,
+    images_source: str | None = None,
+    reference: Reference | None = None,
+) -> FidelityResult:
     """Per-image cosine of a package against its fp32 reference.
 
     ``package``: a path or a loaded :class:`arcdeploy.package.Package`. ``images``: aligned
@@ -158,9 +182,18 @@ def check(package, images, landmarks=None, count: int | None = None, threads: in
     floor = floor or floor_for(precision)
     order = np.argsort(cos)[:5]
     worst = [{"index": int(i), "cosine": float(cos[i]), **({"name": names[i]} if names else {})} for i in order]
-    return FidelityResult(cosine=stats, reference=ref.label, images=images_label or got.source,
-                          images_source=images_source or got.source, engine=pkg.manifest.engine, precision=precision,
-                          floor=dict(floor), below_floor=floor_problems(stats, floor), worst=worst, per_image=cos)
+    return FidelityResult(
+        cosine=stats,
+        reference=ref.label,
+        images=images_label or got.source,
+        images_source=images_source or got.source,
+        engine=pkg.manifest.engine,
+        precision=precision,
+        floor=dict(floor),
+        below_floor=floor_problems(stats, floor),
+        worst=worst,
+        per_image=cos,
+    )
 
 
 def check_path(package: str | os.PathLike, **kwargs) -> FidelityResult:

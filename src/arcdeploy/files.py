@@ -12,6 +12,7 @@
   litter left by a killed process is recognised and removed by the next run.
 - :class:`FileLock` keeps two processes from writing the same output.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,9 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, Any
 
 import numpy as np
 
@@ -132,8 +134,9 @@ def _make_parent(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb", force: bool = True,
-                encoding: str | None = None) -> Iterator[IO[Any]]:
+def atomic_file(
+    path: str | os.PathLike, mode: str = "wb", force: bool = True, encoding: str | None = None
+) -> Iterator[IO[Any]]:
     """Yield a file opened for writing; on success it replaces ``path`` whole.
 
     The temporary file is fsynced before the rename and given the umask's
@@ -202,8 +205,9 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray, force: bool = Tr
         np.save(f, np.asarray(array), allow_pickle=False)
 
 
-def write_npy_blocks_atomic(path: str | os.PathLike, shape: tuple[int, ...], dtype,
-                            blocks: Iterable[np.ndarray], force: bool = True) -> None:
+def write_npy_blocks_atomic(
+    path: str | os.PathLike, shape: tuple[int, ...], dtype, blocks: Iterable[np.ndarray], force: bool = True
+) -> None:
     """Write a .npy of ``shape`` from row blocks given in order, streaming (no memory map,
     so a full disk is an error, not a SIGBUS). The rows must add up to ``shape[0]``."""
     dtype = np.dtype(dtype)
@@ -284,7 +288,7 @@ def scratch_dir(what: str) -> Iterator[Path]:
     with contextlib.suppress(OSError):
         for entry in base.iterdir():
             if entry.name.startswith(prefix):
-                pid = entry.name[len(prefix):].split("-", 1)[0]
+                pid = entry.name[len(prefix) :].split("-", 1)[0]
                 if pid.isdigit() and not _pid_alive(int(pid)):
                     shutil.rmtree(entry, ignore_errors=True)
     path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))

@@ -1,5 +1,6 @@
 """The machine arcdeploy runs on: CPU name and the instruction-set features that decide
 which kernels int8 / bf16 / fp32 can use (AVX2 only; AVX-512 + VNNI + BF16; AMX)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +10,20 @@ import platform
 from pathlib import Path
 
 # the features that decide which kernels int8 / bf16 / fp32 can use
-RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
-                  "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+RELEVANT_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 

@@ -9,6 +9,7 @@
   an export folder. Reading checks every required key and type; a problem is one
   line naming the file. Files a manifest names must stay inside its folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,12 +46,14 @@ def parse_precision(text: str) -> str:
     """``fp32`` / ``force_float32`` ... -> one of :data:`PRECISIONS`."""
     p = PRECISION_ALIASES.get(text, text)
     if p not in PRECISIONS:
-        raise ArcdeployError(f"unknown precision {text!r}; choose one of {', '.join(PRECISIONS)} "
-                             f"(or {', '.join(PRECISION_ALIASES)})")
+        raise ArcdeployError(
+            f"unknown precision {text!r}; choose one of {', '.join(PRECISIONS)} (or {', '.join(PRECISION_ALIASES)})"
+        )
     return p
 
 
 # ------------------------------------------------------------------ validation helpers
+
 
 class _Reader:
     """Typed access to one JSON object, with errors that name the file and the key."""
@@ -66,7 +69,12 @@ class _Reader:
     def has(self, key: str) -> bool:
         return self.data.get(key) is not None
 
-    def get(self, key: str, types: type | tuple[type, ...], default: Any = ..., ) -> Any:
+    def get(
+        self,
+        key: str,
+        types: type | tuple[type, ...],
+        default: Any = ...,
+    ) -> Any:
         if key not in self.data or self.data[key] is None:
             if default is ...:
                 raise ArcdeployError(f"{self.source}: missing {self._key(key)!r}")
@@ -88,7 +96,9 @@ class _Reader:
     def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> Any:
         value = self.get(key, str, default)
         if value is not default and value not in choices:
-            raise ArcdeployError(f"{self.source}: {self._key(key)!r} is {value!r}; expected one of {', '.join(choices)}")
+            raise ArcdeployError(
+                f"{self.source}: {self._key(key)!r} is {value!r}; expected one of {', '.join(choices)}"
+            )
         return value
 
 
@@ -101,8 +111,13 @@ def safe_relpath(name: Any, source: str, what: str) -> str:
     if not isinstance(name, str) or not name:
         raise ArcdeployError(f"{source}: {what} must be a file name, got {name!r}")
     p = PurePosixPath(name)
-    if p.is_absolute() or name.startswith(("/", "\\")) or "\\" in name or ":" in p.parts[0] \
-            or any(part in ("", "..") for part in p.parts):
+    if (
+        p.is_absolute()
+        or name.startswith(("/", "\\"))
+        or "\\" in name
+        or ":" in p.parts[0]
+        or any(part in ("", "..") for part in p.parts)
+    ):
         raise ArcdeployError(f"{source}: {what} {name!r} points outside the package; refused")
     return str(p)
 
@@ -120,6 +135,7 @@ def resolve_inside(root: str | os.PathLike, name: str, source: str, what: str) -
 
 # ------------------------------------------------------------------ input / output
 
+
 @dataclass(frozen=True)
 class InputSpec:
     """How aligned faces become the model's input tensor.
@@ -131,9 +147,9 @@ class InputSpec:
     """
 
     name: str = "input"
-    layout: str = "NCHW"              # NCHW | NHWC
-    color: str = "RGB"                # RGB | BGR
-    dtype: str = "float32"            # float32 | uint8
+    layout: str = "NCHW"  # NCHW | NHWC
+    color: str = "RGB"  # RGB | BGR
+    dtype: str = "float32"  # float32 | uint8
     size: tuple[int, int] = (ALIGNED_SIZE, ALIGNED_SIZE)
     mean: float | tuple[float, ...] = PIXEL_MEAN
     std: float | tuple[float, ...] = PIXEL_STD
@@ -175,9 +191,15 @@ class InputSpec:
         return f"{self.color} {self.layout} {self.dtype} {self.size[0]}x{self.size[1]}, {where}"
 
     def to_json(self) -> dict:
-        return {"name": self.name, "layout": self.layout, "color": self.color, "dtype": self.dtype,
-                "size": list(self.size), "normalize": {"mean": _jnum(self.mean), "std": _jnum(self.std)},
-                "normalize_in_graph": self.normalize_in_graph}
+        return {
+            "name": self.name,
+            "layout": self.layout,
+            "color": self.color,
+            "dtype": self.dtype,
+            "size": list(self.size),
+            "normalize": {"mean": _jnum(self.mean), "std": _jnum(self.std)},
+            "normalize_in_graph": self.normalize_in_graph,
+        }
 
     @classmethod
     def from_json(cls, data: Any, source: str, where: str = "input") -> InputSpec:
@@ -191,10 +213,16 @@ class InputSpec:
         if norm is not None:
             mean = _norm_value(norm.get("mean", (int, float, list)), source, f"{where}.normalize.mean")
             std = _norm_value(norm.get("std", (int, float, list)), source, f"{where}.normalize.std")
-        return cls(name=r.get("name", str, "input"), layout=r.choice("layout", cls.LAYOUTS, "NCHW"),
-                   color=r.choice("color", cls.COLORS, "RGB"), dtype=r.choice("dtype", cls.DTYPES, "float32"),
-                   size=(int(size[0]), int(size[1])), mean=mean, std=std,
-                   normalize_in_graph=r.get("normalize_in_graph", bool, False))
+        return cls(
+            name=r.get("name", str, "input"),
+            layout=r.choice("layout", cls.LAYOUTS, "NCHW"),
+            color=r.choice("color", cls.COLORS, "RGB"),
+            dtype=r.choice("dtype", cls.DTYPES, "float32"),
+            size=(int(size[0]), int(size[1])),
+            mean=mean,
+            std=std,
+            normalize_in_graph=r.get("normalize_in_graph", bool, False),
+        )
 
 
 def _fmt(v: float | tuple[float, ...]) -> str:
@@ -249,7 +277,7 @@ class ReferenceSpec:
     """The fp32 model a package is checked against, stored inside the package."""
 
     file: str
-    kind: str = "torchscript"       # torchscript (a checkpoint's) | onnx (a foreign model's source)
+    kind: str = "torchscript"  # torchscript (a checkpoint's) | onnx (a foreign model's source)
     sha256: str | None = None
     input: InputSpec | None = None  # the reference's own input convention (None: the package's float one)
 
@@ -263,12 +291,16 @@ class ReferenceSpec:
     def from_json(cls, data: Any, source: str) -> ReferenceSpec:
         r = _Reader(data, source, "reference")
         inp = r.get("input", dict, None)
-        return cls(file=safe_relpath(r.get("file", str), source, "reference.file"),
-                   kind=r.choice("kind", REFERENCE_KINDS, "torchscript"), sha256=r.get("sha256", str, None),
-                   input=InputSpec.from_json(inp, source, "reference.input") if inp is not None else None)
+        return cls(
+            file=safe_relpath(r.get("file", str), source, "reference.file"),
+            kind=r.choice("kind", REFERENCE_KINDS, "torchscript"),
+            sha256=r.get("sha256", str, None),
+            input=InputSpec.from_json(inp, source, "reference.input") if inp is not None else None,
+        )
 
 
 # ------------------------------------------------------------------ the package manifest
+
 
 @dataclass
 class PackageManifest:
@@ -329,8 +361,14 @@ class PackageManifest:
     @classmethod
     def from_json(cls, data: Any, source: str) -> PackageManifest:
         r = _Reader(data, source)
-        check_format(r.get("format", str), PACKAGE_FORMAT_NAME, PACKAGE_FORMAT_VERSION, source,
-                     "a built package", "run arcdeploy build")
+        check_format(
+            r.get("format", str),
+            PACKAGE_FORMAT_NAME,
+            PACKAGE_FORMAT_VERSION,
+            source,
+            "a built package",
+            "run arcdeploy build",
+        )
         files = r.get("files", dict)
         files = {str(k): safe_relpath(v, source, f"files.{k}") for k, v in files.items()}
         if "model" not in files:
@@ -342,15 +380,27 @@ class PackageManifest:
             if value is not None and value < 1:
                 raise ArcdeployError(f"{source}: {key!r} must be at least 1, got {value}")
         return cls(
-            engine=r.get("engine", str), precision=r.choice("precision", PRECISIONS), arch=r.get("arch", str),
-            input=InputSpec.from_json(r.get("input", dict), source), output=OutputSpec.from_json(r.get("output", dict, {}), source),
-            files=files, requested_precision=r.get("requested_precision", str, None), device=r.get("device", str, "CPU"),
-            batch=batch, dynamic_batch=r.get("dynamic_batch", bool, True), threads=threads,
+            engine=r.get("engine", str),
+            precision=r.choice("precision", PRECISIONS),
+            arch=r.get("arch", str),
+            input=InputSpec.from_json(r.get("input", dict), source),
+            output=OutputSpec.from_json(r.get("output", dict, {}), source),
+            files=files,
+            requested_precision=r.get("requested_precision", str, None),
+            device=r.get("device", str, "CPU"),
+            batch=batch,
+            dynamic_batch=r.get("dynamic_batch", bool, True),
+            threads=threads,
             reference=ReferenceSpec.from_json(ref, source) if ref is not None else None,
-            calibration=r.get("calibration", dict, None), fidelity=r.get("fidelity", dict, None),
-            executed=r.get("executed", dict, None), engine_config=r.get("engine_config", dict, {}),
-            source=r.get("source", dict, {}), export=r.get("export", dict, {}), host=r.get("host", dict, {}),
-            versions=r.get("versions", dict, {}), build_seconds=r.get("build_seconds", (int, float), None),
+            calibration=r.get("calibration", dict, None),
+            fidelity=r.get("fidelity", dict, None),
+            executed=r.get("executed", dict, None),
+            engine_config=r.get("engine_config", dict, {}),
+            source=r.get("source", dict, {}),
+            export=r.get("export", dict, {}),
+            host=r.get("host", dict, {}),
+            versions=r.get("versions", dict, {}),
+            build_seconds=r.get("build_seconds", (int, float), None),
         )
 
 
@@ -360,11 +410,14 @@ def check_format(fmt: str, name: str, version: int, source: str, what: str, hint
     if kind != name or not ver.isdigit():
         raise ArcdeployError(f"{source}: not {what} (format {fmt!r}); {hint} first")
     if int(ver) > version:
-        raise ArcdeployError(f"{source}: made by a newer arcdeploy (format {fmt}; this version reads "
-                             f"{name}/{version}); upgrade arcdeploy")
+        raise ArcdeployError(
+            f"{source}: made by a newer arcdeploy (format {fmt}; this version reads "
+            f"{name}/{version}); upgrade arcdeploy"
+        )
     if int(ver) < version:
-        raise ArcdeployError(f"{source}: made by an older arcdeploy (format {fmt}; this version reads "
-                             f"{name}/{version}); {hint} again")
+        raise ArcdeployError(
+            f"{source}: made by an older arcdeploy (format {fmt}; this version reads {name}/{version}); {hint} again"
+        )
 
 
 def read_json(path: Path) -> Any:
@@ -398,6 +451,7 @@ def read_package_manifest(path: str | os.PathLike) -> PackageManifest:
 
 # ------------------------------------------------------------------ the export manifest
 
+
 @dataclass
 class ExportManifest:
     """``manifest.json`` of an export folder: a verified ONNX (+ the fp32 reference) of one model."""
@@ -428,17 +482,29 @@ class ExportManifest:
     @classmethod
     def from_json(cls, data: Any, source: str) -> ExportManifest:
         r = _Reader(data, source)
-        check_format(r.get("format", str), EXPORT_FORMAT_NAME, EXPORT_FORMAT_VERSION, source,
-                     "an export folder", "run arcdeploy export")
+        check_format(
+            r.get("format", str),
+            EXPORT_FORMAT_NAME,
+            EXPORT_FORMAT_VERSION,
+            source,
+            "an export folder",
+            "run arcdeploy export",
+        )
         files = {str(k): safe_relpath(v, source, f"files.{k}") for k, v in r.get("files", dict).items()}
         if "onnx" not in files:
             raise ArcdeployError(f"{source}: 'files' names no 'onnx'")
-        return cls(arch=r.get("arch", str), input=InputSpec.from_json(r.get("input", dict), source),
-                   output=OutputSpec.from_json(r.get("output", dict, {}), source), files=files,
-                   reference=ReferenceSpec.from_json(r.get("reference", dict), source),
-                   source=r.get("source", dict, {}), opset=r.get("opset", int, None),
-                   dynamic_batch=r.get("dynamic_batch", bool, True), verification=r.get("verification", dict, {}),
-                   versions=r.get("versions", dict, {}))
+        return cls(
+            arch=r.get("arch", str),
+            input=InputSpec.from_json(r.get("input", dict), source),
+            output=OutputSpec.from_json(r.get("output", dict, {}), source),
+            files=files,
+            reference=ReferenceSpec.from_json(r.get("reference", dict), source),
+            source=r.get("source", dict, {}),
+            opset=r.get("opset", int, None),
+            dynamic_batch=r.get("dynamic_batch", bool, True),
+            verification=r.get("verification", dict, {}),
+            versions=r.get("versions", dict, {}),
+        )
 
 
 def read_export_manifest(path: str | os.PathLike) -> ExportManifest:

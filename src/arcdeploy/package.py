@@ -5,6 +5,7 @@ runtime opened on first use. ``Package.infer`` runs aligned crops, ``Package.emb
 image files or arrays. Both may be called from several threads at once. Loading does
 not import torch unless the package's engine is torch.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -85,7 +86,7 @@ class Package:
     def _infer_padded(self, x: np.ndarray, fixed: int) -> np.ndarray:
         outs = []
         for start in range(0, x.shape[0], fixed):
-            chunk = x[start:start + fixed]
+            chunk = x[start : start + fixed]
             pad = fixed - chunk.shape[0]
             if pad:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
@@ -101,7 +102,9 @@ class Package:
             return [self.infer(b) for b in batches]
         return self.runtime.infer_many(xs)
 
-    def embed(self, images, landmarks=None, flip: bool = False, raw: bool = False, batch: int | None = None) -> np.ndarray:
+    def embed(
+        self, images, landmarks=None, flip: bool = False, raw: bool = False, batch: int | None = None
+    ) -> np.ndarray:
         """Embeddings of image paths or RGB arrays (see :func:`arcdeploy.faces.pipeline.embed_images`)."""
         from .faces.pipeline import embed_images
 
@@ -116,8 +119,10 @@ class Package:
         if self._fingerprint is None:
             h = hashlib.sha256()
             h.update((self.path / MANIFEST_NAME).read_bytes())
-            names = sorted(set(self.manifest.files.values())
-                           | ({self.manifest.reference.file} if self.manifest.reference else set()))
+            names = sorted(
+                set(self.manifest.files.values())
+                | ({self.manifest.reference.file} if self.manifest.reference else set())
+            )
             for name in names:
                 p = self.path / name
                 if p.is_file():

@@ -13,13 +13,15 @@ the 3-channel image), ``head`` (the fc MatMul/Gemm and everything after it: the
 BN1d), ``depthwise`` (grouped convolutions with one channel per group), plus
 layers named one by one (``layers``: what the accuracy-aware fallback adds).
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import ArcdeployError
 
@@ -42,29 +44,33 @@ class QuantRecipe:
     """How an int8 package is made (see the module doc)."""
 
     per_channel_weights: bool = True
-    symmetric_activations: bool = False          # asymmetric: PReLU outputs are not centred on 0
-    weight_bits: int = 8                         # 7: the overflow fix in every layer
-    overflow_fix: str = "first_layer"            # NNCF's OverflowFix for 8-bit weights
-    range_estimator: str = "minmax"              # activations
+    symmetric_activations: bool = False  # asymmetric: PReLU outputs are not centred on 0
+    weight_bits: int = 8  # 7: the overflow fix in every layer
+    overflow_fix: str = "first_layer"  # NNCF's OverflowFix for 8-bit weights
+    range_estimator: str = "minmax"  # activations
     bias_correction: str = "fast"
     calibration_count: int = DEFAULT_CALIBRATION_COUNT
     keep_float: tuple[str, ...] = ("stem", "head")
-    float_layers: tuple[str, ...] = ()           # named layers kept in float (the fallback's choice)
-    float_precision: str = "f32"                 # what float layers execute in (OpenVINO CPU; auto: its default)
-    ort_op_types: tuple[str, ...] = ("Conv",)    # ops quantize_static quantizes
+    float_layers: tuple[str, ...] = ()  # named layers kept in float (the fallback's choice)
+    float_precision: str = "f32"  # what float layers execute in (OpenVINO CPU; auto: its default)
+    ort_op_types: tuple[str, ...] = ("Conv",)  # ops quantize_static quantizes
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("range_estimator", self.range_estimator, RANGE_ESTIMATORS),
-                                     ("bias_correction", self.bias_correction, BIAS_CORRECTION),
-                                     ("overflow_fix", self.overflow_fix, OVERFLOW_FIX),
-                                     ("float_precision", self.float_precision, FLOAT_PRECISIONS)):
+        for name, value, allowed in (
+            ("range_estimator", self.range_estimator, RANGE_ESTIMATORS),
+            ("bias_correction", self.bias_correction, BIAS_CORRECTION),
+            ("overflow_fix", self.overflow_fix, OVERFLOW_FIX),
+            ("float_precision", self.float_precision, FLOAT_PRECISIONS),
+        ):
             if value not in allowed:
                 raise ArcdeployError(f"int8 recipe: {name} {value!r}; choose one of {', '.join(allowed)}")
         if self.weight_bits not in (7, 8):
             raise ArcdeployError(f"int8 recipe: weight_bits must be 7 or 8, got {self.weight_bits}")
         unknown = [r for r in self.keep_float if r not in ROLES]
         if unknown:
-            raise ArcdeployError(f"int8 recipe: unknown float role(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}")
+            raise ArcdeployError(
+                f"int8 recipe: unknown float role(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}"
+            )
         if self.calibration_count < 1:
             raise ArcdeployError(f"--calib-count must be at least 1, got {self.calibration_count}")
 
@@ -88,20 +94,24 @@ class QuantRecipe:
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
         from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-        overflow = {"enable": OverflowFix.ENABLE, "first_layer": OverflowFix.FIRST_LAYER,
-                    "disable": OverflowFix.DISABLE}["enable" if self.weight_bits == 7 else self.overflow_fix]
-        advanced: dict[str, Any] = {"overflow_fix": overflow,
-                                    "disable_bias_correction": self.bias_correction == "none"}
+        overflow = {
+            "enable": OverflowFix.ENABLE,
+            "first_layer": OverflowFix.FIRST_LAYER,
+            "disable": OverflowFix.DISABLE,
+        }["enable" if self.weight_bits == 7 else self.overflow_fix]
+        advanced: dict[str, Any] = {"overflow_fix": overflow, "disable_bias_correction": self.bias_correction == "none"}
         if self.range_estimator != "minmax":
-            advanced["activations_range_estimator_params"] = getattr(RangeEstimatorParametersSet,
-                                                                     self.range_estimator.upper())
+            advanced["activations_range_estimator_params"] = getattr(
+                RangeEstimatorParametersSet, self.range_estimator.upper()
+            )
         if not self.per_channel_weights:
             from nncf.quantization.advanced_parameters import QuantizationParameters
 
             advanced["weights_quantization_params"] = QuantizationParameters(per_channel=False)
         preset = nncf.QuantizationPreset.PERFORMANCE if self.symmetric_activations else nncf.QuantizationPreset.MIXED
         return {
-            "preset": preset, "subset_size": subset_size,
+            "preset": preset,
+            "subset_size": subset_size,
             "fast_bias_correction": self.bias_correction != "full",
             "advanced_parameters": AdvancedQuantizationParameters(**advanced),
             "ignored_scope": nncf.IgnoredScope(names=list(ignored_names), validate=False),
@@ -111,20 +121,31 @@ class QuantRecipe:
         """Keyword arguments for ``onnxruntime.quantization.quantize_static`` (QDQ)."""
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 
-        method = CalibrationMethod.MinMax if self.range_estimator in ("minmax", "mean_minmax") else CalibrationMethod.Percentile
+        method = (
+            CalibrationMethod.MinMax
+            if self.range_estimator in ("minmax", "mean_minmax")
+            else CalibrationMethod.Percentile
+        )
         return {
-            "quant_format": QuantFormat.QDQ, "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8,
-            "per_channel": self.per_channel_weights, "reduce_range": self.weight_bits == 7,
-            "calibrate_method": method, "op_types_to_quantize": list(self.ort_op_types),
+            "quant_format": QuantFormat.QDQ,
+            "activation_type": QuantType.QUInt8,
+            "weight_type": QuantType.QInt8,
+            "per_channel": self.per_channel_weights,
+            "reduce_range": self.weight_bits == 7,
+            "calibrate_method": method,
+            "op_types_to_quantize": list(self.ort_op_types),
             "nodes_to_exclude": list(excluded_nodes),
             "extra_options": {"ActivationSymmetric": self.symmetric_activations, "WeightSymmetric": True},
         }
 
     def describe(self) -> str:
-        weights = (f"{'per-channel' if self.per_channel_weights else 'per-tensor'} symmetric int8 weights"
-                   + (" (7-bit range: overflow fix for CPUs without VNNI)" if self.weight_bits == 7 else ""))
+        weights = f"{'per-channel' if self.per_channel_weights else 'per-tensor'} symmetric int8 weights" + (
+            " (7-bit range: overflow fix for CPUs without VNNI)" if self.weight_bits == 7 else ""
+        )
         acts = "symmetric" if self.symmetric_activations else "asymmetric uint8"
-        bias = {"fast": "fast bias correction", "full": "bias correction", "none": "no bias correction"}[self.bias_correction]
+        bias = {"fast": "fast bias correction", "full": "bias correction", "none": "no bias correction"}[
+            self.bias_correction
+        ]
         return f"{weights}, {acts} activations ({self.range_estimator} ranges), {bias}"
 
     def manifest_entry(self, method: str, kept: FloatScope, count: int) -> dict:
@@ -147,7 +168,7 @@ class QuantRecipe:
 class FloatScope:
     """The layers of one graph that stay in float, each with the role that put it there."""
 
-    entries: list[tuple[str, str]] = field(default_factory=list)   # (layer name, role)
+    entries: list[tuple[str, str]] = field(default_factory=list)  # (layer name, role)
 
     def add(self, name: str, role: str) -> None:
         if name not in {n for n, _ in self.entries}:

@@ -4,6 +4,7 @@ Tables follow the reference pipeline's layout (a row per precision); plots are
 the ROC per precision, throughput by precision and batch, and the histogram of
 per-image cosine to the fp32 PyTorch reference.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -77,7 +78,7 @@ def _by_prefix(records, prefix: str) -> dict[str, Any]:
     out = {}
     for rec in records:
         if rec.name.startswith(prefix + " "):
-            out[rec.name[len(prefix) + 1:]] = rec
+            out[rec.name[len(prefix) + 1 :]] = rec
     return out
 
 
@@ -86,13 +87,24 @@ def fidelity_table(records) -> Table:
     for name, rec in _by_prefix(records, "check").items():
         if rec.status in ("done", "reused") and rec.result:
             cos = rec.result.get("cosine", {})
-            rows.append([name, cos.get("n", rec.result.get("n")), _f6(cos.get("mean")), _f6(cos.get("min")),
-                         _f6(cos.get("p1")), _floor_text(rec.result.get("floor")),
-                         "pass" if rec.result.get("passed") else "BELOW FLOOR"])
+            rows.append(
+                [
+                    name,
+                    cos.get("n", rec.result.get("n")),
+                    _f6(cos.get("mean")),
+                    _f6(cos.get("min")),
+                    _f6(cos.get("p1")),
+                    _floor_text(rec.result.get("floor")),
+                    "pass" if rec.result.get("passed") else "BELOW FLOOR",
+                ]
+            )
         else:
             rows.append([name, None, None, None, None, None, f"{rec.status}: {rec.error}"])
-    return Table("Fidelity: per-image cosine to the fp32 PyTorch reference",
-                 ["package", "images", "mean", "min", "p1", "floor", "result"], rows)
+    return Table(
+        "Fidelity: per-image cosine to the fp32 PyTorch reference",
+        ["package", "images", "mean", "min", "p1", "floor", "result"],
+        rows,
+    )
 
 
 def _floor_text(floor) -> str | None:
@@ -141,13 +153,27 @@ def speed_table(records) -> Table:
             for r in rec.result.get("results", []):
                 lat = r.get("latency_ms", {})
                 ratio = r["throughput"] / base[r["batch"]] if base.get(r["batch"]) else None
-                rows.append([name, executed_as(records, name), r["batch"], _r(r["throughput"], 1), _r(lat.get("mean")),
-                             _r(lat.get("p50")), _r(lat.get("p90")), _r(lat.get("p99")), _r(ratio)])
+                rows.append(
+                    [
+                        name,
+                        executed_as(records, name),
+                        r["batch"],
+                        _r(r["throughput"], 1),
+                        _r(lat.get("mean")),
+                        _r(lat.get("p50")),
+                        _r(lat.get("p90")),
+                        _r(lat.get("p99")),
+                        _r(ratio),
+                    ]
+                )
         else:
             rows.append([name, None, None, None, None, None, None, None, f"{rec.status}: {rec.error}"])
-    return Table("Speed: throughput (images/s) and latency (ms) by precision and batch",
-                 ["package", "runs as", "batch", "img/s", "mean", "p50", "p90", "p99", "x fp32"], rows,
-                 "runs as: the precision the engine reports it executed (this CPU may run a bf16 hint in f32).")
+    return Table(
+        "Speed: throughput (images/s) and latency (ms) by precision and batch",
+        ["package", "runs as", "batch", "img/s", "mean", "p50", "p90", "p99", "x fp32"],
+        rows,
+        "runs as: the precision the engine reports it executed (this CPU may run a bf16 hint in f32).",
+    )
 
 
 def ijb_table(records) -> Table:
@@ -162,15 +188,18 @@ def ijb_table(records) -> Table:
             mode = res.get("mode", mode)
             counts = (res.get("pairs"), res.get("genuine"), res.get("templates"), res.get("images"))
             tar = dict(zip([float(f) for f in res.get("far", [])], res.get("tar", [])))
-            rows.append([name] + [f"{100 * tar[f]:.2f}" if f in tar else None for f in FARS])
+            rows.append([name, *(f"{100 * tar[f]:.2f}" if f in tar else None for f in FARS)])
         else:
             rows.append([name] + [None] * (len(FARS) - 1) + [f"{rec.status}: {rec.error}"])
     note = f"TAR (%) at FAR; mode {mode}." if mode else None
     if note and counts and counts[0]:
-        note += (f" {counts[0]} pairs ({counts[1]} genuine), {counts[2]} templates, {counts[3]} images;"
-                 " a FAR below 1/impostor pairs falls on the ROC's first point.")
-    return Table(f"Accuracy: {target or 'IJB'} 1:1 verification, TAR@FAR",
-                 ["package"] + [f"{f:.0e}" for f in FARS], rows, note)
+        note += (
+            f" {counts[0]} pairs ({counts[1]} genuine), {counts[2]} templates, {counts[3]} images;"
+            " a FAR below 1/impostor pairs falls on the ROC's first point."
+        )
+    return Table(
+        f"Accuracy: {target or 'IJB'} 1:1 verification, TAR@FAR", ["package"] + [f"{f:.0e}" for f in FARS], rows, note
+    )
 
 
 def _first_result(result: dict) -> dict:
@@ -186,11 +215,23 @@ def bins_table(records) -> Table:
     for name, rec in _by_prefix(records, "eval bin").items():
         if rec.status in ("done", "reused") and rec.result:
             for r in rec.result.get("results", []):
-                rows.append([name, r.get("name"), r.get("pairs"), _pct(r.get("accuracy")), _pct(r.get("std")), _r(r.get("xnorm"), 3)])
+                rows.append(
+                    [
+                        name,
+                        r.get("name"),
+                        r.get("pairs"),
+                        _pct(r.get("accuracy")),
+                        _pct(r.get("std")),
+                        _r(r.get("xnorm"), 3),
+                    ]
+                )
         else:
             rows.append([name, None, None, None, None, f"{rec.status}: {rec.error}"])
-    return Table("Accuracy: verification .bin sets (10-fold, flip)",
-                 ["package", "set", "pairs", "accuracy %", "std %", "XNorm"], rows)
+    return Table(
+        "Accuracy: verification .bin sets (10-fold, flip)",
+        ["package", "set", "pairs", "accuracy %", "std %", "XNorm"],
+        rows,
+    )
 
 
 def steps_table(records) -> Table:
@@ -199,6 +240,7 @@ def steps_table(records) -> Table:
 
 
 # ---------------------------------------------------------------- plots
+
 
 def _plt():
     import matplotlib
@@ -289,6 +331,7 @@ def plot_cosine_hist(records, path: Path) -> Path | None:
 
 # ---------------------------------------------------------------- writing
 
+
 def build_tables(records) -> list[Table]:
     tables = [fidelity_table(records), speed_table(records)]
     if _by_prefix(records, "eval ijb"):
@@ -299,8 +342,9 @@ def build_tables(records) -> list[Table]:
     return tables
 
 
-def write_report(out: Path, records, engine: str, precisions, ckpt: str, title: str | None = None,
-                 notes: list[str] | None = None) -> tuple[Path, Path]:
+def write_report(
+    out: Path, records, engine: str, precisions, ckpt: str, title: str | None = None, notes: list[str] | None = None
+) -> tuple[Path, Path]:
     out = Path(out)
     plots_dir = out / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -310,12 +354,18 @@ def write_report(out: Path, records, engine: str, precisions, ckpt: str, title: 
         "throughput": plot_throughput(records, plots_dir / "throughput.png"),
         "cosine_histogram": plot_cosine_hist(records, plots_dir / "cosine_hist.png"),
     }
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     versions = library_versions("arcdeploy", "torch", "openvino", "nncf", "onnxruntime", "numpy")
-    lines = [f"# {title or 'arcdeploy report'}", "",
-             f"- checkpoint: `{ckpt}`", f"- engine: {engine}; precisions: {', '.join(precisions)}",
-             f"- CPU: {cpu_name()}", f"- date: {now}",
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    lines = [
+        f"# {title or 'arcdeploy report'}",
+        "",
+        f"- checkpoint: `{ckpt}`",
+        f"- engine: {engine}; precisions: {', '.join(precisions)}",
+        f"- CPU: {cpu_name()}",
+        f"- date: {now}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "",
+    ]
     for note in notes or []:
         lines += [f"> {note}", ""]
     for t in tables:
@@ -328,14 +378,31 @@ def write_report(out: Path, records, engine: str, precisions, ckpt: str, title: 
     tmp.write_text("\n".join(lines))
     tmp.replace(md)
     js = out / "report.json"
-    write_json_atomic(js, {
-        "title": title, "checkpoint": ckpt, "engine": engine, "precisions": list(precisions),
-        "cpu": cpu_name(), "date": now, "versions": versions, "notes": notes or [],
-        "tables": [t.as_json() for t in tables],
-        "plots": {k: (f"plots/{p.name}" if p else None) for k, p in plots.items()},
-        "steps": [{"name": r.name, "status": r.status, "seconds": r.seconds, "error": r.error,
-                   "result": _compact(r.result)} for r in records],
-    })
+    write_json_atomic(
+        js,
+        {
+            "title": title,
+            "checkpoint": ckpt,
+            "engine": engine,
+            "precisions": list(precisions),
+            "cpu": cpu_name(),
+            "date": now,
+            "versions": versions,
+            "notes": notes or [],
+            "tables": [t.as_json() for t in tables],
+            "plots": {k: (f"plots/{p.name}" if p else None) for k, p in plots.items()},
+            "steps": [
+                {
+                    "name": r.name,
+                    "status": r.status,
+                    "seconds": r.seconds,
+                    "error": r.error,
+                    "result": _compact(r.result),
+                }
+                for r in records
+            ],
+        },
+    )
     return md, js
 
 

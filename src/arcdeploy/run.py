@@ -5,6 +5,7 @@ Every step writes its result as JSON under OUT and is recorded in
 inputs reuses finished steps; a step that fails is recorded with its one-line
 reason and the steps that do not depend on it still run.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,9 +15,10 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ArcdeployError
 from .files import write_json_atomic
@@ -106,8 +108,13 @@ class StepRunner:
     def _record(self, rec: StepRecord, digest: str, persist: bool) -> StepRecord:
         self.records.append(rec)
         if persist:
-            self.state[rec.name] = {"status": rec.status, "key": digest, "seconds": rec.seconds,
-                                    "result": rec.result, "error": rec.error}
+            self.state[rec.name] = {
+                "status": rec.status,
+                "key": digest,
+                "seconds": rec.seconds,
+                "result": rec.result,
+                "error": rec.error,
+            }
             write_json_atomic(self.state_path, self.state)
         return rec
 
@@ -124,12 +131,27 @@ def _load_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def run_pipeline(ckpt, out, engine: str = "openvino", precisions=DEFAULT_PRECISIONS, calib=None,
-                 calib_landmarks=None, check_images=None, check_landmarks=None, ijb_root=None,
-                 target: str = "IJBC", bins=(), batches=DEFAULT_BATCHES, iterations: int | None = None,
-                 threads: int | None = None, arch: str = "auto", ijb_flip: bool = True,
-                 log: Callable[[str], None] | None = None, title: str | None = None,
-                 notes: list[str] | None = None) -> RunResult:
+def run_pipeline(
+    ckpt,
+    out,
+    engine: str = "openvino",
+    precisions=DEFAULT_PRECISIONS,
+    calib=None,
+    calib_landmarks=None,
+    check_images=None,
+    check_landmarks=None,
+    ijb_root=None,
+    target: str = "IJBC",
+    bins=(),
+    batches=DEFAULT_BATCHES,
+    iterations: int | None = None,
+    threads: int | None = None,
+    arch: str = "auto",
+    ijb_flip: bool = True,
+    log: Callable[[str], None] | None = None,
+    title: str | None = None,
+    notes: list[str] | None = None,
+) -> RunResult:
     """Run every stage for one checkpoint; returns what each step did. Writes OUT/report.{md,json}."""
     from . import report
 
@@ -157,13 +179,25 @@ def run_pipeline(ckpt, out, engine: str = "openvino", precisions=DEFAULT_PRECISI
         def do_build(precision=precision, pkg_dir=pkg_dir):
             from . import build
 
-            build(export_dir, pkg_dir, engine=engine, precision=precision, calib=calib,
-                  calib_landmarks=calib_landmarks, threads=threads, force=True)
+            build(
+                export_dir,
+                pkg_dir,
+                engine=engine,
+                precision=precision,
+                calib=calib,
+                calib_landmarks=calib_landmarks,
+                threads=threads,
+                force=True,
+            )
             return {"package": str(pkg_dir), "manifest": _load_json(pkg_dir / "manifest.json")}
 
-        key = {"ckpt": ckpt_key, "engine": engine, "precision": precision,
-               "calib": _file_key(calib) if calib else None,
-               "calib_landmarks": _file_key(calib_landmarks) if calib_landmarks else None}
+        key = {
+            "ckpt": ckpt_key,
+            "engine": engine,
+            "precision": precision,
+            "calib": _file_key(calib) if calib else None,
+            "calib_landmarks": _file_key(calib_landmarks) if calib_landmarks else None,
+        }
         rec = runner.run(f"build {name}", key, do_build, needs=["export"])
         if rec.status in ("done", "reused"):
             packages[precision] = pkg_dir
@@ -182,15 +216,16 @@ def run_pipeline(ckpt, out, engine: str = "openvino", precisions=DEFAULT_PRECISI
     def do_ijb(pkg_dir, name):
         from .evaluate.ijb import evaluate_packages
 
-        return evaluate_packages([pkg_dir], root=ijb_root, target=target, flip=ijb_flip,
-                                 out_dir=out / "eval" / "ijb" / name)
+        return evaluate_packages(
+            [pkg_dir], root=ijb_root, target=target, flip=ijb_flip, out_dir=out / "eval" / "ijb" / name
+        )
 
     def do_bins(pkg_dir, name):
         from .evaluate.binsets import evaluate_bins
 
         return evaluate_bins(pkg_dir, [str(b) for b in bins])
 
-    stages = [
+    stages: list[tuple[str, dict, Callable[[Path, str], Any]]] = [
         ("check", {"images": _file_key(check_images) if check_images else None}, do_check),
         ("bench", {"batches": list(batches), "iterations": iterations, "threads": threads}, do_bench),
     ]
@@ -206,6 +241,6 @@ def run_pipeline(ckpt, out, engine: str = "openvino", precisions=DEFAULT_PRECISI
 
     result = RunResult(out, runner.records)
     result.report_md, result.report_json = report.write_report(
-        out, runner.records, engine=engine, precisions=precisions, ckpt=str(ckpt),
-        title=title, notes=notes or [])
+        out, runner.records, engine=engine, precisions=precisions, ckpt=str(ckpt), title=title, notes=notes or []
+    )
     return result

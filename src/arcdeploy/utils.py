@@ -1,4 +1,5 @@
 """Small shared helpers: hashing and library versions."""
+
 from __future__ import annotations
 
 import contextlib

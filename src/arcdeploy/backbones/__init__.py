@@ -3,6 +3,7 @@
 Each architecture is a name -> constructor entry (in the manner of timm's
 registry); ``detect_arch`` reads the architecture off the checkpoint's keys.
 """
+
 from __future__ import annotations
 
 import re
@@ -10,14 +11,15 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from ..archs import ARCHS, IRESNET_LAYERS, MBF_CONFIGS
 from ..errors import ArcdeployError
 from .iresnet import IResNet
 from .mobilefacenet import MobileFaceNet
-from ..archs import ARCHS, IRESNET_LAYERS, MBF_CONFIGS
 
 
 def build_model(arch: str, num_features: int = 512) -> nn.Module:
     """An untrained backbone of the named architecture, in eval mode."""
+    model: nn.Module
     if arch in IRESNET_LAYERS:
         model = IResNet(IRESNET_LAYERS[arch], num_features)
     elif arch in MBF_CONFIGS:
@@ -63,7 +65,11 @@ def detect_arch(state_dict: Mapping, source: str = "checkpoint") -> str:
         for name, (spec, spec_scale) in MBF_CONFIGS.items():
             if spec == blocks and spec_scale == scale:
                 return name
-        hint = " (width scale 1 is the layout before 2021-07-22, which the current MobileFaceNet does not load)" if scale == 1 else ""
+        hint = (
+            " (width scale 1 is the layout before 2021-07-22, which the current MobileFaceNet does not load)"
+            if scale == 1
+            else ""
+        )
         raise ArcdeployError(
             f"{source}: a MobileFaceNet with blocks {list(blocks)} and width scale {scale}, "
             f"which is none of the known configurations{hint}"

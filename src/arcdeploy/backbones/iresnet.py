@@ -4,6 +4,7 @@ Parameter names, shapes and the order of operations follow the official
 layout exactly (see SPEC section 2), so an official ``backbone.pth`` loads
 with ``strict=True`` and produces the same embedding.
 """
+
 from __future__ import annotations
 
 import torch

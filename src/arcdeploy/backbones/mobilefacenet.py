@@ -3,6 +3,7 @@
 Module nesting mirrors the official file so the state-dict keys match:
 ``layers.N.*`` stages, ``conv_sep`` and the GDC head ``features.layers.*``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,9 +57,7 @@ class DepthWise(nn.Module):
 class Residual(nn.Module):
     def __init__(self, c, num_block, groups, kernel=(3, 3), stride=(1, 1), padding=(1, 1)):
         super().__init__()
-        self.layers = nn.Sequential(
-            *[DepthWise(c, c, True, kernel, stride, padding, groups) for _ in range(num_block)]
-        )
+        self.layers = nn.Sequential(*[DepthWise(c, c, True, kernel, stride, padding, groups) for _ in range(num_block)])
 
     def forward(self, x):
         return self.layers(x)
@@ -94,14 +93,16 @@ class MobileFaceNet(nn.Module):
             self.layers.append(ConvBlock(c1, c1, (3, 3), (1, 1), (1, 1), groups=64))
         else:
             self.layers.append(Residual(c1, blocks[0], groups=128))
-        self.layers.extend([
-            DepthWise(c1, c1, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=128),
-            Residual(c1, blocks[1], groups=128),
-            DepthWise(c1, c2, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=256),
-            Residual(c2, blocks[2], groups=256),
-            DepthWise(c2, c2, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=512),
-            Residual(c2, blocks[3], groups=256),
-        ])
+        self.layers.extend(
+            [
+                DepthWise(c1, c1, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=128),
+                Residual(c1, blocks[1], groups=128),
+                DepthWise(c1, c2, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=256),
+                Residual(c2, blocks[2], groups=256),
+                DepthWise(c2, c2, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=512),
+                Residual(c2, blocks[3], groups=256),
+            ]
+        )
         self.conv_sep = ConvBlock(c2, 512)
         self.features = GDC(num_features)
 

@@ -4,6 +4,7 @@ Each sub-command lives in its own module here with ``register(subparsers)``,
 which adds its parser and sets ``func``; heavy libraries are imported inside
 the handlers so ``arcdeploy --help`` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ARCDEPLOY_DEBUG"):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"arcdeploy {args.command}: internal error: {type(exc).__name__}: {first} "
-              "(set ARCDEPLOY_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"arcdeploy {args.command}: internal error: {type(exc).__name__}: {first} "
+            "(set ARCDEPLOY_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return int(code or 0)
 

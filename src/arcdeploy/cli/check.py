@@ -1,14 +1,18 @@
 """arcdeploy check PKG [--images LIST|DIR] [--landmarks FILE] [--json FILE]"""
+
 from __future__ import annotations
 
 import sys
 
 
 def register(sub) -> None:
-    p = sub.add_parser("check", help="per-image cosine of a package against its fp32 reference",
-                       description="Run the package and its stored fp32 reference on the same aligned faces "
-                                   "and report per-image cosine (mean, min, 1st percentile) against the precision's floor. "
-                                   "Exit status 1 when below the floor.")
+    p = sub.add_parser(
+        "check",
+        help="per-image cosine of a package against its fp32 reference",
+        description="Run the package and its stored fp32 reference on the same aligned faces "
+        "and report per-image cosine (mean, min, 1st percentile) against the precision's floor. "
+        "Exit status 1 when below the floor.",
+    )
     p.add_argument("package", metavar="PKG", help="a built package folder")
     p.add_argument("--images", metavar="LIST|DIR", help="images to check on (default: 64 generated faces)")
     p.add_argument("--landmarks", metavar="FILE", help="5-point landmark file: align the images with it")
@@ -29,8 +33,10 @@ def run(args) -> int:
     if args.json:
         write_json_atomic(args.json, result.to_json(), force=args.force)
     c = result.cosine
-    print(f"{args.package}: {result.engine} {result.precision} vs {result.reference} on {c.n} "
-          f"{result.images} images: cosine mean {c.mean:.6f} min {c.min:.6f} p1 {c.p1:.6f} max {c.max:.6f}")
+    print(
+        f"{args.package}: {result.engine} {result.precision} vs {result.reference} on {c.n} "
+        f"{result.images} images: cosine mean {c.mean:.6f} min {c.min:.6f} p1 {c.p1:.6f} max {c.max:.6f}"
+    )
     floor = ", ".join(f"{k} >= {v}" for k, v in result.floor.items())
     if result.passed:
         print(f"  passed (floor {floor})")

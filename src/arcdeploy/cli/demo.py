@@ -1,12 +1,18 @@
 """arcdeploy demo [-o OUT]: the whole pipeline on generated data, no downloads."""
+
 from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the whole pipeline on built-in generated data (no downloads)",
-                       description="Generate an untrained r18 checkpoint, an IJB-C-format mini set and a .bin set, "
-                                   "then export, build fp32/bf16/int8, check, bench, evaluate and write a report.")
-    p.add_argument("-o", "--output", default="arcdeploy-demo", metavar="OUT", help="output folder (default ./arcdeploy-demo)")
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on built-in generated data (no downloads)",
+        description="Generate an untrained r18 checkpoint, an IJB-C-format mini set and a .bin set, "
+        "then export, build fp32/bf16/int8, check, bench, evaluate and write a report.",
+    )
+    p.add_argument(
+        "-o", "--output", default="arcdeploy-demo", metavar="OUT", help="output folder (default ./arcdeploy-demo)"
+    )
     p.add_argument("--quick", action="store_true", help="a smaller configuration (for tests and slow machines)")
     p.set_defaults(func=run)
 

@@ -1,20 +1,30 @@
 """arcdeploy run CKPT ... -o OUT: export -> build each precision -> check -> bench -> eval -> report."""
+
 from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("run", help="the whole job for one checkpoint, with a report",
-                       description="Export, build each precision, check fidelity, bench, evaluate where data is "
-                                   "given, and write OUT/report.md and OUT/report.json. A failing step is reported "
-                                   "and the rest still run; rerunning reuses finished steps.")
+    p = sub.add_parser(
+        "run",
+        help="the whole job for one checkpoint, with a report",
+        description="Export, build each precision, check fidelity, bench, evaluate where data is "
+        "given, and write OUT/report.md and OUT/report.json. A failing step is reported "
+        "and the rest still run; rerunning reuses finished steps.",
+    )
     p.add_argument("ckpt", metavar="CKPT", help="the backbone.pth state dict")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (reused on rerun)")
     p.add_argument("--arch", default="auto")
     p.add_argument("--engine", default="openvino", choices=("openvino", "onnxruntime", "torch"))
     p.add_argument("--precisions", default="fp32,bf16,int8", help="comma-separated (default fp32,bf16,int8)")
-    p.add_argument("--calib", metavar="LIST|DIR", help="calibration images for int8 (aligned crops, or loose with --calib-landmarks)")
+    p.add_argument(
+        "--calib",
+        metavar="LIST|DIR",
+        help="calibration images for int8 (aligned crops, or loose with --calib-landmarks)",
+    )
     p.add_argument("--calib-landmarks", metavar="FILE")
-    p.add_argument("--check-images", metavar="LIST|DIR", help="held-out images for the fidelity check (default: generated)")
+    p.add_argument(
+        "--check-images", metavar="LIST|DIR", help="held-out images for the fidelity check (default: generated)"
+    )
     p.add_argument("--check-landmarks", metavar="FILE")
     p.add_argument("--ijb", metavar="ROOT", help="IJB root (folder with meta/ and loose_crop/)")
     p.add_argument("--target", default="IJBC", choices=("IJBC", "IJBB"))
@@ -33,10 +43,21 @@ def run(args) -> int:
 
     precisions = [normalize_precision(p.strip()) for p in args.precisions.split(",") if p.strip()]
     result = run_pipeline(
-        args.ckpt, args.output, engine=args.engine, precisions=precisions, calib=args.calib,
-        calib_landmarks=args.calib_landmarks, check_images=args.check_images,
-        check_landmarks=args.check_landmarks, ijb_root=args.ijb, target=args.target, bins=args.bins,
-        batches=parse_batches(args.batches), iterations=args.iterations, threads=args.threads, arch=args.arch,
+        args.ckpt,
+        args.output,
+        engine=args.engine,
+        precisions=precisions,
+        calib=args.calib,
+        calib_landmarks=args.calib_landmarks,
+        check_images=args.check_images,
+        check_landmarks=args.check_landmarks,
+        ijb_root=args.ijb,
+        target=args.target,
+        bins=args.bins,
+        batches=parse_batches(args.batches),
+        iterations=args.iterations,
+        threads=args.threads,
+        arch=args.arch,
         ijb_flip=not args.no_flip,
     )
     return finish("run", result)
@@ -57,7 +78,9 @@ def finish(command: str, result, note: str | None = None) -> int:
     print(f"        {result.report_json}")
     if result.failed:
         names = ", ".join(s.name for s in result.failed)
-        print(f"arcdeploy {command}: error: {len(result.failed)} step(s) failed: {names} "
-              f"(see {result.report_md})", file=sys.stderr)
+        print(
+            f"arcdeploy {command}: error: {len(result.failed)} step(s) failed: {names} (see {result.report_md})",
+            file=sys.stderr,
+        )
         return 3
     return 0

@@ -7,6 +7,7 @@ three meta files), a .bin verification set and calibration crops. Its speed
 figures are real for an r18 on this machine; its accuracy figures only show
 that the protocols run, since the model is untrained.
 """
+
 from __future__ import annotations
 
 import sys
@@ -15,11 +16,13 @@ from pathlib import Path
 
 from ..files import write_json_atomic
 
-UNTRAINED_NOTE = ("The checkpoint is GENERATED and UNTRAINED (random weights) and the faces are synthetic "
-                  "cartoons: speed and fidelity figures are real for this architecture on this machine, "
-                  "accuracy figures only show that the protocols run. For real numbers run: "
-                  "arcdeploy run backbone.pth --calib CALIB_DIR --ijb IJB_release/IJBC --target IJBC "
-                  "--bins lfw.bin cfp_fp.bin agedb_30.bin -o out/")
+UNTRAINED_NOTE = (
+    "The checkpoint is GENERATED and UNTRAINED (random weights) and the faces are synthetic "
+    "cartoons: speed and fidelity figures are real for this architecture on this machine, "
+    "accuracy figures only show that the protocols run. For real numbers run: "
+    "arcdeploy run backbone.pth --calib CALIB_DIR --ijb IJB_release/IJBC --target IJBC "
+    "--bins lfw.bin cfp_fp.bin agedb_30.bin -o out/"
+)
 
 
 @dataclass
@@ -36,8 +39,16 @@ class DemoConfig:
     engine: str = "openvino"
 
 
-QUICK = DemoConfig(identities=8, templates_per_id=2, images_per_template=2, bin_pairs=40, calib_images=32,
-                   precisions=("fp32", "int8"), batches=(1, 4), iterations=5)
+QUICK = DemoConfig(
+    identities=8,
+    templates_per_id=2,
+    images_per_template=2,
+    bin_pairs=40,
+    calib_images=32,
+    precisions=("fp32", "int8"),
+    batches=(1, 4),
+    iterations=5,
+)
 
 
 def prepare_data(data: Path, cfg: DemoConfig, log=print) -> dict[str, Path]:
@@ -49,9 +60,15 @@ def prepare_data(data: Path, cfg: DemoConfig, log=print) -> dict[str, Path]:
 
     data.mkdir(parents=True, exist_ok=True)
     stamp = data / "generated.json"
-    wanted = {"arch": cfg.arch, "identities": cfg.identities, "templates_per_id": cfg.templates_per_id,
-              "images_per_template": cfg.images_per_template, "bin_pairs": cfg.bin_pairs,
-              "calib_images": cfg.calib_images, "format": 1}
+    wanted = {
+        "arch": cfg.arch,
+        "identities": cfg.identities,
+        "templates_per_id": cfg.templates_per_id,
+        "images_per_template": cfg.images_per_template,
+        "bin_pairs": cfg.bin_pairs,
+        "calib_images": cfg.calib_images,
+        "format": 1,
+    }
     paths = {
         "ckpt": data / f"{cfg.arch}_untrained_generated.pth",
         "calib": data / "calib",
@@ -67,8 +84,14 @@ def prepare_data(data: Path, cfg: DemoConfig, log=print) -> dict[str, Path]:
     # calibration faces: other identities than the evaluation sets (a separate seed)
     for i, face in enumerate(aligned_faces(cfg.calib_images, seed=17)):
         cv2.imwrite(str(paths["calib"] / f"calib_{i:04d}.png"), cv2.cvtColor(face, cv2.COLOR_RGB2BGR))
-    write_ijb_set(paths["ijb"], target="IJBC", identities=cfg.identities, templates_per_id=cfg.templates_per_id,
-                  images_per_template=cfg.images_per_template, seed=0)
+    write_ijb_set(
+        paths["ijb"],
+        target="IJBC",
+        identities=cfg.identities,
+        templates_per_id=cfg.templates_per_id,
+        images_per_template=cfg.images_per_template,
+        seed=0,
+    )
     write_bin_set(paths["bin"], pairs=cfg.bin_pairs, seed=1)
     write_json_atomic(stamp, wanted)
     return paths
@@ -92,8 +115,17 @@ def demo(out: str | Path = "arcdeploy-demo", cfg: DemoConfig | None = None, log=
     out = Path(out)
     paths = prepare_data(out / "data", cfg, log)
     return run_pipeline(
-        paths["ckpt"], out, engine=cfg.engine, precisions=cfg.precisions, calib=paths["calib"],
-        ijb_root=paths["ijb"], target="IJBC", bins=[paths["bin"]], batches=cfg.batches,
-        iterations=cfg.iterations, log=log, title="arcdeploy demo (untrained model, synthetic data)",
+        paths["ckpt"],
+        out,
+        engine=cfg.engine,
+        precisions=cfg.precisions,
+        calib=paths["calib"],
+        ijb_root=paths["ijb"],
+        target="IJBC",
+        bins=[paths["bin"]],
+        batches=cfg.batches,
+        iterations=cfg.iterations,
+        log=log,
+        title="arcdeploy demo (untrained model, synthetic data)",
         notes=[UNTRAINED_NOTE],
     )

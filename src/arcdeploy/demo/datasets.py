@@ -12,6 +12,7 @@
 The faces are drawn, not real: numbers measured on them show that the
 protocols run, not how well a model recognises people.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,8 +35,16 @@ def _jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
     return buf.tobytes()
 
 
-def write_ijb_set(root: str | os.PathLike, target: str = "IJBC", identities: int = 8, templates_per_id: int = 2,
-                  images_per_template: int = 3, seed: int = 0, min_size: int = 150, max_size: int = 250) -> Path:
+def write_ijb_set(
+    root: str | os.PathLike,
+    target: str = "IJBC",
+    identities: int = 8,
+    templates_per_id: int = 2,
+    images_per_template: int = 3,
+    seed: int = 0,
+    min_size: int = 150,
+    max_size: int = 250,
+) -> Path:
     """Write a small IJB set under ``root`` (replacing it) and return ``root``.
 
     Template ids count from 1 per identity block; in each template the first two
@@ -74,7 +83,7 @@ def write_ijb_set(root: str | os.PathLike, target: str = "IJBC", identities: int
                     pts_lines.append(" ".join([name] + [f"{v:.3f}" for v in lmk.reshape(-1)] + [f"{score:.6f}"]))
         pairs = []
         for i, (ta, ia) in enumerate(template_identity):
-            for tb, ib in template_identity[i + 1:]:
+            for tb, ib in template_identity[i + 1 :]:
                 pairs.append(f"{ta} {tb} {int(ia == ib)}")
         (tmp / "meta" / f"{t}_face_tid_mid.txt").write_text("\n".join(tid_lines) + "\n")
         (tmp / "meta" / f"{t}_name_5pts_score.txt").write_text("\n".join(pts_lines) + "\n")
@@ -87,19 +96,19 @@ def _py2_pickle(bins: list[bytes], issame: list[bool]) -> bytes:
     BINSTRING / SHORT_BINSTRING opcodes (Python 3 decodes those as text unless
     loaded with ``encoding='bytes'``). No memo: nothing is shared."""
     out = io.BytesIO()
-    out.write(b"\x80\x02")                       # PROTO 2
-    out.write(b"]q\x00(")                         # EMPTY_LIST, BINPUT 0, MARK
+    out.write(b"\x80\x02")  # PROTO 2
+    out.write(b"]q\x00(")  # EMPTY_LIST, BINPUT 0, MARK
     for b in bins:
         if len(b) < 256:
             out.write(b"U" + bytes([len(b)]) + b)  # SHORT_BINSTRING
         else:
             out.write(b"T" + struct.pack("<I", len(b)) + b)  # BINSTRING
-    out.write(b"e")                               # APPENDS
+    out.write(b"e")  # APPENDS
     out.write(b"]q\x01(")
     for s in issame:
-        out.write(b"\x88" if s else b"\x89")      # NEWTRUE / NEWFALSE
+        out.write(b"\x88" if s else b"\x89")  # NEWTRUE / NEWFALSE
     out.write(b"e")
-    out.write(b"\x86q\x02.")                      # TUPLE2, BINPUT 2, STOP
+    out.write(b"\x86q\x02.")  # TUPLE2, BINPUT 2, STOP
     return out.getvalue()
 
 

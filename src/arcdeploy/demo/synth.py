@@ -5,6 +5,7 @@ BatchNorm statistics are fitted to synthetic faces (so activations have sane
 ranges, as in a trained net), and cartoon faces drawn with OpenCV whose look
 depends on an identity seed, placed in a loose crop with known 5 landmarks.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,7 @@ def _similarity(angle_deg: float, scale: float, tx: float, ty: float, center: tu
     import cv2
 
     m = cv2.getRotationMatrix2D(center, angle_deg, scale)
-    m[:, 2] += (tx, ty)
+    m[:, 2] += np.array([tx, ty])
     return m
 
 
@@ -43,10 +44,22 @@ def draw_face(identity: int, variation: int = 0, size: int = 250, jitter: bool =
     hair = idr.integers(0, 200, 3)
     cx = float(lm[2, 0])
     face_w, face_h = idr.uniform(70, 92), idr.uniform(96, 118)
-    cv2.ellipse(img, (int(cx), int(lm[2, 1] - 6)), (int(face_w), int(face_h)), 0, 0, 360, skin.tolist(), -1, cv2.LINE_AA)
+    cv2.ellipse(
+        img, (int(cx), int(lm[2, 1] - 6)), (int(face_w), int(face_h)), 0, 0, 360, skin.tolist(), -1, cv2.LINE_AA
+    )
     # hair: an arc on top, shape set by identity
     hair_h = idr.uniform(20, 60)
-    cv2.ellipse(img, (int(cx), int(lm[2, 1] - face_h + 20)), (int(face_w + 6), int(hair_h)), 0, 180, 360, hair.tolist(), -1, cv2.LINE_AA)
+    cv2.ellipse(
+        img,
+        (int(cx), int(lm[2, 1] - face_h + 20)),
+        (int(face_w + 6), int(hair_h)),
+        0,
+        180,
+        360,
+        hair.tolist(),
+        -1,
+        cv2.LINE_AA,
+    )
     # identity texture: a few blobs (marks, glasses-like rims)
     for _ in range(idr.integers(2, 6)):
         c = (int(cx + idr.uniform(-60, 60)), int(lm[2, 1] + idr.uniform(-70, 50)))
@@ -56,7 +69,9 @@ def draw_face(identity: int, variation: int = 0, size: int = 250, jitter: bool =
     brow = idr.uniform(-0.3, 0.3)
     for k in (0, 1):
         ex, ey = lm[k]
-        cv2.ellipse(img, (int(ex), int(ey)), (int(eye_r * 1.6), int(eye_r)), 0, 0, 360, (245, 245, 245), -1, cv2.LINE_AA)
+        cv2.ellipse(
+            img, (int(ex), int(ey)), (int(eye_r * 1.6), int(eye_r)), 0, 0, 360, (245, 245, 245), -1, cv2.LINE_AA
+        )
         open_ = var.uniform(0.6, 1.0) if jitter else 0.8
         cv2.circle(img, (int(ex), int(ey)), int(eye_r * open_), iris, -1, cv2.LINE_AA)
         sign = -1 if k == 0 else 1

@@ -9,15 +9,17 @@ Thread safety: every :class:`Runtime` and :class:`GraphSession` may be called fr
 several threads at once and returns exactly what a serial call returns (each engine
 says how: a pool of infer requests, a thread-safe session, or a lock).
 """
+
 from __future__ import annotations
 
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,14 +34,14 @@ if TYPE_CHECKING:
 class Capabilities:
     """What an engine can build and how it runs."""
 
-    precisions: tuple[str, ...]                 # every precision it builds
-    gpu_only: tuple[str, ...] = ()              # of those, the ones that need a GPU
+    precisions: tuple[str, ...]  # every precision it builds
+    gpu_only: tuple[str, ...] = ()  # of those, the ones that need a GPU
     devices: tuple[str, ...] = ("CPU",)
-    async_requests: bool = False                # keeps several requests in flight itself
-    reports_executed: bool = False              # can say what precision each layer runs in
-    folds_preprocessing: bool = False           # can take uint8 NHWC and normalise in the graph
-    static_batch: bool = False                  # can compile for one fixed batch size
-    quantizer: str | None = None                # who makes its int8 model
+    async_requests: bool = False  # keeps several requests in flight itself
+    reports_executed: bool = False  # can say what precision each layer runs in
+    folds_preprocessing: bool = False  # can take uint8 NHWC and normalise in the graph
+    static_batch: bool = False  # can compile for one fixed batch size
+    quantizer: str | None = None  # who makes its int8 model
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
@@ -48,8 +50,8 @@ class Capabilities:
 @dataclass
 class TensorInfo:
     name: str
-    shape: list[Any]     # ints, or names / None for dynamic dimensions
-    dtype: str           # "float32", "uint8", ...
+    shape: list[Any]  # ints, or names / None for dynamic dimensions
+    dtype: str  # "float32", "uint8", ...
 
 
 @dataclass
@@ -57,14 +59,14 @@ class BuildJob:
     """Everything a builder needs; it writes its files into ``out_dir`` and fills
     ``manifest.files`` / ``engine_config`` / ``executed`` / ``device``."""
 
-    onnx_path: Path                 # the exported fp32 ONNX (dynamic batch, ``input`` convention below)
+    onnx_path: Path  # the exported fp32 ONNX (dynamic batch, ``input`` convention below)
     out_dir: Path
     manifest: PackageManifest
     precision: str
-    input: InputSpec                # the ONNX's input convention
+    input: InputSpec  # the ONNX's input convention
     torchscript_path: Path | None = None
     recipe: QuantRecipe | None = None
-    calib_inputs: np.ndarray | None = None   # int8: calibration batch already in ``input`` form
+    calib_inputs: np.ndarray | None = None  # int8: calibration batch already in ``input`` form
     batch: int | None = None
     fold_preprocessing: bool = False
     options: dict = field(default_factory=dict)
@@ -77,8 +79,8 @@ class RuntimeInfo:
 
     engine: str
     device: str
-    precision: str                       # the package's precision
-    executes: str | None                 # what the engine reports it executes (e.g. "bf16"), if it can tell
+    precision: str  # the package's precision
+    executes: str | None  # what the engine reports it executes (e.g. "bf16"), if it can tell
     threads: int | str | None
     version: str
     streams: int | None = None
@@ -123,8 +125,7 @@ class Runtime(ABC):
 
     engine_name = "engine"
 
-    def __init__(self, package_dir: Path, manifest: PackageManifest, threads: int | None = None,
-                 **options: Any):
+    def __init__(self, package_dir: Path, manifest: PackageManifest, threads: int | None = None, **options: Any):
         self.package_dir = Path(package_dir)
         self.manifest = manifest
         self.threads = threads or manifest.threads
@@ -182,7 +183,7 @@ class Runtime(ABC):
     def describe(self) -> RuntimeInfo:
         """What is running: device, executed precision, threads, streams, library version."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most runtimes free everything when collected
         """Free the engine's resources (optional)."""
 
 
@@ -196,8 +197,8 @@ class Engine:
     """
 
     name: str
-    requirement: str                          # pip requirement that provides the library
-    module: str                               # the library's import name
+    requirement: str  # pip requirement that provides the library
+    module: str  # the library's import name
     capabilities: Capabilities
     build: Callable[[BuildJob], None]
     runtime: type[Runtime]

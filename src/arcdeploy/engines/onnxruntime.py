@@ -5,6 +5,7 @@ backend or by ``onnxruntime.quantization.quantize_static``, both from the same
 :class:`~arcdeploy.quantize.QuantRecipe`) and fp16 (needs a GPU provider).
 Thread safety: ``InferenceSession.run`` may be called from several threads at once.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -20,8 +21,14 @@ from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, Runtime
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 QUANTIZERS = ("nncf", "onnxruntime")
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8",
-              "tensor(int8)": "int8", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(uint8)": "uint8",
+    "tensor(int8)": "int8",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+}
 
 
 def _ort():
@@ -74,8 +81,10 @@ class OnnxRuntimeRuntime(Runtime):
         super().__init__(package_dir, manifest, threads, **options)
         gpu = bool(options.get("gpu", True))
         if manifest.precision == "fp16" and not gpu_providers():
-            raise ArcdeployError(f"{self.package_dir}: an fp16 ONNX Runtime package needs a GPU "
-                                 "(CUDAExecutionProvider from onnxruntime-gpu); none is available here")
+            raise ArcdeployError(
+                f"{self.package_dir}: an fp16 ONNX Runtime package needs a GPU "
+                "(CUDAExecutionProvider from onnxruntime-gpu); none is available here"
+            )
         self.session = _session(manifest.file(self.package_dir), self.threads, gpu)
         first = self.session.get_inputs()[0]
         self.input_name = first.name
@@ -89,17 +98,26 @@ class OnnxRuntimeRuntime(Runtime):
     def describe(self) -> RuntimeInfo:
         providers = self.session.get_providers()
         gpu = providers[0] != "CPUExecutionProvider"
-        return RuntimeInfo(engine="onnxruntime", device="GPU" if gpu else "CPU", precision=self.manifest.precision,
-                           executes=self.manifest.precision, threads=self.threads or "default (one per physical core)",
-                           version=_ort().__version__, details={"providers": providers})
+        return RuntimeInfo(
+            engine="onnxruntime",
+            device="GPU" if gpu else "CPU",
+            precision=self.manifest.precision,
+            executes=self.manifest.precision,
+            threads=self.threads or "default (one per physical core)",
+            version=_ort().__version__,
+            details={"providers": providers},
+        )
 
 
 # ------------------------------------------------------------------ building
 
+
 def _check(precision: str) -> None:
     if precision == "fp16" and not gpu_providers():
-        raise ArcdeployError("precision fp16 needs a GPU for onnxruntime (CUDAExecutionProvider from "
-                             "onnxruntime-gpu; none here); use --engine openvino")
+        raise ArcdeployError(
+            "precision fp16 needs a GPU for onnxruntime (CUDAExecutionProvider from "
+            "onnxruntime-gpu; none here); use --engine openvino"
+        )
 
 
 def build(job: BuildJob) -> None:
@@ -125,8 +143,10 @@ def build(job: BuildJob) -> None:
         onnx.checker.check_model(model)
         onnx.save(model, str(target))
     job.manifest.files = {"model": "model.onnx"}
-    job.manifest.executed = {"inference_precision": job.precision if job.precision != "int8" else "int8 (QDQ) + fp32",
-                             "note": "ONNX Runtime runs what the graph says: no precision hint"}
+    job.manifest.executed = {
+        "inference_precision": job.precision if job.precision != "int8" else "int8 (QDQ) + fp32",
+        "note": "ONNX Runtime runs what the graph says: no precision hint",
+    }
 
 
 def fold_preprocessing(model, spec):
@@ -140,12 +160,22 @@ def fold_preprocessing(model, spec):
     dims = [d.dim_param or d.dim_value for d in old.type.tensor_type.shape.dim]
     h, w = spec.size
     new_input = helper.make_tensor_value_info(raw, TensorProto.UINT8, [dims[0], h, w, 3])
-    mean = numpy_helper.from_array(np.asarray(spec.mean, np.float32).reshape(-1, 1, 1) if isinstance(spec.mean, tuple)
-                                   else np.array(spec.mean, np.float32), f"{name}_mean")
-    std = numpy_helper.from_array(np.asarray(spec.std, np.float32).reshape(-1, 1, 1) if isinstance(spec.std, tuple)
-                                  else np.array(spec.std, np.float32), f"{name}_std")
-    nodes = [helper.make_node("Transpose", [raw], [f"{name}_nchw"], perm=[0, 3, 1, 2], name="pre/Transpose"),
-             helper.make_node("Cast", [f"{name}_nchw"], [f"{name}_f32"], to=TensorProto.FLOAT, name="pre/Cast")]
+    mean = numpy_helper.from_array(
+        np.asarray(spec.mean, np.float32).reshape(-1, 1, 1)
+        if isinstance(spec.mean, tuple)
+        else np.array(spec.mean, np.float32),
+        f"{name}_mean",
+    )
+    std = numpy_helper.from_array(
+        np.asarray(spec.std, np.float32).reshape(-1, 1, 1)
+        if isinstance(spec.std, tuple)
+        else np.array(spec.std, np.float32),
+        f"{name}_std",
+    )
+    nodes = [
+        helper.make_node("Transpose", [raw], [f"{name}_nchw"], perm=[0, 3, 1, 2], name="pre/Transpose"),
+        helper.make_node("Cast", [f"{name}_nchw"], [f"{name}_f32"], to=TensorProto.FLOAT, name="pre/Cast"),
+    ]
     src = f"{name}_f32"
     if spec.color == "BGR":
         # the package takes RGB crops; a BGR model gets its channels swapped in the graph
@@ -156,8 +186,10 @@ def fold_preprocessing(model, spec):
     if spec.normalize_in_graph:
         nodes.append(helper.make_node("Identity", [src], [name], name="pre/Identity"))
     else:
-        nodes += [helper.make_node("Sub", [src, mean.name], [f"{name}_centered"], name="pre/Sub"),
-                  helper.make_node("Div", [f"{name}_centered", std.name], [name], name="pre/Div")]
+        nodes += [
+            helper.make_node("Sub", [src, mean.name], [f"{name}_centered"], name="pre/Sub"),
+            helper.make_node("Div", [f"{name}_centered", std.name], [name], name="pre/Div"),
+        ]
         graph.initializer.extend([mean, std])
     body = list(graph.node)
     del graph.node[:]
@@ -174,7 +206,7 @@ def _quantize_nncf(src: Path, target: Path, x: np.ndarray, input_name: str, reci
 
     model = onnx.load(str(src))
     kept = float_nodes_onnx(model, recipe)
-    dataset = nncf.Dataset([{input_name: x[i:i + 1]} for i in range(len(x))])
+    dataset = nncf.Dataset([{input_name: x[i : i + 1]} for i in range(len(x))])
     with quiet_quantizers():
         q = nncf.quantize(model, dataset, **recipe.nncf_kwargs(len(x), kept.names()))
     onnx.save(q, str(target))
@@ -193,7 +225,7 @@ def _quantize_ort(src: Path, target: Path, x: np.ndarray, input_name: str, recip
 
         def get_next(self):
             i = next(self.it, None)
-            return None if i is None else {input_name: x[i:i + 1]}
+            return None if i is None else {input_name: x[i : i + 1]}
 
     with tempfile.TemporaryDirectory(prefix="arcdeploy-ortq-") as work:
         pre = Path(work) / "pre.onnx"
@@ -210,9 +242,22 @@ def _version() -> str:
 
 
 ENGINE = Engine(
-    name="onnxruntime", requirement="onnxruntime", module="onnxruntime",
-    capabilities=Capabilities(precisions=("fp32", "fp16", "int8"), gpu_only=("fp16",), devices=("CPU", "GPU"),
-                              async_requests=False, reports_executed=False, folds_preprocessing=True,
-                              static_batch=False, quantizer="NNCF (ONNX backend) or onnxruntime.quantization"),
-    build=build, runtime=OnnxRuntimeRuntime, open_graph=open_graph, check=_check, describe_library=_version,
+    name="onnxruntime",
+    requirement="onnxruntime",
+    module="onnxruntime",
+    capabilities=Capabilities(
+        precisions=("fp32", "fp16", "int8"),
+        gpu_only=("fp16",),
+        devices=("CPU", "GPU"),
+        async_requests=False,
+        reports_executed=False,
+        folds_preprocessing=True,
+        static_batch=False,
+        quantizer="NNCF (ONNX backend) or onnxruntime.quantization",
+    ),
+    build=build,
+    runtime=OnnxRuntimeRuntime,
+    open_graph=open_graph,
+    check=_check,
+    describe_library=_version,
 )

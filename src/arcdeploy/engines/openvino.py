@@ -12,6 +12,7 @@ Thread safety: each call takes an infer request from a pool (one per concurrent
 caller) and copies the output before handing the request back. ``infer_many`` and
 the throughput benchmark keep several requests in flight with ``AsyncInferQueue``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,8 +71,9 @@ def executed_precisions(compiled_model) -> dict:
     }
 
 
-def compile_config(engine_config: dict, threads: int | None, performance_hint: str | None = None,
-                   num_requests: int | None = None) -> dict:
+def compile_config(
+    engine_config: dict, threads: int | None, performance_hint: str | None = None, num_requests: int | None = None
+) -> dict:
     hint = (performance_hint or engine_config.get("performance_hint") or "LATENCY").upper()
     if hint not in PERFORMANCE_HINTS:
         raise ArcdeployError(f"performance hint {hint!r}: choose LATENCY or THROUGHPUT")
@@ -123,8 +125,9 @@ class OpenVINORuntime(Runtime):
 
     def __init__(self, package_dir, manifest, threads=None, **options):
         super().__init__(package_dir, manifest, threads, **options)
-        self.config = compile_config(manifest.engine_config, self.threads, options.get("performance_hint"),
-                                     options.get("num_requests"))
+        self.config = compile_config(
+            manifest.engine_config, self.threads, options.get("performance_hint"), options.get("num_requests")
+        )
         path = manifest.file(self.package_dir)
         if "weights" in manifest.files:
             manifest.file(self.package_dir, "weights")  # refused when it points outside the package
@@ -190,13 +193,20 @@ class OpenVINORuntime(Runtime):
         cm = self.compiled
         executed = executed_precisions(cm)
         return RuntimeInfo(
-            engine="openvino", device="CPU", precision=self.manifest.precision,
-            executes=executed["inference_precision"], threads=int(cm.get_property("INFERENCE_NUM_THREADS")),
-            version=_ov().get_version(), streams=int(cm.get_property("NUM_STREAMS")),
+            engine="openvino",
+            device="CPU",
+            precision=self.manifest.precision,
+            executes=executed["inference_precision"],
+            threads=int(cm.get_property("INFERENCE_NUM_THREADS")),
+            version=_ov().get_version(),
+            streams=int(cm.get_property("NUM_STREAMS")),
             infer_requests=self.optimal_in_flight(),
-            details={"performance_hint": str(cm.get_property("PERFORMANCE_HINT")).split(".")[-1],
-                     "requested_precision_hint": self.config.get("INFERENCE_PRECISION_HINT"),
-                     "executed": executed})
+            details={
+                "performance_hint": str(cm.get_property("PERFORMANCE_HINT")).split(".")[-1],
+                "requested_precision_hint": self.config.get("INFERENCE_PRECISION_HINT"),
+                "executed": executed,
+            },
+        )
 
 
 class OvGraph(GraphSession):
@@ -212,10 +222,14 @@ class OvGraph(GraphSession):
             config["INFERENCE_PRECISION_HINT"] = precision_hint
         self.compiled = _compile(model, config, str(self.path))
         self._pool = _RequestPool(self.compiled)
-        self.inputs = [TensorInfo(p.get_any_name(), _shape(p.get_partial_shape()), _type_name(p.get_element_type()))
-                       for p in self.compiled.inputs]
-        self.outputs = [TensorInfo(p.get_any_name(), _shape(p.get_partial_shape()), _type_name(p.get_element_type()))
-                        for p in self.compiled.outputs]
+        self.inputs = [
+            TensorInfo(p.get_any_name(), _shape(p.get_partial_shape()), _type_name(p.get_element_type()))
+            for p in self.compiled.inputs
+        ]
+        self.outputs = [
+            TensorInfo(p.get_any_name(), _shape(p.get_partial_shape()), _type_name(p.get_element_type()))
+            for p in self.compiled.outputs
+        ]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         with self._pool.request() as req:
@@ -232,6 +246,7 @@ def open_graph(path, threads: int | None = None, **options: Any) -> OvGraph:
 
 
 # ------------------------------------------------------------------ building
+
 
 def float_ops(model, recipe: QuantRecipe) -> FloatScope:
     """The OpenVINO op names the recipe keeps in float (graph order)."""
@@ -264,8 +279,10 @@ def quantize(model, recipe: QuantRecipe, x: np.ndarray):
 
     scope = float_ops(model, recipe)
     # the fc MatMul is enough to keep the head: NNCF never quantizes the folded BN1d after it
-    ignored = [n for n, role in scope.entries if role != "head"] + [n for n, role in scope.entries if role == "head"][:1]
-    dataset = nncf.Dataset([x[i:i + 1] for i in range(len(x))])
+    ignored = [n for n, role in scope.entries if role != "head"] + [n for n, role in scope.entries if role == "head"][
+        :1
+    ]
+    dataset = nncf.Dataset([x[i : i + 1] for i in range(len(x))])
     with quiet_quantizers():
         q = nncf.quantize(model, dataset, **recipe.nncf_kwargs(len(x), ignored))
     return q, scope
@@ -284,8 +301,9 @@ def build(job: BuildJob) -> None:
     if job.precision == "int8":
         assert job.recipe is not None and job.calib_inputs is not None
         model, scope = quantize(model, job.recipe, job.calib_inputs)
-        job.manifest.calibration = job.recipe.manifest_entry("NNCF post-training quantization (OpenVINO)", scope,
-                                                             len(job.calib_inputs))
+        job.manifest.calibration = job.recipe.manifest_entry(
+            "NNCF post-training quantization (OpenVINO)", scope, len(job.calib_inputs)
+        )
         if job.recipe.float_precision != "auto":
             cfg["inference_precision"] = job.recipe.float_precision
     if job.batch:
@@ -300,12 +318,15 @@ def build(job: BuildJob) -> None:
     compiled = _compile(str(job.out_dir / "model.xml"), compile_config(cfg, job.manifest.threads), "the built model")
     executed = executed_precisions(compiled)
     if job.precision in ("fp16", "bf16") and executed["inference_precision"] != HINTS[job.precision]:
-        executed["note"] = (f"this CPU has no native {job.precision}: the compiled model reports inference precision "
-                            f"{executed['inference_precision']} despite the {HINTS[job.precision]} hint")
+        executed["note"] = (
+            f"this CPU has no native {job.precision}: the compiled model reports inference precision "
+            f"{executed['inference_precision']} despite the {HINTS[job.precision]} hint"
+        )
         job.warnings.append(executed["note"] + " (recorded in the manifest)")
     if job.precision == "int8":
-        executed["note"] = (f"layers left in float run in {executed['inference_precision']}"
-                            + (" (the CPU plugin's default)" if "inference_precision" not in cfg else " (as the recipe asks)"))
+        executed["note"] = f"layers left in float run in {executed['inference_precision']}" + (
+            " (the CPU plugin's default)" if "inference_precision" not in cfg else " (as the recipe asks)"
+        )
     job.manifest.executed = executed
     job.manifest.device = "CPU"
 
@@ -334,9 +355,21 @@ def _version() -> str:
 
 
 ENGINE = Engine(
-    name="openvino", requirement="openvino", module="openvino",
-    capabilities=Capabilities(precisions=("fp32", "fp16", "bf16", "int8"), devices=("CPU",), async_requests=True,
-                              reports_executed=True, folds_preprocessing=True, static_batch=True,
-                              quantizer="NNCF (OpenVINO backend)"),
-    build=build, runtime=OpenVINORuntime, open_graph=open_graph, check=_check, describe_library=_version,
+    name="openvino",
+    requirement="openvino",
+    module="openvino",
+    capabilities=Capabilities(
+        precisions=("fp32", "fp16", "bf16", "int8"),
+        devices=("CPU",),
+        async_requests=True,
+        reports_executed=True,
+        folds_preprocessing=True,
+        static_batch=True,
+        quantizer="NNCF (OpenVINO backend)",
+    ),
+    build=build,
+    runtime=OpenVINORuntime,
+    open_graph=open_graph,
+    check=_check,
+    describe_library=_version,
 )

@@ -1,5 +1,6 @@
 """The engines arcdeploy knows: one line each. A module is imported only when its engine is used,
 and an engine whose library is missing says what to install."""
+
 from __future__ import annotations
 
 import importlib

@@ -3,6 +3,7 @@
 Thread safety: a TorchScript module's forward in inference mode holds no state
 between calls, so concurrent callers share it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -62,8 +63,11 @@ def cuda_device(want: str, what: str) -> str:
     """``cuda`` when torch sees a GPU; a one-line reason otherwise."""
     torch = _torch()
     if not torch.cuda.is_available():
-        reason = ("this torch build has no CUDA (a CPU-only wheel)" if torch.version.cuda is None
-                  else "torch has CUDA but sees no GPU (driver missing, or CUDA_VISIBLE_DEVICES hides it)")
+        reason = (
+            "this torch build has no CUDA (a CPU-only wheel)"
+            if torch.version.cuda is None
+            else "torch has CUDA but sees no GPU (driver missing, or CUDA_VISIBLE_DEVICES hides it)"
+        )
         raise ArcdeployError(f"{what} needs a CUDA GPU: {reason}")
     return want if want.startswith("cuda") else "cuda"
 
@@ -80,7 +84,9 @@ class TorchRuntime(Runtime):
         if precision not in DTYPES:
             raise ArcdeployError(f"{self.package_dir}: torch packages run fp32, fp16 or bf16, not {precision}")
         want = manifest.device.lower()
-        device = cuda_device(want, f"{self.package_dir} (built for {manifest.device})") if want.startswith("cuda") else "cpu"
+        device = (
+            cuda_device(want, f"{self.package_dir} (built for {manifest.device})") if want.startswith("cuda") else "cpu"
+        )
         self.device = torch.device(device)
         self.dtype = getattr(torch, DTYPES[precision])
         model = load_torchscript(manifest.file(self.package_dir), device)
@@ -108,9 +114,15 @@ class TorchRuntime(Runtime):
         details: dict[str, Any] = {"dtype": str(self.dtype).replace("torch.", "")}
         if self.device.type == "cuda":
             details["gpu"] = torch.cuda.get_device_name(self.device)
-        return RuntimeInfo(engine="torch", device=str(self.device), precision=self.manifest.precision,
-                           executes=EXECUTES[self.manifest.precision],
-                           threads=torch.get_num_threads(), version=torch.__version__, details=details)
+        return RuntimeInfo(
+            engine="torch",
+            device=str(self.device),
+            precision=self.manifest.precision,
+            executes=EXECUTES[self.manifest.precision],
+            threads=torch.get_num_threads(),
+            version=torch.__version__,
+            details=details,
+        )
 
 
 def _check(precision: str) -> None:
@@ -120,8 +132,10 @@ def _check(precision: str) -> None:
 
 def build(job: BuildJob) -> None:
     if job.torchscript_path is None:
-        raise ArcdeployError("the torch engine needs a TorchScript model: build from a checkpoint or its export folder "
-                             "(a foreign ONNX has none; use --engine openvino or onnxruntime)")
+        raise ArcdeployError(
+            "the torch engine needs a TorchScript model: build from a checkpoint or its export folder "
+            "(a foreign ONNX has none; use --engine openvino or onnxruntime)"
+        )
     if job.fold_preprocessing:
         raise ArcdeployError("--fold-preprocessing is for openvino and onnxruntime; the torch engine takes float input")
     shutil.copyfile(job.torchscript_path, job.out_dir / "model.pt")
@@ -137,9 +151,22 @@ def _version() -> str:
 
 
 ENGINE = Engine(
-    name="torch", requirement="torch", module="torch",
-    capabilities=Capabilities(precisions=("fp32", "fp16", "bf16"), gpu_only=("fp16", "bf16"), devices=("CPU", "cuda"),
-                              async_requests=False, reports_executed=False, folds_preprocessing=False,
-                              static_batch=False, quantizer=None),
-    build=build, runtime=TorchRuntime, open_graph=open_graph, check=_check, describe_library=_version,
+    name="torch",
+    requirement="torch",
+    module="torch",
+    capabilities=Capabilities(
+        precisions=("fp32", "fp16", "bf16"),
+        gpu_only=("fp16", "bf16"),
+        devices=("CPU", "cuda"),
+        async_requests=False,
+        reports_executed=False,
+        folds_preprocessing=False,
+        static_batch=False,
+        quantizer=None,
+    ),
+    build=build,
+    runtime=TorchRuntime,
+    open_graph=open_graph,
+    check=_check,
+    describe_library=_version,
 )

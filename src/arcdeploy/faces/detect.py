@@ -312,8 +312,8 @@ def _scrfd_layout(io: GraphIO) -> bool | None:
     shapes = [shape for _, shape in io.outputs]
     if any(shape and len(shape) not in (2, 3) for shape in shapes):
         return None
-    lasts = [shape[-1] if shape else None for shape in shapes]
-    if not all(isinstance(d, int) and d > 0 for d in lasts):
+    lasts = [shape[-1] for shape in shapes if shape and isinstance(shape[-1], int) and shape[-1] > 0]
+    if len(lasts) != len(shapes):
         # shapes unknown: insightface's output order (scores, boxes[, keypoints]) is all there is to go on
         return len(io.outputs) in (9, 15)
     fmc = 5 if len(io.outputs) in (10, 15) else 3

@@ -45,14 +45,16 @@ class ScrfdDetector(FaceDetector):
         self.levels = 5 if len(graph.outputs) == 15 else 3
         self.strides = (8, 16, 32, 64, 128)[: self.levels]
         shape = graph.inputs[0][1]
-        fixed = [d if isinstance(d, int) and d > 0 else None for d in shape[2:]]
-        if all(fixed):
+        fixed = [d for d in shape[2:] if isinstance(d, int) and d > 0]
+        size: tuple[int, int]
+        if len(fixed) == 2:
             size = (fixed[1], fixed[0])
             if input_size is not None and tuple(input_size) != size:
                 raise ArcdeployError(f"{self.path}: its input is fixed at {size[0]}x{size[1]}; "
                                      f"cannot run it at {input_size[0]}x{input_size[1]}")
         else:
-            size = tuple(int(v) for v in (input_size or DEFAULT_SIZE))
+            w, h = input_size or DEFAULT_SIZE
+            size = (int(w), int(h))
         if any(v % self.strides[-1] for v in size):
             raise ArcdeployError(f"{self.path}: input size {size[0]}x{size[1]} is not a multiple of its largest "
                                  f"stride {self.strides[-1]}")

@@ -1,6 +1,7 @@
 """Where models come from: arcface_torch checkpoints (:mod:`.checkpoint`) and foreign
 ArcFace-family ONNX files (:mod:`.onnx_model`). Each becomes an export folder
 (:mod:`arcdeploy.export`), which is what the build stage takes."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,10 @@ def resolve_export(src: str | os.PathLike, workdir: Path, arch: str = "auto", **
             raise ArcdeployError(f"{src}: not an export folder (needs the manifest.json that arcdeploy export writes)")
         read_export_manifest(src)  # validated here, before any work
         if onnx_options:
-            raise ArcdeployError(f"{src}: an export folder already records its input convention; "
-                                 "pass --input-mean/--input-std/--bgr when exporting the ONNX file")
+            raise ArcdeployError(
+                f"{src}: an export folder already records its input convention; "
+                "pass --input-mean/--input-std/--bgr when exporting the ONNX file"
+            )
         return src
     if is_onnx_source(src) and _is_export_folder(src.parent) and not onnx_options:
         return src.parent

@@ -3,6 +3,7 @@
 Checkpoints are pickles: they are only ever read with ``weights_only=True``,
 so a hostile file fails with a clear error instead of running code.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,11 +44,14 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
         raise ArcdeployError(f"{path}: empty file, not a checkpoint")
     kind = sniff_model_file(path)
     if kind == "torchscript":
-        raise ArcdeployError(f"{path}: a TorchScript model, not a checkpoint; arcdeploy needs the backbone's "
-                             "state dict (torch.save(model.state_dict(), 'backbone.pth'))")
+        raise ArcdeployError(
+            f"{path}: a TorchScript model, not a checkpoint; arcdeploy needs the backbone's "
+            "state dict (torch.save(model.state_dict(), 'backbone.pth'))"
+        )
     if kind == "onnx":
-        raise ArcdeployError(f"{path}: an ONNX model, not a checkpoint; build it as it is: "
-                             f"arcdeploy build {path} --engine ... -o PKG")
+        raise ArcdeployError(
+            f"{path}: an ONNX model, not a checkpoint; build it as it is: arcdeploy build {path} --engine ... -o PKG"
+        )
     if kind is None:
         raise ArcdeployError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
@@ -82,7 +86,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
 
     for prefix in _PREFIXES:
         if all(k.startswith(prefix) for k in tensors):
-            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+            tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
             notes.append(f"stripped prefix {prefix!r}")
     converted = {v.dtype for v in tensors.values() if v.is_floating_point() and v.dtype != torch.float32}
     if converted:
@@ -91,8 +95,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
     broken = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:
         more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
-        raise ArcdeployError(f"{path}: weight {broken[0]!r}{more} holds NaN or infinite values; "
-                             "the checkpoint is broken (diverged training or a damaged file)")
+        raise ArcdeployError(
+            f"{path}: weight {broken[0]!r}{more} holds NaN or infinite values; "
+            "the checkpoint is broken (diverged training or a damaged file)"
+        )
     return tensors, notes
 
 
