@@ -417,10 +417,6 @@ def _compact(value, limit: int = 200):
     return value
 
 
-def print_tables(records, file=None) -> None:
-    import sys
-
-    file = file or sys.stdout
-    for t in build_tables(records):
-        print(t.text(), file=file)
-        print(file=file)
+def tables_text(records) -> str:
+    """Every table of a run as aligned text, for the terminal."""
+    return "\n\n".join(t.text() for t in build_tables(records)) + "\n"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -23,7 +23,10 @@ from typing import Any
 from .errors import ArcdeployError
 from .files import write_json_atomic
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_PRECISIONS = ("fp32", "bf16", "int8")
+RUN_MARKER = ".arcdeploy-run"  # marks a folder as one arcdeploy run/demo writes into
 DEFAULT_BATCHES = (1, 16)
 
 
@@ -48,10 +51,22 @@ class RunResult:
         return [s for s in self.steps if s.status == "failed"]
 
 
+def claim_output(out: Path, force: bool = False) -> None:
+    """Make ``out`` a run folder: refuse one with content arcdeploy did not write (unless ``force``)."""
+    if out.exists() and not out.is_dir():
+        raise ArcdeployError(f"{out}: exists and is not a folder")
+    marker = out / RUN_MARKER
+    if out.exists() and not marker.exists() and any(out.iterdir()) and not force:
+        raise ArcdeployError(f"{out}: not empty and not made by arcdeploy run; choose a new folder, "
+                             "or use --force to write into it")
+    if not marker.exists():
+        write_json_atomic(marker, {"made_by": "arcdeploy", "note": "arcdeploy run writes and reuses this folder"})
+
+
 class StepRunner:
     """Runs named steps, reusing finished ones whose input key is unchanged."""
 
-    def __init__(self, out: Path, log: Callable[[str], None] = print):
+    def __init__(self, out: Path, log: Callable[[str], None] = logger.info):
         self.out = out
         self.state_path = out / "steps.json"
         self.state: dict[str, dict] = {}
@@ -151,13 +166,17 @@ def run_pipeline(
     log: Callable[[str], None] | None = None,
     title: str | None = None,
     notes: list[str] | None = None,
+    force: bool = False,
 ) -> RunResult:
-    """Run every stage for one checkpoint; returns what each step did. Writes OUT/report.{md,json}."""
+    """Run every stage for one checkpoint; returns what each step did. Writes OUT/report.{md,json}.
+
+    OUT must be new, empty, or an earlier run's folder; a folder with other content is
+    refused unless ``force`` (arcdeploy then writes its files beside the user's)."""
     from . import report
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    claim_output(out, force)
+    log = log or logger.info
     runner = StepRunner(out, log)
     precisions = [p for p in precisions]
     ckpt_key = _file_key(ckpt)

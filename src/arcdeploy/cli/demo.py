@@ -14,12 +14,14 @@ def register(sub) -> None:
         "-o", "--output", default="arcdeploy-demo", metavar="OUT", help="output folder (default ./arcdeploy-demo)"
     )
     p.add_argument("--quick", action="store_true", help="a smaller configuration (for tests and slow machines)")
+    p.add_argument("--force", action="store_true",
+                   help="write into OUT even though it holds files arcdeploy did not write")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..demo import QUICK, UNTRAINED_NOTE, DemoConfig, demo
-    from .run import finish
+    from .run import finish, progress
 
-    result = demo(args.output, QUICK if args.quick else DemoConfig())
+    result = demo(args.output, QUICK if args.quick else DemoConfig(), log=progress, force=args.force)
     return finish("demo", result, note=UNTRAINED_NOTE)

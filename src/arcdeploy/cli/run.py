@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--batches", default="1,16", help="bench batch sizes, comma separated (default 1,16)")
     p.add_argument("--iterations", type=int, default=None, help="bench iterations per batch size")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--force", action="store_true",
+                   help="write into OUT even though it holds files arcdeploy did not write")
     p.set_defaults(func=run)
 
 
@@ -59,18 +61,27 @@ def run(args) -> int:
         threads=args.threads,
         arch=args.arch,
         ijb_flip=not args.no_flip,
+        log=progress,
+        force=args.force,
     )
     return finish("run", result)
+
+
+def progress(message: str) -> None:
+    """Step progress of run and demo, on stderr as it happens."""
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
 
 
 def finish(command: str, result, note: str | None = None) -> int:
     """Print the tables and where the report is; exit 3 when a step failed (named on stderr)."""
     import sys
 
-    from ..report import print_tables
+    from ..report import tables_text
 
     print()
-    print_tables(result.steps)
+    print(tables_text(result.steps))
     if note:
         print(f"NOTE: {note}")
         print()

@@ -10,7 +10,7 @@ that the protocols run, since the model is untrained.
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,13 +106,14 @@ def _read_json(path: Path):
         return None
 
 
-def demo(out: str | Path = "arcdeploy-demo", cfg: DemoConfig | None = None, log=None):
+def demo(out: str | Path = "arcdeploy-demo", cfg: DemoConfig | None = None, log=None, force: bool = False):
     """Run the demo into ``out``; returns the :class:`arcdeploy.run.RunResult`."""
-    from ..run import run_pipeline
+    from ..run import claim_output, run_pipeline
 
     cfg = cfg or DemoConfig()
-    log = log or (lambda m: print(m, file=sys.stderr))
+    log = log or logging.getLogger(__name__).info
     out = Path(out)
+    claim_output(out, force)
     paths = prepare_data(out / "data", cfg, log)
     return run_pipeline(
         paths["ckpt"],
