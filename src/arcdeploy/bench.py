@@ -112,6 +112,7 @@ class BenchRow:
     images: int
     wall_s: float
     how: str
+    breakdown_ms: dict | None = None  # median per run: host-to-device copy, compute, copy back (GPU)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -301,6 +302,7 @@ def bench(
         direct = fixed is None or fixed == b
         if direct:
             x = pkg.to_model_input(fb)
+            runtime.last_breakdown = None
             lat, wall = runtime.timed_runs(x, in_flight, int(warmup), stop)
             how = (
                 f"{'OpenVINO AsyncInferQueue' if has_async else runtime.engine_name + ' threads'}, {in_flight} requests"
@@ -319,6 +321,7 @@ def bench(
             images=b * n,
             wall_s=wall,
             how=how,
+            breakdown_ms=runtime.last_breakdown if direct else None,
         )
         rows.append(row)
         if log:
@@ -403,6 +406,13 @@ def format_report(res: BenchResult | dict) -> str:
             f"{row['batch']:>6} {row['iterations']:>6} {row['throughput']:>12.1f} {lm['mean']:>9.2f} {lm['p50']:>9.2f} "
             f"{lm['p90']:>9.2f} {lm['p95']:>9.2f} {lm['p99']:>9.2f}"
         )
+    split = [row for row in r["results"] if row.get("breakdown_ms")]
+    if split:
+        lines.append("")
+        lines.append("[ INFO ] Per run (median): host->device copy / compute / device->host copy, ms")
+        for row in split:
+            bd = row["breakdown_ms"]
+            lines.append(f"{row['batch']:>6}  {bd['h2d']:9.3f} / {bd['compute']:9.3f} / {bd['d2h']:9.3f}")
     e2e = r.get("e2e")
     if e2e:
         lines.append("")

@@ -124,6 +124,8 @@ class Runtime(ABC):
     """A package's compiled model: one input in the package's format, one output [N, D]."""
 
     engine_name = "engine"
+    # what the last timed_runs spent where (e.g. {"h2d": ms, "compute": ms, "d2h": ms} on a GPU), if known
+    last_breakdown: dict | None = None
 
     def __init__(self, package_dir: Path, manifest: PackageManifest, threads: int | None = None, **options: Any):
         self.package_dir = Path(package_dir)
