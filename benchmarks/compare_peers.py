@@ -71,7 +71,7 @@ class Runner:
     precision: str  # what was asked
     executed: str = "fp32"  # what the heavy layers executed in (for the machine limit)
     fn: object = None  # fn(x) for x in this runner's input format
-    fmt: dict | None = None  # manifest["input"] (None: float32 NCHW normalised)
+    fmt: object = None  # the package's InputSpec (None: float32 NCHW normalised)
     error: str | None = None
     load_s: float | None = None
     build_s: float | None = None
@@ -162,11 +162,11 @@ def _streams_runner(base: Runner, path: Path) -> Runner:
         manifest_fidelity=base.manifest_fidelity,
     )
     t = time.perf_counter()
-    eng = load(path, performance_hint="THROUGHPUT").engine
+    eng = load(path, performance_hint="THROUGHPUT").runtime
     r.load_s = time.perf_counter() - t
-    r.info.update(eng.describe())
+    r.info.update(_info(eng.describe()))
     r.info["package"] = str(path)
-    jobs = max(1, int(eng.compiled_model.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+    jobs = eng.optimal_in_flight()
 
     def run(x, eng=eng, jobs=jobs):
         parts = [p for p in np.array_split(x, min(jobs, x.shape[0])) if p.shape[0]]
@@ -223,15 +223,15 @@ def make_runners(
             path, r.build_s = _package(workdir, arch, exp, engine, precision, rebuild, log)
             t = time.perf_counter()
             pkg = load(path)
-            eng = pkg.engine
+            eng = pkg.runtime
             r.load_s = time.perf_counter() - t
             if pkg.fixed_batch:
                 r.info["fixed_batch"] = pkg.fixed_batch
-            r.fmt = pkg.input_format
+            r.fmt = pkg.input_spec
             r.fn = (lambda x, e=eng: e.infer(x)) if not pkg.fixed_batch else None
-            r.info.update(pkg.describe())
+            r.info.update(_info(pkg.describe()))
             r.executed = _executed_precision(r.info, precision)
-            r.manifest_fidelity = pkg.manifest.get("fidelity")
+            r.manifest_fidelity = pkg.manifest.fidelity
             r.info["package"] = str(path)
             r.info["package_built"] = dt.datetime.fromtimestamp(
                 (path / "manifest.json").stat().st_mtime, dt.UTC
@@ -256,18 +256,23 @@ def make_runners(
 def _call(r: Runner, faces: np.ndarray, prepared: dict) -> np.ndarray:
     if isinstance(r.fn, tuple):  # a fixed-batch package: Package.infer pads / splits
         return r.fn[1](faces)
-    key = json.dumps(r.fmt, sort_keys=True) if r.fmt else "default"
-    return r.fn(prepared[key])
+    return r.fn(prepared[r.fmt])
 
 
 def _prepare(faces: np.ndarray, runners: list[Runner]) -> dict:
-    from arcdeploy.faces.preprocess import to_model_input
+    from arcdeploy.manifest import InputSpec
 
-    out = {"default": to_model_input(faces, None)}
+    out = {None: InputSpec().to_model_input(faces)}
     for r in runners:
-        if r.fmt:
-            out[json.dumps(r.fmt, sort_keys=True)] = to_model_input(faces, r.fmt)
+        if r.fmt is not None:
+            out[r.fmt] = r.fmt.to_model_input(faces)
     return out
+
+
+def _info(info) -> dict:
+    """A RuntimeInfo as one flat dict (its engine-specific details beside the common keys)."""
+    d = info.to_json()
+    return {**{k: v for k, v in d.items() if k != "details"}, **d.get("details", {})}
 
 
 def fidelity(runners: list[Runner], n: int = 16) -> None:

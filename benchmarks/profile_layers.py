@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections import defaultdict
-
-import numpy as np
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 if SRC not in sys.path:
@@ -27,46 +24,18 @@ if SRC not in sys.path:
 def profile_package(pkg_dir, batch: int = 16, iterations: int = 2, threads: int | None = None) -> dict:
     """{"by_type": {type: ms per batch}, "by_exec": {(type, exec_type): ms}, "total_ms": ...},
     averaged over iterations."""
-    import openvino as ov
+    from arcdeploy.bench import timing_faces
+    from arcdeploy.package import load
 
-    from arcdeploy.demo.synth import aligned_faces
-    from arcdeploy.engines.openvino import compile_config
-    from arcdeploy.faces.preprocess import to_model_input
-    from arcdeploy.package import read_manifest
-
-    manifest = read_manifest(pkg_dir)
-    if manifest.get("engine") != "openvino":
-        raise ValueError(f"{pkg_dir}: per-layer counters need an OpenVINO package, this is {manifest.get('engine')}")
-    core = ov.Core()
-    model = core.read_model(os.path.join(pkg_dir, manifest["files"]["model"]))
-    config = compile_config(manifest, threads)
-    config["PERF_COUNT"] = True
-    cm = core.compile_model(model, manifest.get("openvino", {}).get("device", "CPU"), config)
-    req = cm.create_infer_request()
-    faces = aligned_faces(min(batch, 16), seed=11)
-    faces = np.tile(faces, (-(-batch // faces.shape[0]), 1, 1, 1))[:batch]
-    x = to_model_input(faces, manifest["input"])
-    req.infer({0: x})  # warm-up (first run includes one-time work)
-    by_type: dict[str, float] = defaultdict(float)
-    by_exec: dict[tuple[str, str], float] = defaultdict(float)
-    total = 0.0
-    for _ in range(iterations):
-        req.infer({0: x})
-        for info in req.get_profiling_info():
-            if str(info.status).endswith("NOT_RUN"):
-                continue
-            ms = info.real_time.total_seconds() * 1e3
-            by_type[info.node_type] += ms / iterations
-            by_exec[(info.node_type, info.exec_type)] += ms / iterations
-            total += ms / iterations
+    pkg = load(pkg_dir, threads=threads)
+    x = pkg.to_model_input(timing_faces(batch))
+    profile = pkg.runtime.layer_profile(x, iterations)
     return {
         "package": str(pkg_dir),
-        "precision": manifest.get("precision"),
+        "precision": pkg.manifest.precision,
         "batch": batch,
         "iterations": iterations,
-        "total_ms": total,
-        "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
-        "by_exec": {f"{t} [{e}]": v for (t, e), v in sorted(by_exec.items(), key=lambda kv: -kv[1])},
+        **profile,
     }
 
 

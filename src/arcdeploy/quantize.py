@@ -5,7 +5,7 @@ symmetric, activations asymmetric for PReLU networks, range estimation, bias
 correction, the overflow fix for CPUs without VNNI), which parts stay in float and
 why, and what those float parts execute in. The NNCF-OpenVINO and NNCF-ONNX builders
 take :meth:`QuantRecipe.nncf_kwargs`; ONNX Runtime's ``quantize_static`` takes
-:meth:`QuantRecipe.ort_kwargs`; the manifest's ``calibration`` entry is
+:meth:`QuantRecipe.ort_settings`; the manifest's ``calibration`` entry is
 :meth:`QuantRecipe.manifest_entry`, never written by hand.
 
 Float roles are resolved on each graph: ``stem`` (the first convolution, which sees
@@ -117,19 +117,15 @@ class QuantRecipe:
             "ignored_scope": nncf.IgnoredScope(names=list(ignored_names), validate=False),
         }
 
-    def ort_kwargs(self, excluded_nodes: list[str]) -> dict:
-        """Keyword arguments for ``onnxruntime.quantization.quantize_static`` (QDQ)."""
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
-
-        method = (
-            CalibrationMethod.MinMax
-            if self.range_estimator in ("minmax", "mean_minmax")
-            else CalibrationMethod.Percentile
-        )
+    def ort_settings(self, excluded_nodes: list[str]) -> dict:
+        """Settings for ``onnxruntime.quantization.quantize_static`` (QDQ), by name: the ONNX Runtime
+        engine turns the names of its enums (quant_format, activation_type, weight_type,
+        calibrate_method) into the enums themselves."""
+        method = "MinMax" if self.range_estimator in ("minmax", "mean_minmax") else "Percentile"
         return {
-            "quant_format": QuantFormat.QDQ,
-            "activation_type": QuantType.QUInt8,
-            "weight_type": QuantType.QInt8,
+            "quant_format": "QDQ",
+            "activation_type": "QUInt8",
+            "weight_type": "QInt8",
             "per_channel": self.per_channel_weights,
             "reduce_range": self.weight_bits == 7,
             "calibrate_method": method,

@@ -1,7 +1,7 @@
 """IResNet as trained by insightface's arcface_torch.
 
 Parameter names, shapes and the order of operations follow the official
-layout exactly (see SPEC section 2), so an official ``backbone.pth`` loads
+layout exactly (arcface_torch's key names), so an official ``backbone.pth`` loads
 with ``strict=True`` and produces the same embedding.
 """
 

@@ -1,7 +1,7 @@
 """Small generated evaluation sets in the real formats, for the demo and the tests.
 
 - :func:`write_ijb_set`: an IJB-style folder (``meta/`` with the three files of
-  SPEC section 5, ``loose_crop/`` with real JPEG loose crops of cartoon faces
+  insightface's IJB layout, ``loose_crop/`` with real JPEG loose crops of cartoon faces
   from :func:`arcdeploy.synth.draw_face`, their absolute 5 landmarks and a
   faceness score), with every genuine and every impostor template pair.
 - :func:`write_bin_set`: an LFW-style ``.bin`` (pickled ``(bins, issame_list)``

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# ArcFace 112x112 template (SPEC section 4)
+# the ArcFace 112x112 alignment template
 TEMPLATE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
     dtype=np.float32,

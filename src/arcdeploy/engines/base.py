@@ -177,6 +177,11 @@ class Runtime(ABC):
                 fut.result()
         return lat, time.perf_counter() - t0
 
+    def layer_profile(self, x: np.ndarray, iterations: int = 2) -> dict:
+        """Time per layer type for one batch: {"by_type": {type: ms}, "by_exec": {"type [kernel]": ms},
+        "total_ms"}; only engines that count per layer provide it."""
+        raise ArcdeployError(f"the {self.engine_name} engine does not report per-layer timings")
+
     def optimal_in_flight(self) -> int:
         """How many requests in flight give the best throughput (1 unless the engine knows better)."""
         return 1

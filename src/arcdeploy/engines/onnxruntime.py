@@ -233,8 +233,20 @@ def _quantize_ort(src: Path, target: Path, x: np.ndarray, input_name: str, recip
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         kept = float_nodes_onnx(onnx.load(str(pre), load_external_data=False), recipe)
         with quiet_quantizers():
-            quantize_static(str(pre), str(target), Reader(), **recipe.ort_kwargs(kept.names()))
+            quantize_static(str(pre), str(target), Reader(), **ort_quantization_kwargs(recipe, kept.names()))
     return recipe.manifest_entry("onnxruntime quantize_static -> QDQ", kept, len(x))
+
+
+def ort_quantization_kwargs(recipe: QuantRecipe, excluded: list[str]) -> dict:
+    """The recipe's quantize_static settings with ONNX Runtime's enums in place of their names."""
+    from onnxruntime import quantization as q
+
+    kw = recipe.ort_settings(excluded)
+    kw["quant_format"] = getattr(q.QuantFormat, kw["quant_format"])
+    kw["activation_type"] = getattr(q.QuantType, kw["activation_type"])
+    kw["weight_type"] = getattr(q.QuantType, kw["weight_type"])
+    kw["calibrate_method"] = getattr(q.CalibrationMethod, kw["calibrate_method"])
+    return kw
 
 
 def _version() -> str:

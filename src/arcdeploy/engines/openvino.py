@@ -189,6 +189,32 @@ class OpenVINORuntime(Runtime):
             q.wait_all()
         return list(lat), time.perf_counter() - t0
 
+    def layer_profile(self, x: np.ndarray, iterations: int = 2) -> dict:
+        """OpenVINO's performance counters (the model compiled once more with PERF_COUNT)."""
+        from collections import defaultdict
+
+        config = {**self.config, "PERF_COUNT": True}
+        cm = _compile(_read(self.manifest.file(self.package_dir)), config, str(self.package_dir))
+        req = cm.create_infer_request()
+        req.infer({0: x})  # warm-up: the first run includes one-time work
+        by_type: dict[str, float] = defaultdict(float)
+        by_exec: dict[str, float] = defaultdict(float)
+        total = 0.0
+        for _ in range(iterations):
+            req.infer({0: x})
+            for info in req.get_profiling_info():
+                if str(info.status).endswith("NOT_RUN"):
+                    continue
+                ms = info.real_time.total_seconds() * 1e3 / iterations
+                by_type[info.node_type] += ms
+                by_exec[f"{info.node_type} [{info.exec_type}]"] += ms
+                total += ms
+        return {
+            "total_ms": total,
+            "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
+            "by_exec": dict(sorted(by_exec.items(), key=lambda kv: -kv[1])),
+        }
+
     def describe(self) -> RuntimeInfo:
         cm = self.compiled
         executed = executed_precisions(cm)
