@@ -11,7 +11,9 @@ never reused. A parts folder that holds no chunk yet has nothing to lose and is
 replaced silently, so a failed start never blocks the corrected rerun.
 
 The parts folder is created whole with its ``state.json`` (:func:`atomic_dir`);
-each chunk's failures are written before its ``.npy``, which marks it done.
+each chunk's record (its failures and the sha256 of its ``.npy``) is written
+before the ``.npy``, which marks it done; a chunk whose ``.npy`` no longer has
+that checksum is computed again, never trusted.
 
 Outputs: ``FEATS.npy`` is streamed from the chunks (no memory map, so a full
 disk is an error naming the file, not a crash) into a temporary file that
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -34,7 +37,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ArcdeployError
-from ..files import atomic_dir, atomic_file, save_npy_atomic, write_json_atomic, write_npy_blocks_atomic
+from ..files import atomic_dir, atomic_file, write_bytes_atomic, write_json_atomic, write_npy_blocks_atomic
 from .prepare import Failure, Missing
 
 STATE_FORMAT = "arcdeploy-embed-parts/2"
@@ -135,14 +138,19 @@ class ChunkStore:
         return self.parts / f"chunk_{c:06d}.npy", self.parts / f"chunk_{c:06d}.json"
 
     def load(self, c: int, rows: int) -> tuple[np.ndarray, list[Failure]] | None:
-        """Chunk ``c`` when it is saved whole with ``rows`` rows, else None."""
+        """Chunk ``c`` when it is saved whole with ``rows`` rows and still has the checksum
+        recorded when it was saved, else None (it is then computed again)."""
         npy, js = self._files(c)
         if not npy.exists() or not js.exists():
             return None
         try:
-            feats = np.load(npy, mmap_mode="r", allow_pickle=False)
-            fails = [Failure(int(i), str(p), str(r)) for i, p, r in json.loads(js.read_text(encoding="utf-8"))]
-        except (OSError, ValueError, TypeError):
+            record = json.loads(js.read_text(encoding="utf-8"))
+            data = npy.read_bytes()
+            if not isinstance(record, dict) or hashlib.sha256(data).hexdigest() != record.get("sha256"):
+                return None
+            feats = np.load(io.BytesIO(data), allow_pickle=False)
+            fails = [Failure(int(i), str(p), str(r)) for i, p, r in record["failures"]]
+        except (OSError, ValueError, TypeError, KeyError):
             return None
         if feats.ndim < 2 or feats.shape[0] != rows or feats.dtype != np.float32:
             return None
@@ -150,9 +158,13 @@ class ChunkStore:
 
     def save(self, c: int, feats: np.ndarray, failures: list[Failure]) -> None:
         npy, js = self._files(c)
-        # failures first: the .npy is what marks the chunk as done
-        write_json_atomic(js, [[f.index, f.path, f.reason] for f in failures])
-        save_npy_atomic(npy, feats)
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(feats, np.float32), allow_pickle=False)
+        data = buf.getvalue()
+        # the record (failures, checksum) first: the .npy is what marks the chunk as done
+        write_json_atomic(js, {"sha256": hashlib.sha256(data).hexdigest(),
+                               "failures": [[f.index, f.path, f.reason] for f in failures]})
+        write_bytes_atomic(npy, data)
 
     def _blocks(self, bounds: list[tuple[int, int]], row_shape: tuple[int, ...]) -> Iterator[np.ndarray]:
         for c, (s, e) in enumerate(bounds):

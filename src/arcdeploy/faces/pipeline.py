@@ -120,7 +120,8 @@ def _prepared_batches(items, lmks, batches: list[tuple[int, int]], workers: int,
 
 def _normalise(x: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(n, np.float32(1e-12))
+    with np.errstate(invalid="ignore"):  # a non-finite row stays non-finite and becomes a failure
+        return x / np.maximum(n, np.float32(1e-12))
 
 
 def _features(package, crops: np.ndarray, flip: bool, raw: bool) -> np.ndarray:
