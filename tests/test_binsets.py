@@ -11,10 +11,16 @@ import pytest
 from sklearn.model_selection import KFold
 
 from arcdeploy.cli import main as cli_main
-from arcdeploy.errors import ArcdeployError
-from arcdeploy.evaluate.binsets import (THRESHOLDS, decode_faces, evaluate_bins, fold_bounds, read_bin,
-                                        verification_accuracy)
 from arcdeploy.demo.datasets import write_bin_set
+from arcdeploy.errors import ArcdeployError
+from arcdeploy.evaluate.binsets import (
+    THRESHOLDS,
+    decode_faces,
+    evaluate_bins,
+    fold_bounds,
+    read_bin,
+    verification_accuracy,
+)
 
 PAIRS = 10  # the fewest 10 folds allow: every image costs an inference on 2 cores
 

@@ -12,11 +12,10 @@ import pytest
 
 import arcdeploy
 from arcdeploy.cli import main
+from arcdeploy.demo.synth import draw_face
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.faces import align_face, read_landmarks
 from arcdeploy.faces.pipeline import embed_files, embed_images, failures_path_for, parts_dir_for
-from arcdeploy.demo.synth import draw_face
-
 
 N_LOOSE = 12
 
@@ -194,7 +193,8 @@ def test_resume_after_kill_is_bit_identical(pkg, loose_set, tmp_path):
                             text=True)
     assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stderr
     parts = parts_dir_for(out)
-    assert not out.exists() and sorted(p.name for p in parts.glob("chunk_*.npy")) == ["chunk_000000.npy", "chunk_000001.npy"]
+    saved = sorted(p.name for p in parts.glob("chunk_*.npy"))
+    assert not out.exists() and saved == ["chunk_000000.npy", "chunk_000001.npy"]
 
     # another job's settings are refused, clearly, and the saved work is kept
     with pytest.raises(ArcdeployError, match=r"different job \(flip False -> True\)"):

@@ -13,8 +13,14 @@ from sklearn.metrics import roc_curve
 
 from arcdeploy.cli import main as cli_main
 from arcdeploy.errors import ArcdeployError
-from arcdeploy.evaluate.ijb import (evaluate_features, evaluate_ijb, pair_scores, read_meta, settle_near_ties,
-                                    template_features)
+from arcdeploy.evaluate.ijb import (
+    evaluate_features,
+    evaluate_ijb,
+    pair_scores,
+    read_meta,
+    settle_near_ties,
+    template_features,
+)
 from arcdeploy.evaluate.roc import roc, tar_at_far
 
 
@@ -52,7 +58,8 @@ def test_template_aggregation_by_hand():
     tf = template_features(HAND_IMG, templates, medias, None, normalize_images=True)
     np.testing.assert_allclose(tf.features[0], [2 ** -0.5, 2 ** -0.5], rtol=1e-15)
     # score = dot product of the two templates
-    s = pair_scores(template_features(HAND_IMG, templates, medias, faceness).features, np.array([0, 1]), np.array([1, 0]))
+    tf = template_features(HAND_IMG, templates, medias, faceness)
+    s = pair_scores(tf.features, np.array([0, 1]), np.array([1, 0]))
     np.testing.assert_allclose(s, [2 / 5 ** 0.5] * 2, rtol=1e-15)
 
 
@@ -142,7 +149,7 @@ def random_set(tmp_path_factory):
         for j in range(tpl_per_id):
             tid = 1000 + 10 * i + j
             ident[tid] = i
-            for m in range(int(rng.integers(1, 5))):
+            for _ in range(int(rng.integers(1, 5))):
                 mid = int(rng.integers(0, 4))  # media ids repeat across templates on purpose
                 k += 1
                 rows.append((f"img{k}.jpg", tid, mid, float(np.float32(rng.uniform(0.3, 1.0)))))
@@ -265,7 +272,8 @@ def test_row_count_mismatch(tmp_path):
     ("ijbc_face_tid_mid.txt", 2, "b.jpg 1\n", "line 2: expected 3 fields"),
     ("ijbc_face_tid_mid.txt", 3, "c.jpg two 3\n", "line 3: template id 'two' is not an integer"),
     ("ijbc_name_5pts_score.txt", 4, "d.jpg 1 2 3\n", "line 4: expected 12 fields"),
-    ("ijbc_name_5pts_score.txt", 1, "a.jpg 1 2 3 4 5 6 7 8 9 x 0.5\n", "line 1: landmark or score field is not a number"),
+    ("ijbc_name_5pts_score.txt", 1, "a.jpg 1 2 3 4 5 6 7 8 9 x 0.5\n",
+     "line 1: landmark or score field is not a number"),
     ("ijbc_name_5pts_score.txt", 2, "b.jpg 1 2 3 4 5 6 7 8 9 10 nan\n", "line 2: landmark or score is not finite"),
     ("ijbc_template_pair_label.txt", 2, "1 3\n", "line 2: expected 3 fields"),
     ("ijbc_template_pair_label.txt", 3, "2 3 7\n", "line 3: label 7 is not 0 or 1"),
@@ -329,10 +337,12 @@ def test_cli_from_features(random_set, tmp_path, capsys):
 def test_cli_errors_are_one_line(random_set, tmp_path, capsys):
     root, feats = random_set
     np.save(tmp_path / "short.npy", feats[:5])
-    rc = cli_main(["eval", "ijb", "--root", str(root), "--features", str(tmp_path / "short.npy"), "-o", str(tmp_path / "o")])
+    rc = cli_main(["eval", "ijb", "--root", str(root), "--features", str(tmp_path / "short.npy"),
+                   "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "5 feature rows" in err and "short.npy" in err
-    rc = cli_main(["eval", "ijb", "--root", str(root), "--features", str(tmp_path / "none.npy"), "-o", str(tmp_path / "o")])
+    rc = cli_main(["eval", "ijb", "--root", str(root), "--features", str(tmp_path / "none.npy"),
+                   "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "none.npy: no such features file" in err
     rc = cli_main(["eval", "ijb", "--root", str(root), "-o", str(tmp_path / "o")])
@@ -384,7 +394,8 @@ def test_package_path_caches_resumes_and_matches_features(small_ijb, r18_ort_fp3
 def test_package_cli_no_flip(small_ijb, r18_ort_fp32_pkg, tmp_path, capsys):
     js = tmp_path / "r.json"
     rc = cli_main(["eval", "ijb", str(r18_ort_fp32_pkg), "--root", str(small_ijb), "--no-flip",
-                   "--no-detector-score", "--normalize-images", "--no-progress", "--json", str(js), "-o", str(tmp_path / "o")])
+                   "--no-detector-score", "--normalize-images", "--no-progress", "--json", str(js),
+                   "-o", str(tmp_path / "o")])
     assert rc == 0
     doc = json.loads(js.read_text())
     assert doc["mode"] == "F0 N0 D0"

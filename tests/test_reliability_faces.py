@@ -287,7 +287,8 @@ def test_huge_images_are_refused_before_decoding(pkg, tmp_path, monkeypatch, fac
     assert image_size(bomb.read_bytes()) == ("PNG", (32000, 32000))
     got = embed_files(pkg, [bomb], progress=False)
     (fail,) = got.failures
-    assert "32000x32000" in fail.reason and "1024.0 megapixels" in fail.reason and "limit of 50 megapixels" in fail.reason
+    assert "32000x32000" in fail.reason and "1024.0 megapixels" in fail.reason
+    assert "limit of 50 megapixels" in fail.reason
     # the limit is a parameter and an environment variable
     small = tmp_path / "small.png"
     cv2.imwrite(str(small), faces16[0])

@@ -76,9 +76,9 @@ def run(args) -> int:
     n = len(paths)
     good = n - len(res.failures)
     resumed = f" ({res.resumed_rows} resumed from saved work)" if res.resumed_rows else ""
-    print(f"embedded {good} of {n} images -> {display_name(res.output)} {list(res.features.shape)}{resumed}")
+    print(f"embedded {good} of {n} images -> {display_name(str(res.output))} {list(res.features.shape)}{resumed}")
     if res.failures:
         print(f"arcdeploy embed: {len(res.failures)} of {n} images failed (NaN rows), listed in "
-              f"{display_name(res.failures_path)}", file=sys.stderr)
+              f"{display_name(str(res.failures_path))}", file=sys.stderr)
         return EXIT_SOME_FAILED
     return 0

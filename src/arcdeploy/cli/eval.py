@@ -88,7 +88,8 @@ def run_bin(args) -> int:
     from ..files import refuse_existing, write_json_atomic
     from ..package import load
 
-    packages, bins = [], []
+    packages: list[Path] = []
+    bins: list[Path] = []
     for item in args.items:
         p = Path(item)
         if p.is_dir():
@@ -108,14 +109,16 @@ def run_bin(args) -> int:
             raise ArcdeployError(f"{b}: no such .bin file")
     if args.json:
         refuse_existing(args.json, args.force)  # before any work
-    rows, per_package = [], []
-    for pkg in packages:
-        pkg = load(pkg)
+    rows: list = []
+    per_package: list[dict] = []
+    for pkg_dir in packages:
+        pkg = load(pkg_dir)
         results = evaluate_bin_sets(pkg, bins, batch=args.batch, log=_log)
         per_package.append({"package": str(pkg.path), "results": [r.to_json() for r in results]})
         rows.extend(results)
     print(format_bin_table(rows))
     if args.json:
+        doc: dict
         if len(packages) > 1:
             doc = {"results": [r.to_json() for r in rows], "packages": [str(p) for p in packages]}
         else:

@@ -59,7 +59,8 @@ class RefusedGlobal(pickle.UnpicklingError):
 def _latin1_bytes(text, encoding="latin1"):
     """What Python 3 writes for ``bytes`` in protocol 0-2 pickles: ``_codecs.encode(str, 'latin1')``.
     Only that exact use is honoured."""
-    if not isinstance(text, str) or str(encoding).lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591"):
+    codec = str(encoding).lower().replace("-", "").replace("_", "")
+    if not isinstance(text, str) or codec not in ("latin1", "iso88591"):
         raise pickle.UnpicklingError("_codecs.encode is only allowed as str -> latin1 bytes")
     return text.encode("latin1")
 
@@ -108,10 +109,12 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArcdeployError(f"{path}: not a readable .bin pickle ({first})") from None
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-        raise ArcdeployError(f"{path}: not a .bin set (expected a pickled (bins, issame_list) pair, got {type(obj).__name__})")
+        raise ArcdeployError(f"{path}: not a .bin set (expected a pickled (bins, issame_list) pair, "
+                             f"got {type(obj).__name__})")
     bins, issame = obj
     if isinstance(bins, np.ndarray) and bins.dtype != object:
-        raise ArcdeployError(f"{path}: bins must be a list of encoded images, got an array {bins.dtype} {list(bins.shape)}")
+        raise ArcdeployError(f"{path}: bins must be a list of encoded images, "
+                             f"got an array {bins.dtype} {list(bins.shape)}")
     if not isinstance(bins, (list, tuple, np.ndarray)) or not all(
             isinstance(b, (bytes, bytearray)) or (isinstance(b, np.ndarray) and b.dtype == np.uint8) for b in bins):
         raise ArcdeployError(f"{path}: bins must hold encoded image bytes")
@@ -121,7 +124,8 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     except Exception:
         raise ArcdeployError(f"{path}: issame_list is not a list of booleans") from None
     if issame_arr.ndim != 1 or issame_arr.size == 0 or not (
-            issame_arr.dtype == bool or (np.issubdtype(issame_arr.dtype, np.integer) and np.isin(issame_arr, (0, 1)).all())):
+            issame_arr.dtype == bool
+            or (np.issubdtype(issame_arr.dtype, np.integer) and np.isin(issame_arr, (0, 1)).all())):
         raise ArcdeployError(f"{path}: issame_list must be a non-empty list of booleans")
     n = issame_arr.size
     if len(bins) != 2 * n:

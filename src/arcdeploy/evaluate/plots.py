@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -45,8 +45,8 @@ def plot_roc(curves: Sequence[tuple], path: str | os.PathLike, title: str = "ROC
         ax.set_title(title)
         if curves:
             ax.legend(loc="lower right", fontsize=8)
-        with atomic_file(path, "wb", force=force) as f:
-            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        with atomic_file(path, "wb", force=force) as out:
+            fig.savefig(out, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

@@ -63,7 +63,9 @@ def read_aligned(paths: list[Path], landmarks=None, root: Path | None = None, li
     files (unreadable, without landmarks when a landmark file is given, implausible landmarks)
     are skipped and listed in ``skipped``."""
     lmks = resolve_landmarks(paths, landmarks, root)
-    faces, names, skipped = [], [], []
+    faces: list[np.ndarray] = []
+    names: list[str] = []
+    skipped: list[str] = []
     for i, path in enumerate(paths):
         if limit is not None and len(faces) >= limit:
             break

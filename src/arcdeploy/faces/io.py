@@ -104,6 +104,7 @@ def images_root(spec: str | os.PathLike) -> Path:
 
 def max_pixels_limit(max_pixels: int | None = None) -> int:
     """The pixel limit in force: ``max_pixels`` when given, else ``ARCDEPLOY_MAX_PIXELS``, else 50 megapixels."""
+    value: float
     if max_pixels is not None:
         value, source = max_pixels, "max_pixels"
     else:

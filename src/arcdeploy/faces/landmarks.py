@@ -40,7 +40,8 @@ class Landmarks(Mapping):
     (``points`` keeps every row in file order).
     """
 
-    def __init__(self, names: list[str], points: np.ndarray, scores: np.ndarray | None = None, source: str | None = None):
+    def __init__(self, names: list[str], points: np.ndarray, scores: np.ndarray | None = None,
+                 source: str | None = None):
         self.names = list(names)
         self.points = np.asarray(points, dtype=np.float32).reshape(len(self.names), 5, 2)
         self.scores = None if scores is None else np.asarray(scores, dtype=np.float32)

@@ -32,10 +32,10 @@ import contextlib
 import os
 import sys
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -319,7 +319,9 @@ def _embed_to_store(package, store: ChunkStore, items, lmks, output: Path, batch
         # one pipeline across all missing chunks, so decoding never stalls at a chunk boundary
         batches = [(s, min(s + batch, bounds[c][1])) for c in todo for s in range(bounds[c][0], bounds[c][1], batch)]
         chunk_of = {b: c for c in todo for b in range(bounds[c][0], bounds[c][1], batch)}
-        cur_c, cur, cur_fail = None, [], []
+        cur_c: int | None = None
+        cur: list[np.ndarray] = []
+        cur_fail: list[Failure] = []
         for s, e, rows, fails in _embedded_batches(package, items, lmks, batches, workers, flip, raw, max_pixels):
             c = chunk_of[s]
             if c != cur_c:

@@ -16,8 +16,8 @@ pipeline turns it into a :class:`Failure` row instead of stopping the job.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -87,7 +87,7 @@ def resolve_landmarks(items: Sequence, landmarks, root=None) -> list | None:
         landmarks = read_landmarks(landmarks)
     if isinstance(landmarks, Landmarks):
         missing = Missing(landmarks.source)
-        out = []
+        out: list = []
         for i, item in enumerate(items):
             if isinstance(item, np.ndarray):
                 raise ArcdeployError(f"image {i} is an array: landmarks by name need file paths "

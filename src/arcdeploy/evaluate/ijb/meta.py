@@ -134,7 +134,8 @@ def read_tid_mid(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     names, tids, mids = [], np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
     for i, (no, f) in enumerate(rows):
         if len(f) != 3:
-            raise ArcdeployError(f"{path}: line {no}: expected 3 fields (image_name template_id media_id), got {len(f)}")
+            raise ArcdeployError(f"{path}: line {no}: expected 3 fields (image_name template_id media_id), "
+                                 f"got {len(f)}")
         names.append(os.fsdecode(f[0]))
         tids[i] = _int(f[1], path, no, "template id")
         mids[i] = _int(f[2], path, no, "media id")
@@ -202,7 +203,8 @@ def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     for i, (no, f) in enumerate(rows):
         if len(f) != 3:
             raise ArcdeployError(f"{path}: line {no}: expected 3 fields (tid1 tid2 label), got {len(f)}")
-        out[i] = [_int(f[0], path, no, "template id"), _int(f[1], path, no, "template id"), _int(f[2], path, no, "label")]
+        out[i] = [_int(f[0], path, no, "template id"), _int(f[1], path, no, "template id"),
+                  _int(f[2], path, no, "label")]
         if out[i, 2] not in (0, 1):
             raise ArcdeployError(f"{path}: line {no}: label {out[i, 2]} is not 0 or 1")
         line_no[i] = no
@@ -214,7 +216,8 @@ def read_meta(root: str | os.PathLike, target: str = "IJBC") -> IJBMeta:
     target = _check_target(target)
     root = Path(root)
     if not root.is_dir():
-        raise ArcdeployError(f"{root}: IJB root is not a folder (expected IJB_release/{target} with meta/ and loose_crop/)")
+        raise ArcdeployError(f"{root}: IJB root is not a folder "
+                             f"(expected IJB_release/{target} with meta/ and loose_crop/)")
     files = meta_paths(root, target)
     names_t, templates, medias = read_tid_mid(files["tid_mid"])
     names_p, landmarks, faceness = read_5pts(files["5pts"])
@@ -231,7 +234,8 @@ def read_meta(root: str | os.PathLike, target: str = "IJBC") -> IJBMeta:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             line = int(pair_lines[i]) if pair_lines is not None else i + 1
-            raise ArcdeployError(f"{files['pairs']}: line {line}: template {int(col[i])} has no image in {files['tid_mid'].name}")
+            raise ArcdeployError(f"{files['pairs']}: line {line}: template {int(col[i])} has no image "
+                                 f"in {files['tid_mid'].name}")
         index.append(pos)
     return IJBMeta(root=root, target=target, names=names_p, templates=templates, medias=medias,
                    landmarks=landmarks, faceness=faceness, pair_t1=t1, pair_t2=t2, labels=labels,

@@ -64,7 +64,8 @@ def check_features(feats: np.ndarray, images: int, source: str = "features") -> 
     if feats.shape[0] != images:
         raise ArcdeployError(f"{source}: {feats.shape[0]} feature rows but the 5pts file has {images} images")
     if feats.shape[-1] < 1 or not np.issubdtype(feats.dtype, np.floating):
-        raise ArcdeployError(f"{source}: features must be floating point with D >= 1, got {feats.dtype} {list(feats.shape)}")
+        raise ArcdeployError(f"{source}: features must be floating point with D >= 1, "
+                             f"got {feats.dtype} {list(feats.shape)}")
     return feats
 
 
@@ -77,7 +78,7 @@ class _RowReader:
         self.feats = feats
         self.file = None
         if isinstance(feats, np.memmap) and getattr(feats, "filename", None) and feats.flags.c_contiguous:
-            self.file = open(feats.filename, "rb")
+            self.file = open(str(feats.filename), "rb")  # closed by close()
             self.row_bytes = int(np.prod(feats.shape[1:])) * feats.dtype.itemsize
             self.offset = int(feats.offset)
 
@@ -85,7 +86,8 @@ class _RowReader:
         if self.file is None:
             return np.asarray(self.feats[s:e])
         self.file.seek(self.offset + s * self.row_bytes)
-        out = np.fromfile(self.file, dtype=self.feats.dtype, count=(e - s) * self.row_bytes // self.feats.dtype.itemsize)
+        count = (e - s) * self.row_bytes // self.feats.dtype.itemsize
+        out = np.fromfile(self.file, dtype=self.feats.dtype, count=count)
         return out.reshape((e - s,) + self.feats.shape[1:])
 
     def close(self) -> None:
@@ -326,9 +328,8 @@ def evaluate_features(meta: IJBMeta, feats: np.ndarray, name: str = "features", 
                     source, tf.empty_templates, n_t, failed)
     elif tf.failed_images:
         log.warning("%s: %s; they are left out of their media", source, failed)
-    if meta.pair_i1 is not None and np.array_equal(meta.template_ids, tf.ids):
-        i1, i2 = meta.pair_i1, meta.pair_i2
-    else:
+    i1, i2 = meta.pair_i1, meta.pair_i2
+    if i1 is None or i2 is None or meta.template_ids is None or not np.array_equal(meta.template_ids, tf.ids):
         i1, i2 = template_index(tf.ids, meta.pair_t1), template_index(tf.ids, meta.pair_t2)
     scores = pair_scores(tf.features, i1, i2)
     if precision == "float32":
