@@ -11,10 +11,16 @@ import pytest
 from sklearn.model_selection import KFold
 
 from arcdeploy.cli import main as cli_main
-from arcdeploy.errors import ArcdeployError
-from arcdeploy.evaluate.binsets import (THRESHOLDS, decode_faces, evaluate_bins, fold_bounds, read_bin,
-                                        verification_accuracy)
 from arcdeploy.demo.datasets import write_bin_set
+from arcdeploy.errors import ArcdeployError
+from arcdeploy.evaluate.binsets import (
+    THRESHOLDS,
+    decode_faces,
+    evaluate_bins,
+    fold_bounds,
+    read_bin,
+    verification_accuracy,
+)
 
 PAIRS = 10  # the fewest 10 folds allow: every image costs an inference on 2 cores
 
@@ -43,12 +49,16 @@ def test_both_encodings_read_the_same(bins):
     assert faces.shape == (2 * PAIRS, 112, 112, 3) and faces.dtype == np.uint8 and faces.std() > 10
 
 
-def test_numpy_issame_and_extra_images_are_accepted(bins, tmp_path):
+def test_numpy_issame_is_accepted_and_counts_must_match(bins, tmp_path):
     b, s = read_bin(bins[0])
     p = tmp_path / "np.bin"
-    p.write_bytes(pickle.dumps((b + [b[0]], np.array(s)), protocol=2))
+    p.write_bytes(pickle.dumps((b, np.array(s)), protocol=2))
     b2, s2 = read_bin(p)
     assert b2 == b and (s2 == s).all()
+    # an extra image used to be ignored (a subset scored silently): now both counts are named
+    p.write_bytes(pickle.dumps((b + [b[0]], np.array(s)), protocol=2))
+    with pytest.raises(ArcdeployError, match=f"{2 * PAIRS + 1} images for {PAIRS} pairs"):
+        read_bin(p)
 
 
 class _Evil:

@@ -12,11 +12,10 @@ import pytest
 
 import arcdeploy
 from arcdeploy.cli import main
+from arcdeploy.demo.synth import draw_face
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.faces import align_face, read_landmarks
-from arcdeploy.faces.pipeline import KILL_ENV, embed_files, embed_images, failures_path_for, parts_dir_for
-from arcdeploy.demo.synth import draw_face
-
+from arcdeploy.faces.pipeline import embed_files, embed_images, failures_path_for, parts_dir_for
 
 N_LOOSE = 12
 
@@ -154,9 +153,31 @@ def test_cli_folder_with_landmarks_and_flip(pkg, loose_set, tmp_path, capsys):
     assert not failures_path_for(out).exists()
 
 
-def _embed_cmd(pkg, root, lmk_file, out, *extra):
-    return [sys.executable, "-m", "arcdeploy", "embed", str(pkg.path), "--images", str(root), "--landmarks",
-            str(lmk_file), "--batch", "2", "--chunk-size", "4", "--quiet", "-o", str(out), *extra]
+# The CLI in a child process whose chunk store kills the process (SIGKILL: no cleanup of any kind)
+# right after its k-th chunk is saved; k = 0 runs the plain CLI.
+KILLED_AFTER_CHUNKS = """
+import os, signal, sys
+from arcdeploy.cli import main
+from arcdeploy.faces import chunks
+
+k, saved, save = int(sys.argv[1]), [0], chunks.ChunkStore.save
+
+def save_then_die(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    saved[0] += 1
+    if saved[0] >= k:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+if k:
+    chunks.ChunkStore.save = save_then_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _embed_cmd(pkg, root, lmk_file, out, *extra, kill_after=0):
+    return [sys.executable, "-c", KILLED_AFTER_CHUNKS, str(kill_after), "embed", str(pkg.path), "--images",
+            str(root), "--landmarks", str(lmk_file), "--batch", "2", "--chunk-size", "4", "--quiet", "-o", str(out),
+            *extra]
 
 
 def test_resume_after_kill_is_bit_identical(pkg, loose_set, tmp_path):
@@ -167,11 +188,13 @@ def test_resume_after_kill_is_bit_identical(pkg, loose_set, tmp_path):
     assert ref.ok and ref.features.shape == (N_LOOSE, 512)
 
     out = tmp_path / "resumed.npy"
-    env = dict(os.environ, **{KILL_ENV: "2"})
-    killed = subprocess.run(_embed_cmd(pkg, root, lmk_file, out), env=env, capture_output=True, text=True)
+    env = dict(os.environ)
+    killed = subprocess.run(_embed_cmd(pkg, root, lmk_file, out, kill_after=2), env=env, capture_output=True,
+                            text=True)
     assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stderr
     parts = parts_dir_for(out)
-    assert not out.exists() and sorted(p.name for p in parts.glob("chunk_*.npy")) == ["chunk_000000.npy", "chunk_000001.npy"]
+    saved = sorted(p.name for p in parts.glob("chunk_*.npy"))
+    assert not out.exists() and saved == ["chunk_000000.npy", "chunk_000001.npy"]
 
     # another job's settings are refused, clearly, and the saved work is kept
     with pytest.raises(ArcdeployError, match=r"different job \(flip False -> True\)"):
@@ -179,7 +202,6 @@ def test_resume_after_kill_is_bit_identical(pkg, loose_set, tmp_path):
                     output=out, flip=True, progress=False)
     assert len(list(parts.glob("chunk_*.npy"))) == 2
 
-    env.pop(KILL_ENV)
     done = subprocess.run(_embed_cmd(pkg, root, lmk_file, out), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "8 resumed" in done.stdout
@@ -193,6 +215,7 @@ def test_restart_discards_other_parts(pkg, loose_set, tmp_path, capsys):
     parts = parts_dir_for(out)
     parts.mkdir()
     (parts / "state.json").write_text('{"format": "something else"}')
+    np.save(parts / "chunk_000000.npy", np.zeros((4, 512), np.float32))  # saved work: not disposable
     args = ["embed", str(pkg.path), "--images", str(root), "--landmarks", str(lmk_file), "--quiet", "-o", str(out)]
     assert main(args) == 2
     assert "different job" in capsys.readouterr().err

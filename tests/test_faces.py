@@ -5,11 +5,20 @@ import cv2
 import numpy as np
 import pytest
 
-from arcdeploy.errors import ArcdeployError
-from arcdeploy.faces import (TEMPLATE_112, ImageError, align_face, estimate_transform, list_images, read_image,
-                             read_landmarks, reduce_68_to_5, to_aligned)
-from arcdeploy.faces.align import landmarks_problem, umeyama
 from arcdeploy.demo.synth import draw_face
+from arcdeploy.errors import ArcdeployError
+from arcdeploy.faces import (
+    TEMPLATE_112,
+    ImageError,
+    align_face,
+    estimate_transform,
+    list_images,
+    read_image,
+    read_landmarks,
+    reduce_68_to_5,
+    to_aligned,
+)
+from arcdeploy.faces.align import landmarks_problem, umeyama
 
 
 def _similarity(angle_deg, scale, tx, ty):
@@ -40,7 +49,8 @@ def test_template_maps_onto_itself():
     np.testing.assert_allclose(m, [[1, 0, 0], [0, 1, 0]], atol=1e-5)
 
 
-@pytest.mark.parametrize("angle,scale,tx,ty", [(0, 1, 0, 0), (17, 1.8, 40, -12), (-35, 0.6, 130.5, 77.25), (180, 2.5, 300, 300)])
+@pytest.mark.parametrize("angle,scale,tx,ty", [(0, 1, 0, 0), (17, 1.8, 40, -12), (-35, 0.6, 130.5, 77.25),
+                                               (180, 2.5, 300, 300)])
 def test_known_similarity_is_recovered(angle, scale, tx, ty):
     fwd = _similarity(angle, scale, tx, ty)  # template frame -> image frame
     pts = _apply(fwd, TEMPLATE_112)

@@ -1,5 +1,6 @@
-"""IJB-B/IJB-C 1:1 verification: aggregation by hand, parity with a loop transcription of
-insightface's eval_ijbc.py, every meta-file error, the CLI from features and from a package."""
+"""IJB-B/IJB-C 1:1 verification: aggregation by hand, parity with a transcription of insightface's
+eval_ijbc.py arithmetic (near-tied scores included), every meta-file error, the CLI from features and
+from a package."""
 from __future__ import annotations
 
 import json
@@ -7,12 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sklearn.preprocessing
 from sklearn.metrics import roc_curve
 
 from arcdeploy.cli import main as cli_main
 from arcdeploy.errors import ArcdeployError
-from arcdeploy.evaluate.ijb import (evaluate_features, evaluate_ijb, pair_scores, read_meta,
-                                    template_features)
+from arcdeploy.evaluate.ijb import (
+    evaluate_features,
+    evaluate_ijb,
+    pair_scores,
+    read_meta,
+    settle_near_ties,
+    template_features,
+)
+from arcdeploy.evaluate.roc import roc, tar_at_far
 
 
 def write_meta(root: Path, rows, pairs, target="IJBC", pts=None):
@@ -49,7 +58,8 @@ def test_template_aggregation_by_hand():
     tf = template_features(HAND_IMG, templates, medias, None, normalize_images=True)
     np.testing.assert_allclose(tf.features[0], [2 ** -0.5, 2 ** -0.5], rtol=1e-15)
     # score = dot product of the two templates
-    s = pair_scores(template_features(HAND_IMG, templates, medias, faceness).features, np.array([0, 1]), np.array([1, 0]))
+    tf = template_features(HAND_IMG, templates, medias, faceness)
+    s = pair_scores(tf.features, np.array([0, 1]), np.array([1, 0]))
     np.testing.assert_allclose(s, [2 / 5 ** 0.5] * 2, rtol=1e-15)
 
 
@@ -85,27 +95,40 @@ def test_pair_scores_gemm_and_gather_paths_agree():
 # ------------------------------------------------------------------ parity with insightface
 
 def insightface_reference(feats, templates, medias, faceness, p1, p2, labels, flip, norm_score, detector_score):
-    """A loop-based transcription of eval_ijbc.py (image2template_feature, verification, TAR row), in float64."""
-    f = feats.astype(np.float64)
-    x = f[:, 0] + f[:, 1] if (f.ndim == 3 and flip) else (f[:, 0] if f.ndim == 3 else f)
+    """A slow transcription of eval_ijbc.py's arithmetic (image2template_feature, verification, the TAR row),
+    dtype for dtype: its features are stored float32 [N, 2D] (image | flip), numpy keeps float32 through the
+    flip sum, N0, the faceness product and the media means and sums; the template rows are float64 from
+    there on (sklearn's normalize); scores are product-and-sum in batches of 100000 pairs."""
+    n, d = feats.shape[0], feats.shape[-1]
+    stored = np.zeros((n, 2 * d), np.float32)
+    if feats.ndim == 3:
+        stored[:, :d], stored[:, d:] = feats[:, 0], feats[:, 1]
+    else:
+        stored[:, :d] = feats
+    half = stored.shape[1] // 2
+    x = stored[:, :half] + stored[:, half:] if (flip and feats.ndim == 3) else stored[:, :half]
     if not norm_score:
         x = x / np.sqrt(np.sum(x ** 2, -1, keepdims=True))
     if detector_score:
-        x = x * faceness.astype(np.float32)[:, np.newaxis]
+        x = x * np.asarray(faceness, np.float32)[:, np.newaxis]
     unique_templates = np.unique(templates)
     tfe = np.zeros((len(unique_templates), x.shape[1]))
-    for ct, uqt in enumerate(unique_templates):
+    for row, uqt in enumerate(unique_templates):
         (ind_t,) = np.where(templates == uqt)
-        face = x[ind_t]
-        fm = medias[ind_t]
+        face, fm = x[ind_t], medias[ind_t]
         media_feats = []
-        for u in np.unique(fm):
+        for u, count in zip(*np.unique(fm, return_counts=True)):
             (ind_m,) = np.where(fm == u)
-            media_feats.append(np.mean(face[ind_m], axis=0))
-        tfe[ct] = np.sum(media_feats, axis=0)
-    tfe = tfe / np.sqrt(np.sum(tfe ** 2, -1, keepdims=True))
-    row_of = {t: i for i, t in enumerate(unique_templates)}
-    score = np.array([np.dot(tfe[row_of[a]], tfe[row_of[b]]) for a, b in zip(p1, p2)])
+            media_feats.append(face[ind_m] if count == 1 else np.mean(face[ind_m], axis=0, keepdims=True))
+        tfe[row] = np.sum(np.array(media_feats), axis=0)
+    tfe = sklearn.preprocessing.normalize(tfe)
+    row_of = np.zeros((max(unique_templates) + 1, 1), dtype=int)
+    for row, uqt in enumerate(unique_templates):
+        row_of[uqt] = row
+    score = np.zeros(len(p1))
+    for s in range(0, len(p1), 100000):
+        k = np.arange(s, min(len(p1), s + 100000))
+        score[k] = np.sum(tfe[row_of[p1[k]]] * tfe[row_of[p2[k]]], -1).flatten()
     fpr, tpr, _ = roc_curve(labels, score)
     fpr, tpr = np.flipud(fpr), np.flipud(tpr)
     tars = []
@@ -126,7 +149,7 @@ def random_set(tmp_path_factory):
         for j in range(tpl_per_id):
             tid = 1000 + 10 * i + j
             ident[tid] = i
-            for m in range(int(rng.integers(1, 5))):
+            for _ in range(int(rng.integers(1, 5))):
                 mid = int(rng.integers(0, 4))  # media ids repeat across templates on purpose
                 k += 1
                 rows.append((f"img{k}.jpg", tid, mid, float(np.float32(rng.uniform(0.3, 1.0)))))
@@ -154,6 +177,54 @@ def test_parity_with_insightface_transcription(random_set, flip, normalize, dete
     assert res.pairs == len(ref_scores) and res.genuine == int(meta.labels.sum())
     # the genuine pairs score higher than chance: the set has signal, so TAR@1e-1 is not trivially 0
     assert res.tar[-1] > 0.3
+
+
+def near_tied_set(seed, n_t=100, d=16):
+    """Templates whose features all lie within ~1e-4 (relative) of one direction, so the 4950 pair scores
+    crowd into a band where float32 rounding of the aggregation decides their order."""
+    rng = np.random.default_rng(seed)
+    base, dirs = rng.standard_normal(d), rng.standard_normal((5, d))
+    ident = rng.integers(0, 5, n_t)
+    rows, feats = [], []
+    for t in range(n_t):
+        for m in range(int(rng.integers(1, 4))):
+            for _ in range(int(rng.integers(1, 4))):
+                v = (base + 2e-5 * dirs[ident[t]] + 1e-4 * rng.standard_normal(d)) * rng.uniform(5, 30)
+                feats.append([v, v * rng.uniform(0.9, 1.1) + 1e-4 * rng.standard_normal(d)])
+                rows.append((100 + t, m + 10 * (t % 3), float(np.float32(rng.uniform(0.5, 1)))))
+    a, b = np.triu_indices(n_t, 1)
+    rows = np.array(rows)
+    return (np.array(feats, np.float32), rows[:, 0].astype(int), rows[:, 1].astype(int), rows[:, 2].astype(np.float32),
+            100 + a, 100 + b, (ident[a] == ident[b]).astype(int))
+
+
+@pytest.mark.parametrize("flip,normalize,detector", [(True, False, True), (False, False, True), (True, True, False)])
+def test_near_tied_scores_rank_as_insightface(flip, normalize, detector):
+    float64_differs = False
+    for seed in range(8):
+        feats, templates, medias, faceness, p1, p2, labels = near_tied_set(seed)
+        ref_scores, ref_tars = insightface_reference(feats, templates, medias, faceness, p1, p2, labels,
+                                                     flip, not normalize, detector)
+        got = {}
+        for precision in ("float32", "float64"):
+            tf = template_features(feats, templates, medias, faceness if detector else None, flip=flip,
+                                   normalize_images=normalize, precision=precision)
+            i1, i2 = np.searchsorted(tf.ids, p1), np.searchsorted(tf.ids, p2)
+            scores = pair_scores(tf.features, i1, i2)
+            if precision == "float32":
+                settle_near_ties(scores, tf.features, i1, i2)
+            fpr, tpr, _ = roc(labels, scores)
+            got[precision] = scores, list(tar_at_far(fpr, tpr)[0])
+        scores, tars = got["float32"]
+        assert tars == ref_tars, seed
+        # every score in the same place as insightface's, ties included
+        np.testing.assert_array_equal(np.argsort(scores, kind="stable"), np.argsort(ref_scores, kind="stable"))
+        np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-13)
+        # the set is sensitive: float64 aggregation ranks the scores differently
+        assert not np.array_equal(np.argsort(got["float64"][0], kind="stable"), np.argsort(ref_scores, kind="stable"))
+        float64_differs |= got["float64"][1] != ref_tars
+    if (flip, normalize, detector) == (True, False, True):
+        assert float64_differs  # and on some of these sets that moves a TAR
 
 
 # ------------------------------------------------------------------ errors name the file and line
@@ -201,7 +272,8 @@ def test_row_count_mismatch(tmp_path):
     ("ijbc_face_tid_mid.txt", 2, "b.jpg 1\n", "line 2: expected 3 fields"),
     ("ijbc_face_tid_mid.txt", 3, "c.jpg two 3\n", "line 3: template id 'two' is not an integer"),
     ("ijbc_name_5pts_score.txt", 4, "d.jpg 1 2 3\n", "line 4: expected 12 fields"),
-    ("ijbc_name_5pts_score.txt", 1, "a.jpg 1 2 3 4 5 6 7 8 9 x 0.5\n", "line 1: landmark or score field is not a number"),
+    ("ijbc_name_5pts_score.txt", 1, "a.jpg 1 2 3 4 5 6 7 8 9 x 0.5\n",
+     "line 1: landmark or score field is not a number"),
     ("ijbc_name_5pts_score.txt", 2, "b.jpg 1 2 3 4 5 6 7 8 9 10 nan\n", "line 2: landmark or score is not finite"),
     ("ijbc_template_pair_label.txt", 2, "1 3\n", "line 2: expected 3 fields"),
     ("ijbc_template_pair_label.txt", 3, "2 3 7\n", "line 3: label 7 is not 0 or 1"),
@@ -265,10 +337,12 @@ def test_cli_from_features(random_set, tmp_path, capsys):
 def test_cli_errors_are_one_line(random_set, tmp_path, capsys):
     root, feats = random_set
     np.save(tmp_path / "short.npy", feats[:5])
-    rc = cli_main(["eval", "ijb", "--root", str(root), "--features", str(tmp_path / "short.npy"), "-o", str(tmp_path / "o")])
+    rc = cli_main(["eval", "ijb", "--root", str(root), "--features", str(tmp_path / "short.npy"),
+                   "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "5 feature rows" in err and "short.npy" in err
-    rc = cli_main(["eval", "ijb", "--root", str(root), "--features", str(tmp_path / "none.npy"), "-o", str(tmp_path / "o")])
+    rc = cli_main(["eval", "ijb", "--root", str(root), "--features", str(tmp_path / "none.npy"),
+                   "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "none.npy: no such features file" in err
     rc = cli_main(["eval", "ijb", "--root", str(root), "-o", str(tmp_path / "o")])
@@ -312,14 +386,16 @@ def test_package_path_caches_resumes_and_matches_features(small_ijb, r18_ort_fp3
     np.testing.assert_array_equal(np.load(doc2["scores_file"]), np.load(doc["scores_file"]))
     # a second run resumes from the cache (same file, same result)
     mtime = cache.stat().st_mtime_ns
-    doc3 = evaluate_ijb(small_ijb, "IJBC", packages=[str(r18_ort_fp32_pkg)], out_dir=out, progress=False, plot=False)
+    doc3 = evaluate_ijb(small_ijb, "IJBC", packages=[str(r18_ort_fp32_pkg)], out_dir=out, progress=False, plot=False,
+                        force=True)  # its result files exist: replacing them is asked for
     assert doc3["tar"] == doc["tar"] and cache.stat().st_mtime_ns == mtime
 
 
 def test_package_cli_no_flip(small_ijb, r18_ort_fp32_pkg, tmp_path, capsys):
     js = tmp_path / "r.json"
     rc = cli_main(["eval", "ijb", str(r18_ort_fp32_pkg), "--root", str(small_ijb), "--no-flip",
-                   "--no-detector-score", "--normalize-images", "--no-progress", "--json", str(js), "-o", str(tmp_path / "o")])
+                   "--no-detector-score", "--normalize-images", "--no-progress", "--json", str(js),
+                   "-o", str(tmp_path / "o")])
     assert rc == 0
     doc = json.loads(js.read_text())
     assert doc["mode"] == "F0 N0 D0"

@@ -90,4 +90,5 @@ def test_format_table():
     lines = t.splitlines()
     assert lines[1].split("|")[1].strip() == "Methods"
     assert [c.strip() for c in lines[1].split("|")[2:-1]] == ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"]
-    assert [c.strip() for c in lines[3].split("|")[1:-1]] == ["r18-IJBC", "50.00", "60.00", "70.00", "81.23", "90.00", "100.00"]
+    row = [c.strip() for c in lines[3].split("|")[1:-1]]
+    assert row == ["r18-IJBC", "50.00", "60.00", "70.00", "81.23", "90.00", "100.00"]

@@ -29,7 +29,7 @@ def run(args) -> int:
     if args.landmarks:
         table = read_landmarks(args.landmarks)
         lmks = resolve_landmarks(paths, table)
-        for p, pts in zip(paths, lmks):
+        for p, pts in zip(paths, lmks or []):
             if pts is not None and not isinstance(pts, np.ndarray):
                 from ..errors import ArcdeployError
 

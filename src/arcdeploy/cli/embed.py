@@ -1,4 +1,4 @@
-"""arcdeploy embed PKG --images LIST|DIR [--landmarks FILE] [--flip] [--raw] -o FEATS.npy"""
+"""arcdeploy embed PKG --images LIST|DIR [--landmarks FILE] [--flip] [--raw] [--force] -o FEATS.npy"""
 from __future__ import annotations
 
 import sys
@@ -11,11 +11,14 @@ def register(sub) -> None:
         "embed", help="images -> embeddings (.npy), rows in input order",
         description="Embed images with a built package. Rows are L2-normalised float32 in input order "
                     "([N, 512]; with --flip [N, 2, 512]: each image and its mirrored aligned crop). "
-                    "Without --landmarks the images are taken as aligned crops (resized to 112x112 if needed). "
-                    "An image that cannot be used gets a NaN row, is named on stderr and listed in "
-                    "FEATS.failures.tsv (index, path, reason); the exit status is then 3. "
+                    "Without --landmarks the images are taken as aligned crops (at least 32x32; resized to "
+                    "112x112 if needed). An image that cannot be used (unreadable, above 50 megapixels or "
+                    "ARCDEPLOY_MAX_PIXELS, no or implausible landmarks, a non-finite model output) gets a NaN "
+                    "row, is named on stderr and listed in FEATS.failures.tsv (index, path, reason; names as "
+                    "their bytes, with backslash, tab and newline escaped); the exit status is then 3. "
                     "Work is saved in FEATS.npy.parts/ as it goes: rerunning the same command after an "
-                    "interruption continues where it stopped.")
+                    "interruption continues where it stopped. An existing FEATS.npy or FEATS.failures.tsv "
+                    "is only replaced with --force.")
     p.add_argument("package", metavar="PKG", help="a package folder made by arcdeploy build")
     p.add_argument("--images", required=True, metavar="LIST|DIR",
                    help="a folder (searched recursively for jpg/jpeg/png/bmp/webp, sorted) or a text file "
@@ -35,6 +38,8 @@ def register(sub) -> None:
                    help="images per saved chunk for resuming (rounded up to whole batches; default 2048)")
     p.add_argument("--restart", action="store_true",
                    help="discard saved partial work (FEATS.npy.parts/) instead of resuming it")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output (and its .failures.tsv)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", required=True, metavar="FEATS.npy", help="output .npy file")
     p.set_defaults(func=run)
@@ -42,19 +47,21 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..errors import ArcdeployError
-    from ..faces.io import images_root, list_images
+    from ..faces.io import display_name, images_root, list_images
     from ..faces.pipeline import embed_files
+    from ..files import refuse_existing
     from ..package import load
 
     for name in ("batch", "threads", "workers", "chunk_size"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ArcdeployError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    refuse_existing(args.output, args.force)  # before any work: the images may take hours
     paths = list_images(args.images)
     pkg = load(args.package, threads=args.threads)
 
     def report(f):
-        msg = f"arcdeploy embed: skipped {f.path}: {f.reason}"
+        msg = f"arcdeploy embed: skipped {display_name(f.path)}: {display_name(f.reason)}"
         try:
             from tqdm import tqdm
 
@@ -65,13 +72,13 @@ def run(args) -> int:
     res = embed_files(pkg, paths, landmarks=args.landmarks, flip=args.flip, raw=args.raw, batch=args.batch,
                       output=args.output, resume=not args.restart, progress=not args.quiet,
                       workers=args.workers, root=images_root(args.images), chunk_rows=args.chunk_size,
-                      on_failure=report)
+                      on_failure=report, force=args.force)
     n = len(paths)
     good = n - len(res.failures)
     resumed = f" ({res.resumed_rows} resumed from saved work)" if res.resumed_rows else ""
-    print(f"embedded {good} of {n} images -> {res.output} {list(res.features.shape)}{resumed}")
+    print(f"embedded {good} of {n} images -> {display_name(str(res.output))} {list(res.features.shape)}{resumed}")
     if res.failures:
-        print(f"arcdeploy embed: {len(res.failures)} of {n} images failed (NaN rows), listed in {res.failures_path}",
-              file=sys.stderr)
+        print(f"arcdeploy embed: {len(res.failures)} of {n} images failed (NaN rows), listed in "
+              f"{display_name(str(res.failures_path))}", file=sys.stderr)
         return EXIT_SOME_FAILED
     return 0

@@ -6,15 +6,19 @@ import sys
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="accuracy: IJB-B/IJB-C 1:1 TAR@FAR, LFW-style .bin sets",
-                       description="Accuracy as insightface computes it (SPEC sections 5 and 6).")
+                       description="Accuracy as insightface computes it: IJB-B/IJB-C 1:1 verification "
+                                   "(eval_ijbc.py) and LFW-style .bin sets (verification.py).")
     esub = p.add_subparsers(dest="eval_command", metavar="SET")
     esub.required = True
 
     ij = esub.add_parser("ijb", help="IJB-B / IJB-C 1:1 verification, TAR at FAR 1e-6 ... 1e-1",
                          description="IJB-B/IJB-C 1:1 verification from packages (features extracted, cached "
-                                     "in OUTDIR and resumed) or from a features file. Several packages give "
-                                     "one table and one ROC plot; the JSON has the first at top level and "
-                                     "all of them in 'results'.")
+                                     "in OUTDIR and resumed; a cache is reused only while its checksum holds) or "
+                                     "from a features file. Several packages give one table and one ROC plot; "
+                                     "the JSON has the first at top level and all of them in 'results'. "
+                                     "Templates are aggregated in float32 as insightface does, so the TARs equal "
+                                     "its own on the same features. Existing result files in OUTDIR and the "
+                                     "--json file are only replaced with --force.")
     ij.add_argument("packages", nargs="*", metavar="PKG", help="built package(s)")
     ij.add_argument("--root", required=True, metavar="DIR", help="IJB_release/IJBC (or IJBB): meta/ and loose_crop/")
     ij.add_argument("--target", default="IJBC", type=str.upper, choices=("IJBC", "IJBB"))
@@ -24,19 +28,25 @@ def register(sub) -> None:
     ij.add_argument("--no-flip", action="store_true", help="no flip test (mode F0)")
     ij.add_argument("--no-detector-score", action="store_true", help="do not weight by faceness score (D0)")
     ij.add_argument("--normalize-images", action="store_true", help="L2-normalise each image feature (N0)")
+    ij.add_argument("--float64", action="store_true",
+                    help="aggregate templates in float64 instead of insightface's float32 (more exact, but a few "
+                         "near-tied scores rank differently from insightface's, which can move a TAR's last digit)")
     ij.add_argument("--batch", type=int, default=None, metavar="N", help="inference batch size")
     ij.add_argument("--json", metavar="FILE", help="also write the result JSON here")
     ij.add_argument("-o", "--output", metavar="OUTDIR", help="features cache, scores, roc.png, result.json "
                                                                 "(default ./ijb_<target>_results)")
+    ij.add_argument("--force", action="store_true", help="replace existing result files and --json FILE")
     ij.add_argument("--no-progress", action="store_true", help="no progress bar")
     ij.set_defaults(func=run_ijb)
 
     b = esub.add_parser("bin", help="LFW-style .bin sets: 10-fold accuracy with flip",
                         description="Verification accuracy on .bin sets (lfw, cfp_fp, agedb_30, ...): "
-                                    "packages first, then .bin files.")
+                                    "packages first, then .bin files. A set must hold exactly two square "
+                                    "images per pair label.")
     b.add_argument("items", nargs="+", metavar="PKG|FILE.bin", help="package folder(s), then .bin file(s)")
     b.add_argument("--batch", type=int, default=64, metavar="N", help="inference batch size (default 64)")
     b.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    b.add_argument("--force", action="store_true", help="replace an existing --json FILE")
     b.set_defaults(func=run_bin)
 
 
@@ -49,6 +59,7 @@ def run_ijb(args) -> int:
 
     from ..errors import ArcdeployError
     from ..evaluate.ijb import evaluate_ijb
+    from ..faces.io import display_name
 
     if args.packages and args.features:
         raise ArcdeployError("give packages or --features, not both")
@@ -57,13 +68,15 @@ def run_ijb(args) -> int:
     doc = evaluate_ijb(args.root, args.target, packages=args.packages, features=args.features,
                        flip=not args.no_flip, detector_score=not args.no_detector_score,
                        normalize_images=args.normalize_images, batch=args.batch, out_dir=args.output,
-                       json_path=args.json, progress=not args.no_progress, log=_log)
+                       json_path=args.json, progress=not args.no_progress, log=_log, force=args.force,
+                       precision="float64" if args.float64 else "float32")
     print(doc["table"])
     for r in doc["results"]:
         print(f"{r['name']}: mode {r['mode']}, {r['pairs']} pairs ({r['genuine']} genuine), "
               f"{r['templates']} templates, {r['images']} images, AUC {100 * r['auc']:.4f} %"
-              + (f", {r['failed_images']} failed images" if r["failed_images"] else ""))
-    print(f"scores, roc.png and result.json in {Path(doc['scores_file']).parent}")
+              + (f", {r['failed_images']} failed images" if r["failed_images"] else "")
+              + (f", {r['empty_templates']} templates without a usable feature" if r["empty_templates"] else ""))
+    print(f"scores, roc.png and result.json in {display_name(Path(doc['scores_file']).parent)}")
     return 0
 
 
@@ -71,10 +84,12 @@ def run_bin(args) -> int:
     from pathlib import Path
 
     from ..errors import ArcdeployError
-    from ..evaluate.binsets import evaluate_bins, format_bin_table
-    from ..files import write_json_atomic
+    from ..evaluate.binsets import evaluate_bin_sets, format_bin_table
+    from ..files import refuse_existing, write_json_atomic
+    from ..package import load
 
-    packages, bins = [], []
+    packages: list[Path] = []
+    bins: list[Path] = []
     for item in args.items:
         p = Path(item)
         if p.is_dir():
@@ -92,15 +107,21 @@ def run_bin(args) -> int:
     for b in bins:
         if not b.exists():
             raise ArcdeployError(f"{b}: no such .bin file")
-    rows, per_package = [], []
-    for pkg in packages:
-        res = evaluate_bins(pkg, bins, batch=args.batch, log=_log)
-        per_package.append(res)
-        rows.extend(res["results"])
+    if args.json:
+        refuse_existing(args.json, args.force)  # before any work
+    rows: list = []
+    per_package: list[dict] = []
+    for pkg_dir in packages:
+        pkg = load(pkg_dir)
+        results = evaluate_bin_sets(pkg, bins, batch=args.batch, log=_log)
+        per_package.append({"package": str(pkg.path), "results": [r.to_json() for r in results]})
+        rows.extend(results)
     print(format_bin_table(rows))
     if args.json:
-        doc = {"results": rows} if len(packages) > 1 else per_package[0]
+        doc: dict
         if len(packages) > 1:
-            doc["packages"] = [str(p) for p in packages]
-        write_json_atomic(args.json, doc)
+            doc = {"results": [r.to_json() for r in rows], "packages": [str(p) for p in packages]}
+        else:
+            doc = per_package[0]
+        write_json_atomic(args.json, doc, force=args.force)
     return 0

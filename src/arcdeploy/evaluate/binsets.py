@@ -1,11 +1,18 @@
-"""LFW-style ``.bin`` verification sets (SPEC section 6), as insightface's ``verification.py`` scores them.
+"""LFW-style ``.bin`` verification sets, as insightface's ``verification.py`` scores them.
 
 A ``.bin`` is a pickle of ``(bins, issame_list)``: 2N encoded aligned 112x112
-faces (pair partners consecutive) and N booleans. It is read with a restricted
+faces (pair partners consecutive) and N booleans; any other count of images is
+refused (naming both counts), not scored in part. It is read with a restricted
 unpickler that builds only bytes, lists, tuples, booleans and plain numpy
 arrays; anything else (a hostile or foreign pickle) is refused before it runs.
 Python 2 files hold the images as ``str``, which Python 3 only loads with
 ``encoding='bytes'``; as insightface does, the default encoding is tried first.
+
+Images: decoded as RGB. One whose width is not 112 is resized as insightface's
+``load_bin`` does (mxnet ``resize_short``: the shorter side to 112, aspect ratio
+kept, bicubic; here OpenCV's ``INTER_CUBIC``); insightface then copies it into a
+112x112 slot, which fails unless the result is 112x112, so a non-square image
+(or one 112 wide but not 112 high) is refused with that reason.
 
 Protocol: embedding = L2-normalise(f(img) + f(fliplr(img))) (raw features,
 summed in float64); distance = squared L2 between partners; thresholds
@@ -20,7 +27,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +59,8 @@ class RefusedGlobal(pickle.UnpicklingError):
 def _latin1_bytes(text, encoding="latin1"):
     """What Python 3 writes for ``bytes`` in protocol 0-2 pickles: ``_codecs.encode(str, 'latin1')``.
     Only that exact use is honoured."""
-    if not isinstance(text, str) or str(encoding).lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591"):
+    codec = str(encoding).lower().replace("-", "").replace("_", "")
+    if not isinstance(text, str) or codec not in ("latin1", "iso88591"):
         raise pickle.UnpicklingError("_codecs.encode is only allowed as str -> latin1 bytes")
     return text.encode("latin1")
 
@@ -101,10 +109,12 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArcdeployError(f"{path}: not a readable .bin pickle ({first})") from None
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-        raise ArcdeployError(f"{path}: not a .bin set (expected a pickled (bins, issame_list) pair, got {type(obj).__name__})")
+        raise ArcdeployError(f"{path}: not a .bin set (expected a pickled (bins, issame_list) pair, "
+                             f"got {type(obj).__name__})")
     bins, issame = obj
     if isinstance(bins, np.ndarray) and bins.dtype != object:
-        raise ArcdeployError(f"{path}: bins must be a list of encoded images, got an array {bins.dtype} {list(bins.shape)}")
+        raise ArcdeployError(f"{path}: bins must be a list of encoded images, "
+                             f"got an array {bins.dtype} {list(bins.shape)}")
     if not isinstance(bins, (list, tuple, np.ndarray)) or not all(
             isinstance(b, (bytes, bytearray)) or (isinstance(b, np.ndarray) and b.dtype == np.uint8) for b in bins):
         raise ArcdeployError(f"{path}: bins must hold encoded image bytes")
@@ -114,28 +124,44 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     except Exception:
         raise ArcdeployError(f"{path}: issame_list is not a list of booleans") from None
     if issame_arr.ndim != 1 or issame_arr.size == 0 or not (
-            issame_arr.dtype == bool or (np.issubdtype(issame_arr.dtype, np.integer) and np.isin(issame_arr, (0, 1)).all())):
+            issame_arr.dtype == bool
+            or (np.issubdtype(issame_arr.dtype, np.integer) and np.isin(issame_arr, (0, 1)).all())):
         raise ArcdeployError(f"{path}: issame_list must be a non-empty list of booleans")
     n = issame_arr.size
-    if len(bins) < 2 * n:
-        raise ArcdeployError(f"{path}: {len(bins)} images for {n} pairs (need {2 * n})")
+    if len(bins) != 2 * n:
+        raise ArcdeployError(f"{path}: {len(bins)} images for {n} pairs; a .bin set holds exactly 2 images per "
+                             f"pair label ({2 * n} images for {n} labels)")
     if n < FOLDS:
         raise ArcdeployError(f"{path}: {n} pairs; 10-fold evaluation needs at least 10")
-    return bins[: 2 * n], issame_arr.astype(bool)
+    return bins, issame_arr.astype(bool)
+
+
+def bin_face(img: np.ndarray, name: str = "<image>", size: int = 112) -> np.ndarray:
+    """A decoded .bin image as insightface's ``load_bin`` uses it (module doc): resized with the
+    shorter side to ``size`` (bicubic) when its width is not ``size``; refused unless the result
+    is ``size`` x ``size``."""
+    import cv2
+
+    h, w = img.shape[:2]
+    if w != size:
+        # mxnet resize_short: integer arithmetic for the longer side
+        nh, nw = (size * h // w, size) if h > w else (size, size * w // h)
+        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_CUBIC)
+    if img.shape[:2] != (size, size):
+        raise ArcdeployError(f"{name}: a {w}x{h} image; insightface resizes its shorter side to {size} and then "
+                             f"needs {size}x{size} (got {img.shape[1]}x{img.shape[0]}), so a .bin set must hold "
+                             "square faces")
+    return img
 
 
 def decode_faces(bins: list[bytes], path: str | os.PathLike = "<bin>") -> np.ndarray:
-    """Encoded images -> RGB uint8 [2N, 112, 112, 3] (other sizes are resized, as insightface does)."""
-    import cv2
-
+    """Encoded images -> RGB uint8 [2N, 112, 112, 3] (see :func:`bin_face` for other sizes)."""
     from ..faces.io import decode_image
 
     out = np.empty((len(bins), 112, 112, 3), np.uint8)
     for i, b in enumerate(bins):
-        img = decode_image(b, f"{path}[image {i}]")
-        if img.shape[:2] != (112, 112):
-            img = cv2.resize(img, (112, 112), interpolation=cv2.INTER_LINEAR)
-        out[i] = img
+        name = f"{path}[image {i}]"
+        out[i] = bin_face(decode_image(b, name), name)
     return out
 
 
@@ -193,7 +219,28 @@ def embed_pairs(package, faces: np.ndarray, batch: int = 64) -> tuple[np.ndarray
     return emb, xnorm
 
 
-def evaluate_bin(package, path: str | os.PathLike, batch: int = 64) -> dict:
+@dataclass
+class BinResult:
+    """The accuracy of one package on one .bin set."""
+
+    name: str
+    file: str
+    package: str
+    pairs: int
+    accuracy: float
+    std: float
+    xnorm: float
+    fold_accuracies: list[float] = field(default_factory=list)
+    fold_thresholds: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "file": self.file, "package": self.package, "pairs": self.pairs,
+                "accuracy": self.accuracy, "std": self.std, "xnorm": self.xnorm,
+                "fold_accuracies": list(self.fold_accuracies), "fold_thresholds": list(self.fold_thresholds)}
+
+
+def evaluate_bin(package, path: str | os.PathLike, batch: int = 64) -> BinResult:
+    """One .bin set through one package (path or :class:`arcdeploy.package.Package`)."""
     from ..package import load
 
     pkg = load(package)
@@ -204,13 +251,13 @@ def evaluate_bin(package, path: str | os.PathLike, batch: int = 64) -> dict:
     if not np.all(np.isfinite(emb)):
         raise ArcdeployError(f"{pkg.path}: the model gave non-finite embeddings on {path.name}")
     acc = verification_accuracy(emb, issame)
-    return {"name": path.stem, "file": str(path), "package": str(pkg.path), "pairs": int(issame.size),
-            "accuracy": acc.accuracy, "std": acc.std, "xnorm": xnorm,
-            "fold_accuracies": acc.fold_accuracies.tolist(), "fold_thresholds": acc.fold_thresholds.tolist()}
+    return BinResult(name=path.stem, file=str(path), package=str(pkg.path), pairs=int(issame.size),
+                     accuracy=acc.accuracy, std=acc.std, xnorm=xnorm,
+                     fold_accuracies=acc.fold_accuracies.tolist(), fold_thresholds=acc.fold_thresholds.tolist())
 
 
-def evaluate_bins(package, paths, batch: int = 64, log=None) -> dict:
-    """Every .bin through one package: {"package": .., "results": [per set]}."""
+def evaluate_bin_sets(package, paths, batch: int = 64, log=None) -> list[BinResult]:
+    """Every .bin through one package, in order; ``log`` gets insightface's two lines per set."""
     from ..package import load
 
     pkg = load(package)
@@ -218,14 +265,26 @@ def evaluate_bins(package, paths, batch: int = 64, log=None) -> dict:
     for p in paths:
         r = evaluate_bin(pkg, p, batch=batch)
         if log:
-            log(f"[{r['name']}]XNorm: {r['xnorm']:f}")
-            log(f"[{r['name']}]Accuracy-Flip: {r['accuracy']:1.5f}+-{r['std']:1.5f}")
+            log(f"[{r.name}]XNorm: {r.xnorm:f}")
+            log(f"[{r.name}]Accuracy-Flip: {r.accuracy:1.5f}+-{r.std:1.5f}")
         results.append(r)
-    return {"package": str(pkg.path), "results": results}
+    return results
 
 
-def format_bin_table(rows: list[dict]) -> str:
+def evaluate_bins(package, paths, batch: int = 64, log=None) -> dict:
+    """Every .bin through one package, as the JSON document ``eval bin`` writes:
+    ``{"package": .., "results": [BinResult.to_json() per set]}``."""
+    from ..package import load
+
+    pkg = load(package)
+    results = evaluate_bin_sets(pkg, paths, batch=batch, log=log)
+    return {"package": str(pkg.path), "results": [r.to_json() for r in results]}
+
+
+def format_bin_table(rows: list) -> str:
+    """The accuracy table: one row per (package, set); rows are :class:`BinResult` or their JSON."""
     header = ["package", "set", "pairs", "accuracy %", "std %", "XNorm"]
+    rows = [r.to_json() if isinstance(r, BinResult) else r for r in rows]
     body = [[Path(r["package"]).name, r["name"], str(r["pairs"]), f"{100 * r['accuracy']:.2f}",
              f"{100 * r['std']:.2f}", f"{r['xnorm']:.3f}"] for r in rows]
     return box_table(header, body)

@@ -1,4 +1,4 @@
-"""ROC and TAR@FAR exactly as insightface's IJB evaluation reports them (SPEC section 5).
+"""ROC and TAR@FAR exactly as insightface's IJB evaluation reports them.
 
 insightface calls sklearn's ``roc_curve(label, score)`` (default
 ``drop_intermediate=True``; :func:`roc` gives the same arrays, faster), flips both arrays so that the highest TPR of an
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the FARs of insightface's TAR table, the one list here
 
 
 def roc(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,7 +99,8 @@ def thin_roc(fpr: np.ndarray, tpr: np.ndarray, points: int = 400) -> tuple[list[
 
 
 def box_table(header: list[str], body: list[list[str]]) -> str:
-    """Cells in a PrettyTable-style box, centred, as insightface's scripts print their tables."""
+    """Cells in a PrettyTable-style box, centred, as insightface's scripts print their tables
+    (the one box renderer: the IJB and .bin tables both use it)."""
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
     line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
 

@@ -1,4 +1,4 @@
-"""5-point similarity alignment to the ArcFace 112x112 template (SPEC section 4).
+"""5-point similarity alignment to the ArcFace 112x112 template.
 
 The transform is the least-squares similarity of Umeyama (1991) from the five
 points to the template, the estimate insightface takes from scikit-image's
@@ -15,6 +15,17 @@ TEMPLATE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
     dtype=np.float32,
 )
+# Landmark plausibility. Real detectors put a few points just outside the image (a
+# face cut by the border), so points may lie up to half the image size outside it;
+# farther out, or a face whose eyes are closer than MIN_EYE_DISTANCE pixels or whose
+# aligned crop would span more than MAX_FACE_TO_IMAGE times the image's larger side,
+# is a detector error that would give a black or meaningless crop.
+LANDMARK_MARGIN = 0.5
+MIN_EYE_DISTANCE = 3.0
+MAX_FACE_TO_IMAGE = 4.0
+# An image taken as an aligned crop (no landmarks) must be at least this many pixels
+# on each side: a thumbnail blown up to 112x112 carries no face.
+MIN_ALIGNED_SIDE = 32
 
 
 def umeyama(src, dst, estimate_scale: bool = True) -> np.ndarray:
@@ -69,8 +80,10 @@ def estimate_transform(lmk5, template=TEMPLATE_112) -> np.ndarray:
 def landmarks_problem(lmk5, shape) -> str | None:
     """Why these landmarks cannot align an image of ``shape`` (H, W, ...), or None when usable.
 
-    Refused: non-finite values, all points (nearly) at one place, or most points
-    (3 of 5 or more) outside the image.
+    Refused: non-finite values; any point more than half the image size outside
+    the image; eyes less than ``MIN_EYE_DISTANCE`` pixels apart or all points at one
+    place; a similarity transform that does not exist or whose crop would cover more
+    than ``MAX_FACE_TO_IMAGE`` times the image's larger side.
     """
     lmk = np.asarray(lmk5, dtype=np.float64).reshape(-1, 2)
     if lmk.shape != (5, 2):
@@ -78,11 +91,24 @@ def landmarks_problem(lmk5, shape) -> str | None:
     if not np.all(np.isfinite(lmk)):
         return "landmarks are not finite numbers"
     h, w = shape[:2]
-    inside = (lmk[:, 0] >= 0) & (lmk[:, 0] <= w) & (lmk[:, 1] >= 0) & (lmk[:, 1] <= h)
-    if inside.sum() < 3:
-        return f"landmarks off the image ({5 - int(inside.sum())} of 5 points outside {w}x{h})"
-    if np.ptp(lmk, axis=0).max() < 1.0:
+    mx, my = LANDMARK_MARGIN * w, LANDMARK_MARGIN * h
+    near = (lmk[:, 0] >= -mx) & (lmk[:, 0] <= w + mx) & (lmk[:, 1] >= -my) & (lmk[:, 1] <= h + my)
+    if not near.all():
+        return (f"landmarks off the image ({5 - int(near.sum())} of 5 points more than "
+                f"{LANDMARK_MARGIN:.0%} of the image size outside its {w}x{h} area)")
+    if np.ptp(lmk, axis=0).max() < 1.5:
         return "degenerate landmarks (all points at one place)"
+    eyes = float(np.hypot(*(lmk[1] - lmk[0])))
+    if eyes < MIN_EYE_DISTANCE:
+        return f"degenerate landmarks (eyes {eyes:.1f} px apart; at least {MIN_EYE_DISTANCE:g} px needed)"
+    m = estimate_transform(lmk.astype(np.float32))
+    if not np.all(np.isfinite(m)):
+        return "degenerate landmarks (no similarity transform)"
+    scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))  # aligned pixels per image pixel
+    span = ALIGNED_SIZE / scale if scale > 0 else float("inf")  # image pixels the crop covers
+    if span > MAX_FACE_TO_IMAGE * max(h, w):
+        return (f"implausible landmarks (the aligned crop would cover {span:.0f} px of a {w}x{h} image; "
+                f"at most {MAX_FACE_TO_IMAGE:g} times its larger side)")
     return None
 
 
@@ -100,12 +126,16 @@ def align_face(img: np.ndarray, lmk5, size: int = ALIGNED_SIZE) -> np.ndarray:
 def to_aligned(img: np.ndarray, lmk=None) -> np.ndarray:
     """A 112x112 aligned crop: warped with ``lmk`` when given; otherwise ``img`` is
     taken as an aligned crop and resized to 112x112 when it is not (area
-    interpolation when shrinking, bilinear when growing)."""
+    interpolation when shrinking, bilinear when growing). An aligned crop smaller
+    than ``MIN_ALIGNED_SIDE`` pixels on a side is refused."""
     import cv2
 
     if lmk is not None:
         return align_face(img, lmk)
     h, w = img.shape[:2]
+    if min(h, w) < MIN_ALIGNED_SIDE:
+        raise ArcdeployError(f"image is {w}x{h}: too small to be taken as an aligned face crop (at least "
+                             f"{MIN_ALIGNED_SIDE}x{MIN_ALIGNED_SIDE} without landmarks; give landmarks to align it)")
     if (h, w) == (ALIGNED_SIZE, ALIGNED_SIZE):
         return img
     interp = cv2.INTER_AREA if h > ALIGNED_SIZE or w > ALIGNED_SIZE else cv2.INTER_LINEAR

@@ -1,20 +1,26 @@
 """Calibration and held-out images for int8 builds and fidelity checks.
 
-Calibration uses exactly the inference preprocessing: each image is decoded
-(RGB), aligned with its 5 landmarks when a landmark file is given (otherwise
-taken as an aligned crop, resized to 112x112 if needed), then turned into the
-model input by the package's own :func:`to_model_input`.
+Calibration uses exactly the inference preprocessing: each image goes through
+:func:`arcdeploy.faces.prepare.prepare_face`, the function the embed pipeline
+uses (decoded as RGB with the same size limit, the same landmark checks, aligned
+with its 5 landmarks when a landmark file is given, otherwise taken as an
+aligned crop and resized to 112x112), then turned into the model input by the
+package's own :func:`to_model_input`.
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ArcdeployError
+from .io import ImageError
+from .prepare import prepare_face, resolve_landmarks
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CALIB_COUNT = 300
 DEFAULT_HOLDOUT = 64
@@ -53,35 +59,24 @@ def _check_array(arr, what: str) -> np.ndarray:
 
 def read_aligned(paths: list[Path], landmarks=None, root: Path | None = None, limit: int | None = None,
                  warn: bool = True) -> ImageSet:
-    """Decode and align ``paths`` in order until ``limit`` usable crops; unreadable
-    files (and files without landmarks when a landmark file is given) are skipped
-    and listed in ``skipped``."""
-    from .align import to_aligned
-    from .io import read_image
-
-    faces, names, skipped = [], [], []
-    for path in paths:
+    """Prepare ``paths`` in order (:func:`prepare_face`) until ``limit`` usable crops; unusable
+    files (unreadable, without landmarks when a landmark file is given, implausible landmarks)
+    are skipped and listed in ``skipped``."""
+    lmks = resolve_landmarks(paths, landmarks, root)
+    faces: list[np.ndarray] = []
+    names: list[str] = []
+    skipped: list[str] = []
+    for i, path in enumerate(paths):
         if limit is not None and len(faces) >= limit:
             break
         try:
-            img = read_image(path)
-        except ArcdeployError as exc:
-            skipped.append(str(exc))
-            continue
-        lmk = None
-        if landmarks is not None:
-            lmk = landmarks.find(path, root)
-            if lmk is None:
-                skipped.append(f"{path}: no landmarks for this image in {landmarks.source}")
-                continue
-        try:
-            faces.append(to_aligned(img, lmk))
-        except ArcdeployError as exc:
+            faces.append(prepare_face(path, None if lmks is None else lmks[i], i))
+        except ImageError as exc:
             skipped.append(str(exc))
             continue
         names.append(str(path))
     if warn and skipped:
-        print(f"arcdeploy: warning: skipped {len(skipped)} unusable image(s), first: {skipped[0]}", file=sys.stderr)
+        log.warning("skipped %d unusable image(s), first: %s", len(skipped), skipped[0])
     arr = np.stack(faces) if faces else np.empty((0, 112, 112, 3), np.uint8)
     return ImageSet(arr, source="", names=names, skipped=skipped)
 
@@ -105,8 +100,7 @@ def load_images(spec, landmarks=None, limit: int | None = None, what: str = "ima
         first = f" (first: {got.skipped[0]})" if got.skipped else ""
         raise ArcdeployError(f"{source}: no usable {what}: all {len(got.skipped)} unreadable{first}")
     if got.skipped:
-        print(f"arcdeploy: warning: {source}: skipped {len(got.skipped)} unusable image(s), first: {got.skipped[0]}",
-              file=sys.stderr)
+        log.warning("%s: skipped %d unusable image(s), first: %s", source, len(got.skipped), got.skipped[0])
     got.source = source
     return got
 
@@ -133,8 +127,7 @@ def calibration_split(calib, landmarks=None, count: int = DEFAULT_CALIB_COUNT,
     images = load_images(calib, landmarks, limit=count + holdout, what="calibration images")
     faces = images.faces
     if len(faces) < min(count, 16):
-        print(f"arcdeploy: warning: only {len(faces)} calibration images in {images.source}; "
-              f"a few hundred are advised", file=sys.stderr)
+        log.warning("only %d calibration images in %s; a few hundred are advised", len(faces), images.source)
     n_cal = min(count, len(faces))
     cal = ImageSet(faces[:n_cal], images.source, images.names[:n_cal], images.skipped)
     rest = faces[n_cal:]

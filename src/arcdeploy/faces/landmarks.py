@@ -8,7 +8,7 @@ Accepted rows (whitespace separated, one image per line; blank lines and
 - ``name x1 y1 ... x68 y68``          (136 numbers: 68-point iBUG layout)
 - ``name x1 y1 ... x68 y68 score``    (137 numbers)
 
-68-point rows are reduced to the 5 points of SPEC section 4. Coordinates are
+68-point rows are reduced to the 5 alignment points (see :func:`reduce_68_to_5`). Coordinates are
 absolute pixels in the image the name refers to.
 """
 from __future__ import annotations
@@ -40,7 +40,8 @@ class Landmarks(Mapping):
     (``points`` keeps every row in file order).
     """
 
-    def __init__(self, names: list[str], points: np.ndarray, scores: np.ndarray | None = None, source: str | None = None):
+    def __init__(self, names: list[str], points: np.ndarray, scores: np.ndarray | None = None,
+                 source: str | None = None):
         self.names = list(names)
         self.points = np.asarray(points, dtype=np.float32).reshape(len(self.names), 5, 2)
         self.scores = None if scores is None else np.asarray(scores, dtype=np.float32)
@@ -101,13 +102,15 @@ def read_landmarks(path: str | os.PathLike) -> Landmarks:
     """Read a landmark file (see the module doc); errors name the file and line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ArcdeployError(f"{path}: no such landmark file") from None
-    except UnicodeDecodeError:
-        raise ArcdeployError(f"{path}: not a text landmark file") from None
     except OSError as exc:
         raise ArcdeployError(f"{path}: cannot read landmark file ({exc.strerror or exc})") from None
+    if b"\0" in data[:4096]:
+        raise ArcdeployError(f"{path}: not a text landmark file (binary data)")
+    # image names are file system bytes: one that is not UTF-8 keeps its bytes (surrogate escapes)
+    text = os.fsdecode(data)
     names: list[str] = []
     points: list[np.ndarray] = []
     scores: list[float] = []

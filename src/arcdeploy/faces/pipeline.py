@@ -1,9 +1,9 @@
 """Faces in, embeddings out: a batched, overlapped and resumable embed pipeline.
 
-Each image is decoded (OpenCV), checked and aligned in a thread pool — OpenCV
-releases the GIL, so this runs beside inference — while the engine works on
-the batch before; a few batches are prepared ahead (bounded memory). Rows come
-out in input order.
+Each image is prepared (:func:`arcdeploy.faces.prepare.prepare_face`: decoded,
+checked, aligned) in a thread pool — OpenCV releases the GIL, so this runs beside
+inference — while the engine works on the batch before; a few batches are
+prepared ahead (bounded memory). Rows come out in input order.
 
 Output rows
     Row ``i`` is image ``i``: ``[N, D]``, or ``[N, 2, D]`` with ``flip`` (the
@@ -11,21 +11,16 @@ Output rows
     IJB protocol needs). Rows are L2-normalised unless ``raw`` (with ``flip``
     each of the two features is normalised on its own; the IJB protocol wants
     ``raw``). An image that cannot be used (missing, empty, corrupt, not an
-    image, no landmarks for it, landmarks off the image) gets a row of NaN so
-    rows stay aligned with the input; it is listed in the failures.
+    image, too large, no landmarks for it, implausible landmarks, or a model
+    output that is not finite) gets a row of NaN so rows stay aligned with the
+    input; it is listed in the failures.
 
-Resuming (``embed_files`` with ``output``)
-    Work is saved as it goes in ``OUTPUT.parts/`` beside the output: one
-    ``chunk_NNNNNN.npy`` (+ ``.json`` with its failures) per ``chunk_rows``
-    images, and ``state.json`` naming the package (hash of its manifest and
-    model files), the image list (hash of paths and landmarks), flip, raw,
-    batch and chunk size. Running the same job again continues after the last
-    saved chunk; a ``.parts`` folder from a job with other settings is refused
-    (``resume=False`` discards it). Chunk boundaries are batch boundaries and
-    batches are fixed runs of the input, so a resumed run gives the same bytes
-    as an uninterrupted one. The output (and ``OUTPUT-stem.failures.tsv``:
-    index, path, reason) are written atomically; the parts folder is removed
-    after success.
+Writing to a file (``embed_files`` with ``output``)
+    An existing output or failures file is not replaced without ``force``; a
+    second process writing the same output is refused (a lock beside it); work
+    is saved in chunks and resumed (:mod:`arcdeploy.faces.chunks`). Chunk
+    boundaries are batch boundaries and batches are fixed runs of the input, so
+    a resumed run gives the same bytes as an uninterrupted one.
 
 Landmark lookup by name (a landmark file): see
 :meth:`arcdeploy.faces.landmarks.Landmarks.find` — path relative to the images
@@ -34,50 +29,29 @@ root, then the path as given, then the file name alone when unambiguous.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
-import shutil
-import signal
 import sys
-import tempfile
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from ..errors import ArcdeployError
-from ..files import write_json_atomic
-from .align import landmarks_problem, to_aligned
-from .io import ImageError, read_image
-from .landmarks import Landmarks, read_landmarks
+from ..files import FileLock, refuse_existing
+from .chunks import ChunkStore, failures_path_for, images_identity, parts_dir_for
+from .prepare import MISSING, Failure, input_name, prepare_face, prepare_or_failure, resolve_landmarks
 
-STATE_FORMAT = "arcdeploy-embed-parts/1"
+__all__ = ["DEFAULT_BATCH", "DEFAULT_CHUNK_ROWS", "EmbedResult", "Failure", "MISSING", "default_batch",
+           "embed_files", "embed_images", "failures_path_for", "parts_dir_for", "prepare_face",
+           "resolve_landmarks"]
+
 DEFAULT_BATCH = 32
 DEFAULT_CHUNK_ROWS = 2048
 PREFETCH_BATCHES = 3
-KILL_ENV = "ARCDEPLOY_TEST_KILL_AFTER_CHUNKS"  # tests: SIGKILL self after k chunks are saved
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "MISSING"
-
-
-MISSING = _Missing()  # a landmark file was given but has no row for this image
-
-
-@dataclass
-class Failure:
-    index: int
-    path: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
+NON_FINITE = "the model gave a non-finite embedding"
 
 
 @dataclass
@@ -93,108 +67,20 @@ class EmbedResult:
         return not self.failures
 
 
-def failures_path_for(output: str | os.PathLike) -> Path:
-    """``FEATS.npy`` -> ``FEATS.failures.tsv`` (same folder)."""
-    output = Path(output)
-    stem = output.name[:-4] if output.name.endswith(".npy") else output.name
-    return output.with_name(f"{stem}.failures.tsv")
-
-
-def parts_dir_for(output: str | os.PathLike) -> Path:
-    output = Path(output)
-    return output.with_name(output.name + ".parts")
-
-
 def default_batch(package) -> int:
     return int(package.fixed_batch or package.manifest.batch or DEFAULT_BATCH)
 
 
-# ---------------------------------------------------------------- inputs
-
-
-def _name(item, index: int) -> str:
-    return str(item) if not isinstance(item, np.ndarray) else f"<array {index}>"
-
-
-def _as_rgb(arr: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.dtype != np.uint8:
-        raise ImageError(name, f"expected a uint8 RGB array, got {arr.dtype}")
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[:, :, :3]
-    elif arr.ndim == 3 and arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ImageError(name, f"expected an H x W x 3 RGB array, got shape {list(arr.shape)}")
-    return arr
-
-
-def resolve_landmarks(items: Sequence, landmarks, root=None, source: str | None = None) -> list | None:
-    """Per-image landmarks: None (images are aligned crops) or a list with, per
-    image, float32 [5, 2], None (this one is an aligned crop) or MISSING.
-
-    ``landmarks``: None; a landmark file path or :class:`Landmarks` (looked up
-    by name, see :meth:`Landmarks.find`); or a sequence / array [N, 5, 2] with
-    one entry per image (None entries allowed).
-    """
-    if landmarks is None:
-        return None
-    if isinstance(landmarks, (str, os.PathLike)):
-        landmarks = read_landmarks(landmarks)
-    if isinstance(landmarks, Landmarks):
-        out = []
-        for i, item in enumerate(items):
-            if isinstance(item, np.ndarray):
-                raise ArcdeployError(f"image {i} is an array: landmarks by name need file paths "
-                                     "(pass one [5, 2] array per image instead)")
-            pts = landmarks.find(item, root)
-            out.append(MISSING if pts is None else pts)
-        return out
-    if len(landmarks) != len(items):
-        raise ArcdeployError(f"{len(landmarks)} landmark entries for {len(items)} images")
-    out = []
-    for i, pts in enumerate(landmarks):
-        if pts is None:
-            out.append(None)
-            continue
-        pts = np.asarray(pts, dtype=np.float32)
-        if pts.size != 10:
-            raise ArcdeployError(f"landmarks of image {i}: expected 5 points [5, 2], got shape {list(pts.shape)}")
-        out.append(pts.reshape(5, 2))
-    return out
-
-
-def prepare_face(item, lmk=None, index: int = 0) -> np.ndarray:
-    """One input (path or RGB array) -> its aligned uint8 [112, 112, 3] crop; raises ImageError."""
-    name = _name(item, index)
-    if lmk is MISSING:
-        raise ImageError(name, "no landmarks for this image in the landmark file")
-    img = _as_rgb(item, name) if isinstance(item, np.ndarray) else read_image(item)
-    if lmk is not None:
-        problem = landmarks_problem(lmk, img.shape)
-        if problem:
-            raise ImageError(name, problem)
-    try:
-        return to_aligned(img, lmk)
-    except ArcdeployError as exc:
-        raise ImageError(name, str(exc)) from None
-
-
-def _prepare_safe(item, lmk, index):
-    try:
-        return prepare_face(item, lmk, index)
-    except ImageError as exc:
-        return Failure(index, exc.path, exc.reason)
-    except Exception as exc:  # an OpenCV or OS surprise on one image must not stop the job
-        return Failure(index, _name(item, index), f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}")
+def package_fingerprint(package) -> str:
+    """sha256 over the package's manifest.json and the files it names."""
+    return package.fingerprint()
 
 
 # ---------------------------------------------------------------- the engine loop
 
 
-def _prepared_batches(items, lmks, batches: list[tuple[int, int]], workers: int, prefetch: int = PREFETCH_BATCHES):
+def _prepared_batches(items, lmks, batches: list[tuple[int, int]], workers: int, max_pixels: int | None,
+                      prefetch: int = PREFETCH_BATCHES):
     """Yield (start, end, crops [k,112,112,3], ok_offsets, failures) for each (start, end)
     in ``batches``, in order, preparing up to ``prefetch`` batches ahead in a thread pool."""
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="arcdeploy-decode")
@@ -206,7 +92,8 @@ def _prepared_batches(items, lmks, batches: list[tuple[int, int]], workers: int,
         if nxt is None:
             return False
         s, e = nxt
-        futs = [pool.submit(_prepare_safe, items[i], None if lmks is None else lmks[i], i) for i in range(s, e)]
+        futs = [pool.submit(prepare_or_failure, items[i], None if lmks is None else lmks[i], i, max_pixels)
+                for i in range(s, e)]
         pending.append((s, e, futs))
         return True
 
@@ -226,14 +113,15 @@ def _prepared_batches(items, lmks, batches: list[tuple[int, int]], workers: int,
                     crops.append(res)
                     ok.append(off)
             arr = np.stack(crops) if crops else np.empty((0, 112, 112, 3), np.uint8)
-            yield s, e, arr, ok, failures
+            yield s, e, arr, np.asarray(ok, np.int64), failures
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(n, np.float32(1e-12))
+    with np.errstate(invalid="ignore"):  # a non-finite row stays non-finite and becomes a failure
+        return x / np.maximum(n, np.float32(1e-12))
 
 
 def _features(package, crops: np.ndarray, flip: bool, raw: bool) -> np.ndarray:
@@ -249,34 +137,26 @@ def _row_shape(package, flip: bool) -> tuple[int, ...]:
     return (2, dim) if flip else (dim,)
 
 
-def _fill(out: np.ndarray, base: int, s: int, e: int, crops, ok, feats) -> None:
-    out[s - base:e - base] = np.nan
-    if len(ok):
-        out[np.asarray(ok) + (s - base)] = feats
-
-
-def _run_rows(package, items, lmks, start: int, end: int, batch: int, flip: bool, raw: bool, workers: int,
-              progress, on_failure) -> tuple[np.ndarray, list[Failure]]:
-    batches = [(s, min(s + batch, end)) for s in range(start, end, batch)]
-    out = None
-    failures: list[Failure] = []
-    for s, e, crops, ok, fails in _prepared_batches(items, lmks, batches, workers):
+def _embedded_batches(package, items, lmks, batches, workers: int, flip: bool, raw: bool,
+                      max_pixels: int | None) -> Iterator[tuple[int, int, np.ndarray, list[Failure]]]:
+    """Yield (start, end, rows [end - start, ...] float32, failures) per batch; failed rows are NaN.
+    A row the model gives as NaN or infinity is a failure too, not a result."""
+    row_shape: tuple[int, ...] | None = None
+    for s, e, crops, ok, fails in _prepared_batches(items, lmks, batches, workers, max_pixels):
         feats = _features(package, crops, flip, raw) if len(crops) else None
-        if out is None:
-            shape = feats.shape[1:] if feats is not None else _row_shape(package, flip)
-            out = np.empty((end - start, *shape), np.float32)
-        if feats is not None and feats.shape[1:] != out.shape[1:]:
-            raise ArcdeployError(f"engine output changed shape: {list(feats.shape[1:])} vs {list(out.shape[1:])}")
-        _fill(out, start, s, e, crops, ok, feats)
-        for f in fails:
-            failures.append(f)
-            if on_failure:
-                on_failure(f)
-        if progress is not None:
-            progress.update(e - s)
-    if out is None:
-        out = np.empty((0, *_row_shape(package, flip)), np.float32)
-    return out, failures
+        if feats is not None:
+            if row_shape is None:
+                row_shape = tuple(feats.shape[1:])
+            elif tuple(feats.shape[1:]) != row_shape:
+                raise ArcdeployError(f"engine output changed shape: {list(feats.shape[1:])} vs {list(row_shape)}")
+        rows = np.full((e - s, *(row_shape or _row_shape(package, flip))), np.nan, np.float32)
+        if feats is not None:
+            finite = np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)
+            rows[ok[finite]] = feats[finite]
+            for off in ok[~finite]:
+                fails.append(Failure(s + int(off), input_name(items[s + int(off)], s + int(off)), NON_FINITE))
+            fails.sort(key=lambda f: f.index)
+        yield s, e, rows, fails
 
 
 def _progress_bar(total: int, initial: int, enabled: bool, desc: str = "embed"):
@@ -299,20 +179,28 @@ def _workers(workers: int | None) -> int:
     return int(workers) if workers else min(8, max(2, os.cpu_count() or 2))
 
 
+def _batch_size(package, batch: int | None) -> int:
+    batch = int(batch or default_batch(package))
+    if batch < 1:
+        raise ArcdeployError(f"batch must be at least 1, got {batch}")
+    return batch
+
+
 # ---------------------------------------------------------------- public API
 
 
 def embed_images(package, images, landmarks=None, flip: bool = False, raw: bool = False, batch: int | None = None,
-                 workers: int | None = None, on_error: str = "raise") -> np.ndarray:
+                 workers: int | None = None, on_error: str = "raise", max_pixels: int | None = None) -> np.ndarray:
     """Embeddings of images given as paths or RGB uint8 arrays (aligned crops or loose crops with landmarks).
 
     ``images``: a sequence of paths / arrays, or one array [N, H, W, 3].
-    ``landmarks``: None (images are aligned crops; other sizes are resized to
-    112x112), a sequence of [5, 2] per image (None entries allowed), or a
-    landmark file / :class:`Landmarks` looked up by image path.
+    ``landmarks``: None (images are aligned crops, at least 32x32; other sizes
+    are resized to 112x112), a sequence of [5, 2] per image (None entries
+    allowed), or a landmark file / :class:`Landmarks` looked up by image path.
     Returns float32 [N, 512] (``flip``: [N, 2, 512]), L2-normalised unless ``raw``.
     ``on_error``: "raise" (default) raises :class:`ArcdeployError` naming the
-    bad images; "nan" gives them NaN rows.
+    bad images; "nan" gives them NaN rows. ``max_pixels``: the largest image
+    file decoded (default 50 megapixels or ``ARCDEPLOY_MAX_PIXELS``).
     """
     if isinstance(images, np.ndarray) and images.ndim == 4:
         items = list(images)
@@ -323,101 +211,61 @@ def embed_images(package, images, landmarks=None, flip: bool = False, raw: bool 
     if on_error not in ("raise", "nan"):
         raise ValueError(f"on_error must be 'raise' or 'nan', not {on_error!r}")
     lmks = resolve_landmarks(items, landmarks)
-    batch = int(batch or default_batch(package))
-    if batch < 1:
-        raise ArcdeployError(f"batch must be at least 1, got {batch}")
-    feats, failures = _run_rows(package, items, lmks, 0, len(items), batch, flip, raw, _workers(workers), None, None)
+    batch = _batch_size(package, batch)
+    feats, failures = _embed_all(package, items, lmks, batch, flip, raw, _workers(workers), max_pixels, None, None)
     if failures and on_error == "raise":
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise ArcdeployError(f"{failures[0]}{more}")
     return feats
 
 
-def _sha256_update_items(h, items, lmks) -> None:
-    for i, item in enumerate(items):
-        if isinstance(item, np.ndarray):
-            h.update(b"A")
-            h.update(str(item.shape).encode())
-            h.update(np.ascontiguousarray(item).tobytes())
-        else:
-            h.update(b"P")
-            h.update(os.fsencode(os.path.abspath(item)))  # the same files from another working folder
-        h.update(b"\0")
-        lmk = None if lmks is None else lmks[i]
-        if lmk is None:
-            h.update(b"-")
-        elif lmk is MISSING:
-            h.update(b"?")
-        else:
-            h.update(np.ascontiguousarray(lmk, dtype=np.float32).tobytes())
-        h.update(b"\n")
+def _embed_all(package, items, lmks, batch, flip, raw, workers, max_pixels, bar, on_failure):
+    n = len(items)
+    batches = [(s, min(s + batch, n)) for s in range(0, n, batch)]
+    parts, failures = [], []
+    for s, e, rows, fails in _embedded_batches(package, items, lmks, batches, workers, flip, raw, max_pixels):
+        parts.append(rows)
+        for f in fails:
+            failures.append(f)
+            if on_failure:
+                on_failure(f)
+        if bar is not None:
+            bar.update(e - s)
+    out = np.concatenate(parts) if parts else np.empty((0, *_row_shape(package, flip)), np.float32)
+    return out, failures
 
 
-def package_fingerprint(package) -> str:
-    """sha256 over the package's manifest.json and the files it names."""
-    return package.fingerprint()
-
-
-def _write_failures_tsv(path: Path, failures: list[Failure]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("index\tpath\treason\n")
-            for fl in failures:
-                clean = [str(x).replace("\t", " ").replace("\n", " ") for x in (fl.index, fl.path, fl.reason)]
-                f.write("\t".join(clean) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _save_chunk(parts: Path, c: int, feats: np.ndarray, failures: list[Failure]) -> None:
-    from ..files import save_npy_atomic
-
-    # failures first: the .npy is what marks the chunk as done
-    write_json_atomic(parts / f"chunk_{c:06d}.json", [[f.index, f.path, f.reason] for f in failures])
-    save_npy_atomic(parts / f"chunk_{c:06d}.npy", feats)
-
-
-def _load_chunk(parts: Path, c: int, rows: int) -> tuple[np.ndarray, list[Failure]] | None:
-    npy, js = parts / f"chunk_{c:06d}.npy", parts / f"chunk_{c:06d}.json"
-    if not npy.exists() or not js.exists():
+def _common_root(items) -> Path | None:
+    if not items or any(isinstance(p, np.ndarray) for p in items):
         return None
     try:
-        feats = np.load(npy, mmap_mode="r")
-        fails = [Failure(int(i), str(p), str(r)) for i, p, r in json.loads(js.read_text())]
-    except (OSError, ValueError, TypeError):
+        return Path(os.path.commonpath([os.path.dirname(os.fspath(p)) or "." for p in items]))
+    except ValueError:  # mixed absolute and relative paths: no common root
         return None
-    if feats.shape[0] != rows or feats.dtype != np.float32:
-        return None
-    return feats, fails
 
 
 def embed_files(package, paths: Sequence, landmarks=None, flip: bool = False, raw: bool = False,
                 batch: int | None = None, output: str | os.PathLike | None = None, resume: bool = True,
                 progress: bool = True, workers: int | None = None, root: str | os.PathLike | None = None,
-                chunk_rows: int | None = None, on_failure: Callable[[Failure], None] | None = None) -> EmbedResult:
+                chunk_rows: int | None = None, on_failure: Callable[[Failure], None] | None = None,
+                force: bool = False, max_pixels: int | None = None) -> EmbedResult:
     """Embed a list of image files (the CLI's and the IJB evaluator's entry point).
 
     Bad images do not stop the job: they get NaN rows and are returned in
     ``failures`` (and, with ``output``, listed in ``FEATS.failures.tsv``).
-    With ``output`` the features are written there (atomically) and the work
-    is resumable (module doc); ``features`` is then the written file opened
-    read-only (memory-mapped). ``root`` is the folder names in a landmark
-    file are relative to (default: the common folder of ``paths``).
-    ``on_failure`` is called for each failure as it is found.
+    With ``output`` the features are written there (atomically; an existing
+    output or failures file only with ``force``) and the work is resumable
+    (module doc); ``features`` is then the written file opened read-only
+    (memory-mapped). ``root`` is the folder names in a landmark file are
+    relative to (default: the common folder of ``paths``). ``on_failure`` is
+    called for each failure as it is found.
     """
     items = list(paths)
     n = len(items)
-    if root is None and n and not any(isinstance(p, np.ndarray) for p in items):
-        with contextlib.suppress(ValueError):  # mixed absolute and relative paths: no common root
-            root = Path(os.path.commonpath([os.path.dirname(os.fspath(p)) or "." for p in items]))
+    if root is None:
+        root = _common_root(items)
     lmks = resolve_landmarks(items, landmarks, root)
-    batch = int(batch or default_batch(package))
-    if batch < 1:
-        raise ArcdeployError(f"batch must be at least 1, got {batch}")
+    batch = _batch_size(package, batch)
     chunk_rows = int(chunk_rows or DEFAULT_CHUNK_ROWS)
     chunk_rows = max(batch, -(-chunk_rows // batch) * batch)  # a whole number of batches
     workers = _workers(workers)
@@ -426,124 +274,76 @@ def embed_files(package, paths: Sequence, landmarks=None, flip: bool = False, ra
     if output is None:
         bar = _progress_bar(n, 0, progress)
         try:
-            feats, failures = _run_rows(package, items, lmks, 0, n, batch, flip, raw, workers, bar, on_failure)
+            feats, failures = _embed_all(package, items, lmks, batch, flip, raw, workers, max_pixels, bar, on_failure)
         finally:
             bar.close()
         return EmbedResult(feats, failures)
 
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    parts = parts_dir_for(output)
-    h = hashlib.sha256()
-    _sha256_update_items(h, items, lmks)
-    state = {
-        "format": STATE_FORMAT,
-        "package": package.fingerprint(),
-        "images": h.hexdigest(),
-        "count": n,
-        "landmarks": lmks is not None,
-        "flip": bool(flip),
-        "raw": bool(raw),
-        "batch": batch,
-        "chunk_rows": chunk_rows,
-    }
-    if parts.exists() and not resume:
-        shutil.rmtree(parts)
-    if parts.exists():
-        try:
-            old = json.loads((parts / "state.json").read_text())
-        except (OSError, ValueError):
-            old = None
-        if not isinstance(old, dict):
-            raise ArcdeployError(f"{parts}: a parts folder without a readable state.json; "
-                                 "remove it or run again without resuming (--restart)")
-        diff = [k for k in state if old.get(k) != state[k]]
-        if diff:
-            what = ", ".join(f"{k} {old.get(k)!r} -> {state[k]!r}" if k not in ("package", "images") else f"{k} differs"
-                             for k in diff)
-            raise ArcdeployError(f"{parts}: partial results of a different job ({what}); "
-                                 "remove it or run again without resuming (--restart)")
-    else:
-        parts.mkdir(parents=True)
-        write_json_atomic(parts / "state.json", state)
+    refuse_existing(output, force)
+    refuse_existing(failures_path_for(output), force, "use --force to replace it (it lists an earlier run's failures)")
+    with FileLock(output):
+        # the engine is loaded before any partial work exists: a package that cannot load
+        # leaves nothing behind to trip over on the corrected rerun
+        if hasattr(package, "runtime"):
+            package.runtime  # noqa: B018 (opens the runtime)
+        state = {"package": package.fingerprint(), "images": images_identity(items, lmks), "count": n,
+                 "landmarks": lmks is not None, "flip": bool(flip), "raw": bool(raw), "batch": batch,
+                 "chunk_rows": chunk_rows}
+        store = ChunkStore.open(output, state, resume)
+        return _embed_to_store(package, store, items, lmks, output, batch, chunk_rows, flip, raw, workers,
+                               max_pixels, progress, on_failure, force)
 
+
+def _embed_to_store(package, store: ChunkStore, items, lmks, output: Path, batch, chunk_rows, flip, raw, workers,
+                    max_pixels, progress, on_failure, force) -> EmbedResult:
+    n = len(items)
     n_chunks = -(-n // chunk_rows)
     bounds = [(c * chunk_rows, min((c + 1) * chunk_rows, n)) for c in range(n_chunks)]
     done: dict[int, list[Failure]] = {}
+    row_shape: tuple[int, ...] | None = None
     for c, (s, e) in enumerate(bounds):
-        loaded = _load_chunk(parts, c, e - s)
+        loaded = store.load(c, e - s)
         if loaded is not None:
             done[c] = loaded[1]
+            row_shape = row_shape or tuple(loaded[0].shape[1:])
     resumed_rows = sum(bounds[c][1] - bounds[c][0] for c in done)
-    kill_after = int(os.environ.get(KILL_ENV) or 0)
-    saved_here = 0
+    for c in sorted(done):  # failures of chunks saved before, in order
+        for f in done[c]:
+            if on_failure:
+                on_failure(f)
 
-    failures: list[Failure] = []
     bar = _progress_bar(n, resumed_rows, progress)
     try:
         todo = [c for c in range(n_chunks) if c not in done]
         # one pipeline across all missing chunks, so decoding never stalls at a chunk boundary
         batches = [(s, min(s + batch, bounds[c][1])) for c in todo for s in range(bounds[c][0], bounds[c][1], batch)]
         chunk_of = {b: c for c in todo for b in range(bounds[c][0], bounds[c][1], batch)}
-        cur_c, cur, cur_fail = None, None, []
-        gen = _prepared_batches(items, lmks, batches, workers)
-        for c in range(n_chunks):  # failures of chunks saved before, in order
-            if c in done:
-                for f in done[c]:
-                    if on_failure:
-                        on_failure(f)
-        for s, e, crops, ok, fails in gen:
+        cur_c: int | None = None
+        cur: list[np.ndarray] = []
+        cur_fail: list[Failure] = []
+        for s, e, rows, fails in _embedded_batches(package, items, lmks, batches, workers, flip, raw, max_pixels):
             c = chunk_of[s]
             if c != cur_c:
-                cur_c, cur, cur_fail = c, None, []
-            feats = _features(package, crops, flip, raw) if len(crops) else None
-            if cur is None:
-                shape = feats.shape[1:] if feats is not None else _row_shape(package, flip)
-                cur = np.empty((bounds[c][1] - bounds[c][0], *shape), np.float32)
-            _fill(cur, bounds[c][0], s, e, crops, ok, feats)
+                cur_c, cur, cur_fail = c, [], []
+            cur.append(rows)
             for f in fails:
                 cur_fail.append(f)
                 if on_failure:
                     on_failure(f)
             bar.update(e - s)
             if e == bounds[c][1]:
-                _save_chunk(parts, c, cur, cur_fail)
+                chunk = np.concatenate(cur)
+                if row_shape is not None and tuple(chunk.shape[1:]) != row_shape:
+                    raise ArcdeployError(f"engine output changed shape: {list(chunk.shape[1:])} vs {list(row_shape)}")
+                row_shape = tuple(chunk.shape[1:])
+                store.save(c, chunk, cur_fail)
                 done[c] = cur_fail
-                saved_here += 1
-                if kill_after and saved_here >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
-        gen.close()
     finally:
         bar.close()
 
-    # assemble: stream the chunks into a memory-mapped temp file, then rename
-    first = np.load(parts / f"chunk_{0:06d}.npy", mmap_mode="r") if n else None
-    row_shape = tuple(first.shape[1:]) if first is not None else _row_shape(package, flip)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".npy", dir=output.parent)
-    os.close(fd)
-    try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, *row_shape))
-        for c, (s, e) in enumerate(bounds):
-            chunk = np.load(parts / f"chunk_{c:06d}.npy", mmap_mode="r")
-            if tuple(chunk.shape[1:]) != row_shape:
-                raise ArcdeployError(f"{parts}: chunk {c} has rows of shape {list(chunk.shape[1:])}, expected {list(row_shape)}")
-            out[s:e] = chunk
-            failures.extend(done[c])
-        out.flush()
-        del out
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual mode
-        os.replace(tmp, output)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fpath = failures_path_for(output)
-    if failures:
-        _write_failures_tsv(fpath, failures)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            fpath.unlink()
-    shutil.rmtree(parts, ignore_errors=True)
-    return EmbedResult(np.load(output, mmap_mode="r"), failures, output, fpath if failures else None, resumed_rows)
+    failures = [f for c in range(n_chunks) for f in done[c]]
+    row_shape = row_shape or _row_shape(package, flip)
+    fpath = store.assemble(output, bounds, row_shape, failures, force=force)
+    store.remove()
+    return EmbedResult(np.load(output, mmap_mode="r"), failures, output, fpath, resumed_rows)

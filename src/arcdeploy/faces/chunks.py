@@ -1,0 +1,242 @@
+"""The resumable chunk store of an embed job, and the final assembly of its outputs.
+
+Work is saved as it goes in ``OUTPUT.parts/`` beside the output: one
+``chunk_NNNNNN.npy`` (+ ``.json`` with its failures) per chunk of rows, and
+``state.json``, the job's identity: the package (hash of its manifest and model
+files), the images (hash of their paths, sizes, modification times and
+landmarks), flip, raw, batch and chunk size. Rerunning the same job continues
+after the last saved chunk; a parts folder of another job (other settings, or
+an image changed on disk since) is refused, so rows of a changed image are
+never reused. A parts folder that holds no chunk yet has nothing to lose and is
+replaced silently, so a failed start never blocks the corrected rerun.
+
+The parts folder is created whole with its ``state.json`` (:func:`atomic_dir`);
+each chunk's record (its failures and the sha256 of its ``.npy``) is written
+before the ``.npy``, which marks it done; a chunk whose ``.npy`` no longer has
+that checksum is computed again, never trusted.
+
+Outputs: ``FEATS.npy`` is streamed from the chunks (no memory map, so a full
+disk is an error naming the file, not a crash) into a temporary file that
+replaces the output only when complete. ``FEATS.failures.tsv`` (a header line
+``index<TAB>path<TAB>reason``, one line per failed image) is written before the
+output is replaced. Its fields are the names' bytes as the file system has them
+(a name need not be UTF-8), with backslash, tab, newline and carriage return
+written as ``\\\\``, ``\\t``, ``\\n`` and ``\\r``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArcdeployError
+from ..files import atomic_dir, atomic_file, write_bytes_atomic, write_json_atomic, write_npy_blocks_atomic
+from .prepare import Failure, Missing
+
+STATE_FORMAT = "arcdeploy-embed-parts/2"
+STATE_NAME = "state.json"
+# what the "different job" message says for keys whose values are hashes
+_HASHED_KEYS = {"package": "package differs (manifest or model files changed)",
+                "images": "images differ (names, sizes, modification times or landmarks changed)"}
+
+
+def failures_path_for(output: str | os.PathLike) -> Path:
+    """``FEATS.npy`` -> ``FEATS.failures.tsv`` (same folder)."""
+    output = Path(output)
+    stem = output.name[:-4] if output.name.endswith(".npy") else output.name
+    return output.with_name(f"{stem}.failures.tsv")
+
+
+def parts_dir_for(output: str | os.PathLike) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".parts")
+
+
+def images_identity(items: Sequence, lmks) -> str:
+    """sha256 over each input (absolute path, size and modification time; or an array's
+    shape and bytes) and its landmarks: equal only for the same images with the same content
+    as far as the file system can tell."""
+    h = hashlib.sha256()
+    for i, item in enumerate(items):
+        if isinstance(item, np.ndarray):
+            h.update(b"A")
+            h.update(str(item.shape).encode())
+            h.update(np.ascontiguousarray(item).tobytes())
+        else:
+            h.update(b"P")
+            h.update(os.fsencode(os.path.abspath(item)))  # the same files from another working folder
+            try:
+                st = os.stat(item)
+                h.update(f"\0{st.st_size}\0{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(b"\0-")  # missing now: a failed row that a later rerun must not reuse if it appears
+        h.update(b"\0")
+        lmk = None if lmks is None else lmks[i]
+        if lmk is None:
+            h.update(b"-")
+        elif isinstance(lmk, Missing):
+            h.update(b"?")
+        else:
+            h.update(np.ascontiguousarray(lmk, dtype=np.float32).tobytes())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _has_chunks(parts: Path) -> bool:
+    return parts.is_dir() and any(parts.glob("chunk_*.npy"))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+class ChunkStore:
+    """The parts folder of one embed job (see the module doc)."""
+
+    def __init__(self, parts: Path, state: dict):
+        self.parts = parts
+        self.state = state
+
+    @classmethod
+    def open(cls, output: str | os.PathLike, state: dict, resume: bool = True) -> ChunkStore:
+        """The parts folder for ``output``: the existing one when it belongs to this job,
+        a new one otherwise. Raises when it holds saved chunks of a different job."""
+        parts = parts_dir_for(output)
+        state = {"format": STATE_FORMAT, **state}
+        if os.path.lexists(parts) and (not resume or not _has_chunks(parts)):
+            _remove(parts)
+        if os.path.lexists(parts):
+            try:
+                old = json.loads((parts / STATE_NAME).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                old = None
+            if not isinstance(old, dict):
+                raise ArcdeployError(f"{parts}: a parts folder without a readable {STATE_NAME}; "
+                                     "remove it or run again without resuming (--restart)")
+            diff = [k for k in state if old.get(k) != state[k]]
+            if diff:
+                what = ", ".join(_HASHED_KEYS.get(k) or f"{k} {old.get(k)!r} -> {state[k]!r}" for k in diff)
+                raise ArcdeployError(f"{parts}: partial results of a different job ({what}); "
+                                     "remove it or run again without resuming (--restart)")
+        else:
+            with atomic_dir(parts) as tmp:
+                write_json_atomic(tmp / STATE_NAME, state)
+        return cls(parts, state)
+
+    def _files(self, c: int) -> tuple[Path, Path]:
+        return self.parts / f"chunk_{c:06d}.npy", self.parts / f"chunk_{c:06d}.json"
+
+    def load(self, c: int, rows: int) -> tuple[np.ndarray, list[Failure]] | None:
+        """Chunk ``c`` when it is saved whole with ``rows`` rows and still has the checksum
+        recorded when it was saved, else None (it is then computed again)."""
+        npy, js = self._files(c)
+        if not npy.exists() or not js.exists():
+            return None
+        try:
+            record = json.loads(js.read_text(encoding="utf-8"))
+            data = npy.read_bytes()
+            if not isinstance(record, dict) or hashlib.sha256(data).hexdigest() != record.get("sha256"):
+                return None
+            feats = np.load(io.BytesIO(data), allow_pickle=False)
+            fails = [Failure(int(i), str(p), str(r)) for i, p, r in record["failures"]]
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        if feats.ndim < 2 or feats.shape[0] != rows or feats.dtype != np.float32:
+            return None
+        return feats, fails
+
+    def save(self, c: int, feats: np.ndarray, failures: list[Failure]) -> None:
+        npy, js = self._files(c)
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(feats, np.float32), allow_pickle=False)
+        data = buf.getvalue()
+        # the record (failures, checksum) first: the .npy is what marks the chunk as done
+        write_json_atomic(js, {"sha256": hashlib.sha256(data).hexdigest(),
+                               "failures": [[f.index, f.path, f.reason] for f in failures]})
+        write_bytes_atomic(npy, data)
+
+    def _blocks(self, bounds: list[tuple[int, int]], row_shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+        for c, (s, e) in enumerate(bounds):
+            npy, _ = self._files(c)
+            try:
+                chunk = np.load(npy, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise ArcdeployError(f"{npy}: saved chunk unreadable ({exc}); run again with --restart") from None
+            if chunk.shape != (e - s, *row_shape):
+                raise ArcdeployError(f"{npy}: saved chunk has shape {list(chunk.shape)}, expected "
+                                     f"{[e - s, *row_shape]}; run again with --restart")
+            yield chunk
+
+    def assemble(self, output: str | os.PathLike, bounds: list[tuple[int, int]], row_shape: tuple[int, ...],
+                 failures: list[Failure], force: bool = False) -> Path | None:
+        """Write the output from the saved chunks, and the failures file (or remove a stale
+        one); returns the failures file's path when there were failures."""
+        output = Path(output)
+        fpath = failures_path_for(output)
+        n = bounds[-1][1] if bounds else 0
+        if failures:
+            # the failures file's content is complete before the output is touched; it replaces
+            # the old one right after the output does
+            with atomic_file(fpath, "wb", force=force) as f:
+                write_failures(f, failures)
+                write_npy_blocks_atomic(output, (n, *row_shape), np.float32, self._blocks(bounds, row_shape),
+                                        force=force)
+            return fpath
+        write_npy_blocks_atomic(output, (n, *row_shape), np.float32, self._blocks(bounds, row_shape), force=force)
+        if force:
+            with contextlib.suppress(FileNotFoundError):
+                fpath.unlink()  # a stale list from an earlier run would describe rows that are now fine
+        return None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+
+def _tsv_field(value) -> bytes:
+    text = str(value)
+    try:
+        data = text.encode("utf-8", "surrogateescape")  # a file name's own bytes
+    except UnicodeEncodeError:
+        data = text.encode("utf-8", "backslashreplace")
+    return (data.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\n", b"\\n").replace(b"\r", b"\\r"))
+
+
+def write_failures(f, failures: list[Failure]) -> None:
+    """The failures list (see the module doc) into a binary file."""
+    f.write(b"index\tpath\treason\n")
+    for fl in failures:
+        f.write(b"\t".join(_tsv_field(x) for x in (fl.index, fl.path, fl.reason)) + b"\n")
+
+
+def read_failures(path: str | os.PathLike) -> list[Failure]:
+    """The failures of a ``FEATS.failures.tsv``, names as ``str`` (undecodable bytes as surrogate escapes)."""
+    def unescape(field: bytes) -> str:
+        out, i = bytearray(), 0
+        table = {ord("\\"): b"\\", ord("t"): b"\t", ord("n"): b"\n", ord("r"): b"\r"}
+        while i < len(field):
+            if field[i] == 0x5C and i + 1 < len(field) and field[i + 1] in table:
+                out += table[field[i + 1]]
+                i += 2
+            else:
+                out.append(field[i])
+                i += 1
+        return bytes(out).decode("utf-8", "surrogateescape")
+
+    lines = Path(path).read_bytes().split(b"\n")
+    out = []
+    for line in lines[1:]:
+        if line:
+            i, p, r = line.split(b"\t")
+            out.append(Failure(int(i), unescape(p), unescape(r)))
+    return out
