@@ -13,64 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from .files import write_json_atomic
+from .evaluate.roc import FARS
+from .files import atomic_file, write_json_atomic
 from .machine import cpu_name
+from .tables import Table
 from .utils import library_versions
-
-FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-
-
-def _md_table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.6g}"
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _text_table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.6g}"
-        return str(v)
-
-    cells = [header] + [[cell(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*r) for r in cells[1:]]
-    return "\n".join(out)
-
-
-class Table:
-    """A titled table that renders both as Markdown and as aligned text."""
-
-    def __init__(self, title: str, header: list[str], rows: list[list[Any]], note: str | None = None):
-        self.title, self.header, self.rows, self.note = title, header, rows, note
-
-    def markdown(self) -> str:
-        parts = [f"## {self.title}", ""]
-        if self.rows:
-            parts.append(_md_table(self.header, self.rows))
-        else:
-            parts.append("_no results_")
-        if self.note:
-            parts += ["", self.note]
-        return "\n".join(parts)
-
-    def text(self) -> str:
-        body = _text_table(self.header, self.rows) if self.rows else "(no results)"
-        return f"{self.title}\n{body}" + (f"\n{self.note}" if self.note else "")
-
-    def as_json(self) -> dict:
-        return {"title": self.title, "header": self.header, "rows": self.rows, "note": self.note}
 
 
 def _by_prefix(records, prefix: str) -> dict[str, Any]:
@@ -101,9 +48,9 @@ def fidelity_table(records) -> Table:
         else:
             rows.append([name, None, None, None, None, None, f"{rec.status}: {rec.error}"])
     return Table(
-        "Fidelity: per-image cosine to the fp32 PyTorch reference",
-        ["package", "images", "mean", "min", "p1", "floor", "result"],
-        rows,
+        title="Fidelity: per-image cosine to the fp32 PyTorch reference",
+        header=["package", "images", "mean", "min", "p1", "floor", "result"],
+        rows=rows,
     )
 
 
@@ -169,10 +116,10 @@ def speed_table(records) -> Table:
         else:
             rows.append([name, None, None, None, None, None, None, None, f"{rec.status}: {rec.error}"])
     return Table(
-        "Speed: throughput (images/s) and latency (ms) by precision and batch",
-        ["package", "runs as", "batch", "img/s", "mean", "p50", "p90", "p99", "x fp32"],
-        rows,
-        "runs as: the precision the engine reports it executed (this CPU may run a bf16 hint in f32).",
+        title="Speed: throughput (images/s) and latency (ms) by precision and batch",
+        header=["package", "runs as", "batch", "img/s", "mean", "p50", "p90", "p99", "x fp32"],
+        rows=rows,
+        note="runs as: the precision the engine reports it executed (this CPU may run a bf16 hint in f32).",
     )
 
 
@@ -198,7 +145,9 @@ def ijb_table(records) -> Table:
             " a FAR below 1/impostor pairs falls on the ROC's first point."
         )
     return Table(
-        f"Accuracy: {target or 'IJB'} 1:1 verification, TAR@FAR", ["package"] + [f"{f:.0e}" for f in FARS], rows, note
+        title=f"Accuracy: {target or 'IJB'} 1:1 verification, header=TAR@FAR",
+        rows=["package"] + [f"{f:.0e}" for f in FARS],
+        note=rows,
     )
 
 
@@ -228,15 +177,15 @@ def bins_table(records) -> Table:
         else:
             rows.append([name, None, None, None, None, f"{rec.status}: {rec.error}"])
     return Table(
-        "Accuracy: verification .bin sets (10-fold, flip)",
-        ["package", "set", "pairs", "accuracy %", "std %", "XNorm"],
-        rows,
+        title="Accuracy: verification .bin sets (10-fold, flip)",
+        header=["package", "set", "pairs", "accuracy %", "std %", "XNorm"],
+        rows=rows,
     )
 
 
 def steps_table(records) -> Table:
     rows = [[r.name, r.status, _r(r.seconds, 1), r.error] for r in records]
-    return Table("Steps", ["step", "status", "seconds", "note"], rows)
+    return Table(title="Steps", header=["step", "status", "seconds", "note"], rows=rows)
 
 
 # ---------------------------------------------------------------- plots
@@ -252,6 +201,8 @@ def _plt():
 
 
 def plot_roc(records, path: Path) -> Path | None:
+    from .evaluate.plots import plot_roc as draw_roc
+
     curves = []
     for name, rec in _by_prefix(records, "eval ijb").items():
         if rec.status in ("done", "reused") and rec.result:
@@ -261,24 +212,12 @@ def plot_roc(records, path: Path) -> Path | None:
                 curves.append((name, np.asarray(roc["fpr"]), np.asarray(roc["tpr"])))
     if not curves:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    floor = 1e-6
-    for name, fpr, tpr in curves:
-        # a log axis has no 0: points at FPR 0 are drawn on the axis floor
-        ax.step(np.maximum(fpr, floor), tpr, where="post", marker=".", markersize=3, label=name)
-    ax.set_xscale("log")
-    ax.set_xlim(floor, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("False accept rate")
-    ax.set_ylabel("True accept rate")
-    ax.set_title("ROC by precision")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return draw_roc(curves, path, title="ROC by precision")
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_file(path, "wb") as out:
+        fig.savefig(out, format="png", dpi=110)
 
 
 def plot_throughput(records, path: Path) -> Path | None:
@@ -301,7 +240,7 @@ def plot_throughput(records, path: Path) -> Path | None:
     ax.set_title("Throughput by precision and batch")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -324,7 +263,7 @@ def plot_cosine_hist(records, path: Path) -> Path | None:
     ax.set_title("Fidelity by precision")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 

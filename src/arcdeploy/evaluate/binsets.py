@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArcdeployError
-from .roc import box_table
+from ..tables import box_table
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 FOLDS = 10

@@ -7,9 +7,12 @@ flipped curve whose ``|fpr - far|`` is smallest: nearest point, no
 interpolation, ties going to the highest TPR. ``np.argmin`` returns the first
 minimum, which is the same choice.
 """
+
 from __future__ import annotations
 
 import numpy as np
+
+from ..tables import box_table
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the FARs of insightface's TAR table, the one list here
 
@@ -96,18 +99,6 @@ def thin_roc(fpr: np.ndarray, tpr: np.ndarray, points: int = 400) -> tuple[list[
     idx = np.searchsorted(fpr, grid, side="right") - 1
     idx = np.unique(np.concatenate([[0], idx[idx >= 0], [fpr.size - 1]]))
     return fpr[idx].tolist(), tpr[idx].tolist()
-
-
-def box_table(header: list[str], body: list[list[str]]) -> str:
-    """Cells in a PrettyTable-style box, centred, as insightface's scripts print their tables
-    (the one box renderer: the IJB and .bin tables both use it)."""
-    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-
-    def fmt(cells):
-        return "|" + "|".join(f" {c:^{w}} " for c, w in zip(cells, widths)) + "|"
-
-    return "\n".join([line, fmt(header), line] + [fmt(r) for r in body] + [line])
 
 
 def format_tar_table(rows: list[tuple[str, np.ndarray]], fars=FARS) -> str:
