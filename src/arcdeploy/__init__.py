@@ -28,6 +28,12 @@ except metadata.PackageNotFoundError:  # running from a source tree that was not
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+# The API functions below share their names with the stage modules arcdeploy.build and arcdeploy.export.
+# Loading those modules first keeps the names bound to the functions: the first import of a submodule
+# sets the package attribute to the module, which would otherwise replace the function after one call.
+from . import build as _build_stage  # noqa: F401
+from . import export as _export_stage  # noqa: F401
+
 GENERATED_CHECK_COUNT = 64
 GENERATED_SEED = 9001  # far from the seeds the tests and demo calibrate with
 

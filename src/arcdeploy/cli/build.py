@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..engines.registry import DEFAULT_ENGINE, engine_names
 from ..manifest import PRECISION_ALIASES, PRECISIONS
+from .export import add_convention_options, convention_options
 
 
 def register(sub) -> None:
@@ -10,7 +11,8 @@ def register(sub) -> None:
         "build", help="checkpoint, export or ONNX -> a verified package (engine x precision)",
         description="Compile a checkpoint (export implied), an export folder, or an ONNX file into PKG for one "
                     "engine and precision, then check it per image against its fp32 reference.")
-    p.add_argument("src", metavar="SRC", help="backbone.pth, an export folder, or a model.onnx")
+    p.add_argument("src", metavar="SRC", help="backbone.pth, an export folder, an exported model.onnx, or a "
+                                            "foreign recognition MODEL.onnx (its input convention is detected)")
     p.add_argument("--engine", default=DEFAULT_ENGINE, choices=engine_names(),
                    help=f"inference engine (default {DEFAULT_ENGINE})")
     p.add_argument("--precision", default="fp32", choices=(*PRECISIONS, *PRECISION_ALIASES), metavar="PRECISION",
@@ -28,6 +30,7 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, metavar="N", help="batch size to compile for (OpenVINO: a static shape)")
     p.add_argument("--threads", type=int, metavar="N", help="inference threads recorded as the package default")
     p.add_argument("--arch", default="auto", help="architecture when SRC is a checkpoint (default: read off the keys)")
+    add_convention_options(p)
     p.add_argument("--fold-preprocessing", action="store_true",
                    help="the graph takes uint8 NHWC RGB and normalises inside (openvino, onnxruntime)")
     p.add_argument("--strict", action="store_true", help="fail, writing nothing, when fidelity is below the precision's floor")
@@ -48,7 +51,8 @@ def run(args) -> int:
                 calib_landmarks=args.calib_landmarks, calib_count=args.calib_count, batch=args.batch,
                 threads=args.threads, arch=args.arch, force=args.force, strict=args.strict,
                 fold_preprocessing=args.fold_preprocessing, check_images=args.check_images,
-                check_landmarks=args.check_landmarks, check_count=args.check_count, recipe=recipe)
+                check_landmarks=args.check_landmarks, check_count=args.check_count, recipe=recipe,
+                onnx_options=convention_options(args))
     m = read_package_manifest(out)
     fid = m.fidelity or {}
     c = fid.get("cosine", {})
