@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -279,4 +279,4 @@ def _store_reference(export_dir: Path, exported, tmp: Path, manifest: PackageMan
         rel = f"{REFERENCE_DIR}/{Path(ref.file).name}"
         (tmp / REFERENCE_DIR).mkdir(exist_ok=True)
         shutil.copyfile(src, tmp / rel)
-    return ReferenceSpec(file=rel, kind=ref.kind, sha256=sha256_file(tmp / rel), input=ref.input)
+    return replace(ref, file=rel, sha256=sha256_file(tmp / rel))

@@ -135,11 +135,27 @@ class Reference:
             else f"onnxruntime fp32 (source onnx {ref.file})"
         )
 
+        self.batch = ref.batch
+        # a foreign source may list inputs no node reads; ONNX Runtime still wants them fed
+        self.extra = {
+            i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in i.shape], i.dtype)
+            for i in self.session.inputs
+            if i.name != self.input.name
+        }
+        if len(self.extra) == len(self.session.inputs):
+            self.extra = {}  # the reference does not name its input: run_one feeds the first
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        if self.batch and n < self.batch:  # a reference fixed at one batch: pad the last chunk
+            x = np.concatenate([x, np.repeat(x[-1:], self.batch - n, axis=0)])
+        if not self.extra:
+            return self.session.run_one(x)[:n]
+        return self.session.run({self.input.name: x, **self.extra})[0][:n]
+
     def embed(self, faces: np.ndarray) -> np.ndarray:
-        outs = [
-            self.session.run_one(self.input.to_model_input(faces[s : s + REFERENCE_BATCH]))
-            for s in range(0, len(faces), REFERENCE_BATCH)
-        ]
+        step = self.batch or REFERENCE_BATCH
+        outs = [self._run(self.input.to_model_input(faces[s : s + step])) for s in range(0, len(faces), step)]
         return np.concatenate(outs).astype(np.float32)
 
 

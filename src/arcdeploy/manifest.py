@@ -280,22 +280,29 @@ class ReferenceSpec:
     kind: str = "torchscript"  # torchscript (a checkpoint's) | onnx (a foreign model's source)
     sha256: str | None = None
     input: InputSpec | None = None  # the reference's own input convention (None: the package's float one)
+    batch: int | None = None  # the only batch it runs correctly at (a fixed or traced one); None: any
 
     def to_json(self) -> dict:
         d: dict[str, Any] = {"file": self.file, "kind": self.kind, "precision": "fp32", "sha256": self.sha256}
         if self.input is not None:
             d["input"] = self.input.to_json()
+        if self.batch is not None:
+            d["batch"] = self.batch
         return d
 
     @classmethod
     def from_json(cls, data: Any, source: str) -> ReferenceSpec:
         r = _Reader(data, source, "reference")
         inp = r.get("input", dict, None)
+        batch = r.get("batch", int, None)
+        if batch is not None and batch < 1:
+            raise ArcdeployError(f"{source}: 'reference.batch' must be at least 1, got {batch}")
         return cls(
             file=safe_relpath(r.get("file", str), source, "reference.file"),
             kind=r.choice("kind", REFERENCE_KINDS, "torchscript"),
             sha256=r.get("sha256", str, None),
             input=InputSpec.from_json(inp, source, "reference.input") if inp is not None else None,
+            batch=batch,
         )
 
 

@@ -48,6 +48,9 @@ def _session(path: Path, threads: int | None, gpu: bool):
     if threads:
         so.intra_op_num_threads = int(threads)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # failures reach the caller as exceptions (one-line errors); ONNX Runtime's own log lines would repeat
+    # them on stderr, and its warnings (initializers listed as inputs, ...) describe the file, not the run
+    so.log_severity_level = 4
     providers = (gpu_providers() if gpu else []) + ["CPUExecutionProvider"]
     try:
         return ort.InferenceSession(str(path), so, providers=providers)

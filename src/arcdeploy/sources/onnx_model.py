@@ -1,0 +1,725 @@
+"""A foreign ArcFace-family ONNX file (no arcdeploy manifest beside it) -> an export folder.
+
+The folder is laid out like a checkpoint's (:mod:`arcdeploy.export`):
+
+- ``source.onnx``: a byte copy of the user's file, the package's fp32 reference (run
+  in ONNX Runtime with the source's own input convention);
+- ``model.onnx``: the graph arcdeploy builds from: one float32 NCHW 112x112 input with
+  a really dynamic batch axis; graph inputs no node reads are dropped, initializers
+  listed as inputs become plain initializers, an NHWC or uint8 input gets a
+  Transpose / Cast in front, and shape constants that carry a traced batch follow
+  the input's batch instead;
+- ``manifest.json``: what was detected and how, the user's overrides, every rewrite,
+  and the check of model.onnx against source.onnx at batch 1, 5 and 64.
+
+What is read off the graph (nothing is guessed where the graph can tell):
+
+- the image input (the one input some node reads), its layout (the axis of size 3),
+  size (112x112; a dynamic height/width is fixed to 112) and dtype;
+- the input normalisation: leading Sub/Add/Mul/Div by scalar or per-channel constants
+  on the input mean the graph normalises itself and takes raw 0..255 pixels
+  (insightface's model router reads the same nodes by name); their constants give
+  the mean and std. Otherwise the graph takes ``(x - 127.5) / 127.5``, insightface's
+  ArcFace convention. ``input_mean`` / ``input_std`` override either;
+- the colour order: RGB (what insightface feeds its ArcFace ONNX files), unless an
+  in-graph per-channel mean is Caffe's BGR ImageNet mean; ``bgr`` overrides;
+- the embedding size, and whether the graph L2-normalises it (a normalisation node
+  at the end, confirmed by unit norms);
+- the batch: dynamic already (checked row by row), fixed, or renamed after a fixed
+  trace (then it only works at the traced batch, and the reference runs at it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArcdeployError, describe, first_line
+from ..files import atomic_dir, write_json_atomic
+from ..manifest import (
+    ALIGNED_SIZE,
+    MANIFEST_NAME,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    ExportManifest,
+    InputSpec,
+    OutputSpec,
+    ReferenceSpec,
+)
+from ..utils import library_versions, sha256_file
+from . import onnx_graph as og
+
+log = logging.getLogger(__name__)
+
+VERIFY_BATCHES = (1, 5, 64)
+TOLERANCE = 1e-4
+PROBE_BATCH = 5
+# Caffe-style networks subtract the ImageNet mean in BGR order
+CAFFE_BGR_MEAN = np.array([103.94, 116.78, 123.68])
+
+
+# ------------------------------------------------------------------ what the user says
+
+
+def _norm_override(value: Any, what: str) -> float | tuple[float, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    vals = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    try:
+        nums = [float(v) for v in vals]
+    except (TypeError, ValueError):
+        raise ArcdeployError(f"--{what}: expected a number or three comma-separated numbers, got {value!r}") from None
+    if len(nums) not in (1, 3) or not all(np.isfinite(nums)):
+        raise ArcdeployError(f"--{what}: expected a number or three comma-separated numbers, got {value!r}")
+    if what == "input-std" and any(v == 0 for v in nums):
+        raise ArcdeployError("--input-std: must not be 0")
+    return nums[0] if len(set(nums)) == 1 else tuple(nums)
+
+
+def parse_overrides(input_mean=None, input_std=None, bgr=None) -> dict:
+    """The user's convention overrides, validated (only the ones given)."""
+    out: dict[str, Any] = {}
+    mean, std = _norm_override(input_mean, "input-mean"), _norm_override(input_std, "input-std")
+    if mean is not None:
+        out["input_mean"] = mean
+    if std is not None:
+        out["input_std"] = std
+    if bgr is not None:
+        out["bgr"] = bool(bgr)
+    return out
+
+
+def _jnum(v: np.ndarray) -> float | tuple[float, ...]:
+    v = np.asarray(v, np.float64).reshape(-1)
+    vals = tuple(float(f"{x:.9g}") for x in v)
+    return vals[0] if len(set(vals)) == 1 else vals
+
+
+# ------------------------------------------------------------------ inspection
+
+
+@dataclass
+class Inspection:
+    """The image input and the output of a foreign graph, and what they say."""
+
+    input_name: str
+    input_dims: list
+    input_dtype: str
+    layout: str
+    size: tuple[int, int]
+    size_fixed: bool
+    batch: int | None  # the fixed batch of the input, None when named / unknown
+    output_name: str
+    output_dims: list
+    dropped_inputs: list[str] = field(default_factory=list)
+    initializer_inputs: int = 0
+
+
+_ELEM = {1: "float32", 2: "uint8", 10: "float16", 11: "float64", 3: "int8", 7: "int64", 6: "int32"}
+
+
+def _shape_text(dims: list) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _load(src: Path):
+    import onnx
+
+    if not src.is_file():
+        raise ArcdeployError(f"{src}: no such file")
+    try:
+        model = onnx.load(str(src))
+    except Exception as exc:  # noqa: BLE001 - protobuf / onnx parse errors of every kind
+        raise ArcdeployError(f"{src}: not a readable ONNX model ({first_line(exc)})") from None
+    if not model.graph.node or not model.graph.output:
+        raise ArcdeployError(f"{src}: not an ONNX model (no graph; empty, truncated or another format)")
+    return model
+
+
+def inspect(model, src: Path) -> Inspection:
+    """Find the image input and the embedding output; refuse what is not a face-recognition model."""
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    used = og.used_names(graph)
+    real = [i for i in graph.input if i.name not in inits]
+    images = [i for i in real if i.name in used]
+    dropped = [i.name for i in real if i.name not in used]
+    if not images:
+        raise ArcdeployError(f"{src}: no graph input is read by any node; nothing to feed an image to")
+    inp = images[0]
+    dims = og.tensor_dims(inp)
+    outs = [(o.name, og.tensor_dims(o)) for o in graph.output]
+    found = (
+        f"{len(outs)} output{'s' if len(outs) != 1 else ''} "
+        f"({', '.join(f'{n} {_shape_text(d)}' for n, d in outs[:4])}{', ...' if len(outs) > 4 else ''}), "
+        f"input {inp.name} {_shape_text(dims)}"
+    )
+    if len(images) > 1:
+        raise ArcdeployError(
+            f"{src}: not a face-recognition model: {len(images)} inputs "
+            f"({', '.join(i.name for i in images)}); a recognition model takes one image"
+        )
+    layout = None
+    if len(dims) == 4:
+        if dims[1] == 3:
+            layout = "NCHW"
+        elif dims[3] == 3:
+            layout = "NHWC"
+    hw = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2]) if layout == "NHWC" else (None, None)
+    fixed_hw = all(isinstance(d, int) and d > 0 for d in hw)
+    wrong_size = fixed_hw and tuple(hw) != (ALIGNED_SIZE, ALIGNED_SIZE)
+    if len(outs) != 1 or layout is None or wrong_size:
+        what = f"{hw[0]}x{hw[1]} images" if fixed_hw else "images of any size" if layout else "no 3-channel image"
+        raise ArcdeployError(
+            f"{src}: not a face-recognition model: {found} ({what}); a recognition model has one "
+            f"embedding output [N, D] and a {ALIGNED_SIZE}x{ALIGNED_SIZE} face image input"
+        )
+    if len(outs[0][1]) not in (0, 2):
+        raise ArcdeployError(
+            f"{src}: not a face-recognition model: its output {outs[0][0]} is "
+            f"{_shape_text(outs[0][1])}, not embeddings [N, D]"
+        )
+    elem = _ELEM.get(inp.type.tensor_type.elem_type, f"type {inp.type.tensor_type.elem_type}")
+    if elem not in ("float32", "uint8"):
+        raise ArcdeployError(f"{src}: input {inp.name} is {elem}; arcdeploy feeds float32 or uint8 images")
+    batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+    return Inspection(
+        input_name=inp.name,
+        input_dims=dims,
+        input_dtype=elem,
+        layout=layout,
+        size=(ALIGNED_SIZE, ALIGNED_SIZE),
+        size_fixed=fixed_hw,
+        batch=batch,
+        output_name=outs[0][0],
+        output_dims=outs[0][1],
+        dropped_inputs=dropped,
+        initializer_inputs=sum(1 for i in graph.input if i.name in inits),
+    )
+
+
+@dataclass
+class Convention:
+    """The source's input convention as detected, then with the user's overrides."""
+
+    source: InputSpec
+    detected: dict
+    overrides: dict
+
+
+def detect_convention(model, insp: Inspection, overrides: dict) -> Convention:
+    graph = model.graph
+    consts = og.constant_values(graph)
+    chain = og.read_input_affine(graph, insp.input_name, consts)
+    router = og.insightface_router_rule(graph)
+    uint8 = insp.input_dtype == "uint8"
+    in_graph = False
+    mean: Any = PIXEL_MEAN
+    std: Any = PIXEL_STD
+    if chain.found and chain.maps_pixels_to_normalised_range():
+        in_graph, mean, std = True, _jnum(chain.mean), _jnum(chain.std)
+        how = (
+            f"the graph normalises its input ({'; '.join(chain.steps)}): it takes raw 0..255 pixels, "
+            f"(x - {_fmt(mean)}) / {_fmt(std)} inside"
+        )
+    elif chain.found:
+        how = (
+            f"leading arithmetic on the input ({'; '.join(chain.steps)}) does not map 0..255 pixels to a "
+            f"normalised range; assumed insightface's (x - 127.5) / 127.5 in front of it"
+        )
+        log.warning("%s: %s (pass --input-mean/--input-std if the model expects something else)", insp.input_name, how)
+    elif chain.irregular:
+        in_graph = True
+        how = f"the graph normalises its input with {chain.irregular} (not per-channel): it takes raw 0..255 pixels"
+    elif uint8:
+        in_graph = True
+        how = "the input is uint8: the graph takes raw 0..255 pixels and normalises inside"
+    else:
+        how = (
+            f"no normalisation inside the graph (the input goes straight to {chain.stopped_at or 'the network'}): "
+            "insightface's ArcFace convention (x - 127.5) / 127.5"
+        )
+    norm = {"in_graph": in_graph, "mean": mean, "std": std, "how": how, "insightface_router": router}
+    if chain.passed:
+        norm["passes_through"] = chain.passed
+
+    color, color_how = "RGB", "default: insightface feeds its ArcFace ONNX files RGB (the graph cannot tell)"
+    if in_graph and isinstance(mean, tuple) and np.allclose(mean, CAFFE_BGR_MEAN, atol=1.5):
+        color, color_how = "BGR", f"the in-graph mean {_fmt(mean)} is the ImageNet mean in Caffe's BGR order"
+
+    size_how = (
+        "fixed in the graph"
+        if insp.size_fixed
+        else f"dynamic in the graph; {ALIGNED_SIZE}x{ALIGNED_SIZE} (the ArcFace alignment template)"
+    )
+    detected = {
+        "input": {
+            "name": insp.input_name,
+            "shape": insp.input_dims,
+            "dtype": insp.input_dtype,
+            "layout": insp.layout,
+            "layout_how": f"axis {'1' if insp.layout == 'NCHW' else '3'} holds the 3 colour channels",
+            "size": list(insp.size),
+            "size_how": size_how,
+        },
+        "normalization": norm,
+        "color": {"value": color, "how": color_how},
+    }
+    spec = InputSpec(
+        name=insp.input_name,
+        layout=insp.layout,
+        color=color,
+        dtype=insp.input_dtype,
+        size=insp.size,
+        mean=mean,
+        std=std,
+        normalize_in_graph=in_graph,
+    )
+    applied: dict[str, Any] = {}
+    if "input_mean" in overrides or "input_std" in overrides:
+        if uint8:
+            raise ArcdeployError(
+                f"{insp.input_name}: the model takes uint8 pixels and normalises inside; "
+                "--input-mean/--input-std cannot apply"
+            )
+        new_mean = overrides.get("input_mean", mean if not in_graph else PIXEL_MEAN)
+        new_std = overrides.get("input_std", std if not in_graph else PIXEL_STD)
+        if in_graph:
+            log.warning(
+                "%s: the graph normalises its input itself (%s); --input-mean/--input-std add "
+                "(x - %s) / %s in front of it as asked",
+                insp.input_name,
+                how,
+                _fmt(new_mean),
+                _fmt(new_std),
+            )
+        spec = replace(spec, mean=new_mean, std=new_std, normalize_in_graph=False)
+        applied["normalization"] = f"(x - {_fmt(new_mean)}) / {_fmt(new_std)} fed to the graph"
+    if "bgr" in overrides:
+        spec = replace(spec, color="BGR" if overrides["bgr"] else "RGB")
+        applied["color"] = spec.color
+    return Convention(
+        source=spec, detected=detected, overrides={**overrides, **({"applied": applied} if applied else {})}
+    )
+
+
+def _fmt(v) -> str:
+    return "/".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}"
+
+
+# ------------------------------------------------------------------ model.onnx
+
+
+def base_model(model, insp: Inspection, reset_batch: bool) -> tuple[Any, list[str]]:
+    """model.onnx before any batch rewrite: clean inputs, NCHW float32 112x112, dynamic batch axis."""
+    from onnx import TensorProto, helper
+
+    m = type(model)()
+    m.CopyFrom(model)
+    graph = m.graph
+    notes: list[str] = []
+    keep = [i for i in graph.input if i.name == insp.input_name]
+    if insp.initializer_inputs:
+        notes.append(f"{insp.initializer_inputs} initializer(s) listed as graph inputs are plain initializers")
+    if insp.dropped_inputs:
+        notes.append(f"graph input(s) no node reads dropped: {', '.join(insp.dropped_inputs)}")
+    del graph.input[:]
+    graph.input.extend(keep)
+    used = og.used_names(graph)
+    stale = [i for i in graph.initializer if i.name not in used]
+    for init in stale:
+        graph.initializer.remove(init)
+    if stale:
+        notes.append(f"{len(stale)} initializer(s) no node reads removed")
+    name = insp.input_name
+    adapters = []
+    if insp.layout == "NHWC" or insp.input_dtype == "uint8":
+        internal = f"{name}/as_in_source"
+        for node in graph.node:
+            for k, v in enumerate(node.input):
+                if v == name:
+                    node.input[k] = internal
+        cur = name
+        if insp.layout == "NHWC":
+            nxt = internal if insp.input_dtype != "uint8" else f"{name}/nhwc"
+            adapters.append(helper.make_node("Transpose", [cur], [nxt], name="arcdeploy/to_nhwc", perm=[0, 2, 3, 1]))
+            notes.append("NHWC input: model.onnx takes NCHW (a Transpose in front)")
+            cur = nxt
+        if insp.input_dtype == "uint8":
+            adapters.append(
+                helper.make_node("Cast", [cur], [internal], name="arcdeploy/to_uint8", to=TensorProto.UINT8)
+            )
+            notes.append("uint8 input: model.onnx takes float32 0..255 pixels (a Cast in front)")
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(adapters + nodes)
+    if not insp.size_fixed:
+        notes.append(f"input height and width fixed to {ALIGNED_SIZE}x{ALIGNED_SIZE}")
+    batch_dim: Any = "batch" if reset_batch or insp.batch is not None else (insp.input_dims[0] or "batch")
+    new_input = helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch_dim, 3, *insp.size])
+    graph.input.remove(keep[0])
+    graph.input.insert(0, new_input)
+    if reset_batch or insp.batch is not None:
+        og.set_batch_dim(graph.output[0], "batch")
+        # intermediate shapes recorded at the traced batch would contradict a dynamic one
+        del graph.value_info[:]
+    return m, notes
+
+
+# ------------------------------------------------------------------ running
+
+
+class _Runner:
+    """One ONNX file in ONNX Runtime, fed through an InputSpec, at a fixed batch or any."""
+
+    def __init__(self, path: Path, spec: InputSpec, batch: int | None = None):
+        from ..engines import open_graph
+
+        self.session = open_graph(path, engine="onnxruntime")
+        self.spec, self.batch = spec, batch
+        names = [i.name for i in self.session.inputs]
+        self.extra = {
+            i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in i.shape], dtype=_np_dtype(i.dtype))
+            for i in self.session.inputs
+            if i.name != spec.name
+        }
+        if spec.name not in names:
+            raise ArcdeployError(f"{path}: ONNX Runtime sees no input {spec.name!r} (it has {', '.join(names)})")
+
+    def raw(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run({self.spec.name: x, **self.extra})[0])
+
+    def __call__(self, faces: np.ndarray) -> np.ndarray:
+        x = self.spec.to_model_input(faces)
+        if not self.batch or len(x) == self.batch:
+            return self.raw(x)
+        outs = []
+        for s in range(0, len(x), self.batch):
+            chunk = x[s : s + self.batch]
+            pad = self.batch - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            outs.append(self.raw(chunk)[: self.batch - pad])
+        return np.concatenate(outs)
+
+
+def _np_dtype(name: str):
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return np.float32
+
+
+def verification_faces(n: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Seeded uint8 RGB crops for the self-check: the check compares two graphs number for number,
+    so the content does not matter, only that every path is exercised."""
+    rng = np.random.default_rng(2000 + seed)
+    return rng.integers(0, 256, size=(n, *size, 3), dtype=np.uint8)
+
+
+def _compare(out: np.ndarray, ref: np.ndarray) -> float:
+    """Worst per-row relative error; infinite when the shapes differ (NaN stays NaN and fails every limit)."""
+    from ..exporter import relative_error
+
+    if out.shape != ref.shape:
+        return float("inf")
+    return relative_error(out, ref)
+
+
+def _try(fn, *args) -> tuple[Any, str | None]:
+    try:
+        return fn(*args), None
+    except ArcdeployError as exc:
+        return None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - an engine's failure is the answer being probed for
+        return None, first_line(exc, limit=2000)
+
+
+# ------------------------------------------------------------------ the export
+
+
+def export_onnx(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    force: bool = False,
+    input_mean=None,
+    input_std=None,
+    bgr: bool | None = None,
+):
+    """Export the foreign ONNX file ``src`` into ``out_dir`` (see the module doc).
+
+    ``input_mean`` / ``input_std`` (a number or three): the normalisation the model expects,
+    ``(x - mean) / std`` fed to it, replacing the detected one; ``bgr``: the model takes BGR.
+    Returns an :class:`arcdeploy.exporter.ExportResult`.
+    """
+    from ..exporter import ExportResult
+
+    src, out_dir = Path(src), Path(out_dir)
+    overrides = parse_overrides(input_mean, input_std, bgr)
+    model = _load(src)
+    insp = inspect(model, src)
+    conv = detect_convention(model, insp, overrides)
+    try:
+        with atomic_dir(out_dir, force=force) as tmp:
+            manifest = _export_into(src, model, insp, conv, tmp)
+            write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
+    except ArcdeployError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a library's own failure, in one line
+        raise ArcdeployError(f"{src}: export failed ({describe(exc)})") from None
+    return ExportResult(out_dir, out_dir / "model.onnx", out_dir / "source.onnx", manifest)
+
+
+def _copy_source(src: Path, model, target: Path) -> str | None:
+    from onnx.external_data_helper import uses_external_data
+
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        import onnx
+
+        onnx.save(model, str(target))  # loaded with its external data: one self-contained file
+        return "the source keeps its weights in external data files; source.onnx holds them inline"
+    shutil.copyfile(src, target)
+    return None
+
+
+def _export_into(src: Path, model, insp: Inspection, conv: Convention, tmp: Path) -> ExportManifest:
+    import onnx
+
+    source_path, model_path = tmp / "source.onnx", tmp / "model.onnx"
+    copy_note = _copy_source(src, model, source_path)
+    faces = verification_faces(max(VERIFY_BATCHES), insp.size)
+    model_spec = replace(conv.source, layout="NCHW", dtype="float32")
+
+    # the source as it is: its output, and whether its batch axis really is one
+    src_run = _Runner(source_path, conv.source, insp.batch)
+    first, err = _try(src_run, faces[: insp.batch or 1])
+    if err:
+        raise ArcdeployError(f"{src}: ONNX Runtime cannot run it on a {insp.size[0]}x{insp.size[1]} image ({err})")
+    if first.ndim != 2 or first.shape[0] != (insp.batch or 1):
+        raise ArcdeployError(
+            f"{src}: not a face-recognition model: its output {insp.output_name} is "
+            f"{list(first.shape)} for {insp.batch or 1} image(s), not embeddings [N, D]"
+        )
+    if not np.all(np.isfinite(first)):
+        raise ArcdeployError(f"{src}: the model gives non-finite outputs")
+    batch_info: dict[str, Any]
+    ref_batch = insp.batch
+    if insp.batch is not None:
+        batch_info = {"source": insp.batch, "how": f"input {insp.input_name} has a fixed batch of {insp.batch}"}
+        traced = insp.batch
+    else:
+        rows = np.concatenate([src_run(faces[i : i + 1]) for i in range(PROBE_BATCH)])
+        together, err = _try(src_run, faces[:PROBE_BATCH])
+        gap = float("inf") if together is None else _compare(together, rows)
+        if gap <= TOLERANCE:
+            batch_info = {
+                "source": "dynamic",
+                "how": f"batch axis {insp.input_dims[0] or '?'}; the source gives the "
+                f"same rows at batch {PROBE_BATCH} as one by one",
+            }
+            traced = None
+        else:
+            traced = og.traced_batch_guess(model.graph, insp.input_name, og.constant_values(model.graph))
+            why = err or f"rows differ from one-by-one runs by relative error {gap:.1e}"
+            batch_info = {
+                "source": f"renamed (traced at batch {traced})",
+                "how": f"batch axis named {insp.input_dims[0] or '?'} but the source fails at batch "
+                f"{PROBE_BATCH} ({why}): a batch-{traced} trace with the axis renamed",
+            }
+            ref_batch = traced
+            src_run = _Runner(source_path, conv.source, traced)
+    ref = src_run(faces)
+
+    # model.onnx: the least rewriting that gives a batch axis that works
+    stages = [()] if traced is None else [(), ("Reshape",), og.BATCH_SHAPE_OPS]
+    tried: list[list[str]] = []
+    failure = ""
+    for kinds in stages:
+        cand, notes = base_model(model, insp, reset_batch=traced is not None)
+        rewrites = og.make_batch_dynamic(cand, insp.input_name, traced, kinds) if kinds else []
+        if rewrites in tried:
+            continue  # this stage finds nothing the last one did not rewrite
+        tried.append(rewrites)
+        onnx.save(cand, str(model_path))
+        got, err = _try(lambda: _Runner(model_path, model_spec)(faces[:PROBE_BATCH]))
+        gap = float("inf") if got is None else _compare(got, ref[:PROBE_BATCH])
+        if gap <= TOLERANCE:
+            break
+        failure = err or f"rows differ from the source's by relative error {gap:.1e}"
+    else:
+        raise ArcdeployError(
+            f"{src}: cannot make the batch dynamic: {_diagnose(model_path, model_spec, faces, failure)}"
+        )
+
+    # the full check: batch 1, 5 and 64 against the source
+    runner = _Runner(model_path, model_spec)
+    errors: dict[str, float] = {}
+    outputs = None
+    for b in VERIFY_BATCHES:
+        got, err = _try(runner, faces[:b])
+        if err:
+            raise ArcdeployError(f"{src}: model.onnx fails at batch {b}: {err}")
+        errors[str(b)] = _compare(got, ref[:b])
+        outputs = got
+        if not errors[str(b)] <= TOLERANCE:
+            raise ArcdeployError(
+                f"{src}: model.onnx differs from the source at batch {b} by relative error "
+                f"{errors[str(b)]:.2e} (limit {TOLERANCE:.0e})"
+            )
+    assert outputs is not None
+    dim = int(outputs.shape[1])
+    norms = np.linalg.norm(outputs.astype(np.float64), axis=1)
+    unit = bool(np.all(np.abs(norms - 1.0) <= 1e-3))
+    node = og.find_l2_normalization(model.graph, insp.output_name, og.constant_values(model.graph))
+    if unit:
+        norm_how = (
+            f"{node}; outputs have unit norm" if node else "outputs have unit norm (no normalisation node recognised)"
+        )
+    else:
+        norm_how = (
+            f"{node} found, but outputs do not have unit norm: taken as raw"
+            if node
+            else f"the graph ends in no L2 normalisation (norms {norms.min():.3g}..{norms.max():.3g})"
+        )
+
+    detected = {
+        **conv.detected,
+        "batch": {**batch_info, "rewrites": rewrites},
+        "output": {
+            "name": insp.output_name,
+            "shape": insp.output_dims,
+            "dim": dim,
+            "normalized": unit,
+            "how": norm_how,
+        },
+        "opset": _opset(model),
+        "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p),
+    }
+    source: dict[str, Any] = {
+        "kind": "onnx",
+        "path": str(src.resolve()),
+        "sha256": sha256_file(src),
+        "detected": detected,
+        "overrides": conv.overrides,
+        "model_changes": notes + rewrites + ([copy_note] if copy_note else []),
+    }
+    verification = {
+        "reference": "source.onnx",
+        "engine": "onnxruntime",
+        "tolerance": TOLERANCE,
+        "batches": list(VERIFY_BATCHES),
+        "source_batch": ref_batch or "any",
+        "how": (
+            "model.onnx at each batch against source.onnx at the same batch"
+            if ref_batch is None
+            else f"model.onnx at each batch against source.onnx run {ref_batch} image(s) at a time"
+        ),
+        "relative_error": {"onnx": max(errors.values()), **{f"batch_{k}": v for k, v in errors.items()}},
+    }
+    return ExportManifest(
+        arch=f"onnx:{_name(src)}",
+        input=model_spec,
+        output=OutputSpec(name=insp.output_name, dim=dim, normalized=unit),
+        files={"onnx": "model.onnx", "source": "source.onnx"},
+        reference=ReferenceSpec(
+            file="source.onnx", kind="onnx", sha256=sha256_file(source_path), input=conv.source, batch=ref_batch
+        ),
+        source=source,
+        opset=_opset(model),
+        dynamic_batch=True,
+        verification=verification,
+        versions=library_versions("arcdeploy", "onnx", "onnxruntime"),
+    )
+
+
+def _opset(model) -> int | None:
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _name(src: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", src.stem) or "model"
+
+
+def _diagnose(model_path: Path, spec: InputSpec, faces: np.ndarray, failure: str) -> str:
+    """Which node breaks at batch > 1, and why: ONNX Runtime's message names it when it fails;
+    when the rows are merely wrong, the first node whose output at batch 2 is not its batch-1
+    outputs stacked."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    named = re.search(r"running (\w+) node\. Name:'([^']+)'", failure)
+    if named:
+        op, reported = named.groups()
+        # ONNX Runtime's optimizer may rename a node it rewrote ('/Reshape' -> '/Reshape_new_reshape')
+        matches = [n for n in graph.node if n.op_type == op and reported.startswith(n.name)]
+        node = max(matches, key=lambda n: len(n.name)) if matches else None
+        fixed = og.constant_inputs(node, og.constant_values(graph)) if node is not None else []
+        detail = f" with constant shape {', '.join(fixed)}" if fixed else ""
+        reason = failure.split("Status Message:")[-1].strip()
+        # drop the source location and the failed condition: keep what ONNX Runtime says in words
+        reason = re.sub(r"^\S+:\d+ .*? (was false|failed)\.\s*", "", reason)
+        return f"node '{node.name if node else reported}' ({op}){detail} fails at batch {PROBE_BATCH}: {reason}"
+    culprit = _first_batch_mixing_node(model, spec, faces[:2])
+    return culprit or failure
+
+
+def _first_batch_mixing_node(model, spec: InputSpec, faces: np.ndarray) -> str | None:
+    import tempfile
+
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - the diagnosis is best effort; the caller reports the failure itself
+        return None
+    graph = inferred.graph
+    dep = og.dependent_tensors(graph, spec.name)
+    known = {v.name: v for v in graph.value_info}
+    outs = [
+        known[o]
+        for n in graph.node
+        for o in n.output
+        if o in known and o in dep and known[o].type.tensor_type.elem_type == 1
+    ]
+    if not outs:
+        return None
+    probe = type(model)()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(outs)
+    with tempfile.TemporaryDirectory(prefix="arcdeploy-onnx-") as work:
+        path = Path(work) / "probe.onnx"
+        onnx.save(probe, str(path))
+        try:
+            run = _Runner(path, spec)
+            x = spec.to_model_input(faces)
+            both = run.session.run({spec.name: x})
+            singles = [run.session.run({spec.name: x[i : i + 1]}) for i in range(len(x))]
+        except Exception:  # noqa: BLE001 - best effort, as above
+            return None
+    prods = og.producers(graph)
+    consts = og.constant_values(graph)
+    for k, vi in enumerate(outs):
+        a = np.asarray(both[k])
+        b = np.concatenate([np.asarray(s[k]) for s in singles]) if all(np.ndim(s[k]) for s in singles) else None
+        if b is None or a.shape != b.shape or not np.allclose(a, b, rtol=1e-3, atol=1e-4):
+            node = prods[vi.name]
+            fixed = og.constant_inputs(node, consts)
+            got = list(a.shape)
+            single = list(np.asarray(singles[0][k]).shape)
+            detail = f" with constant {', '.join(fixed)}" if fixed else ""
+            return (
+                f"node '{node.name}' ({node.op_type}){detail} mixes the images of a batch: its output at batch "
+                f"{len(faces)} ({got}) is not its per-image outputs ({single} each) stacked"
+            )
+    return None
