@@ -145,9 +145,10 @@ def ijb_table(records) -> Table:
             " a FAR below 1/impostor pairs falls on the ROC's first point."
         )
     return Table(
-        title=f"Accuracy: {target or 'IJB'} 1:1 verification, header=TAR@FAR",
-        rows=["package"] + [f"{f:.0e}" for f in FARS],
-        note=rows,
+        title=f"Accuracy: {target or 'IJB'} 1:1 verification, TAR@FAR",
+        header=["package"] + [f"{f:.0e}" for f in FARS],
+        rows=rows,
+        note=note,
     )
 
 

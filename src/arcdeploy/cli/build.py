@@ -120,7 +120,8 @@ def run(args) -> int:
         )
     state = "passed" if fid.get("passed") else "BELOW FLOOR (" + "; ".join(fid.get("below_floor", [])) + ")"
     print(
-        f"  fidelity vs {fid.get('reference')} on {c.get('n')} {fid.get('images')} images: cosine mean {c.get('mean', 0):.6f} "
+        f"  fidelity vs {fid.get('reference')} on {c.get('n')} {fid.get('images')} images: "
+        f"cosine mean {c.get('mean', 0):.6f} "
         f"min {c.get('min', 0):.6f} p1 {c.get('p1', 0):.6f} -> {state}"
     )
     return 0

@@ -138,7 +138,7 @@ def draw_face(
     landmarks = (np.c_[lm, np.ones(5)] @ m.T).astype(np.float32)
     if jitter:
         gain = var.uniform(0.45, 1.5) if hard else var.uniform(0.7, 1.25)
-        noise = var.normal(0, 14 if hard else 6, crop.shape)
+        noise = np.asarray(var.normal(0, 14 if hard else 6, crop.shape))
         if hard:  # a colour cast of the light
             noise += var.uniform(-35, 35, 3)
         crop = np.clip(crop.astype(np.float32) * gain + noise, 0, 255).astype(np.uint8)

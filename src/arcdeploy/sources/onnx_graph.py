@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import Any
+
 import numpy as np
 
 # nodes the input normalisation may pass through without changing pixel values' meaning
@@ -44,7 +46,7 @@ def constant_values(graph) -> dict[str, np.ndarray]:
     return out
 
 
-def producers(graph) -> dict[str, object]:
+def producers(graph) -> dict[str, Any]:
     return {out: node for node in graph.node for out in node.output if out}
 
 
@@ -303,11 +305,14 @@ def fold_value(model, name: str, dep: set[str]) -> np.ndarray | None:
         stack.extend(i for i in node.input if i)
     order = [n for n in graph.node if n.name + "|" + n.output[0] in nodes]
     sub = helper.make_graph(
-        order, "fold", [], [helper.make_empty_tensor_value_info(name)], [inits[i] for i in sorted(used_inits)]
+        order, "fold", [], [helper.make_empty_tensor_value_info(name)], [inits[key] for key in sorted(used_inits)]
     )
     try:
-        value = ReferenceEvaluator(helper.make_model(sub, opset_imports=model.opset_import)).run(None, {})[0]
-    except Exception:  # noqa: BLE001 - an op the reference evaluator lacks: not a foldable constant
+        outputs: list[Any] = list(
+            ReferenceEvaluator(helper.make_model(sub, opset_imports=model.opset_import)).run(None, {})
+        )
+        value = outputs[0]
+    except Exception:
         return None
     return np.asarray(value)
 

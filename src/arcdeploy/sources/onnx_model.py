@@ -138,7 +138,7 @@ def _load(src: Path):
         raise ArcdeployError(f"{src}: no such file")
     try:
         model = onnx.load(str(src))
-    except Exception as exc:  # noqa: BLE001 - protobuf / onnx parse errors of every kind
+    except Exception as exc:
         raise ArcdeployError(f"{src}: not a readable ONNX model ({first_line(exc)})") from None
     if not model.graph.node or not model.graph.output:
         raise ArcdeployError(f"{src}: not an ONNX model (no graph; empty, truncated or another format)")
@@ -440,7 +440,7 @@ def _try(fn, *args) -> tuple[Any, str | None]:
         return fn(*args), None
     except ArcdeployError as exc:
         return None, str(exc)
-    except Exception as exc:  # noqa: BLE001 - an engine's failure is the answer being probed for
+    except Exception as exc:
         return None, first_line(exc, limit=2000)
 
 
@@ -474,7 +474,7 @@ def export_onnx(
             write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
     except ArcdeployError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a library's own failure, in one line
+    except Exception as exc:
         raise ArcdeployError(f"{src}: export failed ({describe(exc)})") from None
     return ExportResult(out_dir, out_dir / "model.onnx", out_dir / "source.onnx", manifest)
 
@@ -545,7 +545,7 @@ def _export_into(src: Path, model, insp: Inspection, conv: Convention, tmp: Path
     failure = ""
     for kinds in stages:
         cand, notes = base_model(model, insp, reset_batch=traced is not None)
-        rewrites = og.make_batch_dynamic(cand, insp.input_name, traced, kinds) if kinds else []
+        rewrites = og.make_batch_dynamic(cand, insp.input_name, traced, kinds) if kinds and traced else []
         if rewrites in tried:
             continue  # this stage finds nothing the last one did not rewrite
         tried.append(rewrites)
@@ -680,7 +680,7 @@ def _first_batch_mixing_node(model, spec: InputSpec, faces: np.ndarray) -> str |
 
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - the diagnosis is best effort; the caller reports the failure itself
+    except Exception:
         return None
     graph = inferred.graph
     dep = og.dependent_tensors(graph, spec.name)
@@ -705,7 +705,7 @@ def _first_batch_mixing_node(model, spec: InputSpec, faces: np.ndarray) -> str |
             x = spec.to_model_input(faces)
             both = run.session.run({spec.name: x})
             singles = [run.session.run({spec.name: x[i : i + 1]}) for i in range(len(x))]
-        except Exception:  # noqa: BLE001 - best effort, as above
+        except Exception:
             return None
     prods = og.producers(graph)
     consts = og.constant_values(graph)
