@@ -1,0 +1,131 @@
+"""Real networks, real faces: every engine and precision meets its floor on held-out real faces,
+LFW-600 accuracy is the reference's, int8 stays within 0.2 pt, and the photos of one person
+score above every pair of different people.
+
+Uses ../shared/real (a realistically trained arcface_torch mbf, 800 LFW faces with landmarks,
+insightface's lfw_600.bin, 12 photos of 8 people); skipped with a reason when it is absent.
+Calibration takes the first 50 LFW identities, the fidelity checks the other 50 (people the
+calibration never saw)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from arcdeploy import build, compare, load
+
+REAL = (Path(__file__).resolve().parents[1] / ".." / "shared" / "real").resolve()
+CKPT = REAL / "models" / "mbf_w600k_gdc.pth"
+LFW = REAL / "faces" / "lfw"
+LFW_5PTS = REAL / "faces" / "lfw_5pts.txt"
+LFW_BIN = REAL / "bins" / "lfw_600.bin"
+PHOTOS = REAL / "faces" / "photos"
+PHOTOS_5PTS = REAL / "faces" / "photos_5pts.txt"
+# the accuracy the data's README gives for this checkpoint in fp32 (insightface protocol: flip, 10 folds)
+LFW600_REFERENCE = 0.9917
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CKPT.is_file() or not LFW_5PTS.is_file(), reason=f"real test material not found at {REAL}"),
+]
+
+COMBOS = [
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+    ("openvino", "int8"),
+    ("onnxruntime", "fp32"),
+    ("onnxruntime", "int8"),
+]
+
+
+def _identity_split(tmp: Path) -> tuple[Path, Path]:
+    """List files of the calibration identities (first 50) and the held-out ones (the other 50)."""
+    people = sorted(p.name for p in LFW.iterdir() if p.is_dir())
+    calib, held = people[:50], people[50:]
+    lists = []
+    for name, group in (("calib.txt", calib), ("held_out.txt", held)):
+        paths = [str(p) for person in group for p in sorted((LFW / person).glob("*.jpg"))]
+        (tmp / name).write_text("\n".join(paths) + "\n")
+        lists.append(tmp / name)
+    return lists[0], lists[1]
+
+
+@pytest.fixture(scope="module")
+def real_packages(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("real")
+    calib, held_out = _identity_split(tmp)
+    export = tmp / "export"
+    import arcdeploy
+
+    arcdeploy.export(CKPT, export)
+    cache: dict = {}
+
+    def get(engine: str, precision: str) -> Path:
+        if (engine, precision) not in cache:
+            cache[(engine, precision)] = build(
+                export,
+                tmp / f"{engine}_{precision}",
+                engine=engine,
+                precision=precision,
+                calib=calib if precision == "int8" else None,
+                calib_landmarks=LFW_5PTS,
+                calib_count=300,
+                check_images=held_out,
+                check_landmarks=LFW_5PTS,
+                check_count=160,
+            )
+        return cache[(engine, precision)]
+
+    return get
+
+
+@pytest.mark.parametrize("engine,precision", COMBOS)
+def test_floor_on_held_out_real_faces(real_packages, engine, precision):
+    m = load(real_packages(engine, precision)).manifest
+    fid = m.fidelity
+    assert fid["images_source"].endswith("held_out.txt") and fid["cosine"]["n"] == 160
+    assert fid["passed"], (engine, precision, fid["cosine"], fid["below_floor"])
+    if precision == "int8":
+        assert m.calibration["count"] == 300 and "5-point similarity alignment" in m.calibration["preprocessing"]
+
+
+@pytest.mark.parametrize("engine,precision", [("openvino", "fp32"), ("openvino", "int8"), ("onnxruntime", "int8")])
+def test_lfw600_accuracy(real_packages, engine, precision):
+    from arcdeploy.evaluate.binsets import evaluate_bin_sets
+
+    (res,) = evaluate_bin_sets(real_packages(engine, precision), [LFW_BIN])
+    assert res.pairs == 600
+    if precision == "fp32":
+        assert round(res.accuracy, 4) == LFW600_REFERENCE
+    else:
+        (fp32,) = evaluate_bin_sets(real_packages("openvino", "fp32"), [LFW_BIN])
+        assert res.accuracy >= fp32.accuracy - 0.002, (res.accuracy, fp32.accuracy)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_photos_same_person_above_every_other_pair(real_packages, precision):
+    from arcdeploy.faces.io import list_images
+
+    pkg = load(real_packages("openvino", precision))
+    paths = list_images(PHOTOS)
+    feats = pkg.embed(paths, landmarks=PHOTOS_5PTS)
+    people = [p.parent.name for p in paths]
+    same, diff = [], []
+    for i, j in itertools.combinations(range(len(paths)), 2):
+        (same if people[i] == people[j] else diff).append(float(feats[i] @ feats[j]))
+    assert same and diff
+    assert min(same) > max(diff), (min(same), max(diff))
+    # the one-pair helper agrees with the rows
+    assert compare(feats[0], feats[1]) == pytest.approx(float(feats[0] @ feats[1]), abs=1e-5)
+
+
+def test_int8_really_runs_int8(real_packages):
+    m = load(real_packages("openvino", "int8")).manifest
+    layers = m.executed["layers"]
+    counts = [(k, v) for kind in ("Convolution", "GroupConvolution") for k, v in layers.get(kind, {}).items()]
+    low = sum(v for k, v in counts if k in ("u8", "i8"))
+    assert low >= 0.8 * sum(v for _, v in counts), layers
+    assert np.isfinite(m.fidelity["cosine"]["min"])
