@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from arcdeploy import build, compare, load
+from real_material import REAL, needs_real
 
-REAL = (Path(__file__).resolve().parents[1] / ".." / "shared" / "real").resolve()
 CKPT = REAL / "models" / "mbf_w600k_gdc.pth"
 LFW = REAL / "faces" / "lfw"
 LFW_5PTS = REAL / "faces" / "lfw_5pts.txt"
@@ -27,10 +27,7 @@ PHOTOS_5PTS = REAL / "faces" / "photos_5pts.txt"
 # the accuracy the data's README gives for this checkpoint in fp32 (insightface protocol: flip, 10 folds)
 LFW600_REFERENCE = 0.9917
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not CKPT.is_file() or not LFW_5PTS.is_file(), reason=f"real test material not found at {REAL}"),
-]
+pytestmark = [pytest.mark.slow, needs_real("models/mbf_w600k_gdc.pth", "faces/lfw_5pts.txt", "bins/lfw_600.bin")]
 
 COMBOS = [
     ("openvino", "fp32"),

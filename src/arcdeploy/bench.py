@@ -18,6 +18,7 @@ in flight (OpenVINO: async infer requests, one CPU stream each).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .engines import StopRule, get_engine
+from .engines.base import time_calls
 from .errors import ArcdeployError
 from .machine import machine_info
 from .utils import library_versions
@@ -310,7 +312,7 @@ def bench(
                 else "engine.infer on prepared input"
             )
         else:
-            lat, wall = _sync_package(pkg, fb, int(warmup), stop)
+            lat, wall = time_calls(functools.partial(pkg.infer, fb), int(warmup), stop)
             how = f"Package.infer (fixed batch {fixed}: padded/split, includes preprocessing)"
         n = len(lat)
         row = BenchRow(
@@ -361,18 +363,6 @@ def bench(
         e2e=e2e_result,
         what="model time on a batch already in the package's input format (seeded noise inputs)",
     )
-
-
-def _sync_package(pkg, faces: np.ndarray, warmup: int, stop: StopRule) -> tuple[list[float], float]:
-    for _ in range(warmup):
-        pkg.infer(faces)
-    lat: list[float] = []
-    t0 = time.perf_counter()
-    while not stop.done(len(lat), t0):
-        s = time.perf_counter()
-        pkg.infer(faces)
-        lat.append((time.perf_counter() - s) * 1e3)
-    return lat, time.perf_counter() - t0
 
 
 def format_report(res: BenchResult | dict) -> str:

@@ -104,6 +104,19 @@ class StopRule:
         return runs >= self.min_runs and time.perf_counter() - t_start >= self.duration
 
 
+def time_calls(fn: Callable[[], Any], warmup: int, stop: StopRule) -> tuple[list[float], float]:
+    """Call ``fn`` ``warmup`` times untimed, then until ``stop``; (latency of each call in ms, wall s)."""
+    for _ in range(max(warmup, 0)):
+        fn()
+    lat: list[float] = []
+    t0 = time.perf_counter()
+    while not stop.done(len(lat), t0):
+        s = time.perf_counter()
+        fn()
+        lat.append((time.perf_counter() - s) * 1e3)
+    return lat, time.perf_counter() - t0
+
+
 class GraphSession(ABC):
     """Any ONNX graph (a detector, a foreign model's source) run by one engine: named inputs
     and outputs, several threads at once."""
@@ -146,16 +159,10 @@ class Runtime(ABC):
 
         The default keeps ``in_flight`` threads each calling :meth:`infer` (the runtime is
         thread-safe); engines with native async requests override this."""
+        if in_flight <= 1:
+            return time_calls(lambda: self.infer(x), warmup, stop)
         for _ in range(max(warmup, 0)):
             self.infer(x)
-        if in_flight <= 1:
-            lat: list[float] = []
-            t0 = time.perf_counter()
-            while not stop.done(len(lat), t0):
-                s = time.perf_counter()
-                self.infer(x)
-                lat.append((time.perf_counter() - s) * 1e3)
-            return lat, time.perf_counter() - t0
         lock = threading.Lock()
         lat = []
         started = [0]
