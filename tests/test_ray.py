@@ -88,8 +88,8 @@ def local(mbf_pkg, job, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A head and one more node, one CPU each, on 127.0.0.1; shut down whatever happens."""
+def ray_env():
+    """This process's and its children's environment for Ray on loopback, apart from any other Ray here."""
     if importlib.util.find_spec("ray") is None:  # (find_spec of ray.data would import ray: not yet)
         pytest.skip("Ray is not installed (pip install 'arcdeploy[ray]')")
     tmp = tempfile.mkdtemp(prefix="ardray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
@@ -98,19 +98,30 @@ def cluster():
     # the command under test), and in Ray's constant too in case something here imported Ray earlier
     mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    mp.setenv("RAY_TMPDIR", tmp)  # this cluster's files and address file, apart from any other Ray here
+    mp.setenv("RAY_TMPDIR", tmp)  # Ray's files and address file here
     mp.delenv("RAY_ADDRESS", raising=False)
     mp.setenv("PYTHONPATH", os.pathsep.join([str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    c = None
     try:
         pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'arcdeploy[ray]')")
         from ray._private import ray_constants
         from ray._private.services import get_node_ip_address
-        from ray.cluster_utils import Cluster
 
         mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
         assert get_node_ip_address() == "127.0.0.1"  # before any process starts
-        node = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+        yield Path(tmp)
+    finally:
+        mp.undo()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_env):
+    """A head and one more node, one CPU each, on 127.0.0.1; shut down whatever happens."""
+    from ray.cluster_utils import Cluster
+
+    node = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+    c = None
+    try:
         c = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
         assert c.address.startswith("127.0.0.1:")
         c.add_node(**node)
@@ -118,21 +129,31 @@ def cluster():
     finally:
         if c is not None:
             c.shutdown()
-        mp.undo()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ helpers
 
 
-def _start(args) -> subprocess.Popen:
+def _start(args, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "arcdeploy", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+                            stderr=subprocess.PIPE, text=True, env=env or os.environ.copy())
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
+
+
+def _finish_on_loopback(proc: subprocess.Popen) -> tuple[int, str, str]:
+    """:func:`_finish`, checking the sockets while the job runs: many, all on loopback."""
+    seen, outside = 0, []
+    while proc.poll() is None:
+        count, found = _sockets()
+        seen, outside = max(seen, count), outside + found
+        time.sleep(0.25)
+    result = _finish(proc)
+    assert seen > 10 and not outside, outside
+    return result
 
 
 def _sockets() -> tuple[int, list[str]]:
@@ -201,14 +222,8 @@ def _embedder_pids() -> list[int]:
 def test_driver_read_equals_local_on_loopback(cluster, mbf_pkg, job, local, tmp_path):
     out = tmp_path / "feats.npy"
     proc = _start(_args(mbf_pkg, job, out, "--ray", cluster.address))
-    seen, outside = 0, []
-    while proc.poll() is None:  # watched for as long as the job runs
-        count, found = _sockets()
-        seen, outside = max(seen, count), outside + found
-        time.sleep(0.25)
-    rc, stdout, stderr = _finish(proc)
+    rc, stdout, stderr = _finish_on_loopback(proc)
     assert rc == 3, stderr[-2000:]
-    assert seen > 10 and not outside, outside  # the cluster's many connections, all on loopback
     _same_output(out, local)
     n = REPEATS * (N_FACES + 2)
     assert f"embedded {n - 3 * REPEATS} of {n} images" in stdout
@@ -216,6 +231,28 @@ def test_driver_read_equals_local_on_loopback(cluster, mbf_pkg, job, local, tmp_
     per_node = [int(line.split(": ")[1].split()[0]) for line in stdout.splitlines() if line.startswith("  node ")]
     assert per_node and sum(per_node) == n
     assert "missing/none.jpg: no such file" in stderr
+
+
+@pytest.mark.slow
+def test_no_address_starts_a_local_ray_and_stops_it(ray_env, mbf_pkg, job, local, tmp_path):
+    import psutil
+
+    own = tempfile.mkdtemp(prefix="ardloc-", dir="/tmp")  # this Ray's files, to find its processes by
+    try:
+        out = tmp_path / "feats.npy"
+        proc = _start(_args(mbf_pkg, job, out, "--ray"), env={**os.environ, "RAY_TMPDIR": own})
+        rc, stdout, stderr = _finish_on_loopback(proc)
+        assert rc == 3, stderr[-2000:]
+        _same_output(out, local)
+        assert "ray: 1 node(s)" in stdout
+        time.sleep(2)
+        left = []
+        for p in psutil.process_iter(["pid", "name", "cmdline"]):
+            if any(own in a for a in p.info["cmdline"] or []):
+                left.append(f"{p.info['pid']} {p.info['name']}")
+        assert not left, left  # the Ray the command started is gone with it
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -46,9 +46,9 @@ def print_cluster_summary(res, out=sys.stdout) -> None:
     if not getattr(res, "nodes", None):
         return
     restarted = f", {res.restarted_actors} restarted" if res.restarted_actors else ""
-    rate = res.computed / res.seconds if res.seconds > 0 else 0.0
     print(f"ray: {len(res.nodes)} node(s), {res.actors} actor(s){restarted}: {res.computed} images in "
-          f"{res.seconds:.1f} s ({rate:.1f} images/s, actor start-up included)", file=out)
+          f"{res.seconds:.1f} s, {res.steady_rate:.1f} images/s once running (first block after "
+          f"{res.first_s:.1f} s: start-up)", file=out)
     for n in res.nodes:
         share = 100.0 * n.images / res.computed if res.computed else 0.0
         print(f"  node {n.node_id[:12]} ({n.address}): {n.images} images ({share:.0f}%), {len(n.pids)} actor "

@@ -95,8 +95,16 @@ class RayEmbedResult(EmbedResult):
 
     nodes: list[NodeStats] = field(default_factory=list)
     actors: int = 0
-    seconds: float = 0.0
-    computed: int = 0
+    seconds: float = 0.0       # from the start of the job on the cluster to its last block
+    computed: int = 0          # images computed in this run (not resumed)
+    first_s: float = 0.0       # when the first block arrived: connecting, starting actors, loading the package
+    first_images: int = 0      # images in that first block
+
+    @property
+    def steady_rate(self) -> float:
+        """Images per second once the actors were running (from the first block's arrival on)."""
+        span = self.seconds - self.first_s
+        return (self.computed - self.first_images) / span if span > 0 else 0.0
 
     @property
     def restarted_actors(self) -> int:

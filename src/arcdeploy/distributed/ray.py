@@ -34,6 +34,7 @@ Retries
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import logging
 import os
@@ -44,6 +45,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -330,10 +332,13 @@ def ray_session(address: str | None):
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict = {"address": target, "logging_level": logging.WARNING, "log_to_driver": False}
+    restore = contextlib.ExitStack()
     if target == "local":
         kwargs["include_dashboard"] = False
+        restore.enter_context(_loopback_only())
     try:
-        ray.init(**kwargs)
+        with restore:
+            ray.init(**kwargs)
     except Exception as exc:
         where = "a local Ray" if target == "local" else f"the Ray cluster at {target}"
         raise ArcdeployError(f"cannot start or reach {where} ({describe(exc)})") from None
@@ -341,6 +346,30 @@ def ray_session(address: str | None):
         yield
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """While a Ray for this job alone starts: every one of its processes on 127.0.0.1, so it
+    opens no port to the network. Ray does so when RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which it
+    reads when imported (this process: its constant) and when its processes start (their
+    environment); a value the user set is kept."""
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        yield
+        return
+    constants: Any = None
+    with contextlib.suppress(Exception):
+        constants = importlib.import_module("ray._private.ray_constants")
+    saved = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if saved is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        if saved is not None:
+            constants.ENABLE_RAY_CLUSTER = saved
 
 
 @contextlib.contextmanager
@@ -403,6 +432,7 @@ class _Collector:
         self.finished = resumed
         self.failed = sum(len(f) for f in done.values())
         self.computed = 0
+        self.first: tuple[float, int] | None = None  # (seconds, images) when the first block arrived
         self.t0 = time.perf_counter()
         self.bar = _progress_bar(total, resumed, progress, desc="embed (ray)")
 
@@ -426,6 +456,8 @@ class _Collector:
         stats.pids.add(pid)
         self.finished += end - start
         self.computed += end - start
+        if self.first is None:
+            self.first = (self.elapsed, end - start)
         for f in failures:
             self.failed += 1
             if self.on_failure:
@@ -530,8 +562,10 @@ def run_embed(package, paths, *, landmarks=None, flip: bool = False, raw: bool =
 
     def result(features, failures, collector, actors, **kw) -> RayEmbedResult:
         nodes = sorted(collector.nodes.values(), key=lambda s: -s.images)
+        first_s, first_images = collector.first or (0.0, 0)
         return RayEmbedResult(features, failures, resumed_rows=collector.resumed, nodes=nodes, actors=actors,
-                              seconds=collector.elapsed, computed=collector.computed, **kw)
+                              seconds=collector.elapsed, computed=collector.computed, first_s=first_s,
+                              first_images=first_images, **kw)
 
     if output is None:
         done: dict[int, list[Failure]] = {}
