@@ -311,7 +311,12 @@ def _driver_node() -> str:
 
 
 def _pinned_to(node_id: str) -> dict:
-    if _accepts(ray.data.Dataset.map_batches, "label_selector"):
+    """map_batches arguments that keep a stage's actors on one node: by the node's label where this
+    Ray has node labels (remote arguments such as a scheduling strategy are on their way out of
+    map_batches), else by a node-affinity scheduling strategy."""
+    labelled = any(n.get("NodeID") == node_id and (n.get("Labels") or {}).get("ray.io/node-id") == node_id
+                   for n in ray.nodes())
+    if labelled and _accepts(ray.data.Dataset.map_batches, "label_selector"):
         return {"label_selector": {"ray.io/node-id": node_id}}
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
