@@ -1,7 +1,9 @@
-"""arcdeploy embed PKG --images LIST|DIR [--landmarks FILE] [--flip] [--raw] [--force] -o FEATS.npy"""
+"""arcdeploy embed PKG --images LIST|DIR [--landmarks FILE] [--flip] [--raw] [--force] [--ray [ADDR]] -o FEATS.npy"""
 from __future__ import annotations
 
 import sys
+
+from .ray_args import add_ray_arguments, print_cluster_summary, progress_lines, ray_options
 
 EXIT_SOME_FAILED = 3
 
@@ -42,6 +44,7 @@ def register(sub) -> None:
                    help="replace an existing output (and its .failures.tsv)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", required=True, metavar="FEATS.npy", help="output .npy file")
+    add_ray_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -56,9 +59,16 @@ def run(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ArcdeployError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    ray = ray_options(args, threads=args.threads, workers=args.workers)
     refuse_existing(args.output, args.force)  # before any work: the images may take hours
     paths = list_images(args.images)
     pkg = load(args.package, threads=args.threads)
+    if ray is not None:  # the same job on a Ray cluster: --threads and --workers apply to each actor
+        from functools import partial
+
+        from ..distributed import embed_files_on_ray
+
+        embed_files = partial(embed_files_on_ray, ray=ray, on_progress=progress_lines("embed", not args.quiet))
 
     def report(f):
         msg = f"arcdeploy embed: skipped {display_name(f.path)}: {display_name(f.reason)}"
@@ -77,6 +87,7 @@ def run(args) -> int:
     good = n - len(res.failures)
     resumed = f" ({res.resumed_rows} resumed from saved work)" if res.resumed_rows else ""
     print(f"embedded {good} of {n} images -> {display_name(str(res.output))} {list(res.features.shape)}{resumed}")
+    print_cluster_summary(res)
     if res.failures:
         print(f"arcdeploy embed: {len(res.failures)} of {n} images failed (NaN rows), listed in "
               f"{display_name(str(res.failures_path))}", file=sys.stderr)

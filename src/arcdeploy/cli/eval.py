@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from .ray_args import add_ray_arguments, ray_options
+
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="accuracy: IJB-B/IJB-C 1:1 TAR@FAR, LFW-style .bin sets",
@@ -37,6 +39,7 @@ def register(sub) -> None:
                                                                 "(default ./ijb_<target>_results)")
     ij.add_argument("--force", action="store_true", help="replace existing result files and --json FILE")
     ij.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ray_arguments(ij)
     ij.set_defaults(func=run_ijb)
 
     b = esub.add_parser("bin", help="LFW-style .bin sets: 10-fold accuracy with flip",
@@ -65,11 +68,14 @@ def run_ijb(args) -> int:
         raise ArcdeployError("give packages or --features, not both")
     if args.batch is not None and args.batch < 1:
         raise ArcdeployError(f"--batch must be at least 1, got {args.batch}")
+    ray = ray_options(args)
+    if ray is not None and not args.packages:
+        raise ArcdeployError("--ray extracts features from packages; with --features there is nothing to extract")
     doc = evaluate_ijb(args.root, args.target, packages=args.packages, features=args.features,
                        flip=not args.no_flip, detector_score=not args.no_detector_score,
                        normalize_images=args.normalize_images, batch=args.batch, out_dir=args.output,
                        json_path=args.json, progress=not args.no_progress, log=_log, force=args.force,
-                       precision="float64" if args.float64 else "float32")
+                       precision="float64" if args.float64 else "float32", ray=ray)
     print(doc["table"])
     for r in doc["results"]:
         print(f"{r['name']}: mode {r['mode']}, {r['pairs']} pairs ({r['genuine']} genuine), "

@@ -264,10 +264,16 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.nda
     OS accepts works (non-ASCII and non-UTF-8 names included). ``max_pixels``: see
     :func:`max_pixels_limit`.
     """
+    return decode_image(read_image_bytes(path), Path(path), max_pixels)
+
+
+def read_image_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of one image file, undecoded; raises :class:`ImageError` with the same reasons
+    :func:`read_image` gives (so bytes read on one machine and decoded on another fail alike)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except FileNotFoundError:
         raise ImageError(path, "no such file") from None
     except IsADirectoryError:
@@ -277,7 +283,6 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.nda
     except OSError as exc:
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
         raise ImageError(path, f"unreadable ({reason})") from None
-    return decode_image(data, path, max_pixels)
 
 
 def display_name(name: str | os.PathLike) -> str:

@@ -44,9 +44,9 @@ from ..files import FileLock, refuse_existing
 from .chunks import ChunkStore, failures_path_for, images_identity, parts_dir_for
 from .prepare import MISSING, Failure, input_name, prepare_face, prepare_or_failure, resolve_landmarks
 
-__all__ = ["DEFAULT_BATCH", "DEFAULT_CHUNK_ROWS", "EmbedResult", "Failure", "MISSING", "default_batch",
-           "embed_files", "embed_images", "failures_path_for", "parts_dir_for", "prepare_face",
-           "resolve_landmarks"]
+__all__ = ["DEFAULT_BATCH", "DEFAULT_CHUNK_ROWS", "EmbedOptions", "EmbedResult", "Failure", "MISSING",
+           "default_batch", "embed_block", "embed_files", "embed_images", "failures_path_for", "job_state",
+           "parts_dir_for", "prepare_face", "resolve_landmarks"]
 
 DEFAULT_BATCH = 32
 DEFAULT_CHUNK_ROWS = 2048
@@ -287,9 +287,7 @@ def embed_files(package, paths: Sequence, landmarks=None, flip: bool = False, ra
         # leaves nothing behind to trip over on the corrected rerun
         if hasattr(package, "runtime"):
             package.runtime  # noqa: B018 (opens the runtime)
-        state = {"package": package.fingerprint(), "images": images_identity(items, lmks), "count": n,
-                 "landmarks": lmks is not None, "flip": bool(flip), "raw": bool(raw), "batch": batch,
-                 "chunk_rows": chunk_rows}
+        state = job_state(package, items, lmks, flip, raw, batch, chunk_rows)
         store = ChunkStore.open(output, state, resume)
         return _embed_to_store(package, store, items, lmks, output, batch, chunk_rows, flip, raw, workers,
                                max_pixels, progress, on_failure, force)
@@ -347,3 +345,47 @@ def _embed_to_store(package, store: ChunkStore, items, lmks, output: Path, batch
     fpath = store.assemble(output, bounds, row_shape, failures, force=force)
     store.remove()
     return EmbedResult(np.load(output, mmap_mode="r"), failures, output, fpath, resumed_rows)
+
+
+# ---------------------------------------------------------------- one block at a time (distributed runs)
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How every image of a job is embedded, settled once: what :func:`embed_block` needs
+    besides the images (picklable, so it can travel to other processes and machines)."""
+
+    batch: int
+    flip: bool = False
+    raw: bool = False
+    workers: int = 2
+    max_pixels: int | None = None
+
+
+def job_state(package, items, lmks, flip: bool, raw: bool, batch: int, chunk_rows: int) -> dict:
+    """The identity of an embed job that its saved chunks belong to (see :mod:`arcdeploy.faces.chunks`)."""
+    return {"package": package.fingerprint(), "images": images_identity(items, lmks), "count": len(items),
+            "landmarks": lmks is not None, "flip": bool(flip), "raw": bool(raw), "batch": int(batch),
+            "chunk_rows": int(chunk_rows)}
+
+
+def embed_block(package, items, lmks, start: int, end: int,
+                options: EmbedOptions) -> tuple[np.ndarray, list[Failure]]:
+    """Rows ``start`` to ``end`` of a job, exactly as :func:`embed_files` computes them.
+
+    ``items[i]`` and ``lmks[i]`` (``lmks`` None: aligned crops) are read for ``start <= i < end``
+    only, so a mapping holding just this block's entries will do. Failures carry the job-wide
+    index. The block is cut into inference batches from ``start``: with ``start`` a multiple of
+    ``options.batch`` (as chunk boundaries are), each batch is the one the local run sends to the
+    engine, so the rows are the same.
+    """
+    batches = [(s, min(s + options.batch, end)) for s in range(start, end, options.batch)]
+    parts: list[np.ndarray] = []
+    failures: list[Failure] = []
+    for _, _, rows, fails in _embedded_batches(package, items, lmks, batches, options.workers, options.flip,
+                                               options.raw, options.max_pixels):
+        parts.append(rows)
+        failures += fails
+    if not parts:
+        return np.empty((0, *_row_shape(package, options.flip)), np.float32), failures
+    return np.concatenate(parts), failures

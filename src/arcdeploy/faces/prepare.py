@@ -5,7 +5,9 @@ through :func:`prepare_face`, so an int8 model is calibrated on exactly what it
 will be run on, and every caller applies the same checks:
 
 - files: decoded by :func:`arcdeploy.faces.io.read_image` (header read first;
-  only JPEG, PNG, BMP, WebP; at most the pixel limit);
+  only JPEG, PNG, BMP, WebP; at most the pixel limit); an :class:`EncodedImage`
+  (a file's bytes read elsewhere, e.g. on the machine that holds it) is decoded
+  the same way, under the file's name;
 - arrays: uint8 RGB (grayscale expanded, alpha dropped);
 - landmarks: plausible for the image (:func:`arcdeploy.faces.align.landmarks_problem`);
 - without landmarks: an aligned crop of at least 32x32 pixels, resized to 112x112.
@@ -23,7 +25,7 @@ import numpy as np
 
 from ..errors import ArcdeployError, first_line
 from .align import landmarks_problem, to_aligned
-from .io import ImageError, read_image
+from .io import ImageError, decode_image, read_image
 from .landmarks import Landmarks, read_landmarks
 
 
@@ -52,7 +54,20 @@ class Failure:
         return f"{self.path}: {self.reason}"
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes, read where the file is and decoded elsewhere: ``name`` is the
+    path it was read from (what failures name), ``error`` why it could not be read (then no
+    ``data``)."""
+
+    name: str
+    data: bytes | None
+    error: str | None = None
+
+
 def input_name(item, index: int) -> str:
+    if isinstance(item, EncodedImage):
+        return item.name
     return str(item) if not isinstance(item, np.ndarray) else f"<array {index}>"
 
 
@@ -110,7 +125,8 @@ def resolve_landmarks(items: Sequence, landmarks, root=None) -> list | None:
 
 
 def prepare_face(item, lmk=None, index: int = 0, max_pixels: int | None = None) -> np.ndarray:
-    """One input (path or RGB array) -> its aligned uint8 [112, 112, 3] crop; raises :class:`ImageError`.
+    """One input (path, :class:`EncodedImage` or RGB array) -> its aligned uint8 [112, 112, 3] crop; raises
+    :class:`ImageError`.
 
     ``lmk``: float32 [5, 2] (align), None (the input is an aligned crop) or a
     :class:`Missing`. ``max_pixels``: the decoding limit for files (see
@@ -120,7 +136,12 @@ def prepare_face(item, lmk=None, index: int = 0, max_pixels: int | None = None) 
     if isinstance(lmk, Missing):
         where = os.path.basename(lmk.source) if lmk.source else "the landmark file"
         raise ImageError(name, f"no landmarks for this image in {where}")
-    img = as_rgb(item, name) if isinstance(item, np.ndarray) else read_image(item, max_pixels)
+    if isinstance(item, EncodedImage):
+        if item.data is None:
+            raise ImageError(name, item.error or "unreadable")
+        img = decode_image(item.data, name, max_pixels)
+    else:
+        img = as_rgb(item, name) if isinstance(item, np.ndarray) else read_image(item, max_pixels)
     if lmk is not None:
         problem = landmarks_problem(lmk, img.shape)
         if problem:

@@ -59,14 +59,22 @@ def _read_record(path: Path) -> dict | None:
 
 
 def extract_features(package, meta: IJBMeta, out_dir: Path, flip: bool = True, batch: int | None = None,
-                     progress: bool = True, name: str | None = None) -> tuple[np.ndarray, Path, int]:
+                     progress: bool = True, name: str | None = None, ray=None) -> tuple[np.ndarray, Path, int]:
     """Raw features of every IJB image through the package, cached in out_dir (module doc).
 
-    Returns (features, cache path, number of failed images).
+    ``ray``: a :class:`arcdeploy.distributed.RayOptions` to extract them on a Ray cluster
+    (the same features). Returns (features, cache path, number of failed images).
     """
     from ...faces.chunks import images_identity
     from ...faces.pipeline import embed_files
     from ...package import load
+
+    if ray is not None:
+        from functools import partial
+
+        from ...distributed import embed_files_on_ray
+
+        embed_files = partial(embed_files_on_ray, ray=ray)
 
     pkg = load(package)
     name = name or Path(pkg.path).name
@@ -106,7 +114,7 @@ def evaluate_ijb(root: str | os.PathLike, target: str = "IJBC", packages=(), fea
                  detector_score: bool = True, normalize_images: bool = False, batch: int | None = None,
                  out_dir: str | os.PathLike | None = None, json_path: str | os.PathLike | None = None,
                  plot: bool = True, progress: bool = True, log=None, force: bool = False,
-                 precision: str = "float32") -> dict:
+                 precision: str = "float32", ray=None) -> dict:
     """Evaluate packages (features extracted and cached in out_dir) or feature files.
 
     Returns the JSON document: the first method's fields at top level (``target``,
@@ -114,7 +122,8 @@ def evaluate_ijb(root: str | os.PathLike, target: str = "IJBC", packages=(), fea
     Writes ``<name>_<target>_scores.npy`` per method, ``roc.png`` and ``result.json``
     into out_dir; existing result files (and ``json_path``) only with ``force``.
     ``precision``: "float32" (insightface's arithmetic) or "float64" aggregation.
-    ``log``: called with progress lines; warnings go to the ``logging`` module.
+    ``log``: called with progress lines; warnings go to the ``logging`` module. ``ray``: a
+    :class:`arcdeploy.distributed.RayOptions` to extract the features on a Ray cluster.
     """
     say = log or (lambda *_: None)
     packages, features = list(packages or []), list(features or [])
@@ -138,7 +147,8 @@ def evaluate_ijb(root: str | os.PathLike, target: str = "IJBC", packages=(), fea
     for name, sf, (kind, src) in zip(names, score_files, sources):
         if kind == "package":
             say(f"[{name}] extracting features of {meta.images} images ({'with' if flip else 'without'} flip) ...")
-            feats, cache, _ = extract_features(src, meta, out, flip=flip, batch=batch, progress=progress, name=name)
+            feats, cache, _ = extract_features(src, meta, out, flip=flip, batch=batch, progress=progress, name=name,
+                                               ray=ray)
             source = feat_file = str(cache)
         else:
             feats = load_features(src)

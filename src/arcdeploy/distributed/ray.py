@@ -1,0 +1,597 @@
+"""The embed pipeline on a Ray cluster, with Ray Data: the local run's rows, failures and files.
+
+How the work travels
+    The job is cut into blocks of ``B`` images (a whole number of inference batches): block ``c``
+    is rows ``[c*B, (c+1)*B)`` and is exactly chunk ``c`` of the local run's
+    :class:`~arcdeploy.faces.chunks.ChunkStore`, which lives on the driver beside the output. The
+    dataset is one row per block not yet saved; ``map_batches`` gives each block, whole, to one
+    actor of a pool. Each actor embeds it with :func:`~arcdeploy.faces.pipeline.embed_block`, the
+    local run's own batch loop, cutting the same inference batches, so the rows are the ones the
+    local run computes. The driver saves each block as a chunk when its result arrives (in any
+    order) and assembles the output in row order at the end.
+
+    The package goes through Ray's object store, not a shared file system: its manifest and the
+    files its fingerprint covers are read on the driver into one object (``ray.put``). Each actor
+    unpacks it into a private scratch folder, opens the package there, checks that the
+    fingerprint is the one the driver recorded for the job, and keeps the engine loaded for the
+    rest of its life. Other files the job needs (a detector) travel in the same object.
+
+    Images, ``read="driver"`` (the default): a reader actor on the driver's node reads each
+    block's files and passes their bytes on (:class:`~arcdeploy.faces.prepare.EncodedImage`), or
+    why a file could not be read, worded as the local run words it; decoding and aligning happen
+    on the embedding actors. No file system is shared and a path means what it means where the
+    command runs (with Ray Client, ``ray://``, that is the head node, where Ray runs the driver).
+    ``read="workers"``: the embedding actors read the paths themselves (every node must see the
+    files under the same paths); the driver's disk and network then carry nothing.
+
+Retries
+    Ray Data's actor pool restarts an actor whose process dies (``max_restarts=-1``) and runs
+    again the blocks it held (``max_task_retries=-1``); a block is only saved when its whole
+    result has reached the driver, so a retried block is computed from scratch, with the same
+    result. If the driver itself dies, the saved chunks stay; the same command continues after
+    them (and, with the same block and batch sizes, so does a local run, and the reverse).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import logging
+import os
+import pickle
+import re
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+from ray.util import get_node_ip_address
+
+from ..errors import ArcdeployError, describe, first_line
+from ..faces.chunks import ChunkStore, failures_path_for
+from ..faces.io import ImageError, max_pixels_limit, read_image_bytes
+from ..faces.pipeline import (
+    EmbedOptions,
+    _common_root,
+    _progress_bar,
+    _quiet_opencv,
+    default_batch,
+    embed_block,
+    job_state,
+)
+from ..faces.prepare import EncodedImage, Failure, Missing, input_name, resolve_landmarks
+from ..files import FileLock, refuse_existing, scratch_dir
+from ..manifest import MANIFEST_NAME, resolve_inside
+from ..package import Package, load
+from . import NodeStats, Progress, RayEmbedResult, RayOptions
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCK = 256  # images per block by default: small enough to spread and to redo cheaply after a failure
+MIN_BLOCKS = 64  # a small job is still cut into about this many blocks, so every actor gets some
+READERS_PER_ACTORS = 16  # one reader actor (driver mode) per this many embedding actors, at most MAX_READERS
+MAX_READERS = 4
+SCRATCH = "ray-package"
+
+
+# ------------------------------------------------------------------ what travels
+
+
+@dataclass(frozen=True)
+class PackageBundle:
+    """A package's files as bytes (one object in Ray's object store) and its fingerprint."""
+
+    name: str                 # the package folder on the driver (for messages)
+    fingerprint: str
+    files: dict[str, bytes]   # path inside the package -> content
+    extras: dict[str, bytes]  # other files the job needs, by name (unpacked beside the package)
+
+    @classmethod
+    def of(cls, package: Package, extras: dict[str, str | os.PathLike] | None = None) -> PackageBundle:
+        root = package.path
+        source = str(root / MANIFEST_NAME)
+        m = package.manifest
+        names = sorted(set(m.files.values()) | ({m.reference.file} if m.reference else set()))
+        fingerprint = package.fingerprint()
+        files: dict[str, bytes] = {}
+        try:
+            files[MANIFEST_NAME] = (root / MANIFEST_NAME).read_bytes()
+            for name in names:
+                path = resolve_inside(root, name, source, "file")
+                if path.is_file():  # as the fingerprint has it: a file it names but lacks is left out
+                    files[name] = path.read_bytes()
+            extra = {name: Path(p).read_bytes() for name, p in (extras or {}).items()}
+        except OSError as exc:
+            raise ArcdeployError(f"{exc.filename or root}: cannot read ({exc.strerror or exc})") from None
+        return cls(str(root), fingerprint, files, extra)
+
+    def unpack(self, folder: Path) -> tuple[Path, dict[str, Path]]:
+        """Write the files below ``folder``; returns the package folder and the extras' paths."""
+        def place(base: Path, name: str, data: bytes) -> Path:
+            rel = Path(name)
+            if rel.is_absolute() or ".." in rel.parts:
+                raise ArcdeployError(f"{self.name}: file name {name!r} leads outside the package; refused")
+            target = base / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            return target
+
+        pkg = folder / "package"
+        for name, data in self.files.items():
+            place(pkg, name, data)
+        extras = {name: place(folder / "extras", name, data) for name, data in self.extras.items()}
+        return pkg, extras
+
+
+class PackedLandmarks:
+    """Per-image landmarks (None, [5, 2] points or :class:`Missing`) as two arrays: one object
+    for the whole job instead of hundreds of thousands of small ones."""
+
+    NONE, POINTS, MISSING = 0, 1, 2
+
+    def __init__(self, lmks: list):
+        self.kind = np.zeros(len(lmks), np.int8)
+        self.points = np.zeros((len(lmks), 5, 2), np.float32)
+        self.source: str | None = None
+        for i, pts in enumerate(lmks):
+            if isinstance(pts, Missing):
+                self.kind[i] = self.MISSING
+                self.source = pts.source
+            elif pts is not None:
+                self.kind[i] = self.POINTS
+                self.points[i] = pts
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def __getitem__(self, i: int):
+        kind = self.kind[i]
+        if kind == self.POINTS:
+            return self.points[i].copy()
+        return Missing(self.source) if kind == self.MISSING else None
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """Everything an actor needs besides the package, as one object."""
+
+    items: list
+    lmks: PackedLandmarks | None
+    options: EmbedOptions
+    block: int
+
+    def bounds(self, c: int) -> tuple[int, int]:
+        start = c * self.block
+        return start, min(start + self.block, len(self.items))
+
+
+def block_size(count: int, batch: int, requested: int | None = None) -> int:
+    """Images per block: ``requested``, else up to :data:`MAX_BLOCK` and fewer for small jobs
+    (about :data:`MIN_BLOCKS` blocks); a whole number of inference batches either way. It
+    depends on the job alone, never on the cluster, so a rerun on other machines resumes."""
+    if requested is None:
+        requested = min(MAX_BLOCK, max(1, -(-count // MIN_BLOCKS)))
+    return max(batch, -(-int(requested) // batch) * batch)
+
+
+def _resolve(value):
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def _read_one(item, index: int):
+    """One input of a block, read where the driver runs: its bytes or why they cannot be had."""
+    if isinstance(item, np.ndarray):
+        return item
+    name = input_name(item, index)
+    try:
+        return EncodedImage(name, read_image_bytes(item))
+    except ImageError as exc:
+        return EncodedImage(name, None, exc.reason)
+    except Exception as exc:  # worded as prepare_or_failure words a surprise in the local run
+        return EncodedImage(name, None, f"{type(exc).__name__}: {first_line(exc)}")
+
+
+# ------------------------------------------------------------------ the actors
+
+
+class BlockReader:
+    """Ray Data stage (driver mode): block numbers -> the block's images as bytes."""
+
+    def __init__(self, job):
+        self.job: EmbedJob = _resolve(job)
+
+    def __call__(self, batch: dict) -> dict:
+        out = []
+        for c in batch["block"]:
+            start, end = self.job.bounds(int(c))
+            out.append(pickle.dumps([_read_one(self.job.items[i], i) for i in range(start, end)], protocol=5))
+        return {"block": np.asarray(batch["block"]), "images": np.array(out, dtype=object)}
+
+
+class BlockEmbedder:
+    """Ray Data stage: block numbers (and, in driver mode, their images) -> rows and failures.
+
+    The package is unpacked and opened once, when the actor starts; the unpacked copy is removed
+    as soon as the engine holds the model (it reads its files when it opens them, and a file it
+    maps stays readable after removal), so an actor that is killed later leaves nothing on disk.
+    A failure to open it is kept and raised with the first block: Ray passes a task's error on
+    as it is, where an actor that fails to start is only retried and then reported as a dead actor.
+    """
+
+    def __init__(self, bundle, job, threads: int):
+        self.error: ArcdeployError | None = None
+        self.pid = os.getpid()
+        ctx = ray.get_runtime_context()
+        self.node = ctx.get_node_id()
+        self.address = get_node_ip_address()
+        scratch = contextlib.ExitStack()
+        name, pkg_dir = "the package", None
+        try:
+            _quiet_opencv()
+            self.job: EmbedJob = _resolve(job)
+            bundle = _resolve(bundle)
+            name = bundle.name
+            folder = scratch.enter_context(scratch_dir(SCRATCH))
+            pkg_dir, _extras = bundle.unpack(folder)
+            self.package = load(pkg_dir, threads=threads)
+            got = self.package.fingerprint()
+            if got != bundle.fingerprint:
+                raise ArcdeployError(f"{name}: the package arrived changed on node {self.address} (fingerprint "
+                                     f"{got[:12]}, expected {bundle.fingerprint[:12]}); was it rebuilt while the "
+                                     "job started?")
+            self.package.runtime  # noqa: B018 (opens the engine once, for every block)
+        except Exception as exc:
+            # named as the user knows it, not by this actor's scratch copy
+            text = describe(exc).replace(str(pkg_dir), name) if pkg_dir else describe(exc)
+            where = f"on node {self.address}"
+            self.error = ArcdeployError(f"{text} ({where})" if isinstance(exc, ArcdeployError)
+                                        else f"{name}: cannot be opened {where} ({text})")
+        finally:
+            scratch.close()
+
+    def __call__(self, batch: dict) -> dict:
+        if self.error is not None:
+            raise self.error
+        images = batch.get("images")
+        out = []
+        for k, c in enumerate(batch["block"]):
+            c = int(c)
+            start, end = self.job.bounds(c)
+            items = self.job.items if images is None else dict(zip(range(start, end), pickle.loads(images[k])))
+            t0 = time.perf_counter()
+            rows, failures = embed_block(self.package, items, self.job.lmks, start, end, self.job.options)
+            busy = time.perf_counter() - t0
+            out.append(pickle.dumps((c, rows, failures, self.node, self.address, self.pid, busy), protocol=5))
+        return {"result": np.array(out, dtype=object)}
+
+
+# ------------------------------------------------------------------ Ray plumbing
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _pool(size: int):
+    """A pool of up to ``size`` actors, started at once; it runs with fewer when the cluster has
+    room for fewer (instead of waiting for all of them)."""
+    kw: dict = {"min_size": 1, "max_size": size}
+    if _accepts(ray.data.ActorPoolStrategy, "initial_size"):
+        kw["initial_size"] = size
+    if _accepts(ray.data.ActorPoolStrategy, "max_tasks_in_flight_per_actor"):
+        kw["max_tasks_in_flight_per_actor"] = 2  # one block running, the next one's input arriving
+    return ray.data.ActorPoolStrategy(**kw)
+
+
+def _client_mode() -> bool:
+    with contextlib.suppress(Exception):
+        from ray.util.client import ray as client
+
+        return bool(client.is_connected())
+    return False
+
+
+def _driver_node() -> str:
+    """The node the driver's files are on: this process's node; with Ray Client, the head node
+    (Ray runs the client's driver there)."""
+    if not _client_mode():
+        return ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("Alive") and any(k.startswith("node:__internal_head__") for k in node.get("Resources", {})):
+            return node["NodeID"]
+    raise ArcdeployError("cannot find the Ray head node to read the images on; use --ray-read workers")
+
+
+def _pinned_to(node_id: str) -> dict:
+    """map_batches arguments that keep a stage's actors on one node: by the node's label where this
+    Ray has node labels (remote arguments such as a scheduling strategy are on their way out of
+    map_batches), else by a node-affinity scheduling strategy."""
+    labelled = any(n.get("NodeID") == node_id and (n.get("Labels") or {}).get("ray.io/node-id") == node_id
+                   for n in ray.nodes())
+    if labelled and _accepts(ray.data.Dataset.map_batches, "label_selector"):
+        return {"label_selector": {"ray.io/node-id": node_id}}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+
+
+def _cluster_cpus() -> int:
+    return int(ray.cluster_resources().get("CPU", 0))
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None):
+    """Connected to Ray for the duration: to ``address`` (``auto``, ``HOST:PORT``, ``ray://...``);
+    without one to ``RAY_ADDRESS`` when set, else to a new local Ray. A connection made here is
+    closed here; one the caller made is used as it is."""
+    if ray.is_initialized():
+        yield
+        return
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs: dict = {"address": target, "logging_level": logging.WARNING, "log_to_driver": False}
+    restore = contextlib.ExitStack()
+    if target == "local":
+        kwargs["include_dashboard"] = False
+        restore.enter_context(_loopback_only())
+    try:
+        with restore:
+            ray.init(**kwargs)
+    except Exception as exc:
+        where = "a local Ray" if target == "local" else f"the Ray cluster at {target}"
+        raise ArcdeployError(f"cannot start or reach {where} ({describe(exc)})") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """While a Ray for this job alone starts: every one of its processes on 127.0.0.1, so it
+    opens no port to the network. Ray does so when RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which it
+    reads when imported (this process: its constant) and when its processes start (their
+    environment); a value the user set is kept."""
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        yield
+        return
+    constants: Any = None
+    with contextlib.suppress(Exception):
+        constants = importlib.import_module("ray._private.ray_constants")
+    saved = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if saved is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        if saved is not None:
+            constants.ENABLE_RAY_CLUSTER = saved
+
+
+@contextlib.contextmanager
+def _quiet_ray_data():
+    """Ray Data's own progress bars and execution notes off (the driver shows its own progress)."""
+    ctx = ray.data.DataContext.get_current()
+    saved = {k: getattr(ctx, k) for k in ("enable_progress_bars", "verbose_stats_logs") if hasattr(ctx, k)}
+    loggers = {name: logging.getLogger(name) for name in ("ray.data", "ray.data._internal.progress")}
+    levels = {name: lg.level for name, lg in loggers.items()}
+    ctx.enable_progress_bars = False
+    loggers["ray.data"].setLevel(logging.WARNING)
+    loggers["ray.data._internal.progress"].setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*deprecated.*")
+            yield
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)
+        for name, lg in loggers.items():
+            lg.setLevel(levels[name])
+
+
+_ARCDEPLOY_LINE = re.compile(r"ArcdeployError: (.+)$", re.M)
+
+
+def _job_error(exc: BaseException) -> ArcdeployError:
+    """A failed Ray job as one line: the actors' own error when there is one."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, ArcdeployError) and type(cause) is ArcdeployError:
+            return cause
+        if type(e) is ArcdeployError:
+            return e
+        todo += [x for x in (e.__cause__, e.__context__, cause) if isinstance(x, BaseException)]
+    found = _ARCDEPLOY_LINE.findall(str(exc))
+    if found:
+        return ArcdeployError(found[-1].strip())
+    return ArcdeployError(f"the Ray job failed ({describe(exc)})")
+
+
+# ------------------------------------------------------------------ the driver
+
+
+class _Collector:
+    """The driver's side: results of blocks in, chunks saved, progress and per-node counts out."""
+
+    def __init__(self, bounds, row_shape, store: ChunkStore | None, done: dict[int, list[Failure]], total: int,
+                 resumed: int, progress: bool, on_failure, on_progress):
+        self.bounds, self.row_shape, self.store, self.done = bounds, row_shape, store, done
+        self.rows: dict[int, np.ndarray] = {}
+        self.nodes: dict[str, NodeStats] = {}
+        self.total, self.resumed, self.on_failure, self.on_progress = total, resumed, on_failure, on_progress
+        self.finished = resumed
+        self.failed = sum(len(f) for f in done.values())
+        self.computed = 0
+        self.first: tuple[float, int] | None = None  # (seconds, images) when the first block arrived
+        self.t0 = time.perf_counter()
+        self.bar = _progress_bar(total, resumed, progress, desc="embed (ray)")
+
+    def add(self, result: bytes) -> None:
+        c, rows, failures, node, address, pid, busy = pickle.loads(result)
+        start, end = self.bounds[c]
+        if rows.dtype != np.float32 or rows.shape != (end - start, *self.row_shape):
+            raise ArcdeployError(f"block {c} came back with rows {list(rows.shape)} {rows.dtype}, expected "
+                                 f"{[end - start, *self.row_shape]} float32 (engine output of another shape?)")
+        if c in self.done:  # Ray ran a block twice (a retry that raced its first result): same rows
+            return
+        if self.store is not None:
+            self.store.save(c, rows, failures)
+        else:
+            self.rows[c] = rows
+        self.done[c] = failures
+        stats = self.nodes.setdefault(node, NodeStats(node, address))
+        stats.images += end - start
+        stats.blocks += 1
+        stats.busy_s += busy
+        stats.pids.add(pid)
+        self.finished += end - start
+        self.computed += end - start
+        if self.first is None:
+            self.first = (self.elapsed, end - start)
+        for f in failures:
+            self.failed += 1
+            if self.on_failure:
+                self.on_failure(f)
+        self.bar.update(end - start)
+        if failures:
+            self.bar.set_postfix(failed=self.failed, refresh=False)
+        if self.on_progress:
+            self.on_progress(Progress(self.finished, self.total, self.failed, self.elapsed, self.computed))
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_blocks(bundle: Callable[[], PackageBundle], job: EmbedJob, todo: list[int], options: RayOptions,
+                collect: Callable[[bytes], None]) -> int:
+    """Run the missing blocks on the cluster; each result goes to ``collect`` as it arrives.
+    ``bundle`` makes the package's bundle (held only until the object store has it). Returns
+    the size of the actor pool."""
+    threads = int(options.threads or 1)
+    with _quiet_ray_data():
+        cpus = _cluster_cpus()
+        actors = int(options.actors or max(1, cpus // threads))
+        actors = max(1, min(actors, len(todo)))
+        log.info("Ray: %d CPUs, %d embedding actors of %d CPUs, %d blocks of %d images, images read on the %s",
+                 cpus, actors, threads, len(todo), job.block, options.read)
+        bundle_ref = ray.put(bundle())
+        job_ref = ray.put(job)
+        blocks = [{"block": c} for c in todo]
+        ds: ray.data.Dataset
+        if _accepts(ray.data.from_items, "override_num_blocks"):
+            ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
+        else:
+            ds = ray.data.from_items(blocks, parallelism=len(blocks))
+        if options.read == "driver":
+            readers = max(1, min(MAX_READERS, -(-actors // READERS_PER_ACTORS)))
+            # reading files costs no CPU worth reserving; the CPUs are the embedding actors'
+            ds = ds.map_batches(BlockReader, fn_constructor_args=(job_ref,), batch_size=1, batch_format="numpy",
+                                compute=_pool(readers), num_cpus=0, **_pinned_to(_driver_node()))
+        ds = ds.map_batches(BlockEmbedder, fn_constructor_args=(bundle_ref, job_ref, threads), batch_size=1,
+                            batch_format="numpy", compute=_pool(actors), num_cpus=threads)
+        try:
+            for row in ds.iter_rows():
+                collect(row["result"])
+        except (ArcdeployError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise _job_error(exc) from None
+    return actors
+
+
+def run_embed(package, paths, *, landmarks=None, flip: bool = False, raw: bool = False, batch: int | None = None,
+              output=None, resume: bool = True, progress: bool = True, root=None,
+              on_failure: Callable[[Failure], None] | None = None, force: bool = False, max_pixels: int | None = None,
+              options: RayOptions | None = None, on_progress: Callable[[Progress], None] | None = None,
+              extras: dict[str, str | os.PathLike] | None = None) -> RayEmbedResult:
+    """See :func:`arcdeploy.distributed.embed_files_on_ray`."""
+    options = options or RayOptions()
+    pkg = load(package)
+    items = list(paths)
+    n = len(items)
+    if root is None:
+        root = _common_root(items)
+    lmks = resolve_landmarks(items, landmarks, root)
+    batch = int(batch or default_batch(pkg))
+    if batch < 1:
+        raise ArcdeployError(f"batch must be at least 1, got {batch}")
+    block = block_size(n, batch, options.block)
+    threads = int(options.threads or 1)
+    # the pixel limit is settled here: ARCDEPLOY_MAX_PIXELS is this machine's setting, not the workers'
+    embed_options = EmbedOptions(batch=batch, flip=bool(flip), raw=bool(raw),
+                                 workers=int(options.workers or threads + 1), max_pixels=max_pixels_limit(max_pixels))
+    bounds = [(s, min(s + block, n)) for s in range(0, n, block)]
+    dim = int(pkg.output_spec.dim)
+    row_shape = (2, dim) if flip else (dim,)
+
+    def compute(store: ChunkStore | None, done: dict[int, list[Failure]]) -> tuple[_Collector, int]:
+        resumed = sum(bounds[c][1] - bounds[c][0] for c in done)
+        for c in sorted(done):
+            for f in done[c]:
+                if on_failure:
+                    on_failure(f)
+        todo = [c for c in range(len(bounds)) if c not in done]
+        collector = _Collector(bounds, row_shape, store, done, n, resumed, progress, on_failure, on_progress)
+        actors = 0
+        try:
+            if todo:
+                job = EmbedJob(items, None if lmks is None else PackedLandmarks(lmks), embed_options, block)
+                with ray_session(options.address):
+                    actors = _run_blocks(lambda: PackageBundle.of(pkg, extras), job, todo, options, collector.add)
+        finally:
+            collector.close()
+        missing = [c for c in todo if c not in done]
+        if missing:
+            raise ArcdeployError(f"the Ray job ended with {len(missing)} blocks missing (first: rows "
+                                 f"{bounds[missing[0]][0]}-{bounds[missing[0]][1] - 1}); run it again to finish")
+        return collector, actors
+
+    def result(features, failures, collector, actors, **kw) -> RayEmbedResult:
+        nodes = sorted(collector.nodes.values(), key=lambda s: -s.images)
+        first_s, first_images = collector.first or (0.0, 0)
+        return RayEmbedResult(features, failures, resumed_rows=collector.resumed, nodes=nodes, actors=actors,
+                              seconds=collector.elapsed, computed=collector.computed, first_s=first_s,
+                              first_images=first_images, **kw)
+
+    if output is None:
+        done: dict[int, list[Failure]] = {}
+        collector, actors = compute(None, done)
+        failures = [f for c in range(len(bounds)) for f in done[c]]
+        parts = [collector.rows[c] for c in range(len(bounds))]
+        features = np.concatenate(parts) if parts else np.empty((0, *row_shape), np.float32)
+        return result(features, failures, collector, actors)
+
+    output = Path(output)
+    refuse_existing(output, force)
+    refuse_existing(failures_path_for(output), force, "use --force to replace it (it lists an earlier run's failures)")
+    with FileLock(output):
+        store = ChunkStore.open(output, job_state(pkg, items, lmks, flip, raw, batch, block), resume)
+        done = {}
+        for c, (s, e) in enumerate(bounds):
+            loaded = store.load(c, e - s)
+            if loaded is not None and tuple(loaded[0].shape[1:]) == row_shape:
+                done[c] = loaded[1]
+        collector, actors = compute(store, done)
+        failures = [f for c in range(len(bounds)) for f in done[c]]
+        fpath = store.assemble(output, bounds, row_shape, failures, force=force)
+        store.remove()
+    return result(np.load(output, mmap_mode="r"), failures, collector, actors, output=output, failures_path=fpath)
