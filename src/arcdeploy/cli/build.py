@@ -17,6 +17,7 @@ def register(sub) -> None:
                    help="fp32, fp16, bf16 or int8 (aliases force_float32, force_float16, qint8_mixed_float16)")
     p.add_argument("--calib", metavar="LIST|DIR", help="calibration images for int8 (aligned crops, or photos with --calib-landmarks)")
     p.add_argument("--calib-landmarks", metavar="FILE", help="5-point (or 68-point) landmark file for the calibration images")
+    p.add_argument("--calib-detector", metavar="FILE", help="SCRFD or YuNet detector finding each calibration face")
     p.add_argument("--calib-count", type=int, default=None, metavar="N",
                    help="calibration images to use (default 300; the rest check fidelity)")
     p.add_argument("--int8-float", choices=("f32", "bf16", "auto"), default=None,
@@ -46,6 +47,7 @@ def run(args) -> int:
         recipe = QuantRecipe.for_this_cpu(float_precision=args.int8_float, calibration_count=args.calib_count)
     out = build(args.src, args.output, engine=args.engine, precision=args.precision, calib=args.calib,
                 calib_landmarks=args.calib_landmarks, calib_count=args.calib_count, batch=args.batch,
+                calib_detector=args.calib_detector,
                 threads=args.threads, arch=args.arch, force=args.force, strict=args.strict,
                 fold_preprocessing=args.fold_preprocessing, check_images=args.check_images,
                 check_landmarks=args.check_landmarks, check_count=args.check_count, recipe=recipe)
