@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -60,6 +61,9 @@ from .prepare import (
     prepare_image_or_failure,
     resolve_landmarks,
 )
+
+if TYPE_CHECKING:
+    from .detect import Face
 
 __all__ = ["DEFAULT_BATCH", "DEFAULT_CHUNK_ROWS", "EmbedResult", "FaceRow", "Failure", "MISSING", "default_batch",
            "embed_files", "embed_images", "faces_path_for", "failures_path_for", "parts_dir_for", "prepare_face",
@@ -126,7 +130,8 @@ def _prepared_batches(items, lmks, batches: list[tuple[int, int]], workers: int,
         while pending:
             s, e, futs = pending.popleft()
             submit()  # keep the queue full while this batch is consumed
-            crops, owners, failures, found = [], [], [], []
+            crops, owners, failures = [], [], []
+            found: list[tuple[Face, int]] = []
             for off, fut in enumerate(futs):
                 res = fut.result()
                 if isinstance(res, Failure):
@@ -193,8 +198,8 @@ def _embedded_batches(package, items, lmks, batches, workers: int, flip: bool, r
             for j, (off, (face, number)) in enumerate(zip(owners, found or [])):
                 i = s + int(off)
                 if finite[j]:
-                    box = tuple(float(v) for v in face.box)
-                    index.append(FaceRow(i, input_name(items[i], i), int(number), box, float(face.score)))
+                    x1, y1, x2, y2 = (float(v) for v in face.box)
+                    index.append(FaceRow(i, input_name(items[i], i), int(number), (x1, y1, x2, y2), float(face.score)))
                 else:
                     fails.append(Failure(i, input_name(items[i], i), f"face {number}: {NON_FINITE}"))
             fails.sort(key=lambda f: f.index)
@@ -259,7 +264,9 @@ def embed_images(package, images, landmarks=None, flip: bool = False, raw: bool 
     allowed), or a landmark file / :class:`Landmarks` looked up by image path.
     ``detector``: instead of landmarks, a face detector file (SCRFD or YuNet) or an
     opened :class:`arcdeploy.faces.detect.FaceDetector`: each image's best (largest)
-    face is embedded (one row per face: :func:`embed_files` with ``all_faces``).
+    face is embedded (one row per face: :func:`embed_files` with ``all_faces``). The
+    preparation workers share the detector, so open your own with few threads per call
+    (``open_detector(path, threads=1)``, what a file is opened with).
     Returns float32 [N, 512] (``flip``: [N, 2, 512]), L2-normalised unless ``raw``.
     ``on_error``: "raise" (default) raises :class:`ArcdeployError` naming the
     bad images (an image without a face is one); "nan" gives them NaN rows.
