@@ -97,12 +97,14 @@ def build(
     max_cosine_drop: float | None = None,
     onnx_options: dict | None = None,
     fallback_check_images: CheckImages | None = None,
+    calib_detector=None,
     **options: Any,
 ) -> Path:
     """Build ``src`` (checkpoint, export folder, exported or foreign model.onnx) into the package ``out``.
 
     ``calib``: for int8, an image folder, list file, list of paths, or aligned uint8 crops
-    [N, 112, 112, 3]; ``calib_landmarks`` a 5-point landmark file for photos. ``batch``: the
+    [N, 112, 112, 3]; ``calib_landmarks`` a 5-point landmark file for photos, or ``calib_detector``
+    a face detector (file or opened) that finds the largest face in each photo. ``batch``: the
     batch the model is compiled for (OpenVINO: a static shape). ``fold_preprocessing``:
     the graph takes uint8 NHWC RGB and normalises inside. ``check_images``: aligned crops,
     a folder / list of images (with ``check_landmarks``) or a :class:`CheckImages` for the
@@ -113,6 +115,7 @@ def build(
     ``fallback_check_images``: what to check on when none of the above gives images. Returns ``out``.
     """
     from .faces.calibration import calibration_split, load_images
+    from .faces.prepare import as_detection, exclusive_landmarks_detector
     from .fidelity import check, floor_for
 
     requested = precision
@@ -127,10 +130,12 @@ def build(
     if max_cosine_drop is not None and not 0 < float(max_cosine_drop) < 1:
         raise ArcdeployError(f"--max-cosine-drop must be between 0 and 1, got {max_cosine_drop}")
 
+    exclusive_landmarks_detector(calib_landmarks, calib_detector, "--calib-landmarks", "--calib-detector")
+    calib_detector = as_detection(calib_detector) if calib is not None else None
     split = None
     if precision == "int8":
         recipe = recipe or QuantRecipe.for_this_cpu(calibration_count=calib_count)
-        split = calibration_split(calib, calib_landmarks, count=recipe.calibration_count)
+        split = calibration_split(calib, calib_landmarks, count=recipe.calibration_count, detector=calib_detector)
     started = time.time()
     with scratch_dir("build") as work:
         export_dir = _resolve_source(src, work, arch, onnx_options or {})
@@ -171,7 +176,8 @@ def build(
             for w in job.warnings:
                 log.warning(w)
             if split:
-                manifest.calibration = {**(manifest.calibration or {}), **_calibration_images(split, calib_landmarks)}
+                how = _calibration_images(split, calib_landmarks, calib_detector)
+                manifest.calibration = {**(manifest.calibration or {}), **how}
             manifest.reference = _store_reference(export_dir, exported, tmp, manifest)
             manifest.versions = library_versions(
                 "arcdeploy", "torch", "onnx", "onnxruntime", "openvino", "nncf", "numpy"
@@ -188,6 +194,7 @@ def build(
                 precision,
                 load_images,
                 fallback_check_images,
+                calib_detector,
             )
             floor = floor_for(precision, max_cosine_drop)
             result = check(
@@ -222,10 +229,12 @@ def _resolve_source(src, work: Path, arch: str, onnx_options: dict) -> Path:
     return resolve_export(src, work, arch, **onnx_options)
 
 
-def _calibration_images(split, calib_landmarks) -> dict:
+def _calibration_images(split, calib_landmarks, detection=None) -> dict:
     cal = split.calib
     if cal.source == "array":
         how = "aligned crops given as an array"
+    elif detection is not None:
+        how = f"faces found by {detection.describe()}"
     elif calib_landmarks:
         how = f"5-point similarity alignment with {calib_landmarks}"
     else:
@@ -247,6 +256,7 @@ def _check_images(
     precision,
     load_images,
     fallback: CheckImages | None,
+    calib_detector=None,
 ) -> CheckImages:
     """Images for the build's fidelity check: given ones, else the calibration images held out
     by an int8 build, else (other precisions) the calibration images."""
@@ -259,7 +269,9 @@ def _check_images(
         h = split.holdout
         return CheckImages(h.faces[:check_count], f"held-out calibration images ({h.source})", h.source)
     if calib is not None and precision != "int8":
-        got = load_images(calib, calib_landmarks, limit=check_count or 64, what="check images")
+        got = load_images(
+            calib, calib_landmarks, limit=check_count or 64, what="check images", detector=calib_detector
+        )
         return CheckImages(got.faces, f"calibration images ({got.source}; not used by a {precision} build)", got.source)
     if fallback is not None:
         return fallback

@@ -103,12 +103,13 @@ class Package:
         return self.runtime.infer_many(xs)
 
     def embed(
-        self, images, landmarks=None, flip: bool = False, raw: bool = False, batch: int | None = None
+        self, images, landmarks=None, flip: bool = False, raw: bool = False, batch: int | None = None, detector=None
     ) -> np.ndarray:
-        """Embeddings of image paths or RGB arrays (see :func:`arcdeploy.faces.pipeline.embed_images`)."""
+        """Embeddings of image paths or RGB arrays (see :func:`arcdeploy.faces.pipeline.embed_images`);
+        ``detector`` (a detector file or an opened detector) finds each image's face instead of landmarks."""
         from .faces.pipeline import embed_images
 
-        return embed_images(self, images, landmarks=landmarks, flip=flip, raw=raw, batch=batch)
+        return embed_images(self, images, landmarks=landmarks, flip=flip, raw=raw, batch=batch, detector=detector)
 
     def describe(self) -> RuntimeInfo:
         return self.runtime.describe()

@@ -38,6 +38,7 @@ def register(sub) -> None:
     p.add_argument(
         "--calib-landmarks", metavar="FILE", help="5-point (or 68-point) landmark file for the calibration images"
     )
+    p.add_argument("--calib-detector", metavar="FILE", help="SCRFD or YuNet detector finding each calibration face")
     p.add_argument(
         "--calib-count",
         type=int,
@@ -91,6 +92,7 @@ def run(args) -> int:
         precision=args.precision,
         calib=args.calib,
         calib_landmarks=args.calib_landmarks,
+        calib_detector=args.calib_detector,
         calib_count=args.calib_count,
         batch=args.batch,
         threads=args.threads,

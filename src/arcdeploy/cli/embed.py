@@ -1,4 +1,5 @@
-"""arcdeploy embed PKG --images LIST|DIR [--landmarks FILE] [--flip] [--raw] [--force] [--ray [ADDR]] -o FEATS.npy"""
+"""arcdeploy embed PKG --images LIST|DIR [--landmarks FILE | --detector FILE [--all-faces]] [--flip] [--raw]
+[--force] [--ray [ADDR]] -o FEATS.npy"""
 from __future__ import annotations
 
 import sys
@@ -14,13 +15,17 @@ def register(sub) -> None:
         description="Embed images with a built package. Rows are L2-normalised float32 in input order "
                     "([N, 512]; with --flip [N, 2, 512]: each image and its mirrored aligned crop). "
                     "Without --landmarks the images are taken as aligned crops (at least 32x32; resized to "
-                    "112x112 if needed). An image that cannot be used (unreadable, above 50 megapixels or "
-                    "ARCDEPLOY_MAX_PIXELS, no or implausible landmarks, a non-finite model output) gets a NaN "
-                    "row, is named on stderr and listed in FEATS.failures.tsv (index, path, reason; names as "
-                    "their bytes, with backslash, tab and newline escaped); the exit status is then 3. "
+                    "112x112 if needed); with --detector each image's faces are found, aligned and embedded in "
+                    "one pass: its best (largest) face, or with --all-faces one row per face (image order, "
+                    "largest first) indexed in FEATS.faces.tsv (row, image, path, face, box, score). An image "
+                    "that cannot be used (unreadable, above 50 megapixels or ARCDEPLOY_MAX_PIXELS, no or "
+                    "implausible landmarks, no face found, a non-finite model output) gets a NaN row (with "
+                    "--all-faces: no row), is named on stderr and listed in FEATS.failures.tsv (index, path, "
+                    "reason; names as their bytes, with backslash, tab and newline escaped); the exit status is "
+                    "then 3. "
                     "Work is saved in FEATS.npy.parts/ as it goes: rerunning the same command after an "
-                    "interruption continues where it stopped. An existing FEATS.npy or FEATS.failures.tsv "
-                    "is only replaced with --force.")
+                    "interruption continues where it stopped. An existing FEATS.npy, FEATS.failures.tsv or "
+                    "FEATS.faces.tsv is only replaced with --force.")
     p.add_argument("package", metavar="PKG", help="a package folder made by arcdeploy build")
     p.add_argument("--images", required=True, metavar="LIST|DIR",
                    help="a folder (searched recursively for jpg/jpeg/png/bmp/webp, sorted) or a text file "
@@ -29,6 +34,17 @@ def register(sub) -> None:
                    help="5-point landmarks: lines 'name x1 y1 ... x5 y5 [score]' (or 68 points). "
                         "An image's row is found by its path relative to the images folder (or the list "
                         "file's folder), else by its file name")
+    p.add_argument("--detector", metavar="FILE",
+                   help="find the faces with this detector instead of --landmarks: SCRFD (insightface ONNX with "
+                        "keypoints) or YuNet (OpenCV Zoo); the kind is recognised from the file")
+    p.add_argument("--all-faces", action="store_true",
+                   help="with --detector: one row per face found instead of one per image")
+    p.add_argument("--min-face", type=float, default=None, metavar="PX",
+                   help="with --detector: leave out faces whose box's shorter side is under PX pixels")
+    p.add_argument("--det-threshold", type=float, default=None, metavar="T",
+                   help="with --detector: minimum detection score (default 0.5 for SCRFD, 0.6 for YuNet)")
+    p.add_argument("--detector-engine", choices=("onnxruntime", "openvino"), default=None,
+                   help="with --detector: what runs SCRFD (default onnxruntime); YuNet always runs in OpenCV")
     p.add_argument("--flip", action="store_true", help="also embed the mirrored crop: output [N, 2, 512]")
     p.add_argument("--raw", action="store_true", help="un-normalised features")
     p.add_argument("--batch", type=int, default=None, metavar="N",
@@ -61,6 +77,7 @@ def run(args) -> int:
             raise ArcdeployError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     ray = ray_options(args, threads=args.threads, workers=args.workers)
     refuse_existing(args.output, args.force)  # before any work: the images may take hours
+    detection = open_cli_detector(args)
     paths = list_images(args.images)
     pkg = load(args.package, threads=args.threads)
     if ray is not None:  # the same job on a Ray cluster: --threads and --workers apply to each actor
@@ -82,14 +99,48 @@ def run(args) -> int:
     res = embed_files(pkg, paths, landmarks=args.landmarks, flip=args.flip, raw=args.raw, batch=args.batch,
                       output=args.output, resume=not args.restart, progress=not args.quiet,
                       workers=args.workers, root=images_root(args.images), chunk_rows=args.chunk_size,
-                      on_failure=report, force=args.force)
+                      on_failure=report, force=args.force, detector=detection, all_faces=args.all_faces)
     n = len(paths)
-    good = n - len(res.failures)
+    failed = len({f.index for f in res.failures})
     resumed = f" ({res.resumed_rows} resumed from saved work)" if res.resumed_rows else ""
-    print(f"embedded {good} of {n} images -> {display_name(str(res.output))} {list(res.features.shape)}{resumed}")
+    out = f"{display_name(str(res.output))} {list(res.features.shape)}"
+    if res.faces is not None:
+        images = len({fr.image for fr in res.faces})
+        print(f"embedded {len(res.faces)} faces from {images} of {n} images -> {out}{resumed}; "
+              f"rows indexed in {display_name(str(res.faces_path))}")
+    else:
+        print(f"embedded {n - failed} of {n} images -> {out}{resumed}")
     print_cluster_summary(res)
     if res.failures:
-        print(f"arcdeploy embed: {len(res.failures)} of {n} images failed (NaN rows), listed in "
+        what = "no rows" if res.faces is not None else "NaN rows"
+        print(f"arcdeploy embed: {failed} of {n} images failed ({what}), listed in "
               f"{display_name(str(res.failures_path))}", file=sys.stderr)
         return EXIT_SOME_FAILED
     return 0
+
+
+def open_cli_detector(args, landmarks_flag: str = "--landmarks"):
+    """The detector the options name, or None; detector options without --detector and
+    landmarks with a detector are errors."""
+    from ..errors import ArcdeployError
+    from ..faces.prepare import DETECTOR_THREADS, exclusive_landmarks_detector
+
+    exclusive_landmarks_detector(args.landmarks, args.detector, landmarks_flag, "--detector")
+    given = [flag for flag, value in (("--all-faces", getattr(args, "all_faces", False)),
+                                      ("--min-face", getattr(args, "min_face", None)),
+                                      ("--det-threshold", getattr(args, "det_threshold", None)),
+                                      ("--detector-engine", getattr(args, "detector_engine", None))) if value]
+    if args.detector is None:
+        if given:
+            raise ArcdeployError(f"{given[0]} needs --detector FILE (a face detector to find the faces)")
+        return None
+    thr = getattr(args, "det_threshold", None)
+    if thr is not None and not 0.0 <= thr <= 1.0:
+        raise ArcdeployError(f"--det-threshold must be between 0 and 1, got {thr:g}")
+    min_face = getattr(args, "min_face", None) or 0.0
+    if min_face < 0:
+        raise ArcdeployError(f"--min-face must not be negative, got {min_face:g}")
+    from ..faces.detect import open_detector
+
+    return open_detector(args.detector, engine=getattr(args, "detector_engine", None) or "onnxruntime",
+                         threshold=thr, min_face=min_face, threads=DETECTOR_THREADS)

@@ -131,10 +131,12 @@ def embed_files_on_ray(package, paths: Sequence, landmarks=None, flip: bool = Fa
                        workers: int | None = None, root=None, chunk_rows: int | None = None,
                        on_failure: Callable[[Failure], None] | None = None, force: bool = False,
                        max_pixels: int | None = None, ray: RayOptions | None = None,
-                       on_progress: Callable[[Progress], None] | None = None) -> RayEmbedResult:
+                       on_progress: Callable[[Progress], None] | None = None, detector=None,
+                       all_faces: bool = False) -> RayEmbedResult:
     """:func:`arcdeploy.faces.pipeline.embed_files` on a Ray cluster: the same arguments, the same
     rows, failures, output files and resuming. ``chunk_rows`` (or ``ray.block``) is the block
-    size; ``workers`` (or ``ray.workers``) the decoding threads per actor. See
+    size; ``workers`` (or ``ray.workers``) the decoding threads per actor. ``detector``: found faces
+    instead of landmarks (its file travels with the package; one row per image). See
     :mod:`arcdeploy.distributed.ray` for how the work travels."""
     require_ray()
     from .ray import run_embed
@@ -148,4 +150,5 @@ def embed_files_on_ray(package, paths: Sequence, landmarks=None, flip: bool = Fa
         opts = replace(opts, block=int(chunk_rows))
     return run_embed(package, paths, landmarks=landmarks, flip=flip, raw=raw, batch=batch, output=output,
                      resume=resume, progress=progress, root=root, on_failure=on_failure, force=force,
-                     max_pixels=max_pixels, options=opts, on_progress=on_progress)
+                     max_pixels=max_pixels, options=opts, on_progress=on_progress, detector=detector,
+                     all_faces=all_faces)

@@ -64,7 +64,16 @@ from ..faces.pipeline import (
     embed_block,
     job_state,
 )
-from ..faces.prepare import EncodedImage, Failure, Missing, input_name, resolve_landmarks
+from ..faces.prepare import (
+    DETECTOR_THREADS,
+    EncodedImage,
+    Failure,
+    Missing,
+    as_detection,
+    exclusive_landmarks_detector,
+    input_name,
+    resolve_landmarks,
+)
 from ..files import FileLock, refuse_existing, scratch_dir
 from ..manifest import MANIFEST_NAME, resolve_inside
 from ..package import Package, load
@@ -164,6 +173,7 @@ class EmbedJob:
     lmks: PackedLandmarks | None
     options: EmbedOptions
     block: int
+    detector: dict | None = None  # open_detector's settings; its file travels with the package as an extra
 
     def bounds(self, c: int) -> tuple[int, int]:
         start = c * self.block
@@ -237,8 +247,14 @@ class BlockEmbedder:
             bundle = _resolve(bundle)
             name = bundle.name
             folder = scratch.enter_context(scratch_dir(SCRATCH))
-            pkg_dir, _extras = bundle.unpack(folder)
+            pkg_dir, extras = bundle.unpack(folder)
             self.package = load(pkg_dir, threads=threads)
+            self.detection = None
+            if self.job.detector is not None:
+                from ..faces.detect import open_detector
+                from ..faces.prepare import Detection
+
+                self.detection = Detection(open_detector(extras["detector"], **self.job.detector))
             got = self.package.fingerprint()
             if got != bundle.fingerprint:
                 raise ArcdeployError(f"{name}: the package arrived changed on node {self.address} (fingerprint "
@@ -264,7 +280,8 @@ class BlockEmbedder:
             start, end = self.job.bounds(c)
             items = self.job.items if images is None else dict(zip(range(start, end), pickle.loads(images[k])))
             t0 = time.perf_counter()
-            rows, failures = embed_block(self.package, items, self.job.lmks, start, end, self.job.options)
+            rows, failures = embed_block(self.package, items, self.job.lmks, start, end, self.job.options,
+                                         self.detection)
             busy = time.perf_counter() - t0
             out.append(pickle.dumps((c, rows, failures, self.node, self.address, self.pid, busy), protocol=5))
         return {"result": np.array(out, dtype=object)}
@@ -522,10 +539,21 @@ def run_embed(package, paths, *, landmarks=None, flip: bool = False, raw: bool =
               output=None, resume: bool = True, progress: bool = True, root=None,
               on_failure: Callable[[Failure], None] | None = None, force: bool = False, max_pixels: int | None = None,
               options: RayOptions | None = None, on_progress: Callable[[Progress], None] | None = None,
-              extras: dict[str, str | os.PathLike] | None = None) -> RayEmbedResult:
+              extras: dict[str, str | os.PathLike] | None = None, detector=None,
+              all_faces: bool = False) -> RayEmbedResult:
     """See :func:`arcdeploy.distributed.embed_files_on_ray`."""
     options = options or RayOptions()
     pkg = load(package)
+    if all_faces:
+        raise ArcdeployError("--all-faces is not available with --ray (one row per image only)")
+    exclusive_landmarks_detector(landmarks, detector)
+    detection = as_detection(detector)
+    detector_settings = None
+    if detection is not None:  # the file travels with the package; each actor opens it as it was opened here
+        d = detection.detector
+        extras = {**(extras or {}), "detector": d.path}
+        detector_settings = {"engine": getattr(d, "engine", "onnxruntime"), "threshold": d.threshold,
+                             "min_face": d.min_face, "threads": DETECTOR_THREADS, "pad_retry": d.pad_retry}
     items = list(paths)
     n = len(items)
     if root is None:
@@ -554,7 +582,8 @@ def run_embed(package, paths, *, landmarks=None, flip: bool = False, raw: bool =
         actors = 0
         try:
             if todo:
-                job = EmbedJob(items, None if lmks is None else PackedLandmarks(lmks), embed_options, block)
+                job = EmbedJob(items, None if lmks is None else PackedLandmarks(lmks), embed_options, block,
+                               detector_settings)
                 with ray_session(options.address):
                     actors = _run_blocks(lambda: PackageBundle.of(pkg, extras), job, todo, options, collector.add)
         finally:
@@ -584,12 +613,12 @@ def run_embed(package, paths, *, landmarks=None, flip: bool = False, raw: bool =
     refuse_existing(output, force)
     refuse_existing(failures_path_for(output), force, "use --force to replace it (it lists an earlier run's failures)")
     with FileLock(output):
-        store = ChunkStore.open(output, job_state(pkg, items, lmks, flip, raw, batch, block), resume)
+        store = ChunkStore.open(output, job_state(pkg, items, lmks, flip, raw, batch, block, detection), resume)
         done = {}
         for c, (s, e) in enumerate(bounds):
             loaded = store.load(c, e - s)
-            if loaded is not None and tuple(loaded[0].shape[1:]) == row_shape:
-                done[c] = loaded[1]
+            if loaded is not None and tuple(loaded.features.shape[1:]) == row_shape:
+                done[c] = loaded.failures
         collector, actors = compute(store, done)
         failures = [f for c in range(len(bounds)) for f in done[c]]
         fpath = store.assemble(output, bounds, row_shape, failures, force=force)

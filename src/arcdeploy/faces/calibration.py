@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from ..errors import ArcdeployError
 from .io import ImageError
-from .prepare import prepare_face, resolve_landmarks
+from .prepare import Detection, as_detection, exclusive_landmarks_detector, prepare_face, resolve_landmarks
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +59,47 @@ def _check_array(arr, what: str) -> np.ndarray:
 
 
 def read_aligned(paths: list[Path], landmarks=None, root: Path | None = None, limit: int | None = None,
-                 warn: bool = True) -> ImageSet:
+                 warn: bool = True, detection: Detection | None = None) -> ImageSet:
     """Prepare ``paths`` in order (:func:`prepare_face`) until ``limit`` usable crops; unusable
-    files (unreadable, without landmarks when a landmark file is given, implausible landmarks)
-    are skipped and listed in ``skipped``."""
+    files (unreadable, without landmarks when a landmark file is given, implausible landmarks,
+    no face found by the detector) are skipped and listed in ``skipped``."""
     lmks = resolve_landmarks(paths, landmarks, root)
     faces: list[np.ndarray] = []
     names: list[str] = []
     skipped: list[str] = []
-    for i, path in enumerate(paths):
-        if limit is not None and len(faces) >= limit:
-            break
+
+    def one(i: int) -> np.ndarray | ImageError:
         try:
-            faces.append(prepare_face(path, None if lmks is None else lmks[i], i))
+            return prepare_face(paths[i], None if lmks is None else lmks[i], i, detection=detection)
         except ImageError as exc:
-            skipped.append(str(exc))
-            continue
-        names.append(str(path))
+            return exc
+
+    # a few images at a time in threads (decoding, and detection when asked, release the GIL),
+    # taken in order until enough are usable
+    workers = min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers, thread_name_prefix="arcdeploy-calib") as pool:
+        for start in range(0, len(paths), 4 * workers):
+            if limit is not None and len(faces) >= limit:
+                break
+            block = range(start, min(start + 4 * workers, len(paths)))
+            for i, got in zip(block, pool.map(one, block)):
+                if limit is not None and len(faces) >= limit:
+                    break
+                if isinstance(got, ImageError):
+                    skipped.append(str(got))
+                    continue
+                faces.append(got)
+                names.append(str(paths[i]))
     if warn and skipped:
         log.warning("skipped %d unusable image(s), first: %s", len(skipped), skipped[0])
     arr = np.stack(faces) if faces else np.empty((0, 112, 112, 3), np.uint8)
     return ImageSet(arr, source="", names=names, skipped=skipped)
 
 
-def load_images(spec, landmarks=None, limit: int | None = None, what: str = "images") -> ImageSet:
-    """An image set from an array, a folder, a list file or a list of paths."""
+def load_images(spec, landmarks=None, limit: int | None = None, what: str = "images", detector=None) -> ImageSet:
+    """An image set from an array, a folder, a list file or a list of paths; ``detector`` (a
+    detector file, an opened detector or a :class:`Detection`) finds each photo's face."""
+    exclusive_landmarks_detector(landmarks, detector, "landmarks", "a detector")
     if isinstance(spec, np.ndarray):
         arr = _check_array(spec, f"{what} array")
         if limit is not None:
@@ -95,7 +112,7 @@ def load_images(spec, landmarks=None, limit: int | None = None, what: str = "ima
     else:
         paths, root, source = list_images(spec), images_root(spec), str(Path(spec))
     lmk = _read_landmarks(landmarks)
-    got = read_aligned(paths, lmk, root, limit=limit, warn=False)
+    got = read_aligned(paths, lmk, root, limit=limit, warn=False, detection=as_detection(detector))
     if len(got.faces) == 0:
         first = f" (first: {got.skipped[0]})" if got.skipped else ""
         raise ArcdeployError(f"{source}: no usable {what}: all {len(got.skipped)} unreadable{first}")
@@ -116,15 +133,16 @@ def _read_landmarks(landmarks):
 
 
 def calibration_split(calib, landmarks=None, count: int = DEFAULT_CALIB_COUNT,
-                      holdout: int = DEFAULT_HOLDOUT) -> CalibrationSplit:
+                      holdout: int = DEFAULT_HOLDOUT, detector=None) -> CalibrationSplit:
     """The first ``count`` usable images for calibration and up to ``holdout``
-    further ones for the fidelity check (None when fewer than MIN_HOLDOUT)."""
+    further ones for the fidelity check (None when fewer than MIN_HOLDOUT); ``detector``
+    finds the face in photos instead of ``landmarks``."""
     if calib is None:
         raise ArcdeployError("int8 needs calibration images: pass --calib LIST|DIR "
-                             "(a few hundred aligned faces or photos with --calib-landmarks)")
+                             "(a few hundred aligned faces, or photos with --calib-landmarks or --calib-detector)")
     if count < 1:
         raise ArcdeployError(f"--calib-count must be at least 1, got {count}")
-    images = load_images(calib, landmarks, limit=count + holdout, what="calibration images")
+    images = load_images(calib, landmarks, limit=count + holdout, what="calibration images", detector=detector)
     faces = images.faces
     if len(faces) < min(count, 16):
         log.warning("only %d calibration images in %s; a few hundred are advised", len(faces), images.source)

@@ -4,7 +4,8 @@ Work is saved as it goes in ``OUTPUT.parts/`` beside the output: one
 ``chunk_NNNNNN.npy`` (+ ``.json`` with its failures) per chunk of rows, and
 ``state.json``, the job's identity: the package (hash of its manifest and model
 files), the images (hash of their paths, sizes, modification times and
-landmarks), flip, raw, batch and chunk size. Rerunning the same job continues
+landmarks), flip, raw, batch and chunk size, and with a face detector its file's
+hash, its settings and whether every face is kept. Rerunning the same job continues
 after the last saved chunk; a parts folder of another job (other settings, or
 an image changed on disk since) is refused, so rows of a changed image are
 never reused. A parts folder that holds no chunk yet has nothing to lose and is
@@ -22,6 +23,13 @@ replaces the output only when complete. ``FEATS.failures.tsv`` (a header line
 output is replaced. Its fields are the names' bytes as the file system has them
 (a name need not be UTF-8), with backslash, tab, newline and carriage return
 written as ``\\\\``, ``\\t``, ``\\n`` and ``\\r``.
+
+One row per detected face (``all_faces``): a chunk still covers a fixed run of images, but
+holds as many rows as faces were found in them, so its record also carries its row index
+(per row: image index, path, face number, box and score; see :class:`FaceRow`). The output
+is assembled from the chunks' rows in order, and ``FEATS.faces.tsv`` (``row<TAB>image<TAB>
+path<TAB>face<TAB>x1<TAB>y1<TAB>x2<TAB>y2<TAB>score``) is written from their indexes, like
+the failures file, before the output is replaced.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +61,41 @@ def failures_path_for(output: str | os.PathLike) -> Path:
     output = Path(output)
     stem = output.name[:-4] if output.name.endswith(".npy") else output.name
     return output.with_name(f"{stem}.failures.tsv")
+
+
+def faces_path_for(output: str | os.PathLike) -> Path:
+    """``FEATS.npy`` -> ``FEATS.faces.tsv`` (same folder): which face each row is."""
+    output = Path(output)
+    stem = output.name[:-4] if output.name.endswith(".npy") else output.name
+    return output.with_name(f"{stem}.faces.tsv")
+
+
+@dataclass(frozen=True)
+class FaceRow:
+    """Where one output row comes from: image ``image`` (its input index and path), its
+    face number ``face`` in the detector's best-first order, the face's box and score."""
+
+    image: int
+    path: str
+    face: int
+    box: tuple[float, float, float, float]
+    score: float
+
+    def to_json(self) -> list:
+        return [self.image, self.path, self.face, [float(v) for v in self.box], float(self.score)]
+
+    @classmethod
+    def from_json(cls, value) -> FaceRow:
+        image, path, face, box, score = value
+        x1, y1, x2, y2 = (float(v) for v in box)
+        return cls(int(image), str(path), int(face), (x1, y1, x2, y2), float(score))
+
+
+@dataclass
+class SavedChunk:
+    features: np.ndarray
+    failures: list[Failure]
+    faces: list[FaceRow] | None = None  # the row index of a chunk of detected faces
 
 
 def parts_dir_for(output: str | os.PathLike) -> Path:
@@ -137,9 +181,10 @@ class ChunkStore:
     def _files(self, c: int) -> tuple[Path, Path]:
         return self.parts / f"chunk_{c:06d}.npy", self.parts / f"chunk_{c:06d}.json"
 
-    def load(self, c: int, rows: int) -> tuple[np.ndarray, list[Failure]] | None:
-        """Chunk ``c`` when it is saved whole with ``rows`` rows and still has the checksum
-        recorded when it was saved, else None (it is then computed again)."""
+    def load(self, c: int, rows: int | None) -> SavedChunk | None:
+        """Chunk ``c`` when it is saved whole with ``rows`` rows (None: as many as its row
+        index lists) and still has the checksum recorded when it was saved, else None (it is
+        then computed again)."""
         npy, js = self._files(c)
         if not npy.exists() or not js.exists():
             return None
@@ -150,20 +195,33 @@ class ChunkStore:
                 return None
             feats = np.load(io.BytesIO(data), allow_pickle=False)
             fails = [Failure(int(i), str(p), str(r)) for i, p, r in record["failures"]]
+            faces = None if record.get("faces") is None else [FaceRow.from_json(v) for v in record["faces"]]
         except (OSError, ValueError, TypeError, KeyError):
             return None
+        if rows is None:
+            if faces is None:
+                return None
+            rows = len(faces)
         if feats.ndim < 2 or feats.shape[0] != rows or feats.dtype != np.float32:
             return None
-        return feats, fails
+        if faces is not None and len(faces) != rows:
+            return None
+        return SavedChunk(feats, fails, faces)
 
-    def save(self, c: int, feats: np.ndarray, failures: list[Failure]) -> None:
+    def save(self, c: int, feats: np.ndarray, failures: list[Failure], faces: list[FaceRow] | None = None) -> None:
+        """Save chunk ``c``: its rows, its failures and, for detected faces, its row index."""
         npy, js = self._files(c)
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(feats, np.float32), allow_pickle=False)
         data = buf.getvalue()
         # the record (failures, checksum) first: the .npy is what marks the chunk as done
-        write_json_atomic(js, {"sha256": hashlib.sha256(data).hexdigest(),
-                               "failures": [[f.index, f.path, f.reason] for f in failures]})
+        record: dict = {"sha256": hashlib.sha256(data).hexdigest(),
+                        "failures": [[f.index, f.path, f.reason] for f in failures]}
+        if faces is not None:
+            if len(faces) != len(feats):
+                raise ValueError(f"chunk {c}: {len(feats)} rows but {len(faces)} entries in its row index")
+            record["faces"] = [f.to_json() for f in faces]
+        write_json_atomic(js, record)
         write_bytes_atomic(npy, data)
 
     def _blocks(self, bounds: list[tuple[int, int]], row_shape: tuple[int, ...]) -> Iterator[np.ndarray]:
@@ -179,25 +237,30 @@ class ChunkStore:
             yield chunk
 
     def assemble(self, output: str | os.PathLike, bounds: list[tuple[int, int]], row_shape: tuple[int, ...],
-                 failures: list[Failure], force: bool = False) -> Path | None:
-        """Write the output from the saved chunks, and the failures file (or remove a stale
-        one); returns the failures file's path when there were failures."""
+                 failures: list[Failure], force: bool = False, faces: list[FaceRow] | None = None) -> Path | None:
+        """Write the output from the saved chunks (``bounds``: each chunk's rows in the output),
+        the failures file (or remove a stale one) and, given the row index ``faces``, the faces
+        file; returns the failures file's path when there were failures."""
         output = Path(output)
-        fpath = failures_path_for(output)
+        fpath, facepath = failures_path_for(output), faces_path_for(output)
         n = bounds[-1][1] if bounds else 0
-        if failures:
-            # the failures file's content is complete before the output is touched; it replaces
+        with contextlib.ExitStack() as side_files:
+            # the side files' contents are complete before the output is touched; each replaces
             # the old one right after the output does
-            with atomic_file(fpath, "wb", force=force) as f:
+            if failures:
+                f = side_files.enter_context(atomic_file(fpath, "wb", force=force))
                 write_failures(f, failures)
-                write_npy_blocks_atomic(output, (n, *row_shape), np.float32, self._blocks(bounds, row_shape),
-                                        force=force)
-            return fpath
-        write_npy_blocks_atomic(output, (n, *row_shape), np.float32, self._blocks(bounds, row_shape), force=force)
+            if faces is not None:
+                f = side_files.enter_context(atomic_file(facepath, "wb", force=force))
+                write_faces_index(f, faces)
+            write_npy_blocks_atomic(output, (n, *row_shape), np.float32, self._blocks(bounds, row_shape), force=force)
         if force:
-            with contextlib.suppress(FileNotFoundError):
-                fpath.unlink()  # a stale list from an earlier run would describe rows that are now fine
-        return None
+            # stale lists from an earlier run would describe rows that are now different
+            for stale, written in ((fpath, bool(failures)), (facepath, faces is not None)):
+                if not written:
+                    with contextlib.suppress(FileNotFoundError):
+                        stale.unlink()
+        return fpath if failures else None
 
     def remove(self) -> None:
         shutil.rmtree(self.parts, ignore_errors=True)
@@ -219,24 +282,45 @@ def write_failures(f, failures: list[Failure]) -> None:
         f.write(b"\t".join(_tsv_field(x) for x in (fl.index, fl.path, fl.reason)) + b"\n")
 
 
+def write_faces_index(f, faces: list[FaceRow]) -> None:
+    """The faces file (see the module doc) into a binary file: row ``r`` of the output is face
+    ``face`` of image ``image``."""
+    f.write(b"row\timage\tpath\tface\tx1\ty1\tx2\ty2\tscore\n")
+    for r, fr in enumerate(faces):
+        cells = [str(r), str(fr.image), fr.path, str(fr.face), *(f"{v:.2f}" for v in fr.box), f"{fr.score:.4f}"]
+        f.write(b"\t".join(_tsv_field(x) for x in cells) + b"\n")
+
+
+def _unescape(field: bytes) -> str:
+    out, i = bytearray(), 0
+    table = {ord("\\"): b"\\", ord("t"): b"\t", ord("n"): b"\n", ord("r"): b"\r"}
+    while i < len(field):
+        if field[i] == 0x5C and i + 1 < len(field) and field[i + 1] in table:
+            out += table[field[i + 1]]
+            i += 2
+        else:
+            out.append(field[i])
+            i += 1
+    return bytes(out).decode("utf-8", "surrogateescape")
+
+
+def read_faces_index(path: str | os.PathLike) -> list[FaceRow]:
+    """The rows of a ``FEATS.faces.tsv`` in order (boxes and scores as written, rounded)."""
+    out = []
+    for line in Path(path).read_bytes().split(b"\n")[1:]:
+        if line:
+            _, image, p, face, x1, y1, x2, y2, score = line.split(b"\t")
+            out.append(FaceRow(int(image), _unescape(p), int(face), (float(x1), float(y1), float(x2), float(y2)),
+                               float(score)))
+    return out
+
+
 def read_failures(path: str | os.PathLike) -> list[Failure]:
     """The failures of a ``FEATS.failures.tsv``, names as ``str`` (undecodable bytes as surrogate escapes)."""
-    def unescape(field: bytes) -> str:
-        out, i = bytearray(), 0
-        table = {ord("\\"): b"\\", ord("t"): b"\t", ord("n"): b"\n", ord("r"): b"\r"}
-        while i < len(field):
-            if field[i] == 0x5C and i + 1 < len(field) and field[i + 1] in table:
-                out += table[field[i + 1]]
-                i += 2
-            else:
-                out.append(field[i])
-                i += 1
-        return bytes(out).decode("utf-8", "surrogateescape")
-
     lines = Path(path).read_bytes().split(b"\n")
     out = []
     for line in lines[1:]:
         if line:
             i, p, r = line.split(b"\t")
-            out.append(Failure(int(i), unescape(p), unescape(r)))
+            out.append(Failure(int(i), _unescape(p), _unescape(r)))
     return out

@@ -10,16 +10,24 @@ will be run on, and every caller applies the same checks:
   the same way, under the file's name;
 - arrays: uint8 RGB (grayscale expanded, alpha dropped);
 - landmarks: plausible for the image (:func:`arcdeploy.faces.align.landmarks_problem`);
-- without landmarks: an aligned crop of at least 32x32 pixels, resized to 112x112.
+- without landmarks: an aligned crop of at least 32x32 pixels, resized to 112x112;
+- with a detector (:class:`Detection`) instead of landmarks: the faces it finds in the
+  decoded image, each aligned with its own 5 points (the best, i.e. largest, face, or
+  every face). Detection runs here, in whichever thread prepares the image, so in the
+  embed pipeline it runs in the decode/align workers beside inference.
 
 A failure is an :class:`ImageError` naming the input and the reason; the embed
 pipeline turns it into a :class:`Failure` row instead of stopping the job.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +35,16 @@ from ..errors import ArcdeployError, first_line
 from .align import landmarks_problem, to_aligned
 from .io import ImageError, decode_image, read_image
 from .landmarks import Landmarks, read_landmarks
+
+if TYPE_CHECKING:
+    from .detect import Face, FaceDetector
+
+log = logging.getLogger(__name__)
+
+# ONNX Runtime threads per detector session when arcdeploy opens the detector: several
+# preparation workers call the one shared session at once, so each call gets few threads
+# (measured with benchmarks/bench_e2e_detect.py: one thread per call is the fastest on 2 cores)
+DETECTOR_THREADS = 1
 
 
 class Missing:
@@ -65,6 +83,76 @@ class EncodedImage:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class Detection:
+    """Faces found by a detector instead of given landmarks: each image's best (largest) face,
+    or with ``all_faces`` every face it finds (best first). The detector is shared by the
+    threads that prepare images (its ``detect`` is thread-safe)."""
+
+    detector: FaceDetector
+    all_faces: bool = False
+
+    def no_face(self) -> str:
+        d = self.detector
+        small = f", faces under {d.min_face:g} px left out" if d.min_face else ""
+        return f"no face found (detector {d.path.name}, threshold {d.threshold:g}{small})"
+
+    def describe(self) -> str:
+        which = "every face" if self.all_faces else "the largest face"
+        return f"{self.detector.describe()}, {which}, 5-point similarity alignment"
+
+    def identity(self) -> str:
+        """What the detected faces depend on: the detector file's content and its settings."""
+        d = self.detector
+        h = hashlib.sha256()
+        with open(d.path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        settings = [d.kind, f"threshold={d.threshold!r}", f"min_face={d.min_face!r}", f"pad={d.pad_retry!r}",
+                    f"engine={getattr(d, 'engine', 'opencv')}", f"size={getattr(d, 'size', None)}",
+                    f"all_faces={self.all_faces}"]
+        return h.hexdigest() + " " + " ".join(settings)
+
+
+def as_detection(detector, all_faces: bool = False, **options) -> Detection | None:
+    """``detector`` (None, a :class:`Detection`, a :class:`FaceDetector` or a detector file)
+    as a :class:`Detection`. A file is opened with ``options`` (see
+    :func:`arcdeploy.faces.detect.open_detector`; threads default to :data:`DETECTOR_THREADS`)."""
+    if detector is None:
+        if all_faces:
+            raise ArcdeployError("all faces: give a face detector to find them")
+        return None
+    if isinstance(detector, Detection):
+        return detector if detector.all_faces == bool(all_faces) else Detection(detector.detector, bool(all_faces))
+    from .detect import FaceDetector, open_detector
+
+    if not isinstance(detector, FaceDetector):
+        if not isinstance(detector, (str, os.PathLike)):
+            raise ArcdeployError(f"detector: expected a detector file or an opened detector, got "
+                                 f"{type(detector).__name__}")
+        options.setdefault("threads", DETECTOR_THREADS)
+        detector = open_detector(Path(detector), **{k: v for k, v in options.items() if v is not None})
+    return Detection(detector, bool(all_faces))
+
+
+def exclusive_landmarks_detector(landmarks, detector, landmarks_flag="--landmarks",
+                                 detector_flag="--detector") -> None:
+    """Landmarks say where the face is, a detector finds it: one or the other."""
+    if landmarks is not None and detector is not None:
+        raise ArcdeployError(f"{landmarks_flag} and {detector_flag} exclude each other: give landmarks for faces "
+                             "whose points are known, or a detector to find them")
+
+
+@dataclass
+class Prepared:
+    """What one input gives: aligned crops uint8 [k, 112, 112, 3] and, with a detector, the
+    detected face of each crop and its place in the detector's best-first list."""
+
+    crops: np.ndarray
+    faces: list[Face] | None = None
+    face_numbers: list[int] | None = None
+
+
 def input_name(item, index: int) -> str:
     if isinstance(item, EncodedImage):
         return item.name
@@ -85,6 +173,18 @@ def as_rgb(arr: np.ndarray, name: str) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageError(name, f"expected an H x W x 3 RGB array, got shape {list(arr.shape)}")
     return arr
+
+
+def decode_input(item, name: str, max_pixels: int | None = None) -> np.ndarray:
+    """An input as an RGB uint8 image: a file read and decoded, an :class:`EncodedImage`
+    decoded, an array checked."""
+    if isinstance(item, EncodedImage):
+        if item.data is None:
+            raise ImageError(name, item.error or "unreadable")
+        return decode_image(item.data, name, max_pixels)
+    if isinstance(item, np.ndarray):
+        return as_rgb(item, name)
+    return read_image(item, max_pixels)
 
 
 def resolve_landmarks(items: Sequence, landmarks, root=None) -> list | None:
@@ -124,24 +224,23 @@ def resolve_landmarks(items: Sequence, landmarks, root=None) -> list | None:
     return out
 
 
-def prepare_face(item, lmk=None, index: int = 0, max_pixels: int | None = None) -> np.ndarray:
-    """One input (path, :class:`EncodedImage` or RGB array) -> its aligned uint8 [112, 112, 3] crop; raises
-    :class:`ImageError`.
+def prepare_face(item, lmk=None, index: int = 0, max_pixels: int | None = None,
+                 detection: Detection | None = None) -> np.ndarray:
+    """One input (path, :class:`EncodedImage` or RGB array) -> its aligned uint8 [112, 112, 3] crop;
+    raises :class:`ImageError`.
 
     ``lmk``: float32 [5, 2] (align), None (the input is an aligned crop) or a
     :class:`Missing`. ``max_pixels``: the decoding limit for files (see
-    :func:`arcdeploy.faces.io.max_pixels_limit`).
+    :func:`arcdeploy.faces.io.max_pixels_limit`). ``detection``: find the face with
+    a detector instead (``lmk`` must then be None); its best face.
     """
+    if detection is not None:
+        return prepare_image(item, lmk, index, max_pixels, Detection(detection.detector)).crops[0]
     name = input_name(item, index)
     if isinstance(lmk, Missing):
         where = os.path.basename(lmk.source) if lmk.source else "the landmark file"
         raise ImageError(name, f"no landmarks for this image in {where}")
-    if isinstance(item, EncodedImage):
-        if item.data is None:
-            raise ImageError(name, item.error or "unreadable")
-        img = decode_image(item.data, name, max_pixels)
-    else:
-        img = as_rgb(item, name) if isinstance(item, np.ndarray) else read_image(item, max_pixels)
+    img = decode_input(item, name, max_pixels)
     if lmk is not None:
         problem = landmarks_problem(lmk, img.shape)
         if problem:
@@ -152,6 +251,51 @@ def prepare_face(item, lmk=None, index: int = 0, max_pixels: int | None = None) 
         raise
     except ArcdeployError as exc:
         raise ImageError(name, str(exc)) from None
+
+
+def prepare_image(item, lmk=None, index: int = 0, max_pixels: int | None = None,
+                  detection: Detection | None = None) -> Prepared:
+    """One input -> its aligned crops: one (:func:`prepare_face`), or with ``detection`` one per
+    detected face kept (the best face, or every face whose points can align a crop); raises
+    :class:`ImageError` (no face found is one)."""
+    if detection is None:
+        return Prepared(prepare_face(item, lmk, index, max_pixels)[None])
+    if lmk is not None:
+        raise ArcdeployError("landmarks and a detector exclude each other")
+    name = input_name(item, index)
+    img = decode_input(item, name, max_pixels)
+    try:
+        found = detection.detector.detect(img)
+    except ArcdeployError as exc:
+        raise ImageError(name, f"face detection failed: {first_line(exc)}") from None
+    if not found:
+        raise ImageError(name, detection.no_face())
+    crops, faces, numbers = [], [], []
+    for k, face in enumerate(found if detection.all_faces else found[:1]):
+        problem = landmarks_problem(face.points, img.shape)
+        if problem:
+            if not detection.all_faces:
+                raise ImageError(name, f"the detected face cannot be aligned: {problem}")
+            # a tiny or degenerate face in a crowd: left out, as --min-face would
+            log.debug("%s: face %d left out: %s", name, k, problem)
+            continue
+        crops.append(to_aligned(img, face.points))
+        faces.append(face)
+        numbers.append(k)
+    if not crops:
+        raise ImageError(name, f"no face that can be aligned among the {len(found)} found")
+    return Prepared(np.stack(crops), faces, numbers)
+
+
+def prepare_image_or_failure(item, lmk, index: int, max_pixels: int | None = None,
+                             detection: Detection | None = None) -> Prepared | Failure:
+    """:func:`prepare_image`, with any failure returned as a :class:`Failure` (never raised)."""
+    try:
+        return prepare_image(item, lmk, index, max_pixels, detection)
+    except ImageError as exc:
+        return Failure(index, exc.path, exc.reason)
+    except Exception as exc:  # an OpenCV or OS surprise on one image must not stop the job
+        return Failure(index, input_name(item, index), f"{type(exc).__name__}: {first_line(exc)}")
 
 
 def prepare_or_failure(item, lmk, index: int, max_pixels: int | None = None) -> np.ndarray | Failure:
