@@ -28,6 +28,7 @@ import pytest
 
 from arcdeploy.cli import main
 from arcdeploy.demo.synth import draw_face
+from real_material import REAL, needs_real
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
@@ -341,3 +342,22 @@ def test_without_ray_it_says_what_to_install(monkeypatch, tmp_path, capsys):
     rc = main(["embed", str(tmp_path / "pkg"), "--images", str(img), "--ray", "-o", str(tmp_path / "f.npy")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "pip install 'arcdeploy[ray]'" in err[0]
+
+
+@pytest.mark.slow
+@needs_real("models/scrfd_500m_kps.onnx", "faces/photos")
+def test_detector_travels_to_the_workers(cluster, mbf_pkg, tmp_path):
+    """--detector on the cluster: the detector file goes with the package and each actor finds the
+    faces itself; rows and failures equal the local run's (a blank image has no face)."""
+    photos = tmp_path / "photos"
+    shutil.copytree(REAL / "faces" / "photos", photos)
+    cv2.imwrite(str(photos / "blank.png"), np.full((200, 200, 3), 90, np.uint8))
+    scrfd = REAL / "models" / "scrfd_500m_kps.onnx"
+    common = ["embed", str(mbf_pkg), "--images", str(photos), "--detector", str(scrfd), "--batch", str(BATCH),
+              "--threads", "1", "-q"]
+    local_out, ray_out = tmp_path / "local" / "feats.npy", tmp_path / "ray" / "feats.npy"
+    assert main([*common, "-o", str(local_out)]) == 3
+    rc, _, stderr = _finish_on_loopback(_start([*common, "-o", str(ray_out), "--ray", cluster.address]))
+    assert rc == 3, stderr[-2000:]
+    _same_output(ray_out, local_out)
+    assert "blank.png" in ray_out.with_name("feats.failures.tsv").read_text() and "no face found" in stderr

@@ -31,6 +31,7 @@ Retries
     result. If the driver itself dies, the saved chunks stay; the same command continues after
     them (and, with the same block and batch sizes, so does a local run, and the reverse).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -95,9 +96,9 @@ SCRATCH = "ray-package"
 class PackageBundle:
     """A package's files as bytes (one object in Ray's object store) and its fingerprint."""
 
-    name: str                 # the package folder on the driver (for messages)
+    name: str  # the package folder on the driver (for messages)
     fingerprint: str
-    files: dict[str, bytes]   # path inside the package -> content
+    files: dict[str, bytes]  # path inside the package -> content
     extras: dict[str, bytes]  # other files the job needs, by name (unpacked beside the package)
 
     @classmethod
@@ -121,6 +122,7 @@ class PackageBundle:
 
     def unpack(self, folder: Path) -> tuple[Path, dict[str, Path]]:
         """Write the files below ``folder``; returns the package folder and the extras' paths."""
+
         def place(base: Path, name: str, data: bytes) -> Path:
             rel = Path(name)
             if rel.is_absolute() or ".." in rel.parts:
@@ -254,19 +256,23 @@ class BlockEmbedder:
                 from ..faces.detect import open_detector
                 from ..faces.prepare import Detection
 
-                self.detection = Detection(open_detector(extras["detector"], **self.job.detector))
+                settings = dict(self.job.detector)
+                self.detection = Detection(open_detector(extras[settings.pop("path")], **settings))
             got = self.package.fingerprint()
             if got != bundle.fingerprint:
-                raise ArcdeployError(f"{name}: the package arrived changed on node {self.address} (fingerprint "
-                                     f"{got[:12]}, expected {bundle.fingerprint[:12]}); was it rebuilt while the "
-                                     "job started?")
+                raise ArcdeployError(
+                    f"{name}: the package arrived changed on node {self.address} (fingerprint "
+                    f"{got[:12]}, expected {bundle.fingerprint[:12]}); was it rebuilt while the "
+                    "job started?"
+                )
             self.package.runtime  # noqa: B018 (opens the engine once, for every block)
         except Exception as exc:
             # named as the user knows it, not by this actor's scratch copy
             text = describe(exc).replace(str(pkg_dir), name) if pkg_dir else describe(exc)
             where = f"on node {self.address}"
-            self.error = ArcdeployError(f"{text} ({where})" if isinstance(exc, ArcdeployError)
-                                        else f"{name}: cannot be opened {where} ({text})")
+            self.error = ArcdeployError(
+                f"{text} ({where})" if isinstance(exc, ArcdeployError) else f"{name}: cannot be opened {where} ({text})"
+            )
         finally:
             scratch.close()
 
@@ -280,8 +286,9 @@ class BlockEmbedder:
             start, end = self.job.bounds(c)
             items = self.job.items if images is None else dict(zip(range(start, end), pickle.loads(images[k])))
             t0 = time.perf_counter()
-            rows, failures = embed_block(self.package, items, self.job.lmks, start, end, self.job.options,
-                                         self.detection)
+            rows, failures = embed_block(
+                self.package, items, self.job.lmks, start, end, self.job.options, self.detection
+            )
             busy = time.perf_counter() - t0
             out.append(pickle.dumps((c, rows, failures, self.node, self.address, self.pid, busy), protocol=5))
         return {"result": np.array(out, dtype=object)}
@@ -331,8 +338,9 @@ def _pinned_to(node_id: str) -> dict:
     """map_batches arguments that keep a stage's actors on one node: by the node's label where this
     Ray has node labels (remote arguments such as a scheduling strategy are on their way out of
     map_batches), else by a node-affinity scheduling strategy."""
-    labelled = any(n.get("NodeID") == node_id and (n.get("Labels") or {}).get("ray.io/node-id") == node_id
-                   for n in ray.nodes())
+    labelled = any(
+        n.get("NodeID") == node_id and (n.get("Labels") or {}).get("ray.io/node-id") == node_id for n in ray.nodes()
+    )
     if labelled and _accepts(ray.data.Dataset.map_batches, "label_selector"):
         return {"label_selector": {"ray.io/node-id": node_id}}
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -445,8 +453,18 @@ def _job_error(exc: BaseException) -> ArcdeployError:
 class _Collector:
     """The driver's side: results of blocks in, chunks saved, progress and per-node counts out."""
 
-    def __init__(self, bounds, row_shape, store: ChunkStore | None, done: dict[int, list[Failure]], total: int,
-                 resumed: int, progress: bool, on_failure, on_progress):
+    def __init__(
+        self,
+        bounds,
+        row_shape,
+        store: ChunkStore | None,
+        done: dict[int, list[Failure]],
+        total: int,
+        resumed: int,
+        progress: bool,
+        on_failure,
+        on_progress,
+    ):
         self.bounds, self.row_shape, self.store, self.done = bounds, row_shape, store, done
         self.rows: dict[int, np.ndarray] = {}
         self.nodes: dict[str, NodeStats] = {}
@@ -462,8 +480,10 @@ class _Collector:
         c, rows, failures, node, address, pid, busy = pickle.loads(result)
         start, end = self.bounds[c]
         if rows.dtype != np.float32 or rows.shape != (end - start, *self.row_shape):
-            raise ArcdeployError(f"block {c} came back with rows {list(rows.shape)} {rows.dtype}, expected "
-                                 f"{[end - start, *self.row_shape]} float32 (engine output of another shape?)")
+            raise ArcdeployError(
+                f"block {c} came back with rows {list(rows.shape)} {rows.dtype}, expected "
+                f"{[end - start, *self.row_shape]} float32 (engine output of another shape?)"
+            )
         if c in self.done:  # Ray ran a block twice (a retry that raced its first result): same rows
             return
         if self.store is not None:
@@ -498,8 +518,13 @@ class _Collector:
         self.bar.close()
 
 
-def _run_blocks(bundle: Callable[[], PackageBundle], job: EmbedJob, todo: list[int], options: RayOptions,
-                collect: Callable[[bytes], None]) -> int:
+def _run_blocks(
+    bundle: Callable[[], PackageBundle],
+    job: EmbedJob,
+    todo: list[int],
+    options: RayOptions,
+    collect: Callable[[bytes], None],
+) -> int:
     """Run the missing blocks on the cluster; each result goes to ``collect`` as it arrives.
     ``bundle`` makes the package's bundle (held only until the object store has it). Returns
     the size of the actor pool."""
@@ -508,8 +533,15 @@ def _run_blocks(bundle: Callable[[], PackageBundle], job: EmbedJob, todo: list[i
         cpus = _cluster_cpus()
         actors = int(options.actors or max(1, cpus // threads))
         actors = max(1, min(actors, len(todo)))
-        log.info("Ray: %d CPUs, %d embedding actors of %d CPUs, %d blocks of %d images, images read on the %s",
-                 cpus, actors, threads, len(todo), job.block, options.read)
+        log.info(
+            "Ray: %d CPUs, %d embedding actors of %d CPUs, %d blocks of %d images, images read on the %s",
+            cpus,
+            actors,
+            threads,
+            len(todo),
+            job.block,
+            options.read,
+        )
         bundle_ref = ray.put(bundle())
         job_ref = ray.put(job)
         blocks = [{"block": c} for c in todo]
@@ -521,10 +553,23 @@ def _run_blocks(bundle: Callable[[], PackageBundle], job: EmbedJob, todo: list[i
         if options.read == "driver":
             readers = max(1, min(MAX_READERS, -(-actors // READERS_PER_ACTORS)))
             # reading files costs no CPU worth reserving; the CPUs are the embedding actors'
-            ds = ds.map_batches(BlockReader, fn_constructor_args=(job_ref,), batch_size=1, batch_format="numpy",
-                                compute=_pool(readers), num_cpus=0, **_pinned_to(_driver_node()))
-        ds = ds.map_batches(BlockEmbedder, fn_constructor_args=(bundle_ref, job_ref, threads), batch_size=1,
-                            batch_format="numpy", compute=_pool(actors), num_cpus=threads)
+            ds = ds.map_batches(
+                BlockReader,
+                fn_constructor_args=(job_ref,),
+                batch_size=1,
+                batch_format="numpy",
+                compute=_pool(readers),
+                num_cpus=0,
+                **_pinned_to(_driver_node()),
+            )
+        ds = ds.map_batches(
+            BlockEmbedder,
+            fn_constructor_args=(bundle_ref, job_ref, threads),
+            batch_size=1,
+            batch_format="numpy",
+            compute=_pool(actors),
+            num_cpus=threads,
+        )
         try:
             for row in ds.iter_rows():
                 collect(row["result"])
@@ -535,12 +580,27 @@ def _run_blocks(bundle: Callable[[], PackageBundle], job: EmbedJob, todo: list[i
     return actors
 
 
-def run_embed(package, paths, *, landmarks=None, flip: bool = False, raw: bool = False, batch: int | None = None,
-              output=None, resume: bool = True, progress: bool = True, root=None,
-              on_failure: Callable[[Failure], None] | None = None, force: bool = False, max_pixels: int | None = None,
-              options: RayOptions | None = None, on_progress: Callable[[Progress], None] | None = None,
-              extras: dict[str, str | os.PathLike] | None = None, detector=None,
-              all_faces: bool = False) -> RayEmbedResult:
+def run_embed(
+    package,
+    paths,
+    *,
+    landmarks=None,
+    flip: bool = False,
+    raw: bool = False,
+    batch: int | None = None,
+    output=None,
+    resume: bool = True,
+    progress: bool = True,
+    root=None,
+    on_failure: Callable[[Failure], None] | None = None,
+    force: bool = False,
+    max_pixels: int | None = None,
+    options: RayOptions | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    extras: dict[str, str | os.PathLike] | None = None,
+    detector=None,
+    all_faces: bool = False,
+) -> RayEmbedResult:
     """See :func:`arcdeploy.distributed.embed_files_on_ray`."""
     options = options or RayOptions()
     pkg = load(package)
@@ -551,9 +611,16 @@ def run_embed(package, paths, *, landmarks=None, flip: bool = False, raw: bool =
     detector_settings = None
     if detection is not None:  # the file travels with the package; each actor opens it as it was opened here
         d = detection.detector
-        extras = {**(extras or {}), "detector": d.path}
-        detector_settings = {"engine": getattr(d, "engine", "onnxruntime"), "threshold": d.threshold,
-                             "min_face": d.min_face, "threads": DETECTOR_THREADS, "pad_retry": d.pad_retry}
+        # under its own name: failures name the detector file, on the workers as here
+        extras = {**(extras or {}), d.path.name: d.path}
+        detector_settings = {
+            "path": d.path.name,
+            "engine": getattr(d, "engine", "onnxruntime"),
+            "threshold": d.threshold,
+            "min_face": d.min_face,
+            "threads": DETECTOR_THREADS,
+            "pad_retry": d.pad_retry,
+        }
     items = list(paths)
     n = len(items)
     if root is None:
@@ -565,8 +632,13 @@ def run_embed(package, paths, *, landmarks=None, flip: bool = False, raw: bool =
     block = block_size(n, batch, options.block)
     threads = int(options.threads or 1)
     # the pixel limit is settled here: ARCDEPLOY_MAX_PIXELS is this machine's setting, not the workers'
-    embed_options = EmbedOptions(batch=batch, flip=bool(flip), raw=bool(raw),
-                                 workers=int(options.workers or threads + 1), max_pixels=max_pixels_limit(max_pixels))
+    embed_options = EmbedOptions(
+        batch=batch,
+        flip=bool(flip),
+        raw=bool(raw),
+        workers=int(options.workers or threads + 1),
+        max_pixels=max_pixels_limit(max_pixels),
+    )
     bounds = [(s, min(s + block, n)) for s in range(0, n, block)]
     dim = int(pkg.output_spec.dim)
     row_shape = (2, dim) if flip else (dim,)
@@ -582,24 +654,36 @@ def run_embed(package, paths, *, landmarks=None, flip: bool = False, raw: bool =
         actors = 0
         try:
             if todo:
-                job = EmbedJob(items, None if lmks is None else PackedLandmarks(lmks), embed_options, block,
-                               detector_settings)
+                job = EmbedJob(
+                    items, None if lmks is None else PackedLandmarks(lmks), embed_options, block, detector_settings
+                )
                 with ray_session(options.address):
                     actors = _run_blocks(lambda: PackageBundle.of(pkg, extras), job, todo, options, collector.add)
         finally:
             collector.close()
         missing = [c for c in todo if c not in done]
         if missing:
-            raise ArcdeployError(f"the Ray job ended with {len(missing)} blocks missing (first: rows "
-                                 f"{bounds[missing[0]][0]}-{bounds[missing[0]][1] - 1}); run it again to finish")
+            raise ArcdeployError(
+                f"the Ray job ended with {len(missing)} blocks missing (first: rows "
+                f"{bounds[missing[0]][0]}-{bounds[missing[0]][1] - 1}); run it again to finish"
+            )
         return collector, actors
 
     def result(features, failures, collector, actors, **kw) -> RayEmbedResult:
         nodes = sorted(collector.nodes.values(), key=lambda s: -s.images)
         first_s, first_images = collector.first or (0.0, 0)
-        return RayEmbedResult(features, failures, resumed_rows=collector.resumed, nodes=nodes, actors=actors,
-                              seconds=collector.elapsed, computed=collector.computed, first_s=first_s,
-                              first_images=first_images, **kw)
+        return RayEmbedResult(
+            features,
+            failures,
+            resumed_rows=collector.resumed,
+            nodes=nodes,
+            actors=actors,
+            seconds=collector.elapsed,
+            computed=collector.computed,
+            first_s=first_s,
+            first_images=first_images,
+            **kw,
+        )
 
     if output is None:
         done: dict[int, list[Failure]] = {}
