@@ -64,7 +64,7 @@ def build(
     if check_images is None and (calib is None or parse_precision(precision) == "int8"):
         # an int8 build holds out part of its calibration images; only when too few remain
         # does it need generated ones, which it asks for through this fallback
-        kwargs.setdefault("fallback_check_images", generated_check_images(check_count))
+        kwargs.setdefault("default_check_images", generated_check_images(check_count))
     return _build(
         src, out, check_images=check_images, check_count=check_count, calib=calib, precision=precision, **kwargs
     )

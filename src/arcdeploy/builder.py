@@ -93,10 +93,10 @@ def build(
     check_landmarks=None,
     check_count: int | None = None,
     recipe: QuantRecipe | None = None,
-    fallback: bool = False,
+    fallback: bool = True,
     max_cosine_drop: float | None = None,
     onnx_options: dict | None = None,
-    fallback_check_images: CheckImages | None = None,
+    default_check_images: CheckImages | None = None,
     calib_detector=None,
     **options: Any,
 ) -> Path:
@@ -112,7 +112,7 @@ def build(
     ``recipe``: the int8 recipe (default :meth:`QuantRecipe.for_this_cpu`); ``fallback``:
     keep sensitive layers in float until the floor (or ``max_cosine_drop``) is met.
     ``onnx_options``: ``input_mean`` / ``input_std`` / ``bgr`` for a foreign ONNX.
-    ``fallback_check_images``: what to check on when none of the above gives images. Returns ``out``.
+    ``default_check_images``: what to check on when none of the above gives images. Returns ``out``.
     """
     from .faces.calibration import calibration_split, load_images
     from .faces.prepare import as_detection, exclusive_landmarks_detector
@@ -193,7 +193,7 @@ def build(
                 calib_landmarks,
                 precision,
                 load_images,
-                fallback_check_images,
+                default_check_images,
                 calib_detector,
             )
             floor = floor_for(precision, max_cosine_drop)
@@ -255,7 +255,7 @@ def _check_images(
     calib_landmarks,
     precision,
     load_images,
-    fallback: CheckImages | None,
+    default: CheckImages | None,
     calib_detector=None,
 ) -> CheckImages:
     """Images for the build's fidelity check: given ones, else the calibration images held out
@@ -273,8 +273,8 @@ def _check_images(
             calib, calib_landmarks, limit=check_count or 64, what="check images", detector=calib_detector
         )
         return CheckImages(got.faces, f"calibration images ({got.source}; not used by a {precision} build)", got.source)
-    if fallback is not None:
-        return fallback
+    if default is not None:
+        return default
     raise ArcdeployError(
         "no images for the fidelity check: pass check images (--check-images) "
         "or enough calibration images to hold some out"

@@ -207,7 +207,8 @@ class Engine:
 
     ``build(job)`` writes a package's engine files; ``runtime`` opens them;
     ``open_graph(path, threads)`` runs any ONNX file; ``check(precision)`` fails early,
-    before any work, with a one-line reason when this machine cannot build it.
+    before any work, with a one-line reason when this machine cannot build it;
+    ``reverter(job)`` serves the accuracy-aware int8 fallback (:mod:`arcdeploy.fallback`).
     """
 
     name: str
@@ -219,6 +220,9 @@ class Engine:
     open_graph: Callable[..., GraphSession] | None = None
     check: Callable[[str], None] | None = None
     describe_library: Callable[[], str] | None = None
+    # an int8 build's layers put back in float one by one, for the accuracy-aware fallback:
+    # reverter(job) -> object with layers() -> [names] and embed(names, x) -> float32 [N, D]
+    reverter: Callable[[BuildJob], Any] | None = None
 
     def check_precision(self, precision: str) -> None:
         if precision not in self.capabilities.precisions:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArcdeployError, first_line
-from ..quantize import QuantRecipe, float_nodes_onnx, quiet_quantizers
+from ..quantize import QuantRecipe, float_nodes_onnx, quiet_quantizers, range_spread
 from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, TensorInfo
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -208,7 +208,8 @@ def _quantize_nncf(src: Path, target: Path, x: np.ndarray, input_name: str, reci
     import onnx
 
     model = onnx.load(str(src))
-    kept = float_nodes_onnx(model, recipe)
+    spreads = input_spreads(src, x[:SPREAD_SAMPLES], input_name) if "spread" in recipe.keep_float else None
+    kept = float_nodes_onnx(model, recipe, spreads)
     dataset = nncf.Dataset([{input_name: x[i : i + 1]} for i in range(len(x))])
     with quiet_quantizers():
         q = nncf.quantize(model, dataset, **recipe.nncf_kwargs(len(x), kept.names()))
@@ -234,10 +235,109 @@ def _quantize_ort(src: Path, target: Path, x: np.ndarray, input_name: str, recip
         pre = Path(work) / "pre.onnx"
         with quiet_quantizers():
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        kept = float_nodes_onnx(onnx.load(str(pre), load_external_data=False), recipe)
+        spreads = input_spreads(pre, x[:SPREAD_SAMPLES], input_name) if "spread" in recipe.keep_float else None
+        kept = float_nodes_onnx(onnx.load(str(pre), load_external_data=False), recipe, spreads)
         with quiet_quantizers():
             quantize_static(str(pre), str(target), Reader(), **ort_quantization_kwargs(recipe, kept.names()))
     return recipe.manifest_entry("onnxruntime quantize_static -> QDQ", kept, len(x))
+
+
+SPREAD_SAMPLES = 64  # calibration images the input channel spread is measured on
+
+
+def input_spreads(onnx_path: Path, x: np.ndarray, input_name: str, batch: int = 16) -> dict[str, float]:
+    """The per-channel range spread of every Conv's input (:func:`arcdeploy.quantize.range_spread`),
+    measured by running the float model with those tensors as extra outputs."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(onnx_path))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    names = list(dict.fromkeys(n.input[0] for n in convs))
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in names if t not in have)
+    session = _session_from_bytes(model.SerializeToString())
+    lo: dict[str, np.ndarray] = {}
+    hi: dict[str, np.ndarray] = {}
+    for s in range(0, len(x), batch):
+        outs = session.run(names, {input_name: x[s : s + batch]})
+        for t, a in zip(names, outs):
+            mn, mx = a.min(axis=(0, 2, 3)), a.max(axis=(0, 2, 3))
+            lo[t] = np.minimum(lo[t], mn) if t in lo else mn
+            hi[t] = np.maximum(hi[t], mx) if t in hi else mx
+    return {n.name: range_spread(hi[n.input[0]] - lo[n.input[0]]) for n in convs}
+
+
+def _session_from_bytes(data: bytes, threads: int | None = None):
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+class LayerReverter:
+    """A QDQ int8 model with chosen layers put back in float (their input's QuantizeLinear /
+    DequantizeLinear pair bypassed, their fp32 weights and bias restored), for ranking layers
+    by what int8 costs them."""
+
+    WEIGHTED = ("Conv", "Gemm", "MatMul")
+
+    def __init__(self, quantized_path: Path, float_path: Path, threads: int | None = None):
+        import onnx
+
+        self.quantized = onnx.load(str(quantized_path))
+        self.input_name = self.quantized.graph.input[0].name  # the package's input (folded or not)
+        float_model = onnx.load(str(float_path))
+        self.float_nodes = {n.name: n for n in float_model.graph.node if n.op_type in self.WEIGHTED}
+        self.float_inits = {i.name: i for i in float_model.graph.initializer}
+        self.threads = threads
+
+    def layers(self) -> list[str]:
+        producers = {o: n for n in self.quantized.graph.node for o in n.output}
+        return [
+            n.name
+            for n in self.quantized.graph.node
+            if n.op_type in self.WEIGHTED
+            and n.name in self.float_nodes
+            and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input[:2])
+        ]
+
+    def embed(self, names: list[str], x: np.ndarray, batch: int = 32) -> np.ndarray:
+        import onnx
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.quantized)
+        producers = {o: n for n in model.graph.node for o in n.output}
+        by_name = {n.name: n for n in model.graph.node}
+        added: set[str] = set()
+        for name in names:
+            node, ref = by_name[name], self.float_nodes[name]
+            dq = producers.get(node.input[0])
+            if dq is not None and dq.op_type == "DequantizeLinear":
+                q = producers.get(dq.input[0])
+                if q is not None and q.op_type == "QuantizeLinear":
+                    node.input[0] = q.input[0]
+            for k in range(1, min(len(node.input), len(ref.input))):
+                init = self.float_inits.get(ref.input[k])
+                if init is None:
+                    continue
+                restored = f"arcdeploy_fp32/{name}/{k}"
+                if restored not in added:
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(init)
+                    copy.name = restored
+                    model.graph.initializer.append(copy)
+                    added.add(restored)
+                node.input[k] = restored
+        session = _session_from_bytes(model.SerializeToString(), self.threads)
+        outs = [session.run(None, {self.input_name: x[s : s + batch]})[0] for s in range(0, len(x), batch)]
+        return np.concatenate(outs).astype(np.float32)
+
+
+def reverter(job: BuildJob) -> LayerReverter:
+    return LayerReverter(job.out_dir / "model.onnx", job.onnx_path, job.manifest.threads)
 
 
 def ort_quantization_kwargs(recipe: QuantRecipe, excluded: list[str]) -> dict:
@@ -275,4 +375,5 @@ ENGINE = Engine(
     open_graph=open_graph,
     check=_check,
     describe_library=_version,
+    reverter=reverter,
 )

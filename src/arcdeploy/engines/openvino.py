@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArcdeployError, first_line
-from ..quantize import FloatScope, QuantRecipe, quiet_quantizers
+from ..quantize import FloatScope, QuantRecipe, quiet_quantizers, range_spread, spread_layers
 from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, StopRule, TensorInfo
 
 # layer types whose runtime precision says what the heavy math runs in
@@ -274,7 +274,53 @@ def open_graph(path, threads: int | None = None, **options: Any) -> OvGraph:
 # ------------------------------------------------------------------ building
 
 
-def float_ops(model, recipe: QuantRecipe) -> FloatScope:
+WEIGHTED = ("Convolution", "GroupConvolution", "MatMul")
+SPREAD_SAMPLES = 64  # calibration images the input channel spread is measured on
+
+
+def convert(onnx_path: Path):
+    """The exported ONNX as an OpenVINO model to build from. ``convert_model`` folds the constant
+    subgraphs of a dynamic-batch export (read_model leaves each convolution's bias behind a
+    ShapeOf / Reshape chain, where NNCF's bias correction does not find it and silently does nothing)."""
+    try:
+        return _ov().convert_model(str(onnx_path))
+    except Exception as exc:
+        raise ArcdeployError(f"{onnx_path}: OpenVINO cannot convert it ({first_line(exc)})") from None
+
+
+def weighted_ops(model) -> list:
+    return [op for op in model.get_ordered_ops() if op.get_type_name() in WEIGHTED]
+
+
+def input_spreads(model, x: np.ndarray, batch: int = 16) -> dict[str, float]:
+    """The per-channel range spread of every convolution's input (see
+    :func:`arcdeploy.quantize.channel_spread`), measured by running the float model on ``x``."""
+    probe = model.clone()
+    convs = [op for op in weighted_ops(probe) if op.get_type_name() != "MatMul"]
+    probe.add_outputs([op.input_value(0) for op in convs])
+    compiled = _compile(probe, {"INFERENCE_PRECISION_HINT": "f32"}, "the model (measuring activation ranges)")
+    req = compiled.create_infer_request()
+    lo: list[np.ndarray] = []
+    hi: list[np.ndarray] = []
+    for s in range(0, len(x), batch):
+        req.infer({0: x[s : s + batch]})
+        for k in range(len(convs)):
+            a = req.get_output_tensor(1 + k).data  # [N, C, H, W]
+            mn, mx = a.min(axis=(0, 2, 3)), a.max(axis=(0, 2, 3))
+            if s == 0:
+                lo.append(mn.copy())
+                hi.append(mx.copy())
+            else:
+                lo[k] = np.minimum(lo[k], mn)
+                hi[k] = np.maximum(hi[k], mx)
+    out = {}
+    for k, op in enumerate(convs):
+        ranges = np.asarray(hi[k]) - np.asarray(lo[k])
+        out[op.get_friendly_name()] = range_spread(ranges) if ranges.size else 0.0
+    return out
+
+
+def float_ops(model, recipe: QuantRecipe, spreads: dict[str, float] | None = None) -> FloatScope:
     """The OpenVINO op names the recipe keeps in float (graph order)."""
     ops = list(model.get_ordered_ops())
     scope = FloatScope()
@@ -282,6 +328,10 @@ def float_ops(model, recipe: QuantRecipe) -> FloatScope:
         conv = next((op for op in ops if op.get_type_name() == "Convolution"), None)
         if conv is not None:
             scope.add(conv.get_friendly_name(), "stem")
+    if "spread" in recipe.keep_float and spreads:
+        for name in spread_layers(spreads, recipe):
+            scope.add(name, "spread")
+            scope.spreads[name] = spreads[name]
     if "depthwise" in recipe.keep_float:
         for op in ops:
             if op.get_type_name() == "GroupConvolution":
@@ -303,15 +353,66 @@ def quantize(model, recipe: QuantRecipe, x: np.ndarray):
     """NNCF post-training quantization of an OpenVINO model; (model, scope kept in float)."""
     import nncf
 
-    scope = float_ops(model, recipe)
+    spreads = input_spreads(model, x[:SPREAD_SAMPLES]) if "spread" in recipe.keep_float else None
+    scope = float_ops(model, recipe, spreads)
     # the fc MatMul is enough to keep the head: NNCF never quantizes the folded BN1d after it
-    ignored = [n for n, role in scope.entries if role != "head"] + [n for n, role in scope.entries if role == "head"][
-        :1
-    ]
+    head = [n for n, role in scope.entries if role == "head"]
+    ignored = [n for n, role in scope.entries if role != "head"] + head[:1]
     dataset = nncf.Dataset([x[i : i + 1] for i in range(len(x))])
     with quiet_quantizers():
         q = nncf.quantize(model, dataset, **recipe.nncf_kwargs(len(x), ignored))
     return q, scope
+
+
+class LayerReverter:
+    """An int8 model with chosen layers put back in float, for ranking layers by what int8 costs
+    them: each layer's input FakeQuantize is bypassed and its fp32 weights restored (no new
+    calibration), so trying a layer costs one compile."""
+
+    def __init__(self, quantized_path: Path, float_onnx: Path, threads: int | None = None, batch: int = 16):
+        self.quantized = _read(quantized_path)
+        self.float = {op.get_friendly_name(): op for op in weighted_ops(convert(float_onnx))}
+        self.threads = threads
+        self.batch = batch  # a package compiled for a fixed batch takes exactly that many
+
+    def layers(self) -> list[str]:
+        """Weighted layers that int8 touches (an input FakeQuantize or low-precision weights)."""
+        out = []
+        for op in weighted_ops(self.quantized):
+            src = op.input_value(0).get_node().get_type_name()
+            w = op.input_value(1).get_node()
+            if src == "FakeQuantize" or w.get_type_name() != "Constant" or w.get_element_type() != _ov().Type.f32:
+                out.append(op.get_friendly_name())
+        return out
+
+    def embed(self, names: list[str], x: np.ndarray) -> np.ndarray:
+        batch = self.batch
+        model = self.quantized.clone()
+        ops = {op.get_friendly_name(): op for op in weighted_ops(model)}
+        for name in names:
+            op = ops[name]
+            src = op.input_value(0).get_node()
+            if src.get_type_name() == "FakeQuantize":
+                op.input(0).replace_source_output(src.input_value(0))
+            weights = self.float[name].input_value(1).get_node()
+            if weights.get_type_name() == "Constant":
+                op.input(1).replace_source_output(_ov().op.Constant(weights.get_data().copy()).output(0))
+        model.validate_nodes_and_infer_types()
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = int(self.threads)
+        req = _compile(model, config, "the int8 model (ranking layers)").create_infer_request()
+        outs = []
+        for s in range(0, len(x), batch):
+            req.infer({0: x[s : s + batch]})
+            outs.append(np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True))
+        return np.concatenate(outs)
+
+
+def reverter(job: BuildJob) -> LayerReverter:
+    return LayerReverter(
+        job.out_dir / "model.xml", job.onnx_path, job.manifest.threads, batch=job.manifest.fixed_batch or 16
+    )
 
 
 def _check(precision: str) -> None:
@@ -320,7 +421,7 @@ def _check(precision: str) -> None:
 
 def build(job: BuildJob) -> None:
     ov = _ov()
-    model = _read(job.onnx_path)
+    model = convert(job.onnx_path)
     cfg: dict[str, Any] = {"device": "CPU", "performance_hint": job.options.get("performance_hint", "LATENCY")}
     if job.precision in HINTS:
         cfg["inference_precision"] = HINTS[job.precision]
@@ -398,4 +499,5 @@ ENGINE = Engine(
     open_graph=open_graph,
     check=_check,
     describe_library=_version,
+    reverter=reverter,
 )
