@@ -557,7 +557,7 @@ def real_packages(tmp_path_factory, real_export, lfw_faces):
             kw = {"check_images": lfw_faces}
             if precision == "int8":
                 # calibration on real aligned LFW faces; the build checks on the ones it holds out
-                kw = {"calib": LFW, "calib_landmarks": LFW_5PTS, "calib_count": 128}
+                kw = {"calib": LFW, "calib_landmarks": LFW_5PTS, "calib_count": 300}
             cache[engine, precision] = build(
                 W600K, root / f"{engine}_{precision}", engine=engine, precision=precision, **kw
             )
@@ -594,7 +594,7 @@ def test_real_export_records_what_it_detected(real_export):
 def test_real_int8_keeps_stem_and_head_float(real_export):
     from arcdeploy.quantize import QuantRecipe, float_nodes_onnx
 
-    scope = float_nodes_onnx(onnx.load(str(real_export.onnx_path)), QuantRecipe())
+    scope = float_nodes_onnx(onnx.load(str(real_export.onnx_path)), QuantRecipe(keep_float=("stem", "head")))
     roles = dict(scope.entries)
     stem = [n for n, r in roles.items() if r == "stem"]
     head = [n for n, r in roles.items() if r == "head"]
@@ -628,12 +628,10 @@ def test_real_int8_builds_and_reports_fidelity(real_packages, lfw_faces, engine)
     m = read_package_manifest(pkg)
     fid = m.fidelity
     assert fid["reference"].startswith("onnxruntime fp32 (source onnx") and fid["cosine"]["n"] > 0
-    assert m.calibration["count"] == 128 and m.calibration["kept_float"]
-    # The int8 recipe is being tuned separately; until it lands this only asserts a sane result.
-    # TODO(int8 recipe): assert fid["passed"] (FLOORS["int8"]) once the tuned recipe is merged.
-    assert fid["cosine"]["mean"] > 0.95
+    assert m.calibration["count"] == 300 and m.calibration["kept_float"]
+    assert fid["passed"] and fid["floor"] == FLOORS["int8"], fid  # on the held-out LFW faces
     cos = cosine_rows(load(pkg).infer(lfw_faces), source_w600k(lfw_faces))
-    assert cos.mean() > 0.95 and np.all(np.isfinite(cos))
+    assert cos.mean() >= FLOORS["int8"]["mean"] and cos.min() >= FLOORS["int8"]["min"]
 
 
 @needs_real

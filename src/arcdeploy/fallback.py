@@ -6,8 +6,10 @@ the most in int8 in float, one by one, until it meets it.
 2. Rank: the int8 model is built once; each quantized layer is put back in float alone (its
    input quantizer bypassed, its fp32 weights restored: the engine's ``reverter``) and the gain
    in mean cosine to fp32 on the validation faces is its sensitivity.
-3. Greedy: layers are reverted in that order until the validation faces clear the floor with a
-   margin (or a limit of layers is reached).
+3. Search: the shortest prefix of that ranking whose layers, back in float, let the validation
+   faces clear the floor with a margin: one layer at a time first (a trained network usually
+   loses its fidelity in one or two layers), then doubling and bisecting the prefix (an untrained
+   or deep one loses a little everywhere), so the search costs a few compiles, not one per layer.
 4. The package is quantized again, cleanly, with those layers in the recipe's float scope, and
    checked on the check images as every build is. The manifest records the layers, the ranking,
    the fidelity before and after, and what it cost in time.
@@ -33,7 +35,7 @@ VALIDATION_FACES = 96
 RANKING_FACES = 32  # faces each layer's sensitivity is measured on (one compile + run per layer)
 MEAN_MARGIN = 0.003  # validation must clear the floor by these margins: the check faces are other people
 MIN_MARGIN = 0.005
-MAX_LAYERS = 16  # at most this many layers go back to float
+ONE_BY_ONE = 4  # the first layers are tried one at a time
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -75,24 +77,42 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
     for name in candidates:
         gains.append((float(cosines([name], RANKING_FACES).mean()) - base_rank, name))
     gains.sort(reverse=True)
-    kept: list[str] = []
-    after = before
-    for gain, name in gains[:MAX_LAYERS]:
-        if gain <= 0:
+    order = [name for _, name in gains]
+    tried: dict[int, np.ndarray] = {}
+
+    def prefix(k: int) -> np.ndarray:
+        if k not in tried:
+            tried[k] = cosines(order[:k])
+            log.info(
+                "fallback: %d most sensitive layer(s) in float: validation cosine mean %.5f min %.5f",
+                k,
+                tried[k].mean(),
+                tried[k].min(),
+            )
+        return tried[k]
+
+    k = 0
+    for k in range(1, min(ONE_BY_ONE, len(order)) + 1):  # one layer at a time
+        if _meets(prefix(k), floor):
             break
-        kept.append(name)
-        after = cosines(kept)
-        log.info(
-            "fallback: %s back to float (gain %.5f): validation cosine mean %.5f min %.5f",
-            name,
-            gain,
-            after.mean(),
-            after.min(),
+    else:
+        lo = k
+        while k < len(order) and not _meets(prefix(k), floor):  # doubling ...
+            lo, k = k, min(2 * k, len(order))
+        while k - lo > 1:  # ... then bisecting between the last miss and the first pass
+            mid = (lo + k) // 2
+            if _meets(prefix(mid), floor):
+                k = mid
+            else:
+                lo = mid
+    kept = order[:k]
+    after = prefix(k) if k else before
+    if kept and not _meets(after, floor):
+        log.warning(
+            "fallback: even with all %d quantized layers in float the validation faces miss the floor", len(order)
         )
-        if _meets(after, floor):
-            break
     if not kept:
-        log.warning("fallback: no single layer improves fidelity; the recipe's package is kept")
+        log.warning("fallback: no quantized layer to put back in float; the recipe's package is kept")
         return check(
             job.out_dir,
             images=images.faces,
@@ -115,7 +135,10 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
         "fallback": {
             "why": "the recipe's package missed the fidelity floor on the check images",
             "kept_float": kept,
-            "ranking": [{"layer": n, "gain": round(g, 6)} for g, n in gains[:MAX_LAYERS]],
+            "ranking": [{"layer": n, "gain": round(g, 6)} for g, n in gains[: max(len(kept), 10)]],
+            "prefixes_tried": {
+                str(n): {"mean": float(c.mean()), "min": float(c.min())} for n, c in sorted(tried.items())
+            },
             "candidates": len(candidates),
             "validation_faces": int(len(x)),
             "validation_before": {"mean": float(before.mean()), "min": float(before.min())},
