@@ -323,3 +323,62 @@ def test_existing_output_needs_force(tmp_path, r18_export, capsys):
     err = _cli_error(["build", str(r18_export.out_dir), "--engine", "onnxruntime", "-o", str(out)], capsys)
     assert "already exists" in err and "--force" in err
     assert (out / "keep.txt").read_text() == "user data"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+def test_int8_fallback_keeps_the_most_sensitive_layers_float(tmp_path, r18_export, calib_faces, engine):
+    """A floor above what the recipe reaches (--max-cosine-drop 0.002): the fallback ranks the quantized
+    layers, puts the most sensitive back in float, requantizes, and records what it did."""
+    out = build(
+        r18_export.out_dir,
+        tmp_path / "pkg",
+        engine=engine,
+        precision="int8",
+        calib=calib_faces,
+        calib_count=CALIB_COUNT,
+        check_count=CHECK_COUNT,
+        max_cosine_drop=0.002,
+    )
+    m = read_manifest(out)
+    fb = m["calibration"]["fallback"]
+    assert m["fidelity"]["floor"]["mean"] == pytest.approx(0.998)
+    assert fb["kept_float"] and fb["candidates"] >= len(fb["kept_float"])
+    ranked = [r["layer"] for r in fb["ranking"]]
+    assert ranked[: len(fb["kept_float"])] == fb["kept_float"]  # the most sensitive first
+    assert set(fb["kept_float"]) <= set(m["calibration"]["kept_float"])  # and really kept in float
+    assert fb["validation_after"]["mean"] > fb["validation_before"]["mean"]
+    assert str(len(fb["kept_float"])) in fb["prefixes_tried"]
+    before = read_manifest(
+        packages_plain := build(
+            r18_export.out_dir,
+            tmp_path / "plain",
+            engine=engine,
+            precision="int8",
+            calib=calib_faces,
+            calib_count=CALIB_COUNT,
+            check_count=CHECK_COUNT,
+            fallback=False,
+        )
+    )
+    assert "fallback" not in before["calibration"] and packages_plain.exists()
+    assert m["fidelity"]["cosine"]["mean"] > before["fidelity"]["cosine"]["mean"]
+
+
+def test_fallback_cli_options(tmp_path, r18_export, capsys):
+    err = _cli_error(
+        [
+            "build",
+            str(r18_export.out_dir),
+            "--precision",
+            "int8",
+            "--max-cosine-drop",
+            "2",
+            "--calib",
+            str(tmp_path),
+            "-o",
+            str(tmp_path / "p"),
+        ],
+        capsys,
+    )
+    assert "--max-cosine-drop must be between 0 and 1" in err

@@ -87,6 +87,10 @@ def test_floor_on_held_out_real_faces(real_packages, engine, precision):
     assert fid["passed"], (engine, precision, fid["cosine"], fid["below_floor"])
     if precision == "int8":
         assert m.calibration["count"] == 300 and "5-point similarity alignment" in m.calibration["preprocessing"]
+        # the recipe itself keeps the layer whose input channels spread far apart (no fallback needed)
+        spread = m.calibration["input_channel_spread"]
+        assert len(spread) >= 1 and all(v > m.calibration["recipe"]["spread_threshold"] for v in spread.values())
+        assert "fallback" not in m.calibration
 
 
 @pytest.mark.parametrize("engine,precision", [("openvino", "fp32"), ("openvino", "int8"), ("onnxruntime", "int8")])

@@ -72,6 +72,18 @@ def register(sub) -> None:
     p.add_argument(
         "--strict", action="store_true", help="fail, writing nothing, when fidelity is below the precision's floor"
     )
+    p.add_argument(
+        "--max-cosine-drop",
+        type=float,
+        default=None,
+        metavar="D",
+        help="int8: the mean per-image cosine to fp32 may fall at most D below 1 (default: the int8 floor, 0.01)",
+    )
+    p.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="int8: do not keep sensitive layers in float when the package misses its floor",
+    )
     p.add_argument("--force", action="store_true", help="replace PKG if it exists")
     p.add_argument("-o", "--output", required=True, metavar="PKG", help="package folder to write")
     p.set_defaults(func=run)
@@ -99,6 +111,8 @@ def run(args) -> int:
         arch=args.arch,
         force=args.force,
         strict=args.strict,
+        max_cosine_drop=args.max_cosine_drop,
+        fallback=not args.no_fallback,
         fold_preprocessing=args.fold_preprocessing,
         check_images=args.check_images,
         check_landmarks=args.check_landmarks,

@@ -295,13 +295,17 @@ class LayerReverter:
         self.threads = threads
 
     def layers(self) -> list[str]:
+        """Weighted nodes fed by a DequantizeLinear, and residual Adds with a quantized input."""
         producers = {o: n for n in self.quantized.graph.node for o in n.output}
+
+        def dequantized(names) -> bool:
+            return any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in names)
+
         return [
             n.name
             for n in self.quantized.graph.node
-            if n.op_type in self.WEIGHTED
-            and n.name in self.float_nodes
-            and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input[:2])
+            if (n.op_type in self.WEIGHTED and n.name in self.float_nodes and dequantized(n.input[:2]))
+            or (n.op_type == "Add" and dequantized(n.input))
         ]
 
     def embed(self, names: list[str], x: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -313,12 +317,16 @@ class LayerReverter:
         by_name = {n.name: n for n in model.graph.node}
         added: set[str] = set()
         for name in names:
-            node, ref = by_name[name], self.float_nodes[name]
-            dq = producers.get(node.input[0])
-            if dq is not None and dq.op_type == "DequantizeLinear":
-                q = producers.get(dq.input[0])
-                if q is not None and q.op_type == "QuantizeLinear":
-                    node.input[0] = q.input[0]
+            node = by_name[name]
+            for k in range(len(node.input) if node.op_type == "Add" else 1):  # bypass Q -> DQ on the inputs
+                dq = producers.get(node.input[k])
+                if dq is not None and dq.op_type == "DequantizeLinear":
+                    q = producers.get(dq.input[0])
+                    if q is not None and q.op_type == "QuantizeLinear":
+                        node.input[k] = q.input[0]
+            if node.op_type == "Add":
+                continue
+            ref = self.float_nodes[name]
             for k in range(1, min(len(node.input), len(ref.input))):
                 init = self.float_inits.get(ref.input[k])
                 if init is None:

@@ -367,7 +367,8 @@ def quantize(model, recipe: QuantRecipe, x: np.ndarray):
 class LayerReverter:
     """An int8 model with chosen layers put back in float, for ranking layers by what int8 costs
     them: each layer's input FakeQuantize is bypassed and its fp32 weights restored (no new
-    calibration), so trying a layer costs one compile."""
+    calibration), so trying a layer costs one compile. Residual Adds whose inputs are quantized
+    are layers too (on deep IResNets their quantizers cost as much as the convolutions)."""
 
     def __init__(self, quantized_path: Path, float_onnx: Path, threads: int | None = None, batch: int = 16):
         self.quantized = _read(quantized_path)
@@ -376,21 +377,31 @@ class LayerReverter:
         self.batch = batch  # a package compiled for a fixed batch takes exactly that many
 
     def layers(self) -> list[str]:
-        """Weighted layers that int8 touches (an input FakeQuantize or low-precision weights)."""
+        """Layers that int8 touches: weighted ones (an input FakeQuantize or low-precision weights)
+        and residual Adds (a FakeQuantize on an input)."""
         out = []
-        for op in weighted_ops(self.quantized):
-            src = op.input_value(0).get_node().get_type_name()
-            w = op.input_value(1).get_node()
-            if src == "FakeQuantize" or w.get_type_name() != "Constant" or w.get_element_type() != _ov().Type.f32:
+        for op in self.quantized.get_ordered_ops():
+            kind = op.get_type_name()
+            if kind in WEIGHTED:
+                src = op.input_value(0).get_node().get_type_name()
+                w = op.input_value(1).get_node()
+                if src == "FakeQuantize" or w.get_type_name() != "Constant" or w.get_element_type() != _ov().Type.f32:
+                    out.append(op.get_friendly_name())
+            elif kind == "Add" and any(v.get_node().get_type_name() == "FakeQuantize" for v in op.input_values()):
                 out.append(op.get_friendly_name())
         return out
 
     def embed(self, names: list[str], x: np.ndarray) -> np.ndarray:
         batch = self.batch
         model = self.quantized.clone()
-        ops = {op.get_friendly_name(): op for op in weighted_ops(model)}
+        ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
         for name in names:
             op = ops[name]
+            if op.get_type_name() == "Add":
+                for k, v in enumerate(op.input_values()):
+                    if v.get_node().get_type_name() == "FakeQuantize":
+                        op.input(k).replace_source_output(v.get_node().input_value(0))
+                continue
             src = op.input_value(0).get_node()
             if src.get_type_name() == "FakeQuantize":
                 op.input(0).replace_source_output(src.input_value(0))
