@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ArcdeployError
+from .errors import ArcdeployError, describe
 from .files import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -99,11 +99,9 @@ class StepRunner:
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # a failed step is reported; the run goes on
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if not isinstance(exc, ArcdeployError):
-                reason = f"{type(exc).__name__}: {reason}"
-                if os.environ.get("ARCDEPLOY_DEBUG"):
-                    traceback.print_exc()
+            reason = describe(exc)
+            if not isinstance(exc, ArcdeployError) and os.environ.get("ARCDEPLOY_DEBUG"):
+                traceback.print_exc()
             rec = StepRecord(name, "failed", time.perf_counter() - start, error=reason)
             self.log(f"[FAILED] {name}: {reason}")
         return self._record(rec, digest, persist=True)

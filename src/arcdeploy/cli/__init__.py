@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from ..errors import ArcdeployError
+from ..errors import ArcdeployError, describe
 
 COMMANDS = ("export", "build", "check", "embed", "compare", "detect", "bench", "eval", "run", "demo")
 
@@ -73,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("ARCDEPLOY_DEBUG"):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(
-            f"arcdeploy {args.command}: internal error: {type(exc).__name__}: {first} "
+            f"arcdeploy {args.command}: internal error: {describe(exc)} "
             "(set ARCDEPLOY_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )

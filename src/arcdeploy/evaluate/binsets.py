@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArcdeployError
+from ..errors import ArcdeployError, first_line
 from ..tables import box_table
 
 THRESHOLDS = np.arange(0, 4, 0.01)
@@ -106,8 +106,7 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
         raise ArcdeployError(f"{path}: refused: the pickle asks for {exc.what}, which a .bin set never needs "
                              "(not loaded; the file is foreign or hostile)") from None
     except Exception as exc:  # any malformed pickle: one line, never a traceback
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ArcdeployError(f"{path}: not a readable .bin pickle ({first})") from None
+        raise ArcdeployError(f"{path}: not a readable .bin pickle ({first_line(exc)})") from None
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise ArcdeployError(f"{path}: not a .bin set (expected a pickled (bins, issame_list) pair, "
                              f"got {type(obj).__name__})")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..backbones import ARCHS, build_model, describe_layout, detect_arch
-from ..errors import ArcdeployError
+from ..errors import ArcdeployError, first_line
 
 # wrappers people save around the state dict (training scripts, Lightning, ...)
 _WRAPPER_KEYS = ("state_dict", "model", "backbone", "model_state_dict", "module")
@@ -57,7 +57,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         if "weights_only" in str(exc) or "GLOBAL" in str(exc) or "Unsupported" in str(exc):
             raise ArcdeployError(
                 f"{path}: refused: the pickle holds objects a weights-only load does not allow "
@@ -65,7 +65,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
             ) from None
         raise ArcdeployError(f"{path}: not a PyTorch checkpoint ({_short(first)})") from None
     except Exception as exc:  # whatever torch raises for a file it cannot read
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         if zipfile.is_zipfile(path) or "zip" in msg.lower() or isinstance(exc, EOFError):
             raise ArcdeployError(f"{path}: truncated or damaged checkpoint ({_short(msg)})") from None
         raise ArcdeployError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {_short(msg)})") from None

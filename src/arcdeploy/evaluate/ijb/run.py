@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import ArcdeployError
+from ...errors import ArcdeployError, first_line
 from ...files import refuse_existing, save_npy_atomic, write_json_atomic
 from ..roc import format_tar_table
 from .meta import IJBMeta, read_meta
@@ -38,7 +38,7 @@ def load_features(path: str | os.PathLike) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:
-        raise ArcdeployError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
+        raise ArcdeployError(f"{path}: not a readable .npy array ({first_line(exc)})") from None
 
 
 def _file_sha256(path: Path) -> str | None:
