@@ -28,6 +28,8 @@ from dataclasses import replace
 import numpy as np
 
 from .errors import ArcdeployError
+from .files import write_json_atomic
+from .manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,16 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
     ref = Reference(pkg, threads).embed(val_faces)
     x = _inputs(job, val_faces)
     rev = engine.reverter(job)
+
+    def final_check():
+        return check(
+            job.out_dir,
+            images=images.faces,
+            threads=threads,
+            images_label=images.label,
+            images_source=images.source,
+            floor=floor,
+        )
 
     def cosines(names: list[str], n: int | None = None) -> np.ndarray:
         k = len(x) if n is None else n
@@ -113,14 +125,7 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
         )
     if not kept:
         log.warning("fallback: no quantized layer to put back in float; the recipe's package is kept")
-        return check(
-            job.out_dir,
-            images=images.faces,
-            threads=threads,
-            images_label=images.label,
-            images_source=images.source,
-            floor=floor,
-        )
+        return final_check()
 
     previous = dict(job.manifest.calibration or {})  # includes what the calibration images were
     recipe = job.recipe.with_float_layers(kept)
@@ -146,18 +151,8 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
             "seconds": round(time.time() - started, 1),
         },
     }
-    from .files import write_json_atomic
-    from .manifest import MANIFEST_NAME
-
     write_json_atomic(job.out_dir / MANIFEST_NAME, job.manifest.to_json())
-    return check(
-        job.out_dir,
-        images=images.faces,
-        threads=threads,
-        images_label=images.label,
-        images_source=images.source,
-        floor=floor,
-    )
+    return final_check()
 
 
 def _inputs(job, faces: np.ndarray) -> np.ndarray:

@@ -99,13 +99,14 @@ def clean_stale(folder: str | os.PathLike, name: str | None = None) -> list[Path
             if tag in n:
                 pid = _owner_pid(n, tag)
                 if pid is not None and not _pid_alive(pid):
-                    _remove(entry)
+                    remove_path(entry)
                     removed.append(entry)
                 break
     return removed
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a file, a link or a folder tree; a missing one is not an error."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -256,7 +257,7 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
             old = final.with_name(f".{final.name}{OLD_TAG}{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
-            _remove(old)
+            remove_path(old)
         else:
             os.replace(tmp, final)
         _fsync_dir(final.parent)

@@ -31,6 +31,7 @@ is assembled from the chunks' rows in order, and ``FEATS.faces.tsv`` (``row<TAB>
 path<TAB>face<TAB>x1<TAB>y1<TAB>x2<TAB>y2<TAB>score``) is written from their indexes, like
 the failures file, before the output is replaced.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,14 +47,23 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArcdeployError
-from ..files import atomic_dir, atomic_file, write_bytes_atomic, write_json_atomic, write_npy_blocks_atomic
+from ..files import (
+    atomic_dir,
+    atomic_file,
+    remove_path,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_npy_blocks_atomic,
+)
 from .prepare import Failure, Missing
 
 STATE_FORMAT = "arcdeploy-embed-parts/2"
 STATE_NAME = "state.json"
 # what the "different job" message says for keys whose values are hashes
-_HASHED_KEYS = {"package": "package differs (manifest or model files changed)",
-                "images": "images differ (names, sizes, modification times or landmarks changed)"}
+_HASHED_KEYS = {
+    "package": "package differs (manifest or model files changed)",
+    "images": "images differ (names, sizes, modification times or landmarks changed)",
+}
 
 
 def failures_path_for(output: str | os.PathLike) -> Path:
@@ -137,14 +147,6 @@ def _has_chunks(parts: Path) -> bool:
     return parts.is_dir() and any(parts.glob("chunk_*.npy"))
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
 class ChunkStore:
     """The parts folder of one embed job (see the module doc)."""
 
@@ -159,20 +161,24 @@ class ChunkStore:
         parts = parts_dir_for(output)
         state = {"format": STATE_FORMAT, **state}
         if os.path.lexists(parts) and (not resume or not _has_chunks(parts)):
-            _remove(parts)
+            remove_path(parts)
         if os.path.lexists(parts):
             try:
                 old = json.loads((parts / STATE_NAME).read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 old = None
             if not isinstance(old, dict):
-                raise ArcdeployError(f"{parts}: a parts folder without a readable {STATE_NAME}; "
-                                     "remove it or run again without resuming (--restart)")
+                raise ArcdeployError(
+                    f"{parts}: a parts folder without a readable {STATE_NAME}; "
+                    "remove it or run again without resuming (--restart)"
+                )
             diff = [k for k in state if old.get(k) != state[k]]
             if diff:
                 what = ", ".join(_HASHED_KEYS.get(k) or f"{k} {old.get(k)!r} -> {state[k]!r}" for k in diff)
-                raise ArcdeployError(f"{parts}: partial results of a different job ({what}); "
-                                     "remove it or run again without resuming (--restart)")
+                raise ArcdeployError(
+                    f"{parts}: partial results of a different job ({what}); "
+                    "remove it or run again without resuming (--restart)"
+                )
         else:
             with atomic_dir(parts) as tmp:
                 write_json_atomic(tmp / STATE_NAME, state)
@@ -215,8 +221,10 @@ class ChunkStore:
         np.save(buf, np.ascontiguousarray(feats, np.float32), allow_pickle=False)
         data = buf.getvalue()
         # the record (failures, checksum) first: the .npy is what marks the chunk as done
-        record: dict = {"sha256": hashlib.sha256(data).hexdigest(),
-                        "failures": [[f.index, f.path, f.reason] for f in failures]}
+        record: dict = {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "failures": [[f.index, f.path, f.reason] for f in failures],
+        }
         if faces is not None:
             if len(faces) != len(feats):
                 raise ValueError(f"chunk {c}: {len(feats)} rows but {len(faces)} entries in its row index")
@@ -232,12 +240,21 @@ class ChunkStore:
             except (OSError, ValueError) as exc:
                 raise ArcdeployError(f"{npy}: saved chunk unreadable ({exc}); run again with --restart") from None
             if chunk.shape != (e - s, *row_shape):
-                raise ArcdeployError(f"{npy}: saved chunk has shape {list(chunk.shape)}, expected "
-                                     f"{[e - s, *row_shape]}; run again with --restart")
+                raise ArcdeployError(
+                    f"{npy}: saved chunk has shape {list(chunk.shape)}, expected "
+                    f"{[e - s, *row_shape]}; run again with --restart"
+                )
             yield chunk
 
-    def assemble(self, output: str | os.PathLike, bounds: list[tuple[int, int]], row_shape: tuple[int, ...],
-                 failures: list[Failure], force: bool = False, faces: list[FaceRow] | None = None) -> Path | None:
+    def assemble(
+        self,
+        output: str | os.PathLike,
+        bounds: list[tuple[int, int]],
+        row_shape: tuple[int, ...],
+        failures: list[Failure],
+        force: bool = False,
+        faces: list[FaceRow] | None = None,
+    ) -> Path | None:
         """Write the output from the saved chunks (``bounds``: each chunk's rows in the output),
         the failures file (or remove a stale one) and, given the row index ``faces``, the faces
         file; returns the failures file's path when there were failures."""
@@ -272,7 +289,7 @@ def _tsv_field(value) -> bytes:
         data = text.encode("utf-8", "surrogateescape")  # a file name's own bytes
     except UnicodeEncodeError:
         data = text.encode("utf-8", "backslashreplace")
-    return (data.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\n", b"\\n").replace(b"\r", b"\\r"))
+    return data.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
 
 
 def write_failures(f, failures: list[Failure]) -> None:
@@ -310,8 +327,9 @@ def read_faces_index(path: str | os.PathLike) -> list[FaceRow]:
     for line in Path(path).read_bytes().split(b"\n")[1:]:
         if line:
             _, image, p, face, x1, y1, x2, y2, score = line.split(b"\t")
-            out.append(FaceRow(int(image), _unescape(p), int(face), (float(x1), float(y1), float(x2), float(y2)),
-                               float(score)))
+            out.append(
+                FaceRow(int(image), _unescape(p), int(face), (float(x1), float(y1), float(x2), float(y2)), float(score))
+            )
     return out
 
 

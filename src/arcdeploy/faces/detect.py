@@ -18,6 +18,7 @@ It may be called from several threads at once.
 The rest writes the 12-field landmark rows (``name x1 y1 ... x5 y5 score``) that
 :func:`arcdeploy.faces.landmarks.read_landmarks` and ``embed --landmarks`` read.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,23 +33,25 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArcdeployError, first_line
+from .prepare import Failure
 
 log = logging.getLogger(__name__)
 
-NMS_IOU = 0.4                     # insightface SCRFD's NMS threshold
+NMS_IOU = 0.4  # insightface SCRFD's NMS threshold
 DEFAULT_THRESHOLDS = {"scrfd": 0.5, "yunet": 0.6}
 RECOGNITION_DIMS = (128, 256, 512, 1024)
-PAD_RETRY = 0.4                   # border, as a fraction of the larger side, for a second try on tight crops
+PAD_RETRY = 0.4  # border, as a fraction of the larger side, for a second try on tight crops
 
 
 # ------------------------------------------------------------------ faces
+
 
 @dataclass(frozen=True)
 class Face:
     """One detected face, in the pixels of the image given to ``detect``."""
 
-    box: np.ndarray       # float32 [4]: x1, y1, x2, y2
-    points: np.ndarray    # float32 [5, 2]: left eye, right eye, nose, left mouth, right mouth (image left/right)
+    box: np.ndarray  # float32 [4]: x1, y1, x2, y2
+    points: np.ndarray  # float32 [5, 2]: left eye, right eye, nose, left mouth, right mouth (image left/right)
     score: float
 
     @property
@@ -135,13 +138,13 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ detectors
 
+
 class FaceDetector(ABC):
     """A face detector; ``detect`` may be called from several threads at once."""
 
     kind: str = ""
 
-    def __init__(self, path: Path, threshold: float | None = None, min_face: float = 0.0,
-                 pad_retry: float = PAD_RETRY):
+    def __init__(self, path: Path, threshold: float | None = None, min_face: float = 0.0, pad_retry: float = PAD_RETRY):
         self.path = Path(path)
         self.pad_retry = float(pad_retry or 0.0)
         self.threshold = float(DEFAULT_THRESHOLDS[self.kind] if threshold is None else threshold)
@@ -155,8 +158,7 @@ class FaceDetector(ABC):
     def _detect(self, rgb: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Boxes [n, 4], points [n, 5, 2] (image pixels) and scores [n] after NMS."""
 
-    def detect(self, image: np.ndarray, threshold: float | None = None,
-               min_face: float | None = None) -> list[Face]:
+    def detect(self, image: np.ndarray, threshold: float | None = None, min_face: float | None = None) -> list[Face]:
         """Faces in an RGB uint8 ``H x W x 3`` image, best first (see :func:`best_first`);
         faces whose box's shorter side is under ``min_face`` pixels are left out. When nothing is
         found, the image is tried once more inside a black border of ``pad_retry`` times its
@@ -167,8 +169,10 @@ class FaceDetector(ABC):
         boxes, points, scores = self._detect(rgb, thr)
         if len(scores) == 0 and self.pad_retry > 0:
             boxes, points, scores = self._detect_padded(rgb, thr)
-        faces = [Face(np.asarray(b, np.float32), np.asarray(p, np.float32).reshape(5, 2), float(s))
-                 for b, p, s in zip(boxes, points, scores)]
+        faces = [
+            Face(np.asarray(b, np.float32), np.asarray(p, np.float32).reshape(5, 2), float(s))
+            for b, p, s in zip(boxes, points, scores)
+        ]
         faces = [f for f in faces if f.size >= low]
         return best_first(faces)
 
@@ -191,9 +195,15 @@ class FaceDetector(ABC):
         return f"{self.kind} {self.path.name}"
 
 
-def open_detector(path: str | os.PathLike, engine: str = "onnxruntime", threshold: float | None = None,
-                  min_face: float = 0.0, threads: int | None = None, input_size: tuple[int, int] | None = None,
-                  pad_retry: float = PAD_RETRY) -> FaceDetector:
+def open_detector(
+    path: str | os.PathLike,
+    engine: str = "onnxruntime",
+    threshold: float | None = None,
+    min_face: float = 0.0,
+    threads: int | None = None,
+    input_size: tuple[int, int] | None = None,
+    pad_retry: float = PAD_RETRY,
+) -> FaceDetector:
     """The detector in ``path`` (SCRFD or YuNet, recognised from the graph).
 
     ``engine`` runs SCRFD (``onnxruntime`` or ``openvino``); YuNet always runs in OpenCV.
@@ -205,8 +215,15 @@ def open_detector(path: str | os.PathLike, engine: str = "onnxruntime", threshol
     if graph.kind == "scrfd":
         from .scrfd import ScrfdDetector
 
-        return ScrfdDetector(graph, engine=engine, threshold=threshold, min_face=min_face, threads=threads,
-                             input_size=input_size, pad_retry=pad_retry)
+        return ScrfdDetector(
+            graph,
+            engine=engine,
+            threshold=threshold,
+            min_face=min_face,
+            threads=threads,
+            input_size=input_size,
+            pad_retry=pad_retry,
+        )
     from .yunet import YuNetDetector
 
     if engine not in ("onnxruntime", "opencv"):
@@ -215,6 +232,7 @@ def open_detector(path: str | os.PathLike, engine: str = "onnxruntime", threshol
 
 
 # ------------------------------------------------------------------ recognising the file
+
 
 @dataclass
 class GraphIO:
@@ -231,8 +249,10 @@ class GraphIO:
             return ", ".join(_shape_text(s) for _, s in items)
 
         ni, no = len(self.inputs), len(self.outputs)
-        text = (f"{ni} input{'s' if ni != 1 else ''} {shapes(self.inputs)}, "
-                f"{no} output{'s' if no != 1 else ''} {shapes(self.outputs[:4])}")
+        text = (
+            f"{ni} input{'s' if ni != 1 else ''} {shapes(self.inputs)}, "
+            f"{no} output{'s' if no != 1 else ''} {shapes(self.outputs[:4])}"
+        )
         return text + (", ..." if no > 4 else "")
 
 
@@ -279,8 +299,9 @@ def inspect_detector(path: str | os.PathLike) -> GraphIO:
     model = _read_graph(path)
     g = model.graph
     init = {i.name for i in g.initializer}
-    io = GraphIO(path, [(v.name, _dims(v)) for v in g.input if v.name not in init],
-                 [(v.name, _dims(v)) for v in g.output])
+    io = GraphIO(
+        path, [(v.name, _dims(v)) for v in g.input if v.name not in init], [(v.name, _dims(v)) for v in g.output]
+    )
     names = {n for n, _ in io.outputs}
     if any(n.startswith(p) for n in names for p in ("cls_", "obj_", "bbox_", "kps_")):
         strides = [n[4:] for n in names if n.startswith("cls_")]
@@ -288,15 +309,19 @@ def inspect_detector(path: str | os.PathLike) -> GraphIO:
             io.kind = "yunet"
             return io
     if names >= {"loc", "conf", "iou"}:
-        raise ArcdeployError(f"{path}: YuNet 2022mar (outputs loc, conf, iou): OpenCV's FaceDetectorYN reads the "
-                             "2023mar and later releases only (face_detection_yunet_2023mar*.onnx)")
+        raise ArcdeployError(
+            f"{path}: YuNet 2022mar (outputs loc, conf, iou): OpenCV's FaceDetectorYN reads the "
+            "2023mar and later releases only (face_detection_yunet_2023mar*.onnx)"
+        )
     scrfd = _scrfd_layout(io)
     if scrfd is not None:
         io.kind, io.keypoints = "scrfd", scrfd
         if not scrfd:
-            raise ArcdeployError(f"{path}: an SCRFD detector without keypoints ({len(io.outputs)} outputs: scores "
-                                 "and boxes only); the 5 alignment points need a *_kps model (e.g. det_500m, "
-                                 "det_10g, scrfd_*_kps)")
+            raise ArcdeployError(
+                f"{path}: an SCRFD detector without keypoints ({len(io.outputs)} outputs: scores "
+                "and boxes only); the 5 alignment points need a *_kps model (e.g. det_500m, "
+                "det_10g, scrfd_*_kps)"
+            )
         return io
     raise ArcdeployError(f"{path}: not a face detector: {io.summary()}{_looks_like(io)}")
 
@@ -325,23 +350,21 @@ def _scrfd_layout(io: GraphIO) -> bool | None:
 def _looks_like(io: GraphIO) -> str:
     if len(io.inputs) == 1 and len(io.outputs) == 1:
         ishape, oshape = io.inputs[0][1], io.outputs[0][1]
-        if len(ishape) == 4 and len(oshape) == 2 and (oshape[-1] in RECOGNITION_DIMS
-                                                      or ishape[-1] == 112 or ishape[1] == 112):
+        if (
+            len(ishape) == 4
+            and len(oshape) == 2
+            and (oshape[-1] in RECOGNITION_DIMS or ishape[-1] == 112 or ishape[1] == 112)
+        ):
             return " (looks like a recognition model)"
-    return " (SCRFD has one image input and per stride score [K,1], box [K,4] and keypoint [K,10] outputs; " \
-           "YuNet has cls_8/obj_8/bbox_8/kps_8 outputs)"
+    return (
+        " (SCRFD has one image input and per stride score [K,1], box [K,4] and keypoint [K,10] outputs; "
+        "YuNet has cls_8/obj_8/bbox_8/kps_8 outputs)"
+    )
 
 
 # ------------------------------------------------------------------ files of images
 
-@dataclass
-class DetectFailure:
-    index: int
-    path: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
+DetectFailure = Failure  # an image without a usable face, named as the embed pipeline names it
 
 
 @dataclass
@@ -368,9 +391,14 @@ def image_name(path: str | os.PathLike, root: str | os.PathLike | None) -> str:
     return path.as_posix()
 
 
-def detect_files(detector: FaceDetector, paths: Sequence[str | os.PathLike], root: str | os.PathLike | None = None,
-                 all_faces: bool = False, workers: int | None = None,
-                 on_image: Callable[[int, list[Face] | DetectFailure], None] | None = None) -> DetectResult:
+def detect_files(
+    detector: FaceDetector,
+    paths: Sequence[str | os.PathLike],
+    root: str | os.PathLike | None = None,
+    all_faces: bool = False,
+    workers: int | None = None,
+    on_image: Callable[[int, list[Face] | DetectFailure], None] | None = None,
+) -> DetectResult:
     """Detect faces in image files, several at once (``workers`` threads), results in input order.
 
     Without ``all_faces`` each image keeps its best face. An unreadable image, or one without a
@@ -424,6 +452,7 @@ def _collect(future, result: DetectResult, on_image) -> None:
 
 
 # ------------------------------------------------------------------ the 12-field rows
+
 
 def face_row(name: str, face: Face) -> str:
     """``name x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 score`` (points with 2 decimals, score with 4)."""
