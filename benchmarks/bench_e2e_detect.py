@@ -25,13 +25,16 @@ recognition alone; end to end / preparation alone (1.0: recognition completely h
 detection); and end to end / the serial bound 1 / (1/prep + 1/recog), the rate if the two stages
 took turns on the CPU (on a machine whose cores both stages keep busy, overlapping them cannot
 beat that bound by much; 1.0 means the pipeline itself costs nothing). Written as a table and, by
-default, as ``bench_e2e_detect.json`` next to this script.
+default, as ``results/e2e_detect.json`` beside this script.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -52,21 +55,48 @@ def build_packages(real: Path, tmp: Path, r50: bool) -> list[tuple[str, Path]]:
     photos, points = faces / "photos", faces / "photos_5pts.txt"
     out = []
     print("building mbf OpenVINO fp32 ...", file=sys.stderr)
-    out.append(("mbf openvino fp32", arcdeploy.build(ckpt, tmp / "mbf_fp32", engine="openvino", precision="fp32",
-                                                     check_images=photos, check_landmarks=points)))
+    out.append(
+        (
+            "mbf openvino fp32",
+            arcdeploy.build(
+                ckpt, tmp / "mbf_fp32", engine="openvino", precision="fp32", check_images=photos, check_landmarks=points
+            ),
+        )
+    )
     print("building mbf OpenVINO int8 (calibrated on LFW faces found by SCRFD) ...", file=sys.stderr)
-    out.append(("mbf openvino int8", arcdeploy.build(ckpt, tmp / "mbf_int8", engine="openvino", precision="int8",
-                                                     calib=faces / "lfw", calib_detector=models / "scrfd_500m_kps.onnx",
-                                                     calib_count=150)))
+    out.append(
+        (
+            "mbf openvino int8",
+            arcdeploy.build(
+                ckpt,
+                tmp / "mbf_int8",
+                engine="openvino",
+                precision="int8",
+                calib=faces / "lfw",
+                calib_detector=models / "scrfd_500m_kps.onnx",
+                calib_count=150,
+            ),
+        )
+    )
     if r50:
         from arcdeploy.demo.synth import aligned_faces, write_generated_checkpoint
 
         print("building a generated r50 OpenVINO int8 ...", file=sys.stderr)
         src = tmp / "r50.pth"
         write_generated_checkpoint(src, "r50")
-        out.append(("r50 (generated) openvino int8", arcdeploy.build(
-            src, tmp / "r50_int8", engine="openvino", precision="int8", calib=aligned_faces(214, seed=11),
-            calib_count=150)))
+        out.append(
+            (
+                "r50 (generated) openvino int8",
+                arcdeploy.build(
+                    src,
+                    tmp / "r50_int8",
+                    engine="openvino",
+                    precision="int8",
+                    calib=aligned_faces(214, seed=11),
+                    calib_count=150,
+                ),
+            )
+        )
     return out
 
 
@@ -77,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--r50", action="store_true", help="also a generated r50 int8 package (slow to build)")
-    ap.add_argument("--json", type=Path, default=HERE / "bench_e2e_detect.json")
+    ap.add_argument("--json", type=Path, default=HERE / "results" / "e2e_detect.json")
     args = ap.parse_args(argv)
+    started = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python benchmarks/bench_e2e_detect.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "load_average_start": list(os.getloadavg()),
+    }
 
     import numpy as np
 
@@ -117,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def e2e_rate(pkg, engine: str, threads: int, workers: int) -> float:
         t0 = time.perf_counter()
-        res = embed_files(pkg, paths, detector=detectors[(engine, threads)], batch=args.batch, workers=workers,
-                          progress=False)
+        res = embed_files(
+            pkg, paths, detector=detectors[(engine, threads)], batch=args.batch, workers=workers, progress=False
+        )
         dt = time.perf_counter() - t0
         if res.failures:
             raise SystemExit(f"unexpected failures: {res.failures[:3]}")
@@ -144,10 +180,22 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     med = statistics.median
     print(f"\nCPU: {info['cpu']} ({info['logical_cpus']} logical CPUs; {', '.join(info['flags'])}); shared machine")
-    print(f"{n} images ({len(photos)} real photos x {args.copies}), SCRFD-500M 640x640, batch {args.batch}, "
-          f"median of {args.rounds} interleaved rounds; ratios taken within each round\n")
-    cols = ["package", "SCRFD engine", "thr", "workers", "recognition", "preparation", "end to end",
-            "e2e / recog", "e2e / prep", "e2e / serial"]
+    print(
+        f"{n} images ({len(photos)} real photos x {args.copies}), SCRFD-500M 640x640, batch {args.batch}, "
+        f"median of {args.rounds} interleaved rounds; ratios taken within each round\n"
+    )
+    cols = [
+        "package",
+        "SCRFD engine",
+        "thr",
+        "workers",
+        "recognition",
+        "preparation",
+        "end to end",
+        "e2e / recog",
+        "e2e / prep",
+        "e2e / serial",
+    ]
     widths = [29, 12, 3, 7, 11, 11, 10, 11, 10, 12]
     print("img/s: recognition alone (prepared crops), preparation alone (decode + detect + align), end to end")
     print("| " + " | ".join(f"{c:<{w}}" for c, w in zip(cols, widths)) + " |")
@@ -158,23 +206,61 @@ def main(argv: list[str] | None = None) -> int:
             key = (name, s)
             rec, pr, end = recog[key], prep[key], e2e[key]
             serial = [1 / (1 / p + 1 / q) for p, q in zip(pr, rec)]
-            ratios = {"e2e_to_recognition": med(a / b for a, b in zip(end, rec)),
-                      "e2e_to_preparation": med(a / b for a, b in zip(end, pr)),
-                      "e2e_to_serial_bound": med(a / b for a, b in zip(end, serial))}
-            cells = [name, s[0], str(s[1]), str(s[2]), f"{med(rec):.1f}", f"{med(pr):.1f}", f"{med(end):.1f}",
-                     *(f"{v:.2f}" for v in ratios.values())]
-            print("| " + " | ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}"
-                                    for i, (c, w) in enumerate(zip(cells, widths))) + " |")
+            ratios = {
+                "e2e_to_recognition": med(a / b for a, b in zip(end, rec)),
+                "e2e_to_preparation": med(a / b for a, b in zip(end, pr)),
+                "e2e_to_serial_bound": med(a / b for a, b in zip(end, serial)),
+            }
+            cells = [
+                name,
+                s[0],
+                str(s[1]),
+                str(s[2]),
+                f"{med(rec):.1f}",
+                f"{med(pr):.1f}",
+                f"{med(end):.1f}",
+                *(f"{v:.2f}" for v in ratios.values()),
+            ]
+            print(
+                "| "
+                + " | ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+                + " |"
+            )
             m = pkg.manifest
-            rows.append({"package": name, "arch": m.arch, "engine": m.engine, "precision": m.precision,
-                         "detector_engine": s[0], "detector_threads": s[1], "workers": s[2],
-                         "recognition_alone_ips": med(rec), "preparation_ips": med(pr), "end_to_end_ips": med(end),
-                         **{f"ratio_{k}": v for k, v in ratios.items()},
-                         "rounds": {"recognition": rec, "preparation": pr, "end_to_end": end}})
+            rows.append(
+                {
+                    "package": name,
+                    "arch": m.arch,
+                    "engine": m.engine,
+                    "precision": m.precision,
+                    "detector_engine": s[0],
+                    "detector_threads": s[1],
+                    "workers": s[2],
+                    "recognition_alone_ips": med(rec),
+                    "preparation_ips": med(pr),
+                    "end_to_end_ips": med(end),
+                    **{f"ratio_{k}": v for k, v in ratios.items()},
+                    "rounds": {"recognition": rec, "preparation": pr, "end_to_end": end},
+                }
+            )
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "images": n, "batch": args.batch, "rounds": args.rounds,
-                                         "detector": "SCRFD-500M scrfd_500m_kps.onnx 640x640",
-                                         "results": rows}, indent=2) + "\n")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    **started,
+                    "load_average_end": list(os.getloadavg()),
+                    "machine": info,
+                    "images": n,
+                    "batch": args.batch,
+                    "rounds": args.rounds,
+                    "detector": "SCRFD-500M scrfd_500m_kps.onnx 640x640",
+                    "results": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"\nwritten {args.json}")
     return 0
 

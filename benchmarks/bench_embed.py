@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import arcdeploy
-    from arcdeploy.utils import cpu_name
+    from arcdeploy.machine import cpu_name
 
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
         tmp = Path(tmp)
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         print(f"| {name:<36} | {ips:>9.1f} | {1000 / ips:>8.2f} |")
     print(f"\nend to end / engine only: {ratio * 100:.1f}%")
     if args.json:
-        from arcdeploy.utils import write_json_atomic
+        from arcdeploy.files import write_json_atomic
 
         write_json_atomic(
             args.json,

@@ -15,12 +15,14 @@ network keeping up with the reading).
     python benchmarks/bench_ray.py --package PKG --images LIST|DIR [--landmarks FILE] [--count N]
                                    [--nodes 1,2] [--flip] [--batch 8] [--json OUT]
 """
+
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
-import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -59,6 +61,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    started = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python benchmarks/bench_ray.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "load_average_start": list(os.getloadavg()),
+    }
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [sys.path[0], os.environ.get("PYTHONPATH")]))
@@ -71,27 +78,53 @@ def main() -> int:
     root = images_root(args.images)
     pkg = load(args.package, threads=1)
     t0 = time.perf_counter()
-    local = embed_files(pkg, paths, landmarks=args.landmarks, flip=args.flip, raw=True, batch=args.batch,
-                        progress=False, workers=2, root=root)
+    local = embed_files(
+        pkg,
+        paths,
+        landmarks=args.landmarks,
+        flip=args.flip,
+        raw=True,
+        batch=args.batch,
+        progress=False,
+        workers=2,
+        root=root,
+    )
     local_rate = len(paths) / (time.perf_counter() - t0)
     print(f"local, 1 engine thread: {local_rate:.2f} images/s ({len(paths)} images, flip={args.flip})")
     runs = []
     for k in (int(x) for x in args.nodes.split(",")):
         cluster, tmp = start_cluster(k)
         try:
-            res = embed_files_on_ray(pkg, paths, landmarks=args.landmarks, flip=args.flip, raw=True,
-                                     batch=args.batch, progress=False, root=root,
-                                     ray=RayOptions(address=cluster.address, actors=k, threads=1))
+            res = embed_files_on_ray(
+                pkg,
+                paths,
+                landmarks=args.landmarks,
+                flip=args.flip,
+                raw=True,
+                batch=args.batch,
+                progress=False,
+                root=root,
+                ray=RayOptions(address=cluster.address, actors=k, threads=1),
+            )
         finally:
             cluster.shutdown()
             shutil.rmtree(tmp, ignore_errors=True)
         same = bool(np.array_equal(res.features, local.features, equal_nan=True))
         per_actor = res.computed / sum(n.busy_s for n in res.nodes)
-        run = {"nodes": k, "actors": res.actors, "images": res.computed, "wall_s": round(res.seconds, 2),
-               "first_block_s": round(res.first_s, 2), "steady_images_per_s": round(res.steady_rate, 2),
-               "per_actor_images_per_s": round(per_actor, 2), "identical_to_local": same,
-               "per_node": [{"node": n.node_id[:12], "images": n.images, "per_actor_images_per_s":
-                             round(n.per_actor_rate, 2)} for n in res.nodes]}
+        run = {
+            "nodes": k,
+            "actors": res.actors,
+            "images": res.computed,
+            "wall_s": round(res.seconds, 2),
+            "first_block_s": round(res.first_s, 2),
+            "steady_images_per_s": round(res.steady_rate, 2),
+            "per_actor_images_per_s": round(per_actor, 2),
+            "identical_to_local": same,
+            "per_node": [
+                {"node": n.node_id[:12], "images": n.images, "per_actor_images_per_s": round(n.per_actor_rate, 2)}
+                for n in res.nodes
+            ],
+        }
         runs.append(run)
         print(json.dumps(run))
     base = runs[0]["steady_images_per_s"]
@@ -99,8 +132,10 @@ def main() -> int:
     print("\n| nodes (1 actor each) | wall s | first block s | images/s once running | speed-up | per-actor images/s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in runs:
-        print(f"| {r['nodes']} | {r['wall_s']} | {r['first_block_s']} | {r['steady_images_per_s']} | "
-              f"{r['steady_images_per_s'] / base:.2f}x | {r['per_actor_images_per_s']} |")
+        print(
+            f"| {r['nodes']} | {r['wall_s']} | {r['first_block_s']} | {r['steady_images_per_s']} | "
+            f"{r['steady_images_per_s'] / base:.2f}x | {r['per_actor_images_per_s']} |"
+        )
     print(f"\nIJB-C ({IJBC_IMAGES} images{', flip' if args.flip else ''}) at {per_actor:.2f} images/s per actor:")
     print("| actors | hours |")
     print("|---:|---:|")
@@ -110,11 +145,22 @@ def main() -> int:
         projection[actors] = round(hours, 2)
         print(f"| {actors} | {hours:.2f} |")
     if args.json:
-        doc = {"package": str(args.package), "manifest": {"arch": pkg.manifest.arch, "engine": pkg.manifest.engine,
-                                                           "precision": pkg.manifest.precision},
-               "images": len(paths), "flip": args.flip, "batch": args.batch, "cpu": platform.processor(),
-               "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "local_1_thread_images_per_s": round(local_rate, 2),
-               "runs": runs, "ijbc_hours_by_actors": projection}
+        from arcdeploy.machine import machine_info
+
+        doc = {
+            **started,
+            "load_average_end": list(os.getloadavg()),
+            "machine": machine_info(),
+            "package": str(args.package),
+            "manifest": {"arch": pkg.manifest.arch, "engine": pkg.manifest.engine, "precision": pkg.manifest.precision},
+            "images": len(paths),
+            "flip": args.flip,
+            "batch": args.batch,
+            "local_1_thread_images_per_s": round(local_rate, 2),
+            "runs": runs,
+            "ijbc_hours_by_actors": projection,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 

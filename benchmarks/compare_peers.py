@@ -6,9 +6,10 @@ Peers (what a user of the checkpoint does without arcdeploy):
 - "ONNX Runtime default fp32": what insightface's python package does -
   ``ort.InferenceSession(model.onnx, providers=["CPUExecutionProvider"])``
   with default session options, on the exported ONNX.
-arcdeploy: packages built by ``arcdeploy.builder.build`` (OpenVINO fp32 / bf16 /
-int8, ONNX Runtime fp32 / int8 by default); a combination that fails to build
-or load is a row with its error.
+arcdeploy: packages built by ``arcdeploy.build`` (OpenVINO fp32 / bf16 /
+int8, ONNX Runtime fp32 / int8 by default; int8 with the default recipe, without
+the accuracy-aware fallback unless ``--fallback``); a combination that fails to
+build or load is a row with its error.
 
 Checkpoints are generated (``arcdeploy.demo.synth.write_generated_checkpoint``):
 the real architecture with untrained weights. Speed does not depend on the
@@ -29,8 +30,11 @@ Machine limit (``machine_peak.py``): best measured rate of this machine per
 precision; share = model GFLOPs (2 x conv/linear MACs, computed from the
 architecture) x images/s / limit of the precision the runner *executed* in.
 
-    python benchmarks/compare_peers.py --archs r50,r100 --batches 1,16 [--quick]
-                                       [--write-results] [--json FILE]
+    python benchmarks/compare_peers.py --archs r50,r100 --batches 1,16 [--quick] [--streams] [--profile]
+                                       [--json FILE]          (default benchmarks/results/peers.json)
+    python benchmarks/compare_peers.py --render FILE          (the markdown of a saved report)
+
+``benchmarks/write_results.py`` puts it into RESULTS.md with the other sections.
 """
 
 from __future__ import annotations
@@ -58,10 +62,9 @@ if str(HERE) not in sys.path:
 
 DEFAULT_COMBOS = "openvino:fp32,openvino:bf16,openvino:int8,onnxruntime:fp32,onnxruntime:int8"
 REFERENCE = "ONNX Runtime default fp32"
+DEFAULT_JSON = HERE / "results" / "peers.json"
 # int8 calibration: 300 generated aligned faces (+ 64 held out for the build's fidelity check)
 CALIB_COUNT = 364
-# targets of issue 6 (r100), set for a Sapphire Rapids with AMX
-TARGETS = {"int8_b16_ratio": 7.0, "bf16_b16_ratio": 5.0, "int8_b1_p50_ms": 20.0}
 
 
 @dataclass
@@ -121,9 +124,14 @@ def calibration_faces(workdir: Path, n: int = CALIB_COUNT) -> np.ndarray:
     return faces
 
 
-def _package(workdir: Path, arch: str, exp: Path, engine: str, precision: str, rebuild: bool, log):
-    """Build (or reuse) a package; returns (path, build seconds or None when reused)."""
-    from arcdeploy.builder import build
+def _package(
+    workdir: Path, arch: str, exp: Path, engine: str, precision: str, rebuild: bool, log, fallback: bool = False
+):
+    """Build (or reuse) a package; returns (path, build seconds or None when reused). int8 is built
+    without the accuracy-aware fallback unless ``fallback``: on untrained weights it would keep layers
+    in float that a trained network does not need, and the comparison is about speed. Built through
+    the API (``arcdeploy.build``), which checks fidelity on generated faces when no images are given."""
+    from arcdeploy import build
 
     out = workdir / arch / f"pkg_{engine}_{precision}"
     src_sha = json.loads((exp / "manifest.json").read_text())["source"]["sha256"]
@@ -134,7 +142,7 @@ def _package(workdir: Path, arch: str, exp: Path, engine: str, precision: str, r
     log(f"[{arch}] building {engine} {precision} -> {out}")
     t = time.perf_counter()
     calib = calibration_faces(workdir) if precision == "int8" else None
-    build(exp, out, engine=engine, precision=precision, calib=calib, force=True)
+    build(exp, out, engine=engine, precision=precision, calib=calib, force=True, fallback=fallback)
     return out, time.perf_counter() - t
 
 
@@ -177,7 +185,15 @@ def _streams_runner(base: Runner, path: Path) -> Runner:
 
 
 def make_runners(
-    arch: str, ckpt: Path, exp: Path, workdir: Path, combos, rebuild: bool, log, streams: bool = False
+    arch: str,
+    ckpt: Path,
+    exp: Path,
+    workdir: Path,
+    combos,
+    rebuild: bool,
+    log,
+    streams: bool = False,
+    fallback: bool = False,
 ) -> list[Runner]:
     import onnxruntime as ort
     import torch
@@ -220,7 +236,7 @@ def make_runners(
     for engine, precision in combos:
         r = Runner(f"arcdeploy {engine} {precision}", "arcdeploy", precision)
         try:
-            path, r.build_s = _package(workdir, arch, exp, engine, precision, rebuild, log)
+            path, r.build_s = _package(workdir, arch, exp, engine, precision, rebuild, log, fallback)
             t = time.perf_counter()
             pkg = load(path)
             eng = pkg.runtime
@@ -395,150 +411,123 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def check_targets(rows: list[dict], limits: dict) -> list[dict]:
-    """The issue's r100 targets: met or missed, by how much, and the ceiling this machine allows."""
-    out = []
-
-    def best(prec, batch, key="throughput", lowest=False):
-        cands = [
-            r
-            for r in rows
-            if r["arch"] == "r100"
-            and r["batch"] == batch
-            and r["kind"] == "arcdeploy"
-            and r["precision"] == prec
-            and r.get(key) is not None
-        ]
-        if not cands:
-            return None
-        return (min if lowest else max)(cands, key=lambda r: r[key])
-
-    ref16 = next(
-        (
-            r
-            for r in rows
-            if r["arch"] == "r100" and r["batch"] == 16 and r["runner"] == REFERENCE and r.get("throughput")
-        ),
-        None,
-    )
-    for prec, target in (("int8", TARGETS["int8_b16_ratio"]), ("bf16", TARGETS["bf16_b16_ratio"])):
-        r = best(prec, 16)
-        if r is None or ref16 is None:
-            out.append({"target": f"r100 {prec} batch 16 >= {target}x ONNX Runtime fp32", "status": "not measured"})
+def ceilings(rows: list[dict], limits: dict) -> dict | None:
+    """Facts about the largest measured network at its largest batch: how close ONNX Runtime fp32 already
+    runs to this machine's fp32 limit, and how far each precision's best arcdeploy runner could go."""
+    measured = [r for r in rows if r.get("throughput")]
+    if not measured:
+        return None
+    arch = "r100" if any(r["arch"] == "r100" for r in measured) else measured[-1]["arch"]
+    batch = max(r["batch"] for r in measured if r["arch"] == arch)
+    at = [r for r in measured if r["arch"] == arch and r["batch"] == batch]
+    ref = next((r for r in at if r["runner"] == REFERENCE), None)
+    if not ref or not ref.get("achieved_gflops"):
+        return None
+    out = {"arch": arch, "batch": batch, "reference_share": ref.get("share_of_limit"), "by_executed": {}}
+    for prec in ("fp32", "bf16", "int8"):
+        cands = [r for r in at if r["kind"] == "arcdeploy" and r["executed"] == prec]
+        if not cands or not limits.get(prec):
             continue
-        ratio = r["ratio_vs_ort_fp32"]
-        # the best this machine could give: the runner at 100% of its precision's limit
-        ceiling = (r["limit_gflops"] / ref16["achieved_gflops"]) if ref16["achieved_gflops"] else None
-        out.append(
-            {
-                "target": f"r100 {prec} batch 16 >= {target}x ONNX Runtime fp32",
-                "runner": r["runner"],
-                "value": ratio,
-                "met": ratio >= target,
-                "shortfall": target / ratio if ratio else None,
-                "executed": r["executed"],
-                "ceiling_ratio": ceiling,
-            }
-        )
-    r = best("int8", 1, key="p50_ms", lowest=True)
-    if r is None:
-        out.append({"target": f"r100 int8 batch 1 p50 <= {TARGETS['int8_b1_p50_ms']} ms", "status": "not measured"})
-    else:
-        out.append(
-            {
-                "target": f"r100 int8 batch 1 p50 <= {TARGETS['int8_b1_p50_ms']} ms",
-                "runner": r["runner"],
-                "value": r["p50_ms"],
-                "met": r["p50_ms"] <= TARGETS["int8_b1_p50_ms"],
-                "shortfall": r["p50_ms"] / TARGETS["int8_b1_p50_ms"],
-                "floor_ms": 1e3 * r["achieved_gflops"] / r["throughput"] / r["limit_gflops"]
-                if r.get("limit_gflops")
-                else None,
-                "executed": r["executed"],
-            }
-        )
+        best = max(cands, key=lambda r: r["throughput"])
+        out["by_executed"][prec] = {
+            "runner": best["runner"],
+            "ratio_vs_ort_fp32": best["ratio_vs_ort_fp32"],
+            "share_of_limit": best["share_of_limit"],
+            "ceiling_ratio": limits[prec] / ref["achieved_gflops"],
+        }
     return out
 
 
-def format_targets(targets: list[dict]) -> str:
-    lines = []
-    for t in targets:
-        if "value" not in t:
-            lines.append(f"- {t['target']}: {t.get('status', 'not measured')}")
-            continue
-        if "ratio" in t["target"] or "x ONNX" in t["target"]:
-            verdict = "MET" if t["met"] else f"MISSED by {t['shortfall']:.1f}x"
-            ceil = (
-                f"; at 100% of this machine's measured {t['executed']} limit the ratio could be at most "
-                f"{t['ceiling_ratio']:.1f}x"
-                if t.get("ceiling_ratio")
-                else ""
-            )
-            lines.append(
-                f"- {t['target']}: {t['runner']} gives {t['value']:.2f}x -> {verdict} "
-                f"(executed in {t['executed']}{ceil})"
-            )
-        else:
-            verdict = "MET" if t["met"] else f"MISSED by {t['shortfall']:.1f}x"
-            floor = (
-                f"; even at 100% of the measured {t['executed']} limit one image takes {t['floor_ms']:.0f} ms"
-                if t.get("floor_ms")
-                else ""
-            )
-            lines.append(f"- {t['target']}: {t['runner']} p50 {t['value']:.1f} ms -> {verdict}{floor}")
-    return "\n".join(lines)
+def ceilings_paragraph(c: dict | None, profiles: list[dict]) -> str:
+    if not c:
+        return ""
+    text = f"At {c['arch']}, batch {c['batch']}: "
+    if c.get("reference_share"):
+        text += (
+            f"the ONNX Runtime fp32 session already runs at {100 * c['reference_share']:.0f}% of this machine's "
+            f"measured fp32 limit, so an fp32 build can be at most {1 / c['reference_share']:.2f}x faster than it."
+        )
+    for prec, v in c["by_executed"].items():
+        text += (
+            f" Best runner executing {prec}: {v['runner']}, {v['ratio_vs_ort_fp32']:.2f}x ONNX Runtime fp32, "
+            f"{100 * v['share_of_limit']:.0f}% of the measured {prec} limit (at 100% it would be "
+            f"{v['ceiling_ratio']:.2f}x)."
+        )
+    shares = [p["by_type"].get("Convolution", 0.0) / p["total_ms"] for p in profiles or [] if p.get("total_ms")]
+    if shares:
+        text += (
+            f" Convolutions take {100 * min(shares):.0f}% or more of the OpenVINO packages' layer time (per-layer "
+            "counters below), so the convolution kernels' rate is what bounds these ratios."
+        )
+    return text
 
 
-def write_results(path: Path, report: dict, table: str, targets_md: str, profile_md: str | None) -> None:
-    from arcdeploy.utils import library_versions
+def peers_markdown(report: dict, level: int = 2, machine: bool = True) -> str:
+    """The comparison as markdown: method, table, this machine's measured limits, what bounds the ratios,
+    the per-layer profile. Every statement about the machine comes from the report's measured CPU flags
+    and limits; ``machine=False`` leaves the CPU description to the caller."""
+    from machine_peak import describe_cpu, describe_limits
+    from profile_layers import format_profiles
 
+    h = "#" * level
     cpu = report["cpu"]
     lim = report["limits"]
     conv = lim["detail"]["openvino_conv"]
     gemm = lim["detail"]["gemm_gflops"]
-    vers = library_versions("arcdeploy", "torch", "onnxruntime", "openvino", "nncf", "numpy")
-    lines = [
-        "# arcdeploy vs. what users run instead (CPU)",
-        "",
-        f"Date: {report['date']}  ",
-        f"Command: `{report['command']}`  ",
-        f"CPU: {cpu['cpu']}, {cpu['logical_cpus']} logical CPUs, {cpu.get('mhz')} MHz; "
-        f"flags: {' '.join(cpu['flags']) or '-'} (no AVX-512, VNNI, AMX or avx512_bf16 unless listed)  ",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
-        "",
+    flags = cpu.get("all_flags") or cpu.get("flags") or []
+    profiles = list({p["package"]: p for p in report.get("profiles") or []}.values())
+    vers = report.get("versions") or {}
+    fallback = report.get("int8_fallback", False)
+    lines = [f"Date: {report['date']}  ", f"Command: `{report['command']}`  "]
+    if machine:
+        lines.append(
+            f"CPU: {cpu['cpu']}, {cpu['logical_cpus']} logical CPUs, {cpu.get('mhz')} MHz; "
+            f"flags: {' '.join(cpu['flags']) or '-'}  "
+        )
+    if vers:
+        lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()))
+    lines.append("")
+    if machine:
+        lines += [describe_cpu(flags), ""]
+    lines += [
         "Checkpoints: generated by `arcdeploy.demo.synth.write_generated_checkpoint` - the real IResNet "
         "architecture with UNTRAINED weights (BN statistics fitted on synthetic faces). Speed does not "
         "depend on the weights' values, so the timings hold for trained checkpoints; the cosine column "
-        "compares each runner with fp32 PyTorch on the same 16 synthetic faces (for int8, a trained "
-        "checkpoint's fidelity must be checked with `arcdeploy check`); `build check cos min` is the "
-        "fidelity the build recorded in the package's manifest (64 faces).",
+        "compares each runner with fp32 PyTorch on the same 16 synthetic faces, and `build check cos min` is "
+        "the fidelity the build recorded in the package's manifest (64 held-out generated faces). These "
+        "fidelity figures say nothing about a trained network's (see the real-model tables). int8 packages: "
+        + (
+            "the default recipe with the accuracy-aware fallback."
+            if fallback
+            else "the default recipe without the accuracy-aware fallback (on untrained weights the fallback "
+            "would keep layers in float that a trained network does not need; `--fallback` builds with it)."
+        ),
         "",
         "Method: all runners loaded at once; per batch size, rounds in which every runner runs in turn "
         f"(order rotated each round; {report['rounds']} rounds, >= {report['seconds']} s and >= "
         f"{report['min_runs']} timed runs per runner per round, one untimed warm-up run per runner and batch "
-        "size in the first round); reported: the median "
-        "over rounds of throughput and of p50 latency. Model time only (input already in each runner's "
-        "format). This machine is shared with other jobs, so single numbers are noisy (see the per-round "
-        "throughputs in the JSON); load average (1, 5, 15 min) at the start "
+        "size in the first round); reported: the median over rounds of throughput and of p50 latency. Model "
+        "time only (input already in each runner's format). Shared machine: single numbers are noisy (the "
+        "per-round throughputs are in the JSON); load average (1, 5, 15 min) at the start "
         + " / ".join(f"{x:.1f}" for x in report["load_average"]["start"])
         + ", at the end "
         + " / ".join(f"{x:.1f}" for x in report["load_average"].get("end", []))
-        + " on 2 CPUs. "
-        "Every runner uses its library's default threads (2 here); with more runnable jobs than cores, "
-        "OpenMP-based PyTorch is hurt most (its threads wait for each other at every layer), so its column is "
-        "the least stable.",
+        + f" on {cpu['logical_cpus']} CPUs. Every runner uses its library's default threads; with more runnable "
+        "jobs than cores, OpenMP-based PyTorch is hurt most (its threads wait for each other at every layer), "
+        "so its column is the least stable.",
         "",
-        "## Results",
+        f"{h} Results",
         "",
-        table,
+        format_table(report["rows"]),
         "",
         "`x ORT fp32`: throughput / throughput of the ONNX Runtime default session at the same batch. "
+        "`executed`: the precision OpenVINO reports for the convolutions (the others: what the graph says). "
         "`GFLOP/s`: model FLOPs (2 x MACs of every conv and linear layer, computed from the architecture: "
         + ", ".join(f"{a} {2 * m / 1e9:.2f} GFLOPs" for a, m in report["macs"].items())
         + " per image) x images/s. `share of limit`: that rate / the best rate measured on this machine "
         "in the precision the runner executed in (below).",
         "",
-        "## This machine's limits (measured)",
+        f"{h} This machine's limits (measured)",
         "",
         "| kernel | rate | executed in |",
         "|---|---:|---|",
@@ -555,54 +544,53 @@ def write_results(path: Path, report: dict, table: str, targets_md: str, profile
             )
     again = lim.get("detail_again")
     if again:
-        lines.append("")
-        lines.append(
+        lines += [
+            "",
             "Measured again after the runs (the limit is the higher of the two): "
             + ", ".join(
                 [f"{k} {v:.1f}" for k, v in again["gemm_gflops"].items()]
                 + [f"OpenVINO conv {k} {v['gflops']:.1f}" for k, v in again["openvino_conv"].items() if v.get("gflops")]
-            )
-        )
+            ),
+        ]
+    lines.append("")
+    if cpu.get("nominal_fp32_gflops"):
+        lines += [
+            f"Nominal fp32 peak at the reported clock if each logical CPU were a whole core with two 256-bit FMA "
+            f"pipes: {cpu['nominal_fp32_gflops']:.0f} GFLOP/s (cores with two full 512-bit FMA pipes: twice "
+            "that); the shares use the measured rates, not this figure.",
+            "",
+        ]
     lines += [
-        "",
-        (
-            f"Nominal AVX2 fp32 peak at the reported clock: {cpu['nominal_fp32_gflops']:.0f} GFLOP/s "
-            "(2 FMA pipes x 8 lanes x 2 flops per cycle per core, if each vCPU is a whole core); the measured "
-            "rates are lower (other jobs share the cores during the run). Without VNNI an int8 dot product "
-            "takes three AVX2 instructions (vpmaddubsw, vpmaddwd, vpaddd) where VNNI needs one, so int8 "
-            "peaks at about 2x fp32 here (VNNI: 4x per instruction width; AMX: an order of magnitude more)."
-        )
-        if cpu.get("nominal_fp32_gflops")
-        else "",
-        "",
         "Limits used: "
         + ", ".join(f"{k} {lim[k]:.1f}" if lim.get(k) else f"{k} -" for k in ("fp32", "bf16", "int8"))
         + " G(FL)OP/s (int8: GOP/s)"
         + (
             " - raised to the best rate a runner reached for "
             + ", ".join(sorted(lim["raised_by_runner"]))
-            + ": the probes run one request on all threads, and a model split across streams beat them, so the "
-            "probes underestimate the peak"
+            + " (the probes run one request on all threads; a model split across streams beat them)"
             if lim.get("raised_by_runner")
             else ""
         )
         + ". "
-        "The int8 limit is OpenVINO's own u8 x i8 convolution (FakeQuantize model, as NNCF produces) on the "
-        "layer shape that dominates IResNet, because that is the kernel the int8 packages use; "
-        "torch._int_mm is a slow reference kernel on CPU and not a limit. bf16 has no hardware support "
-        "here: torch's bf16 matmul is emulated, and OpenVINO given a bf16 hint executes f32 (see `executed`).",
-        "",
-        "## Targets (set for Sapphire Rapids with AMX; this CPU has neither AMX nor VNNI nor bf16)",
-        "",
-        targets_md,
+        + describe_limits(lim)
+        + " The int8 limit is OpenVINO's own u8 x i8 convolution (FakeQuantize model, as NNCF produces) on the "
+        "layer shape that dominates IResNet, because that is the kernel the int8 packages use (torch._int_mm "
+        "is a slow reference kernel on CPU and not a limit).",
         "",
     ]
-    lines += [limits_paragraph(report), ""]
-    if profile_md:
-        lines += ["## Where the time goes (OpenVINO per-layer counters, PERF_COUNT)", "", profile_md, ""]
+    para = ceilings_paragraph(ceilings(report["rows"], lim), profiles)
+    if para:
+        lines += [f"{h} What bounds the ratios", "", para, ""]
+    if profiles:
+        lines += [
+            f"{h} Where the time goes (OpenVINO per-layer counters, PERF_COUNT)",
+            "",
+            format_profiles(profiles) + profile_summary(profiles),
+            "",
+        ]
     if report.get("notes"):
-        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
-    path.write_text("\n".join(lines))
+        lines += [f"{h} Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    return "\n".join(lines)
 
 
 def profile_summary(profiles: list[dict]) -> str:
@@ -629,58 +617,13 @@ def profile_summary(profiles: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def limits_paragraph(report: dict) -> str:
-    """What limits the speed-ups, from the measured shares (r100 at the largest batch, else the last arch)."""
-    rows = [r for r in report["rows"] if r.get("throughput")]
-    if not rows:
-        return ""
-    arch = "r100" if any(r["arch"] == "r100" for r in rows) else rows[-1]["arch"]
-    batch = max(r["batch"] for r in rows if r["arch"] == arch)
-    at = {r["runner"]: r for r in rows if r["arch"] == arch and r["batch"] == batch}
-    ref = at.get(REFERENCE)
-    lim = report["limits"]
-    if not ref or not ref.get("share_of_limit") or not lim.get("int8") or not lim.get("fp32"):
-        return ""
-    int8 = max(
-        (r for r in at.values() if r["kind"] == "arcdeploy" and r["executed"] == "int8"),
-        key=lambda r: r["throughput"],
-        default=None,
-    )
-    text = (
-        f"What limits it ({arch}, batch {batch}): the ONNX Runtime fp32 reference already runs at "
-        f"{100 * ref['share_of_limit']:.0f}% of this machine's measured fp32 limit, so an fp32 build - and a "
-        f"bf16 one, which executes f32 here - can be at most {1 / ref['share_of_limit']:.2f}x faster. The int8 "
-        f"convolution available on AVX2 without VNNI peaks at {lim['int8'] / lim['fp32']:.1f}x the fp32 rate, "
-        f"so int8 is capped near {lim['int8'] / ref['achieved_gflops']:.1f}x ONNX Runtime fp32"
-    )
-    if int8:
-        text += (
-            f"; {int8['runner']} reaches {100 * int8['share_of_limit']:.0f}% of the int8 limit "
-            f"({int8['ratio_vs_ort_fp32']:.2f}x)"
-        )
-    shares = [
-        p["by_type"].get("Convolution", 0.0) / p["total_ms"] for p in report.get("profiles") or [] if p.get("total_ms")
-    ]
-    conv = (
-        f"convolutions are {100 * min(shares):.0f}% or more of the layer time, see below"
-        if shares
-        else "see the shares above"
-    )
-    text += (
-        f". Both run near their kernel's limit ({conv}), so the remaining gap to "
-        "the 7x / 5x / 20 ms targets is the missing hardware - AMX int8/bf16 tiles (or at least VNNI) - "
-        "not the software."
-    )
-    return text
-
-
 def auto_notes(rows: list[dict], runners: list[Runner]) -> list[str]:
     """Provenance of the packages and fidelity worth a warning, for the results file."""
     notes = []
     built = sorted({r.info["package_built"] for r in runners if r.info.get("package_built")})
     if built:
         notes.append(
-            f"Packages built by arcdeploy.builder.build between {built[0]} and {built[-1]} (int8: calibrated "
+            f"Packages built by arcdeploy.build between {built[0]} and {built[-1]} (int8: calibrated "
             f"on {CALIB_COUNT - 64} generated aligned faces, 64 more held out for the build's fidelity check)."
         )
     seen = set()
@@ -742,13 +685,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-batch", type=int, default=None, help="batch for --profile (default: the largest)")
     ap.add_argument("--workdir", default="/tmp/arcdeploy-compare", help="checkpoints, exports and packages (reused)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild packages even if present")
-    ap.add_argument("--json", default=None, metavar="FILE")
-    ap.add_argument("--write-results", action="store_true", help=f"write {HERE / 'RESULTS.md'} (and RESULTS.json)")
+    ap.add_argument("--json", default=str(DEFAULT_JSON), metavar="FILE", help=f"the report (default {DEFAULT_JSON})")
     ap.add_argument(
-        "--results",
-        default=str(HERE / "RESULTS.md"),
-        metavar="MD",
-        help="where --write-results writes (default benchmarks/RESULTS.md; the JSON goes beside it)",
+        "--fallback", action="store_true", help="build int8 with the accuracy-aware fallback (slow on untrained nets)"
     )
     ap.add_argument(
         "--streams",
@@ -759,30 +698,16 @@ def main(argv=None) -> int:
         "--render",
         default=None,
         metavar="REPORT.json",
-        help="only rewrite the results file (--results) from a saved report; measures nothing",
+        help="only print the markdown of a saved report; measures nothing (write_results.py composes RESULTS.md)",
     )
     args = ap.parse_args(argv)
 
     if args.render:
-        from profile_layers import format_profiles
-
-        report = json.loads(Path(args.render).read_text())
-        profiles = list({p["package"]: p for p in report.get("profiles") or []}.values())  # one per package
-        report["profiles"] = profiles
-        profile_md = format_profiles(profiles) + profile_summary(profiles) if profiles else None
-        report["limits"] = apply_observed_limits(report["rows"], report["limits"])
-        report["targets"] = check_targets(report["rows"], report["limits"])
-        write_results(
-            Path(args.results), report, format_table(report["rows"]), format_targets(report["targets"]), profile_md
-        )
-        from arcdeploy.utils import write_json_atomic
-
-        if Path(args.render).resolve() == Path(args.results).with_suffix(".json").resolve():
-            write_json_atomic(args.render, report)
-        print(f"wrote {args.results} from {args.render}", file=sys.stderr)
+        print(peers_markdown(json.loads(Path(args.render).read_text())))
         return 0
 
     from arcdeploy.bench import parse_batches
+    from arcdeploy.utils import library_versions
     from machine_peak import cpu_summary, machine_limits, model_macs
 
     def log(msg):
@@ -809,6 +734,8 @@ def main(argv=None) -> int:
         "combos": [":".join(c) for c in combos],
         "notes": [],
         "load_average": {"start": list(os.getloadavg())},
+        "versions": library_versions("arcdeploy", "torch", "onnxruntime", "openvino", "nncf", "numpy"),
+        "int8_fallback": args.fallback,
     }
     if args.no_peak:
         limits = {"fp32": None, "bf16": None, "int8": None, "detail": {"gemm_gflops": {}, "openvino_conv": {}}}
@@ -820,14 +747,16 @@ def main(argv=None) -> int:
             + ", ".join(f"{k} {limits[k]:.1f}" if limits.get(k) else f"{k} -" for k in ("fp32", "bf16", "int8"))
             + " G(FL)OP/s"
         )
-    # a "bf16" limit counts only if something executed bf16; OpenVINO's bf16 hint runs f32 here
+    # a rate counts for the precision it executed in (machine_limits reads that back from OpenVINO)
     report["limits"] = limits
     report["macs"] = {a: model_macs(a) for a in archs}
 
     measured, profiles = [], []
     for arch in archs:
         ckpt, exp = _prepare_checkpoint(workdir, arch, log)
-        runners = make_runners(arch, ckpt, exp, workdir, combos, args.rebuild, log, streams=args.streams)
+        runners = make_runners(
+            arch, ckpt, exp, workdir, combos, args.rebuild, log, streams=args.streams, fallback=args.fallback
+        )
         fidelity(runners)
         log(f"[{arch}] measuring {len([r for r in runners if not r.error])} runners at batches {batches}")
         measure(runners, batches, rounds, seconds, min_runs, log)
@@ -865,35 +794,17 @@ def main(argv=None) -> int:
     for arch, runners in measured:
         all_rows += summarize(arch, runners, batches, report["macs"][arch], _limit_values(limits))
     limits = report["limits"] = apply_observed_limits(all_rows, limits)
-    table = format_table(all_rows)
-    targets = check_targets(all_rows, limits)
-    targets_md = format_targets(targets)
-    profile_md = None
-    if profiles:
-        from profile_layers import format_profiles
-
-        profile_md = format_profiles(profiles) + profile_summary(profiles)
-    print()
-    print(table)
-    print()
-    print(targets_md)
-    if profile_md:
-        print()
-        print(profile_md)
     report["load_average"]["end"] = list(os.getloadavg())
     report["notes"] += auto_notes(all_rows, [r for _, rs in measured for r in rs])
-    report.update({"rows": all_rows, "targets": targets, "profiles": profiles})
+    report.update({"rows": all_rows, "profiles": profiles, "ceilings": ceilings(all_rows, limits)})
+    print()
+    print(peers_markdown(report))
     if args.json:
-        from arcdeploy.utils import write_json_atomic
+        from arcdeploy.files import write_json_atomic
 
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.json, report)
-    if args.write_results:
-        from arcdeploy.utils import write_json_atomic
-
-        md = Path(args.results)
-        write_results(md, report, table, targets_md, profile_md)
-        write_json_atomic(md.with_suffix(".json"), report)
-        log(f"wrote {md} and {md.with_suffix('.json')}")
+        log(f"wrote {args.json}")
     return 0
 
 

@@ -181,6 +181,128 @@ def machine_limits(quick: bool = False) -> dict:
     return {**limits, "detail": {"gemm_gflops": gemm, "openvino_conv": conv}}
 
 
+def _all_flags() -> list[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []
+
+
+def cpu_features(flags) -> dict:
+    """What the flags give the kernels that matter here (int8 dot products, bf16, f16, AMX)."""
+    f = set(flags)
+    return {
+        "avx2": "avx2" in f,
+        "fma": "fma" in f,
+        "avx512": sorted(x for x in f if x in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd")),
+        "vnni": sorted(f & {"avx512_vnni", "avx_vnni"}),
+        "avx512_bf16": "avx512_bf16" in f,
+        "avx512_fp16": "avx512_fp16" in f,
+        "amx": sorted(f & {"amx_tile", "amx_int8", "amx_bf16", "amx_fp16"}),
+    }
+
+
+def _join(items: list[str], word: str = "and") -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" {word} " + items[-1]
+
+
+def _none_of(items: list[str]) -> str:
+    if len(items) == 1:
+        return f"no {items[0]}"
+    if len(items) == 2:
+        return f"neither {items[0]} nor {items[1]}"
+    return "none of " + _join(items, "or")
+
+
+def describe_cpu(flags) -> str:
+    """Sentences about this CPU's vector features and what they mean for int8 / bf16 / f16 kernels,
+    every one of them derived from ``flags`` (never a claim the flags do not support)."""
+    c = cpu_features(flags)
+    has, lacks = [], []
+    if c["avx2"]:
+        has.append("AVX2" + (" + FMA" if c["fma"] else ""))
+    else:
+        lacks.append("AVX2")
+    if c["avx512"]:
+        has.append(f"AVX-512 ({', '.join(c['avx512'])})")
+    else:
+        lacks.append("AVX-512")
+    if c["vnni"]:
+        has.append(" and ".join({"avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI"}[v] for v in c["vnni"]))
+    else:
+        lacks.append("VNNI")
+    (has if c["avx512_bf16"] else lacks).append("AVX512_BF16")
+    (has if c["avx512_fp16"] else lacks).append("AVX512_FP16")
+    if c["amx"]:
+        has.append(f"AMX ({', '.join(c['amx'])})")
+    else:
+        lacks.append("AMX")
+    text = f"This CPU has {_join(has) if has else 'none of the vector extensions listed here'}"
+    text += f"; it has {_none_of(lacks)}." if lacks else "."
+    if "amx_int8" in c["amx"]:
+        text += " int8 convolutions can use AMX tiles (amx_int8)."
+    elif c["vnni"]:
+        text += (
+            " int8 convolutions can use VNNI: one instruction (vpdpbusd) multiplies u8 activations by s8 weights "
+            "and accumulates in int32, so int8 gets full 8-bit weights (no overflow fix)."
+        )
+    elif c["avx2"]:
+        text += (
+            " Without VNNI an int8 dot product takes three AVX2 instructions (vpmaddubsw, vpmaddwd, vpaddd) and "
+            "the int16 intermediate can saturate, so the int8 recipe uses 7-bit weights."
+        )
+    bf16 = c["avx512_bf16"] or "amx_bf16" in c["amx"]
+    if "amx_bf16" in c["amx"]:
+        text += " bf16 layers can use AMX tiles (amx_bf16)."
+    elif c["avx512_bf16"]:
+        text += (
+            " bf16 layers use AVX512_BF16 dot products (vdpbf16ps); on such a CPU OpenVINO's CPU plugin runs "
+            "float layers in bf16 unless told f32 (arcdeploy's fp32 packages and the float layers of its int8 "
+            "packages ask for f32)."
+        )
+    else:
+        text += " There is no bf16 arithmetic: a bf16 hint executes in f32 and torch's bf16 matmul is emulated."
+    if not c["avx512_fp16"] and "amx_fp16" not in c["amx"]:
+        text += f" There is no f16 arithmetic: an f16 hint executes in {'bf16 or f32' if bf16 else 'f32'}."
+    return text
+
+
+def describe_limits(limits: dict) -> str:
+    """The measured precision ratios, as facts from a :func:`machine_limits` result."""
+    fp32, int8, bf16 = limits.get("fp32"), limits.get("int8"), limits.get("bf16")
+    detail = limits.get("detail") or {}
+    probes: dict[str, list[tuple[float, str]]] = {"fp32": [], "bf16": [], "int8": []}
+    for d in (detail, limits.get("detail_again") or {}):
+        for name, rate in (d.get("gemm_gflops") or {}).items():
+            probes.setdefault(name.split()[0], []).append((rate, name))
+        executed = {"f32": "fp32", "bf16": "bf16", "u8": "int8", "i8": "int8"}
+        for hint, v in (d.get("openvino_conv") or {}).items():
+            for e in v.get("executed") or []:
+                if v.get("gflops"):
+                    probes.setdefault(executed.get(e, e), []).append(
+                        (v["gflops"], f"OpenVINO {hint}-hint convolution, executed {e}")
+                    )
+    raised = limits.get("raised_by_runner") or {}
+
+    def source(prec: str) -> str:
+        if prec in raised:
+            return "the fastest package measured"
+        best = max(probes.get(prec) or [(0.0, "?")])
+        return best[1]
+
+    parts = []
+    if fp32:
+        parts.append(f"fp32 {fp32:.0f} GFLOP/s ({source('fp32')})")
+    if fp32 and int8:
+        parts.append(f"int8 {int8:.0f} GOP/s = {int8 / fp32:.1f}x fp32 ({source('int8')})")
+    if fp32 and bf16:
+        parts.append(f"bf16 {bf16:.0f} GFLOP/s = {bf16 / fp32:.1f}x fp32 ({source('bf16')})")
+    return ("Measured limits on this machine: " + "; ".join(parts) + ".") if parts else ""
+
+
 def cpu_summary() -> dict:
     from arcdeploy.bench import machine_info
 
@@ -194,8 +316,11 @@ def cpu_summary() -> dict:
     except OSError:
         pass
     info["mhz"] = mhz
-    # nominal AVX2 fp32 peak: 2 FMA pipes x 8 lanes x 2 flops per cycle per core (Zen 3, Haswell+),
-    # at the clock /proc/cpuinfo reports, assuming every logical CPU is a whole core
+    info["all_flags"] = _all_flags()
+    info["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    # nominal fp32 peak with two 256-bit FMA pipes: 2 x 8 lanes x 2 flops per cycle per core, at the
+    # clock /proc/cpuinfo reports, assuming every logical CPU is a whole core (cores with two full
+    # 512-bit FMA pipes reach twice this; the measured rates are what the shares use)
     if mhz and "fma" in info["flags"] and "avx2" in info["flags"]:
         info["nominal_fp32_gflops"] = info["logical_cpus"] * 32 * mhz / 1e3
     return info
@@ -211,11 +336,12 @@ def main(argv=None) -> int:
     print(
         f"CPU: {cpu['cpu']}  {cpu['logical_cpus']} logical CPUs  {cpu['mhz']} MHz  flags: {' '.join(cpu['flags'])}"
         + (
-            f"  nominal AVX2 fp32 peak {cpu['nominal_fp32_gflops']:.0f} GFLOP/s"
+            f"  nominal fp32 peak (two 256-bit FMA pipes per core) {cpu['nominal_fp32_gflops']:.0f} GFLOP/s"
             if cpu.get("nominal_fp32_gflops")
             else ""
         )
     )
+    print(describe_cpu(cpu["all_flags"]))
     for arch in args.archs.split(","):
         macs = model_macs(arch)
         print(f"{arch:>5}: {macs / 1e9:.3f} GMACs = {2 * macs / 1e9:.3f} GFLOPs per 112x112 image")
@@ -235,6 +361,7 @@ def main(argv=None) -> int:
         + ", ".join(f"{k} {lim[k]:.1f}" if lim.get(k) else f"{k} -" for k in ("fp32", "bf16", "int8"))
         + " G(FL)OP/s"
     )
+    print(describe_limits(lim))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": cpu, "limits": lim}, f, indent=2)

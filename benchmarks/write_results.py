@@ -1,0 +1,224 @@
+"""Compose ``benchmarks/RESULTS.md`` from the JSON results the benchmark scripts wrote.
+
+    python benchmarks/write_results.py [--results benchmarks/results] [--out benchmarks/RESULTS.md]
+
+Sections, each from one JSON file under ``--results`` (a missing file is named, not invented):
+
+- the machine: CPU model, logical CPUs, flags, what the flags mean for the int8 / bf16 kernels, the
+  measured limits (``machine_peak.py`` via ``compare_peers.py``);
+- real trained networks (``real_models.json``, ``bench_real.py``);
+- arcdeploy against PyTorch eager and ONNX Runtime's default session on generated r50 / r100
+  (``peers.json``, ``compare_peers.py``);
+- detection end to end (``e2e_detect.json``, ``bench_e2e_detect.py``);
+- Ray scaling (``ray.json``, ``bench_ray.py``);
+- the GPU check (``gpu_check.json``, ``gpu_check.py``), or that it has not run.
+
+Every number in the file is read from those JSON files; each section names the command that wrote its file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+for p in (str(SRC), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+FILES = {
+    "real": "real_models.json",
+    "peers": "peers.json",
+    "e2e": "e2e_detect.json",
+    "ray": "ray.json",
+    "gpu": "gpu_check.json",
+}
+
+
+def _load(folder: Path) -> dict:
+    out = {}
+    for key, name in FILES.items():
+        path = folder / name
+        if path.exists():
+            out[key] = json.loads(path.read_text())
+    return out
+
+
+def _la(values) -> str:
+    return " / ".join(f"{x:.1f}" for x in values or []) or "-"
+
+
+def _provenance(doc: dict, script: str) -> list[str]:
+    cmd = doc.get("command") or f"python benchmarks/{script}"
+    return [f"Produced by `{cmd}` ({doc.get('date', 'date not recorded')}).", ""]
+
+
+def machine_section(docs: dict) -> list[str]:
+    from machine_peak import describe_cpu, describe_limits
+
+    cpu = (docs.get("real") or {}).get("machine") or (docs.get("peers") or {}).get("cpu")
+    lines = ["## The machine", ""]
+    if not cpu:
+        return lines + ["No result file records the machine.", ""]
+    flags = cpu.get("all_flags") or cpu.get("flags") or []
+    lines += [
+        f"- CPU: {cpu['cpu']}, {cpu['logical_cpus']} logical CPUs"
+        + (f", {cpu['mhz']} MHz reported" if cpu.get("mhz") else ""),
+        f"- Flags that decide the int8 / bf16 / f16 kernels: {', '.join(cpu.get('flags') or []) or 'none'} "
+        "(the full /proc/cpuinfo list is in the JSON files)",
+        "- Shared with other jobs: every section gives its load average (1 / 5 / 15 min); speed is compared as "
+        "ratios between runners interleaved in the same run, and single img/s figures are indicative only.",
+        "",
+        describe_cpu(flags),
+        "",
+    ]
+    peers = docs.get("peers")
+    if peers and peers.get("limits"):
+        lines += [
+            describe_limits(peers["limits"])
+            + f" (`compare_peers.py`'s probes, {peers['date']}; the table is in its section below.)",
+            "",
+        ]
+    return lines
+
+
+def real_section(doc: dict | None) -> list[str]:
+    lines = ["## Real trained networks: fidelity, LFW accuracy and speed", ""]
+    if not doc:
+        return lines + [f"Not measured: no `{FILES['real']}` (run `python benchmarks/bench_real.py`).", ""]
+    from bench_real import markdown
+
+    return lines + _provenance(doc, "bench_real.py") + [markdown(doc, level=3), ""]
+
+
+def peers_section(doc: dict | None) -> list[str]:
+    lines = ["## arcdeploy vs. what users run instead (generated r50 / r100, CPU)", ""]
+    if not doc:
+        return lines + [f"Not measured: no `{FILES['peers']}` (run `python benchmarks/compare_peers.py`).", ""]
+    from compare_peers import peers_markdown
+
+    body = peers_markdown(doc, level=3, machine=False)
+    # the command and date lead the section already
+    body = "\n".join(line for line in body.splitlines() if not line.startswith(("Date: ", "Command: ")))
+    return lines + _provenance(doc, "compare_peers.py") + [body.strip(), ""]
+
+
+def e2e_section(doc: dict | None) -> list[str]:
+    lines = ["## Detection end to end (real photos, SCRFD-500M)", ""]
+    if not doc:
+        return lines + [f"Not measured: no `{FILES['e2e']}` (run `python benchmarks/bench_e2e_detect.py`).", ""]
+    lines += _provenance(doc, "bench_e2e_detect.py")
+    lines += [
+        f"{doc['images']} images (the real photos, listed several times), {doc['detector']}, batch {doc['batch']}, "
+        f"median of {doc['rounds']} interleaved rounds; ratios taken within each round, then the median. "
+        "Recognition alone: `Package.infer` on the prepared crops; preparation alone: decode + detect + align in "
+        "the pipeline's workers; end to end: `embed_files(..., detector=...)`. Serial bound: 1 / (1/prep + 1/recog), "
+        "the rate if the two stages took turns on the CPU. Load average "
+        f"{_la(doc.get('load_average_start'))} at the start, {_la(doc.get('load_average_end'))} at the end.",
+        "",
+        "| package | SCRFD engine | threads per detect | workers | recognition img/s | preparation img/s "
+        "| end to end img/s | e2e / recognition | e2e / preparation | e2e / serial bound |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in doc["results"]:
+        lines.append(
+            f"| {r['package']} | {r['detector_engine']} | {r['detector_threads']} | {r['workers']} "
+            f"| {r['recognition_alone_ips']:.1f} | {r['preparation_ips']:.1f} | {r['end_to_end_ips']:.1f} "
+            f"| {r['ratio_e2e_to_recognition']:.2f} | {r['ratio_e2e_to_preparation']:.2f} "
+            f"| {r['ratio_e2e_to_serial_bound']:.2f} |"
+        )
+    return lines + [""]
+
+
+def ray_section(doc: dict | None) -> list[str]:
+    lines = ["## Ray scaling (loopback clusters on this machine)", ""]
+    if not doc:
+        return lines + [f"Not measured: no `{FILES['ray']}` (run `python benchmarks/bench_ray.py`).", ""]
+    m = doc.get("manifest") or {}
+    runs = doc["runs"]
+    base = runs[0]["steady_images_per_s"] if runs else None
+    lines += _provenance(doc, "bench_ray.py")
+    lines += [
+        f"{m.get('arch')} {m.get('engine')} {m.get('precision')} package, {doc['images']} real LFW images with "
+        f"their landmarks{', each embedded twice (flip)' if doc.get('flip') else ''}, batch {doc['batch']}; a Ray "
+        "cluster of that many nodes started on this machine (127.0.0.1, one CPU and one single-threaded actor "
+        'per node, images read on the driver). "Once running" counts from the first finished block on. A local '
+        f"run with one engine thread: {doc['local_1_thread_images_per_s']} images/s. Load average "
+        f"{_la(doc.get('load_average_start'))} at the start, {_la(doc.get('load_average_end'))} at the end; the "
+        "nodes share this machine's cores with the driver, Ray's own processes and other jobs.",
+        "",
+        "| nodes | wall s | first block s | images/s once running | speed-up | one actor, images/s "
+        "| identical to the local run |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['nodes']} | {r['wall_s']} | {r['first_block_s']} | {r['steady_images_per_s']} "
+            f"| {r['steady_images_per_s'] / base:.2f}x | {r['per_actor_images_per_s']} "
+            f"| {'yes' if r['identical_to_local'] else 'NO'} |"
+        )
+    proj = doc.get("ijbc_hours_by_actors") or {}
+    if proj:
+        per_actor = min(r["per_actor_images_per_s"] for r in runs)
+        lines += [
+            "",
+            f"Projected IJB-C time (469,375 images{', flip' if doc.get('flip') else ''}) at {per_actor} images/s per "
+            "single-threaded actor (the slowest measured), assuming the actors of a larger cluster keep that speed: "
+            + ", ".join(f"{a} actor{'s' if int(a) > 1 else ''} {h} h" for a, h in proj.items())
+            + ".",
+        ]
+    return lines + [""]
+
+
+def gpu_section(doc: dict | None) -> list[str]:
+    lines = ["## GPU", ""]
+    if not doc:
+        return lines + [
+            "`benchmarks/gpu_check.py` (torch fp16 / bf16 packages of r50 / r100 at batch 1 / 64 / 256 on a CUDA "
+            "GPU, against the GPU's measured bf16 matmul rate) has not run: no GPU was lent to this work, so "
+            "there are no GPU figures here.",
+            "",
+        ]
+    lines += _provenance(doc, "gpu_check.py")
+    return lines + ["```json", json.dumps(doc, indent=1)[:6000], "```", ""]
+
+
+def compose(folder: Path) -> str:
+    docs = _load(folder)
+    lines = [
+        "# arcdeploy benchmark results",
+        "",
+        f"Composed by `python benchmarks/write_results.py` on "
+        f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} from the JSON files in `benchmarks/results/`; "
+        "every figure below is read from one of them, and each section names the command that wrote its file. "
+        "Measured on a shared 2-core machine: compare runners by the ratios taken within one run.",
+        "",
+    ]
+    lines += machine_section(docs)
+    lines += real_section(docs.get("real"))
+    lines += peers_section(docs.get("peers"))
+    lines += e2e_section(docs.get("e2e"))
+    lines += ray_section(docs.get("ray"))
+    lines += gpu_section(docs.get("gpu"))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=HERE / "results", help="folder of the JSON results")
+    ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = ap.parse_args(argv)
+    text = compose(args.results)
+    from arcdeploy.files import write_text_atomic
+
+    write_text_atomic(args.out, text)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
