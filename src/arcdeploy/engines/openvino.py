@@ -372,7 +372,7 @@ class LayerReverter:
 
     def __init__(self, quantized_path: Path, float_onnx: Path, threads: int | None = None, batch: int = 16):
         self.quantized = _read(quantized_path)
-        self.float = {op.get_friendly_name(): op for op in weighted_ops(convert(float_onnx))}
+        self.float = {op.get_friendly_name(): op for op in convert(float_onnx).get_ordered_ops()}
         self.threads = threads
         self.batch = batch  # a package compiled for a fixed batch takes exactly that many
 
@@ -408,6 +408,16 @@ class LayerReverter:
             weights = self.float[name].input_value(1).get_node()
             if weights.get_type_name() == "Constant":
                 op.input(1).replace_source_output(_ov().op.Constant(weights.get_data().copy()).output(0))
+            for target in op.output(0).get_target_inputs():  # the bias, which bias correction changed
+                bias_add = target.get_node()
+                original = self.float.get(bias_add.get_friendly_name())
+                if bias_add.get_type_name() == "Add" and original is not None:
+                    for k in (0, 1):
+                        const = original.input_value(k).get_node()
+                        if const.get_type_name() == "Constant":
+                            bias_add.input(k).replace_source_output(
+                                _ov().op.Constant(const.get_data().copy()).output(0)
+                            )
         model.validate_nodes_and_infer_types()
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
         if self.threads:
