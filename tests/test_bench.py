@@ -84,6 +84,7 @@ def _cli(*args):
     )
 
 
+@pytest.mark.slow
 def test_cli_writes_json(r18_ort_fp32_pkg, tmp_path):
     out = tmp_path / "sub" / "bench.json"
     proc = _cli(r18_ort_fp32_pkg, "--batch", "1,2", "--iterations", "3", "--warmup", "1", "--json", out)
@@ -104,6 +105,7 @@ def test_cli_writes_json(r18_ort_fp32_pkg, tmp_path):
         (["--iterations", "0"], "--iterations"),
     ],
 )
+@pytest.mark.slow
 def test_cli_argument_errors(r18_ort_fp32_pkg, args, message):
     proc = _cli(r18_ort_fp32_pkg, *args)
     assert proc.returncode != 0
@@ -113,6 +115,7 @@ def test_cli_argument_errors(r18_ort_fp32_pkg, args, message):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_cli_missing_package(tmp_path):
     missing = tmp_path / "nope"
     proc = _cli(missing, "--batch", "1", "--iterations", "1")
@@ -134,6 +137,7 @@ def test_bench_e2e_times_image_files(r18_ort_fp32_pkg, faces16, tmp_path):
     assert e2e["throughput"] > 0 and e2e["ms_per_image"] == pytest.approx(1e3 * e2e["wall_s"] / 5)
 
 
+@pytest.mark.slow
 def test_cli_e2e_missing_folder(r18_ort_fp32_pkg, tmp_path):
     proc = _cli(r18_ort_fp32_pkg, "--batch", "1", "--iterations", "1", "--e2e", tmp_path / "no_images")
     assert proc.returncode != 0
@@ -150,6 +154,7 @@ def r18_ov_fp32_pkg(tmp_path_factory, r18_export):
     )
 
 
+@pytest.mark.slow
 def test_bench_openvino_throughput_mode_uses_async_requests(r18_ov_fp32_pkg):
     res = bench(r18_ov_fp32_pkg, batches=[2], iterations=4, warmup=1, mode="throughput", streams=2).to_json()
     assert res["streams"] == 2 and "async" in res["streams_note"]

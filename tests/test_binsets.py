@@ -1,5 +1,6 @@
 """.bin verification sets: both pickle encodings, hostile pickles refused, 10-fold accuracy
 by hand and against a loop transcription of insightface's verification.py, real package runs."""
+
 from __future__ import annotations
 
 import json
@@ -28,11 +29,14 @@ PAIRS = 10  # the fewest 10 folds allow: every image costs an inference on 2 cor
 @pytest.fixture(scope="module")
 def bins(tmp_path_factory):
     d = tmp_path_factory.mktemp("bins")
-    return (write_bin_set(d / "syn_py3.bin", pairs=PAIRS, seed=1, encoding="py3"),
-            write_bin_set(d / "syn_py2.bin", pairs=PAIRS, seed=1, encoding="py2-bytes"))
+    return (
+        write_bin_set(d / "syn_py3.bin", pairs=PAIRS, seed=1, encoding="py3"),
+        write_bin_set(d / "syn_py2.bin", pairs=PAIRS, seed=1, encoding="py2-bytes"),
+    )
 
 
 # ------------------------------------------------------------------ reading
+
 
 def test_both_encodings_read_the_same(bins):
     py3, py2 = bins
@@ -85,14 +89,17 @@ def test_hostile_pickle_is_refused_without_running(tmp_path):
         read_bin(p)
 
 
-@pytest.mark.parametrize("payload,expect", [
-    (b"not a pickle at all", "not a readable .bin pickle"),
-    (pickle.dumps({"bins": []}), "expected a pickled (bins, issame_list) pair"),
-    (pickle.dumps(([b"a", b"b", b"c"], [True, False])), "3 images for 2 pairs"),
-    (pickle.dumps(([b"a"] * 4, ["yes", "no"])), "issame_list must be"),
-    (pickle.dumps(([1, 2], [True])), "bins must hold encoded image bytes"),
-    (pickle.dumps(([b"a"] * 10, [True] * 5)), "needs at least 10"),
-])
+@pytest.mark.parametrize(
+    "payload,expect",
+    [
+        (b"not a pickle at all", "not a readable .bin pickle"),
+        (pickle.dumps({"bins": []}), "expected a pickled (bins, issame_list) pair"),
+        (pickle.dumps(([b"a", b"b", b"c"], [True, False])), "3 images for 2 pairs"),
+        (pickle.dumps(([b"a"] * 4, ["yes", "no"])), "issame_list must be"),
+        (pickle.dumps(([1, 2], [True])), "bins must hold encoded image bytes"),
+        (pickle.dumps(([b"a"] * 10, [True] * 5)), "needs at least 10"),
+    ],
+)
 def test_malformed_bins(tmp_path, payload, expect):
     p = tmp_path / "bad.bin"
     p.write_bytes(payload)
@@ -104,6 +111,7 @@ def test_malformed_bins(tmp_path, payload, expect):
 
 
 # ------------------------------------------------------------------ 10-fold accuracy
+
 
 def _unit_pairs(dists):
     """Unit embeddings [2N, 2] whose partners are at the given squared L2 distances."""
@@ -175,6 +183,7 @@ def test_matches_insightface_transcription(n, seed):
 
 # ------------------------------------------------------------------ through a real package
 
+
 def test_evaluate_bins_with_package(bins, r18_ort_fp32_pkg):
     from arcdeploy.package import load
 
@@ -189,7 +198,7 @@ def test_evaluate_bins_with_package(bins, r18_ort_fp32_pkg):
     assert r["xnorm"] == pytest.approx(np.linalg.norm(raw, axis=1).mean(), rel=1e-5)
     assert r["xnorm"] > 1.5  # raw, not normalised
     # accuracy from those same raw features by the protocol: L2-normalise(image + mirror)
-    emb = raw[: 2 * PAIRS] + raw[2 * PAIRS:]
+    emb = raw[: 2 * PAIRS] + raw[2 * PAIRS :]
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     acc = verification_accuracy(emb, read_bin(bins[0])[1])
     assert acc.accuracy == pytest.approx(r["accuracy"], abs=1e-12)

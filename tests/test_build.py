@@ -19,6 +19,8 @@ from arcdeploy.machine import cpu_flags
 from arcdeploy.manifest import PACKAGE_FORMAT
 from arcdeploy.package import load, read_manifest
 
+pytestmark = pytest.mark.slow  # builds packages of every engine and precision
+
 CALIB_COUNT = 32
 CHECK_COUNT = 16  # images for each build's fidelity check (keeps the suite fast)
 

@@ -63,6 +63,7 @@ def test_check_with_landmarks(tmp_path, r18_ort_fp32_pkg):
     assert res["cosine"]["n"] == 6 and res["passed"]
 
 
+@pytest.mark.slow
 def test_check_catches_a_wrong_model(tmp_path, r18_ort_fp32_pkg, mbf_export, capsys):
     """A package whose model is not its reference's network fails the check (exit 1)."""
     bad = tmp_path / "bad"

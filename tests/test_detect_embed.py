@@ -37,7 +37,7 @@ needs_real = pytest.mark.skipif(
     not all(p.exists() for p in (CKPT, SCRFD, YUNET, RECOGNITION, PHOTO_POINTS, LFW)),
     reason=f"real networks, detectors and photos not found at {REAL}",
 )
-pytestmark = needs_real
+pytestmark = [pytest.mark.slow, needs_real]  # real networks and photos, built packages
 
 DETECTORS = {"scrfd": SCRFD, "yunet": YUNET}
 # photo pasted on a 1000 x 600 canvas: side, top-left corner (largest first)
@@ -65,8 +65,7 @@ def _separation(feats, paths) -> tuple[float, float]:
 def pkg(tmp_path_factory):
     """The real trained mbf as an OpenVINO fp32 package."""
     out = tmp_path_factory.mktemp("pkg") / "mbf_ov_fp32"
-    arcdeploy.build(CKPT, out, engine="openvino", precision="fp32", check_images=PHOTOS,
-                    check_landmarks=PHOTO_POINTS)
+    arcdeploy.build(CKPT, out, engine="openvino", precision="fp32", check_images=PHOTOS, check_landmarks=PHOTO_POINTS)
     return arcdeploy.load(out)
 
 
@@ -129,8 +128,10 @@ def test_detector_rows_match_the_reference_landmark_rows(pkg, tmp_path):
     # 0.2% off in one axis here): rows agree closely, not bit for bit
     det, lmk = tmp_path / "det.npy", tmp_path / "lmk.npy"
     assert main(["embed", str(pkg.path), "--images", str(PHOTOS), "--detector", str(SCRFD), "-q", "-o", str(det)]) == 0
-    assert main(["embed", str(pkg.path), "--images", str(PHOTOS), "--landmarks", str(PHOTO_POINTS), "-q",
-                 "-o", str(lmk)]) == 0
+    assert (
+        main(["embed", str(pkg.path), "--images", str(PHOTOS), "--landmarks", str(PHOTO_POINTS), "-q", "-o", str(lmk)])
+        == 0
+    )
     a, b = np.load(det), np.load(lmk)
     assert a.shape == b.shape == (12, 512)
     cos = (a * b).sum(axis=1)
@@ -160,8 +161,9 @@ def test_group_photo_one_row_per_face(pkg, group, photo_paths, tmp_path, capsys)
     path, squares = group
     folder = path.parent
     out = tmp_path / "all.npy"
-    code = main(["embed", str(pkg.path), "--images", str(folder), "--detector", str(SCRFD), "--all-faces", "-q",
-                 "-o", str(out)])
+    code = main(
+        ["embed", str(pkg.path), "--images", str(folder), "--detector", str(SCRFD), "--all-faces", "-q", "-o", str(out)]
+    )
     assert code == 0, capsys.readouterr().err
     feats = np.load(out)
     index = read_faces_index(faces_path_for(out))
@@ -178,8 +180,7 @@ def test_group_photo_one_row_per_face(pkg, group, photo_paths, tmp_path, capsys)
 
     # without --all-faces: one row, the largest face's
     best = tmp_path / "best.npy"
-    assert main(["embed", str(pkg.path), "--images", str(folder), "--detector", str(SCRFD), "-q", "-o",
-                 str(best)]) == 0
+    assert main(["embed", str(pkg.path), "--images", str(folder), "--detector", str(SCRFD), "-q", "-o", str(best)]) == 0
     np.testing.assert_allclose(np.load(best), feats[:1], atol=1e-5)
 
     # the API gives the same rows and index
@@ -207,8 +208,22 @@ def test_image_without_a_face_is_a_failed_row(pkg, photo_paths, tmp_path, capsys
 
     # --all-faces: no row for it; still listed, still exit 3; the threshold named is the one used
     out2 = tmp_path / "g.npy"
-    code = main(["embed", str(pkg.path), "--images", str(listing), "--detector", str(SCRFD), "--all-faces",
-                 "--det-threshold", "0.6", "-q", "-o", str(out2)])
+    code = main(
+        [
+            "embed",
+            str(pkg.path),
+            "--images",
+            str(listing),
+            "--detector",
+            str(SCRFD),
+            "--all-faces",
+            "--det-threshold",
+            "0.6",
+            "-q",
+            "-o",
+            str(out2),
+        ]
+    )
     assert code == 3
     np.testing.assert_allclose(np.load(out2), feats[[0, 2]], atol=1e-5)
     assert [r.image for r in read_faces_index(faces_path_for(out2))] == [0, 2]
@@ -243,15 +258,39 @@ sys.exit(main(sys.argv[2:]))
 
 def test_all_faces_resume_after_kill_is_bit_identical(pkg, group, photo_paths, tmp_path):
     path, squares = group
-    images = [photo_paths[0], path, photo_paths[3], _no_face_image(tmp_path / "blank.png"), photo_paths[5], path,
-              photo_paths[7]]
+    images = [
+        photo_paths[0],
+        path,
+        photo_paths[3],
+        _no_face_image(tmp_path / "blank.png"),
+        photo_paths[5],
+        path,
+        photo_paths[7],
+    ]
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{p}\n" for p in images))
 
     def cmd(out, kill_after=0):
-        return [sys.executable, "-c", KILLED_AFTER_CHUNKS, str(kill_after), "embed", str(pkg.path), "--images",
-                str(listing), "--detector", str(SCRFD), "--all-faces", "--batch", "2", "--chunk-size", "2", "-q",
-                "-o", str(out)]
+        return [
+            sys.executable,
+            "-c",
+            KILLED_AFTER_CHUNKS,
+            str(kill_after),
+            "embed",
+            str(pkg.path),
+            "--images",
+            str(listing),
+            "--detector",
+            str(SCRFD),
+            "--all-faces",
+            "--batch",
+            "2",
+            "--chunk-size",
+            "2",
+            "-q",
+            "-o",
+            str(out),
+        ]
 
     full = tmp_path / "full.npy"
     ref = subprocess.run(cmd(full), capture_output=True, text=True)
@@ -315,8 +354,9 @@ def test_int8_build_calibrated_through_the_detector(tmp_path, photo_paths):
     calib = tmp_path / "calib.txt"
     lfw = list_images(LFW)[:120]
     calib.write_text("".join(f"{p}\n" for p in [*photo_paths, *lfw]))
-    out = arcdeploy.build(CKPT, tmp_path / "int8", engine="openvino", precision="int8", calib=calib,
-                          calib_detector=SCRFD, calib_count=100)
+    out = arcdeploy.build(
+        CKPT, tmp_path / "int8", engine="openvino", precision="int8", calib=calib, calib_detector=SCRFD, calib_count=100
+    )
     pkg = arcdeploy.load(out)
     cal = pkg.manifest.calibration
     assert cal["count"] == 100 and "SCRFD scrfd_500m_kps.onnx" in cal["preprocessing"]
@@ -343,10 +383,36 @@ def test_errors_are_one_line(pkg, photo_paths, tmp_path, capsys):
         ([*embed, "--detector", str(SCRFD), "--landmarks", str(PHOTO_POINTS)], ["--landmarks and --detector"]),
         ([*embed, "--all-faces"], ["--all-faces needs --detector"]),
         ([*embed, "--detector", str(SCRFD), "--det-threshold", "1.5"], ["--det-threshold"]),
-        (["compare", str(pkg.path), str(photo_paths[0]), str(photo_paths[1]), "--detector", str(SCRFD),
-          "--landmarks", str(PHOTO_POINTS)], ["--landmarks and --detector"]),
-        (["build", str(CKPT), "--precision", "int8", "--calib", str(PHOTOS), "--calib-landmarks", str(PHOTO_POINTS),
-          "--calib-detector", str(SCRFD), "-o", str(tmp_path / "p")], ["--calib-landmarks and --calib-detector"]),
+        (
+            [
+                "compare",
+                str(pkg.path),
+                str(photo_paths[0]),
+                str(photo_paths[1]),
+                "--detector",
+                str(SCRFD),
+                "--landmarks",
+                str(PHOTO_POINTS),
+            ],
+            ["--landmarks and --detector"],
+        ),
+        (
+            [
+                "build",
+                str(CKPT),
+                "--precision",
+                "int8",
+                "--calib",
+                str(PHOTOS),
+                "--calib-landmarks",
+                str(PHOTO_POINTS),
+                "--calib-detector",
+                str(SCRFD),
+                "-o",
+                str(tmp_path / "p"),
+            ],
+            ["--calib-landmarks and --calib-detector"],
+        ),
     ]
     for args, words in cases:
         code = main(args)
@@ -363,8 +429,18 @@ def test_errors_are_one_line(pkg, photo_paths, tmp_path, capsys):
 def test_existing_faces_index_needs_force(pkg, tmp_path, capsys):
     out = tmp_path / "f.npy"
     faces_path_for(out).write_text("mine\n")
-    args = ["embed", str(pkg.path), "--images", str(PHOTOS / "Barack_Obama"), "--detector", str(SCRFD),
-            "--all-faces", "-q", "-o", str(out)]
+    args = [
+        "embed",
+        str(pkg.path),
+        "--images",
+        str(PHOTOS / "Barack_Obama"),
+        "--detector",
+        str(SCRFD),
+        "--all-faces",
+        "-q",
+        "-o",
+        str(out),
+    ]
     assert main(args) == 2
     assert str(faces_path_for(out)) in capsys.readouterr().err and not out.exists()
     assert faces_path_for(out).read_text() == "mine\n"

@@ -1,4 +1,5 @@
 """Faces in, embeddings out: the embed pipeline, its CLI, failures and resuming."""
+
 from __future__ import annotations
 
 import os
@@ -93,6 +94,7 @@ def test_api_raises_on_a_bad_image(pkg, tmp_path, faces16):
         embed_images(pkg, [faces16[0]], landmarks=[])
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_named_and_kept_in_order(pkg, loose_set, tmp_path, capsys):
     root, lmk_file, names, arrays, lmks = loose_set
     good = cv2.imencode(".jpg", arrays[0][..., ::-1])[1].tobytes()
@@ -105,10 +107,14 @@ def test_cli_bad_inputs_named_and_kept_in_order(pkg, loose_set, tmp_path, capsys
     cv2.imwrite(str(bad / "offimage.png"), arrays[1][..., ::-1])
     cv2.imwrite(str(bad / "nolmk.png"), arrays[2][..., ::-1])
     entries = [
-        (root / names[0], lmks[0], None), (bad / "corrupt.jpg", lmks[0], "corrupt JPEG"),
-        (root / names[3], lmks[3], None), (bad / "empty.jpg", lmks[0], "empty file"),
-        (bad / "missing.jpg", lmks[0], "no such file"), (bad / "text.jpg", lmks[0], "not an image"),
-        (bad / "offimage.png", far, "landmarks off the image"), (bad / "nolmk.png", None, "no landmarks"),
+        (root / names[0], lmks[0], None),
+        (bad / "corrupt.jpg", lmks[0], "corrupt JPEG"),
+        (root / names[3], lmks[3], None),
+        (bad / "empty.jpg", lmks[0], "empty file"),
+        (bad / "missing.jpg", lmks[0], "no such file"),
+        (bad / "text.jpg", lmks[0], "not an image"),
+        (bad / "offimage.png", far, "landmarks off the image"),
+        (bad / "nolmk.png", None, "no landmarks"),
         (root / names[5], lmks[5], None),
     ]
     lst = tmp_path / "list.txt"
@@ -116,8 +122,21 @@ def test_cli_bad_inputs_named_and_kept_in_order(pkg, loose_set, tmp_path, capsys
     lmk_rows = [f"{p.name} " + " ".join(f"{v:.4f}" for v in lm.ravel()) for p, lm, _ in entries if lm is not None]
     (tmp_path / "lmk.txt").write_text("\n".join(lmk_rows) + "\n")
     out = tmp_path / "out" / "feats.npy"
-    code = main(["embed", str(pkg.path), "--images", str(lst), "--landmarks", str(tmp_path / "lmk.txt"),
-                 "--batch", "4", "--quiet", "-o", str(out)])
+    code = main(
+        [
+            "embed",
+            str(pkg.path),
+            "--images",
+            str(lst),
+            "--landmarks",
+            str(tmp_path / "lmk.txt"),
+            "--batch",
+            "4",
+            "--quiet",
+            "-o",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 3
     feats = np.load(out)
@@ -137,11 +156,29 @@ def test_cli_bad_inputs_named_and_kept_in_order(pkg, loose_set, tmp_path, capsys
     assert not parts_dir_for(out).exists()
 
 
+@pytest.mark.slow
 def test_cli_folder_with_landmarks_and_flip(pkg, loose_set, tmp_path, capsys):
     root, lmk_file, names, arrays, lmks = loose_set
     out = tmp_path / "f.npy"
-    code = main(["embed", str(pkg.path), "--images", str(root), "--landmarks", str(lmk_file), "--flip", "--raw",
-                 "--batch", "8", "--workers", "3", "--quiet", "-o", str(out)])
+    code = main(
+        [
+            "embed",
+            str(pkg.path),
+            "--images",
+            str(root),
+            "--landmarks",
+            str(lmk_file),
+            "--flip",
+            "--raw",
+            "--batch",
+            "8",
+            "--workers",
+            "3",
+            "--quiet",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     feats = np.load(out)
     order = sorted(range(len(names)), key=lambda i: names[i])  # folder listing is sorted by relative path
@@ -175,22 +212,47 @@ sys.exit(main(sys.argv[2:]))
 
 
 def _embed_cmd(pkg, root, lmk_file, out, *extra, kill_after=0):
-    return [sys.executable, "-c", KILLED_AFTER_CHUNKS, str(kill_after), "embed", str(pkg.path), "--images",
-            str(root), "--landmarks", str(lmk_file), "--batch", "2", "--chunk-size", "4", "--quiet", "-o", str(out),
-            *extra]
+    return [
+        sys.executable,
+        "-c",
+        KILLED_AFTER_CHUNKS,
+        str(kill_after),
+        "embed",
+        str(pkg.path),
+        "--images",
+        str(root),
+        "--landmarks",
+        str(lmk_file),
+        "--batch",
+        "2",
+        "--chunk-size",
+        "4",
+        "--quiet",
+        "-o",
+        str(out),
+        *extra,
+    ]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_bit_identical(pkg, loose_set, tmp_path):
     root, lmk_file, *_ = loose_set
     full = tmp_path / "full.npy"
-    ref = embed_files(pkg, sorted(root.rglob("*.jpg")), landmarks=lmk_file, batch=2, chunk_rows=4, root=root,
-                      output=full, progress=False)
+    ref = embed_files(
+        pkg,
+        sorted(root.rglob("*.jpg")),
+        landmarks=lmk_file,
+        batch=2,
+        chunk_rows=4,
+        root=root,
+        output=full,
+        progress=False,
+    )
     assert ref.ok and ref.features.shape == (N_LOOSE, 512)
 
     out = tmp_path / "resumed.npy"
     env = dict(os.environ)
-    killed = subprocess.run(_embed_cmd(pkg, root, lmk_file, out, kill_after=2), env=env, capture_output=True,
-                            text=True)
+    killed = subprocess.run(_embed_cmd(pkg, root, lmk_file, out, kill_after=2), env=env, capture_output=True, text=True)
     assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), killed.stderr
     parts = parts_dir_for(out)
     saved = sorted(p.name for p in parts.glob("chunk_*.npy"))
@@ -198,8 +260,17 @@ def test_resume_after_kill_is_bit_identical(pkg, loose_set, tmp_path):
 
     # another job's settings are refused, clearly, and the saved work is kept
     with pytest.raises(ArcdeployError, match=r"different job \(flip False -> True\)"):
-        embed_files(pkg, sorted(root.rglob("*.jpg")), landmarks=lmk_file, batch=2, chunk_rows=4, root=root,
-                    output=out, flip=True, progress=False)
+        embed_files(
+            pkg,
+            sorted(root.rglob("*.jpg")),
+            landmarks=lmk_file,
+            batch=2,
+            chunk_rows=4,
+            root=root,
+            output=out,
+            flip=True,
+            progress=False,
+        )
     assert len(list(parts.glob("chunk_*.npy"))) == 2
 
     done = subprocess.run(_embed_cmd(pkg, root, lmk_file, out), env=env, capture_output=True, text=True)

@@ -1,4 +1,5 @@
 """Faces in: image lists, decoding, landmark files and 5-point alignment."""
+
 from __future__ import annotations
 
 import cv2
@@ -49,8 +50,9 @@ def test_template_maps_onto_itself():
     np.testing.assert_allclose(m, [[1, 0, 0], [0, 1, 0]], atol=1e-5)
 
 
-@pytest.mark.parametrize("angle,scale,tx,ty", [(0, 1, 0, 0), (17, 1.8, 40, -12), (-35, 0.6, 130.5, 77.25),
-                                               (180, 2.5, 300, 300)])
+@pytest.mark.parametrize(
+    "angle,scale,tx,ty", [(0, 1, 0, 0), (17, 1.8, 40, -12), (-35, 0.6, 130.5, 77.25), (180, 2.5, 300, 300)]
+)
 def test_known_similarity_is_recovered(angle, scale, tx, ty):
     fwd = _similarity(angle, scale, tx, ty)  # template frame -> image frame
     pts = _apply(fwd, TEMPLATE_112)
@@ -90,8 +92,9 @@ def test_warped_image_matches_hand_computed_transform(loose):
     fwd = _similarity(12, 1.7, 30, 20)
     pts = _apply(fwd, TEMPLATE_112)
     got = align_face(img, pts)
-    want = cv2.warpAffine(img, _inverse(fwd), (112, 112), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    want = cv2.warpAffine(
+        img, _inverse(fwd), (112, 112), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
     assert got.shape == (112, 112, 3) and got.dtype == np.uint8
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # same matrix up to float rounding
 
@@ -171,13 +174,16 @@ def test_68_point_rows_reduce_to_5(tmp_path):
     assert read_landmarks(tmp_path / "l68s.txt").scores[0] == pytest.approx(0.7)
 
 
-@pytest.mark.parametrize("body,needle", [
-    ("a.jpg 1 2 3\n", ":1: expected"),
-    ("a.jpg " + "1 " * 10 + "\nb.jpg 1 2 x 4 5 6 7 8 9 10\n", ":2: not a number: 'x'"),
-    ("a.jpg " + "1 " * 10 + "\nb.jpg " + "1 " * 11 + "\n", ":2: rows mix"),
-    ("a.jpg " + "nan " * 10 + "\n", ":1: non-finite"),
-    ("# only a comment\n", "no landmark rows"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("a.jpg 1 2 3\n", ":1: expected"),
+        ("a.jpg " + "1 " * 10 + "\nb.jpg 1 2 x 4 5 6 7 8 9 10\n", ":2: not a number: 'x'"),
+        ("a.jpg " + "1 " * 10 + "\nb.jpg " + "1 " * 11 + "\n", ":2: rows mix"),
+        ("a.jpg " + "nan " * 10 + "\n", ":1: non-finite"),
+        ("# only a comment\n", "no landmark rows"),
+    ],
+)
 def test_malformed_landmark_files_name_file_and_line(tmp_path, body, needle):
     f = tmp_path / "bad.txt"
     f.write_text(body)
@@ -204,8 +210,12 @@ def test_list_images_from_folder_and_list(tmp_path):
     assert got == ["a.png", "b.JPG", "e.jpeg", "sub/c.webp", "sub/deeper/d.Bmp"]
     lst = tmp_path / "imgs" / "list.txt"
     lst.write_text(f"# header\nsub/c.webp 7 label\n\n  b.JPG\n{tmp_path}/abs.jpg\nmissing.jpg\n")
-    assert list_images(lst) == [tmp_path / "imgs/sub/c.webp", tmp_path / "imgs/b.JPG", tmp_path / "abs.jpg",
-                                tmp_path / "imgs/missing.jpg"]
+    assert list_images(lst) == [
+        tmp_path / "imgs/sub/c.webp",
+        tmp_path / "imgs/b.JPG",
+        tmp_path / "abs.jpg",
+        tmp_path / "imgs/missing.jpg",
+    ]
     assert list_images(tmp_path / "imgs" / "a.png") == [tmp_path / "imgs" / "a.png"]  # one image
 
 
@@ -282,9 +292,15 @@ def test_bad_images_raise_with_reason(tmp_path, loose):
     png = cv2.imencode(".png", _bgr(img))[1].tobytes()
     (tmp_path / "corrupt.png").write_bytes(png[:200] + b"\0" * 100)
     (tmp_path / "dir.jpg").mkdir()
-    cases = {"empty.jpg": "empty file", "text.jpg": "not an image (a text file)", "corrupt.jpg": "corrupt JPEG",
-             "half.jpg": "JPEG", "corrupt.png": "corrupt PNG", "missing.jpg": "no such file",
-             "dir.jpg": "is a folder"}
+    cases = {
+        "empty.jpg": "empty file",
+        "text.jpg": "not an image (a text file)",
+        "corrupt.jpg": "corrupt JPEG",
+        "half.jpg": "JPEG",
+        "corrupt.png": "corrupt PNG",
+        "missing.jpg": "no such file",
+        "dir.jpg": "is a folder",
+    }
     for name, reason in cases.items():
         with pytest.raises(ImageError) as info:
             read_image(tmp_path / name)

@@ -160,6 +160,7 @@ def test_export_writes_files_and_manifest(r18_export, r18_ckpt):
     assert manifest["verification"]["relative_error"]["onnx"] <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["r18", "mbf"])
 def test_onnx_dynamic_batch_matches_pytorch(which, r18_export, mbf_export, r18_ckpt, mbf_ckpt):
     res = r18_export if which == "r18" else mbf_export
@@ -195,6 +196,7 @@ def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "arcdeploy", *args], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, r18_ckpt):
     cases = [
         (["export", str(tmp_path / "nope.pth"), "-o", str(tmp_path / "o1")], "no such file"),
@@ -212,6 +214,7 @@ def test_cli_errors_are_one_line(tmp_path, r18_ckpt):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
+@pytest.mark.slow
 def test_cli_export_end_to_end(tmp_path, mbf_ckpt):
     proc = _cli("export", str(mbf_ckpt), "-o", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr

@@ -1,6 +1,7 @@
 """IJB-B/IJB-C 1:1 verification: aggregation by hand, parity with a transcription of insightface's
 eval_ijbc.py arithmetic (near-tied scores included), every meta-file error, the CLI from features and
 from a package."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,8 @@ def write_meta(root: Path, rows, pairs, target="IJBC", pts=None):
     (meta / f"{t}_face_tid_mid.txt").write_text("".join(f"{n} {a} {b}\n" for n, a, b, _ in rows))
     pts = pts if pts is not None else [[10.0 + i] * 10 for i in range(len(rows))]
     (meta / f"{t}_name_5pts_score.txt").write_text(
-        "".join(f"{n} " + " ".join(f"{v:.2f}" for v in p) + f" {s}\n" for (n, _, _, s), p in zip(rows, pts)))
+        "".join(f"{n} " + " ".join(f"{v:.2f}" for v in p) + f" {s}\n" for (n, _, _, s), p in zip(rows, pts))
+    )
     (meta / f"{t}_template_pair_label.txt").write_text("".join(f"{a} {b} {c}\n" for a, b, c in pairs))
     return root
 
@@ -50,17 +52,17 @@ def test_template_aggregation_by_hand():
     # N1 D0: media 1 mean (2, 0) + media 2 (0, 2) = (2, 2) -> (1, 1)/sqrt2; template 9 -> (0, 1)
     tf = template_features(HAND_IMG, templates, medias, None)
     np.testing.assert_array_equal(tf.ids, [7, 9])
-    np.testing.assert_allclose(tf.features, [[2 ** -0.5, 2 ** -0.5], [0, 1]], rtol=1e-15)
+    np.testing.assert_allclose(tf.features, [[2**-0.5, 2**-0.5], [0, 1]], rtol=1e-15)
     # D1: media 1 mean 0.5*(1,0),0.5*(3,0) -> (1, 0); media 2 (0, 2) -> (1, 2)/sqrt5
     tf = template_features(HAND_IMG, templates, medias, faceness)
-    np.testing.assert_allclose(tf.features[0], np.array([1, 2]) / 5 ** 0.5, rtol=1e-15)
+    np.testing.assert_allclose(tf.features[0], np.array([1, 2]) / 5**0.5, rtol=1e-15)
     # N0 D0: each image normalised first: (1,0),(1,0) -> (1,0); (0,1) -> (1,1)/sqrt2
     tf = template_features(HAND_IMG, templates, medias, None, normalize_images=True)
-    np.testing.assert_allclose(tf.features[0], [2 ** -0.5, 2 ** -0.5], rtol=1e-15)
+    np.testing.assert_allclose(tf.features[0], [2**-0.5, 2**-0.5], rtol=1e-15)
     # score = dot product of the two templates
     tf = template_features(HAND_IMG, templates, medias, faceness)
     s = pair_scores(tf.features, np.array([0, 1]), np.array([1, 0]))
-    np.testing.assert_allclose(s, [2 / 5 ** 0.5] * 2, rtol=1e-15)
+    np.testing.assert_allclose(s, [2 / 5**0.5] * 2, rtol=1e-15)
 
 
 def test_flip_sum_of_raw_features_by_hand():
@@ -68,9 +70,9 @@ def test_flip_sum_of_raw_features_by_hand():
     feats = np.array([[[1, 0], [1, 2]], [[0, 1], [0, 3]], [[5, 5], [-5, 5]]], np.float32)  # [N, 2, D]
     # F1: (2,2) + (0,4) = (2,6); F0: (1,0)+(0,1) = (1,1)
     tf = template_features(feats, templates, medias, None, flip=True)
-    np.testing.assert_allclose(tf.features, [np.array([2, 6]) / 40 ** 0.5, [0, 1]], rtol=1e-15)
+    np.testing.assert_allclose(tf.features, [np.array([2, 6]) / 40**0.5, [0, 1]], rtol=1e-15)
     tf = template_features(feats, templates, medias, None, flip=False)
-    np.testing.assert_allclose(tf.features, [[2 ** -0.5, 2 ** -0.5], [2 ** -0.5, 2 ** -0.5]], rtol=1e-15)
+    np.testing.assert_allclose(tf.features, [[2**-0.5, 2**-0.5], [2**-0.5, 2**-0.5]], rtol=1e-15)
 
 
 def test_failed_images_are_left_out():
@@ -78,7 +80,7 @@ def test_failed_images_are_left_out():
     feats = np.array([[1, 0], [np.nan, 1], [0, 3], [np.nan, np.nan]])
     tf = template_features(feats, templates, medias, None)
     # media 1 = only (1,0); media 2 = (0,3) -> (1,3); template 2 empty
-    np.testing.assert_allclose(tf.features[0], np.array([1, 3]) / 10 ** 0.5, rtol=1e-15)
+    np.testing.assert_allclose(tf.features[0], np.array([1, 3]) / 10**0.5, rtol=1e-15)
     np.testing.assert_array_equal(tf.features[1], [0, 0])
     assert (tf.failed_images, tf.empty_templates) == (2, 1)
 
@@ -94,6 +96,7 @@ def test_pair_scores_gemm_and_gather_paths_agree():
 
 # ------------------------------------------------------------------ parity with insightface
 
+
 def insightface_reference(feats, templates, medias, faceness, p1, p2, labels, flip, norm_score, detector_score):
     """A slow transcription of eval_ijbc.py's arithmetic (image2template_feature, verification, the TAR row),
     dtype for dtype: its features are stored float32 [N, 2D] (image | flip), numpy keeps float32 through the
@@ -108,7 +111,7 @@ def insightface_reference(feats, templates, medias, faceness, p1, p2, labels, fl
     half = stored.shape[1] // 2
     x = stored[:, :half] + stored[:, half:] if (flip and feats.ndim == 3) else stored[:, :half]
     if not norm_score:
-        x = x / np.sqrt(np.sum(x ** 2, -1, keepdims=True))
+        x = x / np.sqrt(np.sum(x**2, -1, keepdims=True))
     if detector_score:
         x = x * np.asarray(faceness, np.float32)[:, np.newaxis]
     unique_templates = np.unique(templates)
@@ -156,21 +159,32 @@ def random_set(tmp_path_factory):
                 base = centers[i] * 0.6 + rng.standard_normal(32)
                 feats.append([base * rng.uniform(0.5, 3), base * rng.uniform(0.5, 3) + 0.2 * rng.standard_normal(32)])
     tids = sorted(ident)
-    pairs = [(a, b, int(ident[a] == ident[b])) for x, a in enumerate(tids) for b in tids[x + 1:]]
+    pairs = [(a, b, int(ident[a] == ident[b])) for x, a in enumerate(tids) for b in tids[x + 1 :]]
     root = write_meta(tmp_path_factory.mktemp("ijb") / "IJBC", rows, pairs)
     feats = np.array(feats, np.float32)
     np.save(root / "feats.npy", feats)
     return root, feats
 
 
-@pytest.mark.parametrize("flip,normalize,detector", [(True, False, True), (False, False, True),
-                                                     (True, True, False), (True, True, True)])
+@pytest.mark.parametrize(
+    "flip,normalize,detector", [(True, False, True), (False, False, True), (True, True, False), (True, True, True)]
+)
 def test_parity_with_insightface_transcription(random_set, flip, normalize, detector):
     root, feats = random_set
     meta = read_meta(root, "IJBC")
     res = evaluate_features(meta, feats, flip=flip, detector_score=detector, normalize_images=normalize)
-    ref_scores, ref_tars = insightface_reference(feats, meta.templates, meta.medias, meta.faceness, meta.pair_t1,
-                                                 meta.pair_t2, meta.labels, flip, not normalize, detector)
+    ref_scores, ref_tars = insightface_reference(
+        feats,
+        meta.templates,
+        meta.medias,
+        meta.faceness,
+        meta.pair_t1,
+        meta.pair_t2,
+        meta.labels,
+        flip,
+        not normalize,
+        detector,
+    )
     np.testing.assert_allclose(res.scores, ref_scores, rtol=1e-12, atol=1e-13)
     np.testing.assert_array_equal(res.tar, ref_tars)
     assert res.mode == f"F{int(flip)} N{int(not normalize)} D{int(detector)}"
@@ -194,8 +208,15 @@ def near_tied_set(seed, n_t=100, d=16):
                 rows.append((100 + t, m + 10 * (t % 3), float(np.float32(rng.uniform(0.5, 1)))))
     a, b = np.triu_indices(n_t, 1)
     rows = np.array(rows)
-    return (np.array(feats, np.float32), rows[:, 0].astype(int), rows[:, 1].astype(int), rows[:, 2].astype(np.float32),
-            100 + a, 100 + b, (ident[a] == ident[b]).astype(int))
+    return (
+        np.array(feats, np.float32),
+        rows[:, 0].astype(int),
+        rows[:, 1].astype(int),
+        rows[:, 2].astype(np.float32),
+        100 + a,
+        100 + b,
+        (ident[a] == ident[b]).astype(int),
+    )
 
 
 @pytest.mark.parametrize("flip,normalize,detector", [(True, False, True), (False, False, True), (True, True, False)])
@@ -203,12 +224,20 @@ def test_near_tied_scores_rank_as_insightface(flip, normalize, detector):
     float64_differs = False
     for seed in range(8):
         feats, templates, medias, faceness, p1, p2, labels = near_tied_set(seed)
-        ref_scores, ref_tars = insightface_reference(feats, templates, medias, faceness, p1, p2, labels,
-                                                     flip, not normalize, detector)
+        ref_scores, ref_tars = insightface_reference(
+            feats, templates, medias, faceness, p1, p2, labels, flip, not normalize, detector
+        )
         got = {}
         for precision in ("float32", "float64"):
-            tf = template_features(feats, templates, medias, faceness if detector else None, flip=flip,
-                                   normalize_images=normalize, precision=precision)
+            tf = template_features(
+                feats,
+                templates,
+                medias,
+                faceness if detector else None,
+                flip=flip,
+                normalize_images=normalize,
+                precision=precision,
+            )
             i1, i2 = np.searchsorted(tf.ids, p1), np.searchsorted(tf.ids, p2)
             scores = pair_scores(tf.features, i1, i2)
             if precision == "float32":
@@ -268,18 +297,25 @@ def test_row_count_mismatch(tmp_path):
     assert "ijbc_name_5pts_score.txt: 3 rows" in msg and "has 4" in msg
 
 
-@pytest.mark.parametrize("file,line,text,expect", [
-    ("ijbc_face_tid_mid.txt", 2, "b.jpg 1\n", "line 2: expected 3 fields"),
-    ("ijbc_face_tid_mid.txt", 3, "c.jpg two 3\n", "line 3: template id 'two' is not an integer"),
-    ("ijbc_name_5pts_score.txt", 4, "d.jpg 1 2 3\n", "line 4: expected 12 fields"),
-    ("ijbc_name_5pts_score.txt", 1, "a.jpg 1 2 3 4 5 6 7 8 9 x 0.5\n",
-     "line 1: landmark or score field is not a number"),
-    ("ijbc_name_5pts_score.txt", 2, "b.jpg 1 2 3 4 5 6 7 8 9 10 nan\n", "line 2: landmark or score is not finite"),
-    ("ijbc_template_pair_label.txt", 2, "1 3\n", "line 2: expected 3 fields"),
-    ("ijbc_template_pair_label.txt", 3, "2 3 7\n", "line 3: label 7 is not 0 or 1"),
-    ("ijbc_template_pair_label.txt", 1, "1 2.5 1\n", "line 1: template id '2.5' is not an integer"),
-    ("ijbc_template_pair_label.txt", 3, "2 42 0\n", "line 3: template 42 has no image"),
-])
+@pytest.mark.parametrize(
+    "file,line,text,expect",
+    [
+        ("ijbc_face_tid_mid.txt", 2, "b.jpg 1\n", "line 2: expected 3 fields"),
+        ("ijbc_face_tid_mid.txt", 3, "c.jpg two 3\n", "line 3: template id 'two' is not an integer"),
+        ("ijbc_name_5pts_score.txt", 4, "d.jpg 1 2 3\n", "line 4: expected 12 fields"),
+        (
+            "ijbc_name_5pts_score.txt",
+            1,
+            "a.jpg 1 2 3 4 5 6 7 8 9 x 0.5\n",
+            "line 1: landmark or score field is not a number",
+        ),
+        ("ijbc_name_5pts_score.txt", 2, "b.jpg 1 2 3 4 5 6 7 8 9 10 nan\n", "line 2: landmark or score is not finite"),
+        ("ijbc_template_pair_label.txt", 2, "1 3\n", "line 2: expected 3 fields"),
+        ("ijbc_template_pair_label.txt", 3, "2 3 7\n", "line 3: label 7 is not 0 or 1"),
+        ("ijbc_template_pair_label.txt", 1, "1 2.5 1\n", "line 1: template id '2.5' is not an integer"),
+        ("ijbc_template_pair_label.txt", 3, "2 42 0\n", "line 3: template 42 has no image"),
+    ],
+)
 def test_malformed_lines(tmp_path, file, line, text, expect):
     root = write_meta(tmp_path / "r", GOOD_ROWS, GOOD_PAIRS)
     p = root / "meta" / file
@@ -301,23 +337,42 @@ def test_blank_lines_keep_line_numbers(tmp_path):
 
 def test_features_of_the_wrong_shape(tmp_path):
     meta = read_meta(write_meta(tmp_path / "r", GOOD_ROWS, GOOD_PAIRS), "IJBC")
-    for bad, expect in [(np.zeros((3, 8), np.float32), "3 feature rows but the 5pts file has 4"),
-                        (np.zeros((4, 3, 8), np.float32), "must be [N, D] or [N, 2, D]"),
-                        (np.zeros((4,), np.float32), "must be [N, D] or [N, 2, D]"),
-                        (np.zeros((4, 8), np.int64), "floating point")]:
+    for bad, expect in [
+        (np.zeros((3, 8), np.float32), "3 feature rows but the 5pts file has 4"),
+        (np.zeros((4, 3, 8), np.float32), "must be [N, D] or [N, 2, D]"),
+        (np.zeros((4,), np.float32), "must be [N, D] or [N, 2, D]"),
+        (np.zeros((4, 8), np.int64), "floating point"),
+    ]:
         with pytest.raises(ArcdeployError, match=expect.replace("[", r"\[").replace("]", r"\]")):
             evaluate_features(meta, bad, source="x.npy")
 
 
 # ------------------------------------------------------------------ CLI from features
 
+
 def test_cli_from_features(random_set, tmp_path, capsys):
     root, feats = random_set
     f2 = tmp_path / "noflip.npy"
     np.save(f2, feats[:, 0])
     out, js = tmp_path / "out", tmp_path / "r.json"
-    rc = cli_main(["eval", "ijb", "--root", str(root), "--target", "IJBC", "--features", str(root / "feats.npy"),
-                   "--features", str(f2), "--json", str(js), "-o", str(out)])
+    rc = cli_main(
+        [
+            "eval",
+            "ijb",
+            "--root",
+            str(root),
+            "--target",
+            "IJBC",
+            "--features",
+            str(root / "feats.npy"),
+            "--features",
+            str(f2),
+            "--json",
+            str(js),
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| feats-IJBC " in printed and "| noflip-IJBC " in printed and "0.0001" in printed
@@ -337,12 +392,14 @@ def test_cli_from_features(random_set, tmp_path, capsys):
 def test_cli_errors_are_one_line(random_set, tmp_path, capsys):
     root, feats = random_set
     np.save(tmp_path / "short.npy", feats[:5])
-    rc = cli_main(["eval", "ijb", "--root", str(root), "--features", str(tmp_path / "short.npy"),
-                   "-o", str(tmp_path / "o")])
+    rc = cli_main(
+        ["eval", "ijb", "--root", str(root), "--features", str(tmp_path / "short.npy"), "-o", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "5 feature rows" in err and "short.npy" in err
-    rc = cli_main(["eval", "ijb", "--root", str(root), "--features", str(tmp_path / "none.npy"),
-                   "-o", str(tmp_path / "o")])
+    rc = cli_main(
+        ["eval", "ijb", "--root", str(root), "--features", str(tmp_path / "none.npy"), "-o", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "none.npy: no such features file" in err
     rc = cli_main(["eval", "ijb", "--root", str(root), "-o", str(tmp_path / "o")])
@@ -351,12 +408,19 @@ def test_cli_errors_are_one_line(random_set, tmp_path, capsys):
 
 # ------------------------------------------------------------------ from a package (real pipeline)
 
+
 @pytest.fixture(scope="module")
 def small_ijb(tmp_path_factory):
     from arcdeploy.demo.datasets import write_ijb_set
 
-    return write_ijb_set(tmp_path_factory.mktemp("ijbset") / "IJB_release" / "IJBC", target="IJBC",
-                         identities=4, templates_per_id=2, images_per_template=3, seed=0)
+    return write_ijb_set(
+        tmp_path_factory.mktemp("ijbset") / "IJB_release" / "IJBC",
+        target="IJBC",
+        identities=4,
+        templates_per_id=2,
+        images_per_template=3,
+        seed=0,
+    )
 
 
 def test_synthetic_set_layout(small_ijb):
@@ -386,16 +450,31 @@ def test_package_path_caches_resumes_and_matches_features(small_ijb, r18_ort_fp3
     np.testing.assert_array_equal(np.load(doc2["scores_file"]), np.load(doc["scores_file"]))
     # a second run resumes from the cache (same file, same result)
     mtime = cache.stat().st_mtime_ns
-    doc3 = evaluate_ijb(small_ijb, "IJBC", packages=[str(r18_ort_fp32_pkg)], out_dir=out, progress=False, plot=False,
-                        force=True)  # its result files exist: replacing them is asked for
+    doc3 = evaluate_ijb(
+        small_ijb, "IJBC", packages=[str(r18_ort_fp32_pkg)], out_dir=out, progress=False, plot=False, force=True
+    )  # its result files exist: replacing them is asked for
     assert doc3["tar"] == doc["tar"] and cache.stat().st_mtime_ns == mtime
 
 
 def test_package_cli_no_flip(small_ijb, r18_ort_fp32_pkg, tmp_path, capsys):
     js = tmp_path / "r.json"
-    rc = cli_main(["eval", "ijb", str(r18_ort_fp32_pkg), "--root", str(small_ijb), "--no-flip",
-                   "--no-detector-score", "--normalize-images", "--no-progress", "--json", str(js),
-                   "-o", str(tmp_path / "o")])
+    rc = cli_main(
+        [
+            "eval",
+            "ijb",
+            str(r18_ort_fp32_pkg),
+            "--root",
+            str(small_ijb),
+            "--no-flip",
+            "--no-detector-score",
+            "--normalize-images",
+            "--no-progress",
+            "--json",
+            str(js),
+            "-o",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 0
     doc = json.loads(js.read_text())
     assert doc["mode"] == "F0 N0 D0"

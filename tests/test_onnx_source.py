@@ -40,6 +40,7 @@ needs_real = pytest.mark.skipif(
 FP32_MIN = FLOORS["fp32"]["min"]
 # the foreign files are made with torch's TorchScript-based exporter on purpose (what users' old exports are)
 pytestmark = [
+    pytest.mark.slow,  # every test exports and builds a model
     pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export"),
     pytest.mark.filterwarnings("ignore:The feature will be removed"),
 ]

@@ -10,6 +10,7 @@ blocks of whole batches) to the same engine with one thread, on the same machine
 arithmetic is the same. (Between machines with other CPUs the last bits may differ, as they would
 for two local runs there.)
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,11 +31,13 @@ from arcdeploy.cli import main
 from arcdeploy.demo.synth import draw_face
 from real_material import REAL, needs_real
 
+pytestmark = pytest.mark.slow  # starts Ray clusters
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
 N_FACES = 40
 REPEATS = 4  # the list names every image this many times: a job long enough to interrupt
-BATCH = 4    # inference batch of every run here; blocks are then 4 images (the default for this job size)
+BATCH = 4  # inference batch of every run here; blocks are then 4 images (the default for this job size)
 
 
 # ------------------------------------------------------------------ material
@@ -44,8 +47,16 @@ BATCH = 4    # inference batch of every run here; blocks are then 4 images (the 
 def mbf_pkg(tmp_path_factory, mbf_export):
     from arcdeploy import build
 
-    return Path(str(build(mbf_export.out_dir, tmp_path_factory.mktemp("pkg") / "mbf_ort_fp32",
-                          engine="onnxruntime", precision="fp32")))
+    return Path(
+        str(
+            build(
+                mbf_export.out_dir,
+                tmp_path_factory.mktemp("pkg") / "mbf_ort_fp32",
+                engine="onnxruntime",
+                precision="fp32",
+            )
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +86,23 @@ def job(tmp_path_factory):
 
 def _args(pkg, job, out, *extra):
     images, lmk = job
-    return ["embed", str(pkg), "--images", str(images), "--landmarks", str(lmk), "--flip", "--batch", str(BATCH),
-            "--threads", "1", "-q", "-o", str(out), *map(str, extra)]
+    return [
+        "embed",
+        str(pkg),
+        "--images",
+        str(images),
+        "--landmarks",
+        str(lmk),
+        "--flip",
+        "--batch",
+        str(BATCH),
+        "--threads",
+        "1",
+        "-q",
+        "-o",
+        str(out),
+        *map(str, extra),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +162,13 @@ def cluster(ray_env):
 
 
 def _start(args, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "arcdeploy", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env or os.environ.copy())
+    return subprocess.Popen(
+        [sys.executable, "-m", "arcdeploy", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or os.environ.copy(),
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
@@ -259,8 +290,9 @@ def test_no_address_starts_a_local_ray_and_stops_it(ray_env, mbf_pkg, job, local
 @pytest.mark.slow
 def test_workers_read_equals_local(cluster, mbf_pkg, job, local, tmp_path):
     out = tmp_path / "feats.npy"
-    rc, _, stderr = _finish(_start(_args(mbf_pkg, job, out, "--ray", cluster.address, "--ray-read", "workers",
-                                         "--ray-actors", "2")))
+    rc, _, stderr = _finish(
+        _start(_args(mbf_pkg, job, out, "--ray", cluster.address, "--ray-read", "workers", "--ray-actors", "2"))
+    )
     assert rc == 3, stderr[-2000:]
     _same_output(out, local)
 
@@ -303,13 +335,32 @@ def test_eval_ijb_extracts_on_ray(cluster, mbf_pkg, tmp_path):
 
     from arcdeploy.demo.datasets import write_ijb_set
 
-    root = write_ijb_set(tmp_path / "IJB_release" / "IJBC", target="IJBC", identities=4, templates_per_id=2,
-                         images_per_template=3, seed=0)
+    root = write_ijb_set(
+        tmp_path / "IJB_release" / "IJBC",
+        target="IJBC",
+        identities=4,
+        templates_per_id=2,
+        images_per_template=3,
+        seed=0,
+    )
     docs = []
     for name, extra in (("local", []), ("ray", ["--ray", cluster.address])):
         js = tmp_path / f"{name}.json"
-        args = ["eval", "ijb", str(mbf_pkg), "--root", str(root), "--batch", "4", "--no-progress", "--json", str(js),
-                "-o", str(tmp_path / name), *extra]
+        args = [
+            "eval",
+            "ijb",
+            str(mbf_pkg),
+            "--root",
+            str(root),
+            "--batch",
+            "4",
+            "--no-progress",
+            "--json",
+            str(js),
+            "-o",
+            str(tmp_path / name),
+            *extra,
+        ]
         if extra:
             rc, _, stderr = _finish(_start(args))
             assert rc == 0, stderr[-2000:]
@@ -353,8 +404,19 @@ def test_detector_travels_to_the_workers(cluster, mbf_pkg, tmp_path):
     shutil.copytree(REAL / "faces" / "photos", photos)
     cv2.imwrite(str(photos / "blank.png"), np.full((200, 200, 3), 90, np.uint8))
     scrfd = REAL / "models" / "scrfd_500m_kps.onnx"
-    common = ["embed", str(mbf_pkg), "--images", str(photos), "--detector", str(scrfd), "--batch", str(BATCH),
-              "--threads", "1", "-q"]
+    common = [
+        "embed",
+        str(mbf_pkg),
+        "--images",
+        str(photos),
+        "--detector",
+        str(scrfd),
+        "--batch",
+        str(BATCH),
+        "--threads",
+        "1",
+        "-q",
+    ]
     local_out, ray_out = tmp_path / "local" / "feats.npy", tmp_path / "ray" / "feats.npy"
     assert main([*common, "-o", str(local_out)]) == 3
     rc, _, stderr = _finish_on_loopback(_start([*common, "-o", str(ray_out), "--ray", cluster.address]))

@@ -138,6 +138,7 @@ def test_broken_manifests_are_one_line_errors(tmp_path, r18_ort_fp32_pkg, capsys
         load(pkg)
 
 
+@pytest.mark.slow
 def test_engine_load_failure_names_file_and_reason(tmp_path, engine_packages, capsys):
     pkg = _copy_pkg(engine_packages[("openvino", "fp32")], tmp_path / "pkg")
     (pkg / "model.xml").write_text("<net><broken")
@@ -190,6 +191,7 @@ def test_non_finite_weights_are_rejected(tmp_path, r18_state_dict, value):
 # ---------------------------------------------------------------- files
 
 
+@pytest.mark.slow
 def test_stale_litter_of_killed_runs_is_cleaned(tmp_path, r18_export):
     dead = _dead_pid()
     out = tmp_path / "pkg"

@@ -1,5 +1,6 @@
 """Evaluation failing safely: results never clobbered, unusable features refused, caches checked,
 any image name in IJB meta files, .bin counts and sizes as insightface reads them."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,14 @@ from arcdeploy.evaluate.plots import plot_roc
 
 @pytest.fixture(scope="module")
 def ijb(tmp_path_factory):
-    return write_ijb_set(tmp_path_factory.mktemp("ijb") / "IJBC", target="IJBC", identities=3, templates_per_id=2,
-                         images_per_template=2, seed=1)
+    return write_ijb_set(
+        tmp_path_factory.mktemp("ijb") / "IJBC",
+        target="IJBC",
+        identities=3,
+        templates_per_id=2,
+        images_per_template=2,
+        seed=1,
+    )
 
 
 def _feats(meta, seed=0):
@@ -32,6 +39,7 @@ def _feats(meta, seed=0):
 
 
 # ---------------------------------------------------------------- result files
+
 
 def test_result_files_and_json_need_force(ijb, tmp_path, capsys):
     meta = read_meta(ijb, "IJBC")
@@ -57,6 +65,7 @@ def test_result_files_and_json_need_force(ijb, tmp_path, capsys):
 
 # ---------------------------------------------------------------- unusable features
 
+
 @pytest.mark.parametrize("fill", [np.nan, 0.0])
 def test_no_usable_feature_is_an_error(ijb, tmp_path, capsys, fill):
     meta = read_meta(ijb, "IJBC")
@@ -81,6 +90,8 @@ def test_some_unusable_templates_are_counted_and_warned(ijb, caplog):
 
 # ---------------------------------------------------------------- the features cache
 
+
+@pytest.mark.slow
 def test_a_damaged_cache_is_not_trusted(ijb, r18_ort_fp32_pkg, tmp_path, caplog):
     out = tmp_path / "out"
     doc = evaluate_ijb(ijb, "IJBC", packages=[str(r18_ort_fp32_pkg)], out_dir=out, progress=False, plot=False)
@@ -91,12 +102,14 @@ def test_a_damaged_cache_is_not_trusted(ijb, r18_ort_fp32_pkg, tmp_path, caplog)
     header = len(good) - doc["images"] * 2 * 512 * 4
     cache.write_bytes(good[:header] + bytes(len(good) - header))  # zeroed: still a valid .npy of the right shape
     with caplog.at_level(logging.WARNING, logger="arcdeploy"):
-        again = evaluate_ijb(ijb, "IJBC", packages=[str(r18_ort_fp32_pkg)], out_dir=out, progress=False, plot=False,
-                             force=True)
+        again = evaluate_ijb(
+            ijb, "IJBC", packages=[str(r18_ort_fp32_pkg)], out_dir=out, progress=False, plot=False, force=True
+        )
     assert any("do not match the checksum" in r.getMessage() for r in caplog.records)
     assert cache.read_bytes() == good and again["tar"] == doc["tar"]
 
 
+@pytest.mark.slow
 def test_meta_names_that_are_not_utf8(ijb, r18_ort_fp32_pkg, tmp_path):
     root = tmp_path / "IJBC"
     shutil.copytree(ijb, root)
@@ -112,20 +125,22 @@ def test_meta_names_that_are_not_utf8(ijb, r18_ort_fp32_pkg, tmp_path):
     meta = read_meta(root, "IJBC")
     assert os.fsencode(meta.names[1]) == new and meta.name_mismatches == 0
     assert meta.image_paths()[1].is_file()
-    doc = evaluate_ijb(root, "IJBC", packages=[str(r18_ort_fp32_pkg)], out_dir=tmp_path / "o", progress=False,
-                       plot=False)
+    doc = evaluate_ijb(
+        root, "IJBC", packages=[str(r18_ort_fp32_pkg)], out_dir=tmp_path / "o", progress=False, plot=False
+    )
     assert doc["failed_images"] == 0 and doc["images"] == meta.images
 
 
 def test_plot_roc_takes_plain_curves(tmp_path):
     fpr, tpr = np.array([0.0, 1e-4, 1e-2, 1.0]), np.array([0.0, 0.5, 0.9, 1.0])
-    path = plot_roc([("a", fpr, tpr), ("b", fpr, tpr ** 2, 0.9)], tmp_path / "roc.png", title="t")
+    path = plot_roc([("a", fpr, tpr), ("b", fpr, tpr**2, 0.9)], tmp_path / "roc.png", title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ArcdeployError, match="already exists"):
         plot_roc([("a", fpr, tpr)], path, force=False)
 
 
 # ---------------------------------------------------------------- .bin sets
+
 
 def _jpg(img):
     return cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
@@ -153,12 +168,22 @@ def test_bin_images_of_other_sizes_as_insightface_reads_them():
     assert faces.shape == (2, 112, 112, 3)
 
 
+@pytest.mark.slow
 def test_bin_result_is_typed_and_json_needs_force(r18_ort_fp32_pkg, tmp_path, capsys):
     path = write_bin_set(tmp_path / "s.bin", pairs=10, seed=2)
     res = evaluate_bin(r18_ort_fp32_pkg, path, batch=10)
     assert isinstance(res, BinResult) and res.pairs == 10 and len(res.fold_accuracies) == 10
-    assert set(res.to_json()) == {"name", "file", "package", "pairs", "accuracy", "std", "xnorm",
-                                  "fold_accuracies", "fold_thresholds"}
+    assert set(res.to_json()) == {
+        "name",
+        "file",
+        "package",
+        "pairs",
+        "accuracy",
+        "std",
+        "xnorm",
+        "fold_accuracies",
+        "fold_thresholds",
+    }
     js = tmp_path / "r.json"
     js.write_text("mine")
     assert cli_main(["eval", "bin", str(r18_ort_fp32_pkg), str(path), "--json", str(js)]) == 2

@@ -1,5 +1,6 @@
 """Faces in, failing safely: outputs never clobbered, disk full, concurrent and failed runs, stale resumes,
 any file name, decompression bombs, implausible landmarks, non-finite model output, calibration = inference."""
+
 from __future__ import annotations
 
 import errno
@@ -56,8 +57,22 @@ def _paths(root):
 
 
 def _embed_args(pkg, root, out, *extra):
-    return ["embed", str(pkg.path), "--images", str(root), "--landmarks", str(root / "lmk.txt"), "--quiet",
-            "--batch", "2", "--chunk-size", "2", "-o", str(out), *extra]
+    return [
+        "embed",
+        str(pkg.path),
+        "--images",
+        str(root),
+        "--landmarks",
+        str(root / "lmk.txt"),
+        "--quiet",
+        "--batch",
+        "2",
+        "--chunk-size",
+        "2",
+        "-o",
+        str(out),
+        *extra,
+    ]
 
 
 def _litter(folder: Path) -> list[str]:
@@ -65,6 +80,7 @@ def _litter(folder: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- nothing replaced without --force
+
 
 def test_existing_output_and_failures_file_need_force(pkg, photos, tmp_path, capsys):
     out = tmp_path / "f.npy"
@@ -87,9 +103,9 @@ def test_existing_output_and_failures_file_need_force(pkg, photos, tmp_path, cap
 
 # ---------------------------------------------------------------- disk full, unwritable
 
+
 def _good_output(pkg, photos, out):
-    embed_files(pkg, _paths(photos), landmarks=photos / "lmk.txt", output=out, batch=2, chunk_rows=2,
-                progress=False)
+    embed_files(pkg, _paths(photos), landmarks=photos / "lmk.txt", output=out, batch=2, chunk_rows=2, progress=False)
     return out.read_bytes()
 
 
@@ -103,8 +119,16 @@ def test_no_space_in_the_final_write_leaves_the_old_output(pkg, photos, tmp_path
 
     monkeypatch.setattr(ChunkStore, "_blocks", blocks_then_full)
     with pytest.raises(ArcdeployError) as exc:
-        embed_files(pkg, _paths(photos), landmarks=photos / "lmk.txt", output=out, batch=2, chunk_rows=2,
-                    progress=False, force=True)
+        embed_files(
+            pkg,
+            _paths(photos),
+            landmarks=photos / "lmk.txt",
+            output=out,
+            batch=2,
+            chunk_rows=2,
+            progress=False,
+            force=True,
+        )
     assert str(exc.value) == f"{out}: cannot write (no space left on device)"
     assert out.read_bytes() == before and _litter(tmp_path) == []
     assert parts_dir_for(out).is_dir()  # the computed chunks are kept: a rerun with space only assembles
@@ -141,6 +165,7 @@ def test_a_really_full_disk(pkg, photos, tmp_path, tiny_tmpfs):
 
 
 # ---------------------------------------------------------------- concurrent and failed runs
+
 
 def test_a_second_writer_is_refused(pkg, photos, tmp_path):
     out = tmp_path / "f.npy"
@@ -188,8 +213,9 @@ def test_resume_refuses_an_image_changed_since(pkg, photos, tmp_path, monkeypatc
     os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
     with pytest.raises(ArcdeployError, match="different job .*images differ"):
         embed_files(pkg, _paths(root), landmarks=root / "lmk.txt", output=out, batch=2, chunk_rows=2, progress=False)
-    fresh = embed_files(pkg, _paths(root), landmarks=root / "lmk.txt", output=out, batch=2, chunk_rows=2,
-                        progress=False, resume=False)
+    fresh = embed_files(
+        pkg, _paths(root), landmarks=root / "lmk.txt", output=out, batch=2, chunk_rows=2, progress=False, resume=False
+    )
     assert fresh.resumed_rows == 0
     want = embed_images(pkg, [first], landmarks=root / "lmk.txt")
     np.testing.assert_allclose(fresh.features[0], want[0], atol=2e-5)
@@ -197,8 +223,15 @@ def test_resume_refuses_an_image_changed_since(pkg, photos, tmp_path, monkeypatc
 
 def test_a_damaged_chunk_is_computed_again(pkg, photos, tmp_path, monkeypatch):
     out = tmp_path / "f.npy"
-    ref = embed_files(pkg, _paths(photos), landmarks=photos / "lmk.txt", output=tmp_path / "ref.npy", batch=2,
-                      chunk_rows=2, progress=False)
+    ref = embed_files(
+        pkg,
+        _paths(photos),
+        landmarks=photos / "lmk.txt",
+        output=tmp_path / "ref.npy",
+        batch=2,
+        chunk_rows=2,
+        progress=False,
+    )
     save = ChunkStore.save
 
     def save_then_stop(self, c, *a, **kw):
@@ -208,20 +241,23 @@ def test_a_damaged_chunk_is_computed_again(pkg, photos, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ChunkStore, "save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        embed_files(pkg, _paths(photos), landmarks=photos / "lmk.txt", output=out, batch=2, chunk_rows=2,
-                    progress=False)
+        embed_files(
+            pkg, _paths(photos), landmarks=photos / "lmk.txt", output=out, batch=2, chunk_rows=2, progress=False
+        )
     monkeypatch.setattr(ChunkStore, "save", save)
     chunk = parts_dir_for(out) / "chunk_000000.npy"
     data = bytearray(chunk.read_bytes())
     data[-2048:] = bytes(2048)  # zeroed on disk: shape and dtype still look right
     chunk.write_bytes(bytes(data))
-    res = embed_files(pkg, _paths(photos), landmarks=photos / "lmk.txt", output=out, batch=2, chunk_rows=2,
-                      progress=False)
+    res = embed_files(
+        pkg, _paths(photos), landmarks=photos / "lmk.txt", output=out, batch=2, chunk_rows=2, progress=False
+    )
     assert res.resumed_rows == 2  # chunk 1 reused, chunk 0 recomputed
     assert out.read_bytes() == Path(ref.output).read_bytes()
 
 
 # ---------------------------------------------------------------- any file name
+
 
 def test_failures_file_takes_names_that_are_not_utf8(pkg, photos, tmp_path):
     raw = os.fsencode(tmp_path) + b"/caf\xe9.png"  # Latin-1, not UTF-8
@@ -231,8 +267,11 @@ def test_failures_file_takes_names_that_are_not_utf8(pkg, photos, tmp_path):
     lst.write_bytes(b"".join(os.fsencode(p) + b"\n" for p in _paths(photos)) + raw + b"\n")
     out = tmp_path / "f.npy"
     env = dict(os.environ, PYTHONIOENCODING="utf-8:strict")  # a terminal that takes UTF-8 only
-    proc = subprocess.run([sys.executable, "-m", "arcdeploy", "embed", str(pkg.path), "--images", str(lst), "-q",
-                           "-o", str(out)], capture_output=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "arcdeploy", "embed", str(pkg.path), "--images", str(lst), "-q", "-o", str(out)],
+        capture_output=True,
+        env=env,
+    )
     assert proc.returncode == 3, proc.stderr
     assert b"caf\\xe9.png" in proc.stderr and b"Traceback" not in proc.stderr
     assert np.load(out).shape == (N + 1, 512)
@@ -269,6 +308,7 @@ def test_failures_are_written_before_the_output_is_replaced(pkg, photos, tmp_pat
 
 # ---------------------------------------------------------------- decompression bombs
 
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -276,8 +316,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def _png_header_only(w: int, h: int) -> bytes:
     """A PNG that claims w x h RGB pixels; its data is a few compressed rows of zeros (under 1 KB)."""
     rows = zlib.compress(b"\0" * (1 + 3 * w) * 4)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + _png_chunk(b"IDAT", rows) + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + _png_chunk(b"IDAT", rows)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def test_huge_images_are_refused_before_decoding(pkg, tmp_path, monkeypatch, faces16):
@@ -303,9 +347,17 @@ def test_huge_images_are_refused_before_decoding(pkg, tmp_path, monkeypatch, fac
     assert DEFAULT_MAX_PIXELS == 50_000_000
 
 
-@pytest.mark.parametrize("ext,params", [(".jpg", []), (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]), (".png", []),
-                                        (".bmp", []), (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80]),
-                                        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101])])
+@pytest.mark.parametrize(
+    "ext,params",
+    [
+        (".jpg", []),
+        (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
+        (".png", []),
+        (".bmp", []),
+        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80]),
+        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101]),
+    ],
+)
 def test_header_sizes_equal_decoded_sizes(ext, params):
     img = np.random.default_rng(0).integers(0, 255, (53, 77, 3), dtype=np.uint8)
     data = cv2.imencode(ext, img, params)[1].tobytes()
@@ -326,6 +378,7 @@ def test_header_sizes_of_real_photos():
 
 
 # ---------------------------------------------------------------- implausible landmarks, tiny crops
+
 
 def test_implausible_landmarks_are_refused():
     img, lm = draw_face(1, 0, size=200)
@@ -365,6 +418,7 @@ def test_tiny_images_are_not_aligned_crops(pkg):
 
 # ---------------------------------------------------------------- non-finite model output
 
+
 def test_non_finite_model_rows_are_failures(pkg, faces16, tmp_path, monkeypatch):
     infer = pkg.infer
 
@@ -387,12 +441,15 @@ def test_non_finite_model_rows_are_failures(pkg, faces16, tmp_path, monkeypatch)
         cv2.imwrite(str(tmp_path / f"{i}.png"), f[..., ::-1])
         paths.append(tmp_path / f"{i}.png")
     res = embed_files(pkg, paths, output=tmp_path / "f.npy", batch=3, chunk_rows=3, progress=False)
-    assert [(f.index, f.reason) for f in res.failures] == [(2, "the model gave a non-finite embedding"),
-                                                           (5, "the model gave a non-finite embedding")]
+    assert [(f.index, f.reason) for f in res.failures] == [
+        (2, "the model gave a non-finite embedding"),
+        (5, "the model gave a non-finite embedding"),
+    ]
     assert [f.index for f in read_failures(res.failures_path)] == [2, 5]
 
 
 # ---------------------------------------------------------------- calibration sees what inference sees
+
 
 def test_calibration_prepares_faces_as_inference_does(photos, tmp_path):
     lmk = read_landmarks(photos / "lmk.txt")

@@ -1,4 +1,5 @@
 """ROC and TAR@FAR: equal to sklearn's roc_curve and to insightface's point selection."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -10,6 +10,8 @@ from arcdeploy.cli import main
 from arcdeploy.demo import DemoConfig
 from arcdeploy.run import run_pipeline
 
+pytestmark = pytest.mark.slow  # runs whole pipelines
+
 TINY_DEMO = DemoConfig(
     identities=6,
     templates_per_id=2,

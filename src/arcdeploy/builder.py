@@ -269,9 +269,7 @@ def _check_images(
         h = split.holdout
         return CheckImages(h.faces[:check_count], f"held-out calibration images ({h.source})", h.source)
     if calib is not None and precision != "int8":
-        got = load_images(
-            calib, calib_landmarks, limit=check_count or 64, what="check images", detector=calib_detector
-        )
+        got = load_images(calib, calib_landmarks, limit=check_count or 64, what="check images", detector=calib_detector)
         return CheckImages(got.faces, f"calibration images ({got.source}; not used by a {precision} build)", got.source)
     if default is not None:
         return default

@@ -57,8 +57,9 @@ def claim_output(out: Path, force: bool = False) -> None:
         raise ArcdeployError(f"{out}: exists and is not a folder")
     marker = out / RUN_MARKER
     if out.exists() and not marker.exists() and any(out.iterdir()) and not force:
-        raise ArcdeployError(f"{out}: not empty and not made by arcdeploy run; choose a new folder, "
-                             "or use --force to write into it")
+        raise ArcdeployError(
+            f"{out}: not empty and not made by arcdeploy run; choose a new folder, or use --force to write into it"
+        )
     if not marker.exists():
         write_json_atomic(marker, {"made_by": "arcdeploy", "note": "arcdeploy run writes and reuses this folder"})
 

@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ARCDEPLOY_DEBUG"):
             raise
         print(
-            f"arcdeploy {args.command}: internal error: {describe(exc)} "
-            "(set ARCDEPLOY_DEBUG=1 for the traceback)",
+            f"arcdeploy {args.command}: internal error: {describe(exc)} (set ARCDEPLOY_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )
         return 1

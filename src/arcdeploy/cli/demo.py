@@ -14,8 +14,9 @@ def register(sub) -> None:
         "-o", "--output", default="arcdeploy-demo", metavar="OUT", help="output folder (default ./arcdeploy-demo)"
     )
     p.add_argument("--quick", action="store_true", help="a smaller configuration (for tests and slow machines)")
-    p.add_argument("--force", action="store_true",
-                   help="write into OUT even though it holds files arcdeploy did not write")
+    p.add_argument(
+        "--force", action="store_true", help="write into OUT even though it holds files arcdeploy did not write"
+    )
     p.set_defaults(func=run)
 
 

@@ -1,5 +1,6 @@
 """arcdeploy embed PKG --images LIST|DIR [--landmarks FILE | --detector FILE [--all-faces]] [--flip] [--raw]
 [--force] [--ray [ADDR]] -o FEATS.npy"""
+
 from __future__ import annotations
 
 import sys
@@ -11,53 +12,95 @@ EXIT_SOME_FAILED = 3
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "embed", help="images -> embeddings (.npy), rows in input order",
+        "embed",
+        help="images -> embeddings (.npy), rows in input order",
         description="Embed images with a built package. Rows are L2-normalised float32 in input order "
-                    "([N, 512]; with --flip [N, 2, 512]: each image and its mirrored aligned crop). "
-                    "Without --landmarks the images are taken as aligned crops (at least 32x32; resized to "
-                    "112x112 if needed); with --detector each image's faces are found, aligned and embedded in "
-                    "one pass: its best (largest) face, or with --all-faces one row per face (image order, "
-                    "largest first) indexed in FEATS.faces.tsv (row, image, path, face, box, score). An image "
-                    "that cannot be used (unreadable, above 50 megapixels or ARCDEPLOY_MAX_PIXELS, no or "
-                    "implausible landmarks, no face found, a non-finite model output) gets a NaN row (with "
-                    "--all-faces: no row), is named on stderr and listed in FEATS.failures.tsv (index, path, "
-                    "reason; names as their bytes, with backslash, tab and newline escaped); the exit status is "
-                    "then 3. "
-                    "Work is saved in FEATS.npy.parts/ as it goes: rerunning the same command after an "
-                    "interruption continues where it stopped. An existing FEATS.npy, FEATS.failures.tsv or "
-                    "FEATS.faces.tsv is only replaced with --force.")
+        "([N, 512]; with --flip [N, 2, 512]: each image and its mirrored aligned crop). "
+        "Without --landmarks the images are taken as aligned crops (at least 32x32; resized to "
+        "112x112 if needed); with --detector each image's faces are found, aligned and embedded in "
+        "one pass: its best (largest) face, or with --all-faces one row per face (image order, "
+        "largest first) indexed in FEATS.faces.tsv (row, image, path, face, box, score). An image "
+        "that cannot be used (unreadable, above 50 megapixels or ARCDEPLOY_MAX_PIXELS, no or "
+        "implausible landmarks, no face found, a non-finite model output) gets a NaN row (with "
+        "--all-faces: no row), is named on stderr and listed in FEATS.failures.tsv (index, path, "
+        "reason; names as their bytes, with backslash, tab and newline escaped); the exit status is "
+        "then 3. "
+        "Work is saved in FEATS.npy.parts/ as it goes: rerunning the same command after an "
+        "interruption continues where it stopped. An existing FEATS.npy, FEATS.failures.tsv or "
+        "FEATS.faces.tsv is only replaced with --force.",
+    )
     p.add_argument("package", metavar="PKG", help="a package folder made by arcdeploy build")
-    p.add_argument("--images", required=True, metavar="LIST|DIR",
-                   help="a folder (searched recursively for jpg/jpeg/png/bmp/webp, sorted) or a text file "
-                        "with one image path per line (relative to the list's folder)")
-    p.add_argument("--landmarks", metavar="FILE",
-                   help="5-point landmarks: lines 'name x1 y1 ... x5 y5 [score]' (or 68 points). "
-                        "An image's row is found by its path relative to the images folder (or the list "
-                        "file's folder), else by its file name")
-    p.add_argument("--detector", metavar="FILE",
-                   help="find the faces with this detector instead of --landmarks: SCRFD (insightface ONNX with "
-                        "keypoints) or YuNet (OpenCV Zoo); the kind is recognised from the file")
-    p.add_argument("--all-faces", action="store_true",
-                   help="with --detector: one row per face found instead of one per image")
-    p.add_argument("--min-face", type=float, default=None, metavar="PX",
-                   help="with --detector: leave out faces whose box's shorter side is under PX pixels")
-    p.add_argument("--det-threshold", type=float, default=None, metavar="T",
-                   help="with --detector: minimum detection score (default 0.5 for SCRFD, 0.6 for YuNet)")
-    p.add_argument("--detector-engine", choices=("onnxruntime", "openvino"), default=None,
-                   help="with --detector: what runs SCRFD (default onnxruntime); YuNet always runs in OpenCV")
+    p.add_argument(
+        "--images",
+        required=True,
+        metavar="LIST|DIR",
+        help="a folder (searched recursively for jpg/jpeg/png/bmp/webp, sorted) or a text file "
+        "with one image path per line (relative to the list's folder)",
+    )
+    p.add_argument(
+        "--landmarks",
+        metavar="FILE",
+        help="5-point landmarks: lines 'name x1 y1 ... x5 y5 [score]' (or 68 points). "
+        "An image's row is found by its path relative to the images folder (or the list "
+        "file's folder), else by its file name",
+    )
+    p.add_argument(
+        "--detector",
+        metavar="FILE",
+        help="find the faces with this detector instead of --landmarks: SCRFD (insightface ONNX with "
+        "keypoints) or YuNet (OpenCV Zoo); the kind is recognised from the file",
+    )
+    p.add_argument(
+        "--all-faces", action="store_true", help="with --detector: one row per face found instead of one per image"
+    )
+    p.add_argument(
+        "--min-face",
+        type=float,
+        default=None,
+        metavar="PX",
+        help="with --detector: leave out faces whose box's shorter side is under PX pixels",
+    )
+    p.add_argument(
+        "--det-threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="with --detector: minimum detection score (default 0.5 for SCRFD, 0.6 for YuNet)",
+    )
+    p.add_argument(
+        "--detector-engine",
+        choices=("onnxruntime", "openvino"),
+        default=None,
+        help="with --detector: what runs SCRFD (default onnxruntime); YuNet always runs in OpenCV",
+    )
     p.add_argument("--flip", action="store_true", help="also embed the mirrored crop: output [N, 2, 512]")
     p.add_argument("--raw", action="store_true", help="un-normalised features")
-    p.add_argument("--batch", type=int, default=None, metavar="N",
-                   help="images per inference batch (default: the package's batch, else 32)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images per inference batch (default: the package's batch, else 32)",
+    )
     p.add_argument("--threads", type=int, default=None, metavar="N", help="engine threads (default: the engine's)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="decode/align threads (default: number of CPUs, at most 8)")
-    p.add_argument("--chunk-size", type=int, default=None, metavar="N",
-                   help="images per saved chunk for resuming (rounded up to whole batches; default 2048)")
-    p.add_argument("--restart", action="store_true",
-                   help="discard saved partial work (FEATS.npy.parts/) instead of resuming it")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing output (and its .failures.tsv)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="decode/align threads (default: number of CPUs, at most 8)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images per saved chunk for resuming (rounded up to whole batches; default 2048)",
+    )
+    p.add_argument(
+        "--restart", action="store_true", help="discard saved partial work (FEATS.npy.parts/) instead of resuming it"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing output (and its .failures.tsv)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", required=True, metavar="FEATS.npy", help="output .npy file")
     add_ray_arguments(p)
@@ -96,25 +139,44 @@ def run(args) -> int:
         except ImportError:
             print(msg, file=sys.stderr)
 
-    res = embed_files(pkg, paths, landmarks=args.landmarks, flip=args.flip, raw=args.raw, batch=args.batch,
-                      output=args.output, resume=not args.restart, progress=not args.quiet,
-                      workers=args.workers, root=images_root(args.images), chunk_rows=args.chunk_size,
-                      on_failure=report, force=args.force, detector=detection, all_faces=args.all_faces)
+    res = embed_files(
+        pkg,
+        paths,
+        landmarks=args.landmarks,
+        flip=args.flip,
+        raw=args.raw,
+        batch=args.batch,
+        output=args.output,
+        resume=not args.restart,
+        progress=not args.quiet,
+        workers=args.workers,
+        root=images_root(args.images),
+        chunk_rows=args.chunk_size,
+        on_failure=report,
+        force=args.force,
+        detector=detection,
+        all_faces=args.all_faces,
+    )
     n = len(paths)
     failed = len({f.index for f in res.failures})
     resumed = f" ({res.resumed_rows} resumed from saved work)" if res.resumed_rows else ""
     out = f"{display_name(str(res.output))} {list(res.features.shape)}"
     if res.faces is not None:
         images = len({fr.image for fr in res.faces})
-        print(f"embedded {len(res.faces)} faces from {images} of {n} images -> {out}{resumed}; "
-              f"rows indexed in {display_name(str(res.faces_path))}")
+        print(
+            f"embedded {len(res.faces)} faces from {images} of {n} images -> {out}{resumed}; "
+            f"rows indexed in {display_name(str(res.faces_path))}"
+        )
     else:
         print(f"embedded {n - failed} of {n} images -> {out}{resumed}")
     print_cluster_summary(res)
     if res.failures:
         what = "no rows" if res.faces is not None else "NaN rows"
-        print(f"arcdeploy embed: {failed} of {n} images failed ({what}), listed in "
-              f"{display_name(str(res.failures_path))}", file=sys.stderr)
+        print(
+            f"arcdeploy embed: {failed} of {n} images failed ({what}), listed in "
+            f"{display_name(str(res.failures_path))}",
+            file=sys.stderr,
+        )
         return EXIT_SOME_FAILED
     return 0
 
@@ -126,10 +188,16 @@ def open_cli_detector(args, landmarks_flag: str = "--landmarks"):
     from ..faces.prepare import DETECTOR_THREADS, exclusive_landmarks_detector
 
     exclusive_landmarks_detector(args.landmarks, args.detector, landmarks_flag, "--detector")
-    given = [flag for flag, value in (("--all-faces", getattr(args, "all_faces", False)),
-                                      ("--min-face", getattr(args, "min_face", None)),
-                                      ("--det-threshold", getattr(args, "det_threshold", None)),
-                                      ("--detector-engine", getattr(args, "detector_engine", None))) if value]
+    given = [
+        flag
+        for flag, value in (
+            ("--all-faces", getattr(args, "all_faces", False)),
+            ("--min-face", getattr(args, "min_face", None)),
+            ("--det-threshold", getattr(args, "det_threshold", None)),
+            ("--detector-engine", getattr(args, "detector_engine", None)),
+        )
+        if value
+    ]
     if args.detector is None:
         if given:
             raise ArcdeployError(f"{given[0]} needs --detector FILE (a face detector to find the faces)")
@@ -142,5 +210,10 @@ def open_cli_detector(args, landmarks_flag: str = "--landmarks"):
         raise ArcdeployError(f"--min-face must not be negative, got {min_face:g}")
     from ..faces.detect import open_detector
 
-    return open_detector(args.detector, engine=getattr(args, "detector_engine", None) or "onnxruntime",
-                         threshold=thr, min_face=min_face, threads=DETECTOR_THREADS)
+    return open_detector(
+        args.detector,
+        engine=getattr(args, "detector_engine", None) or "onnxruntime",
+        threshold=thr,
+        min_face=min_face,
+        threads=DETECTOR_THREADS,
+    )

@@ -1,4 +1,5 @@
 """arcdeploy eval ijb ... | arcdeploy eval bin PKG [PKG ...] FILE.bin [FILE.bin ...]"""
+
 from __future__ import annotations
 
 import sys
@@ -7,45 +8,66 @@ from .ray_args import add_ray_arguments, ray_options
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="accuracy: IJB-B/IJB-C 1:1 TAR@FAR, LFW-style .bin sets",
-                       description="Accuracy as insightface computes it: IJB-B/IJB-C 1:1 verification "
-                                   "(eval_ijbc.py) and LFW-style .bin sets (verification.py).")
+    p = sub.add_parser(
+        "eval",
+        help="accuracy: IJB-B/IJB-C 1:1 TAR@FAR, LFW-style .bin sets",
+        description="Accuracy as insightface computes it: IJB-B/IJB-C 1:1 verification "
+        "(eval_ijbc.py) and LFW-style .bin sets (verification.py).",
+    )
     esub = p.add_subparsers(dest="eval_command", metavar="SET")
     esub.required = True
 
-    ij = esub.add_parser("ijb", help="IJB-B / IJB-C 1:1 verification, TAR at FAR 1e-6 ... 1e-1",
-                         description="IJB-B/IJB-C 1:1 verification from packages (features extracted, cached "
-                                     "in OUTDIR and resumed; a cache is reused only while its checksum holds) or "
-                                     "from a features file. Several packages give one table and one ROC plot; "
-                                     "the JSON has the first at top level and all of them in 'results'. "
-                                     "Templates are aggregated in float32 as insightface does, so the TARs equal "
-                                     "its own on the same features. Existing result files in OUTDIR and the "
-                                     "--json file are only replaced with --force.")
+    ij = esub.add_parser(
+        "ijb",
+        help="IJB-B / IJB-C 1:1 verification, TAR at FAR 1e-6 ... 1e-1",
+        description="IJB-B/IJB-C 1:1 verification from packages (features extracted, cached "
+        "in OUTDIR and resumed; a cache is reused only while its checksum holds) or "
+        "from a features file. Several packages give one table and one ROC plot; "
+        "the JSON has the first at top level and all of them in 'results'. "
+        "Templates are aggregated in float32 as insightface does, so the TARs equal "
+        "its own on the same features. Existing result files in OUTDIR and the "
+        "--json file are only replaced with --force.",
+    )
     ij.add_argument("packages", nargs="*", metavar="PKG", help="built package(s)")
     ij.add_argument("--root", required=True, metavar="DIR", help="IJB_release/IJBC (or IJBB): meta/ and loose_crop/")
     ij.add_argument("--target", default="IJBC", type=str.upper, choices=("IJBC", "IJBB"))
-    ij.add_argument("--features", action="append", default=[], metavar="FEATS.npy",
-                    help="float [N, D] (no flip: mode F0) or [N, 2, D] (image, flipped image; raw features) "
-                         "in 5pts-file row order; repeatable")
+    ij.add_argument(
+        "--features",
+        action="append",
+        default=[],
+        metavar="FEATS.npy",
+        help="float [N, D] (no flip: mode F0) or [N, 2, D] (image, flipped image; raw features) "
+        "in 5pts-file row order; repeatable",
+    )
     ij.add_argument("--no-flip", action="store_true", help="no flip test (mode F0)")
     ij.add_argument("--no-detector-score", action="store_true", help="do not weight by faceness score (D0)")
     ij.add_argument("--normalize-images", action="store_true", help="L2-normalise each image feature (N0)")
-    ij.add_argument("--float64", action="store_true",
-                    help="aggregate templates in float64 instead of insightface's float32 (more exact, but a few "
-                         "near-tied scores rank differently from insightface's, which can move a TAR's last digit)")
+    ij.add_argument(
+        "--float64",
+        action="store_true",
+        help="aggregate templates in float64 instead of insightface's float32 (more exact, but a few "
+        "near-tied scores rank differently from insightface's, which can move a TAR's last digit)",
+    )
     ij.add_argument("--batch", type=int, default=None, metavar="N", help="inference batch size")
     ij.add_argument("--json", metavar="FILE", help="also write the result JSON here")
-    ij.add_argument("-o", "--output", metavar="OUTDIR", help="features cache, scores, roc.png, result.json "
-                                                                "(default ./ijb_<target>_results)")
+    ij.add_argument(
+        "-o",
+        "--output",
+        metavar="OUTDIR",
+        help="features cache, scores, roc.png, result.json (default ./ijb_<target>_results)",
+    )
     ij.add_argument("--force", action="store_true", help="replace existing result files and --json FILE")
     ij.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ray_arguments(ij)
     ij.set_defaults(func=run_ijb)
 
-    b = esub.add_parser("bin", help="LFW-style .bin sets: 10-fold accuracy with flip",
-                        description="Verification accuracy on .bin sets (lfw, cfp_fp, agedb_30, ...): "
-                                    "packages first, then .bin files. A set must hold exactly two square "
-                                    "images per pair label.")
+    b = esub.add_parser(
+        "bin",
+        help="LFW-style .bin sets: 10-fold accuracy with flip",
+        description="Verification accuracy on .bin sets (lfw, cfp_fp, agedb_30, ...): "
+        "packages first, then .bin files. A set must hold exactly two square "
+        "images per pair label.",
+    )
     b.add_argument("items", nargs="+", metavar="PKG|FILE.bin", help="package folder(s), then .bin file(s)")
     b.add_argument("--batch", type=int, default=64, metavar="N", help="inference batch size (default 64)")
     b.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -71,17 +93,31 @@ def run_ijb(args) -> int:
     ray = ray_options(args)
     if ray is not None and not args.packages:
         raise ArcdeployError("--ray extracts features from packages; with --features there is nothing to extract")
-    doc = evaluate_ijb(args.root, args.target, packages=args.packages, features=args.features,
-                       flip=not args.no_flip, detector_score=not args.no_detector_score,
-                       normalize_images=args.normalize_images, batch=args.batch, out_dir=args.output,
-                       json_path=args.json, progress=not args.no_progress, log=_log, force=args.force,
-                       precision="float64" if args.float64 else "float32", ray=ray)
+    doc = evaluate_ijb(
+        args.root,
+        args.target,
+        packages=args.packages,
+        features=args.features,
+        flip=not args.no_flip,
+        detector_score=not args.no_detector_score,
+        normalize_images=args.normalize_images,
+        batch=args.batch,
+        out_dir=args.output,
+        json_path=args.json,
+        progress=not args.no_progress,
+        log=_log,
+        force=args.force,
+        precision="float64" if args.float64 else "float32",
+        ray=ray,
+    )
     print(doc["table"])
     for r in doc["results"]:
-        print(f"{r['name']}: mode {r['mode']}, {r['pairs']} pairs ({r['genuine']} genuine), "
-              f"{r['templates']} templates, {r['images']} images, AUC {100 * r['auc']:.4f} %"
-              + (f", {r['failed_images']} failed images" if r["failed_images"] else "")
-              + (f", {r['empty_templates']} templates without a usable feature" if r["empty_templates"] else ""))
+        print(
+            f"{r['name']}: mode {r['mode']}, {r['pairs']} pairs ({r['genuine']} genuine), "
+            f"{r['templates']} templates, {r['images']} images, AUC {100 * r['auc']:.4f} %"
+            + (f", {r['failed_images']} failed images" if r["failed_images"] else "")
+            + (f", {r['empty_templates']} templates without a usable feature" if r["empty_templates"] else "")
+        )
     print(f"scores, roc.png and result.json in {display_name(Path(doc['scores_file']).parent)}")
     return 0
 

@@ -33,8 +33,9 @@ def register(sub) -> None:
     p.add_argument("--batches", default="1,16", help="bench batch sizes, comma separated (default 1,16)")
     p.add_argument("--iterations", type=int, default=None, help="bench iterations per batch size")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--force", action="store_true",
-                   help="write into OUT even though it holds files arcdeploy did not write")
+    p.add_argument(
+        "--force", action="store_true", help="write into OUT even though it holds files arcdeploy did not write"
+    )
     p.set_defaults(func=run)
 
 

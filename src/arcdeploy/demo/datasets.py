@@ -78,8 +78,14 @@ def write_ijb_set(
                         media_id += 1
                     image_no += 1
                     size = int(rng.integers(min_size, max_size + 1))
-                    img, lmk = draw_face(face_id, variation=image_no, size=size, hard=hard,
-                                         family=_family(seed, ident, family_size), likeness=likeness)
+                    img, lmk = draw_face(
+                        face_id,
+                        variation=image_no,
+                        size=size,
+                        hard=hard,
+                        family=_family(seed, ident, family_size),
+                        likeness=likeness,
+                    )
                     name = f"{image_no}.jpg"
                     (crops / name).write_bytes(_jpeg(img))
                     score = float(rng.uniform(0.55, 1.0))
@@ -121,8 +127,9 @@ def _family(seed: int, ident: int, family_size: int) -> int | None:
     return None if family_size <= 1 else 900_000 + seed * 10_007 + ident // family_size
 
 
-def bin_set_faces(pairs: int = 40, seed: int = 0, hard: bool = False,
-                  likeness: float = 0.0) -> tuple[np.ndarray, list[bool]]:
+def bin_set_faces(
+    pairs: int = 40, seed: int = 0, hard: bool = False, likeness: float = 0.0
+) -> tuple[np.ndarray, list[bool]]:
     """Aligned RGB faces [2 * pairs, 112, 112, 3] and the issame list (alternating True, False).
     With ``likeness`` the two people of a different pair share that much of one look."""
     from ..faces.align import align_face
@@ -135,15 +142,27 @@ def bin_set_faces(pairs: int = 40, seed: int = 0, hard: bool = False,
         same = k % 2 == 0
         a, b = base + 2 * k, base + 2 * k + (0 if same else 1)
         for j, (ident, var) in enumerate(((a, 2 * k), (b, 2 * k + 1))):
-            img, lmk = draw_face(ident, variation=var, size=160, hard=hard,
-                                 family=_family(seed, 2 * k, 2) if likeness else None, likeness=likeness)
+            img, lmk = draw_face(
+                ident,
+                variation=var,
+                size=160,
+                hard=hard,
+                family=_family(seed, 2 * k, 2) if likeness else None,
+                likeness=likeness,
+            )
             faces[2 * k + j] = align_face(img, lmk)
         issame.append(same)
     return faces, issame
 
 
-def write_bin_set(path: str | os.PathLike, pairs: int = 40, seed: int = 0, encoding: str = "py3",
-                  hard: bool = False, likeness: float = 0.0) -> Path:
+def write_bin_set(
+    path: str | os.PathLike,
+    pairs: int = 40,
+    seed: int = 0,
+    encoding: str = "py3",
+    hard: bool = False,
+    likeness: float = 0.0,
+) -> Path:
     """Write an LFW-style .bin of ``pairs`` pairs; ``encoding``: "py3" (bytes images,
     protocol 4) or "py2-bytes" (str images as Python 2 wrote them, protocol 2)."""
 

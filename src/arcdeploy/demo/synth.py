@@ -51,7 +51,7 @@ def _blend(family: dict, own: dict, likeness: float) -> dict:
     """An identity that shares ``likeness`` of its family's look (0: its own face, 1: the family's)."""
     out = {k: likeness * family[k] + (1 - likeness) * own[k] for k in own if k != "blobs"}
     keep = round(len(family["blobs"]) * likeness)
-    out["blobs"] = family["blobs"][:keep] + own["blobs"][round(len(own["blobs"]) * likeness):]
+    out["blobs"] = family["blobs"][:keep] + own["blobs"][round(len(own["blobs"]) * likeness) :]
     return out
 
 

@@ -4,6 +4,7 @@ Ray is optional (``pip install 'arcdeploy[ray]'``); only this package imports it
 when a distributed run is asked for, so everything else works without it. The options and
 result types below import nothing from Ray; the work is in :mod:`arcdeploy.distributed.ray`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,8 +15,18 @@ from ..errors import ArcdeployError
 from ..faces.pipeline import EmbedResult
 from ..faces.prepare import Failure
 
-__all__ = ["DEFAULT_READ", "INSTALL_HINT", "READ_MODES", "NodeStats", "Progress", "RayEmbedResult", "RayOptions",
-           "embed_files_on_ray", "ray_available", "require_ray"]
+__all__ = [
+    "DEFAULT_READ",
+    "INSTALL_HINT",
+    "READ_MODES",
+    "NodeStats",
+    "Progress",
+    "RayEmbedResult",
+    "RayOptions",
+    "embed_files_on_ray",
+    "ray_available",
+    "require_ray",
+]
 
 INSTALL_HINT = "pip install 'arcdeploy[ray]'"
 # "driver": image files are read where the command runs and sent to the workers as bytes, so
@@ -95,10 +106,10 @@ class RayEmbedResult(EmbedResult):
 
     nodes: list[NodeStats] = field(default_factory=list)
     actors: int = 0
-    seconds: float = 0.0       # from the start of the job on the cluster to its last block
-    computed: int = 0          # images computed in this run (not resumed)
-    first_s: float = 0.0       # when the first block arrived: connecting, starting actors, loading the package
-    first_images: int = 0      # images in that first block
+    seconds: float = 0.0  # from the start of the job on the cluster to its last block
+    computed: int = 0  # images computed in this run (not resumed)
+    first_s: float = 0.0  # when the first block arrived: connecting, starting actors, loading the package
+    first_images: int = 0  # images in that first block
 
     @property
     def steady_rate(self) -> float:
@@ -126,13 +137,27 @@ def require_ray() -> None:
         raise ArcdeployError(f"--ray needs Ray with Ray Data, which is not installed: {INSTALL_HINT}")
 
 
-def embed_files_on_ray(package, paths: Sequence, landmarks=None, flip: bool = False, raw: bool = False,
-                       batch: int | None = None, output=None, resume: bool = True, progress: bool = True,
-                       workers: int | None = None, root=None, chunk_rows: int | None = None,
-                       on_failure: Callable[[Failure], None] | None = None, force: bool = False,
-                       max_pixels: int | None = None, ray: RayOptions | None = None,
-                       on_progress: Callable[[Progress], None] | None = None, detector=None,
-                       all_faces: bool = False) -> RayEmbedResult:
+def embed_files_on_ray(
+    package,
+    paths: Sequence,
+    landmarks=None,
+    flip: bool = False,
+    raw: bool = False,
+    batch: int | None = None,
+    output=None,
+    resume: bool = True,
+    progress: bool = True,
+    workers: int | None = None,
+    root=None,
+    chunk_rows: int | None = None,
+    on_failure: Callable[[Failure], None] | None = None,
+    force: bool = False,
+    max_pixels: int | None = None,
+    ray: RayOptions | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    detector=None,
+    all_faces: bool = False,
+) -> RayEmbedResult:
     """:func:`arcdeploy.faces.pipeline.embed_files` on a Ray cluster: the same arguments, the same
     rows, failures, output files and resuming. ``chunk_rows`` (or ``ray.block``) is the block
     size; ``workers`` (or ``ray.workers``) the decoding threads per actor. ``detector``: found faces
@@ -148,7 +173,22 @@ def embed_files_on_ray(package, paths: Sequence, landmarks=None, flip: bool = Fa
         if opts.block is not None and int(opts.block) != int(chunk_rows):
             raise ArcdeployError(f"block size given twice: {chunk_rows} and {opts.block}")
         opts = replace(opts, block=int(chunk_rows))
-    return run_embed(package, paths, landmarks=landmarks, flip=flip, raw=raw, batch=batch, output=output,
-                     resume=resume, progress=progress, root=root, on_failure=on_failure, force=force,
-                     max_pixels=max_pixels, options=opts, on_progress=on_progress, detector=detector,
-                     all_faces=all_faces)
+    return run_embed(
+        package,
+        paths,
+        landmarks=landmarks,
+        flip=flip,
+        raw=raw,
+        batch=batch,
+        output=output,
+        resume=resume,
+        progress=progress,
+        root=root,
+        on_failure=on_failure,
+        force=force,
+        max_pixels=max_pixels,
+        options=opts,
+        on_progress=on_progress,
+        detector=detector,
+        all_faces=all_faces,
+    )

@@ -5,6 +5,7 @@
 - :mod:`.binsets`: restricted .bin reading, 10-fold accuracy, ``evaluate_bins``;
 - :mod:`.plots`: the ROC plot.
 """
+
 from .roc import FARS, format_tar_table, tar_at_far
 
 __all__ = ["FARS", "format_tar_table", "tar_at_far"]

@@ -22,6 +22,7 @@ on the held-out fold; mean and population std of the fold accuracies. XNorm is
 insightface's: the mean L2 norm of the raw embeddings of all images and all
 flipped images (each on its own, not their sum).
 """
+
 from __future__ import annotations
 
 import io
@@ -103,33 +104,45 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
         except UnicodeDecodeError:
             obj = _unpickle(data, "bytes")  # Python 2 pickle: image str -> bytes
     except RefusedGlobal as exc:
-        raise ArcdeployError(f"{path}: refused: the pickle asks for {exc.what}, which a .bin set never needs "
-                             "(not loaded; the file is foreign or hostile)") from None
+        raise ArcdeployError(
+            f"{path}: refused: the pickle asks for {exc.what}, which a .bin set never needs "
+            "(not loaded; the file is foreign or hostile)"
+        ) from None
     except Exception as exc:  # any malformed pickle: one line, never a traceback
         raise ArcdeployError(f"{path}: not a readable .bin pickle ({first_line(exc)})") from None
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-        raise ArcdeployError(f"{path}: not a .bin set (expected a pickled (bins, issame_list) pair, "
-                             f"got {type(obj).__name__})")
+        raise ArcdeployError(
+            f"{path}: not a .bin set (expected a pickled (bins, issame_list) pair, got {type(obj).__name__})"
+        )
     bins, issame = obj
     if isinstance(bins, np.ndarray) and bins.dtype != object:
-        raise ArcdeployError(f"{path}: bins must be a list of encoded images, "
-                             f"got an array {bins.dtype} {list(bins.shape)}")
+        raise ArcdeployError(
+            f"{path}: bins must be a list of encoded images, got an array {bins.dtype} {list(bins.shape)}"
+        )
     if not isinstance(bins, (list, tuple, np.ndarray)) or not all(
-            isinstance(b, (bytes, bytearray)) or (isinstance(b, np.ndarray) and b.dtype == np.uint8) for b in bins):
+        isinstance(b, (bytes, bytearray)) or (isinstance(b, np.ndarray) and b.dtype == np.uint8) for b in bins
+    ):
         raise ArcdeployError(f"{path}: bins must hold encoded image bytes")
     bins = [b.tobytes() if isinstance(b, np.ndarray) else bytes(b) for b in bins]
     try:
         issame_arr = np.asarray(issame)
     except Exception:
         raise ArcdeployError(f"{path}: issame_list is not a list of booleans") from None
-    if issame_arr.ndim != 1 or issame_arr.size == 0 or not (
+    if (
+        issame_arr.ndim != 1
+        or issame_arr.size == 0
+        or not (
             issame_arr.dtype == bool
-            or (np.issubdtype(issame_arr.dtype, np.integer) and np.isin(issame_arr, (0, 1)).all())):
+            or (np.issubdtype(issame_arr.dtype, np.integer) and np.isin(issame_arr, (0, 1)).all())
+        )
+    ):
         raise ArcdeployError(f"{path}: issame_list must be a non-empty list of booleans")
     n = issame_arr.size
     if len(bins) != 2 * n:
-        raise ArcdeployError(f"{path}: {len(bins)} images for {n} pairs; a .bin set holds exactly 2 images per "
-                             f"pair label ({2 * n} images for {n} labels)")
+        raise ArcdeployError(
+            f"{path}: {len(bins)} images for {n} pairs; a .bin set holds exactly 2 images per "
+            f"pair label ({2 * n} images for {n} labels)"
+        )
     if n < FOLDS:
         raise ArcdeployError(f"{path}: {n} pairs; 10-fold evaluation needs at least 10")
     return bins, issame_arr.astype(bool)
@@ -147,9 +160,11 @@ def bin_face(img: np.ndarray, name: str = "<image>", size: int = 112) -> np.ndar
         nh, nw = (size * h // w, size) if h > w else (size, size * w // h)
         img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_CUBIC)
     if img.shape[:2] != (size, size):
-        raise ArcdeployError(f"{name}: a {w}x{h} image; insightface resizes its shorter side to {size} and then "
-                             f"needs {size}x{size} (got {img.shape[1]}x{img.shape[0]}), so a .bin set must hold "
-                             "square faces")
+        raise ArcdeployError(
+            f"{name}: a {w}x{h} image; insightface resizes its shorter side to {size} and then "
+            f"needs {size}x{size} (got {img.shape[1]}x{img.shape[0]}), so a .bin set must hold "
+            "square faces"
+        )
     return img
 
 
@@ -179,8 +194,9 @@ class BinAccuracy:
     fold_thresholds: np.ndarray
 
 
-def verification_accuracy(embeddings: np.ndarray, issame, folds: int = FOLDS,
-                          thresholds: np.ndarray = THRESHOLDS) -> BinAccuracy:
+def verification_accuracy(
+    embeddings: np.ndarray, issame, folds: int = FOLDS, thresholds: np.ndarray = THRESHOLDS
+) -> BinAccuracy:
     """10-fold accuracy of L2-normalised embeddings [2N, D] (partners at 2k, 2k+1)."""
     issame = np.asarray(issame, bool)
     e = np.asarray(embeddings, np.float64)
@@ -188,7 +204,7 @@ def verification_accuracy(embeddings: np.ndarray, issame, folds: int = FOLDS,
     n = min(issame.size, e1.shape[0])
     issame = issame[:n]
     dist = np.sum(np.square(e1[:n] - e2[:n]), 1)
-    correct = (dist[None, :] < thresholds[:, None]) == issame[None, :]       # [thresholds, pairs]
+    correct = (dist[None, :] < thresholds[:, None]) == issame[None, :]  # [thresholds, pairs]
     bounds = fold_bounds(n, folds)
     per_fold = np.add.reduceat(correct, bounds[:-1], axis=1).astype(np.int64)  # [thresholds, folds]
     sizes = np.diff(bounds)
@@ -208,7 +224,7 @@ def embed_pairs(package, faces: np.ndarray, batch: int = 64) -> tuple[np.ndarray
     for flip in (False, True):
         chunks = []
         for s in range(0, faces.shape[0], batch):
-            x = faces[s:s + batch]
+            x = faces[s : s + batch]
             chunks.append(package.infer(np.ascontiguousarray(x[:, :, ::-1]) if flip else x))
         raws.append(np.concatenate(chunks).astype(np.float64))
     xnorm = float(np.mean(np.concatenate([np.linalg.norm(r, axis=1) for r in raws])))
@@ -233,9 +249,17 @@ class BinResult:
     fold_thresholds: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "file": self.file, "package": self.package, "pairs": self.pairs,
-                "accuracy": self.accuracy, "std": self.std, "xnorm": self.xnorm,
-                "fold_accuracies": list(self.fold_accuracies), "fold_thresholds": list(self.fold_thresholds)}
+        return {
+            "name": self.name,
+            "file": self.file,
+            "package": self.package,
+            "pairs": self.pairs,
+            "accuracy": self.accuracy,
+            "std": self.std,
+            "xnorm": self.xnorm,
+            "fold_accuracies": list(self.fold_accuracies),
+            "fold_thresholds": list(self.fold_thresholds),
+        }
 
 
 def evaluate_bin(package, path: str | os.PathLike, batch: int = 64) -> BinResult:
@@ -250,9 +274,17 @@ def evaluate_bin(package, path: str | os.PathLike, batch: int = 64) -> BinResult
     if not np.all(np.isfinite(emb)):
         raise ArcdeployError(f"{pkg.path}: the model gave non-finite embeddings on {path.name}")
     acc = verification_accuracy(emb, issame)
-    return BinResult(name=path.stem, file=str(path), package=str(pkg.path), pairs=int(issame.size),
-                     accuracy=acc.accuracy, std=acc.std, xnorm=xnorm,
-                     fold_accuracies=acc.fold_accuracies.tolist(), fold_thresholds=acc.fold_thresholds.tolist())
+    return BinResult(
+        name=path.stem,
+        file=str(path),
+        package=str(pkg.path),
+        pairs=int(issame.size),
+        accuracy=acc.accuracy,
+        std=acc.std,
+        xnorm=xnorm,
+        fold_accuracies=acc.fold_accuracies.tolist(),
+        fold_thresholds=acc.fold_thresholds.tolist(),
+    )
 
 
 def evaluate_bin_sets(package, paths, batch: int = 64, log=None) -> list[BinResult]:
@@ -284,6 +316,15 @@ def format_bin_table(rows: list) -> str:
     """The accuracy table: one row per (package, set); rows are :class:`BinResult` or their JSON."""
     header = ["package", "set", "pairs", "accuracy %", "std %", "XNorm"]
     rows = [r.to_json() if isinstance(r, BinResult) else r for r in rows]
-    body = [[Path(r["package"]).name, r["name"], str(r["pairs"]), f"{100 * r['accuracy']:.2f}",
-             f"{100 * r['std']:.2f}", f"{r['xnorm']:.3f}"] for r in rows]
+    body = [
+        [
+            Path(r["package"]).name,
+            r["name"],
+            str(r["pairs"]),
+            f"{100 * r['accuracy']:.2f}",
+            f"{100 * r['std']:.2f}",
+            f"{r['xnorm']:.3f}",
+        ]
+        for r in rows
+    ]
     return box_table(header, body)

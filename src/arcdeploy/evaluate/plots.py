@@ -1,4 +1,5 @@
 """ROC plots (matplotlib, Agg backend: no display needed)."""
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ The transform is the least-squares similarity of Umeyama (1991) from the five
 points to the template, the estimate insightface takes from scikit-image's
 ``SimilarityTransform``; the warp is bilinear with a constant 0 border.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -94,8 +95,10 @@ def landmarks_problem(lmk5, shape) -> str | None:
     mx, my = LANDMARK_MARGIN * w, LANDMARK_MARGIN * h
     near = (lmk[:, 0] >= -mx) & (lmk[:, 0] <= w + mx) & (lmk[:, 1] >= -my) & (lmk[:, 1] <= h + my)
     if not near.all():
-        return (f"landmarks off the image ({5 - int(near.sum())} of 5 points more than "
-                f"{LANDMARK_MARGIN:.0%} of the image size outside its {w}x{h} area)")
+        return (
+            f"landmarks off the image ({5 - int(near.sum())} of 5 points more than "
+            f"{LANDMARK_MARGIN:.0%} of the image size outside its {w}x{h} area)"
+        )
     if np.ptp(lmk, axis=0).max() < 1.5:
         return "degenerate landmarks (all points at one place)"
     eyes = float(np.hypot(*(lmk[1] - lmk[0])))
@@ -107,8 +110,10 @@ def landmarks_problem(lmk5, shape) -> str | None:
     scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))  # aligned pixels per image pixel
     span = ALIGNED_SIZE / scale if scale > 0 else float("inf")  # image pixels the crop covers
     if span > MAX_FACE_TO_IMAGE * max(h, w):
-        return (f"implausible landmarks (the aligned crop would cover {span:.0f} px of a {w}x{h} image; "
-                f"at most {MAX_FACE_TO_IMAGE:g} times its larger side)")
+        return (
+            f"implausible landmarks (the aligned crop would cover {span:.0f} px of a {w}x{h} image; "
+            f"at most {MAX_FACE_TO_IMAGE:g} times its larger side)"
+        )
     return None
 
 
@@ -119,8 +124,7 @@ def align_face(img: np.ndarray, lmk5, size: int = ALIGNED_SIZE) -> np.ndarray:
     m = estimate_transform(lmk5, TEMPLATE_112 * (size / ALIGNED_SIZE))
     if not np.all(np.isfinite(m)):
         raise ArcdeployError("degenerate landmarks (no similarity transform)")
-    return cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def to_aligned(img: np.ndarray, lmk=None) -> np.ndarray:
@@ -134,8 +138,10 @@ def to_aligned(img: np.ndarray, lmk=None) -> np.ndarray:
         return align_face(img, lmk)
     h, w = img.shape[:2]
     if min(h, w) < MIN_ALIGNED_SIDE:
-        raise ArcdeployError(f"image is {w}x{h}: too small to be taken as an aligned face crop (at least "
-                             f"{MIN_ALIGNED_SIDE}x{MIN_ALIGNED_SIDE} without landmarks; give landmarks to align it)")
+        raise ArcdeployError(
+            f"image is {w}x{h}: too small to be taken as an aligned face crop (at least "
+            f"{MIN_ALIGNED_SIDE}x{MIN_ALIGNED_SIDE} without landmarks; give landmarks to align it)"
+        )
     if (h, w) == (ALIGNED_SIZE, ALIGNED_SIZE):
         return img
     interp = cv2.INTER_AREA if h > ALIGNED_SIZE or w > ALIGNED_SIZE else cv2.INTER_LINEAR

@@ -7,6 +7,7 @@ with its 5 landmarks when a landmark file is given, otherwise taken as an
 aligned crop and resized to 112x112), then turned into the model input by the
 package's own :func:`to_model_input`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,8 +59,14 @@ def _check_array(arr, what: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def read_aligned(paths: list[Path], landmarks=None, root: Path | None = None, limit: int | None = None,
-                 warn: bool = True, detection: Detection | None = None) -> ImageSet:
+def read_aligned(
+    paths: list[Path],
+    landmarks=None,
+    root: Path | None = None,
+    limit: int | None = None,
+    warn: bool = True,
+    detection: Detection | None = None,
+) -> ImageSet:
     """Prepare ``paths`` in order (:func:`prepare_face`) until ``limit`` usable crops; unusable
     files (unreadable, without landmarks when a landmark file is given, implausible landmarks,
     no face found by the detector) are skipped and listed in ``skipped``."""
@@ -132,14 +139,17 @@ def _read_landmarks(landmarks):
     return landmarks  # an already read Landmarks object
 
 
-def calibration_split(calib, landmarks=None, count: int = DEFAULT_CALIB_COUNT,
-                      holdout: int = DEFAULT_HOLDOUT, detector=None) -> CalibrationSplit:
+def calibration_split(
+    calib, landmarks=None, count: int = DEFAULT_CALIB_COUNT, holdout: int = DEFAULT_HOLDOUT, detector=None
+) -> CalibrationSplit:
     """The first ``count`` usable images for calibration and up to ``holdout``
     further ones for the fidelity check (None when fewer than MIN_HOLDOUT); ``detector``
     finds the face in photos instead of ``landmarks``."""
     if calib is None:
-        raise ArcdeployError("int8 needs calibration images: pass --calib LIST|DIR "
-                             "(a few hundred aligned faces, or photos with --calib-landmarks or --calib-detector)")
+        raise ArcdeployError(
+            "int8 needs calibration images: pass --calib LIST|DIR "
+            "(a few hundred aligned faces, or photos with --calib-landmarks or --calib-detector)"
+        )
     if count < 1:
         raise ArcdeployError(f"--calib-count must be at least 1, got {count}")
     images = load_images(calib, landmarks, limit=count + holdout, what="calibration images", detector=detector)

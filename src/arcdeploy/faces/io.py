@@ -12,6 +12,7 @@ is refused before any memory is spent on it. A "decompression bomb" (a 32000 x
 32000 PNG of one colour is under 1 MB on disk) would otherwise cost gigabytes per
 decoding thread.
 """
+
 from __future__ import annotations
 
 import errno
@@ -153,13 +154,13 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             continue
         if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
             return None
-        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
         if length < 2:
             return None
         if marker in _JPEG_SOF:
             if pos + 9 > n:
                 return None
-            h, w = struct.unpack(">HH", data[pos + 5:pos + 9])
+            h, w = struct.unpack(">HH", data[pos + 5 : pos + 9])
             return (w, h) if w and h else None
         pos += 2 + length
     return None
@@ -236,8 +237,11 @@ def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", max_pixels: i
     limit = max_pixels_limit(max_pixels)
     w, h = size
     if w * h > limit:
-        raise ImageError(name, f"image too large: {w}x{h} is {w * h / 1e6:.1f} megapixels, above the limit of "
-                               f"{limit / 1e6:g} megapixels (set {MAX_PIXELS_ENV} to change it)")
+        raise ImageError(
+            name,
+            f"image too large: {w}x{h} is {w * h / 1e6:.1f} megapixels, above the limit of "
+            f"{limit / 1e6:g} megapixels (set {MAX_PIXELS_ENV} to change it)",
+        )
     buf = np.frombuffer(data, np.uint8)
     try:
         # IMREAD_COLOR is what insightface's cv2.imread uses: 3 channels, 8 bits,

@@ -11,6 +11,7 @@ Accepted rows (whitespace separated, one image per line; blank lines and
 68-point rows are reduced to the 5 alignment points (see :func:`reduce_68_to_5`). Coordinates are
 absolute pixels in the image the name refers to.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ class Landmarks(Mapping):
     (``points`` keeps every row in file order).
     """
 
-    def __init__(self, names: list[str], points: np.ndarray, scores: np.ndarray | None = None,
-                 source: str | None = None):
+    def __init__(
+        self, names: list[str], points: np.ndarray, scores: np.ndarray | None = None, source: str | None = None
+    ):
         self.names = list(names)
         self.points = np.asarray(points, dtype=np.float32).reshape(len(self.names), 5, 2)
         self.scores = None if scores is None else np.asarray(scores, dtype=np.float32)
@@ -131,8 +133,10 @@ def read_landmarks(path: str | os.PathLike) -> Landmarks:
         elif n in (136, 137):
             pts = reduce_68_to_5(nums[:136])
         else:
-            raise ArcdeployError(f"{path}:{lineno}: expected 'name' and 10 or 11 numbers (5 points [+ score]) "
-                                 f"or 136/137 (68 points [+ score]), got {n}")
+            raise ArcdeployError(
+                f"{path}:{lineno}: expected 'name' and 10 or 11 numbers (5 points [+ score]) "
+                f"or 136/137 (68 points [+ score]), got {n}"
+            )
         if not np.all(np.isfinite(nums)):
             raise ArcdeployError(f"{path}:{lineno}: non-finite coordinate")
         row_score = n in (11, 137)

@@ -33,6 +33,7 @@ Landmark lookup by name (a landmark file): see
 :meth:`arcdeploy.faces.landmarks.Landmarks.find` — path relative to the images
 root, then the path as given, then the file name alone when unambiguous.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,9 +66,25 @@ from .prepare import (
 if TYPE_CHECKING:
     from .detect import Face
 
-__all__ = ["DEFAULT_BATCH", "DEFAULT_CHUNK_ROWS", "EmbedOptions", "EmbedResult", "FaceRow", "Failure", "MISSING",
-           "default_batch", "embed_block", "embed_files", "embed_images", "faces_path_for", "failures_path_for",
-           "job_state", "parts_dir_for", "prepare_face", "resolve_landmarks"]
+__all__ = [
+    "DEFAULT_BATCH",
+    "DEFAULT_CHUNK_ROWS",
+    "EmbedOptions",
+    "EmbedResult",
+    "FaceRow",
+    "Failure",
+    "MISSING",
+    "default_batch",
+    "embed_block",
+    "embed_files",
+    "embed_images",
+    "faces_path_for",
+    "failures_path_for",
+    "job_state",
+    "parts_dir_for",
+    "prepare_face",
+    "resolve_landmarks",
+]
 
 DEFAULT_BATCH = 32
 DEFAULT_CHUNK_ROWS = 2048
@@ -102,8 +119,15 @@ def package_fingerprint(package) -> str:
 # ---------------------------------------------------------------- the engine loop
 
 
-def _prepared_batches(items, lmks, batches: list[tuple[int, int]], workers: int, max_pixels: int | None,
-                      prefetch: int = PREFETCH_BATCHES, detection: Detection | None = None):
+def _prepared_batches(
+    items,
+    lmks,
+    batches: list[tuple[int, int]],
+    workers: int,
+    max_pixels: int | None,
+    prefetch: int = PREFETCH_BATCHES,
+    detection: Detection | None = None,
+):
     """Yield (start, end, crops [k,112,112,3], owners, failures, found) for each (start, end)
     in ``batches``, in order, preparing up to ``prefetch`` batches ahead in a thread pool.
     ``owners``: each crop's image as an offset from ``start``; ``found``: with a detector, each
@@ -117,9 +141,10 @@ def _prepared_batches(items, lmks, batches: list[tuple[int, int]], workers: int,
         if nxt is None:
             return False
         s, e = nxt
-        futs = [pool.submit(prepare_image_or_failure, items[i], None if lmks is None else lmks[i], i, max_pixels,
-                            detection)
-                for i in range(s, e)]
+        futs = [
+            pool.submit(prepare_image_or_failure, items[i], None if lmks is None else lmks[i], i, max_pixels, detection)
+            for i in range(s, e)
+        ]
         pending.append((s, e, futs))
         return True
 
@@ -170,19 +195,29 @@ def _row_shape(package, flip: bool) -> tuple[int, ...]:
 class _Batch:
     start: int
     end: int
-    rows: np.ndarray                      # per image [end - start, ...]; with all_faces per face found
+    rows: np.ndarray  # per image [end - start, ...]; with all_faces per face found
     failures: list[Failure]
-    faces: list[FaceRow] | None = None    # with all_faces: which face each row is
+    faces: list[FaceRow] | None = None  # with all_faces: which face each row is
 
 
-def _embedded_batches(package, items, lmks, batches, workers: int, flip: bool, raw: bool,
-                      max_pixels: int | None, detection: Detection | None = None) -> Iterator[_Batch]:
+def _embedded_batches(
+    package,
+    items,
+    lmks,
+    batches,
+    workers: int,
+    flip: bool,
+    raw: bool,
+    max_pixels: int | None,
+    detection: Detection | None = None,
+) -> Iterator[_Batch]:
     """Yield the rows of each batch; failed rows are NaN (with all_faces: left out). A row
     the model gives as NaN or infinity is a failure too, not a result."""
     all_faces = detection is not None and detection.all_faces
     row_shape: tuple[int, ...] | None = None
-    for s, e, crops, owners, fails, found in _prepared_batches(items, lmks, batches, workers, max_pixels,
-                                                               detection=detection):
+    for s, e, crops, owners, fails, found in _prepared_batches(
+        items, lmks, batches, workers, max_pixels, detection=detection
+    ):
         feats = _features(package, crops, flip, raw) if len(crops) else None
         if feats is not None:
             if row_shape is None:
@@ -190,8 +225,7 @@ def _embedded_batches(package, items, lmks, batches, workers: int, flip: bool, r
             elif tuple(feats.shape[1:]) != row_shape:
                 raise ArcdeployError(f"engine output changed shape: {list(feats.shape[1:])} vs {list(row_shape)}")
         shape = row_shape or _row_shape(package, flip)
-        finite = (np.isfinite(feats.reshape(len(feats), -1)).all(axis=1) if feats is not None
-                  else np.zeros(0, bool))
+        finite = np.isfinite(feats.reshape(len(feats), -1)).all(axis=1) if feats is not None else np.zeros(0, bool)
         if all_faces:
             rows = feats[finite] if feats is not None else np.empty((0, *shape), np.float32)
             index = []
@@ -217,8 +251,15 @@ def _embedded_batches(package, items, lmks, batches, workers: int, flip: bool, r
 def _progress_bar(total: int, initial: int, enabled: bool, desc: str = "embed"):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="img", desc=desc, file=sys.stderr, dynamic_ncols=True,
-                disable=not (enabled and sys.stderr.isatty()))
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="img",
+        desc=desc,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=not (enabled and sys.stderr.isatty()),
+    )
 
 
 def _quiet_opencv() -> None:
@@ -252,9 +293,18 @@ def _items(images) -> list:
     return list(images)
 
 
-def embed_images(package, images, landmarks=None, flip: bool = False, raw: bool = False, batch: int | None = None,
-                 workers: int | None = None, on_error: str = "raise", max_pixels: int | None = None,
-                 detector=None) -> np.ndarray:
+def embed_images(
+    package,
+    images,
+    landmarks=None,
+    flip: bool = False,
+    raw: bool = False,
+    batch: int | None = None,
+    workers: int | None = None,
+    on_error: str = "raise",
+    max_pixels: int | None = None,
+    detector=None,
+) -> np.ndarray:
     """Embeddings of images given as paths or RGB uint8 arrays (aligned crops, loose crops with
     landmarks, or photos with a face detector).
 
@@ -280,16 +330,18 @@ def embed_images(package, images, landmarks=None, flip: bool = False, raw: bool 
     lmks = resolve_landmarks(items, landmarks)
     detection = as_detection(detector)
     batch = _batch_size(package, batch)
-    feats, failures, _ = _embed_all(package, items, lmks, batch, flip, raw, _workers(workers), max_pixels, None, None,
-                                    detection)
+    feats, failures, _ = _embed_all(
+        package, items, lmks, batch, flip, raw, _workers(workers), max_pixels, None, None, detection
+    )
     if failures and on_error == "raise":
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise ArcdeployError(f"{failures[0]}{more}")
     return feats
 
 
-def _embed_all(package, items, lmks, batch, flip, raw, workers, max_pixels, bar, on_failure,
-               detection: Detection | None = None) -> tuple[np.ndarray, list[Failure], list[FaceRow] | None]:
+def _embed_all(
+    package, items, lmks, batch, flip, raw, workers, max_pixels, bar, on_failure, detection: Detection | None = None
+) -> tuple[np.ndarray, list[Failure], list[FaceRow] | None]:
     n = len(items)
     batches = [(s, min(s + batch, n)) for s in range(0, n, batch)]
     parts, failures = [], []
@@ -317,12 +369,25 @@ def _common_root(items) -> Path | None:
         return None
 
 
-def embed_files(package, paths: Sequence, landmarks=None, flip: bool = False, raw: bool = False,
-                batch: int | None = None, output: str | os.PathLike | None = None, resume: bool = True,
-                progress: bool = True, workers: int | None = None, root: str | os.PathLike | None = None,
-                chunk_rows: int | None = None, on_failure: Callable[[Failure], None] | None = None,
-                force: bool = False, max_pixels: int | None = None, detector=None,
-                all_faces: bool = False) -> EmbedResult:
+def embed_files(
+    package,
+    paths: Sequence,
+    landmarks=None,
+    flip: bool = False,
+    raw: bool = False,
+    batch: int | None = None,
+    output: str | os.PathLike | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    workers: int | None = None,
+    root: str | os.PathLike | None = None,
+    chunk_rows: int | None = None,
+    on_failure: Callable[[Failure], None] | None = None,
+    force: bool = False,
+    max_pixels: int | None = None,
+    detector=None,
+    all_faces: bool = False,
+) -> EmbedResult:
     """Embed a list of image files (the CLI's and the IJB evaluator's entry point).
 
     Bad images do not stop the job: they get NaN rows and are returned in
@@ -357,8 +422,9 @@ def embed_files(package, paths: Sequence, landmarks=None, flip: bool = False, ra
     if output is None:
         bar = _progress_bar(n, 0, progress)
         try:
-            feats, failures, faces = _embed_all(package, items, lmks, batch, flip, raw, workers, max_pixels, bar,
-                                                on_failure, detection)
+            feats, failures, faces = _embed_all(
+                package, items, lmks, batch, flip, raw, workers, max_pixels, bar, on_failure, detection
+            )
         finally:
             bar.close()
         return EmbedResult(feats, failures, faces=faces)
@@ -371,8 +437,23 @@ def embed_files(package, paths: Sequence, landmarks=None, flip: bool = False, ra
             package.runtime  # noqa: B018 (opens the runtime)
         state = job_state(package, items, lmks, flip, raw, batch, chunk_rows, detection)
         store = ChunkStore.open(output, state, resume)
-        return _embed_to_store(package, store, items, lmks, output, batch, chunk_rows, flip, raw, workers,
-                               max_pixels, progress, on_failure, force, detection)
+        return _embed_to_store(
+            package,
+            store,
+            items,
+            lmks,
+            output,
+            batch,
+            chunk_rows,
+            flip,
+            raw,
+            workers,
+            max_pixels,
+            progress,
+            on_failure,
+            force,
+            detection,
+        )
 
 
 def _refuse_outputs(output: Path, force: bool, all_faces: bool) -> None:
@@ -391,8 +472,23 @@ class _Done:
     faces: list[FaceRow] | None
 
 
-def _embed_to_store(package, store: ChunkStore, items, lmks, output: Path, batch, chunk_rows, flip, raw, workers,
-                    max_pixels, progress, on_failure, force, detection: Detection | None = None) -> EmbedResult:
+def _embed_to_store(
+    package,
+    store: ChunkStore,
+    items,
+    lmks,
+    output: Path,
+    batch,
+    chunk_rows,
+    flip,
+    raw,
+    workers,
+    max_pixels,
+    progress,
+    on_failure,
+    force,
+    detection: Detection | None = None,
+) -> EmbedResult:
     n = len(items)
     all_faces = detection is not None and detection.all_faces
     n_chunks = -(-n // chunk_rows)
@@ -451,8 +547,15 @@ def _embed_to_store(package, store: ChunkStore, items, lmks, output: Path, batch
     row_shape = row_shape or _row_shape(package, flip)
     fpath = store.assemble(output, row_bounds, row_shape, failures, force=force, faces=faces)
     store.remove()
-    return EmbedResult(np.load(output, mmap_mode="r"), failures, output, fpath, resumed_rows, faces,
-                       faces_path_for(output) if all_faces else None)
+    return EmbedResult(
+        np.load(output, mmap_mode="r"),
+        failures,
+        output,
+        fpath,
+        resumed_rows,
+        faces,
+        faces_path_for(output) if all_faces else None,
+    )
 
 
 # ---------------------------------------------------------------- one block at a time (distributed runs)
@@ -471,20 +574,29 @@ class EmbedOptions:
     max_pixels: int | None = None
 
 
-def job_state(package, items, lmks, flip: bool, raw: bool, batch: int, chunk_rows: int,
-              detection: Detection | None = None) -> dict:
+def job_state(
+    package, items, lmks, flip: bool, raw: bool, batch: int, chunk_rows: int, detection: Detection | None = None
+) -> dict:
     """The identity of an embed job that its saved chunks belong to (see :mod:`arcdeploy.faces.chunks`)."""
-    state = {"package": package.fingerprint(), "images": images_identity(items, lmks), "count": len(items),
-             "landmarks": lmks is not None, "flip": bool(flip), "raw": bool(raw), "batch": int(batch),
-             "chunk_rows": int(chunk_rows)}
+    state = {
+        "package": package.fingerprint(),
+        "images": images_identity(items, lmks),
+        "count": len(items),
+        "landmarks": lmks is not None,
+        "flip": bool(flip),
+        "raw": bool(raw),
+        "batch": int(batch),
+        "chunk_rows": int(chunk_rows),
+    }
     if detection is not None:  # only then: saved work of landmark jobs stays resumable
         state["detector"] = detection.identity()
         state["all_faces"] = detection.all_faces
     return state
 
 
-def embed_block(package, items, lmks, start: int, end: int, options: EmbedOptions,
-                detection: Detection | None = None) -> tuple[np.ndarray, list[Failure]]:
+def embed_block(
+    package, items, lmks, start: int, end: int, options: EmbedOptions, detection: Detection | None = None
+) -> tuple[np.ndarray, list[Failure]]:
     """Rows ``start`` to ``end`` of a job, exactly as :func:`embed_files` computes them.
 
     ``items[i]`` and ``lmks[i]`` (``lmks`` None: aligned crops) are read for ``start <= i < end``
@@ -499,8 +611,9 @@ def embed_block(package, items, lmks, start: int, end: int, options: EmbedOption
     batches = [(s, min(s + options.batch, end)) for s in range(start, end, options.batch)]
     parts: list[np.ndarray] = []
     failures: list[Failure] = []
-    for b in _embedded_batches(package, items, lmks, batches, options.workers, options.flip, options.raw,
-                               options.max_pixels, detection):
+    for b in _embedded_batches(
+        package, items, lmks, batches, options.workers, options.flip, options.raw, options.max_pixels, detection
+    ):
         parts.append(b.rows)
         failures += b.failures
     if not parts:

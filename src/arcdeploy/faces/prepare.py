@@ -19,6 +19,7 @@ will be run on, and every caller applies the same checks:
 A failure is an :class:`ImageError` naming the input and the reason; the embed
 pipeline turns it into a :class:`Failure` row instead of stopping the job.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -108,9 +109,15 @@ class Detection:
         with open(d.path, "rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
-        settings = [d.kind, f"threshold={d.threshold!r}", f"min_face={d.min_face!r}", f"pad={d.pad_retry!r}",
-                    f"engine={getattr(d, 'engine', 'opencv')}", f"size={getattr(d, 'size', None)}",
-                    f"all_faces={self.all_faces}"]
+        settings = [
+            d.kind,
+            f"threshold={d.threshold!r}",
+            f"min_face={d.min_face!r}",
+            f"pad={d.pad_retry!r}",
+            f"engine={getattr(d, 'engine', 'opencv')}",
+            f"size={getattr(d, 'size', None)}",
+            f"all_faces={self.all_faces}",
+        ]
         return h.hexdigest() + " " + " ".join(settings)
 
 
@@ -128,19 +135,21 @@ def as_detection(detector, all_faces: bool = False, **options) -> Detection | No
 
     if not isinstance(detector, FaceDetector):
         if not isinstance(detector, (str, os.PathLike)):
-            raise ArcdeployError(f"detector: expected a detector file or an opened detector, got "
-                                 f"{type(detector).__name__}")
+            raise ArcdeployError(
+                f"detector: expected a detector file or an opened detector, got {type(detector).__name__}"
+            )
         options.setdefault("threads", DETECTOR_THREADS)
         detector = open_detector(Path(detector), **{k: v for k, v in options.items() if v is not None})
     return Detection(detector, bool(all_faces))
 
 
-def exclusive_landmarks_detector(landmarks, detector, landmarks_flag="--landmarks",
-                                 detector_flag="--detector") -> None:
+def exclusive_landmarks_detector(landmarks, detector, landmarks_flag="--landmarks", detector_flag="--detector") -> None:
     """Landmarks say where the face is, a detector finds it: one or the other."""
     if landmarks is not None and detector is not None:
-        raise ArcdeployError(f"{landmarks_flag} and {detector_flag} exclude each other: give landmarks for faces "
-                             "whose points are known, or a detector to find them")
+        raise ArcdeployError(
+            f"{landmarks_flag} and {detector_flag} exclude each other: give landmarks for faces "
+            "whose points are known, or a detector to find them"
+        )
 
 
 @dataclass
@@ -205,8 +214,10 @@ def resolve_landmarks(items: Sequence, landmarks, root=None) -> list | None:
         out: list = []
         for i, item in enumerate(items):
             if isinstance(item, np.ndarray):
-                raise ArcdeployError(f"image {i} is an array: landmarks by name need file paths "
-                                     "(pass one [5, 2] array per image instead)")
+                raise ArcdeployError(
+                    f"image {i} is an array: landmarks by name need file paths "
+                    "(pass one [5, 2] array per image instead)"
+                )
             pts = landmarks.find(item, root)
             out.append(missing if pts is None else pts)
         return out
@@ -224,8 +235,9 @@ def resolve_landmarks(items: Sequence, landmarks, root=None) -> list | None:
     return out
 
 
-def prepare_face(item, lmk=None, index: int = 0, max_pixels: int | None = None,
-                 detection: Detection | None = None) -> np.ndarray:
+def prepare_face(
+    item, lmk=None, index: int = 0, max_pixels: int | None = None, detection: Detection | None = None
+) -> np.ndarray:
     """One input (path, :class:`EncodedImage` or RGB array) -> its aligned uint8 [112, 112, 3] crop;
     raises :class:`ImageError`.
 
@@ -253,8 +265,9 @@ def prepare_face(item, lmk=None, index: int = 0, max_pixels: int | None = None,
         raise ImageError(name, str(exc)) from None
 
 
-def prepare_image(item, lmk=None, index: int = 0, max_pixels: int | None = None,
-                  detection: Detection | None = None) -> Prepared:
+def prepare_image(
+    item, lmk=None, index: int = 0, max_pixels: int | None = None, detection: Detection | None = None
+) -> Prepared:
     """One input -> its aligned crops: one (:func:`prepare_face`), or with ``detection`` one per
     detected face kept (the best face, or every face whose points can align a crop); raises
     :class:`ImageError` (no face found is one)."""
@@ -287,8 +300,9 @@ def prepare_image(item, lmk=None, index: int = 0, max_pixels: int | None = None,
     return Prepared(np.stack(crops), faces, numbers)
 
 
-def prepare_image_or_failure(item, lmk, index: int, max_pixels: int | None = None,
-                             detection: Detection | None = None) -> Prepared | Failure:
+def prepare_image_or_failure(
+    item, lmk, index: int, max_pixels: int | None = None, detection: Detection | None = None
+) -> Prepared | Failure:
     """:func:`prepare_image`, with any failure returned as a :class:`Failure` (never raised)."""
     try:
         return prepare_image(item, lmk, index, max_pixels, detection)

@@ -8,6 +8,7 @@ the cell's top-left corner ``(col * s, row * s)``, in row-major order with the a
 one cell next to each other. Each anchor gives a score, box distances (left, top, right,
 bottom) and 5 keypoint offsets (x, y), all in stride units from the anchor centre.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,9 +35,17 @@ def anchor_centres(height: int, width: int, stride: int, anchors: int) -> np.nda
 class ScrfdDetector(FaceDetector):
     kind = "scrfd"
 
-    def __init__(self, graph: GraphIO, engine: str = "onnxruntime", threshold: float | None = None,
-                 min_face: float = 0.0, threads: int | None = None, input_size: tuple[int, int] | None = None,
-                 nms_iou: float = NMS_IOU, pad_retry: float = PAD_RETRY):
+    def __init__(
+        self,
+        graph: GraphIO,
+        engine: str = "onnxruntime",
+        threshold: float | None = None,
+        min_face: float = 0.0,
+        threads: int | None = None,
+        input_size: tuple[int, int] | None = None,
+        nms_iou: float = NMS_IOU,
+        pad_retry: float = PAD_RETRY,
+    ):
         from ..engines import open_graph
 
         super().__init__(graph.path, threshold, min_face, pad_retry)
@@ -50,14 +59,18 @@ class ScrfdDetector(FaceDetector):
         if len(fixed) == 2:
             size = (fixed[1], fixed[0])
             if input_size is not None and tuple(input_size) != size:
-                raise ArcdeployError(f"{self.path}: its input is fixed at {size[0]}x{size[1]}; "
-                                     f"cannot run it at {input_size[0]}x{input_size[1]}")
+                raise ArcdeployError(
+                    f"{self.path}: its input is fixed at {size[0]}x{size[1]}; "
+                    f"cannot run it at {input_size[0]}x{input_size[1]}"
+                )
         else:
             w, h = input_size or DEFAULT_SIZE
             size = (int(w), int(h))
         if any(v % self.strides[-1] for v in size):
-            raise ArcdeployError(f"{self.path}: input size {size[0]}x{size[1]} is not a multiple of its largest "
-                                 f"stride {self.strides[-1]}")
+            raise ArcdeployError(
+                f"{self.path}: input size {size[0]}x{size[1]} is not a multiple of its largest "
+                f"stride {self.strides[-1]}"
+            )
         self.size = size  # (width, height)
         self.session = open_graph(self.path, engine=engine, threads=threads)
         self.input_name = self.session.inputs[0].name
@@ -87,8 +100,10 @@ class ScrfdDetector(FaceDetector):
                 raise ArcdeployError(f"{self.path}: unexpected SCRFD output shape {list(o.shape)}")
             groups[o.shape[-1]].append(o)
         if not all(len(groups[c]) == self.levels for c in groups):
-            raise ArcdeployError(f"{self.path}: expected {self.levels} score, box and keypoint outputs, got "
-                                 f"{', '.join(str(len(groups[c])) for c in groups)}")
+            raise ArcdeployError(
+                f"{self.path}: expected {self.levels} score, box and keypoint outputs, got "
+                f"{', '.join(str(len(groups[c])) for c in groups)}"
+            )
         # one output per stride: the finer the stride, the more anchors
         for group in groups.values():
             group.sort(key=lambda o: -o.shape[0])
@@ -99,8 +114,10 @@ class ScrfdDetector(FaceDetector):
             fh, fw = h // stride, w // stride
             anchors, rem = divmod(s.shape[0], fh * fw)
             if rem or anchors < 1 or d.shape[0] != s.shape[0] or k.shape[0] != s.shape[0]:
-                raise ArcdeployError(f"{self.path}: stride {stride} outputs ({s.shape[0]}, {d.shape[0]}, "
-                                     f"{k.shape[0]} rows) do not fit a {fw}x{fh} feature map")
+                raise ArcdeployError(
+                    f"{self.path}: stride {stride} outputs ({s.shape[0]}, {d.shape[0]}, "
+                    f"{k.shape[0]} rows) do not fit a {fw}x{fh} feature map"
+                )
             hit = np.flatnonzero(s[:, 0] >= threshold)
             if hit.size == 0:
                 continue
@@ -114,4 +131,3 @@ class ScrfdDetector(FaceDetector):
         if not all_scores:
             return np.zeros(0, np.float32), np.zeros((0, 4), np.float32), np.zeros((0, 10), np.float32)
         return np.concatenate(all_scores), np.concatenate(all_boxes), np.concatenate(all_points)
-

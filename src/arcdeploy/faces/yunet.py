@@ -7,6 +7,7 @@ image-right mouth corner) and the score. That is already the image-left-first or
 5-point form. A ``FaceDetectorYN`` object keeps per-image state (its input size), so each
 thread gets its own.
 """
+
 from __future__ import annotations
 
 import threading
@@ -16,16 +17,23 @@ import numpy as np
 from ..errors import ArcdeployError, first_line
 from .detect import PAD_RETRY, FaceDetector, GraphIO
 
-NMS_IOU = 0.3          # OpenCV Zoo's default for YuNet
+NMS_IOU = 0.3  # OpenCV Zoo's default for YuNet
 TOP_K = 5000
-MAX_SIDE = 1920        # larger images are shrunk first: detection cost grows with the pixel count
+MAX_SIDE = 1920  # larger images are shrunk first: detection cost grows with the pixel count
 
 
 class YuNetDetector(FaceDetector):
     kind = "yunet"
 
-    def __init__(self, graph: GraphIO, threshold: float | None = None, min_face: float = 0.0,
-                 max_side: int = MAX_SIDE, nms_iou: float = NMS_IOU, pad_retry: float = PAD_RETRY):
+    def __init__(
+        self,
+        graph: GraphIO,
+        threshold: float | None = None,
+        min_face: float = 0.0,
+        max_side: int = MAX_SIDE,
+        nms_iou: float = NMS_IOU,
+        pad_retry: float = PAD_RETRY,
+    ):
         super().__init__(graph.path, threshold, min_face, pad_retry)
         self.max_side = int(max_side)
         self.nms_iou = float(nms_iou)

@@ -6,21 +6,38 @@
 - :mod:`.run`: features through a package, the features cache, result files
   (``evaluate_ijb``, ``evaluate_packages``).
 """
+
 from .meta import TARGETS, IJBMeta, meta_paths, read_meta, template_index
 from .protocol import (
-                       PRECISIONS,
-                       IJBResult,
-                       TemplateFeatures,
-                       check_features,
-                       evaluate_features,
-                       mode_name,
-                       pair_scores,
-                       settle_near_ties,
-                       template_features,
+    PRECISIONS,
+    IJBResult,
+    TemplateFeatures,
+    check_features,
+    evaluate_features,
+    mode_name,
+    pair_scores,
+    settle_near_ties,
+    template_features,
 )
 from .run import evaluate_ijb, evaluate_packages, extract_features, load_features
 
-__all__ = ["TARGETS", "IJBMeta", "meta_paths", "read_meta", "template_index", "PRECISIONS", "IJBResult",
-           "TemplateFeatures", "check_features", "evaluate_features", "mode_name", "pair_scores",
-           "settle_near_ties", "template_features", "evaluate_ijb", "evaluate_packages", "extract_features",
-           "load_features"]
+__all__ = [
+    "TARGETS",
+    "IJBMeta",
+    "meta_paths",
+    "read_meta",
+    "template_index",
+    "PRECISIONS",
+    "IJBResult",
+    "TemplateFeatures",
+    "check_features",
+    "evaluate_features",
+    "mode_name",
+    "pair_scores",
+    "settle_near_ties",
+    "template_features",
+    "evaluate_ijb",
+    "evaluate_packages",
+    "extract_features",
+    "load_features",
+]

@@ -12,6 +12,7 @@ order is what counts). Every error names the file and the line. Image names are
 file system bytes: a name that is not UTF-8 keeps its bytes (decoded with
 surrogate escapes, as :func:`os.fsdecode` does), so its file is still found.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,6 +29,7 @@ TARGETS = ("IJBC", "IJBB")
 
 # ---------------------------------------------------------------- meta files
 
+
 @dataclass
 class IJBMeta:
     """The meta files of one IJB set; arrays are in 5pts-file row order."""
@@ -35,18 +37,18 @@ class IJBMeta:
     root: Path
     target: str
     names: list[str]
-    templates: np.ndarray     # int64 [N]
-    medias: np.ndarray        # int64 [N]
-    landmarks: np.ndarray     # float32 [N, 5, 2], absolute pixels in the loose crop
-    faceness: np.ndarray      # float32 [N]
-    pair_t1: np.ndarray       # int64 [P]
-    pair_t2: np.ndarray       # int64 [P]
-    labels: np.ndarray        # int8 [P], 1 genuine, 0 impostor
+    templates: np.ndarray  # int64 [N]
+    medias: np.ndarray  # int64 [N]
+    landmarks: np.ndarray  # float32 [N, 5, 2], absolute pixels in the loose crop
+    faceness: np.ndarray  # float32 [N]
+    pair_t1: np.ndarray  # int64 [P]
+    pair_t2: np.ndarray  # int64 [P]
+    labels: np.ndarray  # int8 [P], 1 genuine, 0 impostor
     pair_lines: np.ndarray | None = None  # file line of each pair (None: line = row + 1)
     name_mismatches: int = 0  # rows whose image name differs between tid_mid and 5pts files
     files: dict = field(default_factory=dict)
     template_ids: np.ndarray | None = None  # sorted unique template ids [T]
-    pair_i1: np.ndarray | None = None       # int32 row of pair_t1 in template_ids
+    pair_i1: np.ndarray | None = None  # int32 row of pair_t1 in template_ids
     pair_i2: np.ndarray | None = None
 
     @property
@@ -134,8 +136,9 @@ def read_tid_mid(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     names, tids, mids = [], np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
     for i, (no, f) in enumerate(rows):
         if len(f) != 3:
-            raise ArcdeployError(f"{path}: line {no}: expected 3 fields (image_name template_id media_id), "
-                                 f"got {len(f)}")
+            raise ArcdeployError(
+                f"{path}: line {no}: expected 3 fields (image_name template_id media_id), got {len(f)}"
+            )
         names.append(os.fsdecode(f[0]))
         tids[i] = _int(f[1], path, no, "template id")
         mids[i] = _int(f[2], path, no, "media id")
@@ -161,8 +164,10 @@ def read_5pts(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
         names, values = [], np.empty((len(rows), 11), np.float32)
         for i, (no, f) in enumerate(rows):
             if len(f) != 12:
-                raise ArcdeployError(f"{path}: line {no}: expected 12 fields (name, 10 landmark coordinates, "
-                                     f"faceness score), got {len(f)}")
+                raise ArcdeployError(
+                    f"{path}: line {no}: expected 12 fields (name, 10 landmark coordinates, "
+                    f"faceness score), got {len(f)}"
+                )
             names.append(os.fsdecode(f[0]))
             try:
                 values[i] = [float(t) for t in f[1:]]
@@ -203,8 +208,11 @@ def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     for i, (no, f) in enumerate(rows):
         if len(f) != 3:
             raise ArcdeployError(f"{path}: line {no}: expected 3 fields (tid1 tid2 label), got {len(f)}")
-        out[i] = [_int(f[0], path, no, "template id"), _int(f[1], path, no, "template id"),
-                  _int(f[2], path, no, "label")]
+        out[i] = [
+            _int(f[0], path, no, "template id"),
+            _int(f[1], path, no, "template id"),
+            _int(f[2], path, no, "label"),
+        ]
         if out[i, 2] not in (0, 1):
             raise ArcdeployError(f"{path}: line {no}: label {out[i, 2]} is not 0 or 1")
         line_no[i] = no
@@ -216,14 +224,17 @@ def read_meta(root: str | os.PathLike, target: str = "IJBC") -> IJBMeta:
     target = _check_target(target)
     root = Path(root)
     if not root.is_dir():
-        raise ArcdeployError(f"{root}: IJB root is not a folder "
-                             f"(expected IJB_release/{target} with meta/ and loose_crop/)")
+        raise ArcdeployError(
+            f"{root}: IJB root is not a folder (expected IJB_release/{target} with meta/ and loose_crop/)"
+        )
     files = meta_paths(root, target)
     names_t, templates, medias = read_tid_mid(files["tid_mid"])
     names_p, landmarks, faceness = read_5pts(files["5pts"])
     if len(names_t) != len(names_p):
-        raise ArcdeployError(f"{files['5pts']}: {len(names_p)} rows but {files['tid_mid'].name} has {len(names_t)}; "
-                             "row i of both files must be the same image")
+        raise ArcdeployError(
+            f"{files['5pts']}: {len(names_p)} rows but {files['tid_mid'].name} has {len(names_t)}; "
+            "row i of both files must be the same image"
+        )
     mismatches = sum(a != b for a, b in zip(names_t, names_p))
     t1, t2, labels, pair_lines = read_pairs(files["pairs"])
     known = np.unique(templates)
@@ -234,13 +245,28 @@ def read_meta(root: str | os.PathLike, target: str = "IJBC") -> IJBMeta:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             line = int(pair_lines[i]) if pair_lines is not None else i + 1
-            raise ArcdeployError(f"{files['pairs']}: line {line}: template {int(col[i])} has no image "
-                                 f"in {files['tid_mid'].name}")
+            raise ArcdeployError(
+                f"{files['pairs']}: line {line}: template {int(col[i])} has no image in {files['tid_mid'].name}"
+            )
         index.append(pos)
-    return IJBMeta(root=root, target=target, names=names_p, templates=templates, medias=medias,
-                   landmarks=landmarks, faceness=faceness, pair_t1=t1, pair_t2=t2, labels=labels,
-                   pair_lines=pair_lines, name_mismatches=int(mismatches), files=files,
-                   template_ids=known, pair_i1=index[0], pair_i2=index[1])
+    return IJBMeta(
+        root=root,
+        target=target,
+        names=names_p,
+        templates=templates,
+        medias=medias,
+        landmarks=landmarks,
+        faceness=faceness,
+        pair_t1=t1,
+        pair_t2=t2,
+        labels=labels,
+        pair_lines=pair_lines,
+        name_mismatches=int(mismatches),
+        files=files,
+        template_ids=known,
+        pair_i1=index[0],
+        pair_i2=index[1],
+    )
 
 
 def template_index(known: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ a failed image (a row with NaN or infinity) is left out of its media, and a
 template left with no usable image gets a zero feature (its pairs score 0) and
 is counted and reported.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,8 +65,9 @@ def check_features(feats: np.ndarray, images: int, source: str = "features") -> 
     if feats.shape[0] != images:
         raise ArcdeployError(f"{source}: {feats.shape[0]} feature rows but the 5pts file has {images} images")
     if feats.shape[-1] < 1 or not np.issubdtype(feats.dtype, np.floating):
-        raise ArcdeployError(f"{source}: features must be floating point with D >= 1, "
-                             f"got {feats.dtype} {list(feats.shape)}")
+        raise ArcdeployError(
+            f"{source}: features must be floating point with D >= 1, got {feats.dtype} {list(feats.shape)}"
+        )
     return feats
 
 
@@ -120,21 +122,28 @@ def add_rows_in_order(acc: np.ndarray, idx: np.ndarray, x: np.ndarray) -> None:
     by_rank = np.argsort(rank, kind="stable")
     bounds = np.searchsorted(rank[by_rank], np.arange(int(rank.max()) + 2))
     for r in range(bounds.size - 1):
-        sel = by_rank[bounds[r]:bounds[r + 1]]
+        sel = by_rank[bounds[r] : bounds[r + 1]]
         acc[idx[sel]] += x[sel]  # targets are distinct within one pass
 
 
 @dataclass
 class TemplateFeatures:
-    ids: np.ndarray          # sorted unique template ids [T]
-    features: np.ndarray     # float64 [T, D], L2-normalised (templates with no usable feature: zero rows)
-    failed_images: int       # images with a non-finite feature, left out
-    empty_templates: int     # templates with no usable feature
+    ids: np.ndarray  # sorted unique template ids [T]
+    features: np.ndarray  # float64 [T, D], L2-normalised (templates with no usable feature: zero rows)
+    failed_images: int  # images with a non-finite feature, left out
+    empty_templates: int  # templates with no usable feature
 
 
-def template_features(feats: np.ndarray, templates: np.ndarray, medias: np.ndarray, faceness: np.ndarray | None,
-                      flip: bool = True, normalize_images: bool = False, chunk: int = 32768,
-                      precision: str = "float32") -> TemplateFeatures:
+def template_features(
+    feats: np.ndarray,
+    templates: np.ndarray,
+    medias: np.ndarray,
+    faceness: np.ndarray | None,
+    flip: bool = True,
+    normalize_images: bool = False,
+    chunk: int = 32768,
+    precision: str = "float32",
+) -> TemplateFeatures:
     """Image features -> L2-normalised template features (media mean, sum over media); module doc."""
     dtype = _dtype(precision)
     n = templates.shape[0]
@@ -164,7 +173,7 @@ def template_features(feats: np.ndarray, templates: np.ndarray, medias: np.ndarr
             x = _image_block(read(s, e), flip, dtype)
             with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
                 if normalize_images:
-                    x = x / np.sqrt(np.sum(x ** 2, -1, keepdims=True))
+                    x = x / np.sqrt(np.sum(x**2, -1, keepdims=True))
                 if face is not None:
                     x = x * face[s:e, np.newaxis]
             ok = np.isfinite(x).all(axis=1)
@@ -191,8 +200,9 @@ def template_features(feats: np.ndarray, templates: np.ndarray, medias: np.ndarr
     return TemplateFeatures(ids, tfeat, failed_images=int(n - counts.sum()), empty_templates=int((~usable).sum()))
 
 
-def pair_scores(tfeats: np.ndarray, i1: np.ndarray, i2: np.ndarray, block: int = 1024,
-                gemm_ratio: float = 64.0) -> np.ndarray:
+def pair_scores(
+    tfeats: np.ndarray, i1: np.ndarray, i2: np.ndarray, block: int = 1024, gemm_ratio: float = 64.0
+) -> np.ndarray:
     """Dot products tfeats[i1[k]] . tfeats[i2[k]] for all k (float64).
 
     Pairs are grouped by their lower template index; a block of ``block``
@@ -290,13 +300,21 @@ class IJBResult:
     def to_json(self) -> dict:
         rf, rt = thin_roc(self.fpr, self.tpr)
         d = {
-            "name": self.name, "target": self.target, "mode": self.mode,
-            "far": list(self.far), "tar": [float(v) for v in self.tar],
+            "name": self.name,
+            "target": self.target,
+            "mode": self.mode,
+            "far": list(self.far),
+            "tar": [float(v) for v in self.tar],
             "tar_percent": ["%.2f" % (100 * float(v)) for v in self.tar],
             "fpr_at_chosen_point": [float(v) for v in self.chosen_fpr],
-            "auc": self.auc, "pairs": self.pairs, "genuine": self.genuine, "impostor": self.impostor,
-            "templates": self.templates, "images": self.images,
-            "failed_images": self.failed_images, "empty_templates": self.empty_templates,
+            "auc": self.auc,
+            "pairs": self.pairs,
+            "genuine": self.genuine,
+            "impostor": self.impostor,
+            "templates": self.templates,
+            "images": self.images,
+            "failed_images": self.failed_images,
+            "empty_templates": self.empty_templates,
             "aggregation": self.precision,
             "roc": {"fpr": rf, "tpr": rt},
         }
@@ -307,9 +325,16 @@ class IJBResult:
         return d
 
 
-def evaluate_features(meta: IJBMeta, feats: np.ndarray, name: str = "features", flip: bool = True,
-                      detector_score: bool = True, normalize_images: bool = False,
-                      source: str = "features", precision: str = "float32") -> IJBResult:
+def evaluate_features(
+    meta: IJBMeta,
+    feats: np.ndarray,
+    name: str = "features",
+    flip: bool = True,
+    detector_score: bool = True,
+    normalize_images: bool = False,
+    source: str = "features",
+    precision: str = "float32",
+) -> IJBResult:
     """The full protocol on image features in 5pts-file row order.
 
     Raises when no template has a usable feature (every image failed, or all
@@ -317,15 +342,27 @@ def evaluate_features(meta: IJBMeta, feats: np.ndarray, name: str = "features", 
     """
     feats = check_features(feats, meta.images, source)
     flip = bool(flip and feats.ndim == 3)
-    tf = template_features(feats, meta.templates, meta.medias, meta.faceness if detector_score else None,
-                           flip=flip, normalize_images=normalize_images, precision=precision)
+    tf = template_features(
+        feats,
+        meta.templates,
+        meta.medias,
+        meta.faceness if detector_score else None,
+        flip=flip,
+        normalize_images=normalize_images,
+        precision=precision,
+    )
     n_t = int(tf.ids.size)
     failed = f"{tf.failed_images} of {meta.images} images have non-finite features"
     if tf.empty_templates == n_t:
         raise ArcdeployError(f"{source}: no template has a usable feature ({failed}; the others sum to zero)")
     if tf.empty_templates:
-        log.warning("%s: %d of %d templates have no usable feature (%s); their pairs score 0",
-                    source, tf.empty_templates, n_t, failed)
+        log.warning(
+            "%s: %d of %d templates have no usable feature (%s); their pairs score 0",
+            source,
+            tf.empty_templates,
+            n_t,
+            failed,
+        )
     elif tf.failed_images:
         log.warning("%s: %s; they are left out of their media", source, failed)
     i1, i2 = meta.pair_i1, meta.pair_i2
@@ -341,8 +378,22 @@ def evaluate_features(meta: IJBMeta, feats: np.ndarray, name: str = "features", 
         raise ArcdeployError(f"{meta.files['pairs']}: {exc}") from None
     tars, chosen = tar_at_far(fpr, tpr, FARS)
     genuine = int(np.count_nonzero(meta.labels))
-    return IJBResult(name=name, target=meta.target, mode=mode_name(flip, normalize_images, detector_score),
-                     tar=tars, chosen_fpr=chosen, auc=auc(fpr, tpr), pairs=int(meta.labels.size),
-                     genuine=genuine, impostor=int(meta.labels.size - genuine), templates=n_t,
-                     images=meta.images, failed_images=tf.failed_images, empty_templates=tf.empty_templates,
-                     scores=scores, fpr=fpr, tpr=tpr, precision=precision)
+    return IJBResult(
+        name=name,
+        target=meta.target,
+        mode=mode_name(flip, normalize_images, detector_score),
+        tar=tars,
+        chosen_fpr=chosen,
+        auc=auc(fpr, tpr),
+        pairs=int(meta.labels.size),
+        genuine=genuine,
+        impostor=int(meta.labels.size - genuine),
+        templates=n_t,
+        images=meta.images,
+        failed_images=tf.failed_images,
+        empty_templates=tf.empty_templates,
+        scores=scores,
+        fpr=fpr,
+        tpr=tpr,
+        precision=precision,
+    )

@@ -11,6 +11,7 @@ trusted).
 Result files in OUTDIR (``<name>_<target>_scores.npy``, ``roc.png``,
 ``result.json``) and ``json_path`` are not replaced without ``force``.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,16 @@ def _read_record(path: Path) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
-def extract_features(package, meta: IJBMeta, out_dir: Path, flip: bool = True, batch: int | None = None,
-                     progress: bool = True, name: str | None = None, ray=None) -> tuple[np.ndarray, Path, int]:
+def extract_features(
+    package,
+    meta: IJBMeta,
+    out_dir: Path,
+    flip: bool = True,
+    batch: int | None = None,
+    progress: bool = True,
+    name: str | None = None,
+    ray=None,
+) -> tuple[np.ndarray, Path, int]:
     """Raw features of every IJB image through the package, cached in out_dir (module doc).
 
     ``ray``: a :class:`arcdeploy.distributed.RayOptions` to extract them on a Ray cluster
@@ -81,17 +90,33 @@ def extract_features(package, meta: IJBMeta, out_dir: Path, flip: bool = True, b
     cache = out_dir / f"features_{name}_{meta.target.lower()}_{'flip' if flip else 'noflip'}.npy"
     record_path = cache.with_suffix(".json")
     paths = meta.image_paths()
-    record = {"format": CACHE_FORMAT, "package": pkg.fingerprint(),
-              "images": images_identity(paths, np.asarray(meta.landmarks, np.float32)),
-              "count": meta.images, "flip": bool(flip), "raw": True}
+    record = {
+        "format": CACHE_FORMAT,
+        "package": pkg.fingerprint(),
+        "images": images_identity(paths, np.asarray(meta.landmarks, np.float32)),
+        "count": meta.images,
+        "flip": bool(flip),
+        "raw": True,
+    }
     old = _read_record(record_path) if cache.exists() else None
     if old is not None and {k: old.get(k) for k in record} == record:
         if old.get("sha256") and _file_sha256(cache) == old["sha256"]:
             return load_features(cache), cache, int(old.get("failed", 0))
-        logger.warning("%s: the cached features do not match the checksum in %s; extracting them again",
-                    cache, record_path.name)
-    res = embed_files(pkg, paths, landmarks=meta.landmarks, flip=flip, raw=True, batch=batch,
-                      output=cache, resume=True, progress=progress, force=True)
+        logger.warning(
+            "%s: the cached features do not match the checksum in %s; extracting them again", cache, record_path.name
+        )
+    res = embed_files(
+        pkg,
+        paths,
+        landmarks=meta.landmarks,
+        flip=flip,
+        raw=True,
+        batch=batch,
+        output=cache,
+        resume=True,
+        progress=progress,
+        force=True,
+    )
     n_failed = len(res.failures or [])
     write_json_atomic(record_path, {**record, "sha256": _file_sha256(cache), "failed": n_failed})
     return np.asarray(res.features), cache, n_failed
@@ -110,11 +135,24 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def evaluate_ijb(root: str | os.PathLike, target: str = "IJBC", packages=(), features=(), flip: bool = True,
-                 detector_score: bool = True, normalize_images: bool = False, batch: int | None = None,
-                 out_dir: str | os.PathLike | None = None, json_path: str | os.PathLike | None = None,
-                 plot: bool = True, progress: bool = True, log=None, force: bool = False,
-                 precision: str = "float32", ray=None) -> dict:
+def evaluate_ijb(
+    root: str | os.PathLike,
+    target: str = "IJBC",
+    packages=(),
+    features=(),
+    flip: bool = True,
+    detector_score: bool = True,
+    normalize_images: bool = False,
+    batch: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    json_path: str | os.PathLike | None = None,
+    plot: bool = True,
+    progress: bool = True,
+    log=None,
+    force: bool = False,
+    precision: str = "float32",
+    ray=None,
+) -> dict:
     """Evaluate packages (features extracted and cached in out_dir) or feature files.
 
     Returns the JSON document: the first method's fields at top level (``target``,
@@ -133,28 +171,44 @@ def evaluate_ijb(root: str | os.PathLike, target: str = "IJBC", packages=(), fea
     out = Path(out_dir) if out_dir else Path(f"ijb_{meta.target.lower()}_results")
     names = _unique_names([Path(p).name for p in packages] + [Path(f).stem for f in features])
     score_files = [out / f"{name}_{meta.target.lower()}_scores.npy" for name in names]
-    outputs = [*score_files, out / "result.json", *([out / "roc.png"] if plot else []),
-               *([Path(json_path)] if json_path else [])]
+    outputs = [
+        *score_files,
+        out / "result.json",
+        *([out / "roc.png"] if plot else []),
+        *([Path(json_path)] if json_path else []),
+    ]
     for path in outputs:  # before any work: extraction may take hours
         refuse_existing(path, force)
     out.mkdir(parents=True, exist_ok=True)
     if meta.name_mismatches:
         logger.warning(
             "%d rows name different images in %s and %s (row order is what counts)",
-            meta.name_mismatches, meta.files["tid_mid"].name, meta.files["5pts"].name)
+            meta.name_mismatches,
+            meta.files["tid_mid"].name,
+            meta.files["5pts"].name,
+        )
     results: list[IJBResult] = []
     sources = [("package", p) for p in packages] + [("features", f) for f in features]
     for name, sf, (kind, src) in zip(names, score_files, sources):
         if kind == "package":
             say(f"[{name}] extracting features of {meta.images} images ({'with' if flip else 'without'} flip) ...")
-            feats, cache, _ = extract_features(src, meta, out, flip=flip, batch=batch, progress=progress, name=name,
-                                               ray=ray)
+            feats, cache, _ = extract_features(
+                src, meta, out, flip=flip, batch=batch, progress=progress, name=name, ray=ray
+            )
             source = feat_file = str(cache)
         else:
             feats = load_features(src)
             source = feat_file = str(src)
-        res = evaluate_features(meta, feats, name=name, flip=flip, detector_score=detector_score,
-                                normalize_images=normalize_images, source=source, precision=precision)
+        res = evaluate_features(
+            meta,
+            feats,
+            name=name,
+            flip=flip,
+            detector_score=detector_score,
+            normalize_images=normalize_images,
+            source=source,
+            precision=precision,
+        )
         del feats
         save_npy_atomic(sf, res.scores, force=force)
         res.scores_file, res.features_file = str(sf), feat_file
@@ -167,8 +221,12 @@ def evaluate_ijb(root: str | os.PathLike, target: str = "IJBC", packages=(), fea
         from ..plots import plot_roc
 
         png = out / "roc.png"
-        plot_roc([(f"{r.name} ({r.mode})", r.fpr, r.tpr, r.auc) for r in results], png,
-                 title=f"ROC on {meta.target}", force=force)
+        plot_roc(
+            [(f"{r.name} ({r.mode})", r.fpr, r.tpr, r.auc) for r in results],
+            png,
+            title=f"ROC on {meta.target}",
+            force=force,
+        )
         doc["plot"] = str(png)
     write_json_atomic(out / "result.json", doc, force=force)
     if json_path:
