@@ -41,6 +41,7 @@ class DemoConfig:
     likeness: float = 0.6
     hard: bool = True
     bin_pairs: int = 120
+    bin_likeness: float = 0.0  # the .bin pairs: hard variations only (look-alikes too put it near chance)
     calib_images: int = 64
     precisions: tuple[str, ...] = ("fp32", "bf16", "int8")
     batches: tuple[int, ...] = (1, 16)
@@ -79,6 +80,7 @@ def prepare_data(data: Path, cfg: DemoConfig, log=print) -> dict[str, Path]:
         "family_size": cfg.family_size,
         "likeness": cfg.likeness,
         "hard": cfg.hard,
+        "bin_likeness": cfg.bin_likeness,
         "format": 2,
     }
     paths = {
@@ -107,7 +109,7 @@ def prepare_data(data: Path, cfg: DemoConfig, log=print) -> dict[str, Path]:
         family_size=cfg.family_size,
         likeness=cfg.likeness,
     )
-    write_bin_set(paths["bin"], pairs=cfg.bin_pairs, seed=1, hard=cfg.hard, likeness=cfg.likeness)
+    write_bin_set(paths["bin"], pairs=cfg.bin_pairs, seed=1, hard=cfg.hard, likeness=cfg.bin_likeness)
     write_json_atomic(stamp, wanted)
     return paths
 

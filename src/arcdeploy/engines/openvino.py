@@ -377,17 +377,19 @@ class LayerReverter:
         self.batch = batch  # a package compiled for a fixed batch takes exactly that many
 
     def layers(self) -> list[str]:
-        """Layers that int8 touches: weighted ones (an input FakeQuantize or low-precision weights)
-        and residual Adds (a FakeQuantize on an input)."""
+        """Layers that int8 touches: weighted ones (an input quantizer or low-precision weights)
+        and residual Adds (a quantizer on an input)."""
         out = []
         for op in self.quantized.get_ordered_ops():
             kind = op.get_type_name()
             if kind in WEIGHTED:
-                src = op.input_value(0).get_node().get_type_name()
                 w = op.input_value(1).get_node()
-                if src == "FakeQuantize" or w.get_type_name() != "Constant" or w.get_element_type() != _ov().Type.f32:
+                low_weights = w.get_type_name() != "Constant" or w.get_element_type() != _ov().Type.f32
+                if low_weights or _upstream_quantizer(op.input(0)) is not None:
                     out.append(op.get_friendly_name())
-            elif kind == "Add" and any(v.get_node().get_type_name() == "FakeQuantize" for v in op.input_values()):
+            elif kind == "Add" and any(
+                _upstream_quantizer(op.input(k)) is not None for k in range(op.get_input_size())
+            ):
                 out.append(op.get_friendly_name())
         return out
 
@@ -398,13 +400,10 @@ class LayerReverter:
         for name in names:
             op = ops[name]
             if op.get_type_name() == "Add":
-                for k, v in enumerate(op.input_values()):
-                    if v.get_node().get_type_name() == "FakeQuantize":
-                        op.input(k).replace_source_output(v.get_node().input_value(0))
+                for k in range(op.get_input_size()):
+                    _bypass(_upstream_quantizer(op.input(k)))
                 continue
-            src = op.input_value(0).get_node()
-            if src.get_type_name() == "FakeQuantize":
-                op.input(0).replace_source_output(src.input_value(0))
+            _bypass(_upstream_quantizer(op.input(0)))
             weights = self.float[name].input_value(1).get_node()
             if weights.get_type_name() == "Constant":
                 op.input(1).replace_source_output(_ov().op.Constant(weights.get_data().copy()).output(0))
@@ -428,6 +427,38 @@ class LayerReverter:
             req.infer({0: x[s : s + batch]})
             outs.append(np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True))
         return np.concatenate(outs)
+
+
+# ops a quantizer may sit behind on its way to the layer it serves: NNCF moves an input quantizer up
+# through a per-channel scale and shift (a BatchNorm before a convolution) and through reshapes
+_TRANSPARENT = ("Multiply", "Add", "Subtract", "Reshape", "Transpose", "Convert", "Squeeze", "Unsqueeze")
+
+
+def _upstream_quantizer(port, depth: int = 8):
+    """The input port that takes a FakeQuantize's output on the data path leading into ``port``
+    (through ops that only scale, shift or reshape it), or None."""
+    for _ in range(depth):
+        src = port.get_source_output().get_node()
+        kind = src.get_type_name()
+        if kind == "FakeQuantize":
+            return port
+        if kind not in _TRANSPARENT:
+            return None
+        data = [
+            src.input(k)
+            for k in range(src.get_input_size())
+            if src.input_value(k).get_node().get_type_name() != "Constant"
+        ]
+        if len(data) != 1:
+            return None
+        port = data[0]
+    return None
+
+
+def _bypass(port) -> None:
+    """Feed ``port`` with what its FakeQuantize took in (no-op for None)."""
+    if port is not None:
+        port.replace_source_output(port.get_source_output().get_node().input_value(0))
 
 
 def reverter(job: BuildJob) -> LayerReverter:
