@@ -119,7 +119,7 @@ def speed_table(records) -> Table:
         title="Speed: throughput (images/s) and latency (ms) by precision and batch",
         header=["package", "runs as", "batch", "img/s", "mean", "p50", "p90", "p99", "x fp32"],
         rows=rows,
-        note="runs as: the precision the engine reports it executed (a CPU without bf16 units runs a bf16 hint in f32).",
+        note="runs as: the precision the engine reports it executed (a CPU without bf16 units runs bf16 as f32).",
     )
 
 
