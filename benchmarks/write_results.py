@@ -7,6 +7,7 @@ Sections, each from one JSON file under ``--results`` (a missing file is named, 
 - the machine: CPU model, logical CPUs, flags, what the flags mean for the int8 / bf16 kernels, the
   measured limits (``machine_peak.py`` via ``compare_peers.py``);
 - real trained networks (``real_models.json``, ``bench_real.py``);
+- the accuracy-aware int8 fallback on untrained r50 / r100 (``fallback.json``, ``bench_fallback.py``);
 - arcdeploy against PyTorch eager and ONNX Runtime's default session on generated r50 / r100
   (``peers.json``, ``compare_peers.py``);
 - detection end to end (``e2e_detect.json``, ``bench_e2e_detect.py``);
@@ -32,6 +33,7 @@ for p in (str(SRC), str(HERE)):
 
 FILES = {
     "real": "real_models.json",
+    "fallback": "fallback.json",
     "peers": "peers.json",
     "e2e": "e2e_detect.json",
     "ray": "ray.json",
@@ -93,6 +95,30 @@ def real_section(doc: dict | None) -> list[str]:
     from bench_real import markdown
 
     return lines + _provenance(doc, "bench_real.py") + [markdown(doc, level=3), ""]
+
+
+def fallback_section(doc: dict | None) -> list[str]:
+    lines = ["## The accuracy-aware int8 fallback (untrained r50 / r100, real LFW faces)", ""]
+    if not doc:
+        return lines + [f"Not measured: no `{FILES['fallback']}` (run `python benchmarks/bench_fallback.py`).", ""]
+    from bench_fallback import markdown
+
+    return (
+        lines
+        + _provenance(doc, "bench_fallback.py")
+        + [
+            "Generated (untrained) IResNet weights: their int8 error is spread over many layers, the hard case for "
+            "the fallback (a trained MobileFaceNet needs none: its recipe already meets the floor, table above). "
+            "OpenVINO packages from one export, calibrated on 300 real LFW faces of 50 people, checked on 100 "
+            "faces of 50 others (cosine to the fp32 reference; floor: mean >= 0.99, min >= 0.97). Speed: batch "
+            f"{doc['batch']}, {doc['rounds']} rounds of >= {doc['seconds']:g} s per package taken in turns, median "
+            f"img/s; x fp32 is the median of per-round ratios. Load average {_la(doc.get('load_average_start'))} at "
+            f"the start, {_la(doc.get('load_average_end'))} at the end.",
+            "",
+            markdown(doc),
+            "",
+        ]
+    )
 
 
 def peers_section(doc: dict | None) -> list[str]:
@@ -200,6 +226,7 @@ def compose(folder: Path) -> str:
     ]
     lines += machine_section(docs)
     lines += real_section(docs.get("real"))
+    lines += fallback_section(docs.get("fallback"))
     lines += peers_section(docs.get("peers"))
     lines += e2e_section(docs.get("e2e"))
     lines += ray_section(docs.get("ray"))

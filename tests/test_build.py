@@ -351,6 +351,9 @@ def test_int8_fallback_keeps_the_most_sensitive_layers_float(tmp_path, r18_expor
     assert set(fb["kept_float"]) <= set(m["calibration"]["kept_float"])  # and really kept in float
     assert fb["validation_after"]["mean"] > fb["validation_before"]["mean"]
     assert str(len(fb["kept_float"])) in fb["prefixes_tried"]
+    speed = fb["speed"]  # what the float layers cost: both packages timed at build time
+    assert speed["recipe_images_per_s"] > 0 and speed["fallback_images_per_s"] > 0 and speed["fallback_vs_recipe"] > 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # the recipe's files are gone
     before = read_manifest(
         packages_plain := build(
             r18_export.out_dir,
