@@ -27,7 +27,6 @@ import os
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,6 @@ for p in (str(HERE.parent / "src"), str(HERE)):
 
 DEFAULT_REAL = (HERE.parent / ".." / "shared" / "real").resolve()
 DEFAULT_JSON = HERE / "results" / "fallback.json"
-CALIB_PEOPLE = 50
 VARIANTS = {
     "fp32": {"precision": "fp32"},
     "int8_recipe": {"precision": "int8", "fallback": False},
@@ -51,19 +49,13 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def lfw_lists(real: Path) -> tuple[list[str], list[str], Path]:
-    lfw = real / "faces" / "lfw"
-    people = sorted(p.name for p in lfw.iterdir() if p.is_dir())
-    calib = [str(p) for n in people[:CALIB_PEOPLE] for p in sorted((lfw / n).glob("*.jpg"))]
-    held = [str(p) for n in people[CALIB_PEOPLE:] for p in sorted((lfw / n).glob("*.jpg"))][::4]
-    return calib, held, real / "faces" / "lfw_5pts.txt"
-
-
 def build_all(arch: str, workdir: Path, real: Path, reuse: bool) -> dict[str, Path]:
     import arcdeploy
     from arcdeploy.demo.synth import write_generated_checkpoint
+    from bench_real import lfw_split
 
-    calib, held, landmarks = lfw_lists(real)
+    split = lfw_split(real)  # the real-model benchmark's people: 50 for calibration, 50 others checked
+    calib, held, landmarks = split["calib"], split["check"][::4], split["landmarks"]
     root = workdir / arch
     root.mkdir(parents=True, exist_ok=True)
     export = root / "export"
@@ -88,22 +80,11 @@ def build_all(arch: str, workdir: Path, real: Path, reuse: bool) -> dict[str, Pa
 
 def measure(pkgs: dict[str, Path], batch: int, rounds: int, seconds: float) -> dict[str, list[float]]:
     import arcdeploy
+    from bench_real import measure_speed
 
     loaded = {k: arcdeploy.load(p) for k, p in pkgs.items()}
     x = np.random.default_rng(0).integers(0, 256, (batch, 112, 112, 3), dtype=np.uint8)
-    for p in loaded.values():
-        p.infer(x)
-    keys = list(loaded)
-    per: dict[str, list[float]] = {k: [] for k in keys}
-    for rnd in range(rounds):
-        for k in keys[rnd % len(keys) :] + keys[: rnd % len(keys)]:
-            n, t0 = 0, time.perf_counter()
-            while n < 2 or time.perf_counter() - t0 < seconds:
-                loaded[k].infer(x)
-                n += 1
-            per[k].append(batch * n / (time.perf_counter() - t0))
-        log(f"    round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in per.items()))
-    return per
+    return measure_speed(loaded, dict.fromkeys(loaded, x), rounds, seconds, min_runs=2)
 
 
 def run_arch(arch: str, args) -> dict:
