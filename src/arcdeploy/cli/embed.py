@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from ..faces.detectors.registry import DEFAULT_DETECTOR_ENGINE, DETECTOR_ENGINES
 from .ray_args import add_ray_arguments, print_cluster_summary, progress_lines, ray_options
 
 EXIT_SOME_FAILED = 3
@@ -69,7 +70,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--detector-engine",
-        choices=("onnxruntime", "openvino"),
+        choices=DETECTOR_ENGINES,
         default=None,
         help="with --detector: what runs SCRFD (default onnxruntime); YuNet always runs in OpenCV",
     )
@@ -110,7 +111,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..errors import ArcdeployError
     from ..faces.io import display_name, images_root, list_images
-    from ..faces.pipeline import embed_files
+    from ..faces.job import EmbedJob
+    from ..faces.pipeline import EmbedResult
     from ..files import refuse_existing
     from ..package import load
 
@@ -120,15 +122,25 @@ def run(args) -> int:
             raise ArcdeployError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     ray = ray_options(args, threads=args.threads, workers=args.workers)
     refuse_existing(args.output, args.force)  # before any work: the images may take hours
-    detection = open_cli_detector(args)
+    detector = cli_detector(args)
     paths = list_images(args.images)
     pkg = load(args.package, threads=args.threads)
-    if ray is not None:  # the same job on a Ray cluster: --threads and --workers apply to each actor
-        from functools import partial
-
-        from ..distributed import embed_files_on_ray
-
-        embed_files = partial(embed_files_on_ray, ray=ray, on_progress=progress_lines("embed", not args.quiet))
+    job = EmbedJob.create(
+        paths,
+        landmarks=args.landmarks,
+        detector=detector,
+        root=images_root(args.images),
+        all_faces=args.all_faces,
+        flip=args.flip,
+        raw=args.raw,
+        batch=args.batch,
+        chunk_rows=args.chunk_size,
+        workers=args.workers,
+        output=args.output,
+        resume=not args.restart,
+        force=args.force,
+        progress=not args.quiet,
+    )
 
     def report(f):
         msg = f"arcdeploy embed: skipped {display_name(f.path)}: {display_name(f.reason)}"
@@ -139,25 +151,21 @@ def run(args) -> int:
         except ImportError:
             print(msg, file=sys.stderr)
 
-    res = embed_files(
-        pkg,
-        paths,
-        landmarks=args.landmarks,
-        flip=args.flip,
-        raw=args.raw,
-        batch=args.batch,
-        output=args.output,
-        resume=not args.restart,
-        progress=not args.quiet,
-        workers=args.workers,
-        root=images_root(args.images),
-        chunk_rows=args.chunk_size,
-        on_failure=report,
-        force=args.force,
-        detector=detection,
-        all_faces=args.all_faces,
-    )
-    n = len(paths)
+    res: EmbedResult
+    if ray is not None:  # the same job on a Ray cluster: --threads and --workers apply to each actor
+        from ..distributed import run_on_ray
+
+        res = run_on_ray(job, pkg, ray, on_failure=report, on_progress=progress_lines("embed", not args.quiet))
+    else:
+        from ..faces.pipeline import run_local
+
+        res = run_local(job, pkg, on_failure=report)
+    return _summary(res, len(paths))
+
+
+def _summary(res, n: int) -> int:
+    from ..faces.io import display_name
+
     failed = len({f.index for f in res.failures})
     resumed = f" ({res.resumed_rows} resumed from saved work)" if res.resumed_rows else ""
     out = f"{display_name(str(res.output))} {list(res.features.shape)}"
@@ -181,11 +189,13 @@ def run(args) -> int:
     return 0
 
 
-def open_cli_detector(args, landmarks_flag: str = "--landmarks"):
-    """The detector the options name, or None; detector options without --detector and
-    landmarks with a detector are errors."""
+def cli_detector(args, landmarks_flag: str = "--landmarks"):
+    """The detector the options name, as a :class:`~arcdeploy.faces.detectors.DetectorSpec`
+    (its file checked to be a detector now, before any other work), or None; detector options
+    without --detector and landmarks with a detector are errors."""
     from ..errors import ArcdeployError
-    from ..faces.prepare import DETECTOR_THREADS, exclusive_landmarks_detector
+    from ..faces.detectors import DETECTOR_THREADS, DetectorSpec, inspect_detector
+    from ..faces.prepare import exclusive_landmarks_detector
 
     exclusive_landmarks_detector(args.landmarks, args.detector, landmarks_flag, "--detector")
     given = [
@@ -205,15 +215,16 @@ def open_cli_detector(args, landmarks_flag: str = "--landmarks"):
     thr = getattr(args, "det_threshold", None)
     if thr is not None and not 0.0 <= thr <= 1.0:
         raise ArcdeployError(f"--det-threshold must be between 0 and 1, got {thr:g}")
-    min_face = getattr(args, "min_face", None) or 0.0
-    if min_face < 0:
-        raise ArcdeployError(f"--min-face must not be negative, got {min_face:g}")
-    from ..faces.detect import open_detector
-
-    return open_detector(
+    min_face = getattr(args, "min_face", None)
+    min_face = 0.0 if min_face is None else min_face
+    if not min_face >= 0:  # NaN too: it would drop every face
+        raise ArcdeployError(f"--min-face must be a number of pixels, 0 or more, got {min_face:g}")
+    spec = DetectorSpec(
         args.detector,
-        engine=getattr(args, "detector_engine", None) or "onnxruntime",
+        engine=getattr(args, "detector_engine", None) or DEFAULT_DETECTOR_ENGINE,
         threshold=thr,
         min_face=min_face,
         threads=DETECTOR_THREADS,
     )
+    inspect_detector(spec.path)
+    return spec
