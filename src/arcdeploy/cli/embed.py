@@ -45,35 +45,7 @@ def register(sub) -> None:
         "An image's row is found by its path relative to the images folder (or the list "
         "file's folder), else by its file name",
     )
-    p.add_argument(
-        "--detector",
-        metavar="FILE",
-        help="find the faces with this detector instead of --landmarks: SCRFD (insightface ONNX with "
-        "keypoints) or YuNet (OpenCV Zoo); the kind is recognised from the file",
-    )
-    p.add_argument(
-        "--all-faces", action="store_true", help="with --detector: one row per face found instead of one per image"
-    )
-    p.add_argument(
-        "--min-face",
-        type=float,
-        default=None,
-        metavar="PX",
-        help="with --detector: leave out faces whose box's shorter side is under PX pixels",
-    )
-    p.add_argument(
-        "--det-threshold",
-        type=float,
-        default=None,
-        metavar="T",
-        help="with --detector: minimum detection score (default 0.5 for SCRFD, 0.6 for YuNet)",
-    )
-    p.add_argument(
-        "--detector-engine",
-        choices=DETECTOR_ENGINES,
-        default=None,
-        help="with --detector: what runs SCRFD (default onnxruntime); YuNet always runs in OpenCV",
-    )
+    add_detector_arguments(p)
     p.add_argument("--flip", action="store_true", help="also embed the mirrored crop: output [N, 2, 512]")
     p.add_argument("--raw", action="store_true", help="un-normalised features")
     p.add_argument(
@@ -106,6 +78,39 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="FEATS.npy", help="output .npy file")
     add_ray_arguments(p)
     p.set_defaults(func=run)
+
+
+def add_detector_arguments(p) -> None:
+    """--detector and its settings (embed; the gallery and the server take the same)."""
+    p.add_argument(
+        "--detector",
+        metavar="FILE",
+        help="find the faces with this detector instead of --landmarks: SCRFD (insightface ONNX with "
+        "keypoints) or YuNet (OpenCV Zoo); the kind is recognised from the file",
+    )
+    p.add_argument(
+        "--all-faces", action="store_true", help="with --detector: one row per face found instead of one per image"
+    )
+    p.add_argument(
+        "--min-face",
+        type=float,
+        default=None,
+        metavar="PX",
+        help="with --detector: leave out faces whose box's shorter side is under PX pixels",
+    )
+    p.add_argument(
+        "--det-threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="with --detector: minimum detection score (default 0.5 for SCRFD, 0.6 for YuNet)",
+    )
+    p.add_argument(
+        "--detector-engine",
+        choices=DETECTOR_ENGINES,
+        default=None,
+        help="with --detector: what runs SCRFD (default onnxruntime); YuNet always runs in OpenCV",
+    )
 
 
 def run(args) -> int:
