@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
 
-    from arcdeploy.faces.detect import detect_files, open_detector
+    from arcdeploy.faces.detect import detect_files
+    from arcdeploy.faces.detectors import open_detector
     from arcdeploy.faces.io import list_images, read_image
     from arcdeploy.machine import machine_info
 

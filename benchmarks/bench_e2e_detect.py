@@ -118,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     import arcdeploy
-    from arcdeploy.faces.detect import open_detector
+    from arcdeploy.faces.detectors import open_detector
     from arcdeploy.faces.io import list_images
-    from arcdeploy.faces.pipeline import _prepared_batches, embed_files
+    from arcdeploy.faces.job import EmbedJob
+    from arcdeploy.faces.pipeline import embed_files, prepare_batches
     from arcdeploy.faces.prepare import Detection, prepare_image
     from arcdeploy.machine import machine_info
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     def prep_rate(engine: str, threads: int, workers: int) -> float:
         detection = Detection(detectors[(engine, threads)])
         t0 = time.perf_counter()
-        for _ in _prepared_batches(paths, None, batches, workers, None, detection=detection):
+        for _ in prepare_batches(EmbedJob(paths, workers=workers), batches, detection):
             pass
         return n / (time.perf_counter() - t0)
 

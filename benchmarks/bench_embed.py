@@ -67,13 +67,12 @@ def time_end_to_end(pkg, paths, lmk, batch: int, workers: int | None) -> float:
 
 def time_decode_align(paths, lmk, workers: int | None) -> float:
     """Decode + align alone, through the pipeline's thread pool (no inference)."""
-    from arcdeploy.faces.pipeline import _prepared_batches, _workers, resolve_landmarks
+    from arcdeploy.faces.job import EmbedJob
+    from arcdeploy.faces.pipeline import prepare_batches
 
-    lmks = resolve_landmarks(paths, lmk, Path(paths[0]).parent)
+    job = EmbedJob.create(paths, landmarks=lmk, root=Path(paths[0]).parent, workers=workers)
     t0 = time.perf_counter()
-    for _ in _prepared_batches(
-        paths, lmks, [(s, min(s + 16, len(paths))) for s in range(0, len(paths), 16)], _workers(workers)
-    ):
+    for _ in prepare_batches(job, [(s, min(s + 16, len(paths))) for s in range(0, len(paths), 16)]):
         pass
     return time.perf_counter() - t0
 

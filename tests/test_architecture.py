@@ -30,13 +30,26 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports(path: Path, top_level_only: bool) -> list[str]:
-    """Absolute names of the modules ``path`` imports (relative imports resolved)."""
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """ids of the nodes under ``if TYPE_CHECKING:``: imports for annotations, never executed."""
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                skip.update(id(n) for n in ast.walk(child))
+    return skip
+
+
+def _imports(path: Path) -> list[str]:
+    """Absolute names of the modules ``path`` imports anywhere (function-level imports too;
+    relative imports resolved; ``if TYPE_CHECKING:`` imports left out)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = _type_checking_only(tree)
     package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
     out: list[str] = []
-    for node in nodes:
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             out += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -51,6 +64,26 @@ def _imports(path: Path, top_level_only: bool) -> list[str]:
     return out
 
 
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the arcdeploy modules it imports (a package's ``__init__`` and its own
+    submodules importing each other is how packages work, so those edges are left out)."""
+    names = {_module_name(p): p for p in MODULES}
+    graph = {}
+    for name, path in names.items():
+        deps = set()
+        for imported in _imports(path):
+            # "a.b.c" may be a module or a name inside module "a.b"
+            while imported and imported not in names:
+                imported = imported.rpartition(".")[0]
+            if not imported or imported == name or not imported.startswith("arcdeploy"):
+                continue
+            if name.startswith(imported + ".") or imported.startswith(name + "."):
+                continue
+            deps.add(imported)
+        graph[name] = deps
+    return graph
+
+
 @pytest.mark.parametrize("library", sorted(ENGINE_LIBRARIES))
 def test_engine_libraries_stay_in_their_modules(library):
     allowed = ENGINE_LIBRARIES[library]
@@ -59,44 +92,58 @@ def test_engine_libraries_stay_in_their_modules(library):
         rel = path.relative_to(SRC).as_posix()
         if any(rel == a or (a.endswith("/") and rel.startswith(a)) for a in allowed):
             continue
-        if any(name == library or name.startswith(library + ".") for name in _imports(path, top_level_only=False)):
+        if any(name == library or name.startswith(library + ".") for name in _imports(path)):
             offenders.append(rel)
     assert not offenders, f"{library} imported outside {allowed}: {offenders}"
 
 
 def test_no_import_cycles():
-    names = {_module_name(p): p for p in MODULES}
-    graph = {}
-    for name, path in names.items():
-        deps = set()
-        for imported in _imports(path, top_level_only=True):
-            # "a.b.c" may be a module or a name inside module "a.b"
-            while imported and imported not in names:
-                imported = imported.rpartition(".")[0]
-            if imported and imported != name and imported.startswith("arcdeploy"):
-                deps.add(imported)
-        graph[name] = deps
-    # a package's __init__ importing its own submodules is how packages work; not a cycle to report
-    state: dict[str, int] = {}
-    cycles = []
+    """No cycle in the import graph, counting imports inside functions: a loop hidden behind a
+    function-level import is still two modules that cannot be understood one without the other."""
+    graph = _import_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
 
-    def visit(node, stack):
-        state[node] = 1
+    def strongly_connected(node: str) -> None:  # Tarjan: every cycle lies inside one component
+        index[node] = low[node] = len(index)
         stack.append(node)
+        on_stack.add(node)
         for dep in graph[node]:
-            if node.startswith(dep + ".") or dep.startswith(node + "."):
-                continue
-            if state.get(dep) == 1:
-                cycles.append(stack[stack.index(dep) :] + [dep])
-            elif dep not in state:
-                visit(dep, stack)
-        stack.pop()
-        state[node] = 2
+            if dep not in index:
+                strongly_connected(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in on_stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
 
-    for node in graph:
-        if node not in state:
-            visit(node, [])
-    assert not cycles, "module-level import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+    for node in sorted(graph):
+        if node not in index:
+            strongly_connected(node)
+    assert not cycles, "import cycles (modules that import each other): " + "; ".join(", ".join(c) for c in cycles)
+
+
+def test_stages_do_not_reach_into_the_demo():
+    """The demo is built on the stages, never the reverse: only demo/ and its command import it."""
+    offenders = []
+    for path in MODULES:
+        name = _module_name(path)
+        if name.startswith("arcdeploy.demo") or name == "arcdeploy.cli.demo":
+            continue
+        if any(m == "arcdeploy.demo" or m.startswith("arcdeploy.demo.") for m in _imports(path)):
+            offenders.append(name)
+    assert not offenders, f"modules outside demo/ importing it: {offenders}"
 
 
 def test_library_code_does_not_print():

@@ -13,8 +13,7 @@ import pytest
 
 from arcdeploy.cli import main
 from arcdeploy.errors import ArcdeployError
-from arcdeploy.faces.detect import (
-    Face,
+from arcdeploy.faces.detectors import (
     FaceDetector,
     GraphIO,
     best_first,
@@ -25,6 +24,7 @@ from arcdeploy.faces.detect import (
 )
 from arcdeploy.faces.io import images_root, list_images, read_image
 from arcdeploy.faces.landmarks import read_landmarks
+from arcdeploy.faces.types import Face
 
 REAL = (Path(__file__).resolve().parents[1] / ".." / "shared" / "real").resolve()
 SCRFD = REAL / "models" / "scrfd_500m_kps.onnx"
@@ -436,7 +436,7 @@ def test_detect_orders_and_filters_by_min_face():
 def test_scrfd_decoding_five_strides():
     """The 5-level layout (strides 8..128, one anchor per cell): an anchor at a known cell decodes
     to the box and points its distances say."""
-    from arcdeploy.faces.scrfd import ScrfdDetector
+    from arcdeploy.faces.detectors.scrfd import ScrfdDetector
 
     det = ScrfdDetector.__new__(ScrfdDetector)
     det.path, det.levels, det.strides, det.size = Path("five.onnx"), 5, (8, 16, 32, 64, 128), (640, 640)

@@ -17,11 +17,19 @@ import arcdeploy
 from arcdeploy.cli import main
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.faces.calibration import load_images
-from arcdeploy.faces.chunks import ChunkStore, FaceRow, read_faces_index, read_failures
-from arcdeploy.faces.detect import open_detector
+from arcdeploy.faces.chunks import (
+    ChunkStore,
+    FaceRow,
+    faces_path_for,
+    failures_path_for,
+    parts_dir_for,
+    read_faces_index,
+    read_failures,
+)
+from arcdeploy.faces.detectors import open_detector
 from arcdeploy.faces.io import list_images, read_image
 from arcdeploy.faces.landmarks import read_landmarks
-from arcdeploy.faces.pipeline import embed_files, faces_path_for, failures_path_for, parts_dir_for
+from arcdeploy.faces.pipeline import embed_files
 from arcdeploy.faces.prepare import Detection, prepare_image
 
 REAL = (Path(__file__).resolve().parents[1] / ".." / "shared" / "real").resolve()

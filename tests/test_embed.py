@@ -16,7 +16,8 @@ from arcdeploy.cli import main
 from arcdeploy.demo.synth import draw_face
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.faces import align_face, read_landmarks
-from arcdeploy.faces.pipeline import embed_files, embed_images, failures_path_for, parts_dir_for
+from arcdeploy.faces.chunks import failures_path_for, parts_dir_for
+from arcdeploy.faces.pipeline import embed_files, embed_images
 
 N_LOOSE = 12
 

@@ -423,3 +423,26 @@ def test_detector_travels_to_the_workers(cluster, mbf_pkg, tmp_path):
     assert rc == 3, stderr[-2000:]
     _same_output(ray_out, local_out)
     assert "blank.png" in ray_out.with_name("feats.failures.tsv").read_text() and "no face found" in stderr
+
+
+@pytest.mark.slow
+@needs_real("models/scrfd_500m_kps.onnx", "faces/photos")
+def test_detector_settings_travel_to_the_workers(cluster, mbf_pkg, tmp_path):
+    """Every setting of the detector reaches the actors, not just its file: a job whose SCRFD runs
+    on a 320x320 canvas gives, on the cluster, the rows of the local run at 320x320 (which differ
+    from those at the default 640x640, so a dropped size would show)."""
+    import arcdeploy
+    from arcdeploy.distributed import RayOptions, run_on_ray
+    from arcdeploy.faces import EmbedJob, list_images, run_local
+    from arcdeploy.faces.detectors import DetectorSpec
+
+    photos = list_images(REAL / "faces" / "photos")
+    pkg = arcdeploy.load(mbf_pkg, threads=1)
+    scrfd = REAL / "models" / "scrfd_500m_kps.onnx"
+    small = EmbedJob.create(photos, detector=DetectorSpec(scrfd, input_size=(320, 320)), batch=BATCH, progress=False)
+    default = EmbedJob.create(photos, detector=DetectorSpec(scrfd), batch=BATCH, progress=False)
+    want = run_local(small, pkg).features
+    assert not np.allclose(want, run_local(default, pkg).features, atol=1e-3)
+    got = run_on_ray(small, pkg, RayOptions(address=cluster.address, threads=1))
+    assert got.actors >= 1 and not got.failures
+    assert np.array_equal(got.features, want)

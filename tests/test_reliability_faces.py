@@ -23,11 +23,12 @@ from arcdeploy.errors import ArcdeployError
 from arcdeploy.faces import chunks as chunks_mod
 from arcdeploy.faces.align import landmarks_problem
 from arcdeploy.faces.calibration import load_images
-from arcdeploy.faces.chunks import ChunkStore, read_failures, write_failures
+from arcdeploy.faces.chunks import ChunkStore, failures_path_for, parts_dir_for, read_failures, write_failures
 from arcdeploy.faces.io import DEFAULT_MAX_PIXELS, image_size, read_image
 from arcdeploy.faces.landmarks import read_landmarks
-from arcdeploy.faces.pipeline import embed_files, embed_images, failures_path_for, parts_dir_for
-from arcdeploy.faces.prepare import Failure, prepare_face
+from arcdeploy.faces.pipeline import embed_files, embed_images
+from arcdeploy.faces.prepare import prepare_face
+from arcdeploy.faces.types import Failure
 from arcdeploy.files import FileLock
 
 REAL = (Path(__file__).resolve().parents[1] / ".." / "shared" / "real").resolve()

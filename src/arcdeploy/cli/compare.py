@@ -34,12 +34,13 @@ def run(args) -> int:
 
     from .. import compare
     from ..faces.landmarks import read_landmarks
-    from ..faces.pipeline import embed_images, resolve_landmarks
+    from ..faces.pipeline import embed_images
+    from ..faces.prepare import resolve_landmarks
     from ..package import load
-    from .embed import open_cli_detector
+    from .embed import cli_detector
 
     paths = [args.image_a, args.image_b]
-    detector = open_cli_detector(args)
+    detector = cli_detector(args)
     lmks = None
     if args.landmarks:
         table = read_landmarks(args.landmarks)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ..faces.detectors.registry import DEFAULT_DETECTOR_ENGINE, DETECTOR_ENGINES
+
 EXIT_SOME_FAILED = 3
 
 
@@ -51,8 +53,8 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--engine",
-        choices=("onnxruntime", "openvino"),
-        default="onnxruntime",
+        choices=DETECTOR_ENGINES,
+        default=DEFAULT_DETECTOR_ENGINE,
         help="what runs SCRFD (default: onnxruntime); YuNet always runs in OpenCV",
     )
     p.add_argument("--threads", type=int, default=None, metavar="N", help="engine threads (default: the engine's)")
@@ -80,8 +82,10 @@ def _say(msg: str) -> None:
 
 def run(args) -> int:
     from ..errors import ArcdeployError
-    from ..faces.detect import DetectFailure, detect_files, open_detector, write_faces
+    from ..faces.detect import detect_files, write_faces
+    from ..faces.detectors import open_detector
     from ..faces.io import images_root, list_images
+    from ..faces.types import Failure
     from ..files import refuse_existing
 
     for name in ("threads", "workers"):
@@ -90,8 +94,8 @@ def run(args) -> int:
             raise ArcdeployError(f"--{name} must be at least 1, got {v}")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise ArcdeployError(f"--threshold must be between 0 and 1, got {args.threshold:g}")
-    if args.min_face < 0:
-        raise ArcdeployError(f"--min-face must not be negative, got {args.min_face:g}")
+    if not args.min_face >= 0:  # NaN too: it would drop every face
+        raise ArcdeployError(f"--min-face must be a number of pixels, 0 or more, got {args.min_face:g}")
     refuse_existing(args.output, args.force)  # before the work, not after it
     paths = list_images(args.images)
     detector = open_detector(
@@ -107,7 +111,7 @@ def run(args) -> int:
             pass
 
     def on_image(index, out) -> None:
-        if isinstance(out, DetectFailure):
+        if isinstance(out, Failure):
             _say(f"arcdeploy detect: skipped {out.path}: {out.reason}")
         if bar is not None:
             bar.update(1)

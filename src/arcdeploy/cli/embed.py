@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from ..faces.detectors.registry import DEFAULT_DETECTOR_ENGINE, DETECTOR_ENGINES
 from .ray_args import add_ray_arguments, print_cluster_summary, progress_lines, ray_options
 
 EXIT_SOME_FAILED = 3
@@ -44,35 +45,7 @@ def register(sub) -> None:
         "An image's row is found by its path relative to the images folder (or the list "
         "file's folder), else by its file name",
     )
-    p.add_argument(
-        "--detector",
-        metavar="FILE",
-        help="find the faces with this detector instead of --landmarks: SCRFD (insightface ONNX with "
-        "keypoints) or YuNet (OpenCV Zoo); the kind is recognised from the file",
-    )
-    p.add_argument(
-        "--all-faces", action="store_true", help="with --detector: one row per face found instead of one per image"
-    )
-    p.add_argument(
-        "--min-face",
-        type=float,
-        default=None,
-        metavar="PX",
-        help="with --detector: leave out faces whose box's shorter side is under PX pixels",
-    )
-    p.add_argument(
-        "--det-threshold",
-        type=float,
-        default=None,
-        metavar="T",
-        help="with --detector: minimum detection score (default 0.5 for SCRFD, 0.6 for YuNet)",
-    )
-    p.add_argument(
-        "--detector-engine",
-        choices=("onnxruntime", "openvino"),
-        default=None,
-        help="with --detector: what runs SCRFD (default onnxruntime); YuNet always runs in OpenCV",
-    )
+    add_detector_arguments(p)
     p.add_argument("--flip", action="store_true", help="also embed the mirrored crop: output [N, 2, 512]")
     p.add_argument("--raw", action="store_true", help="un-normalised features")
     p.add_argument(
@@ -107,10 +80,44 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def add_detector_arguments(p) -> None:
+    """--detector and its settings (embed; the gallery and the server take the same)."""
+    p.add_argument(
+        "--detector",
+        metavar="FILE",
+        help="find the faces with this detector instead of --landmarks: SCRFD (insightface ONNX with "
+        "keypoints) or YuNet (OpenCV Zoo); the kind is recognised from the file",
+    )
+    p.add_argument(
+        "--all-faces", action="store_true", help="with --detector: one row per face found instead of one per image"
+    )
+    p.add_argument(
+        "--min-face",
+        type=float,
+        default=None,
+        metavar="PX",
+        help="with --detector: leave out faces whose box's shorter side is under PX pixels",
+    )
+    p.add_argument(
+        "--det-threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="with --detector: minimum detection score (default 0.5 for SCRFD, 0.6 for YuNet)",
+    )
+    p.add_argument(
+        "--detector-engine",
+        choices=DETECTOR_ENGINES,
+        default=None,
+        help="with --detector: what runs SCRFD (default onnxruntime); YuNet always runs in OpenCV",
+    )
+
+
 def run(args) -> int:
     from ..errors import ArcdeployError
     from ..faces.io import display_name, images_root, list_images
-    from ..faces.pipeline import embed_files
+    from ..faces.job import EmbedJob
+    from ..faces.pipeline import EmbedResult
     from ..files import refuse_existing
     from ..package import load
 
@@ -120,15 +127,25 @@ def run(args) -> int:
             raise ArcdeployError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     ray = ray_options(args, threads=args.threads, workers=args.workers)
     refuse_existing(args.output, args.force)  # before any work: the images may take hours
-    detection = open_cli_detector(args)
+    detector = cli_detector(args)
     paths = list_images(args.images)
     pkg = load(args.package, threads=args.threads)
-    if ray is not None:  # the same job on a Ray cluster: --threads and --workers apply to each actor
-        from functools import partial
-
-        from ..distributed import embed_files_on_ray
-
-        embed_files = partial(embed_files_on_ray, ray=ray, on_progress=progress_lines("embed", not args.quiet))
+    job = EmbedJob.create(
+        paths,
+        landmarks=args.landmarks,
+        detector=detector,
+        root=images_root(args.images),
+        all_faces=args.all_faces,
+        flip=args.flip,
+        raw=args.raw,
+        batch=args.batch,
+        chunk_rows=args.chunk_size,
+        workers=args.workers,
+        output=args.output,
+        resume=not args.restart,
+        force=args.force,
+        progress=not args.quiet,
+    )
 
     def report(f):
         msg = f"arcdeploy embed: skipped {display_name(f.path)}: {display_name(f.reason)}"
@@ -139,25 +156,21 @@ def run(args) -> int:
         except ImportError:
             print(msg, file=sys.stderr)
 
-    res = embed_files(
-        pkg,
-        paths,
-        landmarks=args.landmarks,
-        flip=args.flip,
-        raw=args.raw,
-        batch=args.batch,
-        output=args.output,
-        resume=not args.restart,
-        progress=not args.quiet,
-        workers=args.workers,
-        root=images_root(args.images),
-        chunk_rows=args.chunk_size,
-        on_failure=report,
-        force=args.force,
-        detector=detection,
-        all_faces=args.all_faces,
-    )
-    n = len(paths)
+    res: EmbedResult
+    if ray is not None:  # the same job on a Ray cluster: --threads and --workers apply to each actor
+        from ..distributed import run_on_ray
+
+        res = run_on_ray(job, pkg, ray, on_failure=report, on_progress=progress_lines("embed", not args.quiet))
+    else:
+        from ..faces.pipeline import run_local
+
+        res = run_local(job, pkg, on_failure=report)
+    return _summary(res, len(paths))
+
+
+def _summary(res, n: int) -> int:
+    from ..faces.io import display_name
+
     failed = len({f.index for f in res.failures})
     resumed = f" ({res.resumed_rows} resumed from saved work)" if res.resumed_rows else ""
     out = f"{display_name(str(res.output))} {list(res.features.shape)}"
@@ -181,11 +194,13 @@ def run(args) -> int:
     return 0
 
 
-def open_cli_detector(args, landmarks_flag: str = "--landmarks"):
-    """The detector the options name, or None; detector options without --detector and
-    landmarks with a detector are errors."""
+def cli_detector(args, landmarks_flag: str = "--landmarks"):
+    """The detector the options name, as a :class:`~arcdeploy.faces.detectors.DetectorSpec`
+    (its file checked to be a detector now, before any other work), or None; detector options
+    without --detector and landmarks with a detector are errors."""
     from ..errors import ArcdeployError
-    from ..faces.prepare import DETECTOR_THREADS, exclusive_landmarks_detector
+    from ..faces.detectors import DETECTOR_THREADS, DetectorSpec, inspect_detector
+    from ..faces.prepare import exclusive_landmarks_detector
 
     exclusive_landmarks_detector(args.landmarks, args.detector, landmarks_flag, "--detector")
     given = [
@@ -205,15 +220,16 @@ def open_cli_detector(args, landmarks_flag: str = "--landmarks"):
     thr = getattr(args, "det_threshold", None)
     if thr is not None and not 0.0 <= thr <= 1.0:
         raise ArcdeployError(f"--det-threshold must be between 0 and 1, got {thr:g}")
-    min_face = getattr(args, "min_face", None) or 0.0
-    if min_face < 0:
-        raise ArcdeployError(f"--min-face must not be negative, got {min_face:g}")
-    from ..faces.detect import open_detector
-
-    return open_detector(
+    min_face = getattr(args, "min_face", None)
+    min_face = 0.0 if min_face is None else min_face
+    if not min_face >= 0:  # NaN too: it would drop every face
+        raise ArcdeployError(f"--min-face must be a number of pixels, 0 or more, got {min_face:g}")
+    spec = DetectorSpec(
         args.detector,
-        engine=getattr(args, "detector_engine", None) or "onnxruntime",
+        engine=getattr(args, "detector_engine", None) or DEFAULT_DETECTOR_ENGINE,
         threshold=thr,
         min_face=min_face,
         threads=DETECTOR_THREADS,
     )
+    inspect_detector(spec.path)
+    return spec

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..errors import ArcdeployError
+from ..faces.job import EmbedJob
 from ..faces.pipeline import EmbedResult
-from ..faces.prepare import Failure
+from ..faces.types import Failure
 
 __all__ = [
     "DEFAULT_READ",
@@ -26,6 +27,7 @@ __all__ = [
     "embed_files_on_ray",
     "ray_available",
     "require_ray",
+    "run_on_ray",
 ]
 
 INSTALL_HINT = "pip install 'arcdeploy[ray]'"
@@ -137,58 +139,32 @@ def require_ray() -> None:
         raise ArcdeployError(f"--ray needs Ray with Ray Data, which is not installed: {INSTALL_HINT}")
 
 
+def run_on_ray(
+    job: EmbedJob,
+    package,
+    options: RayOptions | None = None,
+    on_failure: Callable[[Failure], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> RayEmbedResult:
+    """:func:`arcdeploy.faces.pipeline.run_local` on a Ray cluster: the same job gives the same
+    rows, failures, output files and resuming. ``options.block`` (else ``job.chunk_rows``) is the
+    block size; ``options.workers`` (else ``job.workers``) the decoding threads per actor. A
+    detector's file travels with the package (one row per image). See
+    :mod:`arcdeploy.distributed.ray` for how the work travels."""
+    require_ray()
+    from .ray import run_on_ray as run
+
+    return run(job, package, options, on_failure=on_failure, on_progress=on_progress)
+
+
 def embed_files_on_ray(
     package,
     paths: Sequence,
-    landmarks=None,
-    flip: bool = False,
-    raw: bool = False,
-    batch: int | None = None,
-    output=None,
-    resume: bool = True,
-    progress: bool = True,
-    workers: int | None = None,
-    root=None,
-    chunk_rows: int | None = None,
-    on_failure: Callable[[Failure], None] | None = None,
-    force: bool = False,
-    max_pixels: int | None = None,
     ray: RayOptions | None = None,
+    on_failure: Callable[[Failure], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
-    detector=None,
-    all_faces: bool = False,
+    **settings,
 ) -> RayEmbedResult:
-    """:func:`arcdeploy.faces.pipeline.embed_files` on a Ray cluster: the same arguments, the same
-    rows, failures, output files and resuming. ``chunk_rows`` (or ``ray.block``) is the block
-    size; ``workers`` (or ``ray.workers``) the decoding threads per actor. ``detector``: found faces
-    instead of landmarks (its file travels with the package; one row per image). See
-    :mod:`arcdeploy.distributed.ray` for how the work travels."""
-    require_ray()
-    from .ray import run_embed
-
-    opts = ray or RayOptions()
-    if workers is not None and opts.workers is None:
-        opts = replace(opts, workers=int(workers))
-    if chunk_rows is not None:
-        if opts.block is not None and int(opts.block) != int(chunk_rows):
-            raise ArcdeployError(f"block size given twice: {chunk_rows} and {opts.block}")
-        opts = replace(opts, block=int(chunk_rows))
-    return run_embed(
-        package,
-        paths,
-        landmarks=landmarks,
-        flip=flip,
-        raw=raw,
-        batch=batch,
-        output=output,
-        resume=resume,
-        progress=progress,
-        root=root,
-        on_failure=on_failure,
-        force=force,
-        max_pixels=max_pixels,
-        options=opts,
-        on_progress=on_progress,
-        detector=detector,
-        all_faces=all_faces,
-    )
+    """:func:`arcdeploy.faces.pipeline.embed_files` on a Ray cluster: :func:`run_on_ray` of
+    ``EmbedJob.create(paths, **settings)``."""
+    return run_on_ray(EmbedJob.create(paths, **settings), package, ray, on_failure, on_progress)

@@ -43,8 +43,8 @@ import pickle
 import re
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,28 +54,13 @@ import ray.data
 from ray.util import get_node_ip_address
 
 from ..errors import ArcdeployError, describe, first_line
-from ..faces.chunks import ChunkStore, failures_path_for
-from ..faces.io import ImageError, max_pixels_limit, read_image_bytes
-from ..faces.pipeline import (
-    EmbedOptions,
-    _common_root,
-    _progress_bar,
-    _quiet_opencv,
-    default_batch,
-    embed_block,
-    job_state,
-)
-from ..faces.prepare import (
-    DETECTOR_THREADS,
-    EncodedImage,
-    Failure,
-    Missing,
-    as_detection,
-    exclusive_landmarks_detector,
-    input_name,
-    resolve_landmarks,
-)
-from ..files import FileLock, refuse_existing, scratch_dir
+from ..faces.chunks import ChunkStore
+from ..faces.io import max_pixels_limit, read_image_bytes
+from ..faces.job import EmbedJob
+from ..faces.pipeline import embed_block, progress_bar, quiet_opencv, refuse_outputs
+from ..faces.prepare import Detection
+from ..faces.types import EncodedImage, Failure, ImageError, input_name
+from ..files import FileLock, scratch_dir
 from ..manifest import MANIFEST_NAME, resolve_inside
 from ..package import Package, load
 from . import NodeStats, Progress, RayEmbedResult, RayOptions
@@ -102,7 +87,7 @@ class PackageBundle:
     extras: dict[str, bytes]  # other files the job needs, by name (unpacked beside the package)
 
     @classmethod
-    def of(cls, package: Package, extras: dict[str, str | os.PathLike] | None = None) -> PackageBundle:
+    def of(cls, package: Package, extras: Mapping[str, str | os.PathLike] | None = None) -> PackageBundle:
         root = package.path
         source = str(root / MANIFEST_NAME)
         m = package.manifest
@@ -139,47 +124,17 @@ class PackageBundle:
         return pkg, extras
 
 
-class PackedLandmarks:
-    """Per-image landmarks (None, [5, 2] points or :class:`Missing`) as two arrays: one object
-    for the whole job instead of hundreds of thousands of small ones."""
-
-    NONE, POINTS, MISSING = 0, 1, 2
-
-    def __init__(self, lmks: list):
-        self.kind = np.zeros(len(lmks), np.int8)
-        self.points = np.zeros((len(lmks), 5, 2), np.float32)
-        self.source: str | None = None
-        for i, pts in enumerate(lmks):
-            if isinstance(pts, Missing):
-                self.kind[i] = self.MISSING
-                self.source = pts.source
-            elif pts is not None:
-                self.kind[i] = self.POINTS
-                self.points[i] = pts
-
-    def __len__(self) -> int:
-        return len(self.kind)
-
-    def __getitem__(self, i: int):
-        kind = self.kind[i]
-        if kind == self.POINTS:
-            return self.points[i].copy()
-        return Missing(self.source) if kind == self.MISSING else None
-
-
 @dataclass(frozen=True)
-class EmbedJob:
-    """Everything an actor needs besides the package, as one object."""
+class Blocks:
+    """Everything an actor needs besides the package: the job (its detector named by the file
+    that travels with the package) cut into blocks of ``block`` images."""
 
-    items: list
-    lmks: PackedLandmarks | None
-    options: EmbedOptions
+    job: EmbedJob
     block: int
-    detector: dict | None = None  # open_detector's settings; its file travels with the package as an extra
 
     def bounds(self, c: int) -> tuple[int, int]:
         start = c * self.block
-        return start, min(start + self.block, len(self.items))
+        return start, min(start + self.block, len(self.job.items))
 
 
 def block_size(count: int, batch: int, requested: int | None = None) -> int:
@@ -214,14 +169,15 @@ def _read_one(item, index: int):
 class BlockReader:
     """Ray Data stage (driver mode): block numbers -> the block's images as bytes."""
 
-    def __init__(self, job):
-        self.job: EmbedJob = _resolve(job)
+    def __init__(self, blocks):
+        self.blocks: Blocks = _resolve(blocks)
 
     def __call__(self, batch: dict) -> dict:
+        items = self.blocks.job.items
         out = []
         for c in batch["block"]:
-            start, end = self.job.bounds(int(c))
-            out.append(pickle.dumps([_read_one(self.job.items[i], i) for i in range(start, end)], protocol=5))
+            start, end = self.blocks.bounds(int(c))
+            out.append(pickle.dumps([_read_one(items[i], i) for i in range(start, end)], protocol=5))
         return {"block": np.asarray(batch["block"]), "images": np.array(out, dtype=object)}
 
 
@@ -235,7 +191,7 @@ class BlockEmbedder:
     as it is, where an actor that fails to start is only retried and then reported as a dead actor.
     """
 
-    def __init__(self, bundle, job, threads: int):
+    def __init__(self, bundle, blocks, threads: int):
         self.error: ArcdeployError | None = None
         self.pid = os.getpid()
         ctx = ray.get_runtime_context()
@@ -244,20 +200,17 @@ class BlockEmbedder:
         scratch = contextlib.ExitStack()
         name, pkg_dir = "the package", None
         try:
-            _quiet_opencv()
-            self.job: EmbedJob = _resolve(job)
+            quiet_opencv()
+            self.blocks: Blocks = _resolve(blocks)
             bundle = _resolve(bundle)
             name = bundle.name
             folder = scratch.enter_context(scratch_dir(SCRATCH))
             pkg_dir, extras = bundle.unpack(folder)
             self.package = load(pkg_dir, threads=threads)
             self.detection = None
-            if self.job.detector is not None:
-                from ..faces.detect import open_detector
-                from ..faces.prepare import Detection
-
-                settings = dict(self.job.detector)
-                self.detection = Detection(open_detector(extras[settings.pop("path")], **settings))
+            spec = self.blocks.job.detector_spec()
+            if spec is not None:  # the file travelled under its own name, so failures name it as here
+                self.detection = Detection(spec.with_path(extras[spec.path.name]).open())
             got = self.package.fingerprint()
             if got != bundle.fingerprint:
                 raise ArcdeployError(
@@ -283,12 +236,10 @@ class BlockEmbedder:
         out = []
         for k, c in enumerate(batch["block"]):
             c = int(c)
-            start, end = self.job.bounds(c)
-            items = self.job.items if images is None else dict(zip(range(start, end), pickle.loads(images[k])))
+            start, end = self.blocks.bounds(c)
+            items = None if images is None else dict(zip(range(start, end), pickle.loads(images[k])))
             t0 = time.perf_counter()
-            rows, failures = embed_block(
-                self.package, items, self.job.lmks, start, end, self.job.options, self.detection
-            )
+            rows, failures = embed_block(self.package, self.blocks.job, start, end, self.detection, items)
             busy = time.perf_counter() - t0
             out.append(pickle.dumps((c, rows, failures, self.node, self.address, self.pid, busy), protocol=5))
         return {"result": np.array(out, dtype=object)}
@@ -474,7 +425,8 @@ class _Collector:
         self.computed = 0
         self.first: tuple[float, int] | None = None  # (seconds, images) when the first block arrived
         self.t0 = time.perf_counter()
-        self.bar = _progress_bar(total, resumed, progress, desc="embed (ray)")
+        self.actors = 0  # the size of the actor pool, once it started
+        self.bar = progress_bar(total, resumed, progress, desc="embed (ray)")
 
     def add(self, result: bytes) -> None:
         c, rows, failures, node, address, pid, busy = pickle.loads(result)
@@ -517,10 +469,26 @@ class _Collector:
     def close(self) -> None:
         self.bar.close()
 
+    def result(self, features, failures: list[Failure], **kw) -> RayEmbedResult:
+        nodes = sorted(self.nodes.values(), key=lambda s: -s.images)
+        first_s, first_images = self.first or (0.0, 0)
+        return RayEmbedResult(
+            features,
+            failures,
+            resumed_rows=self.resumed,
+            nodes=nodes,
+            actors=self.actors,
+            seconds=self.elapsed,
+            computed=self.computed,
+            first_s=first_s,
+            first_images=first_images,
+            **kw,
+        )
+
 
 def _run_blocks(
     bundle: Callable[[], PackageBundle],
-    job: EmbedJob,
+    blocks: Blocks,
     todo: list[int],
     options: RayOptions,
     collect: Callable[[bytes], None],
@@ -539,23 +507,23 @@ def _run_blocks(
             actors,
             threads,
             len(todo),
-            job.block,
+            blocks.block,
             options.read,
         )
         bundle_ref = ray.put(bundle())
-        job_ref = ray.put(job)
-        blocks = [{"block": c} for c in todo]
+        blocks_ref = ray.put(blocks)
+        rows = [{"block": c} for c in todo]
         ds: ray.data.Dataset
         if _accepts(ray.data.from_items, "override_num_blocks"):
-            ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
+            ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         else:
-            ds = ray.data.from_items(blocks, parallelism=len(blocks))
+            ds = ray.data.from_items(rows, parallelism=len(rows))
         if options.read == "driver":
             readers = max(1, min(MAX_READERS, -(-actors // READERS_PER_ACTORS)))
             # reading files costs no CPU worth reserving; the CPUs are the embedding actors'
             ds = ds.map_batches(
                 BlockReader,
-                fn_constructor_args=(job_ref,),
+                fn_constructor_args=(blocks_ref,),
                 batch_size=1,
                 batch_format="numpy",
                 compute=_pool(readers),
@@ -564,7 +532,7 @@ def _run_blocks(
             )
         ds = ds.map_batches(
             BlockEmbedder,
-            fn_constructor_args=(bundle_ref, job_ref, threads),
+            fn_constructor_args=(bundle_ref, blocks_ref, threads),
             batch_size=1,
             batch_format="numpy",
             compute=_pool(actors),
@@ -580,85 +548,64 @@ def _run_blocks(
     return actors
 
 
-def run_embed(
+def _for_the_cluster(job: EmbedJob, package, options: RayOptions) -> tuple[EmbedJob, dict[str, Path]]:
+    """The job as the actors get it, and the files that travel with the package: its detector
+    named by its file (under its own name, so failures name it as a local run does), the
+    pixel limit settled here (``ARCDEPLOY_MAX_PIXELS`` is this machine's setting, not the
+    workers'), the decoding threads per actor, no output (the driver writes it)."""
+    if job.all_faces:
+        raise ArcdeployError("--all-faces is not available with --ray (one row per image only)")
+    spec = job.detector_spec()
+    extras = {}
+    if spec is not None:
+        extras[spec.path.name] = spec.path
+        spec = spec.with_path(spec.path.name)
+    threads = int(options.threads or 1)
+    sent = replace(
+        job,
+        detector=spec,
+        batch=job.batch_for(package),
+        workers=int(options.workers or job.workers or threads + 1),
+        max_pixels=max_pixels_limit(job.max_pixels),
+        output=None,
+    )
+    return sent, extras
+
+
+def run_on_ray(
+    job: EmbedJob,
     package,
-    paths,
-    *,
-    landmarks=None,
-    flip: bool = False,
-    raw: bool = False,
-    batch: int | None = None,
-    output=None,
-    resume: bool = True,
-    progress: bool = True,
-    root=None,
-    on_failure: Callable[[Failure], None] | None = None,
-    force: bool = False,
-    max_pixels: int | None = None,
     options: RayOptions | None = None,
+    on_failure: Callable[[Failure], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
-    extras: dict[str, str | os.PathLike] | None = None,
-    detector=None,
-    all_faces: bool = False,
 ) -> RayEmbedResult:
-    """See :func:`arcdeploy.distributed.embed_files_on_ray`."""
+    """Run ``job`` on a Ray cluster (module doc): the local run's rows, failures, output files
+    and resuming. ``options.block`` (else ``job.chunk_rows``) is the block size."""
     options = options or RayOptions()
     pkg = load(package)
-    if all_faces:
-        raise ArcdeployError("--all-faces is not available with --ray (one row per image only)")
-    exclusive_landmarks_detector(landmarks, detector)
-    detection = as_detection(detector)
-    detector_settings = None
-    if detection is not None:  # the file travels with the package; each actor opens it as it was opened here
-        d = detection.detector
-        # under its own name: failures name the detector file, on the workers as here
-        extras = {**(extras or {}), d.path.name: d.path}
-        detector_settings = {
-            "path": d.path.name,
-            "engine": getattr(d, "engine", "onnxruntime"),
-            "threshold": d.threshold,
-            "min_face": d.min_face,
-            "threads": DETECTOR_THREADS,
-            "pad_retry": d.pad_retry,
-        }
-    items = list(paths)
-    n = len(items)
-    if root is None:
-        root = _common_root(items)
-    lmks = resolve_landmarks(items, landmarks, root)
-    batch = int(batch or default_batch(pkg))
-    if batch < 1:
-        raise ArcdeployError(f"batch must be at least 1, got {batch}")
-    block = block_size(n, batch, options.block)
-    threads = int(options.threads or 1)
-    # the pixel limit is settled here: ARCDEPLOY_MAX_PIXELS is this machine's setting, not the workers'
-    embed_options = EmbedOptions(
-        batch=batch,
-        flip=bool(flip),
-        raw=bool(raw),
-        workers=int(options.workers or threads + 1),
-        max_pixels=max_pixels_limit(max_pixels),
-    )
-    bounds = [(s, min(s + block, n)) for s in range(0, n, block)]
-    dim = int(pkg.output_spec.dim)
-    row_shape = (2, dim) if flip else (dim,)
+    if job.output is not None:  # before anything starts: the images may take hours
+        refuse_outputs(job.output, job.force, job.all_faces)
+    sent, extras = _for_the_cluster(job, pkg, options)
+    n = len(job.items)
+    block = block_size(n, int(sent.batch or 1), options.block or job.chunk_rows)
+    blocks = Blocks(sent, block)
+    bounds = [blocks.bounds(c) for c in range(-(-n // block))]
+    row_shape = job.row_shape(pkg)
 
-    def compute(store: ChunkStore | None, done: dict[int, list[Failure]]) -> tuple[_Collector, int]:
+    def compute(store: ChunkStore | None, done: dict[int, list[Failure]]) -> _Collector:
         resumed = sum(bounds[c][1] - bounds[c][0] for c in done)
         for c in sorted(done):
             for f in done[c]:
                 if on_failure:
                     on_failure(f)
         todo = [c for c in range(len(bounds)) if c not in done]
-        collector = _Collector(bounds, row_shape, store, done, n, resumed, progress, on_failure, on_progress)
-        actors = 0
+        collector = _Collector(bounds, row_shape, store, done, n, resumed, job.progress, on_failure, on_progress)
         try:
             if todo:
-                job = EmbedJob(
-                    items, None if lmks is None else PackedLandmarks(lmks), embed_options, block, detector_settings
-                )
                 with ray_session(options.address):
-                    actors = _run_blocks(lambda: PackageBundle.of(pkg, extras), job, todo, options, collector.add)
+                    collector.actors = _run_blocks(
+                        lambda: PackageBundle.of(pkg, extras), blocks, todo, options, collector.add
+                    )
         finally:
             collector.close()
         missing = [c for c in todo if c not in done]
@@ -667,44 +614,28 @@ def run_embed(
                 f"the Ray job ended with {len(missing)} blocks missing (first: rows "
                 f"{bounds[missing[0]][0]}-{bounds[missing[0]][1] - 1}); run it again to finish"
             )
-        return collector, actors
+        return collector
 
-    def result(features, failures, collector, actors, **kw) -> RayEmbedResult:
-        nodes = sorted(collector.nodes.values(), key=lambda s: -s.images)
-        first_s, first_images = collector.first or (0.0, 0)
-        return RayEmbedResult(
-            features,
-            failures,
-            resumed_rows=collector.resumed,
-            nodes=nodes,
-            actors=actors,
-            seconds=collector.elapsed,
-            computed=collector.computed,
-            first_s=first_s,
-            first_images=first_images,
-            **kw,
-        )
-
-    if output is None:
+    if job.output is None:
         done: dict[int, list[Failure]] = {}
-        collector, actors = compute(None, done)
+        collector = compute(None, done)
         failures = [f for c in range(len(bounds)) for f in done[c]]
         parts = [collector.rows[c] for c in range(len(bounds))]
         features = np.concatenate(parts) if parts else np.empty((0, *row_shape), np.float32)
-        return result(features, failures, collector, actors)
+        return collector.result(features, failures)
 
-    output = Path(output)
-    refuse_existing(output, force)
-    refuse_existing(failures_path_for(output), force, "use --force to replace it (it lists an earlier run's failures)")
+    output = job.output
     with FileLock(output):
-        store = ChunkStore.open(output, job_state(pkg, items, lmks, flip, raw, batch, block, detection), resume)
+        # the detector's identity is the local run's: saved chunks resume either way
+        detection = None if sent.detector is None else Detection(job.detector_spec().open())  # type: ignore[union-attr]
+        store = ChunkStore.open(output, job.identity(pkg, int(sent.batch or 1), block, detection), job.resume)
         done = {}
         for c, (s, e) in enumerate(bounds):
             loaded = store.load(c, e - s)
             if loaded is not None and tuple(loaded.features.shape[1:]) == row_shape:
                 done[c] = loaded.failures
-        collector, actors = compute(store, done)
+        collector = compute(store, done)
         failures = [f for c in range(len(bounds)) for f in done[c]]
-        fpath = store.assemble(output, bounds, row_shape, failures, force=force)
+        fpath = store.assemble(output, bounds, row_shape, failures, force=job.force)
         store.remove()
-    return result(np.load(output, mmap_mode="r"), failures, collector, actors, output=output, failures_path=fpath)
+    return collector.result(np.load(output, mmap_mode="r"), failures, output=output, failures_path=fpath)

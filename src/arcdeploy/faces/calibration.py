@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArcdeployError
-from .io import ImageError
 from .prepare import Detection, as_detection, exclusive_landmarks_detector, prepare_face, resolve_landmarks
+from .types import ImageError
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,7 @@ from ..files import (
     write_json_atomic,
     write_npy_blocks_atomic,
 )
-from .prepare import Failure, Missing
+from .types import Failure, Missing
 
 STATE_FORMAT = "arcdeploy-embed-parts/2"
 STATE_NAME = "state.json"

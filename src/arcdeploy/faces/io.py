@@ -23,19 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArcdeployError
+from .types import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_MAX_PIXELS = 50_000_000
 MAX_PIXELS_ENV = "ARCDEPLOY_MAX_PIXELS"
-
-
-class ImageError(ArcdeployError):
-    """An image that cannot be used; the message names the file and the reason."""
-
-    def __init__(self, path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 def is_image_name(path: str | os.PathLike) -> bool:

@@ -22,66 +22,21 @@ pipeline turns it into a :class:`Failure` row instead of stopping the job.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ArcdeployError, first_line
 from .align import landmarks_problem, to_aligned
-from .io import ImageError, decode_image, read_image
+from .detectors import FaceDetector, as_detector
+from .io import decode_image, read_image
 from .landmarks import Landmarks, read_landmarks
-
-if TYPE_CHECKING:
-    from .detect import Face, FaceDetector
+from .types import EncodedImage, Failure, ImageError, Missing, Prepared, as_rgb, input_name
 
 log = logging.getLogger(__name__)
-
-# ONNX Runtime threads per detector session when arcdeploy opens the detector: several
-# preparation workers call the one shared session at once, so each call gets few threads
-# (measured with benchmarks/bench_e2e_detect.py: one thread per call is the fastest on 2 cores)
-DETECTOR_THREADS = 1
-
-
-class Missing:
-    """A landmark file was given but has no row for this image."""
-
-    def __init__(self, source: str | None = None):
-        self.source = source
-
-    def __repr__(self) -> str:
-        return "MISSING"
-
-
-MISSING = Missing()
-
-
-@dataclass
-class Failure:
-    """An input that could not be used: its position, its name and why."""
-
-    index: int
-    path: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
-
-
-@dataclass(frozen=True)
-class EncodedImage:
-    """An image file's bytes, read where the file is and decoded elsewhere: ``name`` is the
-    path it was read from (what failures name), ``error`` why it could not be read (then no
-    ``data``)."""
-
-    name: str
-    data: bytes | None
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,9 +49,7 @@ class Detection:
     all_faces: bool = False
 
     def no_face(self) -> str:
-        d = self.detector
-        small = f", faces under {d.min_face:g} px left out" if d.min_face else ""
-        return f"no face found (detector {d.path.name}, threshold {d.threshold:g}{small})"
+        return self.detector.no_face()
 
     def describe(self) -> str:
         which = "every face" if self.all_faces else "the largest face"
@@ -104,43 +57,21 @@ class Detection:
 
     def identity(self) -> str:
         """What the detected faces depend on: the detector file's content and its settings."""
-        d = self.detector
-        h = hashlib.sha256()
-        with open(d.path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        settings = [
-            d.kind,
-            f"threshold={d.threshold!r}",
-            f"min_face={d.min_face!r}",
-            f"pad={d.pad_retry!r}",
-            f"engine={getattr(d, 'engine', 'opencv')}",
-            f"size={getattr(d, 'size', None)}",
-            f"all_faces={self.all_faces}",
-        ]
-        return h.hexdigest() + " " + " ".join(settings)
+        return f"{self.detector.identity()} all_faces={self.all_faces}"
 
 
-def as_detection(detector, all_faces: bool = False, **options) -> Detection | None:
-    """``detector`` (None, a :class:`Detection`, a :class:`FaceDetector` or a detector file)
-    as a :class:`Detection`. A file is opened with ``options`` (see
-    :func:`arcdeploy.faces.detect.open_detector`; threads default to :data:`DETECTOR_THREADS`)."""
-    if detector is None:
+def as_detection(detector, all_faces: bool = False, **settings) -> Detection | None:
+    """``detector`` (None, a :class:`Detection`, an opened detector, a
+    :class:`~arcdeploy.faces.detectors.DetectorSpec` or a detector file, opened with
+    ``settings``) as a :class:`Detection`."""
+    if isinstance(detector, Detection):
+        return detector if detector.all_faces == bool(all_faces) else Detection(detector.detector, bool(all_faces))
+    found = as_detector(detector, **settings)
+    if found is None:
         if all_faces:
             raise ArcdeployError("all faces: give a face detector to find them")
         return None
-    if isinstance(detector, Detection):
-        return detector if detector.all_faces == bool(all_faces) else Detection(detector.detector, bool(all_faces))
-    from .detect import FaceDetector, open_detector
-
-    if not isinstance(detector, FaceDetector):
-        if not isinstance(detector, (str, os.PathLike)):
-            raise ArcdeployError(
-                f"detector: expected a detector file or an opened detector, got {type(detector).__name__}"
-            )
-        options.setdefault("threads", DETECTOR_THREADS)
-        detector = open_detector(Path(detector), **{k: v for k, v in options.items() if v is not None})
-    return Detection(detector, bool(all_faces))
+    return Detection(found if isinstance(found, FaceDetector) else found.open(), bool(all_faces))
 
 
 def exclusive_landmarks_detector(landmarks, detector, landmarks_flag="--landmarks", detector_flag="--detector") -> None:
@@ -150,38 +81,6 @@ def exclusive_landmarks_detector(landmarks, detector, landmarks_flag="--landmark
             f"{landmarks_flag} and {detector_flag} exclude each other: give landmarks for faces "
             "whose points are known, or a detector to find them"
         )
-
-
-@dataclass
-class Prepared:
-    """What one input gives: aligned crops uint8 [k, 112, 112, 3] and, with a detector, the
-    detected face of each crop and its place in the detector's best-first list."""
-
-    crops: np.ndarray
-    faces: list[Face] | None = None
-    face_numbers: list[int] | None = None
-
-
-def input_name(item, index: int) -> str:
-    if isinstance(item, EncodedImage):
-        return item.name
-    return str(item) if not isinstance(item, np.ndarray) else f"<array {index}>"
-
-
-def as_rgb(arr: np.ndarray, name: str) -> np.ndarray:
-    """A uint8 image array as H x W x 3 RGB (grayscale expanded, alpha dropped)."""
-    arr = np.asarray(arr)
-    if arr.dtype != np.uint8:
-        raise ImageError(name, f"expected a uint8 RGB array, got {arr.dtype}")
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[:, :, :3]
-    elif arr.ndim == 3 and arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ImageError(name, f"expected an H x W x 3 RGB array, got shape {list(arr.shape)}")
-    return arr
 
 
 def decode_input(item, name: str, max_pixels: int | None = None) -> np.ndarray:
@@ -306,16 +205,6 @@ def prepare_image_or_failure(
     """:func:`prepare_image`, with any failure returned as a :class:`Failure` (never raised)."""
     try:
         return prepare_image(item, lmk, index, max_pixels, detection)
-    except ImageError as exc:
-        return Failure(index, exc.path, exc.reason)
-    except Exception as exc:  # an OpenCV or OS surprise on one image must not stop the job
-        return Failure(index, input_name(item, index), f"{type(exc).__name__}: {first_line(exc)}")
-
-
-def prepare_or_failure(item, lmk, index: int, max_pixels: int | None = None) -> np.ndarray | Failure:
-    """:func:`prepare_face`, with any failure returned as a :class:`Failure` (never raised)."""
-    try:
-        return prepare_face(item, lmk, index, max_pixels)
     except ImageError as exc:
         return Failure(index, exc.path, exc.reason)
     except Exception as exc:  # an OpenCV or OS surprise on one image must not stop the job

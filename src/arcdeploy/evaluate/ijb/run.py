@@ -75,15 +75,9 @@ def extract_features(
     (the same features). Returns (features, cache path, number of failed images).
     """
     from ...faces.chunks import images_identity
-    from ...faces.pipeline import embed_files
+    from ...faces.job import EmbedJob
+    from ...faces.pipeline import EmbedResult
     from ...package import load
-
-    if ray is not None:
-        from functools import partial
-
-        from ...distributed import embed_files_on_ray
-
-        embed_files = partial(embed_files_on_ray, ray=ray)
 
     pkg = load(package)
     name = name or Path(pkg.path).name
@@ -105,18 +99,18 @@ def extract_features(
         logger.warning(
             "%s: the cached features do not match the checksum in %s; extracting them again", cache, record_path.name
         )
-    res = embed_files(
-        pkg,
-        paths,
-        landmarks=meta.landmarks,
-        flip=flip,
-        raw=True,
-        batch=batch,
-        output=cache,
-        resume=True,
-        progress=progress,
-        force=True,
+    res: EmbedResult
+    job = EmbedJob.create(
+        paths, landmarks=meta.landmarks, flip=flip, raw=True, batch=batch, output=cache, progress=progress, force=True
     )
+    if ray is not None:
+        from ...distributed import run_on_ray
+
+        res = run_on_ray(job, pkg, ray)
+    else:
+        from ...faces.pipeline import run_local
+
+        res = run_local(job, pkg)
     n_failed = len(res.failures or [])
     write_json_atomic(record_path, {**record, "sha256": _file_sha256(cache), "failed": n_failed})
     return np.asarray(res.features), cache, n_failed

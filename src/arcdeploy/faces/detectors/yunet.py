@@ -10,12 +10,19 @@ thread gets its own.
 
 from __future__ import annotations
 
+import logging
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import ArcdeployError, first_line
-from .detect import PAD_RETRY, FaceDetector, GraphIO
+from ...errors import ArcdeployError, first_line
+from .base import PAD_RETRY, FaceDetector, GraphIO
+
+if TYPE_CHECKING:
+    from .registry import DetectorSpec
+
+log = logging.getLogger(__name__)
 
 NMS_IOU = 0.3  # OpenCV Zoo's default for YuNet
 TOP_K = 5000
@@ -24,6 +31,26 @@ MAX_SIDE = 1920  # larger images are shrunk first: detection cost grows with the
 
 class YuNetDetector(FaceDetector):
     kind = "yunet"
+    default_threshold = 0.6  # OpenCV Zoo's
+
+    @classmethod
+    def recognise(cls, graph: GraphIO) -> bool:
+        names = graph.output_names
+        strides = [n[4:] for n in names if n.startswith("cls_")]
+        if strides and all({f"cls_{s}", f"obj_{s}", f"bbox_{s}", f"kps_{s}"} <= names for s in strides):
+            return True
+        if names >= {"loc", "conf", "iou"}:
+            raise ArcdeployError(
+                f"{graph.path}: YuNet 2022mar (outputs loc, conf, iou): OpenCV's FaceDetectorYN reads the "
+                "2023mar and later releases only (face_detection_yunet_2023mar*.onnx)"
+            )
+        return False
+
+    @classmethod
+    def from_spec(cls, graph: GraphIO, spec: DetectorSpec) -> YuNetDetector:
+        if spec.engine not in ("onnxruntime", "opencv"):
+            log.warning("%s: YuNet runs in OpenCV; --engine %s does not apply to it", graph.path, spec.engine)
+        return cls(graph, threshold=spec.threshold, min_face=spec.min_face, pad_retry=spec.pad_retry)
 
     def __init__(
         self,

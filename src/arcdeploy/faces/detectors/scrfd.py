@@ -12,13 +12,18 @@ bottom) and 5 keypoint offsets (x, y), all in stride units from the anchor centr
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import ArcdeployError
-from .detect import NMS_IOU, PAD_RETRY, FaceDetector, GraphIO, letterbox, nms
+from ...errors import ArcdeployError
+from .base import NMS_IOU, PAD_RETRY, FaceDetector, GraphIO, letterbox, nms
+
+if TYPE_CHECKING:
+    from .registry import DetectorSpec
 
 DEFAULT_SIZE = (640, 640)
+DEFAULT_ENGINE = "onnxruntime"
 
 
 @functools.lru_cache(maxsize=32)
@@ -32,13 +37,58 @@ def anchor_centres(height: int, width: int, stride: int, anchors: int) -> np.nda
     return centres
 
 
+def _layout(io: GraphIO) -> bool | None:
+    """True: SCRFD with keypoints, False: SCRFD without, None: not SCRFD. SCRFD has one image
+    input and, per stride (3 or 5), scores [K, 1], boxes [K, 4] and optionally keypoints [K, 10]
+    (a leading batch axis allowed)."""
+    if len(io.inputs) != 1 or len(io.inputs[0][1]) != 4 or io.inputs[0][1][1] not in (3, None, "?"):
+        return None
+    if len(io.outputs) not in (6, 9, 10, 15):
+        return None
+    shapes = [shape for _, shape in io.outputs]
+    if any(shape and len(shape) not in (2, 3) for shape in shapes):
+        return None
+    lasts = [shape[-1] for shape in shapes if shape and isinstance(shape[-1], int) and shape[-1] > 0]
+    if len(lasts) != len(shapes):
+        # shapes unknown: insightface's output order (scores, boxes[, keypoints]) is all there is to go on
+        return len(io.outputs) in (9, 15)
+    fmc = 5 if len(io.outputs) in (10, 15) else 3
+    if sorted(lasts) != sorted([1] * fmc + [4] * fmc + ([10] * fmc if len(io.outputs) in (9, 15) else [])):
+        return None
+    return len(io.outputs) in (9, 15)
+
+
 class ScrfdDetector(FaceDetector):
     kind = "scrfd"
+    default_threshold = 0.5  # insightface's
+
+    @classmethod
+    def recognise(cls, graph: GraphIO) -> bool:
+        found = _layout(graph)
+        if found is False:
+            raise ArcdeployError(
+                f"{graph.path}: an SCRFD detector without keypoints ({len(graph.outputs)} outputs: scores "
+                "and boxes only); the 5 alignment points need a *_kps model (e.g. det_500m, "
+                "det_10g, scrfd_*_kps)"
+            )
+        return bool(found)
+
+    @classmethod
+    def from_spec(cls, graph: GraphIO, spec: DetectorSpec) -> ScrfdDetector:
+        return cls(
+            graph,
+            engine=spec.engine,
+            threshold=spec.threshold,
+            min_face=spec.min_face,
+            threads=spec.threads,
+            input_size=spec.input_size,
+            pad_retry=spec.pad_retry,
+        )
 
     def __init__(
         self,
         graph: GraphIO,
-        engine: str = "onnxruntime",
+        engine: str = DEFAULT_ENGINE,
         threshold: float | None = None,
         min_face: float = 0.0,
         threads: int | None = None,
@@ -46,7 +96,7 @@ class ScrfdDetector(FaceDetector):
         nms_iou: float = NMS_IOU,
         pad_retry: float = PAD_RETRY,
     ):
-        from ..engines import open_graph
+        from ...engines import open_graph
 
         super().__init__(graph.path, threshold, min_face, pad_retry)
         self.engine = engine
@@ -71,7 +121,7 @@ class ScrfdDetector(FaceDetector):
                 f"{self.path}: input size {size[0]}x{size[1]} is not a multiple of its largest "
                 f"stride {self.strides[-1]}"
             )
-        self.size = size  # (width, height)
+        self.size: tuple[int, int] = size  # (width, height)
         self.session = open_graph(self.path, engine=engine, threads=threads)
         self.input_name = self.session.inputs[0].name
 

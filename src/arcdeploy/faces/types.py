@@ -1,0 +1,124 @@
+"""The values that travel between the face stages: inputs, faces, crops and failures.
+
+Every stage (decoding, detection, alignment, the embed pipeline, Ray workers, the server)
+speaks in these types, so they live below all of them and import nothing of the stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ArcdeployError
+
+__all__ = [
+    "MISSING",
+    "EncodedImage",
+    "Face",
+    "Failure",
+    "ImageError",
+    "Missing",
+    "Prepared",
+    "as_rgb",
+    "input_name",
+]
+
+
+class ImageError(ArcdeployError):
+    """An image that cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass
+class Failure:
+    """An input that could not be used: its position, its name and why."""
+
+    index: int
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes, read where the file is and decoded elsewhere: ``name`` is the
+    path it was read from (what failures name), ``error`` why it could not be read (then no
+    ``data``)."""
+
+    name: str
+    data: bytes | None
+    error: str | None = None
+
+
+class Missing:
+    """A landmark file was given but has no row for this image."""
+
+    def __init__(self, source: str | None = None):
+        self.source = source
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING = Missing()
+
+
+@dataclass(frozen=True)
+class Face:
+    """One detected face, in the pixels of the image given to the detector."""
+
+    box: np.ndarray  # float32 [4]: x1, y1, x2, y2
+    points: np.ndarray  # float32 [5, 2]: left eye, right eye, nose, left mouth, right mouth (image left/right)
+    score: float
+
+    @property
+    def width(self) -> float:
+        return float(self.box[2] - self.box[0])
+
+    @property
+    def height(self) -> float:
+        return float(self.box[3] - self.box[1])
+
+    @property
+    def size(self) -> float:
+        """The box's shorter side (what a minimum face size compares against)."""
+        return min(self.width, self.height)
+
+
+@dataclass
+class Prepared:
+    """What one input gives: aligned crops uint8 [k, 112, 112, 3] and, with a detector, the
+    detected face of each crop and its place in the detector's best-first list."""
+
+    crops: np.ndarray
+    faces: list[Face] | None = None
+    face_numbers: list[int] | None = None
+
+
+def input_name(item, index: int) -> str:
+    """What a failure calls an input: its path, the name it was read under, or its position."""
+    if isinstance(item, EncodedImage):
+        return item.name
+    return str(item) if not isinstance(item, np.ndarray) else f"<array {index}>"
+
+
+def as_rgb(image, name: str = "image") -> np.ndarray:
+    """A uint8 image array as a contiguous H x W x 3 RGB array (grayscale expanded, alpha
+    dropped); anything else is an :class:`ImageError` naming ``name``."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ImageError(name, f"expected a uint8 RGB array, got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageError(name, f"expected an H x W x 3 RGB array, got shape {list(arr.shape)}")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr[:, :, :3])
