@@ -83,9 +83,15 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
         assert section in md, section
     report = json.loads((out / "report.json").read_text())
     assert all(s["status"] == "done" for s in report["steps"]), [s for s in report["steps"] if s["status"] != "done"]
-    ijb = next(t for t in report["tables"] if t["title"].startswith("Accuracy: IJBC"))
+    ijb = next(t for t in report["tables"] if t["title"].startswith("Accuracy: IJBC 1:1"))
     assert {r[0] for r in ijb["rows"]} == {"openvino-fp32", "openvino-int8"}
-    for plot in ("roc.png", "throughput.png", "cosine_hist.png"):
+    # the demo's IJB set has 1:N lists: identification from the same step and features
+    one_n = next(t for t in report["tables"] if t["title"].startswith("Accuracy: IJBC 1:N"))
+    assert {(r[0], r[1]) for r in one_n["rows"]} == {
+        (p, g) for p in ("openvino-fp32", "openvino-int8") for g in ("G1", "G2", "mean")
+    }
+    assert "## Accuracy: IJBC 1:N identification" in md
+    for plot in ("roc.png", "tpir_fpir.png", "throughput.png", "cosine_hist.png"):
         assert (out / "plots" / plot).stat().st_size > 1000, plot
     assert demo_cli  # the command module is importable
 

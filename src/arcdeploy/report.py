@@ -1,8 +1,9 @@
 """report.md / report.json and plots for a run: one table per stage, by precision.
 
 Tables follow the reference pipeline's layout (a row per precision); plots are
-the ROC per precision, throughput by precision and batch, and the histogram of
-per-image cosine to the fp32 PyTorch reference.
+the ROC per precision (and TPIR against FPIR where the IJB set has 1:N lists),
+throughput by precision and batch, and the histogram of per-image cosine to the
+fp32 PyTorch reference.
 """
 
 from __future__ import annotations
@@ -152,6 +153,47 @@ def ijb_table(records) -> Table:
     )
 
 
+def ijb_1n_table(records) -> Table:
+    """TPIR (%) at FPIR 1e-4 ... 1 per package and gallery, rank-1/5/10 on the mean row."""
+    rows = []
+    target = mode = None
+    counts = None
+    for name, rec in _by_prefix(records, "eval ijb").items():
+        if rec.status not in ("done", "reused") or not rec.result or "identification" not in rec.result:
+            continue
+        res = rec.result["identification"]
+        target, mode = res.get("target", target), res.get("mode", mode)
+        galleries = res.get("galleries", {})
+        counts = (res.get("probes"), [(g.get("name"), g.get("templates")) for g in galleries.values()])
+        shown = (res.get("shown") or {}).get("tpir", {})
+        rank = res.get("rank", {})
+        for key in ("G1", "G2", "mean"):
+            label = galleries.get(key, {}).get("name", key)
+            ranks = [_pct(rank.get(k)) for k in ("1", "5", "10")] if key == "mean" else [None] * 3
+            rows.append([name, label, *(_pct(v) for v in shown.get(key, [None] * 5)), *ranks])
+    note = None
+    if mode:
+        note = (
+            f"TPIR (%) at FPIR, each gallery searched on its own, as insightface's ijb_evals.py; mode {mode}. "
+            "rank-k: mates within the top k in either gallery / all probes."
+        )
+        if counts and counts[0]:
+            note += f" {counts[0]} probe templates; " + ", ".join(f"{n}: {t} templates" for n, t in counts[1]) + "."
+    return Table(
+        title=f"Accuracy: {target or 'IJB'} 1:N identification, TPIR@FPIR",
+        header=["package", "gallery", "1e-4", "1e-3", "1e-2", "1e-1", "1", "rank-1", "rank-5", "rank-10"],
+        rows=rows,
+        note=note,
+    )
+
+
+def _has_1n(records) -> bool:
+    return any(
+        rec.status in ("done", "reused") and rec.result and "identification" in rec.result
+        for rec in _by_prefix(records, "eval ijb").values()
+    )
+
+
 def _first_result(result: dict) -> dict:
     if "tar" in result:
         return result
@@ -216,6 +258,21 @@ def plot_roc(records, path: Path) -> Path | None:
     return draw_roc(curves, path, title="ROC by precision")
 
 
+def plot_tpir(records, path: Path) -> Path | None:
+    from .evaluate.plots import plot_tpir_fpir
+
+    curves = []
+    for name, rec in _by_prefix(records, "eval ijb").items():
+        if rec.status in ("done", "reused") and rec.result and "identification" in rec.result:
+            res = rec.result["identification"]
+            tpir = [np.nan if v is None else v for v in (res.get("tpir") or {}).get("mean", [])]
+            if res.get("fpir") and tpir:
+                curves.append((f"{name} (mean of galleries)", np.asarray(res["fpir"]), np.asarray(tpir, np.float64)))
+    if not curves:
+        return None
+    return plot_tpir_fpir(curves, path, title="1:N identification by precision")
+
+
 def _save(fig, path: Path) -> None:
     with atomic_file(path, "wb") as out:
         fig.savefig(out, format="png", dpi=110)
@@ -276,6 +333,8 @@ def build_tables(records) -> list[Table]:
     tables = [fidelity_table(records), speed_table(records)]
     if _by_prefix(records, "eval ijb"):
         tables.append(ijb_table(records))
+        if _has_1n(records):
+            tables.append(ijb_1n_table(records))
     if _by_prefix(records, "eval bin"):
         tables.append(bins_table(records))
     tables.append(steps_table(records))
@@ -291,6 +350,7 @@ def write_report(
     tables = build_tables(records)
     plots = {
         "roc": plot_roc(records, plots_dir / "roc.png"),
+        "tpir_fpir": plot_tpir(records, plots_dir / "tpir_fpir.png"),
         "throughput": plot_throughput(records, plots_dir / "throughput.png"),
         "cosine_histogram": plot_cosine_hist(records, plots_dir / "cosine_hist.png"),
     }

@@ -1,5 +1,8 @@
 """One command for the whole job: export -> build (each precision) -> check -> bench -> eval -> report.
 
+The IJB step evaluates 1:1 verification and, when the 1:N list files are present, 1:N
+identification too, from one feature extraction.
+
 Every step writes its result as JSON under OUT and is recorded in
 ``OUT/steps.json`` with a key made from its inputs. A rerun with the same
 inputs reuses finished steps; a step that fails is recorded with its one-line
@@ -248,7 +251,12 @@ def run_pipeline(
         ("bench", {"batches": list(batches), "iterations": iterations, "threads": threads}, do_bench),
     ]
     if ijb_root:
-        stages.append(("eval ijb", {"root": str(ijb_root), "target": target, "flip": ijb_flip}, do_ijb))
+        from .evaluate.ijb import list_paths
+
+        # the 1:N list files, when present, are evaluated in the same step from the same features
+        lists = [_file_key(p) for p in list_paths(ijb_root, target).values() if p.is_file()]
+        ijb_key = {"root": str(ijb_root), "target": target, "flip": ijb_flip, **({"1:N lists": lists} if lists else {})}
+        stages.append(("eval ijb", ijb_key, do_ijb))
     if bins:
         stages.append(("eval bin", {"bins": [_file_key(b) for b in bins]}, do_bins))
     for stage, inputs, work in stages:

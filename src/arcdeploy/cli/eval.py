@@ -10,27 +10,38 @@ from .ray_args import add_ray_arguments, ray_options
 def register(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="accuracy: IJB-B/IJB-C 1:1 TAR@FAR, LFW-style .bin sets",
+        help="accuracy: IJB-B/IJB-C 1:1 TAR@FAR and 1:N TPIR@FPIR, LFW-style .bin sets",
         description="Accuracy as insightface computes it: IJB-B/IJB-C 1:1 verification "
-        "(eval_ijbc.py) and LFW-style .bin sets (verification.py).",
+        "(eval_ijbc.py), IJB-B/IJB-C 1:N identification (ijb_evals.py) and LFW-style .bin sets "
+        "(verification.py).",
     )
     esub = p.add_subparsers(dest="eval_command", metavar="SET")
     esub.required = True
 
     ij = esub.add_parser(
         "ijb",
-        help="IJB-B / IJB-C 1:1 verification, TAR at FAR 1e-6 ... 1e-1",
-        description="IJB-B/IJB-C 1:1 verification from packages (features extracted, cached "
-        "in OUTDIR and resumed; a cache is reused only while its checksum holds) or "
-        "from a features file. Several packages give one table and one ROC plot; "
-        "the JSON has the first at top level and all of them in 'results'. "
-        "Templates are aggregated in float32 as insightface does, so the TARs equal "
-        "its own on the same features. Existing result files in OUTDIR and the "
-        "--json file are only replaced with --force.",
+        help="IJB-B / IJB-C 1:1 verification (TAR at FAR 1e-6 ... 1e-1) or 1:N identification (TPIR at FPIR)",
+        description="IJB-B/IJB-C 1:1 verification or 1:N open-set identification from packages "
+        "(features extracted, cached in OUTDIR and resumed; a cache is reused only while its "
+        "checksum holds, and serves both protocols) or from a features file. Several packages "
+        "give one table and one plot; the JSON has the first at top level and all of them in "
+        "'results'. Templates are aggregated in float32 as insightface does, so the numbers "
+        "equal its own on the same features. 1:N searches each gallery (IJB-C G1, G2; IJB-B S1, "
+        "S2) with every probe template, as insightface's ijb_evals.py does: TPIR at FPIR "
+        "1e-4 ... 1 per gallery and their mean, rank-1/5/10. Existing result files in OUTDIR "
+        "and the --json file are only replaced with --force.",
     )
     ij.add_argument("packages", nargs="*", metavar="PKG", help="built package(s)")
     ij.add_argument("--root", required=True, metavar="DIR", help="IJB_release/IJBC (or IJBB): meta/ and loose_crop/")
     ij.add_argument("--target", default="IJBC", type=str.upper, choices=("IJBC", "IJBB"))
+    ij.add_argument(
+        "--protocol",
+        default="1:1",
+        type=str.upper,
+        choices=("1:1", "1:N"),
+        help="1:1 verification (default; the pair file) or 1:N identification (meta/<t>_1N_gallery_G1.csv, "
+        "_G2.csv and _probe_mixed.csv; IJB-B: _S1, _S2)",
+    )
     ij.add_argument(
         "--features",
         action="append",
@@ -54,7 +65,8 @@ def register(sub) -> None:
         "-o",
         "--output",
         metavar="OUTDIR",
-        help="features cache, scores, roc.png, result.json (default ./ijb_<target>_results)",
+        help="features cache; 1:1: scores, roc.png, result.json; 1:N: tpir_fpir.png, cmc.png, result_1n.json "
+        "(default ./ijb_<target>_results)",
     )
     ij.add_argument("--force", action="store_true", help="replace existing result files and --json FILE")
     ij.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -109,7 +121,10 @@ def run_ijb(args) -> int:
         force=args.force,
         precision="float64" if args.float64 else "float32",
         ray=ray,
+        protocol=args.protocol,
     )
+    if args.protocol == "1:N":
+        return _print_1n(doc)
     print(doc["table"])
     for r in doc["results"]:
         print(
@@ -119,6 +134,33 @@ def run_ijb(args) -> int:
             + (f", {r['empty_templates']} templates without a usable feature" if r["empty_templates"] else "")
         )
     print(f"scores, roc.png and result.json in {display_name(Path(doc['scores_file']).parent)}")
+    return 0
+
+
+def _print_1n(doc: dict) -> int:
+    from pathlib import Path
+
+    from ..faces.io import display_name
+
+    print("TPIR (%) at FPIR")
+    print(doc["table"])
+    print("rank-k (%): mates within the top k in either gallery / all probes")
+    print(doc["rank_table"])
+    for r in doc["results"]:
+        g = r["galleries"]
+        print(
+            f"{r['name']}: mode {r['mode']}, {r['probes']} probe templates; "
+            + "; ".join(
+                f"{v['name']}: {v['templates']} templates, {v['mated']} mated and {v['non_mated']} non-mated probes"
+                for v in g.values()
+            )
+            + f"; {r['images']} images"
+            + (f", {r['failed_images']} failed images" if r["failed_images"] else "")
+            + (f", {r['empty_templates']} templates without a usable feature" if r["empty_templates"] else "")
+        )
+    where = Path(doc["plots"]["cmc"]).parent if doc.get("plots") else None
+    if where is not None:
+        print(f"tpir_fpir.png, cmc.png and result_1n.json in {display_name(where)}")
     return 0
 
 

@@ -3,7 +3,7 @@
 Everything it uses is made here, deterministically: an UNTRAINED r18
 checkpoint (random weights, BatchNorm statistics fitted to synthetic faces),
 an IJB-C-format mini set of cartoon faces (JPEG loose crops, 5 landmarks, the
-three meta files), a .bin verification set and calibration crops. The faces come
+three meta files and the three 1:N list files), a .bin verification set and calibration crops. The faces come
 in look-alike families and with hard variations (pose, light, occluders, blur), so
 the sets are not trivially separable: the ROC is a real curve, and fp32, bf16 and
 int8 can differ on it. Its speed and fidelity figures are real for an r18 on this
@@ -81,7 +81,7 @@ def prepare_data(data: Path, cfg: DemoConfig, log=print) -> dict[str, Path]:
         "likeness": cfg.likeness,
         "hard": cfg.hard,
         "bin_likeness": cfg.bin_likeness,
-        "format": 2,
+        "format": 3,  # 3: the IJB set has 1:N list files
     }
     paths = {
         "ckpt": data / f"{cfg.arch}_untrained_generated.pth",

@@ -3,7 +3,8 @@
 - :func:`write_ijb_set`: an IJB-style folder (``meta/`` with the three files of
   insightface's IJB layout, ``loose_crop/`` with real JPEG loose crops of cartoon faces
   from :func:`arcdeploy.synth.draw_face`, their absolute 5 landmarks and a
-  faceness score), with every genuine and every impostor template pair.
+  faceness score), with every genuine and every impostor template pair, and the
+  three 1:N list files (two disjoint galleries and the mixed probes, as in IJB).
 - :func:`write_bin_set`: an LFW-style ``.bin`` (pickled ``(bins, issame_list)``
   of JPEG-encoded aligned 112x112 crops), either as Python 3 writes it
   (``bytes`` images) or as Python 2 wrote it (``str`` images: protocol-2
@@ -47,12 +48,18 @@ def write_ijb_set(
     hard: bool = False,
     family_size: int = 1,
     likeness: float = 0.0,
+    identification: bool = True,
 ) -> Path:
     """Write a small IJB set under ``root`` (replacing it) and return ``root``.
 
     Template ids count from 1 per identity block; in each template the first two
     images share a media id (like frames of one video), the others have their own.
     Faceness scores are drawn in [0.55, 1.0).
+
+    ``identification`` (with two or more templates per identity): also the 1:N list files, laid
+    out as IJB's: the first template of each even identity is enrolled in gallery G1 (IJB-B: S1),
+    of each odd one in G2 (S2); every other template is a probe, so each probe is mated in one
+    gallery and non-mated in the other. Subject ids are identity + 1.
     """
     from .synth import draw_face
 
@@ -61,6 +68,7 @@ def write_ijb_set(
     rng = np.random.default_rng(seed)
     tid_lines, pts_lines = [], []
     template_identity: list[tuple[int, int]] = []
+    template_images: dict[int, list[str]] = {}
     image_no = 0
     media_id = 1000
     with atomic_dir(root, force=True) as tmp:
@@ -87,6 +95,7 @@ def write_ijb_set(
                         likeness=likeness,
                     )
                     name = f"{image_no}.jpg"
+                    template_images.setdefault(tid, []).append(name)
                     (crops / name).write_bytes(_jpeg(img))
                     score = float(rng.uniform(0.55, 1.0))
                     tid_lines.append(f"{name} {tid} {media_id}")
@@ -98,7 +107,23 @@ def write_ijb_set(
         (tmp / "meta" / f"{t}_face_tid_mid.txt").write_text("\n".join(tid_lines) + "\n")
         (tmp / "meta" / f"{t}_name_5pts_score.txt").write_text("\n".join(pts_lines) + "\n")
         (tmp / "meta" / f"{t}_template_pair_label.txt").write_text("\n".join(pairs) + "\n")
+        if identification and templates_per_id >= 2:
+            _write_1n_lists(tmp / "meta", t, template_identity, template_images, templates_per_id)
     return root
+
+
+def _write_1n_lists(
+    meta: Path, t: str, template_identity: list[tuple[int, int]], images: dict[int, list[str]], per_id: int
+) -> None:
+    galleries = ("G1", "G2") if t == "ijbc" else ("S1", "S2")
+    files: dict[str, list[str]] = {galleries[0]: [], galleries[1]: [], "probe_mixed": []}
+    for k, (tid, ident) in enumerate(template_identity):
+        first = k % per_id == 0
+        key = galleries[ident % 2] if first else "probe_mixed"
+        files[key] += [f"{tid},{ident + 1},{name}" for name in images[tid]]
+    for key, rows in files.items():
+        stem = f"{t}_1N_gallery_{key}" if key != "probe_mixed" else f"{t}_1N_probe_mixed"
+        (meta / f"{stem}.csv").write_text("TEMPLATE_ID,SUBJECT_ID,FILENAME\n" + "\n".join(rows) + "\n")
 
 
 def _py2_pickle(bins: list[bytes], issame: list[bool]) -> bytes:

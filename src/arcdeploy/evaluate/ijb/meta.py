@@ -219,8 +219,11 @@ def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     return out[:, 0].copy(), out[:, 1].copy(), out[:, 2].astype(np.int8), line_no
 
 
-def read_meta(root: str | os.PathLike, target: str = "IJBC") -> IJBMeta:
-    """Read and cross-check the three meta files under ``root`` (…/IJB_release/IJBC)."""
+def read_meta(root: str | os.PathLike, target: str = "IJBC", pairs: bool = True) -> IJBMeta:
+    """Read and cross-check the three meta files under ``root`` (…/IJB_release/IJBC).
+
+    ``pairs=False``: leave out the 1:1 pair file (1:N identification needs only the images,
+    their templates and media); the pair arrays are then empty."""
     target = _check_target(target)
     root = Path(root)
     if not root.is_dir():
@@ -236,7 +239,10 @@ def read_meta(root: str | os.PathLike, target: str = "IJBC") -> IJBMeta:
             "row i of both files must be the same image"
         )
     mismatches = sum(a != b for a, b in zip(names_t, names_p))
-    t1, t2, labels, pair_lines = read_pairs(files["pairs"])
+    if pairs:
+        t1, t2, labels, pair_lines = read_pairs(files["pairs"])
+    else:
+        t1, t2, labels, pair_lines = np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int8), None
     known = np.unique(templates)
     index = []
     for col in (t1, t2):

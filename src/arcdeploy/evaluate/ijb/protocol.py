@@ -325,21 +325,22 @@ class IJBResult:
         return d
 
 
-def evaluate_features(
+def aggregate_templates(
     meta: IJBMeta,
     feats: np.ndarray,
-    name: str = "features",
     flip: bool = True,
     detector_score: bool = True,
     normalize_images: bool = False,
     source: str = "features",
     precision: str = "float32",
-) -> IJBResult:
-    """The full protocol on image features in 5pts-file row order.
+    empty_note: str = "their pairs score 0",
+) -> tuple[TemplateFeatures, bool]:
+    """Checked image features (5pts-file row order) -> the template features of every template of the
+    tid_mid file, and whether flip was used (only with [N, 2, D] features). The one aggregation of
+    both protocols: 1:N (insightface's ``run_model_test_1N``) reuses 1:1's ``image2template_feature``.
 
-    Raises when no template has a usable feature (every image failed, or all
-    features are zero); warns, with counts, when some templates have none.
-    """
+    Raises when no template has a usable feature (every image failed, or all features are zero);
+    warns, with counts, when some templates have none (``empty_note`` says what that does)."""
     feats = check_features(feats, meta.images, source)
     flip = bool(flip and feats.ndim == 3)
     tf = template_features(
@@ -357,14 +358,35 @@ def evaluate_features(
         raise ArcdeployError(f"{source}: no template has a usable feature ({failed}; the others sum to zero)")
     if tf.empty_templates:
         log.warning(
-            "%s: %d of %d templates have no usable feature (%s); their pairs score 0",
+            "%s: %d of %d templates have no usable feature (%s); %s",
             source,
             tf.empty_templates,
             n_t,
             failed,
+            empty_note,
         )
     elif tf.failed_images:
         log.warning("%s: %s; they are left out of their media", source, failed)
+    return tf, flip
+
+
+def evaluate_features(
+    meta: IJBMeta,
+    feats: np.ndarray,
+    name: str = "features",
+    flip: bool = True,
+    detector_score: bool = True,
+    normalize_images: bool = False,
+    source: str = "features",
+    precision: str = "float32",
+) -> IJBResult:
+    """The full protocol on image features in 5pts-file row order.
+
+    Raises when no template has a usable feature (every image failed, or all
+    features are zero); warns, with counts, when some templates have none.
+    """
+    tf, flip = aggregate_templates(meta, feats, flip, detector_score, normalize_images, source, precision)
+    n_t = int(tf.ids.size)
     i1, i2 = meta.pair_i1, meta.pair_i2
     if i1 is None or i2 is None or meta.template_ids is None or not np.array_equal(meta.template_ids, tf.ids):
         i1, i2 = template_index(tf.ids, meta.pair_t1), template_index(tf.ids, meta.pair_t2)

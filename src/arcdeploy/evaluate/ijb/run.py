@@ -1,4 +1,4 @@
-"""IJB evaluation of packages and feature files: extraction, caching, results on disk.
+"""IJB evaluation of packages and feature files (1:1 and 1:N): extraction, caching, results on disk.
 
 A package's features are extracted once through the embed pipeline (resumable)
 into ``OUTDIR/features_<name>_<target>_<flip|noflip>.npy`` with a record beside
@@ -8,8 +8,10 @@ reuses the cache only when the record matches and the file still has that
 checksum; otherwise it is recomputed (a damaged or edited cache is never
 trusted).
 
-Result files in OUTDIR (``<name>_<target>_scores.npy``, ``roc.png``,
-``result.json``) and ``json_path`` are not replaced without ``force``.
+One extraction serves both protocols: the cache is the same file for 1:1 and 1:N, and
+:func:`evaluate_protocols` evaluates both from it in one pass. Result files in OUTDIR (1:1:
+``<name>_<target>_scores.npy``, ``roc.png``, ``result.json``; 1:N: ``tpir_fpir.png``,
+``cmc.png``, ``result_1n.json``) and ``json_path`` are not replaced without ``force``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from ...errors import ArcdeployError, first_line
 from ...files import refuse_existing, save_npy_atomic, write_json_atomic
 from ..roc import format_tar_table
 from .meta import IJBMeta, read_meta
+from .meta_1n import GALLERIES, has_1n_lists, list_paths, read_1n_lists
 from .protocol import IJBResult, evaluate_features
+from .protocol_1n import IJB1NResult, evaluate_features_1n, format_rank_table, format_tpir_table
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +133,17 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
+PROTOCOLS = ("1:1", "1:N")
+
+
+def protocol_name(protocol: str) -> str:
+    """ "1:1" or "1:N" (any case), or a one-line error."""
+    p = str(protocol).strip().upper()
+    if p not in PROTOCOLS:
+        raise ArcdeployError(f"unknown IJB protocol {protocol!r}: use 1:1 (verification) or 1:N (identification)")
+    return p
+
+
 def evaluate_ijb(
     root: str | os.PathLike,
     target: str = "IJBC",
@@ -146,31 +161,86 @@ def evaluate_ijb(
     force: bool = False,
     precision: str = "float32",
     ray=None,
+    protocol: str = "1:1",
 ) -> dict:
     """Evaluate packages (features extracted and cached in out_dir) or feature files.
 
-    Returns the JSON document: the first method's fields at top level (``target``,
-    ``far``, ``tar``, ``mode``, ...) and ``results``, one entry per method, in order.
-    Writes ``<name>_<target>_scores.npy`` per method, ``roc.png`` and ``result.json``
-    into out_dir; existing result files (and ``json_path``) only with ``force``.
+    ``protocol``: "1:1" verification (TAR@FAR) or "1:N" identification (TPIR@FPIR, rank-k; needs the
+    three 1:N list files, not the pair file). Returns the JSON document: the first method's fields at
+    top level (1:1: ``target``, ``far``, ``tar``, ``mode``, ...; 1:N: ``protocol``, ``fpir``,
+    ``tpir``, ``threshold``, ``rank``, ...) and ``results``, one entry per method, in order.
+    Writes into out_dir, for 1:1: ``<name>_<target>_scores.npy`` per method, ``roc.png`` and
+    ``result.json``; for 1:N: ``tpir_fpir.png``, ``cmc.png`` and ``result_1n.json``. Existing
+    result files (and ``json_path``) are replaced only with ``force``.
     ``precision``: "float32" (insightface's arithmetic) or "float64" aggregation.
     ``log``: called with progress lines; warnings go to the ``logging`` module. ``ray``: a
     :class:`arcdeploy.distributed.RayOptions` to extract the features on a Ray cluster.
     """
+    protocol = protocol_name(protocol)
+    docs = evaluate_protocols(
+        root,
+        target,
+        packages=packages,
+        features=features,
+        protocols=(protocol,),
+        flip=flip,
+        detector_score=detector_score,
+        normalize_images=normalize_images,
+        batch=batch,
+        out_dir=out_dir,
+        json_path=json_path,
+        plot=plot,
+        progress=progress,
+        log=log,
+        force=force,
+        precision=precision,
+        ray=ray,
+    )
+    return docs[protocol]
+
+
+def evaluate_protocols(
+    root: str | os.PathLike,
+    target: str = "IJBC",
+    packages=(),
+    features=(),
+    protocols=PROTOCOLS,
+    flip: bool = True,
+    detector_score: bool = True,
+    normalize_images: bool = False,
+    batch: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    json_path: str | os.PathLike | None = None,
+    plot: bool = True,
+    progress: bool = True,
+    log=None,
+    force: bool = False,
+    precision: str = "float32",
+    ray=None,
+) -> dict[str, dict]:
+    """:func:`evaluate_ijb` for several protocols from one feature extraction per package.
+
+    Returns {protocol: its document}; ``json_path`` gets the document of the one protocol, or
+    this dict when there are several."""
     say = log or (lambda *_: None)
+    protocols = tuple(dict.fromkeys(protocol_name(p) for p in protocols))
+    if not protocols:
+        raise ArcdeployError("eval ijb: no protocol to evaluate")
     packages, features = list(packages or []), list(features or [])
     if not packages and not features:
         raise ArcdeployError("eval ijb: give one or more packages or --features FEATS.npy")
-    meta = read_meta(root, target)
+    meta = read_meta(root, target, pairs="1:1" in protocols)
+    lists = read_1n_lists(root, meta.target, meta) if "1:N" in protocols else None
     out = Path(out_dir) if out_dir else Path(f"ijb_{meta.target.lower()}_results")
     names = _unique_names([Path(p).name for p in packages] + [Path(f).stem for f in features])
     score_files = [out / f"{name}_{meta.target.lower()}_scores.npy" for name in names]
-    outputs = [
-        *score_files,
-        out / "result.json",
-        *([out / "roc.png"] if plot else []),
-        *([Path(json_path)] if json_path else []),
-    ]
+    outputs: list[Path] = []
+    if "1:1" in protocols:
+        outputs += [*score_files, out / "result.json", *([out / "roc.png"] if plot else [])]
+    if "1:N" in protocols:
+        outputs += [out / "result_1n.json", *([out / "tpir_fpir.png", out / "cmc.png"] if plot else [])]
+    if json_path:
+        outputs.append(Path(json_path))
     for path in outputs:  # before any work: extraction may take hours
         refuse_existing(path, force)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +251,8 @@ def evaluate_ijb(
             meta.files["tid_mid"].name,
             meta.files["5pts"].name,
         )
-    results: list[IJBResult] = []
+    verification: list[IJBResult] = []
+    identification: list[IJB1NResult] = []
     sources = [("package", p) for p in packages] + [("features", f) for f in features]
     for name, sf, (kind, src) in zip(names, score_files, sources):
         if kind == "package":
@@ -193,22 +264,36 @@ def evaluate_ijb(
         else:
             feats = load_features(src)
             source = feat_file = str(src)
-        res = evaluate_features(
-            meta,
-            feats,
-            name=name,
-            flip=flip,
-            detector_score=detector_score,
-            normalize_images=normalize_images,
-            source=source,
-            precision=precision,
-        )
+        modes = dict(flip=flip, detector_score=detector_score, normalize_images=normalize_images)
+        if "1:1" in protocols:
+            res = evaluate_features(meta, feats, name=name, source=source, precision=precision, **modes)
+            save_npy_atomic(sf, res.scores, force=force)
+            res.scores_file, res.features_file = str(sf), feat_file
+            verification.append(res)
+            say(f"[{name}] {res.mode}: TAR@FAR=1e-4 {100 * res.tar[2]:.2f}%, 1e-5 {100 * res.tar[1]:.2f}%")
+        if lists is not None:
+            res1n = evaluate_features_1n(meta, lists, feats, name=name, source=source, precision=precision, **modes)
+            res1n.features_file = feat_file
+            identification.append(res1n)
+            shown = res1n.shown()["mean"]
+            say(
+                f"[{name}] {res1n.mode} 1:N: mean TPIR@FPIR=1e-2 "
+                + ("-" if shown[2] is None else f"{100 * shown[2]:.2f}%")
+                + f", rank-1 {100 * res1n.rank(1):.2f}%"
+            )
         del feats
-        save_npy_atomic(sf, res.scores, force=force)
-        res.scores_file, res.features_file = str(sf), feat_file
-        results.append(res)
-        say(f"[{name}] {res.mode}: TAR@FAR=1e-4 {100 * res.tar[2]:.2f}%, 1e-5 {100 * res.tar[1]:.2f}%")
-    doc = dict(results[0].to_json())
+    docs: dict[str, dict] = {}
+    if verification:
+        docs["1:1"] = _verification_doc(verification, meta, out, plot, force)
+    if identification:
+        docs["1:N"] = _identification_doc(identification, meta, out, plot, force)
+    if json_path:
+        write_json_atomic(json_path, docs[protocols[0]] if len(protocols) == 1 else docs, force=force)
+    return docs
+
+
+def _verification_doc(results: list[IJBResult], meta: IJBMeta, out: Path, plot: bool, force: bool) -> dict:
+    doc = {"protocol": "1:1", **results[0].to_json()}
     doc["results"] = [r.to_json() for r in results]
     doc["table"] = format_tar_table([(f"{r.name}-{r.target}", r.tar) for r in results])
     if plot:
@@ -223,14 +308,55 @@ def evaluate_ijb(
         )
         doc["plot"] = str(png)
     write_json_atomic(out / "result.json", doc, force=force)
-    if json_path:
-        write_json_atomic(json_path, doc, force=force)
     return doc
 
 
-def evaluate_packages(packages, root, target: str = "IJBC", flip: bool = True, out_dir=None, **kw) -> dict:
+def _identification_doc(results: list[IJB1NResult], meta: IJBMeta, out: Path, plot: bool, force: bool) -> dict:
+    doc = results[0].to_json()
+    doc["results"] = [r.to_json() for r in results]
+    doc["table"] = format_tpir_table(results)
+    doc["rank_table"] = format_rank_table(results)
+    if plot:
+        from ..plots import plot_cmc, plot_tpir_fpir
+
+        tpir_png, cmc_png = out / "tpir_fpir.png", out / "cmc.png"
+        curves = []
+        for r in results:
+            for g in (*GALLERIES, "mean"):
+                tpir = r.tpir_mean if g == "mean" else r.galleries[g].tpir
+                curves.append((f"{r.name} {r.labels.get(g, g)} ({r.mode})", r.fpir, tpir))
+        plot_tpir_fpir(curves, tpir_png, title=f"1:N identification on {meta.target}", force=force)
+        plot_cmc(
+            [(f"{r.name} ({r.mode})", *r.cmc()) for r in results],
+            cmc_png,
+            title=f"CMC on {meta.target} (both galleries)",
+            force=force,
+        )
+        doc["plots"] = {"tpir_fpir": str(tpir_png), "cmc": str(cmc_png)}
+    write_json_atomic(out / "result_1n.json", doc, force=force)
+    return doc
+
+
+def evaluate_packages(
+    packages, root, target: str = "IJBC", flip: bool = True, out_dir=None, identification: bool | None = None, **kw
+) -> dict:
     """:func:`evaluate_ijb` for packages only (used by ``arcdeploy run``, which owns ``out_dir``:
-    its results are replaced unless ``force=False`` is passed)."""
+    its results are replaced unless ``force=False`` is passed).
+
+    The 1:1 document; with ``identification`` (default: when the 1:N list files are present) the
+    1:N document too, under ``"identification"``, from the same features."""
     kw.setdefault("progress", False)
     kw.setdefault("force", True)
-    return evaluate_ijb(root, target, packages=[str(p) for p in packages], flip=flip, out_dir=out_dir, **kw)
+    if identification is None:
+        identification = has_1n_lists(root, target)
+        present = [p.name for p in list_paths(root, target).values() if p.exists()]
+        if present and not identification:
+            logger.warning("%s: only %s of the three 1:N list files; 1:N is left out", root, ", ".join(present))
+    protocols = ("1:1", "1:N") if identification else ("1:1",)
+    docs = evaluate_protocols(
+        root, target, packages=[str(p) for p in packages], protocols=protocols, flip=flip, out_dir=out_dir, **kw
+    )
+    doc = dict(docs["1:1"])
+    if "1:N" in docs:
+        doc["identification"] = docs["1:N"]
+    return doc
