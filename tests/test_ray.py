@@ -489,7 +489,7 @@ def test_a_local_ray_leaves_no_session_folders(ray_env, mbf_pkg, job, local, tmp
         _same_output(out, local)
         after = set(Path("/tmp/ray").glob("session_*")) if Path("/tmp/ray").exists() else set()
         assert after <= before
-        assert not list(tmp.iterdir()), list(tmp.iterdir())
+        assert not list(tmp.glob("arcdeploy-*")) and not list(tmp.glob("session_*")), list(tmp.iterdir())
         assert set(Path("/tmp").glob("arcdeploy-ray-*")) <= ours_before
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
