@@ -446,3 +446,50 @@ def test_detector_settings_travel_to_the_workers(cluster, mbf_pkg, tmp_path):
     got = run_on_ray(small, pkg, RayOptions(address=cluster.address, threads=1))
     assert got.actors >= 1 and not got.failures
     assert np.array_equal(got.features, want)
+
+
+@pytest.mark.slow
+def test_threads_the_cluster_cannot_place_are_refused_at_once(cluster, mbf_pkg, job, tmp_path):
+    """--threads above every node's CPUs: one line before any actor starts, not a wait forever."""
+    out = tmp_path / "feats.npy"
+    args = _args(mbf_pkg, job, out, "--ray", cluster.address)
+    args[args.index("--threads") + 1] = "2"  # the nodes have one CPU each
+    t0 = time.monotonic()
+    rc, _, stderr = _finish(_start(args), timeout=120)
+    assert rc == 2 and time.monotonic() - t0 < 90, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "--threads 2" in lines[0] and "has 1" in lines[0], stderr
+    assert not out.exists() and not _embedder_pids()
+
+
+@pytest.mark.slow
+def test_a_loopback_address_stays_loopback(cluster, mbf_pkg, job, local, tmp_path):
+    """Given 127.0.0.1:PORT, the command contacts that address only, even where Ray on its own
+    would swap it for the machine's network address (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    out = tmp_path / "feats.npy"
+    rc, _, stderr = _finish_on_loopback(_start(_args(mbf_pkg, job, out, "--ray", cluster.address), env=env))
+    assert rc == 3, stderr[-2000:]
+    _same_output(out, local)
+
+
+@pytest.mark.slow
+def test_a_local_ray_leaves_no_session_folders(ray_env, mbf_pkg, job, local, tmp_path):
+    """Without RAY_TMPDIR, the local Ray started for the job keeps its files in a private folder of
+    the temp folder, removed when the job ends (Ray alone leaves /tmp/ray/session_* behind)."""
+    tmp = Path(tempfile.mkdtemp(prefix="ardses-", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"}
+        env["TMPDIR"] = str(tmp)
+        before = set(Path("/tmp/ray").glob("session_*")) if Path("/tmp/ray").exists() else set()
+        ours_before = set(Path("/tmp").glob("arcdeploy-ray-*"))
+        out = tmp_path / "feats.npy"
+        rc, _, stderr = _finish(_start(_args(mbf_pkg, job, out, "--ray"), env=env))
+        assert rc == 3, stderr[-2000:]
+        _same_output(out, local)
+        after = set(Path("/tmp/ray").glob("session_*")) if Path("/tmp/ray").exists() else set()
+        assert after <= before
+        assert not list(tmp.glob("arcdeploy-*")) and not list(tmp.glob("session_*")), list(tmp.iterdir())
+        assert set(Path("/tmp").glob("arcdeploy-ray-*")) <= ours_before
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

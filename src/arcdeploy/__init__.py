@@ -89,11 +89,22 @@ def load(path, threads: int | None = None, **engine_options: Any):
 
 
 def compare(a, b) -> float:
-    """Cosine similarity of two embeddings (any scale)."""
+    """Cosine similarity of two embeddings (any scale). A row of ``embed(..., flip=True)`` ([2, D]:
+    the face and its mirror image) counts as the sum of the two, as insightface's flip test and
+    ``eval`` take it; any other shape than [D], [1, D] or [2, D] is refused."""
     import numpy as np
 
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
+    def one(x, which: str) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim == 2 and x.shape[0] in (1, 2):
+            x = x.sum(axis=0)
+        if x.ndim != 1:
+            raise ArcdeployError(f"compare: {which} has shape {list(np.shape(x))}; give one embedding [D] or [2, D]")
+        return x
+
+    a, b = one(a, "the first embedding"), one(b, "the second embedding")
+    if a.shape != b.shape:
+        raise ArcdeployError(f"compare: embeddings of different sizes ({a.shape[0]} and {b.shape[0]})")
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 

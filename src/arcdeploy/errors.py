@@ -21,6 +21,27 @@ _LOCATION_LINES = (
 )
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match) -> str:
+    ch = match.group()
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, kept by os.fsdecode as a surrogate
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` as one printable line: line breaks, tabs and other control characters (U+2028 and
+    U+2029 too), and bytes of a file name that are not UTF-8, written as backslash escapes, so a
+    file name can neither split a one-line message nor forge a line of its own."""
+    return _UNPRINTABLE.sub(_escape, text)
+
+
 def first_line(exc: BaseException | str, limit: int = 240) -> str:
     """The line of an exception message that says what went wrong, whitespace squeezed.
 

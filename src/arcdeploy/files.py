@@ -281,10 +281,10 @@ def _fsync_tree(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def scratch_dir(what: str) -> Iterator[Path]:
-    """A private working folder in the system temp folder, removed afterwards; folders of
-    earlier runs that were killed (their process is gone) are removed first."""
-    base = Path(tempfile.gettempdir())
+def scratch_dir(what: str, base: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A private working folder in ``base`` (default: the system temp folder), removed afterwards;
+    folders of earlier runs that were killed (their process is gone) are removed first."""
+    base = Path(base or tempfile.gettempdir())
     prefix = f"{SCRATCH_PREFIX}{what}-"
     with contextlib.suppress(OSError):
         for entry in base.iterdir():
@@ -292,7 +292,7 @@ def scratch_dir(what: str) -> Iterator[Path]:
                 pid = entry.name[len(prefix) :].split("-", 1)[0]
                 if pid.isdigit() and not _pid_alive(int(pid)):
                     shutil.rmtree(entry, ignore_errors=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base))
     try:
         yield path
     finally:

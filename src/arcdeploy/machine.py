@@ -9,6 +9,8 @@ import os
 import platform
 from pathlib import Path
 
+from .errors import ArcdeployError
+
 # the features that decide which kernels int8 / bf16 / fp32 can use
 RELEVANT_FLAGS = (
     "avx2",
@@ -73,3 +75,20 @@ def usable_cpus() -> int:
 
 def machine_info() -> dict:
     return {"cpu": cpu_name(), "logical_cpus": usable_cpus(), "flags": relevant_flags()}
+
+
+def check_threads(value: int | None, what: str = "threads", per_cpu: int = 1) -> int | None:
+    """``value`` (None: the engine decides) checked: at least 1, and at most ``per_cpu`` times the
+    CPUs this process may use. Compute threads beyond the cores only wait for each other (a
+    thousand of them took minutes on one photo), so a larger number is refused, not obeyed."""
+    if value is None:
+        return None
+    value = int(value)
+    if value < 1:
+        raise ArcdeployError(f"{what} must be at least 1, got {value}")
+    limit = per_cpu * usable_cpus()
+    if value > limit:
+        raise ArcdeployError(
+            f"{what} {value}: this machine gives this process {usable_cpus()} CPUs; use at most {limit}"
+        )
+    return value

@@ -447,7 +447,31 @@ def manifest_path(path: str | os.PathLike, what: str = "package") -> Path:
     mf = path / MANIFEST_NAME if path.is_dir() else path
     if not mf.exists():
         raise ArcdeployError(f"{path}: not a {what} (no {MANIFEST_NAME})")
+    if not path.is_dir() and path.name != MANIFEST_NAME:
+        model = _model_file_kind(path)
+        if model:
+            raise ArcdeployError(
+                f"{path}: {model}, not a {what} (a folder with {MANIFEST_NAME}); "
+                f"make one with: arcdeploy build {path} -o PKG"
+            )
     return mf
+
+
+def _model_file_kind(path: Path) -> str | None:
+    """What a model file given where a package folder belongs is, from its name and first bytes."""
+    suffix = path.suffix.lower()
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    if suffix == ".onnx":
+        return "an ONNX model file"
+    if head[:2] == b"PK" or suffix in (".pth", ".pt"):
+        return "a PyTorch checkpoint or TorchScript file"
+    if suffix in (".xml", ".bin"):
+        return "an OpenVINO model file"
+    return None
 
 
 def read_package_manifest(path: str | os.PathLike) -> PackageManifest:

@@ -18,6 +18,7 @@ import numpy as np
 
 from .engines import Runtime, RuntimeInfo, get_engine
 from .errors import ArcdeployError, describe
+from .machine import check_threads
 from .manifest import MANIFEST_NAME, InputSpec, OutputSpec, PackageManifest, read_package_manifest
 
 
@@ -27,22 +28,37 @@ class Package:
     def __init__(self, path: str | os.PathLike, threads: int | None = None, **engine_options: Any):
         self.path = Path(path)
         self.manifest: PackageManifest = read_package_manifest(self.path)
-        if threads is not None and int(threads) < 1:
-            raise ArcdeployError(f"threads must be at least 1, got {threads}")
-        self.threads = threads
+        self.threads = check_threads(threads)
         self.engine_options = dict(engine_options)
         self._runtime: Runtime | None = None
         self._lock = threading.Lock()
         self._fingerprint: str | None = None
+        self._closed = False
 
     # ---- the runtime
     @property
     def runtime(self) -> Runtime:
         if self._runtime is None:
             with self._lock:
+                if self._closed:
+                    raise ArcdeployError(f"{self.path}: the package was closed; load it again to use it")
                 if self._runtime is None:
                     self._runtime = self._open_runtime()
         return self._runtime
+
+    def close(self) -> None:
+        """Free the engine (its compiled model and memory) now rather than when collected; the
+        package cannot run afterwards. Closing twice is allowed."""
+        with self._lock:
+            runtime, self._runtime, self._closed = self._runtime, None, True
+        if runtime is not None:
+            runtime.close()
+
+    def __enter__(self) -> Package:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def loaded(self) -> bool:

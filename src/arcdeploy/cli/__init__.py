@@ -11,9 +11,11 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
-from ..errors import ArcdeployError, describe
+from ..errors import ArcdeployError, describe, printable
 
 COMMANDS = ("export", "build", "check", "embed", "compare", "detect", "bench", "eval", "run", "demo")
 
@@ -43,7 +45,7 @@ class _OneLine(logging.Formatter):
     """Library warnings on stderr as ``arcdeploy: warning: ...``, one line each."""
 
     def format(self, record: logging.LogRecord) -> str:
-        msg = " ".join(record.getMessage().split())
+        msg = printable(record.getMessage())
         return f"arcdeploy: {record.levelname.lower()}: {msg}"
 
 
@@ -58,14 +60,28 @@ def _setup_logging() -> None:
     logger.setLevel(getattr(logging, level, logging.WARNING))
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so every ``with`` and ``finally`` on the way out runs:
+    temporary folders are removed and outputs stay whole, as after Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = args.func(args)
+    except Terminated:
+        print(f"arcdeploy {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except ArcdeployError as exc:
-        print(f"arcdeploy {args.command}: error: {exc}", file=sys.stderr)
+        print(f"arcdeploy {args.command}: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"arcdeploy {args.command}: interrupted", file=sys.stderr)
@@ -74,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ARCDEPLOY_DEBUG"):
             raise
         print(
-            f"arcdeploy {args.command}: internal error: {describe(exc)} (set ARCDEPLOY_DEBUG=1 for the traceback)",
+            f"arcdeploy {args.command}: internal error: {printable(describe(exc))} "
+            "(set ARCDEPLOY_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )
         return 1

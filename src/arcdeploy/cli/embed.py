@@ -116,9 +116,10 @@ def add_detector_arguments(p) -> None:
 def run(args) -> int:
     from ..errors import ArcdeployError
     from ..faces.io import display_name, images_root, list_images
-    from ..faces.job import EmbedJob
+    from ..faces.job import WORKERS_PER_CPU, EmbedJob
     from ..faces.pipeline import EmbedResult
     from ..files import refuse_existing
+    from ..machine import check_threads
     from ..package import load
 
     for name in ("batch", "threads", "workers", "chunk_size"):
@@ -128,8 +129,10 @@ def run(args) -> int:
     ray = ray_options(args, threads=args.threads, workers=args.workers)
     refuse_existing(args.output, args.force)  # before any work: the images may take hours
     detector = cli_detector(args)
+    # on Ray, --threads is each actor's (checked against the cluster's nodes), not this machine's
+    pkg = load(args.package, threads=None if ray is not None else args.threads)
+    check_threads(args.workers, "workers", per_cpu=WORKERS_PER_CPU)
     paths = list_images(args.images)
-    pkg = load(args.package, threads=args.threads)
     job = EmbedJob.create(
         paths,
         landmarks=args.landmarks,

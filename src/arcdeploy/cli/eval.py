@@ -65,8 +65,9 @@ def register(sub) -> None:
         "-o",
         "--output",
         metavar="OUTDIR",
-        help="features cache; 1:1: scores, roc.png, result.json; 1:N: tpir_fpir.png, cmc.png, result_1n.json "
-        "(default ./ijb_<target>_results)",
+        help="write here the features cache; 1:1: scores, roc.png, result.json; 1:N: tpir_fpir.png, cmc.png, "
+        "result_1n.json. Without it the results are only printed (and written to --json), and the "
+        "features of packages are cached in ./ijb_<target>_features so a rerun resumes",
     )
     ij.add_argument("--force", action="store_true", help="replace existing result files and --json FILE")
     ij.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -133,7 +134,8 @@ def run_ijb(args) -> int:
             + (f", {r['failed_images']} failed images" if r["failed_images"] else "")
             + (f", {r['empty_templates']} templates without a usable feature" if r["empty_templates"] else "")
         )
-    print(f"scores, roc.png and result.json in {display_name(Path(doc['scores_file']).parent)}")
+    if args.output:
+        print(f"scores, roc.png and result.json in {display_name(Path(args.output))}")
     return 0
 
 

@@ -41,6 +41,7 @@ import logging
 import os
 import pickle
 import re
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -299,34 +300,157 @@ def _pinned_to(node_id: str) -> dict:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
 
 
+def _refuse_what_cannot_be_placed(threads: int) -> None:
+    """An actor reserves ``threads`` CPUs on one node; when no node has that many, Ray would wait
+    for one forever ("resources are not enough"): say so before any actor starts."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    largest = max((float(n.get("Resources", {}).get("CPU", 0)) for n in alive), default=0.0)
+    if threads > largest:
+        raise ArcdeployError(
+            f"--threads {threads}: each Ray actor reserves that many CPUs on one node, and the largest of "
+            f"the cluster's {len(alive)} node(s) has {largest:g}; use --threads {max(1, int(largest))} or fewer"
+        )
+
+
 def _cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 0))
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None):
+def ray_session(address: str | None, connect_timeout: float | None = None):
     """Connected to Ray for the duration: to ``address`` (``auto``, ``HOST:PORT``, ``ray://...``);
     without one to ``RAY_ADDRESS`` when set, else to a new local Ray. A connection made here is
-    closed here; one the caller made is used as it is."""
+    closed here; one the caller made is used as it is.
+
+    Reaching a cluster is bounded: nothing listening at ``HOST:PORT`` is said at once, a peer
+    that does not answer as Ray does within ``connect_timeout`` seconds (default
+    :data:`CONNECT_TIMEOUT_S`, ``ARCDEPLOY_RAY_CONNECT_TIMEOUT``) is given up. A loopback address
+    stays loopback (Ray would otherwise swap it for this machine's network address), and a local
+    Ray started here keeps its files in a private folder removed afterwards."""
     if ray.is_initialized():
         yield
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
+    timeout = connect_timeout if connect_timeout is not None else _connect_timeout()
     kwargs: dict = {"address": target, "logging_level": logging.WARNING, "log_to_driver": False}
-    restore = contextlib.ExitStack()
-    if target == "local":
-        kwargs["include_dashboard"] = False
-        restore.enter_context(_loopback_only())
+    where = "a local Ray" if target == "local" else f"the Ray cluster at {target}"
+    session = contextlib.ExitStack()  # what lives as long as the connection
     try:
-        with restore:
-            ray.init(**kwargs)
-    except Exception as exc:
-        where = "a local Ray" if target == "local" else f"the Ray cluster at {target}"
+        with contextlib.ExitStack() as starting:
+            if target == "local":
+                kwargs["include_dashboard"] = False
+                starting.enter_context(_loopback_only())
+                if not os.environ.get("RAY_TMPDIR"):
+                    kwargs["_temp_dir"] = str(session.enter_context(scratch_dir("ray", _short_temp_base())))
+            elif _is_loopback(target):
+                starting.enter_context(_loopback_only())
+            if target not in ("local", "auto") and not target.startswith("ray://"):
+                _probe(target, timeout)
+            with _deadline(timeout, where):
+                ray.init(**kwargs)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            ray.shutdown()  # whatever a failed start left running
+        session.close()
+        if isinstance(exc, (ArcdeployError, KeyboardInterrupt, SystemExit)):
+            raise
         raise ArcdeployError(f"cannot start or reach {where} ({describe(exc)})") from None
     try:
         yield
     finally:
         ray.shutdown()
+        session.close()  # the local Ray's private folder, once its processes are gone
+
+
+CONNECT_TIMEOUT_S = 30.0
+# Ray puts unix sockets at <temp dir>/session_<date>_<pid>/sockets/plasma_store (62 characters
+# below the temp dir), and a socket path may have at most 107 bytes
+MAX_RAY_TEMP_DIR = 107 - 62 - len("/arcdeploy-ray-4194304-12345678")
+
+
+def _short_temp_base() -> str:
+    """The temp folder, or /tmp when the temp folder's path is too long for Ray's sockets."""
+    base = tempfile.gettempdir()
+    return base if len(base) <= MAX_RAY_TEMP_DIR or not os.path.isdir("/tmp") else "/tmp"
+
+
+def _connect_timeout() -> float:
+    raw = os.environ.get("ARCDEPLOY_RAY_CONNECT_TIMEOUT", "").strip()
+    if not raw:
+        return CONNECT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ArcdeployError(f"ARCDEPLOY_RAY_CONNECT_TIMEOUT={raw!r}: not a number of seconds") from None
+    if not value > 0:
+        raise ArcdeployError(f"ARCDEPLOY_RAY_CONNECT_TIMEOUT must be above 0 seconds, got {raw}")
+    return value
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    found = _host_port(address.removeprefix("ray://"))
+    if found is None:
+        return False
+    host = found[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _probe(address: str, timeout: float) -> None:
+    """A one-line error at once when nothing listens at ``HOST:PORT`` (Ray would retry for minutes)."""
+    import socket
+
+    found = _host_port(address)
+    if found is None:
+        raise ArcdeployError(f"--ray {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        with socket.create_connection(found, timeout=min(timeout, 10.0)):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ArcdeployError(f"cannot reach the Ray cluster at {address} ({reason}); is Ray running there?") from None
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, where: str):
+    """Give up what runs inside after ``seconds`` (main thread only: a timer signal interrupts
+    Ray's connection retries, which sleep in Python between tries). Ray's own retry count is
+    bounded the same way."""
+    import signal
+    import threading
+
+    saved_wait = os.environ.get("RAY_gcs_server_port_wait_time_s")
+    if saved_wait is None:  # Ray tries about once a second this many times
+        os.environ["RAY_gcs_server_port_wait_time_s"] = str(max(1, int(seconds)))
+    main = threading.current_thread() is threading.main_thread()
+
+    def expired(signum, frame):
+        raise ArcdeployError(f"cannot reach {where}: no answer within {seconds:g} s (ARCDEPLOY_RAY_CONNECT_TIMEOUT)")
+
+    previous = signal.signal(signal.SIGALRM, expired) if main else None
+    if main:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        if main:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        if saved_wait is None:
+            os.environ.pop("RAY_gcs_server_port_wait_time_s", None)
 
 
 @contextlib.contextmanager
@@ -498,6 +622,7 @@ def _run_blocks(
     the size of the actor pool."""
     threads = int(options.threads or 1)
     with _quiet_ray_data():
+        _refuse_what_cannot_be_placed(threads)
         cpus = _cluster_cpus()
         actors = int(options.actors or max(1, cpus // threads))
         actors = max(1, min(actors, len(todo)))

@@ -283,7 +283,8 @@ class ChunkStore:
         shutil.rmtree(self.parts, ignore_errors=True)
 
 
-def _tsv_field(value) -> bytes:
+def tsv_field(value) -> bytes:
+    """One cell of a tab-separated file: a name as its own bytes, backslash, tab and newlines escaped."""
     text = str(value)
     try:
         data = text.encode("utf-8", "surrogateescape")  # a file name's own bytes
@@ -296,7 +297,7 @@ def write_failures(f, failures: list[Failure]) -> None:
     """The failures list (see the module doc) into a binary file."""
     f.write(b"index\tpath\treason\n")
     for fl in failures:
-        f.write(b"\t".join(_tsv_field(x) for x in (fl.index, fl.path, fl.reason)) + b"\n")
+        f.write(b"\t".join(tsv_field(x) for x in (fl.index, fl.path, fl.reason)) + b"\n")
 
 
 def write_faces_index(f, faces: list[FaceRow]) -> None:
@@ -305,7 +306,7 @@ def write_faces_index(f, faces: list[FaceRow]) -> None:
     f.write(b"row\timage\tpath\tface\tx1\ty1\tx2\ty2\tscore\n")
     for r, fr in enumerate(faces):
         cells = [str(r), str(fr.image), fr.path, str(fr.face), *(f"{v:.2f}" for v in fr.box), f"{fr.score:.4f}"]
-        f.write(b"\t".join(_tsv_field(x) for x in cells) + b"\n")
+        f.write(b"\t".join(tsv_field(x) for x in cells) + b"\n")
 
 
 def _unescape(field: bytes) -> str:

@@ -126,31 +126,32 @@ def side_paths(output: str | os.PathLike) -> tuple[Path, Path]:
 
 def write_faces(output: str | os.PathLike, result: DetectResult, force: bool = False) -> dict[str, Path]:
     """Write the landmark rows (``output``), ``*.boxes.tsv`` (name, face index, box, score) and,
-    when images failed, ``*.failures.tsv`` (index, path, reason); each atomically. The rows file
-    is written last, so its presence means the set is complete. Returns the paths written."""
-    from ..files import refuse_existing, write_text_atomic
+    when images failed, ``*.failures.tsv`` (index, path, reason, as the embed command writes
+    it); each atomically. Names are written as the file system's bytes (a name that is not UTF-8
+    keeps its bytes), so the rows find their images again. The rows file is written last, so its
+    presence means the set is complete. Returns the paths written."""
+    from ..files import atomic_file, refuse_existing, write_bytes_atomic
+    from .chunks import tsv_field, write_failures
 
     output = Path(output)
     refuse_existing(output, force)
     boxes_path, failures_path = side_paths(output)
-    rows, boxes = [], ["name\tface\tx1\ty1\tx2\ty2\tscore"]
+    rows, boxes = [], [b"name\tface\tx1\ty1\tx2\ty2\tscore"]
     for name, faces in zip(result.names, result.faces):
         for k, f in enumerate(faces):
-            rows.append(face_row(name, f))
+            rows.append(os.fsencode(face_row(name, f)))
             x1, y1, x2, y2 = (float(v) for v in f.box)
-            boxes.append(f"{name}\t{k}\t{x1:.2f}\t{y1:.2f}\t{x2:.2f}\t{y2:.2f}\t{f.score:.4f}")
+            cells = [name, str(k), f"{x1:.2f}", f"{y1:.2f}", f"{x2:.2f}", f"{y2:.2f}", f"{f.score:.4f}"]
+            boxes.append(b"\t".join(tsv_field(c) for c in cells))
     written = {}
-    write_text_atomic(boxes_path, "\n".join(boxes) + "\n")
+    write_bytes_atomic(boxes_path, b"\n".join(boxes) + b"\n")
     written["boxes"] = boxes_path
     if result.failures:
-        lines = ["index\tpath\treason"]
-        for fl in sorted(result.failures, key=lambda x: x.index):
-            cells = (str(v).replace("\t", " ").replace("\n", " ") for v in (fl.index, fl.path, fl.reason))
-            lines.append("\t".join(cells))
-        write_text_atomic(failures_path, "\n".join(lines) + "\n")
+        with atomic_file(failures_path, "wb") as fh:
+            write_failures(fh, sorted(result.failures, key=lambda x: x.index))
         written["failures"] = failures_path
     elif failures_path.exists():
         failures_path.unlink()  # from an earlier run of the same output; no longer true
-    write_text_atomic(output, "".join(r + "\n" for r in rows), force=force)
+    write_bytes_atomic(output, b"".join(r + b"\n" for r in rows), force=force)
     written["faces"] = output
     return written

@@ -16,14 +16,18 @@ decoding thread.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArcdeployError
+from ..errors import ArcdeployError, printable
 from .types import ImageError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -34,17 +38,31 @@ def is_image_name(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def text_lines(data: bytes) -> list[str]:
+    """The lines of a text file of names, as the file system's names: split at ``\n`` only (a
+    ``\r`` before it dropped; no other character ends a line, so a name may hold U+2028 or a
+    form feed), nothing stripped, a UTF-8 byte order mark at the start ignored, bytes that are
+    not UTF-8 kept as surrogate escapes (``os.fsdecode``)."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":  # the newline that ends the last line starts no line
+        lines.pop()
+    return [os.fsdecode(line[:-1] if line.endswith(b"\r") else line) for line in lines]
+
+
 def list_images(spec: str | os.PathLike) -> list[Path]:
     """The images named by ``spec``, in a stable order.
 
     - a folder: every file below it (recursively) whose extension is one of
       jpg, jpeg, png, bmp, webp (any case), sorted by relative path;
-    - a list file: one path per line (names as the file system's bytes: UTF-8 or
-      not), in file order; blank lines and lines
-      starting with ``#`` are skipped; relative paths are resolved against the
-      list file's folder; when a line has extra whitespace-separated fields
-      (``path label ...``) the first one is the path, unless the whole line
-      names an existing file (a path with spaces);
+    - a list file: one path per line, in file order (see :func:`text_lines`:
+      names as the file system's bytes, nothing stripped); blank lines and lines
+      whose first character is ``#`` are skipped, with a warning that counts them
+      (row ``i`` is then the ``i``-th image line, not line ``i``); relative paths
+      are resolved against the list file's folder; when a line has extra
+      space- or tab-separated fields (``path label ...``) the first one is the
+      path, unless the whole line names an existing file (a path with spaces);
     - a single image file: itself.
 
     Listed files are not opened here: a missing or broken one is reported when
@@ -67,25 +85,34 @@ def list_images(spec: str | os.PathLike) -> list[Path]:
         data = spec.read_bytes()
     except OSError as exc:
         raise ArcdeployError(f"{spec}: cannot read list file ({exc.strerror or exc})") from None
+    kind = _sniff(data) or _sniff_other(data)
+    if kind is not None:
+        raise ArcdeployError(f"{spec}: a {kind} image given where a list of image paths is expected{_hint(kind)}")
     if b"\0" in data[:4096]:
         raise ArcdeployError(f"{spec}: not a text list of image paths (binary data)")
-    # names are file system bytes: a name that is not UTF-8 keeps its bytes (surrogate escapes)
-    text = os.fsdecode(data)
     base = spec.parent
     paths = []
-    for line in text.splitlines():
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
+    skipped = {"blank": 0, "comment": 0}
+    for entry in text_lines(data):
+        if not entry.strip():
+            skipped["blank"] += 1
+            continue
+        if entry.startswith("#"):
+            skipped["comment"] += 1
             continue
         path = Path(entry)
         if not path.is_absolute():
             path = base / path
-        if len(entry.split()) > 1 and not path.exists():
-            first = Path(entry.split()[0])
+        fields = [f for f in _FIELD_SEP.split(entry) if f]
+        if len(fields) > 1 and not path.exists():
+            first = Path(fields[0])
             path = first if first.is_absolute() else base / first
         paths.append(path)
     if not paths:
         raise ArcdeployError(f"{spec}: the list names no images")
+    if any(skipped.values()):
+        what = " and ".join(f"{n} {k} line{'s' if n != 1 else ''}" for k, n in skipped.items() if n)
+        log.warning("%s: %s skipped; rows follow the %d image lines", display_name(spec), what, len(paths))
     return paths
 
 
@@ -112,6 +139,28 @@ def max_pixels_limit(max_pixels: int | None = None) -> int:
     if not value >= 1:
         raise ArcdeployError(f"{source} must be a positive number of pixels, got {value}")
     return int(value)
+
+
+_FIELD_SEP = re.compile(r"[ \t]+")
+
+
+def _sniff_other(data: bytes) -> str | None:
+    """Image formats arcdeploy does not decode, named so a refusal says what the file is."""
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"hevc", b"mif1", b"msf1", b"heim", b"heis"):
+        return "HEIC/HEIF"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
+        return "AVIF"
+    if data[:4] in (b"II*\0", b"MM\0*"):
+        return "TIFF"
+    return None
+
+
+def _hint(kind: str) -> str:
+    if kind in ("JPEG", "PNG", "BMP", "WebP"):
+        return " (name it with its extension, or give its folder)"
+    return f"; {kind} is not read: convert it to JPEG or PNG"
 
 
 def _sniff(data: bytes) -> str | None:
@@ -219,6 +268,9 @@ def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", max_pixels: i
         raise ImageError(name, "empty file")
     found = image_size(data)
     if found is None:
+        other = _sniff_other(data)
+        if other is not None:
+            raise ImageError(name, f"a {other} image{_hint(other)}")
         head = data[:64]
         textual = all(32 <= b < 127 or b in (9, 10, 13) for b in head)
         what = "a text file" if textual else "not JPEG, PNG, BMP or WebP data"
@@ -282,6 +334,7 @@ def read_image_bytes(path: str | os.PathLike) -> bytes:
 
 
 def display_name(name: str | os.PathLike) -> str:
-    """A file name safe to print on any terminal: bytes that are not UTF-8 (kept in a
-    ``str`` as surrogate escapes) are shown as ``\\xNN``."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
+    """A file name safe to print on any terminal, in one line: bytes that are not UTF-8 (kept in a
+    ``str`` as surrogate escapes) shown as ``\\xNN``, control characters escaped (see
+    :func:`arcdeploy.errors.printable`)."""
+    return printable(os.fsdecode(name))

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArcdeployError
+from ..machine import check_threads
 from .detectors import DetectorSpec, FaceDetector, as_detector
 from .prepare import exclusive_landmarks_detector, resolve_landmarks
 from .types import Missing
@@ -34,6 +35,7 @@ from .types import Missing
 DEFAULT_BATCH = 32
 DEFAULT_CHUNK_ROWS = 2048
 MAX_DEFAULT_WORKERS = 8
+WORKERS_PER_CPU = 4
 
 
 class LandmarkTable:
@@ -108,6 +110,8 @@ class EmbedJob:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise ArcdeployError(f"{name.replace('_', ' ')} must be at least 1, got {value}")
+        # decoding threads wait on files as well as compute: a few per CPU can help, hundreds cannot
+        check_threads(self.workers, "workers", per_cpu=WORKERS_PER_CPU)
         if self.all_faces and self.detector is None:
             raise ArcdeployError("all faces: give a face detector to find them")
         exclusive_landmarks_detector(self.landmarks, self.detector, "landmarks", "a detector")

@@ -1,7 +1,8 @@
 """5-point landmark files.
 
-Accepted rows (whitespace separated, one image per line; blank lines and
-``#`` comments skipped):
+Accepted rows (fields separated by spaces or tabs, one image per line, lines as
+:func:`arcdeploy.faces.io.text_lines` reads them; blank lines and lines whose first
+field starts with ``#`` skipped; a UTF-8 byte order mark ignored; each name at most once):
 
 - ``name x1 y1 ... x5 y5``            (10 numbers)
 - ``name x1 y1 ... x5 y5 score``      (11 numbers: IJB ``*_name_5pts_score.txt``)
@@ -15,12 +16,16 @@ absolute pixels in the image the name refers to.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path, PurePath
 
 import numpy as np
 
 from ..errors import ArcdeployError
+from .io import display_name, text_lines
+
+_FIELD_SEP = re.compile(r"[ \t]+")
 
 
 def reduce_68_to_5(pts68) -> np.ndarray:
@@ -37,8 +42,8 @@ class Landmarks(Mapping):
     """Landmark rows of one file: ``names`` (file order), ``points`` float32 [N, 5, 2],
     ``scores`` float32 [N] or None; and a mapping name -> points [5, 2].
 
-    When a name occurs more than once, lookup by name gives its first row
-    (``points`` keeps every row in file order).
+    A file read by :func:`read_landmarks` names each image once; rows made in code with a name
+    twice are looked up by their first row (``points`` keeps every row in file order).
     """
 
     def __init__(
@@ -111,17 +116,22 @@ def read_landmarks(path: str | os.PathLike) -> Landmarks:
         raise ArcdeployError(f"{path}: cannot read landmark file ({exc.strerror or exc})") from None
     if b"\0" in data[:4096]:
         raise ArcdeployError(f"{path}: not a text landmark file (binary data)")
-    # image names are file system bytes: one that is not UTF-8 keeps its bytes (surrogate escapes)
-    text = os.fsdecode(data)
     names: list[str] = []
     points: list[np.ndarray] = []
     scores: list[float] = []
     has_score: bool | None = None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
+    first_line: dict[str, int] = {}
+    for lineno, line in enumerate(text_lines(data), 1):
+        fields = [f for f in _FIELD_SEP.split(line) if f]
         if not fields or fields[0].startswith("#"):
             continue
         name, values = fields[0], fields[1:]
+        if name in first_line:
+            raise ArcdeployError(
+                f"{display_name(path)}:{lineno}: {display_name(name)!r} has a row already at line "
+                f"{first_line[name]}; each image needs exactly one row"
+            )
+        first_line[name] = lineno
         try:
             nums = np.array([float(v) for v in values], dtype=np.float64)
         except ValueError:

@@ -120,6 +120,12 @@ def extract_features(
     return np.asarray(res.features), cache, n_failed
 
 
+def default_features_dir(target: str) -> Path:
+    """Where features of packages are cached when no output folder is given: a folder of the
+    current one that a rerun of the same command finds (and resumes from)."""
+    return Path(f"ijb_{target.lower()}_features")
+
+
 def _unique_names(names: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     out = []
@@ -231,19 +237,25 @@ def evaluate_protocols(
         raise ArcdeployError("eval ijb: give one or more packages or --features FEATS.npy")
     meta = read_meta(root, target, pairs="1:1" in protocols)
     lists = read_1n_lists(root, meta.target, meta) if "1:N" in protocols else None
-    out = Path(out_dir) if out_dir else Path(f"ijb_{meta.target.lower()}_results")
+    # without out_dir nothing is written but what was asked for (json_path), and the features of
+    # packages, cached where a rerun of the same command finds them and resumes
+    out = Path(out_dir) if out_dir else None
+    cache_dir = out or default_features_dir(meta.target)
     names = _unique_names([Path(p).name for p in packages] + [Path(f).stem for f in features])
-    score_files = [out / f"{name}_{meta.target.lower()}_scores.npy" for name in names]
+    score_files = [out / f"{name}_{meta.target.lower()}_scores.npy" if out else None for name in names]
     outputs: list[Path] = []
-    if "1:1" in protocols:
-        outputs += [*score_files, out / "result.json", *([out / "roc.png"] if plot else [])]
-    if "1:N" in protocols:
+    if out is not None and "1:1" in protocols:
+        outputs += [*(f for f in score_files if f), out / "result.json", *([out / "roc.png"] if plot else [])]
+    if out is not None and "1:N" in protocols:
         outputs += [out / "result_1n.json", *([out / "tpir_fpir.png", out / "cmc.png"] if plot else [])]
     if json_path:
         outputs.append(Path(json_path))
     for path in outputs:  # before any work: extraction may take hours
         refuse_existing(path, force)
-    out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if packages:
+        cache_dir.mkdir(parents=True, exist_ok=True)
     if meta.name_mismatches:
         logger.warning(
             "%d rows name different images in %s and %s (row order is what counts)",
@@ -258,7 +270,7 @@ def evaluate_protocols(
         if kind == "package":
             say(f"[{name}] extracting features of {meta.images} images ({'with' if flip else 'without'} flip) ...")
             feats, cache, _ = extract_features(
-                src, meta, out, flip=flip, batch=batch, progress=progress, name=name, ray=ray
+                src, meta, cache_dir, flip=flip, batch=batch, progress=progress, name=name, ray=ray
             )
             source = feat_file = str(cache)
         else:
@@ -267,8 +279,9 @@ def evaluate_protocols(
         modes = dict(flip=flip, detector_score=detector_score, normalize_images=normalize_images)
         if "1:1" in protocols:
             res = evaluate_features(meta, feats, name=name, source=source, precision=precision, **modes)
-            save_npy_atomic(sf, res.scores, force=force)
-            res.scores_file, res.features_file = str(sf), feat_file
+            if sf is not None:
+                save_npy_atomic(sf, res.scores, force=force)
+            res.scores_file, res.features_file = (str(sf) if sf else None), feat_file
             verification.append(res)
             say(f"[{name}] {res.mode}: TAR@FAR=1e-4 {100 * res.tar[2]:.2f}%, 1e-5 {100 * res.tar[1]:.2f}%")
         if lists is not None:
@@ -292,10 +305,12 @@ def evaluate_protocols(
     return docs
 
 
-def _verification_doc(results: list[IJBResult], meta: IJBMeta, out: Path, plot: bool, force: bool) -> dict:
+def _verification_doc(results: list[IJBResult], meta: IJBMeta, out: Path | None, plot: bool, force: bool) -> dict:
     doc = {"protocol": "1:1", **results[0].to_json()}
     doc["results"] = [r.to_json() for r in results]
     doc["table"] = format_tar_table([(f"{r.name}-{r.target}", r.tar) for r in results])
+    if out is None:
+        return doc
     if plot:
         from ..plots import plot_roc
 
@@ -311,11 +326,13 @@ def _verification_doc(results: list[IJBResult], meta: IJBMeta, out: Path, plot: 
     return doc
 
 
-def _identification_doc(results: list[IJB1NResult], meta: IJBMeta, out: Path, plot: bool, force: bool) -> dict:
+def _identification_doc(results: list[IJB1NResult], meta: IJBMeta, out: Path | None, plot: bool, force: bool) -> dict:
     doc = results[0].to_json()
     doc["results"] = [r.to_json() for r in results]
     doc["table"] = format_tpir_table(results)
     doc["rank_table"] = format_rank_table(results)
+    if out is None:
+        return doc
     if plot:
         from ..plots import plot_cmc, plot_tpir_fpir
 

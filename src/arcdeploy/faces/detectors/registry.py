@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from ...errors import ArcdeployError
+from ...machine import check_threads
 from .base import PAD_RETRY, FaceDetector, GraphIO, read_graph_io
 
 # kind -> (module, class); tried in this order
@@ -80,8 +81,7 @@ class DetectorSpec:
             raise ArcdeployError(f"detection threshold must be between 0 and 1, got {self.threshold:g}")
         if not (isinstance(self.min_face, (int, float)) and math.isfinite(self.min_face) and self.min_face >= 0):
             raise ArcdeployError(f"minimum face size must be a number of pixels, 0 or more, got {self.min_face}")
-        if self.threads is not None and int(self.threads) < 1:
-            raise ArcdeployError(f"detector threads must be at least 1, got {self.threads}")
+        check_threads(self.threads, "detector threads")
         if self.input_size is not None:
             w, h = (int(v) for v in self.input_size)
             if w < 32 or h < 32:
