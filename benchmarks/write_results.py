@@ -12,6 +12,7 @@ Sections, each from one JSON file under ``--results`` (a missing file is named, 
   (``peers.json``, ``compare_peers.py``);
 - detection end to end (``e2e_detect.json``, ``bench_e2e_detect.py``);
 - Ray scaling (``ray.json``, ``bench_ray.py``);
+- the HTTP service under load (``serve.json``, ``bench_serve.py``);
 - the GPU check (``gpu_check.json``, ``gpu_check.py``), or that it has not run.
 
 Every number in the file is read from those JSON files; each section names the command that wrote its file.
@@ -37,6 +38,7 @@ FILES = {
     "peers": "peers.json",
     "e2e": "e2e_detect.json",
     "ray": "ray.json",
+    "serve": "serve.json",
     "gpu": "gpu_check.json",
 }
 
@@ -200,6 +202,36 @@ def ray_section(doc: dict | None) -> list[str]:
     return lines + [""]
 
 
+def serve_section(doc: dict | None) -> list[str]:
+    lines = ["## Serving under load (arcdeploy serve, 127.0.0.1)", ""]
+    if not doc:
+        return lines + [f"Not measured: no `{FILES['serve']}` (run `python benchmarks/bench_serve.py`).", ""]
+    from bench_serve import table
+
+    lines += _provenance(doc, "bench_serve.py")
+    first = doc["results"][0] if doc["results"] else {}
+    lines += [
+        "One image per request (`crop`: a 112x112 aligned JPEG, `aligned=true`; `photo`: a real photo through "
+        "SCRFD-500M), closed-loop clients on keep-alive connections, "
+        f"{doc['duration_s']:g} s measured per run after 1 s of warm-up; the batching server "
+        f"(--max-batch {first.get('max_batch')}, --max-wait-ms {first.get('max_wait_ms')}, "
+        f"{first.get('workers')} preparation workers, engine threads {doc.get('engine_threads') or 'default'}, "
+        f"engine streams {doc.get('engine_streams', 1)}) and the same server with --max-batch 1 loaded in turn; "
+        "offline: `embed_files` (what `arcdeploy embed` runs) on the same files before and after. CPU ms/req: "
+        "CPU time of all the server's threads per answered request, which depends far less than req/s on how much "
+        f"of the shared machine a run got. Run at nice {doc.get('nice', 0)}; load average "
+        f"{_la(doc.get('load_average_start'))} at the start, {_la(doc.get('load_average_end'))} at the end.",
+        "",
+        table(doc),
+        "",
+        "The last table: per request of the batching server at 32 clients, ms of CPU in the event-loop thread "
+        "(HTTP parsing, multipart, JSON, batching), the preparation workers (decode, detection, alignment) and "
+        "the engine's threads, the engine's wall time per face, and the load generator's own CPU.",
+        "",
+    ]
+    return lines
+
+
 def gpu_section(doc: dict | None) -> list[str]:
     lines = ["## GPU", ""]
     if not doc:
@@ -230,6 +262,7 @@ def compose(folder: Path) -> str:
     lines += peers_section(docs.get("peers"))
     lines += e2e_section(docs.get("e2e"))
     lines += ray_section(docs.get("ray"))
+    lines += serve_section(docs.get("serve"))
     lines += gpu_section(docs.get("gpu"))
     return "\n".join(lines).rstrip() + "\n"
 

@@ -63,6 +63,14 @@ def register(sub) -> None:
     )
     p.add_argument("--threads", type=int, default=None, metavar="N", help="engine threads (default: the engine's)")
     p.add_argument(
+        "--engine-streams",
+        type=int,
+        default=None,
+        metavar="N",
+        help="engine calls in flight at once (default 1); above 1, OpenVINO packages are compiled for "
+        "throughput with N streams",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -100,7 +108,7 @@ def _settings(args):
     from ..serve.app import ServeSettings
 
     options: dict = {}
-    for name in ("max_batch", "max_wait_ms", "max_queue", "workers"):
+    for name in ("max_batch", "max_wait_ms", "max_queue", "workers", "engine_streams"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.max_body_mb is not None:
@@ -139,11 +147,10 @@ def run(args) -> int:
         )
         return 0
 
-    from ..package import load
-    from ..serve.app import create_app
+    from ..serve.app import create_app, open_package
     from ..serve.server import serve
 
-    pkg = load(args.package, threads=args.threads)
+    pkg = open_package(args.package, threads=args.threads, engine_streams=settings.engine_streams)
     pkg.runtime  # noqa: B018 (a package that cannot load is refused here, with its reason, before serving)
     app = create_app(pkg, detector=detector, settings=settings)
     serve(app, host=args.host, port=args.port, on_listening=_announce, access_log=args.access_log)

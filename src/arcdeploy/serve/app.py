@@ -73,7 +73,7 @@ from .adapter import (
     pixel_limit,
     prepare_part,
 )
-from .batcher import Batcher, BatchStats
+from .batcher import Batcher, BatchStats, name_os_thread
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ MAX_FIELD_BYTES = 64  # a form field (aligned, all_faces) is a word
 WORK_PATHS = ("/v1/embed", "/v1/compare")
 KNOWN_PATHS = (*WORK_PATHS, "/healthz", "/v1/model", "/metrics", "/docs", "/openapi.json")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+PREPARE_THREAD = "arcdeploy-prep"
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,18 @@ class ServeSettings:
     max_pixels: int | None = None
     warm_up: str = "background"
     retry_after_s: int = 1
+    engine_streams: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "workers", "max_body_bytes", "max_pixels", "retry_after_s"):
+        for name in (
+            "max_batch",
+            "max_queue",
+            "workers",
+            "max_body_bytes",
+            "max_pixels",
+            "retry_after_s",
+            "engine_streams",
+        ):
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise ArcdeployError(f"{name.replace('_', '-')} must be at least 1, got {value}")
@@ -183,6 +193,7 @@ class Service:
         self.ready = False
         self.load_error: str | None = None
         self.in_flight = 0
+        self.on_the_way = 0  # requests whose images are being prepared, not yet queued for the engine
         self.pool: ThreadPoolExecutor | None = None
         self.batcher: Batcher | None = None
         self._warm_task: asyncio.Task | None = None
@@ -197,8 +208,17 @@ class Service:
 
     # ---- life
     async def start(self) -> None:
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="arcdeploy-prepare")
-        self.batcher = Batcher(self._run_engine, self.max_batch, self.settings.max_wait_ms / 1000.0, self._on_batch)
+        self.pool = ThreadPoolExecutor(
+            self.workers, thread_name_prefix=PREPARE_THREAD, initializer=name_os_thread, initargs=(PREPARE_THREAD,)
+        )
+        self.batcher = Batcher(
+            self._run_engine,
+            self.max_batch,
+            self.settings.max_wait_ms / 1000.0,
+            self._on_batch,
+            engine_calls=self.settings.engine_streams,
+            coming=lambda: self.on_the_way,
+        )
         self.batcher.start()
         if self.settings.warm_up == "startup":
             await self._warm_up()
@@ -220,22 +240,26 @@ class Service:
         """Open the engine and run it once at the largest batch and at one face (the engine then has
         what it compiles or allocates per shape ready), and the detector once."""
 
-        def warm() -> None:
-            t0 = time.perf_counter()
+        def warm_engine() -> None:
             self.model["fingerprint"] = self.package.fingerprint()
             crops = np.full((self.max_batch, 112, 112, 3), 127, np.uint8)
             embed_crops(self.package, crops)
             embed_crops(self.package, crops[:1])
+
+        def warm_detector() -> None:
             if self.detection is not None:
                 self.detection.detector.detect(np.full((480, 640, 3), 127, np.uint8))
-            log.info("model loaded and warmed up in %.1f s", time.perf_counter() - t0)
 
+        assert self.batcher is not None
+        t0 = time.perf_counter()
         try:
-            await asyncio.get_running_loop().run_in_executor(self.pool, warm)
+            await self.batcher.in_engine_thread(warm_engine)
+            await asyncio.get_running_loop().run_in_executor(self.pool, warm_detector)
         except Exception as exc:
             self.load_error = f"{self.package.path}: the model failed to load ({describe(exc)})"
             log.error("%s", self.load_error)
             return
+        log.info("model warmed up in %.1f s", time.perf_counter() - t0)
         self.ready = True
         self.metrics.ready.set(1)
 
@@ -642,6 +666,19 @@ _COMPARE_DOC = {
 }
 
 
+def open_package(package, threads: int | None = None, engine_streams: int = 1) -> Package:
+    """A package (folder or :class:`Package`) opened for serving: with ``engine_streams`` above 1,
+    an engine with asynchronous requests is compiled for throughput with that many streams (as
+    ``arcdeploy bench --mode throughput --streams N`` compiles it) unless it is open already."""
+    from ..engines import get_engine
+
+    pkg = load(package, threads=threads)
+    if engine_streams > 1 and not pkg.loaded and get_engine(pkg.manifest.engine).capabilities.async_requests:
+        pkg.engine_options.setdefault("performance_hint", "THROUGHPUT")
+        pkg.engine_options.setdefault("num_requests", int(engine_streams))
+    return pkg
+
+
 def create_app(
     package, detector=None, settings: ServeSettings | None = None, instance: str | None = None, **options: Any
 ) -> FastAPI:
@@ -657,7 +694,7 @@ def create_app(
         settings = ServeSettings(**options)
     elif options:
         settings = ServeSettings(**{**asdict(settings), **options})
-    pkg = load(package)
+    pkg = open_package(package, engine_streams=settings.engine_streams)
     service = Service(pkg, detector, settings)
 
     @contextlib.asynccontextmanager
@@ -817,6 +854,7 @@ def _model_description(service: Service) -> dict:
         "serving": {
             "max_batch": service.max_batch,
             "max_wait_ms": s.max_wait_ms,
+            "engine_streams": s.engine_streams,
             "max_queue": s.max_queue,
             "workers": service.workers,
             "max_body_bytes": s.max_body_bytes,

@@ -33,7 +33,7 @@ from ..errors import ArcdeployError, describe
 from ..files import scratch_dir
 from ..package import Package, load
 from .adapter import default_batch, detector_settings, open_detector_file
-from .app import ServeSettings, create_app
+from .app import ServeSettings, create_app, open_package
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _replica_app():
     bundle: PackageBundle = ray.get(spec.bundle[0])
     with scratch_dir(SCRATCH) as folder:
         pkg_dir, extras = bundle.unpack(folder)
-        pkg = load(pkg_dir, threads=spec.threads)
+        pkg = open_package(pkg_dir, threads=spec.threads, engine_streams=spec.settings.engine_streams)
         got = pkg.fingerprint()
         if got != bundle.fingerprint:
             raise ArcdeployError(
