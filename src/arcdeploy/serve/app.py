@@ -303,9 +303,16 @@ class Service:
         """Each upload's faces with their embeddings, or a one-line reason why it has none."""
         assert self.pool is not None and self.batcher is not None
         loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, self._prepare, u, detection) for u in uploads)
-        )
+        self.on_the_way += 1
+        try:
+            prepared = await asyncio.gather(
+                *(loop.run_in_executor(self.pool, self._prepare, u, detection) for u in uploads)
+            )
+        finally:
+            self.on_the_way -= 1
+            # a batch waiting for this request: its faces come now (queued before the batcher runs
+            # again), or never (none found, or the request gave up)
+            self.batcher.nudge()
         ok = [p for p in prepared if isinstance(p, PreparedPart)]
         rows = np.empty((0, 0), np.float32)
         if ok:
