@@ -232,7 +232,7 @@ def serve_section(doc: dict | None) -> list[str]:
         "(HTTP parsing, multipart, JSON, batching), the preparation workers (decode, detection, alignment) and "
         "the engine's threads, the engine's wall time per face, and the load generator's own CPU.",
         "",
-        "The issue's targets, as measured here (32 clients: batched req/s at least 0.8x offline and 2x "
+        "The serving targets, as measured here (32 clients: batched req/s at least 0.8x offline and 2x "
         "--max-batch 1; 8 clients: p99 within 3x p50):",
         "",
         "| package | workload | 32: x offline | 32: x max-batch 1 | 32: CPU/req, max-batch 1 / batched "

@@ -15,7 +15,7 @@ from arcdeploy.errors import ArcdeployError
 
 pytest.importorskip("fastapi", reason="serving needs pip install 'arcdeploy[serve]'")
 
-from arcdeploy.serve.batcher import Batcher, BatchStats  # noqa: E402
+from arcdeploy.serve.batcher import Batcher, BatchStats
 
 
 def crops(n: int, seed: int) -> np.ndarray:
