@@ -12,6 +12,7 @@ Sections, each from one JSON file under ``--results`` (a missing file is named, 
   (``peers.json``, ``compare_peers.py``);
 - detection end to end (``e2e_detect.json``, ``bench_e2e_detect.py``);
 - Ray scaling (``ray.json``, ``bench_ray.py``);
+- the HTTP service under load (``serve.json``, ``bench_serve.py``);
 - the GPU check (``gpu_check.json``, ``gpu_check.py``), or that it has not run.
 
 Every number in the file is read from those JSON files; each section names the command that wrote its file.
@@ -37,6 +38,7 @@ FILES = {
     "peers": "peers.json",
     "e2e": "e2e_detect.json",
     "ray": "ray.json",
+    "serve": "serve.json",
     "gpu": "gpu_check.json",
 }
 
@@ -200,6 +202,71 @@ def ray_section(doc: dict | None) -> list[str]:
     return lines + [""]
 
 
+def serve_section(doc: dict | None) -> list[str]:
+    lines = ["## Serving under load (arcdeploy serve, 127.0.0.1)", ""]
+    if not doc:
+        return lines + [f"Not measured: no `{FILES['serve']}` (run `python benchmarks/bench_serve.py`).", ""]
+    from bench_serve import table
+
+    lines += _provenance(doc, "bench_serve.py")
+    first = doc["results"][0] if doc["results"] else {}
+    m = doc.get("machine") or {}
+    lines += [
+        f"CPU of this run: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, flags "
+        f"{', '.join(m.get('flags') or []) or 'none'}.",
+        "",
+        "One image per request (`crop`: a 112x112 aligned JPEG, `aligned=true`; `photo`: a real photo through "
+        "SCRFD-500M), closed-loop clients on keep-alive connections, "
+        f"{doc['duration_s']:g} s measured per run after 1 s of warm-up; the batching server "
+        f"(--max-batch {first.get('max_batch')}, --max-wait-ms {first.get('max_wait_ms')}, "
+        f"{first.get('workers')} preparation workers, engine threads {doc.get('engine_threads') or 'default'}, "
+        f"engine streams {doc.get('engine_streams', 1)}) and the same server with --max-batch 1 loaded in turn; "
+        "offline: `embed_files` (what `arcdeploy embed` runs) on the same files before and after. CPU ms/req: "
+        "CPU time of all the server's threads per answered request, which depends far less than req/s on how much "
+        f"of the shared machine a run got. Run at nice {doc.get('nice', 0)}; load average "
+        f"{_la(doc.get('load_average_start'))} at the start, {_la(doc.get('load_average_end'))} at the end.",
+        "",
+        table(doc),
+        "",
+        "The last table: per request of the batching server at 32 clients, ms of CPU in the event-loop thread "
+        "(HTTP parsing, multipart, JSON, batching), the preparation workers (decode, detection, alignment) and "
+        "the engine's threads, the engine's wall time per face, and the load generator's own CPU.",
+        "",
+        "The serving targets, as measured here (32 clients: batched req/s at least 0.8x offline and 2x "
+        "--max-batch 1; 8 clients: p99 within 3x p50):",
+        "",
+        "| package | workload | 32: x offline | 32: x max-batch 1 | 32: CPU/req, max-batch 1 / batched "
+        "| 8: p99 / p50 | cores got at 32, batched / max-batch 1 |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for e in doc["results"]:
+        by = {r["clients"]: r for r in e["batched"]}
+        one = {r["clients"]: r for r in e["max_batch_1"]}
+        if 32 not in by or 8 not in by:
+            continue
+        b32, o32, b8 = by[32], one[32], by[8]
+        to_off, to_one = b32["throughput"] / e["offline_images_per_s"], b32["throughput"] / o32["throughput"]
+        tail = b8["p99_ms"] / b8["p50_ms"]
+        mark = lambda ok: "" if ok else " (missed)"  # noqa: E731
+        lines.append(
+            f"| {e['package']} | {e['workload']} | {to_off:.2f}{mark(to_off >= 0.8)} | {to_one:.2f}{mark(to_one >= 2)} "
+            f"| {o32['server_cpu_ms_per_request'] / b32['server_cpu_ms_per_request']:.2f} "
+            f"| {tail:.2f}{mark(tail <= 3)} "
+            f"| {b32.get('server_on_cpu_cores', 0):.2f} / {o32.get('server_on_cpu_cores', 0):.2f} |"
+        )
+    lines += [
+        "",
+        "Cores got: CPU time the server's threads ran per second of the run (/proc schedstat), while their "
+        "runnable threads waited for a CPU (the JSON's server_waiting_for_cpu) as other jobs held the cores. "
+        "Where the two servers got different shares of the shared machine, req/s compares that share as much "
+        "as the servers (a server that runs in short bursts and sleeps between them, batch 1, can be given more "
+        "of a busy CPU than one that computes a batch at a stretch); CPU per request does not depend on the "
+        "share, and is the figure to judge the batching by here.",
+        "",
+    ]
+    return lines
+
+
 def gpu_section(doc: dict | None) -> list[str]:
     lines = ["## GPU", ""]
     if not doc:
@@ -230,6 +297,7 @@ def compose(folder: Path) -> str:
     lines += peers_section(docs.get("peers"))
     lines += e2e_section(docs.get("e2e"))
     lines += ray_section(docs.get("ray"))
+    lines += serve_section(docs.get("serve"))
     lines += gpu_section(docs.get("gpu"))
     return "\n".join(lines).rstrip() + "\n"
 

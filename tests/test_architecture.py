@@ -18,7 +18,7 @@ ENGINE_LIBRARIES = {
     "openvino": ("engines/openvino.py",),
     "onnxruntime": ("engines/onnxruntime.py",),
     "torch": ("engines/torch.py", "exporter.py", "sources/", "backbones/", "demo/synth.py"),
-    "ray": ("distributed/",),
+    "ray": ("distributed/", "serve/ray_serve.py"),
 }
 
 

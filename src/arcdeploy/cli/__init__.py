@@ -17,7 +17,7 @@ import threading
 
 from ..errors import ArcdeployError, describe, printable
 
-COMMANDS = ("export", "build", "check", "embed", "compare", "detect", "bench", "eval", "run", "demo")
+COMMANDS = ("export", "build", "check", "embed", "compare", "detect", "bench", "eval", "serve", "run", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
