@@ -166,9 +166,9 @@ def _announce(host: str, port: int) -> None:
 def _open_detector(args):
     from types import SimpleNamespace
 
-    from .embed import open_cli_detector
+    from .embed import cli_detector
 
-    return open_cli_detector(
+    return cli_detector(
         SimpleNamespace(
             landmarks=None,
             detector=args.detector,

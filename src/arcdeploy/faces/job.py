@@ -38,6 +38,12 @@ MAX_DEFAULT_WORKERS = 8
 WORKERS_PER_CPU = 4
 
 
+def default_batch(package) -> int:
+    """Images per inference call when nobody says: the package's compiled batch, else its build
+    batch, else :data:`DEFAULT_BATCH`."""
+    return int(package.fixed_batch or package.manifest.batch or DEFAULT_BATCH)
+
+
 class LandmarkTable:
     """Per-image landmarks — None (an aligned crop), [5, 2] points, or :class:`Missing` (the
     landmark file has no row for it) — held as two arrays: one compact object for a job of
@@ -150,7 +156,7 @@ class EmbedJob:
     # ---- what the settings come to for one package
 
     def batch_for(self, package) -> int:
-        return int(self.batch or package.fixed_batch or package.manifest.batch or DEFAULT_BATCH)
+        return int(self.batch or default_batch(package))
 
     def chunk_rows_for(self, batch: int) -> int:
         """Images per saved chunk: a whole number of batches, so a resumed run cuts the same batches."""

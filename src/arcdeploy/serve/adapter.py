@@ -9,22 +9,17 @@ layer wherever it goes.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import printable
+from ..faces.detectors import DetectorSpec, as_detector
 from ..faces.io import max_pixels_limit
-from ..faces.pipeline import default_batch
-from ..faces.prepare import (
-    DETECTOR_THREADS,
-    Detection,
-    EncodedImage,
-    Failure,
-    Prepared,
-    as_detection,
-    prepare_image_or_failure,
-)
+from ..faces.job import default_batch
+from ..faces.pipeline import NON_FINITE, features_of
+from ..faces.prepare import Detection, as_detection, prepare_image_or_failure
+from ..faces.types import EncodedImage, Failure, Prepared
 
 __all__ = [
     "NON_FINITE",
@@ -34,16 +29,12 @@ __all__ = [
     "Prepared",
     "PreparedPart",
     "default_batch",
-    "detector_settings",
+    "detector_spec",
     "embed_crops",
     "open_detection",
-    "open_detector_file",
     "pixel_limit",
     "prepare_part",
 ]
-
-# what embed says of a row the model gives as NaN or infinity
-NON_FINITE = "the model gave a non-finite embedding"
 
 
 @dataclass(frozen=True)
@@ -70,29 +61,15 @@ def open_detection(detector, all_faces: bool = False) -> Detection | None:
     return as_detection(detector, all_faces)
 
 
-def detector_settings(detector) -> tuple[dict, str] | None:
-    """How to open ``detector`` again elsewhere (another process, another machine): the settings
-    :func:`open_detector_file` takes and the detector file's path; None without a detector.
-    Settings as ``embed --ray`` sends them."""
-    detection = open_detection(detector) if detector is not None else None
-    if detection is None:
-        return None
-    d = detection.detector
-    settings = {
-        "engine": getattr(d, "engine", "onnxruntime"),
-        "threshold": d.threshold,
-        "min_face": d.min_face,
-        "threads": DETECTOR_THREADS,
-        "pad_retry": d.pad_retry,
-    }
-    return settings, str(d.path)
-
-
-def open_detector_file(path: str | os.PathLike, settings: dict):
-    """The detector file opened with :func:`detector_settings`' settings."""
-    from ..faces.detect import open_detector
-
-    return open_detector(path, **settings)
+def detector_spec(detector) -> DetectorSpec | None:
+    """How to open ``detector`` again elsewhere (another process, another machine): its file and
+    settings, as ``embed --ray`` sends them; None without a detector."""
+    found = as_detector(detector.detector if isinstance(detector, Detection) else detector)
+    if found is None or isinstance(found, DetectorSpec):
+        return found
+    if found.spec is None:
+        raise ValueError(f"{found.describe()}: opened without a spec; open it with open_detector to send it")
+    return found.spec
 
 
 def prepare_part(
@@ -125,14 +102,11 @@ def pixel_limit(max_pixels: int | None = None) -> int:
 
 def embed_crops(package, crops: np.ndarray) -> np.ndarray:
     """L2-normalised float32 embeddings [k, D] of aligned crops: the rows ``Package.embed`` gives
-    (the same engine call and the same arithmetic as the embed pipeline's normalisation); a row the
-    model gives as non-finite stays non-finite for the caller to refuse."""
-    feats = np.asarray(package.infer(crops), dtype=np.float32)
-    norm = np.linalg.norm(feats, axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore"):
-        return (feats / np.maximum(norm, np.float32(1e-12))).astype(np.float32, copy=False)
+    (the embed pipeline's own engine call and normalisation); a row the model gives as non-finite
+    stays non-finite for the caller to refuse."""
+    return features_of(package, crops, flip=False, raw=False)
 
 
 def _one_line(text: str) -> str:
     # a client's file name may hold newlines or bytes that are not UTF-8
-    return " ".join(os.fsencode(text).decode("utf-8", "backslashreplace").split())
+    return printable(text)

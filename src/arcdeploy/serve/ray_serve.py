@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 from ray import serve
@@ -32,7 +32,10 @@ from ray import serve
 from ..errors import ArcdeployError, describe
 from ..files import scratch_dir
 from ..package import Package, load
-from .adapter import default_batch, detector_settings, open_detector_file
+from .adapter import default_batch, detector_spec
+
+if TYPE_CHECKING:
+    from ..faces.detectors import DetectorSpec
 from .app import ServeSettings, create_app, open_package
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ class ReplicaSpec:
     detector's settings and the service's."""
 
     bundle: list
-    detector: dict | None
+    detector: DetectorSpec | None
     settings: ServeSettings
     threads: int | None
 
@@ -82,9 +85,8 @@ def _replica_app():
         except ArcdeployError as exc:
             raise ArcdeployError(describe(exc).replace(str(pkg_dir), bundle.name)) from None
         detector = None
-        if spec.detector is not None:
-            options = dict(spec.detector)
-            detector = open_detector_file(extras[options.pop("path")], options)
+        if spec.detector is not None:  # the file travelled under its own name, so failures name it as here
+            detector = spec.detector.with_path(extras[spec.detector.path.name]).open()
     node = ray.get_runtime_context().get_node_id()
     # startup warm-up: Ray Serve routes to a replica once its application has started
     return create_app(
@@ -133,13 +135,12 @@ def serve_on_ray(
 
     settings = settings or ServeSettings()
     pkg = load(package)
-    found = detector_settings(detector)
+    found = detector_spec(detector)
     extras: dict[str, str | os.PathLike] = {}
     shipped = None
     if found is not None:  # the file travels with the package, under its own name (what failures name)
-        opened_with, path = found
-        extras[Path(path).name] = path
-        shipped = {**opened_with, "path": Path(path).name}
+        extras[found.path.name] = found.path
+        shipped = found.with_path(found.path.name)
     if replicas is not None and int(replicas) < 1:
         raise ArcdeployError(f"--replicas must be at least 1, got {replicas}")
     if port == 0:
