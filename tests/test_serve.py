@@ -270,7 +270,7 @@ def test_json_base64_and_msgpack_answers_are_the_same_rows(server, crops, expect
 
 
 def test_photos_through_the_detector_equal_package_embed(server, photos, expected_photos):
-    from arcdeploy.faces.detect import open_detector
+    from arcdeploy.faces.detectors import open_detector
     from arcdeploy.faces.io import read_image
 
     r = httpx.post(f"{server.url}/v1/embed", files=_files(photos), timeout=120)
