@@ -15,7 +15,7 @@ import sys
 
 from ..errors import ArcdeployError, describe
 
-COMMANDS = ("export", "build", "check", "embed", "compare", "detect", "bench", "eval", "run", "demo")
+COMMANDS = ("export", "build", "check", "embed", "compare", "detect", "bench", "eval", "run", "demo", "gallery")
 
 
 def build_parser() -> argparse.ArgumentParser:
