@@ -477,6 +477,7 @@ class FolderGallery(GalleryStore):
         return len(gone)
 
     def close(self) -> None:
+        self._loaded = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None

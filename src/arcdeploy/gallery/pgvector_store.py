@@ -50,6 +50,7 @@ HNSW_EF_CONSTRUCTION = 64
 HNSW_EF_SEARCH = 64
 HNSW_EF_SEARCH_MAX = 1000  # pgvector's limit
 FIRST_CANDIDATES = 64
+PLAIN_STORAGE_MAX_DIM = 1536  # a row of a larger vector would not fit an 8 kB page uncompressed
 URL_PREFIXES = ("postgresql://", "postgres://")
 STORE_NAME = "PostgreSQL + pgvector"
 
@@ -231,6 +232,10 @@ class PostgresGallery(GalleryStore):
             f"identity_id integer NOT NULL REFERENCES {IDENTITIES}(id) ON DELETE CASCADE, name text NOT NULL, "
             f"add_id integer NOT NULL REFERENCES {ADDS}(id), embedding vector({int(model.dim)}) NOT NULL)"
         )
+        if model.dim <= PLAIN_STORAGE_MAX_DIM:
+            # kept in the row, not TOASTed: a 512-d vector is just over the TOAST threshold, and an exact
+            # search reads every vector, so fetching each from the TOAST table would cost it dearly
+            self.conn.execute(f"ALTER TABLE {SAMPLES} ALTER COLUMN embedding SET STORAGE PLAIN")
         self.conn.execute(f"CREATE INDEX {SAMPLES}_identity ON {SAMPLES} (identity_id)")
         index: dict[str, Any] = {"kind": kind, "metric": "inner_product"}
         if kind == "hnsw":
