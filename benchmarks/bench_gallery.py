@@ -154,7 +154,7 @@ def pg_url(server, db: str) -> str:
     return server.get_uri(db) + "&options=-c%20maintenance_work_mem%3D4GB"
 
 
-def run_size(n: int, real, probes, model, work: Path, server, pg_hnsw_max: int, pkg: str) -> dict:
+def run_size(n: int, real, probes, model, work: Path, server, pg_hnsw_max: int, hnsw_max: int) -> dict:
     xr, idr, namer = real
     qx, qids = probes
     dim = model.dim
@@ -170,7 +170,7 @@ def run_size(n: int, real, probes, model, work: Path, server, pg_hnsw_max: int, 
     numpy_store = NumpyExact(x, np.fromiter((number[i] for i in ids), np.int64, len(ids)), dict(enumerate(names)))
     stores: dict[str, dict] = {"numpy exact": {"search": numpy_store.search, "memory_bytes": raw_bytes}}
 
-    kinds = [("folder flat", "flat"), ("folder int8", "int8"), ("folder hnsw", "hnsw")]
+    kinds = [("folder flat", "flat"), ("folder int8", "int8")] + ([("folder hnsw", "hnsw")] if n <= hnsw_max else [])
     pg_kinds = []
     if server is not None:
         pg_kinds.append(("pgvector exact", "flat"))
@@ -208,10 +208,12 @@ def run_size(n: int, real, probes, model, work: Path, server, pg_hnsw_max: int, 
         print(f"[{n}] {label}: added in {add_s:.1f} s, memory {entry['memory_bytes'] / 2**20:.0f} MiB", flush=True)
 
     # single queries and batches of 100, the stores in turns; fewer at 10^6 (the exact ones take ~0.1-1 s)
-    singles = min(len(qx), 200 if n <= 100_000 else 40)
-    batches = 5 if n <= 100_000 else 2
+    # fewer queries at 10^6: an exact scan there takes 0.1 .. 3 s a query on this 2-core machine
+    singles = min(len(qx), 200 if n <= 100_000 else 10)
+    batches = 5 if n <= 100_000 else 1
+    scored = len(qx) if n <= 100_000 else 100  # probes for recall and accuracy
     times: dict[str, dict[str, list[float]]] = {k: {"single": [], "batch": []} for k in stores}
-    answers: dict[str, list] = {k: [None] * len(qx) for k in stores}
+    answers: dict[str, list] = {}
     for i in range(singles):
         for label, st in stores.items():
             t = time.perf_counter()
@@ -224,16 +226,16 @@ def run_size(n: int, real, probes, model, work: Path, server, pg_hnsw_max: int, 
             t = time.perf_counter()
             st["search"](qx[sel], TOP_K)
             times[label]["batch"].append(time.perf_counter() - t)
-    for label, st in stores.items():  # every probe, for recall and accuracy
+    for label, st in stores.items():  # the probes for recall and accuracy
         res = []
-        for s in range(0, len(qx), BATCH):
-            res += st["search"](qx[s : s + BATCH], TOP_K)
+        for s in range(0, scored, BATCH):
+            res += st["search"](qx[s : min(s + BATCH, scored)], TOP_K)
         answers[label] = res
     for g in opened:
         g.close()
 
     exact = answers["numpy exact"]
-    out: dict = {"vectors": n, "real_vectors": len(xr), "random_vectors": extra, "probes": len(qx), "stores": {}}
+    out: dict = {"vectors": n, "real_vectors": len(xr), "random_vectors": extra, "probes": scored, "stores": {}}
     numpy_batch = float(np.median(times["numpy exact"]["batch"]))
     for label, st in stores.items():
         res = answers[label]
@@ -280,7 +282,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--pg-hnsw-max", type=int, default=100_000, help="largest size to build a pgvector HNSW index for")
+    ap.add_argument("--hnsw-max", type=int, default=100_000, help="largest size to build a folder HNSW index for")
     ap.add_argument("--no-pg", action="store_true")
+    ap.add_argument("--append", action="store_true", help="add these sizes to the sizes already in --json")
     ap.add_argument("--work", default="/work/scratch/gallery/bench")
     ap.add_argument("--json", default=str(HERE / "results" / "gallery.json"))
     args = ap.parse_args()
@@ -322,9 +326,16 @@ def main() -> int:
             doc["versions"]["pgvector"] = conn.execute(
                 "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
             ).fetchone()[0]
+    if args.append and Path(args.json).exists():
+        old = json.loads(Path(args.json).read_text())
+        doc["sizes"] = old["sizes"]
+        doc["command"] = old["command"] + " ; " + doc["command"]
+        doc["load_average_start"] = old["load_average_start"]
     try:
         for n in (int(s) for s in args.sizes.split(",")):
-            doc["sizes"].append(run_size(n, (xr, idr, namer), (qx, qids), model, work, server, args.pg_hnsw_max, pkg))
+            doc["sizes"].append(
+                run_size(n, (xr, idr, namer), (qx, qids), model, work, server, args.pg_hnsw_max, args.hnsw_max)
+            )
             doc["projection_1e7"] = project(doc["sizes"], model.dim)
             doc["load_average_end"] = list(os.getloadavg())
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import arcdeploy
 from arcdeploy.cli import main as cli_main
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.gallery import ModelIdentity, open_gallery
@@ -256,7 +258,7 @@ def test_second_writer_refused(tmp_path):
 
 @pytest.mark.parametrize("damage", ["index", "samples", "meta", "missing"])
 def test_damaged_file_is_one_line(tmp_path, capsys, damage, r18_ort_fp32_pkg):
-    model = ModelIdentity.from_manifest(__import__("arcdeploy").load(r18_ort_fp32_pkg).manifest, "pkg")
+    model = ModelIdentity.from_manifest(arcdeploy.load(r18_ort_fp32_pkg).manifest, "pkg")
     x, ids, _ = clustered(10, 2, dim=model.dim)
     loc = tmp_path / "g"
     with open_gallery(loc, write=True) as g:
@@ -422,8 +424,6 @@ def test_cli_end_to_end(tmp_path, capsys, r18_ort_fp32_pkg, r18_int8_pkg, faces1
         assert best["identity"] == "person2" and best["score"] > 0.95 and best["score"] > second["score"] + 0.1
 
     # features and labels; another model's package is refused in one line
-    import arcdeploy
-
     feats = arcdeploy.load(pkg).embed([str(p) for p in paths[:4]])
     np.save(tmp_path / "f.npy", feats)
     (tmp_path / "labels.txt").write_text("a\nb\nc\nd\n")
@@ -434,8 +434,6 @@ def test_cli_end_to_end(tmp_path, capsys, r18_ort_fp32_pkg, r18_int8_pkg, faces1
     )  # fmt: skip
     assert code == 0 and "8 identities" in out, err
     other = tmp_path / "other_pkg"
-    import shutil
-
     shutil.copytree(pkg, other)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["source"]["sha256"] = "0" * 64

@@ -223,12 +223,16 @@ def unit_rows(vectors: Any, dim: int, where: str) -> tuple[np.ndarray, np.ndarra
         raise ArcdeployError(f"{where}: expected float features, got {x.dtype}")
     if x.shape[1] != dim:
         raise ArcdeployError(f"{where}: {x.shape[1]}-d features, but the model's embeddings are {dim}-d")
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x.astype(np.float64), axis=1)
-    ok = np.isfinite(x).all(axis=1) & (norms > 1e-12)
-    out = np.zeros_like(x)
-    out[ok] = (x[ok].astype(np.float64) / norms[ok, None]).astype(np.float32)
-    return np.ascontiguousarray(out), ok
+    out = np.zeros(x.shape, np.float32)
+    ok = np.zeros(len(x), bool)
+    for s in range(0, len(x), 65536):  # in blocks: the float64 copy stays small for any N
+        block = np.asarray(x[s : s + 65536], dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            norms = np.linalg.norm(block, axis=1)
+        good = np.isfinite(block).all(axis=1) & np.isfinite(norms) & (norms > 1e-12)
+        out[s : s + len(block)][good] = (block[good] / norms[good, None]).astype(np.float32)
+        ok[s : s + len(block)] = good
+    return out, ok
 
 
 def best_identities(scores: np.ndarray, owners: np.ndarray, names: Mapping[int, str], top_k: int) -> list[Match]:
