@@ -83,13 +83,30 @@ CREATE INDEX samples_identity ON samples(identity_id);
 """
 
 
+# Batches of queries against a flat index: FAISS 1.15 scans the vectors once per query below
+# 128000 queries (memory-bound: 3x numpy's matmul for 100 queries at 10^5 vectors here), and its
+# matrix-product path works in blocks of 1024 vectors (many small products, slower still). From
+# 20 queries on, products in blocks of 65536 vectors measured faster than numpy's one big matmul
+# (benchmarks/bench_gallery.py); the block of scores is at most 512 x 65536 floats (128 MiB).
+BLAS_MIN_QUERIES = 20
+BLAS_DATABASE_BLOCK = 65536
+BLAS_QUERY_BLOCK = 512
+_tuned = False
+
+
 def faiss_module():
+    global _tuned
     try:
         import faiss
     except ImportError:
         raise ArcdeployError(
             "a folder gallery needs FAISS, which is not installed: pip install 'arcdeploy[gallery]' (faiss-cpu)"
         ) from None
+    if not _tuned:  # process-wide settings of FAISS's exhaustive search (see above)
+        faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES
+        faiss.cvar.distance_compute_blas_database_bs = BLAS_DATABASE_BLOCK
+        faiss.cvar.distance_compute_blas_query_bs = BLAS_QUERY_BLOCK
+        _tuned = True
     return faiss
 
 
