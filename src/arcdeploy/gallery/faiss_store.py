@@ -286,6 +286,8 @@ class FolderGallery(GalleryStore):
             con = sqlite3.connect(uri, uri=True)
             con.execute("SELECT count(*) FROM samples").fetchone()
         except sqlite3.Error as exc:
+            if not path.exists():  # replaced by a writer since it was checked
+                raise _Missing(path) from None
             raise _damaged(path, f"not a readable SQLite file ({first_line(exc)})") from None
         return con
 
