@@ -87,7 +87,8 @@ CREATE INDEX samples_identity ON samples(identity_id);
 # 128000 queries (memory-bound: 3x numpy's matmul for 100 queries at 10^5 vectors here), and its
 # matrix-product path works in blocks of 1024 vectors (many small products, slower still). From
 # 20 queries on, products in blocks of 65536 vectors measured faster than numpy's one big matmul
-# (benchmarks/bench_gallery.py); the block of scores is at most 512 x 65536 floats (128 MiB).
+# (benchmarks/bench_gallery.py); the block of scores is at most 512 x 65536 floats (128 MiB). Fewer
+# queries go through numpy (FolderGallery._index_search).
 BLAS_MIN_QUERIES = 20
 BLAS_DATABASE_BLOCK = 65536
 BLAS_QUERY_BLOCK = 512
@@ -347,11 +348,7 @@ class FolderGallery(GalleryStore):
         todo = np.arange(len(q))
         m = min(n, max(4 * top_k, FIRST_CANDIDATES))
         while len(todo):
-            if hnsw:
-                params = self._faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, m))
-                scores, rows = loaded.index.search(q[todo], m, params=params)
-            else:
-                scores, rows = loaded.index.search(q[todo], m)
+            scores, rows = self._index_search(loaded.index, q[todo], m, hnsw)
             again = []
             for j, qi in enumerate(todo):
                 valid = rows[j] >= 0
@@ -365,6 +362,20 @@ class FolderGallery(GalleryStore):
             todo = np.asarray(again, dtype=np.int64)
             m = min(n, m * 4)
         return [r or [] for r in results]
+
+    def _index_search(self, index, q: np.ndarray, m: int, hnsw: bool):
+        faiss = self._faiss
+        params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, m)) if hnsw else None
+        if len(q) >= BLAS_MIN_QUERIES or hnsw or not isinstance(index, faiss.IndexFlat):
+            return index.search(q, m, params=params)
+        # a few queries against a flat index: numpy's matrix-vector product over FAISS's own vectors
+        # (a view, no copy) measured 3x faster than FAISS's one-query scan (benchmarks/bench_gallery.py)
+        xb = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+        scores = q @ xb.T
+        top = np.argpartition(-scores, m - 1, axis=1)[:, :m] if m < index.ntotal else np.tile(np.arange(m), (len(q), 1))
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        return np.take_along_axis(top_scores, order, axis=1), np.take_along_axis(top, order, axis=1)
 
     def info(self) -> GalleryInfo:
         kind = self.index_kind()
