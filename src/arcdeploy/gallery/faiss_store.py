@@ -32,10 +32,11 @@ import os
 import re
 import shutil
 import sqlite3
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +114,33 @@ def faiss_module():
 
 @dataclass
 class _Loaded:
-    """A gallery generation read into memory: the index, each row's identity number, the names."""
+    """A gallery generation opened for searching: the index and each row's identity number in
+    memory; identity names stay in the (checked, read-only) SQLite file and are read for the
+    identities a search returns, so a gallery of a million one-photo identities costs no more
+    memory than its index."""
 
     index: Any
-    owners: np.ndarray  # int64 [ntotal]
-    names: dict[int, str]
+    owners: np.ndarray  # int32 [ntotal]: identities.id of each row
+    db: sqlite3.Connection
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def names(self, ids: Iterable[int]) -> dict[int, str]:
+        wanted = sorted({int(i) for i in ids})
+        out: dict[int, str] = {}
+        with self.lock:
+            for s in range(0, len(wanted), 900):  # SQLite's limit on bound parameters
+                chunk = wanted[s : s + 900]
+                marks = ",".join("?" * len(chunk))
+                out.update(self.db.execute(f"SELECT id, name FROM identities WHERE id IN ({marks})", chunk))
+        return out
+
+    def number_of(self, identity: str) -> int | None:
+        with self.lock:
+            row = self.db.execute("SELECT id FROM identities WHERE name = ?", (identity,)).fetchone()
+        return int(row[0]) if row else None
+
+    def close(self) -> None:
+        self.db.close()
 
 
 class _HashingFile:
@@ -284,7 +307,7 @@ class FolderGallery(GalleryStore):
         # immutable: a generation's file never changes once gallery.json names it
         uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro&immutable=1"
         try:
-            con = sqlite3.connect(uri, uri=True)
+            con = sqlite3.connect(uri, uri=True, check_same_thread=False)  # used under _Loaded.lock
             con.execute("SELECT count(*) FROM samples").fetchone()
         except sqlite3.Error as exc:
             if not path.exists():  # replaced by a writer since it was checked
@@ -302,32 +325,39 @@ class FolderGallery(GalleryStore):
         assert self._state is not None
         state = self._state
         con = self._open_db()
+        dbpath = self.path / state["files"]["samples"]["name"]
         try:
-            names = {int(i): str(n) for i, n in con.execute("SELECT id, name FROM identities")}
-            owners = np.fromiter(
-                (r[0] for r in con.execute("SELECT identity_id FROM samples ORDER BY seq")), dtype=np.int64
-            )
-        except sqlite3.Error as exc:
-            raise _damaged(self.path / state["files"]["samples"]["name"], first_line(exc)) from None
-        finally:
+            try:
+                owners = np.fromiter(
+                    (r[0] for r in con.execute("SELECT identity_id FROM samples ORDER BY seq")), dtype=np.int64
+                )
+                orphans = con.execute(
+                    "SELECT count(*) FROM samples WHERE identity_id NOT IN (SELECT id FROM identities)"
+                ).fetchone()[0]
+            except sqlite3.Error as exc:
+                raise _damaged(dbpath, first_line(exc)) from None
+            if orphans:
+                raise _damaged(dbpath, f"{orphans} samples of no identity")
+            if len(owners) and owners.max() >= 2**31:
+                raise _damaged(dbpath, "identity numbers out of range")
+            ipath = self._checked("index")
+            try:
+                index = self._faiss.read_index(str(ipath))
+            except RuntimeError as exc:
+                if not ipath.exists():  # replaced by a writer since it was checked
+                    raise _Missing(ipath) from None
+                raise _damaged(ipath, f"FAISS cannot read it ({first_line(exc)})") from None
+            dim = state["model"]["dim"]
+            if index.ntotal != len(owners) or index.ntotal != state["count"] or index.d != dim:
+                raise _damaged(
+                    ipath,
+                    f"{index.ntotal} vectors of {index.d}-d, but {len(owners)} samples and {state['count']} "
+                    f"{dim}-d vectors recorded",
+                )
+        except BaseException:
             con.close()
-        ipath = self._checked("index")
-        try:
-            index = self._faiss.read_index(str(ipath))
-        except RuntimeError as exc:
-            if not ipath.exists():  # replaced by a writer since it was checked
-                raise _Missing(ipath) from None
-            raise _damaged(ipath, f"FAISS cannot read it ({first_line(exc)})") from None
-        dim = state["model"]["dim"]
-        if index.ntotal != len(owners) or index.ntotal != state["count"] or index.d != dim:
-            raise _damaged(
-                ipath,
-                f"{index.ntotal} vectors of {index.d}-d, but {len(owners)} samples and {state['count']} "
-                f"{dim}-d vectors recorded",
-            )
-        if len(owners) and not np.isin(owners, np.fromiter(names, np.int64)).all():
-            raise _damaged(self.path / state["files"]["samples"]["name"], "a sample of no identity")
-        return _Loaded(index, owners, names)
+            raise
+        return _Loaded(index, owners.astype(np.int32), con)
 
     # ------------------------------------------------------------------ the interface
 
@@ -344,7 +374,7 @@ class FolderGallery(GalleryStore):
             return [[] for _ in range(len(q))]
         n = int(loaded.index.ntotal)
         hnsw = self.index_kind() == "hnsw"
-        results: list[list[Match] | None] = [None] * len(q)
+        found: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(q)  # per query: scores, owners
         todo = np.arange(len(q))
         m = min(n, max(4 * top_k, FIRST_CANDIDATES))
         while len(todo):
@@ -356,12 +386,13 @@ class FolderGallery(GalleryStore):
                 # the first top_k distinct identities among samples in score order are the top_k by
                 # their best sample; with fewer distinct ones, look further (unless all were seen)
                 if m >= n or distinct_count(owners) >= top_k:
-                    results[qi] = best_identities(scores[j][valid], owners, loaded.names, top_k)
+                    found[qi] = (scores[j][valid], owners)
                 else:
                     again.append(qi)
             todo = np.asarray(again, dtype=np.int64)
             m = min(n, m * 4)
-        return [r or [] for r in results]
+        names = loaded.names(np.concatenate([f[1] for f in found if f is not None]))
+        return [best_identities(f[0], f[1], names, top_k) if f is not None else [] for f in found]
 
     def _index_search(self, index, q: np.ndarray, m: int, hnsw: bool):
         faiss = self._faiss
@@ -421,7 +452,7 @@ class FolderGallery(GalleryStore):
         if len(vectors) == 0:
             return
         loaded = self._load()
-        self._loaded = None  # the in-memory index changes below; reload if the commit fails
+        self._loaded = None  # the in-memory index changes below; the next search reads the new files
         kind = self.index_kind() or self._new_index
         gen = (self._state["generation"] if self._state else 0) + 1
         self._make_folder()
@@ -429,9 +460,9 @@ class FolderGallery(GalleryStore):
         try:
             db = self.path / f"samples-{gen:06d}.sqlite"
             written.append(db)
-            names, new_owners = self._write_db(db, identities, samples, origin, len(vectors))
+            self._write_db(db, identities, samples, origin, len(vectors))
             files = {"samples": _file_record(db)}
-            old_owners = loaded.owners if loaded else np.empty(0, np.int64)
+            count = (len(loaded.owners) if loaded else 0) + len(vectors)
             if kind == "int8":
                 vpath = self.path / f"vectors-{gen:06d}.npy"
                 written.append(vpath)
@@ -444,20 +475,21 @@ class FolderGallery(GalleryStore):
             ipath = self.path / f"index-{gen:06d}.faiss"
             written.append(ipath)
             files["index"] = self._write_index(index, ipath)
-            owners = np.concatenate([old_owners, new_owners])
-            self._commit(gen, kind, model, files, len(owners))
+            self._commit(gen, kind, model, files, count)
         except BaseException:
             for p in written:
                 remove_path(p)
             raise
-        self._loaded = _Loaded(index, owners, names)
+        finally:
+            if loaded is not None:
+                loaded.close()
 
     def remove(self, identity: str) -> int:
         self._need_write()
         loaded = self._load()
-        if loaded is None or identity not in loaded.names.values():
+        number = loaded.number_of(identity) if loaded is not None else None
+        if loaded is None or number is None:
             raise ArcdeployError(f"{self.location}: no identity {identity!r} in this gallery")
-        number = next(i for i, n in loaded.names.items() if n == identity)
         self._loaded = None
         assert self._state is not None
         kind = self._state["index"]["kind"]
@@ -502,12 +534,14 @@ class FolderGallery(GalleryStore):
             for p in written:
                 remove_path(p)
             raise
-        names = {i: n for i, n in loaded.names.items() if i != number}
-        self._loaded = _Loaded(index, loaded.owners[keep], names)
+        finally:
+            loaded.close()
         return len(gone)
 
     def close(self) -> None:
-        self._loaded = None
+        if self._loaded is not None:
+            self._loaded.close()
+            self._loaded = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -531,9 +565,7 @@ class FolderGallery(GalleryStore):
                 remove_path(entry)
         clean_stale(self.path, META_NAME)
 
-    def _write_db(
-        self, db: Path, identities: Sequence[str], samples: Sequence[str], origin: dict, count: int
-    ) -> tuple[dict[int, str], np.ndarray]:
+    def _write_db(self, db: Path, identities: Sequence[str], samples: Sequence[str], origin: dict, count: int) -> None:
         if self._state is not None:
             shutil.copyfile(self._checked("samples"), db)
         con = sqlite3.connect(db)
@@ -565,7 +597,6 @@ class FolderGallery(GalleryStore):
             raise ArcdeployError(f"{db}: cannot write ({first_line(exc)})") from None
         finally:
             con.close()
-        return {i: n for n, i in ids.items()}, np.fromiter((ids[i] for i in identities), np.int64, len(identities))
 
     def _exact_vectors(self) -> np.ndarray:
         path = self._checked("vectors")

@@ -260,18 +260,16 @@ class PostgresGallery(GalleryStore):
         if self._meta is None:
             return [[] for _ in range(len(q))]
         try:
-            names = dict(self.conn.execute(f"SELECT id, name FROM {IDENTITIES}").fetchall())
-            n = int(self.conn.execute(f"SELECT count(*) FROM {SAMPLES}").fetchone()[0])
-            return [self._search_one(v, top_k, n, names) for v in q]
+            return [self._search_one(v, top_k) for v in q]
         except self._psycopg.Error as exc:
             raise self._error(exc, "searching the gallery") from None
 
-    def _search_one(self, v: np.ndarray, top_k: int, n: int, names: dict) -> list[Match]:
+    def _search_one(self, v: np.ndarray, top_k: int) -> list[Match]:
         """The best samples by inner product, grouped by identity as the folder store does: without
         an HNSW index the ORDER BY ... LIMIT is an exact top-N over a sequential scan (measured 3x
         faster than aggregating every row per identity); with one it is pgvector's graph search."""
         hnsw = self.index_kind() == "hnsw"
-        m = min(n, max(4 * top_k, FIRST_CANDIDATES))
+        m = max(4 * top_k, FIRST_CANDIDATES)
         while True:
             with self.conn.transaction():
                 if hnsw:
@@ -285,9 +283,16 @@ class PostgresGallery(GalleryStore):
             scores = np.asarray([r[1] for r in rows], np.float64)
             # the first top_k distinct identities among the best samples are the top_k by their best
             # sample; with fewer, look further (unless every sample, or as many as HNSW returns, was seen)
-            if m >= n or (hnsw and m >= HNSW_EF_SEARCH_MAX) or distinct_count(owners) >= top_k:
-                return best_identities(scores, owners, names, top_k) if len(rows) else []
-            m = min(n, m * 4)
+            if len(rows) < m or (hnsw and m >= HNSW_EF_SEARCH_MAX) or distinct_count(owners) >= top_k:
+                if not len(rows):
+                    return []
+                names = dict(
+                    self.conn.execute(
+                        f"SELECT id, name FROM {IDENTITIES} WHERE id = ANY(%s)", (sorted(set(owners.tolist())),)
+                    ).fetchall()
+                )
+                return best_identities(scores, owners, names, top_k)
+            m = m * 4 if not hnsw else min(m * 4, HNSW_EF_SEARCH_MAX)
 
     def remove(self, identity: str) -> int:
         self._need_write()
