@@ -187,6 +187,7 @@ class FolderGallery(GalleryStore):
             raise ArcdeployError(f"--index {index}: choose one of {', '.join(INDEX_KINDS)}")
         self._faiss = faiss_module()
         self._lock: FileLock | None = None
+        self._loaded: _Loaded | None = None
         if write:
             if self.path.exists() and not self.path.is_dir():
                 raise ArcdeployError(f"{self.location}: not a folder; a gallery is a folder (or postgresql://...)")
@@ -205,7 +206,6 @@ class FolderGallery(GalleryStore):
         except BaseException:
             self.close()
             raise
-        self._loaded: _Loaded | None = None
 
     # ------------------------------------------------------------------ reading
 
