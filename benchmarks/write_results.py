@@ -232,6 +232,21 @@ def gallery_section(doc: dict | None) -> list[str]:
                 f"| {r['batch100_vs_numpy']:.2f} | {r['recall@1']:.4f} | {r['recall@10']:.4f} "
                 f"| {r['rank1_accuracy']:.3f} |"
             )
+    notes = []
+    everywhere = set().union(*(size["stores"] for size in doc["sizes"]))
+    for size in doc["sizes"]:
+        missing = sorted(everywhere - set(size["stores"]))
+        if missing:
+            notes.append(f"not run at {size['vectors']:,}: {', '.join(missing)} (index build time on this machine)")
+        fewer = [
+            f"{k} {r['probes_scored']}" for k, r in size["stores"].items() if r.get("probes_scored", 0) < size["probes"]
+        ]
+        if fewer:
+            notes.append(
+                f"recall and rank-1 at {size['vectors']:,} on fewer of the {size['probes']} probes: {', '.join(fewer)}"
+            )
+    if notes:
+        lines += ["", "Notes: " + "; ".join(notes) + "."]
     proj = doc.get("projection_1e7")
     if proj:
         parts = []
