@@ -13,6 +13,7 @@ Sections, each from one JSON file under ``--results`` (a missing file is named, 
 - detection end to end (``e2e_detect.json``, ``bench_e2e_detect.py``);
 - Ray scaling (``ray.json``, ``bench_ray.py``);
 - the HTTP service under load (``serve.json``, ``bench_serve.py``);
+- galleries, 1:N search at 10^4 .. 10^6 vectors (``gallery.json``, ``bench_gallery.py``);
 - the GPU check (``gpu_check.json``, ``gpu_check.py``), or that it has not run.
 
 Every number in the file is read from those JSON files; each section names the command that wrote its file.
@@ -39,6 +40,7 @@ FILES = {
     "e2e": "e2e_detect.json",
     "ray": "ray.json",
     "serve": "serve.json",
+    "gallery": "gallery.json",
     "gpu": "gpu_check.json",
 }
 
@@ -267,6 +269,65 @@ def serve_section(doc: dict | None) -> list[str]:
     return lines
 
 
+def gallery_section(doc: dict | None) -> list[str]:
+    lines = ["## Galleries: 1:N search", ""]
+    if not doc:
+        return lines + [f"Not measured: no `{FILES['gallery']}` (run `python benchmarks/bench_gallery.py`).", ""]
+    lines += _provenance(doc, "bench_gallery.py")
+    v = doc.get("versions") or {}
+    lines += [
+        f"Real embeddings of the shared LFW faces ({doc['model'].get('arch')}, fp32) plus random unit vectors up "
+        "to each size; the queries are held-out real photos (one per person). Search: top "
+        f"{doc['top_k']} identities, an identity's score the best of its samples. Single queries and batches of "
+        "100, the stores timed in turns. Memory: resident-set growth when the gallery is opened and searched "
+        "(PostgreSQL: table and index size on the server). Recall: of the exact top-1 / top-10 identities; "
+        f"rank-1: the probe's own identity first. FAISS {v.get('faiss', '?')}, PostgreSQL "
+        f"{v.get('postgresql', '?')}, pgvector {v.get('pgvector', '?')}. Load average "
+        f"{_la(doc.get('load_average_start'))} at the start, {_la(doc.get('load_average_end'))} at the end.",
+        "",
+        "| vectors | store | add vectors/s | memory MiB | x raw fp32 | single p50 / p99 ms | batch-100 p50 ms "
+        "| x numpy | recall@1 | recall@10 | rank-1 |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for size in doc["sizes"]:
+        for label, r in size["stores"].items():
+            add = f"{r['add_vectors_per_s']:.0f}" if "add_vectors_per_s" in r else "-"
+            mib = r["memory_bytes"] / 2**20
+            lines.append(
+                f"| {size['vectors']:,} | {label} | {add} | {mib:.0f} | {r['memory_vs_raw_fp32']} "
+                f"| {r['single']['p50_ms']:.1f} / {r['single']['p99_ms']:.1f} | {r['batch100']['p50_ms']:.0f} "
+                f"| {r['batch100_vs_numpy']:.2f} | {r['recall@1']:.4f} | {r['recall@10']:.4f} "
+                f"| {r['rank1_accuracy']:.3f} |"
+            )
+    notes = []
+    everywhere = set().union(*(size["stores"] for size in doc["sizes"]))
+    for size in doc["sizes"]:
+        missing = sorted(everywhere - set(size["stores"]))
+        if missing:
+            notes.append(f"not run at {size['vectors']:,}: {', '.join(missing)} (index build time on this machine)")
+        fewer = [
+            f"{k} {r['probes_scored']}" for k, r in size["stores"].items() if r.get("probes_scored", 0) < size["probes"]
+        ]
+        if fewer:
+            notes.append(
+                f"recall and rank-1 at {size['vectors']:,} on fewer of the {size['probes']} probes: {', '.join(fewer)}"
+            )
+    if notes:
+        lines += ["", "Notes: " + "; ".join(notes) + "."]
+    proj = doc.get("projection_1e7")
+    if proj:
+        parts = []
+        for label, p in proj["stores"].items():
+            t = f", batch-100 {p['batch100_p50_ms'] / 1000:.1f} s" if "batch100_p50_ms" in p else ""
+            parts.append(f"{label} {p['memory_GiB']} GiB{t}")
+        lines += [
+            "",
+            f"Projected to 10^7 vectors from {proj['from_vectors']:,} (memory by bytes per vector, exact search "
+            f"time linearly; raw fp32 {proj['raw_fp32_GiB']} GiB): " + "; ".join(parts) + ".",
+        ]
+    return lines + [""]
+
+
 def gpu_section(doc: dict | None) -> list[str]:
     lines = ["## GPU", ""]
     if not doc:
@@ -298,6 +359,7 @@ def compose(folder: Path) -> str:
     lines += e2e_section(docs.get("e2e"))
     lines += ray_section(docs.get("ray"))
     lines += serve_section(docs.get("serve"))
+    lines += gallery_section(docs.get("gallery"))
     lines += gpu_section(docs.get("gpu"))
     return "\n".join(lines).rstrip() + "\n"
 

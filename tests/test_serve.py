@@ -451,6 +451,49 @@ def test_body_over_the_limit_is_413(server):
     _healthy(server.url)
 
 
+def test_search_answers_as_the_gallery_does(pkg, crops, expected_crops, photos, expected_photos, tmp_path):
+    """serve --gallery: POST /v1/search gives each image's best face searched in the gallery, the
+    answer ``Gallery.search`` gives for ``Package.embed``'s rows; without a gallery, 404."""
+    pytest.importorskip("faiss", reason="the folder gallery needs pip install 'arcdeploy[gallery]'")
+    from arcdeploy.gallery import open_gallery
+    from arcdeploy.serve import create_app
+
+    folder = tmp_path / "gallery"
+    people = [p.stem.split("_", 1)[1].rsplit("_", 1)[0] for p in crops]
+    with open_gallery(folder, write=True) as g:
+        g.add(expected_crops, people, pkg, samples=[p.name for p in crops])
+        g.add(expected_photos, [p.parent.name for p in photos], pkg, samples=[p.name for p in photos])
+    with open_gallery(folder) as g:
+        want_crops, _ = g.search(expected_crops[:6], pkg, top_k=3, queries=[p.name for p in crops[:6]])
+        want_photos, _ = g.search(expected_photos, pkg, top_k=2, threshold=0.3, queries=[p.name for p in photos])
+    ts = ThreadServer(create_app(pkg, detector=SCRFD, gallery=folder))
+    try:
+        r = httpx.post(f"{ts.url}/v1/search", files=_files(crops[:6]), data={"aligned": "true", "top_k": "3"})
+        assert r.status_code == 200, r.text
+        got = r.json()["results"]
+        assert [x["query"] for x in got] == [p.name for p in crops[:6]]
+        for g_, w in zip(got, want_crops):
+            assert g_["error"] is None and [m["identity"] for m in g_["matches"]] == [m.identity for m in w.matches]
+            assert [m["score"] for m in g_["matches"]] == pytest.approx([m.score for m in w.matches], abs=1e-5)
+        assert got[0]["matches"][0]["identity"] == people[0]
+        r = httpx.post(f"{ts.url}/v1/search", files=_files(photos), data={"top_k": "2", "threshold": "0.3"})
+        got = r.json()["results"]
+        assert [[m["identity"] for m in x["matches"]] for x in got] == [
+            [m.identity for m in w.matches] for w in want_photos
+        ]
+        assert all(x["face"]["box"] and "embedding" not in x["face"] for x in got)
+        bad = httpx.post(f"{ts.url}/v1/search", files=_files(crops[:1]), data={"aligned": "true", "top_k": "0"})
+        assert bad.status_code == 400 and "top_k" in bad.json()["error"]
+    finally:
+        ts.close()
+    plain = ThreadServer(create_app(pkg))
+    try:
+        r = httpx.post(f"{plain.url}/v1/search", files=_files(crops[:1]), data={"aligned": "true"})
+        assert r.status_code == 404 and "--gallery" in r.json()["error"]
+    finally:
+        plain.close()
+
+
 def test_other_endpoints(server, pkg):
     model = httpx.get(f"{server.url}/v1/model").json()
     m = pkg.manifest

@@ -17,7 +17,20 @@ import threading
 
 from ..errors import ArcdeployError, describe, printable
 
-COMMANDS = ("export", "build", "check", "embed", "compare", "detect", "bench", "eval", "serve", "run", "demo")
+COMMANDS = (
+    "export",
+    "build",
+    "check",
+    "embed",
+    "compare",
+    "detect",
+    "bench",
+    "eval",
+    "gallery",
+    "serve",
+    "run",
+    "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -83,6 +83,12 @@ def register(sub) -> None:
     p.add_argument(
         "--timeout", type=float, default=None, metavar="S", help="longest a request is worked on (default 60); 504"
     )
+    p.add_argument(
+        "--gallery",
+        metavar="GALLERY",
+        default=None,
+        help="a gallery of the same model (a folder, or postgresql://...) searched by POST /v1/search",
+    )
     p.add_argument("--access-log", action="store_true", help="one log line per request (uvicorn's access log)")
     g = p.add_argument_group(
         "Ray Serve",
@@ -132,7 +138,14 @@ def run(args) -> int:
     detector = _open_detector(args)
     settings = _settings(args)
     if args.ray is not None:
+        from ..gallery.pgvector_store import is_postgres_url
         from ..serve.ray_serve import serve_on_ray
+
+        if args.gallery is not None and not is_postgres_url(args.gallery):
+            raise ArcdeployError(
+                f"--gallery {args.gallery}: replicas on a Ray cluster share a gallery through PostgreSQL "
+                "(postgresql://...); a folder gallery is for one server"
+            )
 
         serve_on_ray(
             args.package,
@@ -144,6 +157,7 @@ def run(args) -> int:
             host=args.host,
             port=args.port,
             on_listening=_announce,
+            gallery=args.gallery,
         )
         return 0
 
@@ -152,7 +166,7 @@ def run(args) -> int:
 
     pkg = open_package(args.package, threads=args.threads, engine_streams=settings.engine_streams)
     pkg.runtime  # noqa: B018 (a package that cannot load is refused here, with its reason, before serving)
-    app = create_app(pkg, detector=detector, settings=settings)
+    app = create_app(pkg, detector=detector, settings=settings, gallery=args.gallery)
     serve(app, host=args.host, port=args.port, on_listening=_announce, access_log=args.access_log)
     print("arcdeploy serve: stopped", file=sys.stderr)
     return 0

@@ -84,8 +84,9 @@ DEFAULT_MAX_QUEUE = 256
 DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_TIMEOUT_S = 60.0
 MAX_IMAGES = 256  # images in one request
-MAX_FIELD_BYTES = 64  # a form field (aligned, all_faces) is a word
-WORK_PATHS = ("/v1/embed", "/v1/compare")
+DEFAULT_TOP_K = 5
+MAX_FIELD_BYTES = 64  # a form field (aligned, all_faces, top_k, threshold) is a word or a number
+WORK_PATHS = ("/v1/embed", "/v1/compare", "/v1/search")
 KNOWN_PATHS = (*WORK_PATHS, "/healthz", "/v1/model", "/metrics", "/docs", "/openapi.json")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 PREPARE_THREAD = "arcdeploy-prep"
@@ -180,8 +181,11 @@ class _Upload:
 class Service:
     """What one application holds: the package, the detector, the pools, the batcher, metrics."""
 
-    def __init__(self, package: Package, detector, settings: ServeSettings):
+    def __init__(self, package: Package, detector, settings: ServeSettings, gallery=None):
         self.package = package
+        self.gallery = _open_gallery(gallery, package)
+        # one thread asks the gallery: its store (SQLite, a PostgreSQL connection) is one connection
+        self.gallery_pool: ThreadPoolExecutor | None = None
         self.settings = settings
         self.max_batch = int(settings.max_batch or default_batch(package))
         self.workers = int(settings.workers or min(8, max(2, os.cpu_count() or 2)))
@@ -208,6 +212,8 @@ class Service:
 
     # ---- life
     async def start(self) -> None:
+        if self.gallery is not None:
+            self.gallery_pool = ThreadPoolExecutor(1, thread_name_prefix="arcdeploy-gallery")
         self.pool = ThreadPoolExecutor(
             self.workers, thread_name_prefix=PREPARE_THREAD, initializer=name_os_thread, initargs=(PREPARE_THREAD,)
         )
@@ -235,6 +241,10 @@ class Service:
             await self.batcher.close()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.gallery_pool is not None:
+            self.gallery_pool.shutdown(wait=True, cancel_futures=True)
+        if self.gallery is not None:
+            self.gallery.close()
 
     async def _warm_up(self) -> None:
         """Open the engine and run it once at the largest batch and at one face (the engine then has
@@ -337,6 +347,32 @@ class Service:
             out.append(done)
         return out
 
+    async def search(self, rows: np.ndarray, queries: list[str], top_k: int, threshold: float | None) -> list:
+        """Each row's ``top_k`` identities in the gallery (``arcdeploy gallery search``'s answer)."""
+        assert self.gallery is not None and self.gallery_pool is not None
+        gallery, package = self.gallery, self.package
+
+        def run():
+            return gallery.search(rows, package, top_k=top_k, threshold=threshold, queries=queries)[0]
+
+        return await asyncio.get_running_loop().run_in_executor(self.gallery_pool, run)
+
+
+def _open_gallery(gallery, package: Package):
+    """The gallery a server searches, checked against its package's model now (at start-up, not at
+    the first request): a gallery of another model is refused in one line."""
+    if gallery is None:
+        return None
+    from ..gallery import Gallery, open_gallery
+
+    opened = gallery if isinstance(gallery, Gallery) else open_gallery(gallery)
+    try:
+        opened.check_package(package)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
 
 # ------------------------------------------------------------------ reading requests
 
@@ -362,6 +398,18 @@ def _flag(value: Any, name: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off", ""):
         return False
     raise RequestError(400, f"{name} must be true or false, got {str(value)[:40]!r}")
+
+
+def _number(value: Any, name: str, kind: type, low: float, high: float):
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", "replace")
+    try:
+        number = kind(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise RequestError(400, f"{name} must be a number, got {str(value)[:40]!r}") from None
+    if not low <= number <= high:  # NaN too
+        raise RequestError(400, f"{name} must be between {low:g} and {high:g}, got {number}")
+    return number
 
 
 def _text(raw: bytes | None, fallback: str) -> str:
@@ -485,7 +533,7 @@ async def _read_form(request: Request, names: tuple[str, ...], fields: tuple[str
                 files[name].append(_Upload(filename or f"{name} {len(files[name]) + 1}", data))
             elif name in fields:
                 if len(data) > MAX_FIELD_BYTES:
-                    raise RequestError(400, f"field {name} is too long for true or false")
+                    raise RequestError(400, f"field {name} is too long ({len(data)} bytes) for a word or a number")
                 values[name] = data
             else:
                 raise RequestError(
@@ -653,6 +701,26 @@ _EMBED_DOC = {
         },
     }
 }
+_SEARCH_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "aligned": {"type": "boolean"},
+                        "top_k": {"type": "integer", "default": 5},
+                        "threshold": {"type": "number", "description": "cosine; below it a query is unknown"},
+                    },
+                    "required": ["image"],
+                }
+            }
+        },
+    }
+}
+
 _COMPARE_DOC = {
     "requestBody": {
         "required": True,
@@ -687,7 +755,12 @@ def open_package(package, threads: int | None = None, engine_streams: int = 1) -
 
 
 def create_app(
-    package, detector=None, settings: ServeSettings | None = None, instance: str | None = None, **options: Any
+    package,
+    detector=None,
+    settings: ServeSettings | None = None,
+    instance: str | None = None,
+    gallery=None,
+    **options: Any,
 ) -> FastAPI:
     """The service as a FastAPI application.
 
@@ -695,6 +768,8 @@ def create_app(
     are aligned crops), a detector file (SCRFD or YuNet) or an opened detector. ``settings`` or
     keyword options: see :class:`ServeSettings`. ``instance``: a name for this copy of the service
     (a Ray replica's node and process), sent as the ``X-Arcdeploy-Instance`` header of every answer.
+    ``gallery``: a gallery (folder, ``postgresql://...`` or an opened :class:`~arcdeploy.gallery.Gallery`)
+    of the same model, searched by ``POST /v1/search``.
     The model is opened and warmed up when the application starts (its ASGI lifespan).
     """
     if settings is None:
@@ -702,7 +777,7 @@ def create_app(
     elif options:
         settings = ServeSettings(**{**asdict(settings), **options})
     pkg = open_package(package, engine_streams=settings.engine_streams)
-    service = Service(pkg, detector, settings)
+    service = Service(pkg, detector, settings, gallery)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -814,6 +889,40 @@ def create_app(
                     "model": service.model,
                 },
             )
+
+        return await within_timeout(work)
+
+    @app.post(
+        "/v1/search",
+        summary="Who is this? Each image's best face searched in the server's gallery",
+        openapi_extra=_SEARCH_DOC,
+        responses={400: {}, 404: {"description": "the server has no gallery"}, 413: {}, 415: {}, 503: {}},
+    )
+    async def search(request: Request) -> Response:
+        async def work() -> Response:
+            if service.gallery is None:
+                raise RequestError(404, "this server has no gallery (start it with --gallery GALLERY)")
+            (uploads,), values = await _read_form(request, ("image",), ("aligned", "top_k", "threshold"))
+            if not uploads:
+                raise RequestError(400, "no images: send parts named 'image' (or a JSON body with 'images')")
+            if len(uploads) > MAX_IMAGES:
+                raise RequestError(400, f"{len(uploads)} images in one request; at most {MAX_IMAGES}")
+            aligned = _flag(values["aligned"], "aligned") if "aligned" in values else None
+            top_k = _number(values.get("top_k", DEFAULT_TOP_K), "top_k", int, 1, 1000)
+            threshold = _number(values["threshold"], "threshold", float, -1.0, 1.0) if "threshold" in values else None
+            done = await service.embed_uploads(uploads, service.detection_for(aligned, False))
+            found = [(u.name, p) for u, p in zip(uploads, done) if isinstance(p, Embedded)]
+            rows = np.stack([p.rows[0] for _, p in found]) if found else np.empty((0, 0), np.float32)
+            answers = iter(await service.search(rows, [n for n, _ in found], top_k, threshold) if found else [])
+            results = []
+            for upload, p in zip(uploads, done):
+                if isinstance(p, str):
+                    results.append({"query": upload.name, "face": None, "matches": [], "error": p})
+                    continue
+                face = _face_json(p.faces[0], p.rows[0])
+                face.pop("embedding")
+                results.append({"query": upload.name, "face": face, **next(answers).to_json(), "error": None})
+            return _answer(request, {"results": results, "model": service.model})
 
         return await within_timeout(work)
 

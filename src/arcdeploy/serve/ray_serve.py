@@ -53,6 +53,7 @@ class ReplicaSpec:
     detector: DetectorSpec | None
     settings: ServeSettings
     threads: int | None
+    gallery: str | None = None  # a PostgreSQL gallery every replica searches
 
 
 # set by the replica's constructor and read right after by Ray Serve's call of _replica_app, in the
@@ -91,6 +92,7 @@ def _replica_app():
     # startup warm-up: Ray Serve routes to a replica once its application has started
     return create_app(
         pkg,
+        gallery=spec.gallery,
         detector=detector,
         settings=replace(spec.settings, warm_up="startup"),
         instance=f"ray node {node[:12]} pid {os.getpid()}",
@@ -122,6 +124,7 @@ def serve_on_ray(
     port: int = 8000,
     on_listening: Callable[[str, int], None] | None = None,
     until: Callable[[], None] = _wait_for_stop,
+    gallery: str | None = None,
 ) -> None:
     """Deploy the service on Ray Serve, announce it, wait (``until``: by default for SIGTERM or
     SIGINT), then take it down and return.
@@ -150,7 +153,7 @@ def serve_on_ray(
         bundle = PackageBundle.of(pkg, extras)
         ref = ray.put(bundle)
         count = int(replicas or _alive_nodes())
-        spec = ReplicaSpec([ref], shipped, settings, cpus)
+        spec = ReplicaSpec([ref], shipped, settings, cpus, gallery)
         # requests a replica holds at once: enough to fill two batches; the rest wait in Ray Serve's
         # router (bounded by max_queue) and go to whichever replica frees up, on any node
         ongoing = min(settings.max_queue, 2 * int(settings.max_batch or default_batch(pkg)))
