@@ -79,7 +79,8 @@ def build_packages(real: Path, tmp: Path, r50: bool) -> list[tuple[str, Path]]:
         )
     )
     if r50:
-        from arcdeploy.demo.synth import aligned_faces, write_generated_checkpoint
+        from arcdeploy.demo.synth import write_generated_checkpoint
+        from arcdeploy.synthetic import aligned_faces
 
         print("building a generated r50 OpenVINO int8 ...", file=sys.stderr)
         src = tmp / "r50.pth"

@@ -90,7 +90,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _faces(n: int) -> np.ndarray:
-    from arcdeploy.demo.synth import aligned_faces
+    from arcdeploy.synthetic import aligned_faces
 
     base = aligned_faces(min(n, 16), seed=11)
     return np.ascontiguousarray(np.tile(base, (-(-n // base.shape[0]), 1, 1, 1))[:n])
@@ -114,7 +114,7 @@ def _prepare_checkpoint(workdir: Path, arch: str, log) -> tuple[Path, Path]:
 
 def calibration_faces(workdir: Path, n: int = CALIB_COUNT) -> np.ndarray:
     """Synthetic aligned faces for int8 calibration (and the build's held-out fidelity check), cached."""
-    from arcdeploy.demo.synth import aligned_faces
+    from arcdeploy.synthetic import aligned_faces
 
     path = workdir / f"calib_faces_{n}.npy"
     if path.exists():

@@ -12,12 +12,12 @@ import pytest
 from arcdeploy import build
 from arcdeploy.builder import normalize_precision
 from arcdeploy.cli import main as cli_main
-from arcdeploy.demo.synth import aligned_faces, draw_face
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.fidelity import FLOORS
 from arcdeploy.machine import cpu_flags
 from arcdeploy.manifest import PACKAGE_FORMAT
 from arcdeploy.package import load, read_manifest
+from arcdeploy.synthetic import aligned_faces, draw_face
 
 pytestmark = pytest.mark.slow  # builds packages of every engine and precision
 

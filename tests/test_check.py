@@ -11,10 +11,10 @@ import pytest
 
 from arcdeploy import check
 from arcdeploy.cli import main as cli_main
-from arcdeploy.demo.synth import draw_face
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.fidelity import cosine_rows, summarize
 from arcdeploy.package import load, read_manifest
+from arcdeploy.synthetic import draw_face
 
 
 def test_check_generated_images(r18_ort_fp32_pkg):

@@ -20,13 +20,13 @@ from torch import nn
 
 from arcdeploy import build
 from arcdeploy.cli import main as cli_main
-from arcdeploy.demo.synth import aligned_faces
 from arcdeploy.engines import open_graph
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.exporter import export
 from arcdeploy.fidelity import FLOORS, cosine_rows
 from arcdeploy.manifest import read_export_manifest, read_package_manifest
 from arcdeploy.package import load
+from arcdeploy.synthetic import aligned_faces
 
 REAL = (Path(__file__).resolve().parents[1] / ".." / "shared" / "real").resolve()
 W600K = REAL / "models" / "w600k_mbf.onnx"

@@ -18,7 +18,6 @@ import pytest
 
 import arcdeploy
 from arcdeploy.cli import main
-from arcdeploy.demo.synth import draw_face
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.faces import chunks as chunks_mod
 from arcdeploy.faces.align import landmarks_problem
@@ -29,6 +28,7 @@ from arcdeploy.faces.landmarks import read_landmarks
 from arcdeploy.faces.pipeline import embed_files, embed_images, failures_path_for, parts_dir_for
 from arcdeploy.faces.prepare import Failure, prepare_face
 from arcdeploy.files import FileLock
+from arcdeploy.synthetic import draw_face
 
 REAL = (Path(__file__).resolve().parents[1] / ".." / "shared" / "real").resolve()
 N = 6

@@ -36,13 +36,13 @@ GENERATED_SEED = 9001  # far from the seeds the tests and demo calibrate with
 def generated_check_images(count: int | None = None):
     """Generated aligned faces for a fidelity check when the user gives none (labelled "generated")."""
     from .builder import CheckImages
-    from .demo.synth import aligned_faces
+    from .synthetic import aligned_faces
 
     n = count or GENERATED_CHECK_COUNT
     return CheckImages(
         aligned_faces(n, seed=GENERATED_SEED),
         "generated",
-        f"arcdeploy.demo.synth.aligned_faces(n={n}, seed={GENERATED_SEED})",
+        f"arcdeploy.synthetic.aligned_faces(n={n}, seed={GENERATED_SEED})",
     )
 
 

@@ -2,7 +2,7 @@
 
 - :func:`write_ijb_set`: an IJB-style folder (``meta/`` with the three files of
   insightface's IJB layout, ``loose_crop/`` with real JPEG loose crops of cartoon faces
-  from :func:`arcdeploy.synth.draw_face`, their absolute 5 landmarks and a
+  from :func:`arcdeploy.synthetic.draw_face`, their absolute 5 landmarks and a
   faceness score), with every genuine and every impostor template pair.
 - :func:`write_bin_set`: an LFW-style ``.bin`` (pickled ``(bins, issame_list)``
   of JPEG-encoded aligned 112x112 crops), either as Python 3 writes it
@@ -54,7 +54,7 @@ def write_ijb_set(
     images share a media id (like frames of one video), the others have their own.
     Faceness scores are drawn in [0.55, 1.0).
     """
-    from .synth import draw_face
+    from ..synthetic import draw_face
 
     root = Path(root)
     t = target.lower()
@@ -133,7 +133,7 @@ def bin_set_faces(
     """Aligned RGB faces [2 * pairs, 112, 112, 3] and the issame list (alternating True, False).
     With ``likeness`` the two people of a different pair share that much of one look."""
     from ..faces.align import align_face
-    from .synth import draw_face
+    from ..synthetic import draw_face
 
     faces = np.empty((2 * pairs, 112, 112, 3), np.uint8)
     issame = []
