@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 
 from arcdeploy import build
-from arcdeploy.builder import normalize_precision
 from arcdeploy.cli import main as cli_main
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.fidelity import FLOORS
 from arcdeploy.machine import cpu_flags
-from arcdeploy.manifest import PACKAGE_FORMAT
+from arcdeploy.manifest import PACKAGE_FORMAT, parse_precision
 from arcdeploy.package import load, read_manifest
 from arcdeploy.synthetic import aligned_faces, draw_face
 
@@ -201,9 +200,9 @@ def test_load_and_infer_without_torch(packages, engine):
 
 
 def test_precision_aliases(tmp_path, r18_export):
-    assert normalize_precision("force_float32") == "fp32"
-    assert normalize_precision("force_float16") == "fp16"
-    assert normalize_precision("qint8_mixed_float16") == "int8"
+    assert parse_precision("force_float32") == "fp32"
+    assert parse_precision("force_float16") == "fp16"
+    assert parse_precision("qint8_mixed_float16") == "int8"
     out = tmp_path / "pkg"
     assert (
         cli_main(

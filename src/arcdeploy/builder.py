@@ -51,10 +51,6 @@ class CheckImages:
     source: str
 
 
-def normalize_precision(precision: str) -> str:
-    return parse_precision(precision)
-
-
 def check_engine_precision(
     engine: str, precision: str, fold_preprocessing: bool = False, batch: int | None = None
 ) -> None:

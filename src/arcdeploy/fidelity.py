@@ -9,7 +9,6 @@ per-image cosine: mean, min, 1st percentile, against the precision's floor.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,7 +209,3 @@ def check(
         worst=worst,
         per_image=cos,
     )
-
-
-def check_path(package: str | os.PathLike, **kwargs) -> FidelityResult:
-    return check(package, **kwargs)

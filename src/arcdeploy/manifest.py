@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -517,8 +517,3 @@ class ExportManifest:
 def read_export_manifest(path: str | os.PathLike) -> ExportManifest:
     mf = manifest_path(path, "export folder")
     return ExportManifest.from_json(read_json(mf), str(mf))
-
-
-def as_dict(obj: Any) -> dict:
-    """A dataclass as a plain dict (for logging and tests)."""
-    return asdict(obj)

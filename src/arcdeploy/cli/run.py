@@ -41,10 +41,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..bench import parse_batches
-    from ..builder import normalize_precision
+    from ..manifest import parse_precision
     from ..run import run_pipeline
 
-    precisions = [normalize_precision(p.strip()) for p in args.precisions.split(",") if p.strip()]
+    precisions = [parse_precision(p.strip()) for p in args.precisions.split(",") if p.strip()]
     result = run_pipeline(
         args.ckpt,
         args.output,
