@@ -62,7 +62,7 @@ def _info(args) -> list[TensorInfo]:
     return [TensorInfo(a.name, list(a.shape), _ORT_TYPES.get(a.type, a.type)) for a in args]
 
 
-class OrtGraph(GraphSession):
+class OnnxRuntimeGraph(GraphSession):
     def __init__(self, path, threads: int | None = None, gpu: bool = False):
         self.path = Path(path)
         self.session = _session(self.path, threads, gpu)
@@ -73,8 +73,8 @@ class OrtGraph(GraphSession):
         return list(self.session.run(None, feeds))
 
 
-def open_graph(path, threads: int | None = None, gpu: bool = False, **_: Any) -> OrtGraph:
-    return OrtGraph(path, threads, gpu)
+def open_graph(path, threads: int | None = None, gpu: bool = False, **_: Any) -> OnnxRuntimeGraph:
+    return OnnxRuntimeGraph(path, threads, gpu)
 
 
 class OnnxRuntimeRuntime(Runtime):

@@ -235,7 +235,7 @@ class OpenVINORuntime(Runtime):
         )
 
 
-class OvGraph(GraphSession):
+class OpenVINOGraph(GraphSession):
     """Any ONNX / IR file compiled for the CPU; a request per concurrent caller."""
 
     def __init__(self, path, threads: int | None = None, precision_hint: str | None = "f32", **_: Any):
@@ -267,8 +267,8 @@ def _shape(ps) -> list[Any]:
     return [d.get_length() if d.is_static else None for d in ps]
 
 
-def open_graph(path, threads: int | None = None, **options: Any) -> OvGraph:
-    return OvGraph(path, threads, **options)
+def open_graph(path, threads: int | None = None, **options: Any) -> OpenVINOGraph:
+    return OpenVINOGraph(path, threads, **options)
 
 
 # ------------------------------------------------------------------ building

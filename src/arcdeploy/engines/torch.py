@@ -49,7 +49,7 @@ def load_torchscript(path: Path, device: str = "cpu"):
         raise ArcdeployError(f"{path}: cannot load the TorchScript model ({first_line(exc)})") from None
 
 
-class TorchScriptGraph(GraphSession):
+class TorchGraph(GraphSession):
     """A TorchScript model with one input and one output, run in fp32 on the CPU."""
 
     def __init__(self, path, threads: int | None = None, **_: Any):
@@ -68,8 +68,8 @@ class TorchScriptGraph(GraphSession):
             return [self.model(torch.from_numpy(np.ascontiguousarray(x))).float().numpy()]
 
 
-def open_graph(path, threads: int | None = None, **options: Any) -> TorchScriptGraph:
-    return TorchScriptGraph(path, threads, **options)
+def open_graph(path, threads: int | None = None, **options: Any) -> TorchGraph:
+    return TorchGraph(path, threads, **options)
 
 
 def cuda_device(want: str, what: str) -> str:
