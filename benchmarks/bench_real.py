@@ -21,7 +21,7 @@ and int8 (default recipe). Per package:
 - cosine to the fp32 reference on the 400 held-out faces (mean, min, 1st percentile; the manifest's
   fidelity);
 - LFW-600 accuracy (``bins/lfw_600.bin``, insightface's protocol: flip, 10 folds;
-  ``arcdeploy.evaluate.binsets.evaluate_bin_sets``); one pair is 1/60 of a fold = 0.17 point;
+  ``arcdeploy.evaluate.binsets.evaluate_bins``); one pair is 1/60 of a fold = 0.17 point;
 - what executes: OpenVINO's own report (``manifest.executed``: inference precision, precision per
   convolution); for ONNX Runtime the convolutions that run as int8 kernels (QLinearConv) in the graph
   ONNX Runtime optimises (ORT_ENABLE_EXTENDED), since a QDQ Conv whose output is not re-quantized stays
@@ -219,7 +219,7 @@ def ratio(per: dict, key: str, base: str) -> float | None:
 
 def run_model(name: str, real: Path, split: dict, workdir: Path, args, check_faces: np.ndarray) -> dict:
     import arcdeploy
-    from arcdeploy.evaluate.binsets import evaluate_bin_sets
+    from arcdeploy.evaluate.binsets import evaluate_bins
 
     file, title = MODELS[name]
     src = real / "models" / file
@@ -255,7 +255,7 @@ def run_model(name: str, real: Path, split: dict, workdir: Path, args, check_fac
                 row["int8"] = float_scope(m)
             if not args.no_lfw and bin_path.exists():
                 t = time.perf_counter()
-                r = evaluate_bin_sets(pkg, [bin_path])[0]
+                r = evaluate_bins(pkg, [bin_path])[0]
                 row["lfw"] = {
                     "accuracy": r.accuracy,
                     "std": r.std,

@@ -649,7 +649,7 @@ def test_real_lfw600_accuracy_matches_the_source(real_packages):
         verification_accuracy,
     )
 
-    pkg_acc = evaluate_bins(real_packages("openvino", "fp32"), [LFW_BIN])["results"][0]["accuracy"]
+    pkg_acc = evaluate_bins(real_packages("openvino", "fp32"), [LFW_BIN])[0].accuracy
 
     class Source:
         def infer(self, faces):

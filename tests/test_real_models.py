@@ -95,14 +95,14 @@ def test_floor_on_held_out_real_faces(real_packages, engine, precision):
 
 @pytest.mark.parametrize("engine,precision", [("openvino", "fp32"), ("openvino", "int8"), ("onnxruntime", "int8")])
 def test_lfw600_accuracy(real_packages, engine, precision):
-    from arcdeploy.evaluate.binsets import evaluate_bin_sets
+    from arcdeploy.evaluate.binsets import evaluate_bins
 
-    (res,) = evaluate_bin_sets(real_packages(engine, precision), [LFW_BIN])
+    (res,) = evaluate_bins(real_packages(engine, precision), [LFW_BIN])
     assert res.pairs == 600
     if precision == "fp32":
         assert round(res.accuracy, 4) == LFW600_REFERENCE
     else:
-        (fp32,) = evaluate_bin_sets(real_packages("openvino", "fp32"), [LFW_BIN])
+        (fp32,) = evaluate_bins(real_packages("openvino", "fp32"), [LFW_BIN])
         assert res.accuracy >= fp32.accuracy - 0.002, (res.accuracy, fp32.accuracy)
 
 

@@ -241,7 +241,8 @@ def run_pipeline(
     def do_bins(pkg_dir, name):
         from .evaluate.binsets import evaluate_bins
 
-        return evaluate_bins(pkg_dir, [str(b) for b in bins])
+        results = evaluate_bins(pkg_dir, [str(b) for b in bins])
+        return {"package": str(pkg_dir), "results": [r.to_json() for r in results]}
 
     stages: list[tuple[str, dict, Callable[[Path, str], Any]]] = [
         ("check", {"images": _file_key(check_images) if check_images else None}, do_check),
