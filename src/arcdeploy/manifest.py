@@ -186,7 +186,7 @@ class InputSpec:
         return np.ascontiguousarray(x)
 
     def describe(self) -> str:
-        norm = f"(x - {_fmt(self.mean)}) / {_fmt(self.std)}"
+        norm = f"(x - {format_norm(self.mean)}) / {format_norm(self.std)}"
         where = f"raw 0..255 pixels, normalised inside the graph as {norm}" if self.normalize_in_graph else norm
         return f"{self.color} {self.layout} {self.dtype} {self.size[0]}x{self.size[1]}, {where}"
 
@@ -197,7 +197,7 @@ class InputSpec:
             "color": self.color,
             "dtype": self.dtype,
             "size": list(self.size),
-            "normalize": {"mean": _jnum(self.mean), "std": _jnum(self.std)},
+            "normalize": {"mean": _json_norm(self.mean), "std": _json_norm(self.std)},
             "normalize_in_graph": self.normalize_in_graph,
         }
 
@@ -225,11 +225,21 @@ class InputSpec:
         )
 
 
-def _fmt(v: float | tuple[float, ...]) -> str:
+def norm_value(values: Any, digits: int | None = None) -> float | tuple[float, ...]:
+    """A normalisation constant as an :class:`InputSpec` holds it: one number, or three per-channel
+    ones (three equal ones collapse to one); ``digits``: rounded to that many significant digits."""
+    vals = tuple(float(x) for x in np.asarray(values, np.float64).reshape(-1))
+    if digits is not None:
+        vals = tuple(float(f"{x:.{digits}g}") for x in vals)
+    return vals[0] if len(set(vals)) == 1 else vals
+
+
+def format_norm(v: float | tuple[float, ...]) -> str:
+    """``127.5`` or ``103.94/116.78/123.68``."""
     return "/".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}"
 
 
-def _jnum(v: float | tuple[float, ...]) -> Any:
+def _json_norm(v: float | tuple[float, ...]) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
@@ -237,8 +247,7 @@ def _norm_value(v: Any, source: str, key: str) -> float | tuple[float, ...]:
     if isinstance(v, list):
         if len(v) != 3 or not all(_number(x) for x in v):
             raise ArcdeployError(f"{source}: {key!r} must be a number or 3 numbers, got {v!r}")
-        vals = tuple(float(x) for x in v)
-        return vals[0] if len(set(vals)) == 1 else vals
+        return norm_value(v)
     if not _number(v):
         raise ArcdeployError(f"{source}: {key!r} must be a number, got {v!r}")
     return float(v)

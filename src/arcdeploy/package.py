@@ -19,6 +19,7 @@ import numpy as np
 from .engines import Runtime, RuntimeInfo, get_engine
 from .errors import ArcdeployError, describe
 from .manifest import MANIFEST_NAME, InputSpec, OutputSpec, PackageManifest, read_package_manifest
+from .utils import hash_file_into
 
 
 class Package:
@@ -128,9 +129,7 @@ class Package:
                 p = self.path / name
                 if p.is_file():
                     h.update(name.encode())
-                    with open(p, "rb") as f:
-                        while block := f.read(1 << 20):
-                            h.update(block)
+                    hash_file_into(h, p)
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 

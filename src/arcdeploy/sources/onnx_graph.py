@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ..manifest import format_norm, norm_value
+
 # nodes the input normalisation may pass through without changing pixel values' meaning
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
 # how a constant's value may reach the norm in an L2 normalisation (eps clamps, broadcasts)
@@ -142,11 +144,6 @@ def per_channel(value: np.ndarray, channels: int = 3) -> np.ndarray | None:
     return None
 
 
-def _fmt(v: np.ndarray) -> str:
-    v = np.asarray(v, np.float64)
-    return f"{v[0]:g}" if np.allclose(v, v[0]) else "[" + ", ".join(f"{x:g}" for x in v) + "]"
-
-
 def read_input_affine(graph, input_name: str, consts: dict[str, np.ndarray]) -> AffineChain:
     """Follow the input through leading Sub/Add/Mul/Div by constants (and Identity/Cast/Transpose)."""
     cons = consumers(graph)
@@ -189,7 +186,7 @@ def read_input_affine(graph, input_name: str, consts: dict[str, np.ndarray]) -> 
             chain.stopped_at = where
             return chain
         chain.scale, chain.offset = a, b
-        chain.steps.append(f"{where} {_fmt(v)}")
+        chain.steps.append(f"{where} {format_norm(norm_value(v, 9))}")
         cur = node.output[0]
 
 

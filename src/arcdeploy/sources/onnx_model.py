@@ -52,8 +52,10 @@ from ..manifest import (
     InputSpec,
     OutputSpec,
     ReferenceSpec,
+    format_norm,
+    norm_value,
 )
-from ..utils import library_versions, sha256_file
+from ..utils import library_versions, sha256_file, shape_text
 from . import onnx_graph as og
 
 log = logging.getLogger(__name__)
@@ -98,12 +100,6 @@ def parse_overrides(input_mean=None, input_std=None, bgr=None) -> dict:
     return out
 
 
-def _jnum(v: np.ndarray) -> float | tuple[float, ...]:
-    v = np.asarray(v, np.float64).reshape(-1)
-    vals = tuple(float(f"{x:.9g}") for x in v)
-    return vals[0] if len(set(vals)) == 1 else vals
-
-
 # ------------------------------------------------------------------ inspection
 
 
@@ -125,10 +121,6 @@ class Inspection:
 
 
 _ELEM = {1: "float32", 2: "uint8", 10: "float16", 11: "float64", 3: "int8", 7: "int64", 6: "int32"}
-
-
-def _shape_text(dims: list) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def _load(src: Path):
@@ -160,8 +152,8 @@ def inspect(model, src: Path) -> Inspection:
     outs = [(o.name, og.tensor_dims(o)) for o in graph.output]
     found = (
         f"{len(outs)} output{'s' if len(outs) != 1 else ''} "
-        f"({', '.join(f'{n} {_shape_text(d)}' for n, d in outs[:4])}{', ...' if len(outs) > 4 else ''}), "
-        f"input {inp.name} {_shape_text(dims)}"
+        f"({', '.join(f'{n} {shape_text(d)}' for n, d in outs[:4])}{', ...' if len(outs) > 4 else ''}), "
+        f"input {inp.name} {shape_text(dims)}"
     )
     if len(images) > 1:
         raise ArcdeployError(
@@ -186,7 +178,7 @@ def inspect(model, src: Path) -> Inspection:
     if len(outs[0][1]) not in (0, 2):
         raise ArcdeployError(
             f"{src}: not a face-recognition model: its output {outs[0][0]} is "
-            f"{_shape_text(outs[0][1])}, not embeddings [N, D]"
+            f"{shape_text(outs[0][1])}, not embeddings [N, D]"
         )
     elem = _ELEM.get(inp.type.tensor_type.elem_type, f"type {inp.type.tensor_type.elem_type}")
     if elem not in ("float32", "uint8"):
@@ -226,10 +218,10 @@ def detect_convention(model, insp: Inspection, overrides: dict) -> Convention:
     mean: Any = PIXEL_MEAN
     std: Any = PIXEL_STD
     if chain.found and chain.maps_pixels_to_normalised_range():
-        in_graph, mean, std = True, _jnum(chain.mean), _jnum(chain.std)
+        in_graph, mean, std = True, norm_value(chain.mean, 9), norm_value(chain.std, 9)
         how = (
             f"the graph normalises its input ({'; '.join(chain.steps)}): it takes raw 0..255 pixels, "
-            f"(x - {_fmt(mean)}) / {_fmt(std)} inside"
+            f"(x - {format_norm(mean)}) / {format_norm(std)} inside"
         )
     elif chain.found:
         how = (
@@ -254,7 +246,7 @@ def detect_convention(model, insp: Inspection, overrides: dict) -> Convention:
 
     color, color_how = "RGB", "default: insightface feeds its ArcFace ONNX files RGB (the graph cannot tell)"
     if in_graph and isinstance(mean, tuple) and np.allclose(mean, CAFFE_BGR_MEAN, atol=1.5):
-        color, color_how = "BGR", f"the in-graph mean {_fmt(mean)} is the ImageNet mean in Caffe's BGR order"
+        color, color_how = "BGR", f"the in-graph mean {format_norm(mean)} is the ImageNet mean in Caffe's BGR order"
 
     size_how = (
         "fixed in the graph"
@@ -299,21 +291,17 @@ def detect_convention(model, insp: Inspection, overrides: dict) -> Convention:
                 "(x - %s) / %s in front of it as asked",
                 insp.input_name,
                 how,
-                _fmt(new_mean),
-                _fmt(new_std),
+                format_norm(new_mean),
+                format_norm(new_std),
             )
         spec = replace(spec, mean=new_mean, std=new_std, normalize_in_graph=False)
-        applied["normalization"] = f"(x - {_fmt(new_mean)}) / {_fmt(new_std)} fed to the graph"
+        applied["normalization"] = f"(x - {format_norm(new_mean)}) / {format_norm(new_std)} fed to the graph"
     if "bgr" in overrides:
         spec = replace(spec, color="BGR" if overrides["bgr"] else "RGB")
         applied["color"] = spec.color
     return Convention(
         source=spec, detected=detected, overrides={**overrides, **({"applied": applied} if applied else {})}
     )
-
-
-def _fmt(v) -> str:
-    return "/".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}"
 
 
 # ------------------------------------------------------------------ model.onnx
