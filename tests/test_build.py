@@ -14,9 +14,10 @@ from arcdeploy.cli import main as cli_main
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.fidelity import FLOORS
 from arcdeploy.machine import cpu_flags
-from arcdeploy.manifest import PACKAGE_FORMAT, parse_precision
+from arcdeploy.manifest import PACKAGE_FORMAT
 from arcdeploy.package import load, read_manifest
 from arcdeploy.synthetic import aligned_faces, draw_face
+from arcdeploy.types import Precision
 
 pytestmark = pytest.mark.slow  # builds packages of every engine and precision
 
@@ -200,9 +201,9 @@ def test_load_and_infer_without_torch(packages, engine):
 
 
 def test_precision_aliases(tmp_path, r18_export):
-    assert parse_precision("force_float32") == "fp32"
-    assert parse_precision("force_float16") == "fp16"
-    assert parse_precision("qint8_mixed_float16") == "int8"
+    assert Precision.parse("force_float32") == "fp32"
+    assert Precision.parse("force_float16") == "fp16"
+    assert Precision.parse("qint8_mixed_float16") == "int8"
     out = tmp_path / "pkg"
     assert (
         cli_main(

@@ -59,9 +59,9 @@ def build(
     """Build a package (see :func:`arcdeploy.builder.build`); checks on generated faces when no
     images are given and none are held out from the calibration set."""
     from .builder import build as _build
-    from .manifest import parse_precision
+    from .types import Precision
 
-    if check_images is None and (calib is None or parse_precision(precision) == "int8"):
+    if check_images is None and (calib is None or Precision.parse(precision) is Precision.INT8):
         # an int8 build holds out part of its calibration images; only when too few remain
         # does it need generated ones, which it asks for through this fallback
         kwargs.setdefault("default_check_images", generated_check_images(check_count))

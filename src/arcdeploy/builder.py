@@ -30,11 +30,11 @@ from .manifest import (
     MANIFEST_NAME,
     PackageManifest,
     ReferenceSpec,
-    parse_precision,
     read_export_manifest,
     resolve_inside,
 )
 from .quantize import QuantRecipe
+from .types import Precision
 from .utils import library_versions, sha256_file
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class CheckImages:
 
 
 def check_engine_precision(
-    engine: str, precision: str, fold_preprocessing: bool = False, batch: int | None = None
+    engine: str, precision: Precision, fold_preprocessing: bool = False, batch: int | None = None
 ) -> None:
     """Fail early, before any export, for combinations that cannot be built here."""
     eng = get_engine(engine)
@@ -115,7 +115,7 @@ def build(
     from .fidelity import check, floor_for
 
     requested = precision
-    precision = parse_precision(precision)
+    precision = Precision.parse(precision)
     engine = engine or DEFAULT_ENGINE
     out = Path(out)
     refuse_existing(out, force)
@@ -129,7 +129,7 @@ def build(
     exclusive_landmarks_detector(calib_landmarks, calib_detector, "--calib-landmarks", "--calib-detector")
     calib_detector = as_detection(calib_detector) if calib is not None else None
     split = None
-    if precision == "int8":
+    if precision is Precision.INT8:
         recipe = recipe or QuantRecipe.for_this_cpu(calibration_count=calib_count)
         split = calibration_split(calib, calib_landmarks, count=recipe.calibration_count, detector=calib_detector)
     started = time.time()
@@ -201,7 +201,7 @@ def build(
                 images_source=images.source,
                 floor=floor,
             )
-            if not result.passed and precision == "int8" and fallback and split is not None:
+            if not result.passed and precision is Precision.INT8 and fallback and split is not None:
                 from .fallback import keep_sensitive_layers_float
 
                 result = keep_sensitive_layers_float(eng, job, split, images, floor, threads)
@@ -264,7 +264,7 @@ def _check_images(
     if split is not None and split.holdout is not None:
         h = split.holdout
         return CheckImages(h.faces[:check_count], f"held-out calibration images ({h.source})", h.source)
-    if calib is not None and precision != "int8":
+    if calib is not None and precision is not Precision.INT8:
         got = load_images(calib, calib_landmarks, limit=check_count or 64, what="check images", detector=calib_detector)
         return CheckImages(got.faces, f"calibration images ({got.source}; not used by a {precision} build)", got.source)
     if default is not None:

@@ -15,20 +15,21 @@ from typing import Any
 import numpy as np
 
 from .errors import ArcdeployError
+from .types import Precision
 
 # per-image cosine floors by precision
-FLOORS: dict[str, dict[str, float]] = {
-    "fp32": {"min": 0.99999},
-    "fp16": {"mean": 0.9995},
-    "bf16": {"mean": 0.9995},
-    "int8": {"mean": 0.99, "min": 0.97},
+FLOORS: dict[Precision, dict[str, float]] = {
+    Precision.FP32: {"min": 0.99999},
+    Precision.FP16: {"mean": 0.9995},
+    Precision.BF16: {"mean": 0.9995},
+    Precision.INT8: {"mean": 0.99, "min": 0.97},
 }
 REFERENCE_BATCH = 32
 
 
-def floor_for(precision: str, max_cosine_drop: float | None = None) -> dict[str, float]:
+def floor_for(precision: Precision, max_cosine_drop: float | None = None) -> dict[str, float]:
     """The floor for ``precision``; ``max_cosine_drop`` tightens (or sets) the mean."""
-    floor = dict(FLOORS.get(precision, FLOORS["int8"]))
+    floor = dict(FLOORS.get(precision, FLOORS[Precision.INT8]))
     if max_cosine_drop is not None:
         floor["mean"] = round(1.0 - float(max_cosine_drop), 9)
     return floor
@@ -59,7 +60,7 @@ class FidelityResult:
     images: str
     images_source: str
     engine: str
-    precision: str
+    precision: Precision
     floor: dict[str, float]
     below_floor: list[str]
     worst: list[dict] = field(default_factory=list)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ArcdeployError
+from .types import Device, Precision
 
 PACKAGE_FORMAT_NAME = "arcdeploy-package"
 PACKAGE_FORMAT_VERSION = 2
@@ -33,23 +34,6 @@ MANIFEST_NAME = "manifest.json"
 ALIGNED_SIZE = 112
 PIXEL_MEAN = 127.5
 PIXEL_STD = 127.5
-
-
-# ------------------------------------------------------------------ precisions
-
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-# the reference pipeline's names for the same modes
-PRECISION_ALIASES = {"force_float32": "fp32", "force_float16": "fp16", "qint8_mixed_float16": "int8"}
-
-
-def parse_precision(text: str) -> str:
-    """``fp32`` / ``force_float32`` ... -> one of :data:`PRECISIONS`."""
-    p = PRECISION_ALIASES.get(text, text)
-    if p not in PRECISIONS:
-        raise ArcdeployError(
-            f"unknown precision {text!r}; choose one of {', '.join(PRECISIONS)} (or {', '.join(PRECISION_ALIASES)})"
-        )
-    return p
 
 
 # ------------------------------------------------------------------ validation helpers
@@ -328,13 +312,13 @@ class PackageManifest:
     """
 
     engine: str
-    precision: str
+    precision: Precision
     arch: str
     input: InputSpec = field(default_factory=InputSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     files: dict[str, str] = field(default_factory=dict)
     requested_precision: str | None = None
-    device: str = "CPU"
+    device: Device = Device.CPU
     batch: int | None = None
     dynamic_batch: bool = True
     threads: int | None = None
@@ -397,13 +381,13 @@ class PackageManifest:
                 raise ArcdeployError(f"{source}: {key!r} must be at least 1, got {value}")
         return cls(
             engine=r.get("engine", str),
-            precision=r.choice("precision", PRECISIONS),
+            precision=Precision(r.choice("precision", tuple(Precision))),
             arch=r.get("arch", str),
             input=InputSpec.from_json(r.get("input", dict), source),
             output=OutputSpec.from_json(r.get("output", dict, {}), source),
             files=files,
             requested_precision=r.get("requested_precision", str, None),
-            device=r.get("device", str, "CPU"),
+            device=Device(r.choice("device", tuple(Device), Device.CPU)),
             batch=batch,
             dynamic_batch=r.get("dynamic_batch", bool, True),
             threads=threads,

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ArcdeployError
+from .types import FloatLayerPrecision
 
 ROLES = ("stem", "head", "spread", "depthwise")
 ROLE_WHY = {
@@ -52,7 +53,6 @@ ROLE_WHY = {
 RANGE_ESTIMATORS = ("minmax", "mean_minmax", "mean_quantile", "histogram", "median_minmax", "mean_no_outliers_minmax")
 BIAS_CORRECTION = ("fast", "full", "none")
 OVERFLOW_FIX = ("enable", "first_layer", "disable")
-FLOAT_PRECISIONS = ("f32", "bf16", "auto")
 DEFAULT_CALIBRATION_COUNT = 300
 
 
@@ -70,7 +70,7 @@ class QuantRecipe:
     keep_float: tuple[str, ...] = ("stem", "spread", "head")
     spread_threshold: float = 10.0  # "spread": max / median of the per-channel input ranges
     float_layers: tuple[str, ...] = ()  # named layers kept in float (the fallback's choice)
-    float_precision: str = "f32"  # what float layers execute in (OpenVINO CPU; auto: its default)
+    float_precision: FloatLayerPrecision = FloatLayerPrecision.F32  # what float layers execute in (OpenVINO CPU)
     ort_op_types: tuple[str, ...] = ("Conv",)  # ops quantize_static quantizes
 
     def __post_init__(self) -> None:
@@ -78,10 +78,11 @@ class QuantRecipe:
             ("range_estimator", self.range_estimator, RANGE_ESTIMATORS),
             ("bias_correction", self.bias_correction, BIAS_CORRECTION),
             ("overflow_fix", self.overflow_fix, OVERFLOW_FIX),
-            ("float_precision", self.float_precision, FLOAT_PRECISIONS),
+            ("float_precision", self.float_precision, tuple(FloatLayerPrecision)),
         ):
             if value not in allowed:
                 raise ArcdeployError(f"int8 recipe: {name} {value!r}; choose one of {', '.join(allowed)}")
+        object.__setattr__(self, "float_precision", FloatLayerPrecision(self.float_precision))  # given as text too
         if self.weight_bits not in (7, 8):
             raise ArcdeployError(f"int8 recipe: weight_bits must be 7 or 8, got {self.weight_bits}")
         unknown = [r for r in self.keep_float if r not in ROLES]

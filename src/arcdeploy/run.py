@@ -22,10 +22,11 @@ from typing import Any
 
 from .errors import ArcdeployError, describe
 from .files import write_json_atomic
+from .types import Precision
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PRECISIONS = ("fp32", "bf16", "int8")
+DEFAULT_PRECISIONS = (Precision.FP32, Precision.BF16, Precision.INT8)
 RUN_MARKER = ".arcdeploy-run"  # marks a folder as one arcdeploy run/demo writes into
 DEFAULT_BATCHES = (1, 16)
 

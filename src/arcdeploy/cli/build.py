@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..engines.registry import DEFAULT_ENGINE, engine_names
-from ..manifest import PRECISION_ALIASES, PRECISIONS
+from ..types import FloatLayerPrecision, Precision
 from .export import add_convention_options, convention_options
 
 
@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=(*PRECISIONS, *PRECISION_ALIASES),
+        choices=Precision.choices(),
         metavar="PRECISION",
         help="fp32, fp16, bf16 or int8 (aliases force_float32, force_float16, qint8_mixed_float16)",
     )
@@ -48,7 +48,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--int8-float",
-        choices=("f32", "bf16", "auto"),
+        choices=tuple(FloatLayerPrecision),
         default=None,
         help="what the layers an int8 model keeps in float execute in (OpenVINO; default f32: "
         "on bf16-capable CPUs the plugin would otherwise run them in bf16)",

@@ -41,10 +41,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..bench import parse_batches
-    from ..manifest import parse_precision
     from ..run import run_pipeline
+    from ..types import Precision
 
-    precisions = [parse_precision(p.strip()) for p in args.precisions.split(",") if p.strip()]
+    precisions = [Precision.parse(p.strip()) for p in args.precisions.split(",") if p.strip()]
     result = run_pipeline(
         args.ckpt,
         args.output,

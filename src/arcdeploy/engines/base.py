@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ArcdeployError
+from ..types import Device, Precision
 
 if TYPE_CHECKING:
     from ..manifest import InputSpec, PackageManifest
@@ -34,9 +35,9 @@ if TYPE_CHECKING:
 class Capabilities:
     """What an engine can build and how it runs."""
 
-    precisions: tuple[str, ...]  # every precision it builds
-    gpu_only: tuple[str, ...] = ()  # of those, the ones that need a GPU
-    devices: tuple[str, ...] = ("CPU",)
+    precisions: tuple[Precision, ...]  # every precision it builds
+    gpu_only: tuple[Precision, ...] = ()  # of those, the ones that need a GPU
+    devices: tuple[Device, ...] = (Device.CPU,)
     async_requests: bool = False  # keeps several requests in flight itself
     reports_executed: bool = False  # can say what precision each layer runs in
     folds_preprocessing: bool = False  # can take uint8 NHWC and normalise in the graph
@@ -62,7 +63,7 @@ class BuildJob:
     onnx_path: Path  # the exported fp32 ONNX (dynamic batch, ``input`` convention below)
     out_dir: Path
     manifest: PackageManifest
-    precision: str
+    precision: Precision
     input: InputSpec  # the ONNX's input convention
     torchscript_path: Path | None = None
     recipe: QuantRecipe | None = None
@@ -78,8 +79,8 @@ class RuntimeInfo:
     """What is running (``describe``): the same keys for every engine."""
 
     engine: str
-    device: str
-    precision: str  # the package's precision
+    device: str  # the device as the engine names it ("CPU", "cuda:0", ...)
+    precision: Precision  # the package's precision
     executes: str | None  # what the engine reports it executes (e.g. "bf16"), if it can tell
     threads: int | str | None
     version: str
@@ -218,13 +219,13 @@ class Engine:
     build: Callable[[BuildJob], None]
     runtime: type[Runtime]
     open_graph: Callable[..., GraphSession] | None = None
-    check: Callable[[str], None] | None = None
+    check: Callable[[Precision], None] | None = None
     describe_library: Callable[[], str] | None = None
     # an int8 build's layers put back in float one by one, for the accuracy-aware fallback:
     # reverter(job) -> object with layers() -> [names] and embed(names, x) -> float32 [N, D]
     reverter: Callable[[BuildJob], Any] | None = None
 
-    def check_precision(self, precision: str) -> None:
+    def check_precision(self, precision: Precision) -> None:
         if precision not in self.capabilities.precisions:
             raise ArcdeployError(f"engine {self.name} has no {precision} build")
         if self.check is not None:

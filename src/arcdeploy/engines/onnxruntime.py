@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import ArcdeployError, first_line
 from ..quantize import QuantRecipe, float_nodes_onnx, quiet_quantizers, range_spread
+from ..types import Device, Precision
 from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, TensorInfo
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -83,7 +84,7 @@ class OnnxRuntimeRuntime(Runtime):
     def __init__(self, package_dir, manifest, threads=None, **options):
         super().__init__(package_dir, manifest, threads, **options)
         gpu = bool(options.get("gpu", True))
-        if manifest.precision == "fp16" and not gpu_providers():
+        if manifest.precision is Precision.FP16 and not gpu_providers():
             raise ArcdeployError(
                 f"{self.package_dir}: an fp16 ONNX Runtime package needs a GPU "
                 "(CUDAExecutionProvider from onnxruntime-gpu); none is available here"
@@ -103,7 +104,7 @@ class OnnxRuntimeRuntime(Runtime):
         gpu = providers[0] != "CPUExecutionProvider"
         return RuntimeInfo(
             engine="onnxruntime",
-            device="GPU" if gpu else "CPU",
+            device=Device.GPU if gpu else Device.CPU,
             precision=self.manifest.precision,
             executes=self.manifest.precision,
             threads=self.threads or "default (one per physical core)",
@@ -115,8 +116,8 @@ class OnnxRuntimeRuntime(Runtime):
 # ------------------------------------------------------------------ building
 
 
-def _check(precision: str) -> None:
-    if precision == "fp16" and not gpu_providers():
+def _check(precision: Precision) -> None:
+    if precision is Precision.FP16 and not gpu_providers():
         raise ArcdeployError(
             "precision fp16 needs a GPU for onnxruntime (CUDAExecutionProvider from "
             "onnxruntime-gpu; none here); use --engine openvino"
@@ -127,18 +128,18 @@ def build(job: BuildJob) -> None:
     import onnx
 
     target = job.out_dir / "model.onnx"
-    if job.precision == "int8":
+    if job.precision is Precision.INT8:
         assert job.recipe is not None and job.calib_inputs is not None
         quantizer = job.options.get("ort_quantizer", "nncf")
         if quantizer not in QUANTIZERS:
             raise ArcdeployError(f"unknown ort_quantizer {quantizer!r}; choose {' or '.join(QUANTIZERS)}")
         quantize = _quantize_nncf if quantizer == "nncf" else _quantize_ort
         job.manifest.calibration = quantize(job.onnx_path, target, job.calib_inputs, job.input.name, job.recipe)
-    elif job.precision == "fp16":
+    elif job.precision is Precision.FP16:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         onnx.save(convert_float_to_float16(onnx.load(str(job.onnx_path)), keep_io_types=True), str(target))
-        job.manifest.device = "GPU"
+        job.manifest.device = Device.GPU
     else:
         shutil.copyfile(job.onnx_path, target)
     if job.fold_preprocessing:
@@ -147,7 +148,7 @@ def build(job: BuildJob) -> None:
         onnx.save(model, str(target))
     job.manifest.files = {"model": "model.onnx"}
     job.manifest.executed = {
-        "inference_precision": job.precision if job.precision != "int8" else "int8 (QDQ) + fp32",
+        "inference_precision": job.precision if job.precision is not Precision.INT8 else "int8 (QDQ) + fp32",
         "note": "ONNX Runtime runs what the graph says: no precision hint",
     }
 
@@ -369,9 +370,9 @@ ENGINE = Engine(
     requirement="onnxruntime",
     module="onnxruntime",
     capabilities=Capabilities(
-        precisions=("fp32", "fp16", "int8"),
-        gpu_only=("fp16",),
-        devices=("CPU", "GPU"),
+        precisions=(Precision.FP32, Precision.FP16, Precision.INT8),
+        gpu_only=(Precision.FP16,),
+        devices=(Device.CPU, Device.GPU),
         async_requests=False,
         reports_executed=False,
         folds_preprocessing=True,

@@ -28,12 +28,13 @@ import numpy as np
 
 from ..errors import ArcdeployError, first_line
 from ..quantize import FloatScope, QuantRecipe, quiet_quantizers, range_spread, spread_layers
+from ..types import Device, FloatLayerPrecision, Precision
 from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, StopRule, TensorInfo
 
 # layer types whose runtime precision says what the heavy math runs in
 COMPUTE_LAYERS = ("Convolution", "FullyConnected", "MatMul", "Gemm", "GroupConvolution", "Deconvolution")
 # OpenVINO's element types for the precision hint
-HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+HINTS = {Precision.FP32: "f32", Precision.FP16: "f16", Precision.BF16: "bf16"}
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 
 
@@ -89,7 +90,7 @@ def compile_config(
 
 def _compile(model_or_path, config: dict, what: str):
     try:
-        return core().compile_model(model_or_path, "CPU", config)
+        return core().compile_model(model_or_path, Device.CPU.value, config)
     except Exception as exc:
         raise ArcdeployError(f"{what}: OpenVINO cannot compile it ({first_line(exc)})") from None
 
@@ -220,7 +221,7 @@ class OpenVINORuntime(Runtime):
         executed = executed_precisions(cm)
         return RuntimeInfo(
             engine="openvino",
-            device="CPU",
+            device=Device.CPU,
             precision=self.manifest.precision,
             executes=executed["inference_precision"],
             threads=int(cm.get_property("INFERENCE_NUM_THREADS")),
@@ -467,47 +468,47 @@ def reverter(job: BuildJob) -> LayerReverter:
     )
 
 
-def _check(precision: str) -> None:
+def _check(precision: Precision) -> None:
     return None
 
 
 def build(job: BuildJob) -> None:
     ov = _ov()
     model = convert(job.onnx_path)
-    cfg: dict[str, Any] = {"device": "CPU", "performance_hint": job.options.get("performance_hint", "LATENCY")}
+    cfg: dict[str, Any] = {"device": Device.CPU, "performance_hint": job.options.get("performance_hint", "LATENCY")}
     if job.precision in HINTS:
         cfg["inference_precision"] = HINTS[job.precision]
-    if job.precision == "int8":
+    if job.precision is Precision.INT8:
         assert job.recipe is not None and job.calib_inputs is not None
         model, scope = quantize(model, job.recipe, job.calib_inputs)
         job.manifest.calibration = job.recipe.manifest_entry(
             "NNCF post-training quantization (OpenVINO)", scope, len(job.calib_inputs)
         )
-        if job.recipe.float_precision != "auto":
-            cfg["inference_precision"] = job.recipe.float_precision
+        if job.recipe.float_precision is not FloatLayerPrecision.AUTO:
+            cfg["inference_precision"] = job.recipe.float_precision.value
     if job.batch:
         model.reshape({model.inputs[0]: ov.PartialShape([int(job.batch), 3, *job.input.size])})
         job.manifest.dynamic_batch = False
     if job.fold_preprocessing:
         model = _fold_preprocessing(model, job.input)
     # fp16 keeps its weights in f16 on disk (what an f16 deployment ships); others stay exact
-    ov.save_model(model, str(job.out_dir / "model.xml"), compress_to_fp16=(job.precision == "fp16"))
+    ov.save_model(model, str(job.out_dir / "model.xml"), compress_to_fp16=(job.precision is Precision.FP16))
     job.manifest.files = {"model": "model.xml", "weights": "model.bin"}
     job.manifest.engine_config = cfg
     compiled = _compile(str(job.out_dir / "model.xml"), compile_config(cfg, job.manifest.threads), "the built model")
     executed = executed_precisions(compiled)
-    if job.precision in ("fp16", "bf16") and executed["inference_precision"] != HINTS[job.precision]:
+    if job.precision in (Precision.FP16, Precision.BF16) and executed["inference_precision"] != HINTS[job.precision]:
         executed["note"] = (
             f"this CPU has no native {job.precision}: the compiled model reports inference precision "
             f"{executed['inference_precision']} despite the {HINTS[job.precision]} hint"
         )
         job.warnings.append(executed["note"] + " (recorded in the manifest)")
-    if job.precision == "int8":
+    if job.precision is Precision.INT8:
         executed["note"] = f"layers left in float run in {executed['inference_precision']}" + (
             " (the CPU plugin's default)" if "inference_precision" not in cfg else " (as the recipe asks)"
         )
     job.manifest.executed = executed
-    job.manifest.device = "CPU"
+    job.manifest.device = Device.CPU
 
 
 def _fold_preprocessing(model, spec):
@@ -538,8 +539,8 @@ ENGINE = Engine(
     requirement="openvino",
     module="openvino",
     capabilities=Capabilities(
-        precisions=("fp32", "fp16", "bf16", "int8"),
-        devices=("CPU",),
+        precisions=tuple(Precision),
+        devices=(Device.CPU,),
         async_requests=True,
         reports_executed=True,
         folds_preprocessing=True,

@@ -9,7 +9,7 @@
 
 from .meta import TARGETS, IJBMeta, meta_paths, read_meta, template_index
 from .protocol import (
-    PRECISIONS,
+    AGGREGATION_DTYPES,
     IJBResult,
     TemplateFeatures,
     check_features,
@@ -27,7 +27,7 @@ __all__ = [
     "meta_paths",
     "read_meta",
     "template_index",
-    "PRECISIONS",
+    "AGGREGATION_DTYPES",
     "IJBResult",
     "TemplateFeatures",
     "check_features",
