@@ -95,11 +95,12 @@ def run_arch(arch: str, args) -> dict:
     rows = {}
     for key, path in pkgs.items():
         m = arcdeploy.load(path).manifest
-        fb = (m.calibration or {}).get("fallback") or {}
+        fb = (m.calibration.fallback if m.calibration else None) or {}
+        fid = m.fidelity.to_json() if m.fidelity else {}
         rows[key] = {
             "package": str(path),
-            "cosine": (m.fidelity or {}).get("cosine"),
-            "passed": (m.fidelity or {}).get("passed"),
+            "cosine": fid.get("cosine"),
+            "passed": fid.get("passed"),
             "images_per_s": statistics.median(per[key]),
             "x_fp32": statistics.median(a / b for a, b in zip(per[key], per["fp32"])),
             "fallback": {

@@ -158,7 +158,7 @@ def ort_int8_convs(model_path: Path) -> dict:
 def what_executes(pkg) -> dict:
     """What the package runs: inference precision and how many convolutions run as int8."""
     m = pkg.manifest
-    ex = m.executed or {}
+    ex = m.executed.to_json() if m.executed else {}
     out: dict = {"inference_precision": ex.get("inference_precision"), "note": ex.get("note")}
     if m.engine == "openvino":
         layers = ex.get("layers") or {}
@@ -180,7 +180,7 @@ def what_executes(pkg) -> dict:
 
 
 def float_scope(m) -> dict:
-    cal = m.calibration or {}
+    cal = m.calibration.to_json() if m.calibration else {}
     fb = cal.get("fallback") or {}
     return {
         "kept_float": cal.get("kept_float"),
@@ -241,7 +241,7 @@ def run_model(name: str, real: Path, split: dict, workdir: Path, args, check_fac
             row["build_s"] = build_variant(src, out, variant, split, args.reuse)
             pkg = arcdeploy.load(out)
             m = pkg.manifest
-            fid = m.fidelity or {}
+            fid = m.fidelity.to_json() if m.fidelity else {}
             row["fidelity"] = {
                 **(fid.get("cosine") or {}),
                 "passed": fid.get("passed"),

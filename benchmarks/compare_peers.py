@@ -247,7 +247,7 @@ def make_runners(
             r.fn = (lambda x, e=eng: e.infer(x)) if not pkg.fixed_batch else None
             r.info.update(_info(pkg.describe()))
             r.executed = _executed_precision(r.info, precision)
-            r.manifest_fidelity = pkg.manifest.fidelity
+            r.manifest_fidelity = pkg.manifest.fidelity.to_json() if pkg.manifest.fidelity else None
             r.info["package"] = str(path)
             r.info["package_built"] = dt.datetime.fromtimestamp(
                 (path / "manifest.json").stat().st_mtime, dt.UTC

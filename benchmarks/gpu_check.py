@@ -119,7 +119,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             arcdeploy.build(export_dir, pkg_dir, engine="torch", precision=precision, force=True, check_count=64)
             manifest = arcdeploy.load(pkg_dir).manifest
-            fid = manifest.fidelity or {}
+            fid = manifest.fidelity.to_json() if manifest.fidelity else {}
             cos = fid.get("cosine", {})
             print(
                 f"{arch} {precision}: built in {time.perf_counter() - t0:.0f} s; fidelity cosine mean "

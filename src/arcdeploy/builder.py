@@ -28,6 +28,9 @@ from .files import atomic_dir, refuse_existing, scratch_dir, write_json_atomic
 from .machine import cpu_name, relevant_flags
 from .manifest import (
     MANIFEST_NAME,
+    CalibrationRecord,
+    ExportRecord,
+    HostRecord,
     PackageManifest,
     ReferenceSpec,
     read_export_manifest,
@@ -147,12 +150,8 @@ def build(
                 batch=int(batch) if batch else None,
                 threads=int(threads) if threads else None,
                 source=exported.source,
-                export={
-                    "opset": exported.opset,
-                    "verification": exported.verification,
-                    "input": exported.input.to_json(),
-                },
-                host={"cpu": cpu_name(), "flags": relevant_flags()},
+                export=ExportRecord(opset=exported.opset, verification=exported.verification, input=exported.input),
+                host=HostRecord(cpu=cpu_name(), flags=relevant_flags()),
             )
             ts = exported.file(export_dir, "torchscript") if "torchscript" in exported.files else None
             job = BuildJob(
@@ -172,8 +171,8 @@ def build(
             for w in job.warnings:
                 log.warning(w)
             if split:
-                how = _calibration_images(split, calib_landmarks, calib_detector)
-                manifest.calibration = {**(manifest.calibration or {}), **how}
+                assert manifest.calibration is not None  # every int8 engine writes its recipe's entry
+                manifest.calibration = _calibration_images(manifest.calibration, split, calib_landmarks, calib_detector)
             manifest.reference = _store_reference(export_dir, exported, tmp, manifest)
             manifest.versions = library_versions(
                 "arcdeploy", "torch", "onnx", "onnxruntime", "openvino", "nncf", "numpy"
@@ -225,7 +224,8 @@ def _resolve_source(src, work: Path, arch: str, onnx_options: dict) -> Path:
     return resolve_export(src, work, arch, **onnx_options)
 
 
-def _calibration_images(split, calib_landmarks, detection=None) -> dict:
+def _calibration_images(entry: CalibrationRecord, split, calib_landmarks, detection=None) -> CalibrationRecord:
+    """The engine's calibration entry with what the calibration images were and how they were aligned."""
     cal = split.calib
     if cal.source == "array":
         how = "aligned crops given as an array"
@@ -235,11 +235,14 @@ def _calibration_images(split, calib_landmarks, detection=None) -> dict:
         how = f"5-point similarity alignment with {calib_landmarks}"
     else:
         how = "taken as aligned crops (resized to 112x112 if needed)"
-    entry: dict[str, Any] = {"count": int(len(cal.faces)), "source": cal.source, "preprocessing": how}
-    if cal.skipped:
-        entry["skipped"] = cal.skipped[:20]
-        entry["skipped_count"] = len(cal.skipped)
-    return entry
+    return replace(
+        entry,
+        count=int(len(cal.faces)),
+        source=cal.source,
+        preprocessing=how,
+        skipped=cal.skipped[:20] if cal.skipped else None,
+        skipped_count=len(cal.skipped) if cal.skipped else None,
+    )
 
 
 def _check_images(

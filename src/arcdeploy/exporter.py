@@ -23,7 +23,15 @@ import numpy as np
 
 from .errors import ArcdeployError, describe
 from .files import atomic_dir, refuse_existing, write_json_atomic
-from .manifest import MANIFEST_NAME, ExportManifest, InputSpec, OutputSpec, ReferenceSpec
+from .manifest import (
+    MANIFEST_NAME,
+    ExportManifest,
+    InputSpec,
+    OutputSpec,
+    ReferenceSpec,
+    SourceRecord,
+    VerificationRecord,
+)
 from .utils import library_versions, sha256_file
 
 OPSET = 17
@@ -124,12 +132,9 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, arch: str = "auto"
                 output=OutputSpec(name=OUTPUT_NAME, dim=dim),
                 files={"onnx": "model.onnx", "torchscript": "model.pt"},
                 reference=ReferenceSpec(file="model.pt", kind="torchscript", sha256=sha256_file(ts_path)),
-                source={
-                    "kind": "checkpoint",
-                    "path": str(Path(ckpt).resolve()),
-                    "sha256": sha256_file(ckpt),
-                    "notes": info.notes,
-                },
+                source=SourceRecord(
+                    kind="checkpoint", path=str(Path(ckpt).resolve()), sha256=sha256_file(ckpt), notes=info.notes
+                ),
                 opset=opset,
                 dynamic_batch=True,
                 verification=verification,
@@ -143,7 +148,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: Path, arch: str = "auto"
     return ExportResult(out_dir, out_dir / "model.onnx", out_dir / "model.pt", manifest)
 
 
-def verify_export(model, onnx_path: Path, ts_path: Path) -> dict:
+def verify_export(model, onnx_path: Path, ts_path: Path) -> VerificationRecord:
     """Compare ONNX Runtime and TorchScript with eager PyTorch at batch 1 and 5."""
     import torch
 
@@ -172,4 +177,4 @@ def verify_export(model, onnx_path: Path, ts_path: Path) -> dict:
                 f"export check failed: {name} differs from PyTorch by relative error {err:.2e} "
                 f"(limit {EXPORT_TOLERANCE:.0e})"
             )
-    return {"tolerance": EXPORT_TOLERANCE, "batches": list(VERIFY_BATCHES), "relative_error": worst}
+    return VerificationRecord(tolerance=EXPORT_TOLERANCE, batches=list(VERIFY_BATCHES), relative_error=worst)

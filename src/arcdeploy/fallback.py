@@ -133,7 +133,7 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
         log.warning("fallback: no quantized layer to put back in float; the recipe's package is kept")
         return final_check()
 
-    previous = dict(job.manifest.calibration or {})  # includes what the calibration images were
+    previous = job.manifest.calibration  # includes what the calibration images were
     recipe = job.recipe.with_float_layers(kept)
     with scratch_dir("fallback") as recipe_pkg:
         # the recipe's package steps aside (not deleted) so its speed can be compared with the new one's
@@ -145,10 +145,9 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
         engine.build(rebuilt)
         write_json_atomic(job.out_dir / MANIFEST_NAME, rebuilt.manifest.to_json())
         speed = _speed_cost(recipe_pkg, job.out_dir, x, threads)
-    job.manifest.calibration = {
-        **previous,
-        **(rebuilt.manifest.calibration or {}),
-        "fallback": {
+    job.manifest.calibration = replace(
+        rebuilt.manifest.calibration.with_images_of(previous),
+        fallback={
             "why": "the recipe's package missed the fidelity floor on the check images",
             "kept_float": kept,
             "ranking": [{"layer": n, "gain": round(g, 6)} for g, n in gains[: max(len(kept), 10)]],
@@ -162,7 +161,7 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
             "seconds": round(time.time() - started, 1),
             "speed": speed,
         },
-    }
+    )
     write_json_atomic(job.out_dir / MANIFEST_NAME, job.manifest.to_json())
     return final_check()
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ArcdeployError
+from .manifest import CosineStats, FidelityRecord
 from .types import Precision
 
 # per-image cosine floors by precision
@@ -36,22 +37,6 @@ def floor_for(precision: Precision, max_cosine_drop: float | None = None) -> dic
 
 
 @dataclass
-class CosineStats:
-    mean: float
-    min: float
-    p1: float
-    max: float
-    n: int
-
-    @classmethod
-    def of(cls, cos: np.ndarray) -> CosineStats:
-        return cls(float(cos.mean()), float(cos.min()), float(np.percentile(cos, 1)), float(cos.max()), int(cos.size))
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
 class FidelityResult:
     """Per-image cosine of one package against its fp32 reference."""
 
@@ -70,25 +55,43 @@ class FidelityResult:
     def passed(self) -> bool:
         return not self.below_floor
 
-    def summary(self) -> dict:
+    def summary(self) -> FidelityRecord:
         """What the manifest keeps (no per-image values)."""
-        return {
-            "cosine": self.cosine.to_json(),
-            "reference": self.reference,
-            "images": self.images,
-            "images_source": self.images_source,
-            "engine": self.engine,
-            "precision": self.precision,
-            "floor": self.floor,
-            "passed": self.passed,
-            "below_floor": self.below_floor,
-        }
+        return FidelityRecord(
+            cosine=self.cosine,
+            reference=self.reference,
+            images=self.images,
+            images_source=self.images_source,
+            engine=self.engine,
+            precision=self.precision,
+            floor=self.floor,
+            passed=self.passed,
+            below_floor=self.below_floor,
+        )
 
     def to_json(self) -> dict:
-        d: dict[str, Any] = {**self.summary(), "worst": self.worst}
+        d: dict[str, Any] = {**self.summary().to_json(), "worst": self.worst}
         if self.per_image is not None:
             d["per_image"] = [round(float(c), 7) for c in self.per_image]  # for the report's histogram
         return d
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> FidelityResult:
+        """A result written by :meth:`to_json` (a run's step result), validated."""
+        rec = FidelityRecord.from_json(data, source, "check")
+        per_image = data.get("per_image")
+        return cls(
+            cosine=rec.cosine,
+            reference=rec.reference,
+            images=rec.images,
+            images_source=rec.images_source,
+            engine=rec.engine,
+            precision=rec.precision,
+            floor=rec.floor,
+            below_floor=rec.below_floor,
+            worst=list(data.get("worst") or []),
+            per_image=np.asarray(per_image, dtype=np.float64) if per_image else None,
+        )
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ArcdeployError
+from .manifest import CalibrationRecord
 from .types import FloatLayerPrecision
 
 ROLES = ("stem", "head", "spread", "depthwise")
@@ -163,18 +164,18 @@ class QuantRecipe:
         ]
         return f"{weights}, {acts} activations ({self.range_estimator} ranges), {bias}"
 
-    def manifest_entry(self, method: str, kept: FloatScope, count: int) -> dict:
+    def manifest_entry(self, method: str, kept: FloatScope, count: int) -> CalibrationRecord:
         """The manifest's ``calibration`` entry: generated from the recipe and the resolved float scope."""
-        return {
-            "method": f"{method}: {self.describe()}",
-            "recipe": self.to_json(),
-            "count": int(count),
-            "kept_float": kept.names(),
-            "kept_float_why": {role: ROLE_WHY[role] for role in kept.roles()},
-            **({"input_channel_spread": {k: round(v, 2) for k, v in kept.spreads.items()}} if kept.spreads else {}),
-            "seven_bit_weights": self.weight_bits == 7,
-            "float_layers_execute": self.float_precision,
-        }
+        return CalibrationRecord(
+            method=f"{method}: {self.describe()}",
+            recipe=self.to_json(),
+            count=int(count),
+            kept_float=kept.names(),
+            kept_float_why={role: ROLE_WHY[role] for role in kept.roles()},
+            input_channel_spread={k: round(v, 2) for k, v in kept.spreads.items()} if kept.spreads else None,
+            seven_bit_weights=self.weight_bits == 7,
+            float_layers_execute=self.float_precision,
+        )
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

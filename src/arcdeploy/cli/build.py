@@ -120,24 +120,28 @@ def run(args) -> int:
         recipe=recipe,
         onnx_options=convention_options(args),
     )
-    m = read_package_manifest(out)
-    fid = m.fidelity or {}
-    c = fid.get("cosine", {})
-    print(f"built {m.arch} {m.engine} {m.precision} -> {out}")
-    ex = m.executed or {}
-    if ex.get("layers"):
-        print(f"  executes: {ex['inference_precision']} ({', '.join(f'{k} {v}' for k, v in ex['layers'].items())})")
-    if m.calibration:
-        cal = m.calibration
-        roles = ", ".join(cal.get("kept_float_why", {})) or "none"
-        print(
-            f"  calibration: {cal['count']} images from {cal['source']}; kept in float: "
-            f"{len(cal.get('kept_float', []))} ops ({roles})"
-        )
-    state = "passed" if fid.get("passed") else "BELOW FLOOR (" + "; ".join(fid.get("below_floor", [])) + ")"
-    print(
-        f"  fidelity vs {fid.get('reference')} on {c.get('n')} {fid.get('images')} images: "
-        f"cosine mean {c.get('mean', 0):.6f} "
-        f"min {c.get('min', 0):.6f} p1 {c.get('p1', 0):.6f} -> {state}"
-    )
+    print_summary(read_package_manifest(out), out)
     return 0
+
+
+def print_summary(m, out) -> None:
+    """What was built, what it executes, how it was calibrated, and its fidelity."""
+    print(f"built {m.arch} {m.engine} {m.precision} -> {out}")
+    ex = m.executed
+    if ex is not None and ex.layers:
+        print(f"  executes: {ex.inference_precision} ({', '.join(f'{k} {v}' for k, v in ex.layers.items())})")
+    cal = m.calibration
+    if cal is not None:
+        roles = ", ".join(cal.kept_float_why) or "none"
+        print(
+            f"  calibration: {cal.count} images from {cal.source}; kept in float: {len(cal.kept_float)} ops ({roles})"
+        )
+    fid = m.fidelity
+    if fid is None:
+        return
+    c = fid.cosine
+    state = "passed" if fid.passed else "BELOW FLOOR (" + "; ".join(fid.below_floor) + ")"
+    print(
+        f"  fidelity vs {fid.reference} on {c.n} {fid.images} images: "
+        f"cosine mean {c.mean:.6f} min {c.min:.6f} p1 {c.p1:.6f} -> {state}"
+    )

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArcdeployError, first_line
+from ..manifest import CalibrationRecord, ExecutedRecord
 from ..quantize import QuantRecipe, float_nodes_onnx, quiet_quantizers, range_spread
 from ..types import Device, Precision
 from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, TensorInfo
@@ -147,10 +148,10 @@ def build(job: BuildJob) -> None:
         onnx.checker.check_model(model)
         onnx.save(model, str(target))
     job.manifest.files = {"model": "model.onnx"}
-    job.manifest.executed = {
-        "inference_precision": job.precision if job.precision is not Precision.INT8 else "int8 (QDQ) + fp32",
-        "note": "ONNX Runtime runs what the graph says: no precision hint",
-    }
+    job.manifest.executed = ExecutedRecord(
+        inference_precision=job.precision if job.precision is not Precision.INT8 else "int8 (QDQ) + fp32",
+        note="ONNX Runtime runs what the graph says: no precision hint",
+    )
 
 
 def fold_preprocessing(model, spec):
@@ -203,7 +204,7 @@ def fold_preprocessing(model, spec):
     return model
 
 
-def _quantize_nncf(src: Path, target: Path, x: np.ndarray, input_name: str, recipe: QuantRecipe) -> dict:
+def _quantize_nncf(src: Path, target: Path, x: np.ndarray, input_name: str, recipe: QuantRecipe) -> CalibrationRecord:
     """NNCF's ONNX backend -> a QDQ model ONNX Runtime runs (the OpenVINO build's recipe)."""
     import nncf
     import onnx
@@ -218,7 +219,7 @@ def _quantize_nncf(src: Path, target: Path, x: np.ndarray, input_name: str, reci
     return recipe.manifest_entry("NNCF post-training quantization, ONNX backend -> QDQ", kept, len(x))
 
 
-def _quantize_ort(src: Path, target: Path, x: np.ndarray, input_name: str, recipe: QuantRecipe) -> dict:
+def _quantize_ort(src: Path, target: Path, x: np.ndarray, input_name: str, recipe: QuantRecipe) -> CalibrationRecord:
     """onnxruntime.quantization.quantize_static, QDQ format."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, quantize_static

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArcdeployError, first_line
+from ..manifest import ExecutedRecord
 from ..quantize import FloatScope, QuantRecipe, quiet_quantizers, range_spread, spread_layers
 from ..types import Device, FloatLayerPrecision, Precision
 from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, StopRule, TensorInfo
@@ -56,8 +57,9 @@ def _type_name(t) -> str:
     return name() if name else str(t)
 
 
-def executed_precisions(compiled_model) -> dict:
-    """{"inference_precision": ..., "layers": {"Convolution": {"u8": 21}, ...}} of a compiled model."""
+def executed_precisions(compiled_model) -> ExecutedRecord:
+    """The inference precision and the runtime precision of each compute layer kind
+    ({"Convolution": {"u8": 21}, ...}) of a compiled model."""
     layers: dict[str, Counter] = {}
     for op in compiled_model.get_runtime_model().get_ops():
         info = op.get_rt_info()
@@ -66,10 +68,10 @@ def executed_precisions(compiled_model) -> dict:
         kind = info["layerType"].astype(str)
         if kind in COMPUTE_LAYERS:
             layers.setdefault(kind, Counter())[info["runtimePrecision"].astype(str)] += 1
-    return {
-        "inference_precision": _type_name(compiled_model.get_property("INFERENCE_PRECISION_HINT")),
-        "layers": {k: dict(sorted(v.items())) for k, v in sorted(layers.items())},
-    }
+    return ExecutedRecord(
+        inference_precision=_type_name(compiled_model.get_property("INFERENCE_PRECISION_HINT")),
+        layers={k: dict(sorted(v.items())) for k, v in sorted(layers.items())},
+    )
 
 
 def compile_config(
@@ -223,7 +225,7 @@ class OpenVINORuntime(Runtime):
             engine="openvino",
             device=Device.CPU,
             precision=self.manifest.precision,
-            executes=executed["inference_precision"],
+            executes=executed.inference_precision,
             threads=int(cm.get_property("INFERENCE_NUM_THREADS")),
             version=_ov().get_version(),
             streams=int(cm.get_property("NUM_STREAMS")),
@@ -231,7 +233,7 @@ class OpenVINORuntime(Runtime):
             details={
                 "performance_hint": str(cm.get_property("PERFORMANCE_HINT")).split(".")[-1],
                 "requested_precision_hint": self.config.get("INFERENCE_PRECISION_HINT"),
-                "executed": executed,
+                "executed": executed.to_json(),
             },
         )
 
@@ -497,14 +499,14 @@ def build(job: BuildJob) -> None:
     job.manifest.engine_config = cfg
     compiled = _compile(str(job.out_dir / "model.xml"), compile_config(cfg, job.manifest.threads), "the built model")
     executed = executed_precisions(compiled)
-    if job.precision in (Precision.FP16, Precision.BF16) and executed["inference_precision"] != HINTS[job.precision]:
-        executed["note"] = (
+    if job.precision in (Precision.FP16, Precision.BF16) and executed.inference_precision != HINTS[job.precision]:
+        executed.note = (
             f"this CPU has no native {job.precision}: the compiled model reports inference precision "
-            f"{executed['inference_precision']} despite the {HINTS[job.precision]} hint"
+            f"{executed.inference_precision} despite the {HINTS[job.precision]} hint"
         )
-        job.warnings.append(executed["note"] + " (recorded in the manifest)")
+        job.warnings.append(executed.note + " (recorded in the manifest)")
     if job.precision is Precision.INT8:
-        executed["note"] = f"layers left in float run in {executed['inference_precision']}" + (
+        executed.note = f"layers left in float run in {executed.inference_precision}" + (
             " (the CPU plugin's default)" if "inference_precision" not in cfg else " (as the recipe asks)"
         )
     job.manifest.executed = executed

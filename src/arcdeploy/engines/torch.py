@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArcdeployError, first_line
+from ..manifest import ExecutedRecord
 from ..types import Device, Precision
 from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, StopRule, TensorInfo
 
@@ -246,7 +247,7 @@ def build(job: BuildJob) -> None:
     if job.precision in GPU_PRECISIONS:
         job.manifest.device = Device.CUDA
         job.manifest.engine_config["gpu"] = "frozen + optimize_for_inference, channels-last, CUDA graphs up to batch 64"
-    job.manifest.executed = {"inference_precision": EXECUTES[job.precision]}
+    job.manifest.executed = ExecutedRecord(inference_precision=EXECUTES[job.precision])
 
 
 def _version() -> str:

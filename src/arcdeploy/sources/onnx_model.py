@@ -52,6 +52,8 @@ from ..manifest import (
     InputSpec,
     OutputSpec,
     ReferenceSpec,
+    SourceRecord,
+    VerificationRecord,
     format_norm,
     norm_value,
 )
@@ -592,27 +594,27 @@ def _export_into(src: Path, model, insp: Inspection, conv: Convention, tmp: Path
         "opset": _opset(model),
         "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p),
     }
-    source: dict[str, Any] = {
-        "kind": "onnx",
-        "path": str(src.resolve()),
-        "sha256": sha256_file(src),
-        "detected": detected,
-        "overrides": conv.overrides,
-        "model_changes": notes + rewrites + ([copy_note] if copy_note else []),
-    }
-    verification = {
-        "reference": "source.onnx",
-        "engine": "onnxruntime",
-        "tolerance": TOLERANCE,
-        "batches": list(VERIFY_BATCHES),
-        "source_batch": ref_batch or "any",
-        "how": (
+    source = SourceRecord(
+        kind="onnx",
+        path=str(src.resolve()),
+        sha256=sha256_file(src),
+        detected=detected,
+        overrides=conv.overrides,
+        model_changes=notes + rewrites + ([copy_note] if copy_note else []),
+    )
+    verification = VerificationRecord(
+        reference="source.onnx",
+        engine="onnxruntime",
+        tolerance=TOLERANCE,
+        batches=list(VERIFY_BATCHES),
+        source_batch=ref_batch or "any",
+        how=(
             "model.onnx at each batch against source.onnx at the same batch"
             if ref_batch is None
             else f"model.onnx at each batch against source.onnx run {ref_batch} image(s) at a time"
         ),
-        "relative_error": {"onnx": max(errors.values()), **{f"batch_{k}": v for k, v in errors.items()}},
-    }
+        relative_error={"onnx": max(errors.values()), **{f"batch_{k}": v for k, v in errors.items()}},
+    )
     return ExportManifest(
         arch=f"onnx:{_name(src)}",
         input=model_spec,
