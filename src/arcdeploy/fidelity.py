@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .engines.runner import CropRunner, graph_input_feed
 from .errors import ArcdeployError
 from .manifest import CosineStats, FidelityRecord
 from .types import Precision
@@ -138,28 +139,12 @@ class Reference:
             else f"onnxruntime fp32 (source onnx {ref.file})"
         )
 
-        self.batch = ref.batch
-        # a foreign source may list inputs no node reads; ONNX Runtime still wants them fed
-        self.extra = {
-            i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in i.shape], i.dtype)
-            for i in self.session.inputs
-            if i.name != self.input.name
-        }
-        if len(self.extra) == len(self.session.inputs):
-            self.extra = {}  # the reference does not name its input: run_one feeds the first
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        n = len(x)
-        if self.batch and n < self.batch:  # a reference fixed at one batch: pad the last chunk
-            x = np.concatenate([x, np.repeat(x[-1:], self.batch - n, axis=0)])
-        if not self.extra:
-            return self.session.run_one(x)[:n]
-        return self.session.run({self.input.name: x, **self.extra})[0][:n]
+        # a reference traced at one batch runs at that batch; a foreign source's unread inputs get zeros
+        run = graph_input_feed(self.session, self.input.name, strict=False)
+        self.runner = CropRunner(run, self.input, batch=ref.batch, max_batch=REFERENCE_BATCH)
 
     def embed(self, faces: np.ndarray) -> np.ndarray:
-        step = self.batch or REFERENCE_BATCH
-        outs = [self._run(self.input.to_model_input(faces[s : s + step])) for s in range(0, len(faces), step)]
-        return np.concatenate(outs).astype(np.float32)
+        return self.runner(faces).astype(np.float32)
 
 
 def package_embeddings(pkg, faces: np.ndarray) -> np.ndarray:
