@@ -162,7 +162,7 @@ def test_first_line_skips_location_lines():
 
 def test_torchscript_onnx_and_random_files_are_named(tmp_path, r18_export):
     ts = tmp_path / "traced.pth"
-    shutil.copyfile(r18_export.torchscript_path, ts)
+    shutil.copyfile(r18_export.reference_path, ts)
     with pytest.raises(ArcdeployError, match="a TorchScript model, not a checkpoint"):
         read_checkpoint(ts)
     onnx_as_pth = tmp_path / "model.pth"

@@ -219,7 +219,7 @@ def build(
 
 
 def _resolve_source(src, work: Path, arch: str, onnx_options: dict) -> Path:
-    from .sources import resolve_export
+    from .exporter import resolve_export
 
     return resolve_export(src, work, arch, **onnx_options)
 
