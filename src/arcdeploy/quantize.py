@@ -3,9 +3,10 @@
 :class:`QuantRecipe` says what is quantized and how (weights per channel and
 symmetric, activations asymmetric for PReLU networks, range estimation, bias
 correction, the overflow fix for CPUs without VNNI), which parts stay in float and
-why, and what those float parts execute in. The NNCF-OpenVINO and NNCF-ONNX builders
-take :meth:`QuantRecipe.nncf_kwargs`; ONNX Runtime's ``quantize_static`` takes
-:meth:`QuantRecipe.ort_settings`; the manifest's ``calibration`` entry is
+why, and what those float parts execute in. It names no quantizer's objects: the
+engines turn it into their quantizer's arguments (:mod:`arcdeploy.engines.nncf_quant` for
+NNCF, :func:`arcdeploy.engines.onnxruntime.ort_quantization_kwargs` for ONNX Runtime's
+``quantize_static``); the manifest's ``calibration`` entry is
 :meth:`QuantRecipe.manifest_entry`, never written by hand.
 
 Float roles are resolved on each graph: ``stem`` (the first convolution, which sees
@@ -107,52 +108,10 @@ class QuantRecipe:
     def with_float_layers(self, names: list[str] | tuple[str, ...]) -> QuantRecipe:
         return replace(self, float_layers=tuple(dict.fromkeys((*self.float_layers, *names))))
 
-    # ---- consumers
-    def nncf_kwargs(self, subset_size: int, ignored_names: list[str]) -> dict:
-        """Keyword arguments for ``nncf.quantize`` (either backend)."""
-        import nncf
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
-
-        overflow = {
-            "enable": OverflowFix.ENABLE,
-            "first_layer": OverflowFix.FIRST_LAYER,
-            "disable": OverflowFix.DISABLE,
-        }["enable" if self.weight_bits == 7 else self.overflow_fix]
-        advanced: dict[str, Any] = {"overflow_fix": overflow, "disable_bias_correction": self.bias_correction == "none"}
-        if self.range_estimator != "minmax":
-            advanced["activations_range_estimator_params"] = getattr(
-                RangeEstimatorParametersSet, self.range_estimator.upper()
-            )
-        if not self.per_channel_weights:
-            from nncf.quantization.advanced_parameters import QuantizationParameters
-
-            advanced["weights_quantization_params"] = QuantizationParameters(per_channel=False)
-        preset = nncf.QuantizationPreset.PERFORMANCE if self.symmetric_activations else nncf.QuantizationPreset.MIXED
-        return {
-            "preset": preset,
-            "subset_size": subset_size,
-            "fast_bias_correction": self.bias_correction != "full",
-            "advanced_parameters": AdvancedQuantizationParameters(**advanced),
-            "ignored_scope": nncf.IgnoredScope(names=list(ignored_names), validate=False),
-        }
-
-    def ort_settings(self, excluded_nodes: list[str]) -> dict:
-        """Settings for ``onnxruntime.quantization.quantize_static`` (QDQ), by name: the ONNX Runtime
-        engine turns the names of its enums (quant_format, activation_type, weight_type,
-        calibrate_method) into the enums themselves."""
-        method = "MinMax" if self.range_estimator in ("minmax", "mean_minmax") else "Percentile"
-        return {
-            "quant_format": "QDQ",
-            "activation_type": "QUInt8",
-            "weight_type": "QInt8",
-            "per_channel": self.per_channel_weights,
-            "reduce_range": self.weight_bits == 7,
-            "calibrate_method": method,
-            "op_types_to_quantize": list(self.ort_op_types),
-            "nodes_to_exclude": list(excluded_nodes),
-            "extra_options": {"ActivationSymmetric": self.symmetric_activations, "WeightSymmetric": True},
-        }
+    @property
+    def effective_overflow_fix(self) -> str:
+        """The overflow fix the quantizer applies: always "enable" with 7-bit weights."""
+        return "enable" if self.weight_bits == 7 else self.overflow_fix
 
     def describe(self) -> str:
         weights = f"{'per-channel' if self.per_channel_weights else 'per-tensor'} symmetric int8 weights" + (

@@ -43,6 +43,9 @@ class Capabilities:
     folds_preprocessing: bool = False  # can take uint8 NHWC and normalise in the graph
     static_batch: bool = False  # can compile for one fixed batch size
     quantizer: str | None = None  # who makes its int8 model
+    # reference kinds its package's own model file already is (the torch engine's model.pt is the
+    # fp32 TorchScript, cast when it runs): the package then stores no second copy as its reference
+    model_is_reference: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
@@ -193,6 +196,16 @@ class Runtime(ABC):
     def optimal_in_flight(self) -> int:
         """How many requests in flight give the best throughput (1 unless the engine knows better)."""
         return 1
+
+    @classmethod
+    def options_for(cls, throughput: bool, requests: int | None = None) -> dict[str, Any]:
+        """Engine options (for :func:`arcdeploy.load`) that set a runtime up for a latency run or a
+        throughput run with ``requests`` in flight (None: the engine's choice). None by default."""
+        return {}
+
+    def in_flight_how(self) -> str:
+        """How this runtime keeps several requests in flight, in words (a benchmark records it)."""
+        return f"{self.engine_name} threads"
 
     @abstractmethod
     def describe(self) -> RuntimeInfo:

@@ -20,6 +20,7 @@ from ..manifest import CalibrationRecord, ExecutedRecord
 from ..quantize import QuantRecipe, float_nodes_onnx, quiet_quantizers, range_spread
 from ..types import Device, Precision
 from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, TensorInfo
+from .nncf_quant import nncf_quantize
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 QUANTIZERS = ("nncf", "onnxruntime")
@@ -206,15 +207,12 @@ def fold_preprocessing(model, spec):
 
 def _quantize_nncf(src: Path, target: Path, x: np.ndarray, input_name: str, recipe: QuantRecipe) -> CalibrationRecord:
     """NNCF's ONNX backend -> a QDQ model ONNX Runtime runs (the OpenVINO build's recipe)."""
-    import nncf
     import onnx
 
     model = onnx.load(str(src))
     spreads = input_spreads(src, x[:SPREAD_SAMPLES], input_name) if "spread" in recipe.keep_float else None
     kept = float_nodes_onnx(model, recipe, spreads)
-    dataset = nncf.Dataset([{input_name: x[i : i + 1]} for i in range(len(x))])
-    with quiet_quantizers():
-        q = nncf.quantize(model, dataset, **recipe.nncf_kwargs(len(x), kept.names()))
+    q = nncf_quantize(model, [{input_name: x[i : i + 1]} for i in range(len(x))], recipe, kept.names())
     onnx.save(q, str(target))
     return recipe.manifest_entry("NNCF post-training quantization, ONNX backend -> QDQ", kept, len(x))
 
@@ -351,15 +349,22 @@ def reverter(job: BuildJob) -> LayerReverter:
 
 
 def ort_quantization_kwargs(recipe: QuantRecipe, excluded: list[str]) -> dict:
-    """The recipe's quantize_static settings with ONNX Runtime's enums in place of their names."""
+    """The recipe as keyword arguments for ``onnxruntime.quantization.quantize_static`` (QDQ): uint8
+    activations, int8 weights, MinMax ranges (the averaging estimators map to Percentile)."""
     from onnxruntime import quantization as q
 
-    kw = recipe.ort_settings(excluded)
-    kw["quant_format"] = getattr(q.QuantFormat, kw["quant_format"])
-    kw["activation_type"] = getattr(q.QuantType, kw["activation_type"])
-    kw["weight_type"] = getattr(q.QuantType, kw["weight_type"])
-    kw["calibrate_method"] = getattr(q.CalibrationMethod, kw["calibrate_method"])
-    return kw
+    minmax = recipe.range_estimator in ("minmax", "mean_minmax")
+    return {
+        "quant_format": q.QuantFormat.QDQ,
+        "activation_type": q.QuantType.QUInt8,
+        "weight_type": q.QuantType.QInt8,
+        "per_channel": recipe.per_channel_weights,
+        "reduce_range": recipe.weight_bits == 7,
+        "calibrate_method": q.CalibrationMethod.MinMax if minmax else q.CalibrationMethod.Percentile,
+        "op_types_to_quantize": list(recipe.ort_op_types),
+        "nodes_to_exclude": list(excluded),
+        "extra_options": {"ActivationSymmetric": recipe.symmetric_activations, "WeightSymmetric": True},
+    }
 
 
 def _version() -> str:

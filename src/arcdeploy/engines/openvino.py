@@ -28,9 +28,10 @@ import numpy as np
 
 from ..errors import ArcdeployError, first_line
 from ..manifest import ExecutedRecord
-from ..quantize import FloatScope, QuantRecipe, quiet_quantizers, range_spread, spread_layers
+from ..quantize import FloatScope, QuantRecipe, range_spread, spread_layers
 from ..types import Device, FloatLayerPrecision, Precision
 from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, StopRule, TensorInfo
+from .nncf_quant import nncf_quantize
 
 # layer types whose runtime precision says what the heavy math runs in
 COMPUTE_LAYERS = ("Convolution", "FullyConnected", "MatMul", "Gemm", "GroupConvolution", "Deconvolution")
@@ -163,6 +164,17 @@ class OpenVINORuntime(Runtime):
                 q.start_async({0: b}, userdata=i)
             q.wait_all()
         return results
+
+    @classmethod
+    def options_for(cls, throughput: bool, requests: int | None = None) -> dict[str, Any]:
+        """One CPU stream per request for a throughput run, as benchmark_app -hint throughput compiles it."""
+        options: dict[str, Any] = {"performance_hint": "THROUGHPUT" if throughput else "LATENCY"}
+        if throughput and requests is not None:
+            options["num_requests"] = int(requests)
+        return options
+
+    def in_flight_how(self) -> str:
+        return "OpenVINO AsyncInferQueue"
 
     def optimal_in_flight(self) -> int:
         with contextlib.suppress(Exception):
@@ -354,17 +366,12 @@ def float_ops(model, recipe: QuantRecipe, spreads: dict[str, float] | None = Non
 
 def quantize(model, recipe: QuantRecipe, x: np.ndarray):
     """NNCF post-training quantization of an OpenVINO model; (model, scope kept in float)."""
-    import nncf
-
     spreads = input_spreads(model, x[:SPREAD_SAMPLES]) if "spread" in recipe.keep_float else None
     scope = float_ops(model, recipe, spreads)
     # the fc MatMul is enough to keep the head: NNCF never quantizes the folded BN1d after it
     head = [n for n, role in scope.entries if role == "head"]
     ignored = [n for n, role in scope.entries if role != "head"] + head[:1]
-    dataset = nncf.Dataset([x[i : i + 1] for i in range(len(x))])
-    with quiet_quantizers():
-        q = nncf.quantize(model, dataset, **recipe.nncf_kwargs(len(x), ignored))
-    return q, scope
+    return nncf_quantize(model, [x[i : i + 1] for i in range(len(x))], recipe, ignored), scope
 
 
 class LayerReverter:

@@ -267,6 +267,7 @@ ENGINE = Engine(
         folds_preprocessing=False,
         static_batch=False,
         quantizer=None,
+        model_is_reference=("torchscript",),
     ),
     build=build,
     runtime=TorchRuntime,
