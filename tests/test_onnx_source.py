@@ -321,8 +321,8 @@ def test_fixed_batch1_with_baked_reshapes_becomes_dynamic(made, faces, tmp_path)
     rewritten = " ".join(batch["rewrites"])
     assert "[1, 16, 49] -> [-1, 16, 49]" in rewritten  # a constant that can take -1
     assert "[1, -1] -> [batch, -1]" in rewritten  # one that already has a -1
-    assert mf.reference.batch == 1 and mf.verification["batches"] == [1, 5, 64]
-    assert mf.verification["relative_error"]["onnx"] <= 1e-4
+    assert mf.reference.batch == 1 and mf.verification.batches == [1, 5, 64]
+    assert mf.verification.relative_error["onnx"] <= 1e-4
     # model.onnx really runs any batch; the source only batch 1
     g = open_graph(exp.onnx_path, engine="onnxruntime")
     x = (faces[:7].astype(np.float32).transpose(0, 3, 1, 2) - 127.5) / 127.5
@@ -588,7 +588,7 @@ def test_real_export_records_what_it_detected(real_export):
     assert mf.reference.kind == "onnx" and mf.reference.file == "source.onnx" and mf.reference.batch is None
     assert (real_export.out_dir / "source.onnx").read_bytes() == W600K.read_bytes()
     assert mf.source.sha256 == mf.reference.sha256
-    assert mf.verification["batches"] == [1, 5, 64] and mf.verification["relative_error"]["onnx"] <= 1e-4
+    assert mf.verification.batches == [1, 5, 64] and mf.verification.relative_error["onnx"] <= 1e-4
 
 
 @needs_real

@@ -92,14 +92,21 @@ def register(sub) -> None:
 def run(args) -> int:
     from .. import build
     from ..manifest import read_package_manifest
+
+    out = build(args.src, args.output, build_options(args))
+    print_summary(read_package_manifest(out), out)
+    return 0
+
+
+def build_options(args):
+    """The command line's :class:`arcdeploy.options.BuildOptions`."""
+    from ..options import BuildOptions
     from ..quantize import QuantRecipe
 
     recipe = None
     if args.int8_float or args.calib_count:
         recipe = QuantRecipe.for_this_cpu(float_precision=args.int8_float, calibration_count=args.calib_count)
-    out = build(
-        args.src,
-        args.output,
+    return BuildOptions(
         engine=args.engine,
         precision=args.precision,
         calib=args.calib,
@@ -120,8 +127,6 @@ def run(args) -> int:
         recipe=recipe,
         onnx_options=convention_options(args),
     )
-    print_summary(read_package_manifest(out), out)
-    return 0
 
 
 def print_summary(m, out) -> None:
