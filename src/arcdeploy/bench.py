@@ -22,7 +22,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,10 @@ class BenchRow:
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
+    @classmethod
+    def from_json(cls, data: dict) -> BenchRow:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
 
 @dataclass
 class BenchResult:
@@ -155,6 +159,12 @@ class BenchResult:
         d = dict(self.__dict__)
         d["results"] = [r.to_json() for r in self.results]
         return d
+
+    @classmethod
+    def from_json(cls, data: dict) -> BenchResult:
+        """A result written by :meth:`to_json` (a run's step result, the ``--json`` file)."""
+        known = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        return cls(**{**known, "results": [BenchRow.from_json(r) for r in data["results"]]})
 
 
 # ---- e2e ------------------------------------------------------------------------------

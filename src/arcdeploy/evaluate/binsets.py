@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +260,10 @@ class BinResult:
             "fold_accuracies": list(self.fold_accuracies),
             "fold_thresholds": list(self.fold_thresholds),
         }
+
+    @classmethod
+    def from_json(cls, data: dict) -> BinResult:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def evaluate_bins(package, paths, batch: int = 64, log=None) -> list[BinResult]:
