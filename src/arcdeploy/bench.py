@@ -43,6 +43,11 @@ MIN_ITERATIONS = 3
 MODES = ("latency", "throughput")
 PERCENTILES = (50, 90, 95, 99)
 INPUT_SEED = 11
+# what the peak RSS covers: whether the kernel's high-water mark could be reset before loading
+PEAK_RSS_NOTES = {
+    True: "process high-water mark since just before loading",
+    False: "process high-water mark (includes everything before loading)",
+}
 
 
 def parse_batches(text: str | int | list | tuple) -> list[int]:
@@ -170,10 +175,13 @@ class BenchResult:
 # ---- e2e ------------------------------------------------------------------------------
 
 
-def _e2e_inputs(source) -> tuple[list, Path | None]:
-    """The image paths of ``--e2e`` and their root folder, checked before any timing starts."""
+def _e2e_inputs(source, landmarks=None) -> tuple[list, Path | None]:
+    """The image paths of ``--e2e`` and their root folder, checked (with the landmark file) before any
+    timing starts."""
     from .faces.io import images_root, list_images
 
+    if landmarks is not None and not Path(landmarks).exists():
+        raise ArcdeployError(f"{landmarks}: no such landmark file")
     if isinstance(source, (list, tuple)):
         if not source:
             raise ArcdeployError("--e2e: no images given")
@@ -257,15 +265,8 @@ def bench(
     batches = parse_batches(batches)
     _validate(iterations, duration, warmup, threads, streams, mode)
     iterations = int(iterations) if iterations is not None else None
-    # an explicit --duration is obeyed even if it allows fewer than MIN_ITERATIONS runs
-    stop = StopRule(
-        iterations,
-        float(duration) if duration is not None else DEFAULT_DURATION_S,
-        1 if duration is not None else MIN_ITERATIONS,
-    )
-    e2e_paths, e2e_root = _e2e_inputs(e2e) if e2e is not None else (None, None)
-    if e2e_landmarks is not None and not Path(e2e_landmarks).exists():
-        raise ArcdeployError(f"{e2e_landmarks}: no such landmark file")
+    stop = _stop_rule(iterations, duration)
+    e2e_paths, e2e_root = _e2e_inputs(e2e, e2e_landmarks) if e2e is not None else (None, None)
 
     rss_reset = _reset_peak_rss()
     rss_before = (_status_kb("VmRSS") or 0) / 1024
@@ -309,14 +310,21 @@ def bench(
         first_inference_ms=first_ms,
         rss_before_load_mb=rss_before,
         peak_rss_mb=_peak_rss_mb(),
-        peak_rss_note="process high-water mark since just before loading"
-        if rss_reset
-        else "process high-water mark (includes everything before loading)",
+        peak_rss_note=PEAK_RSS_NOTES[rss_reset],
         machine=machine_info(),
         engine_info={**{k: v for k, v in info.to_json().items() if k != "details"}, **info.details},
         versions=library_versions("arcdeploy", "numpy", "openvino", "onnxruntime", "torch"),
         e2e=e2e_result,
         what="model time on a batch already in the package's input format (seeded noise inputs)",
+    )
+
+
+def _stop_rule(iterations: int | None, duration: float | None) -> StopRule:
+    # an explicit --duration is obeyed even if it allows fewer than MIN_ITERATIONS runs
+    return StopRule(
+        iterations,
+        float(duration) if duration is not None else DEFAULT_DURATION_S,
+        1 if duration is not None else MIN_ITERATIONS,
     )
 
 

@@ -213,41 +213,9 @@ class Convention:
 
 
 def detect_convention(model, insp: Inspection, overrides: dict) -> Convention:
-    graph = model.graph
-    consts = og.constant_values(graph)
-    chain = og.read_input_affine(graph, insp.input_name, consts)
-    router = og.insightface_router_rule(graph)
-    uint8 = insp.input_dtype == "uint8"
-    in_graph = False
-    mean: Any = PIXEL_MEAN
-    std: Any = PIXEL_STD
-    if chain.found and chain.maps_pixels_to_normalised_range():
-        in_graph, mean, std = True, norm_value(chain.mean, 9), norm_value(chain.std, 9)
-        how = (
-            f"the graph normalises its input ({'; '.join(chain.steps)}): it takes raw 0..255 pixels, "
-            f"(x - {format_norm(mean)}) / {format_norm(std)} inside"
-        )
-    elif chain.found:
-        how = (
-            f"leading arithmetic on the input ({'; '.join(chain.steps)}) does not map 0..255 pixels to a "
-            f"normalised range; assumed insightface's (x - 127.5) / 127.5 in front of it"
-        )
-        log.warning("%s: %s (pass --input-mean/--input-std if the model expects something else)", insp.input_name, how)
-    elif chain.irregular:
-        in_graph = True
-        how = f"the graph normalises its input with {chain.irregular} (not per-channel): it takes raw 0..255 pixels"
-    elif uint8:
-        in_graph = True
-        how = "the input is uint8: the graph takes raw 0..255 pixels and normalises inside"
-    else:
-        how = (
-            f"no normalisation inside the graph (the input goes straight to {chain.stopped_at or 'the network'}): "
-            "insightface's ArcFace convention (x - 127.5) / 127.5"
-        )
-    norm = {"in_graph": in_graph, "mean": mean, "std": std, "how": how, "insightface_router": router}
-    if chain.passed:
-        norm["passes_through"] = chain.passed
-
+    """The source's input convention read off the graph, then with the user's ``overrides``."""
+    norm = _normalization(model, insp)
+    in_graph, mean = norm["in_graph"], norm["mean"]
     color, color_how = "RGB", "default: insightface feeds its ArcFace ONNX files RGB (the graph cannot tell)"
     if in_graph and isinstance(mean, tuple) and np.allclose(mean, CAFFE_BGR_MEAN, atol=1.5):
         color, color_how = "BGR", f"the in-graph mean {format_norm(mean)} is the ImageNet mean in Caffe's BGR order"
@@ -277,18 +245,65 @@ def detect_convention(model, insp: Inspection, overrides: dict) -> Convention:
         dtype=insp.input_dtype,
         size=insp.size,
         mean=mean,
-        std=std,
+        std=norm["std"],
         normalize_in_graph=in_graph,
     )
+    spec, applied = _apply_overrides(spec, insp, norm["how"], overrides)
+    return Convention(
+        source=spec, detected=detected, overrides={**overrides, **({"applied": applied} if applied else {})}
+    )
+
+
+def _normalization(model, insp: Inspection) -> dict:
+    """The manifest's detected.normalization: whether the graph normalises its input itself (and
+    with what mean and std), or takes insightface's ``(x - 127.5) / 127.5``; and how that was seen."""
+    graph = model.graph
+    chain = og.read_input_affine(graph, insp.input_name, og.constant_values(graph))
+    in_graph = False
+    mean: Any = PIXEL_MEAN
+    std: Any = PIXEL_STD
+    if chain.found and chain.maps_pixels_to_normalised_range():
+        in_graph, mean, std = True, norm_value(chain.mean, 9), norm_value(chain.std, 9)
+        how = (
+            f"the graph normalises its input ({'; '.join(chain.steps)}): it takes raw 0..255 pixels, "
+            f"(x - {format_norm(mean)}) / {format_norm(std)} inside"
+        )
+    elif chain.found:
+        how = (
+            f"leading arithmetic on the input ({'; '.join(chain.steps)}) does not map 0..255 pixels to a "
+            f"normalised range; assumed insightface's (x - 127.5) / 127.5 in front of it"
+        )
+        log.warning("%s: %s (pass --input-mean/--input-std if the model expects something else)", insp.input_name, how)
+    elif chain.irregular:
+        in_graph = True
+        how = f"the graph normalises its input with {chain.irregular} (not per-channel): it takes raw 0..255 pixels"
+    elif insp.input_dtype == "uint8":
+        in_graph = True
+        how = "the input is uint8: the graph takes raw 0..255 pixels and normalises inside"
+    else:
+        how = (
+            f"no normalisation inside the graph (the input goes straight to {chain.stopped_at or 'the network'}): "
+            "insightface's ArcFace convention (x - 127.5) / 127.5"
+        )
+    norm = {"in_graph": in_graph, "mean": mean, "std": std, "how": how}
+    norm["insightface_router"] = og.insightface_router_rule(graph)
+    if chain.passed:
+        norm["passes_through"] = chain.passed
+    return norm
+
+
+def _apply_overrides(spec: InputSpec, insp: Inspection, how: str, overrides: dict) -> tuple[InputSpec, dict]:
+    """The detected spec with the user's --input-mean / --input-std / --bgr; (spec, what was applied)."""
     applied: dict[str, Any] = {}
+    in_graph = spec.normalize_in_graph
     if "input_mean" in overrides or "input_std" in overrides:
-        if uint8:
+        if insp.input_dtype == "uint8":
             raise ArcdeployError(
                 f"{insp.input_name}: the model takes uint8 pixels and normalises inside; "
                 "--input-mean/--input-std cannot apply"
             )
-        new_mean = overrides.get("input_mean", mean if not in_graph else PIXEL_MEAN)
-        new_std = overrides.get("input_std", std if not in_graph else PIXEL_STD)
+        new_mean = overrides.get("input_mean", spec.mean if not in_graph else PIXEL_MEAN)
+        new_std = overrides.get("input_std", spec.std if not in_graph else PIXEL_STD)
         if in_graph:
             log.warning(
                 "%s: the graph normalises its input itself (%s); --input-mean/--input-std add "
@@ -303,9 +318,7 @@ def detect_convention(model, insp: Inspection, overrides: dict) -> Convention:
     if "bgr" in overrides:
         spec = replace(spec, color="BGR" if overrides["bgr"] else "RGB")
         applied["color"] = spec.color
-    return Convention(
-        source=spec, detected=detected, overrides={**overrides, **({"applied": applied} if applied else {})}
-    )
+    return spec, applied
 
 
 # ------------------------------------------------------------------ model.onnx
