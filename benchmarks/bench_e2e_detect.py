@@ -41,8 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import DEFAULT_REAL
+
 HERE = Path(__file__).resolve().parent
-DEFAULT_REAL = HERE.parent / ".." / "shared" / "real"
 # (engine running SCRFD, its threads per detect call, preparation workers)
 SETTINGS = [("onnxruntime", 1, 2), ("onnxruntime", 2, 2), ("onnxruntime", 1, 3), ("openvino", 1, 2)]
 

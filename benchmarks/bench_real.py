@@ -50,18 +50,13 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-SRC = HERE.parent / "src"
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
+from _common import DEFAULT_REAL, RESULTS, lfw_split, log, measure_speed
 
-DEFAULT_REAL = (HERE.parent / ".." / "shared" / "real").resolve()
-DEFAULT_JSON = HERE / "results" / "real_models.json"
+DEFAULT_JSON = RESULTS / "real_models.json"
 MODELS = {
     "mbf": ("mbf_w600k_gdc.pth", "mbf_w600k_gdc.pth (arcface_torch mbf: trained w600k body, fitted GDC head)"),
     "w600k": ("w600k_mbf.onnx", "w600k_mbf.onnx (insightface model zoo, buffalo_sc recognition model)"),
 }
-CALIB_PEOPLE = 50
 CALIB_COUNT = 300
 CHECK_COUNT = 400
 PREVIOUS_LABEL = "int8, previous recipe (stem + head float)"
@@ -77,30 +72,7 @@ VARIANTS = [
 OV_FP32, ORT_FP32 = "ov_fp32", "ort_fp32"
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------------ material
-
-
-def lfw_split(real: Path) -> dict:
-    """Calibration people (first 50 sorted identities, all their images in order) and held-out people."""
-    lfw = real / "faces" / "lfw"
-    people = sorted(p.name for p in lfw.iterdir() if p.is_dir())
-    if len(people) < 2 * CALIB_PEOPLE:
-        raise SystemExit(f"{lfw}: {len(people)} identities, need {2 * CALIB_PEOPLE}")
-
-    def images(names):
-        return [p for n in names for p in sorted((lfw / n).glob("*.jpg"))]
-
-    return {
-        "landmarks": real / "faces" / "lfw_5pts.txt",
-        "calib_people": people[:CALIB_PEOPLE],
-        "check_people": people[CALIB_PEOPLE:],
-        "calib": images(people[:CALIB_PEOPLE]),
-        "check": images(people[CALIB_PEOPLE:]),
-    }
 
 
 def recipe_for(kind: str | None):
@@ -189,26 +161,6 @@ def float_scope(m) -> dict:
         else None,
         "recipe": (cal.get("recipe") or {}),
     }
-
-
-def measure_speed(runtimes: dict, x_by_key: dict, rounds: int, seconds: float, min_runs: int = 3) -> dict:
-    """{key: [img/s per round]}: every runtime in turn per round, the order rotating, one warm-up run first."""
-    keys = list(runtimes)
-    per: dict[str, list[float]] = {k: [] for k in keys}
-    for k in keys:  # warm-up (first-run allocations, lazy compilation)
-        runtimes[k].infer(x_by_key[k])
-    for rnd in range(rounds):
-        order = keys[rnd % len(keys) :] + keys[: rnd % len(keys)]
-        for k in order:
-            rt, x = runtimes[k], x_by_key[k]
-            n = 0
-            t0 = time.perf_counter()
-            while n < min_runs or time.perf_counter() - t0 < seconds:
-                rt.infer(x)
-                n += 1
-            per[k].append(x.shape[0] * n / (time.perf_counter() - t0))
-        log(f"    round {rnd + 1}/{rounds}: " + ", ".join(f"{k} {per[k][-1]:.1f}" for k in keys))
-    return per
 
 
 def ratio(per: dict, key: str, base: str) -> float | None:

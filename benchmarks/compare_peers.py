@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import gc
 import json
 import os
@@ -54,11 +55,6 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SRC = HERE.parent / "src"
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
 
 DEFAULT_COMBOS = "openvino:fp32,openvino:bf16,openvino:int8,onnxruntime:fp32,onnxruntime:int8"
 REFERENCE = "ONNX Runtime default fp32"
@@ -307,6 +303,8 @@ def fidelity(runners: list[Runner], n: int = 16) -> None:
 
 
 def measure(runners: list[Runner], batches, rounds: int, seconds: float, min_runs: int, log) -> None:
+    from arcdeploy.engines.base import StopRule, time_calls
+
     ok = [r for r in runners if not r.error]
     for b in batches:
         faces = _faces(b)
@@ -317,13 +315,9 @@ def measure(runners: list[Runner], batches, rounds: int, seconds: float, min_run
                 try:
                     if rnd == 0:  # one warm-up per runner and batch size (first runs do one-time work)
                         _call(r, faces, prepared)
-                    lat = []
-                    t0 = time.perf_counter()
-                    while len(lat) < min_runs or time.perf_counter() - t0 < seconds:
-                        s = time.perf_counter()
-                        _call(r, faces, prepared)
-                        lat.append((time.perf_counter() - s) * 1e3)
-                    wall = time.perf_counter() - t0
+                    lat, wall = time_calls(
+                        functools.partial(_call, r, faces, prepared), 0, StopRule(None, seconds, min_runs)
+                    )
                     r.rounds.setdefault(b, []).append((b * len(lat) / wall, float(np.median(lat)), lat))
                 except Exception as exc:
                     r.error = _one_line(exc)

@@ -22,6 +22,7 @@ from 0.985 to 0.995, in about 3/4 of its time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import statistics
@@ -185,21 +186,13 @@ def _rebuild(engine, job, kept: list[str], x: np.ndarray, threads: int | None) -
 def _speed_cost(recipe_pkg: Path, new_pkg: Path, x: np.ndarray, threads: int | None) -> dict:
     """Images/s of the recipe's int8 package and of the package with the kept layers in float,
     timed in turns (the median over rounds; one batch of validation faces), and their ratio."""
-    from .engines.base import StopRule, time_calls
+    from .engines.base import interleaved_rates
     from .package import Package
 
     pkgs = {"recipe": Package(recipe_pkg, threads), "fallback": Package(new_pkg, threads)}
     batch = x[: pkgs["fallback"].manifest.fixed_batch or 16]
-    rates: dict[str, list[float]] = {k: [] for k in pkgs}
-    for rnd in range(SPEED_ROUNDS):
-        for key in list(pkgs) if rnd % 2 == 0 else list(reversed(pkgs)):
-            runtime = pkgs[key].runtime
-
-            def one_batch(runtime=runtime) -> None:
-                runtime.infer(batch)
-
-            lat, wall = time_calls(one_batch, warmup=1 if rnd == 0 else 0, stop=StopRule(None, SPEED_SECONDS, 2))
-            rates[key].append(len(lat) * len(batch) / wall)
+    calls = {key: functools.partial(pkg.runtime.infer, batch) for key, pkg in pkgs.items()}
+    rates = interleaved_rates(calls, dict.fromkeys(pkgs, len(batch)), SPEED_ROUNDS, SPEED_SECONDS, min_runs=2)
     for pkg in pkgs.values():
         pkg.runtime.close()
     ratio = statistics.median(a / b for a, b in zip(rates["fallback"], rates["recipe"]))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +119,33 @@ def time_calls(fn: Callable[[], Any], warmup: int, stop: StopRule) -> tuple[list
         fn()
         lat.append((time.perf_counter() - s) * 1e3)
     return lat, time.perf_counter() - t0
+
+
+def interleaved_rates(
+    calls: Mapping[str, Callable[[], Any]],
+    items: Mapping[str, int],
+    rounds: int,
+    seconds: float,
+    min_runs: int = 1,
+    warmup: int = 1,
+    after_round: Callable[[int, dict[str, list[float]]], None] | None = None,
+) -> dict[str, list[float]]:
+    """Items per second of each call, timed in turns on a noisy machine: every round runs each call
+    for ``seconds`` (at least ``min_runs`` times), the order rotating from round to round so none
+    always goes first; ``warmup`` untimed calls each before the first round. ``items``: what one
+    call processes (a batch size). {key: [rate per round]}; ``after_round(round, rates)`` after each."""
+    keys = list(calls)
+    for k in keys:  # first runs do one-time work (allocations, lazy compilation)
+        for _ in range(max(warmup, 0)):
+            calls[k]()
+    rates: dict[str, list[float]] = {k: [] for k in keys}
+    for rnd in range(rounds):
+        for k in keys[rnd % len(keys) :] + keys[: rnd % len(keys)]:
+            lat, wall = time_calls(calls[k], 0, StopRule(None, seconds, min_runs))
+            rates[k].append(items[k] * len(lat) / wall)
+        if after_round is not None:
+            after_round(rnd, rates)
+    return rates
 
 
 class GraphSession(ABC):
