@@ -110,8 +110,8 @@ def test_low_precision_hint_reports_what_executes(packages):
     for precision in ("bf16", "fp16"):
         pkg = load(packages("openvino", precision))
         d = pkg.describe()
-        executed = pkg.manifest.executed
-        recorded = executed.inference_precision
+        executed = pkg.manifest.executed.to_json()
+        recorded = executed["inference_precision"]
         assert d.details["executed"]["inference_precision"] == recorded == d.executes
         hint = {"bf16": "bf16", "fp16": "f16"}[precision]
         assert d.details["requested_precision_hint"] == hint
