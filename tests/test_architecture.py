@@ -19,6 +19,7 @@ ENGINE_LIBRARIES = {
     "onnxruntime": ("engines/onnxruntime.py",),
     "torch": ("engines/torch.py", "exporter.py", "sources/", "backbones/", "demo/synth.py"),
     "ray": ("distributed/",),
+    "nncf": ("engines/nncf_quant.py",),
 }
 
 
