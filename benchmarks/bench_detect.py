@@ -12,13 +12,14 @@ throughput of ``detect_files`` (decode + detect, several worker threads) over th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-DEFAULT_REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "real"
+from _common import DEFAULT_REAL
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
 
+    from arcdeploy.engines.base import interleaved_rates
     from arcdeploy.faces.detect import detect_files
     from arcdeploy.faces.detectors import open_detector
     from arcdeploy.faces.io import list_images, read_image
@@ -54,13 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         for img in images[:3]:
             det.detect(img)
 
-    per_round: list[list[float]] = [[] for _ in setups]
-    for _ in range(args.rounds):
-        for k, det in enumerate(detectors):
-            t0 = time.perf_counter()
-            for img in images:
-                det.detect(img)
-            per_round[k].append((time.perf_counter() - t0) / len(images) * 1e3)
+    # one pass over the photos per detector and round, in turns: ms per photo
+    calls = {k: functools.partial(_detect_all, det, images) for k, det in enumerate(detectors)}
+    rates = interleaved_rates(calls, dict.fromkeys(calls, len(images)), args.rounds, 0.0, warmup=0)
+    per_round = [[1e3 / r for r in rates[k]] for k in range(len(detectors))]
 
     files_rate = []
     for det in detectors:
@@ -94,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "rounds": args.rounds, "results": rows}, indent=2))
     return 0
+
+
+def _detect_all(det, images) -> None:
+    for img in images:
+        det.detect(img)
 
 
 if __name__ == "__main__":

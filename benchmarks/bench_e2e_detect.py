@@ -41,8 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import DEFAULT_REAL
+
 HERE = Path(__file__).resolve().parent
-DEFAULT_REAL = HERE.parent / ".." / "shared" / "real"
 # (engine running SCRFD, its threads per detect call, preparation workers)
 SETTINGS = [("onnxruntime", 1, 2), ("onnxruntime", 2, 2), ("onnxruntime", 1, 3), ("openvino", 1, 2)]
 
@@ -79,7 +80,8 @@ def build_packages(real: Path, tmp: Path, r50: bool) -> list[tuple[str, Path]]:
         )
     )
     if r50:
-        from arcdeploy.demo.synth import aligned_faces, write_generated_checkpoint
+        from arcdeploy.demo.synth import write_generated_checkpoint
+        from arcdeploy.synthetic import aligned_faces
 
         print("building a generated r50 OpenVINO int8 ...", file=sys.stderr)
         src = tmp / "r50.pth"

@@ -10,7 +10,7 @@ alignment (the pipeline overlaps them with inference in a thread pool).
     python benchmarks/bench_embed.py --build CKPT|EXPORT_DIR --engine openvino --precision int8 [--calib DIR]
     python benchmarks/bench_embed.py --generate r18 --engine onnxruntime --precision fp32
 
-Images are generated (arcdeploy.demo.synth.draw_face) and written with cv2.imwrite;
+Images are generated (arcdeploy.synthetic.draw_face) and written with cv2.imwrite;
 runs alternate engine-only and end-to-end ``--repeat`` times and report the best
 of each (the machine is shared; best-of is the least disturbed run).
 """
@@ -30,8 +30,8 @@ import numpy as np
 def make_images(folder: Path, n: int, size: int, quality: int = 95) -> tuple[list[Path], Path, np.ndarray]:
     import cv2
 
-    from arcdeploy.demo.synth import draw_face
     from arcdeploy.faces import align_face
+    from arcdeploy.synthetic import draw_face
 
     folder.mkdir(parents=True, exist_ok=True)
     paths, rows, crops = [], [], np.empty((n, 112, 112, 3), np.uint8)

@@ -31,13 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-for p in (str(HERE.parent / "src"), str(HERE)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from _common import DEFAULT_REAL, RESULTS, lfw_split, log, measure_speed
 
-DEFAULT_REAL = (HERE.parent / ".." / "shared" / "real").resolve()
-DEFAULT_JSON = HERE / "results" / "fallback.json"
+DEFAULT_JSON = RESULTS / "fallback.json"
 VARIANTS = {
     "fp32": {"precision": "fp32"},
     "int8_recipe": {"precision": "int8", "fallback": False},
@@ -45,14 +41,9 @@ VARIANTS = {
 }
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def build_all(arch: str, workdir: Path, real: Path, reuse: bool) -> dict[str, Path]:
     import arcdeploy
     from arcdeploy.demo.synth import write_generated_checkpoint
-    from bench_real import lfw_split
 
     split = lfw_split(real)  # the real-model benchmark's people: 50 for calibration, 50 others checked
     calib, held, landmarks = split["calib"], split["check"][::4], split["landmarks"]
@@ -80,7 +71,6 @@ def build_all(arch: str, workdir: Path, real: Path, reuse: bool) -> dict[str, Pa
 
 def measure(pkgs: dict[str, Path], batch: int, rounds: int, seconds: float) -> dict[str, list[float]]:
     import arcdeploy
-    from bench_real import measure_speed
 
     loaded = {k: arcdeploy.load(p) for k, p in pkgs.items()}
     x = np.random.default_rng(0).integers(0, 256, (batch, 112, 112, 3), dtype=np.uint8)
@@ -95,11 +85,12 @@ def run_arch(arch: str, args) -> dict:
     rows = {}
     for key, path in pkgs.items():
         m = arcdeploy.load(path).manifest
-        fb = (m.calibration or {}).get("fallback") or {}
+        fb = (m.calibration.fallback if m.calibration else None) or {}
+        fid = m.fidelity.to_json() if m.fidelity else {}
         rows[key] = {
             "package": str(path),
-            "cosine": (m.fidelity or {}).get("cosine"),
-            "passed": (m.fidelity or {}).get("passed"),
+            "cosine": fid.get("cosine"),
+            "passed": fid.get("passed"),
             "images_per_s": statistics.median(per[key]),
             "x_fp32": statistics.median(a / b for a, b in zip(per[key], per["fp32"])),
             "fallback": {

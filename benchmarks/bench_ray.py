@@ -67,8 +67,6 @@ def main() -> int:
         "load_average_start": list(os.getloadavg()),
     }
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [sys.path[0], os.environ.get("PYTHONPATH")]))
     from arcdeploy.distributed import RayOptions, embed_files_on_ray
     from arcdeploy.faces.io import images_root, list_images
     from arcdeploy.faces.pipeline import embed_files

@@ -21,7 +21,7 @@ and int8 (default recipe). Per package:
 - cosine to the fp32 reference on the 400 held-out faces (mean, min, 1st percentile; the manifest's
   fidelity);
 - LFW-600 accuracy (``bins/lfw_600.bin``, insightface's protocol: flip, 10 folds;
-  ``arcdeploy.evaluate.binsets.evaluate_bin_sets``); one pair is 1/60 of a fold = 0.17 point;
+  ``arcdeploy.evaluate.binsets.evaluate_bins``); one pair is 1/60 of a fold = 0.17 point;
 - what executes: OpenVINO's own report (``manifest.executed``: inference precision, precision per
   convolution); for ONNX Runtime the convolutions that run as int8 kernels (QLinearConv) in the graph
   ONNX Runtime optimises (ORT_ENABLE_EXTENDED), since a QDQ Conv whose output is not re-quantized stays
@@ -50,18 +50,13 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-SRC = HERE.parent / "src"
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
+from _common import DEFAULT_REAL, RESULTS, lfw_split, log, measure_speed
 
-DEFAULT_REAL = (HERE.parent / ".." / "shared" / "real").resolve()
-DEFAULT_JSON = HERE / "results" / "real_models.json"
+DEFAULT_JSON = RESULTS / "real_models.json"
 MODELS = {
     "mbf": ("mbf_w600k_gdc.pth", "mbf_w600k_gdc.pth (arcface_torch mbf: trained w600k body, fitted GDC head)"),
     "w600k": ("w600k_mbf.onnx", "w600k_mbf.onnx (insightface model zoo, buffalo_sc recognition model)"),
 }
-CALIB_PEOPLE = 50
 CALIB_COUNT = 300
 CHECK_COUNT = 400
 PREVIOUS_LABEL = "int8, previous recipe (stem + head float)"
@@ -77,30 +72,7 @@ VARIANTS = [
 OV_FP32, ORT_FP32 = "ov_fp32", "ort_fp32"
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------------ material
-
-
-def lfw_split(real: Path) -> dict:
-    """Calibration people (first 50 sorted identities, all their images in order) and held-out people."""
-    lfw = real / "faces" / "lfw"
-    people = sorted(p.name for p in lfw.iterdir() if p.is_dir())
-    if len(people) < 2 * CALIB_PEOPLE:
-        raise SystemExit(f"{lfw}: {len(people)} identities, need {2 * CALIB_PEOPLE}")
-
-    def images(names):
-        return [p for n in names for p in sorted((lfw / n).glob("*.jpg"))]
-
-    return {
-        "landmarks": real / "faces" / "lfw_5pts.txt",
-        "calib_people": people[:CALIB_PEOPLE],
-        "check_people": people[CALIB_PEOPLE:],
-        "calib": images(people[:CALIB_PEOPLE]),
-        "check": images(people[CALIB_PEOPLE:]),
-    }
 
 
 def recipe_for(kind: str | None):
@@ -158,7 +130,7 @@ def ort_int8_convs(model_path: Path) -> dict:
 def what_executes(pkg) -> dict:
     """What the package runs: inference precision and how many convolutions run as int8."""
     m = pkg.manifest
-    ex = m.executed or {}
+    ex = m.executed.to_json() if m.executed else {}
     out: dict = {"inference_precision": ex.get("inference_precision"), "note": ex.get("note")}
     if m.engine == "openvino":
         layers = ex.get("layers") or {}
@@ -180,7 +152,7 @@ def what_executes(pkg) -> dict:
 
 
 def float_scope(m) -> dict:
-    cal = m.calibration or {}
+    cal = m.calibration.to_json() if m.calibration else {}
     fb = cal.get("fallback") or {}
     return {
         "kept_float": cal.get("kept_float"),
@@ -191,26 +163,6 @@ def float_scope(m) -> dict:
     }
 
 
-def measure_speed(runtimes: dict, x_by_key: dict, rounds: int, seconds: float, min_runs: int = 3) -> dict:
-    """{key: [img/s per round]}: every runtime in turn per round, the order rotating, one warm-up run first."""
-    keys = list(runtimes)
-    per: dict[str, list[float]] = {k: [] for k in keys}
-    for k in keys:  # warm-up (first-run allocations, lazy compilation)
-        runtimes[k].infer(x_by_key[k])
-    for rnd in range(rounds):
-        order = keys[rnd % len(keys) :] + keys[: rnd % len(keys)]
-        for k in order:
-            rt, x = runtimes[k], x_by_key[k]
-            n = 0
-            t0 = time.perf_counter()
-            while n < min_runs or time.perf_counter() - t0 < seconds:
-                rt.infer(x)
-                n += 1
-            per[k].append(x.shape[0] * n / (time.perf_counter() - t0))
-        log(f"    round {rnd + 1}/{rounds}: " + ", ".join(f"{k} {per[k][-1]:.1f}" for k in keys))
-    return per
-
-
 def ratio(per: dict, key: str, base: str) -> float | None:
     if not per.get(key) or not per.get(base):
         return None
@@ -219,7 +171,7 @@ def ratio(per: dict, key: str, base: str) -> float | None:
 
 def run_model(name: str, real: Path, split: dict, workdir: Path, args, check_faces: np.ndarray) -> dict:
     import arcdeploy
-    from arcdeploy.evaluate.binsets import evaluate_bin_sets
+    from arcdeploy.evaluate.binsets import evaluate_bins
 
     file, title = MODELS[name]
     src = real / "models" / file
@@ -241,7 +193,7 @@ def run_model(name: str, real: Path, split: dict, workdir: Path, args, check_fac
             row["build_s"] = build_variant(src, out, variant, split, args.reuse)
             pkg = arcdeploy.load(out)
             m = pkg.manifest
-            fid = m.fidelity or {}
+            fid = m.fidelity.to_json() if m.fidelity else {}
             row["fidelity"] = {
                 **(fid.get("cosine") or {}),
                 "passed": fid.get("passed"),
@@ -255,7 +207,7 @@ def run_model(name: str, real: Path, split: dict, workdir: Path, args, check_fac
                 row["int8"] = float_scope(m)
             if not args.no_lfw and bin_path.exists():
                 t = time.perf_counter()
-                r = evaluate_bin_sets(pkg, [bin_path])[0]
+                r = evaluate_bins(pkg, [bin_path])[0]
                 row["lfw"] = {
                     "accuracy": r.accuracy,
                     "std": r.std,

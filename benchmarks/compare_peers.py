@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import gc
 import json
 import os
@@ -54,11 +55,6 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SRC = HERE.parent / "src"
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
 
 DEFAULT_COMBOS = "openvino:fp32,openvino:bf16,openvino:int8,onnxruntime:fp32,onnxruntime:int8"
 REFERENCE = "ONNX Runtime default fp32"
@@ -90,7 +86,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _faces(n: int) -> np.ndarray:
-    from arcdeploy.demo.synth import aligned_faces
+    from arcdeploy.synthetic import aligned_faces
 
     base = aligned_faces(min(n, 16), seed=11)
     return np.ascontiguousarray(np.tile(base, (-(-n // base.shape[0]), 1, 1, 1))[:n])
@@ -114,7 +110,7 @@ def _prepare_checkpoint(workdir: Path, arch: str, log) -> tuple[Path, Path]:
 
 def calibration_faces(workdir: Path, n: int = CALIB_COUNT) -> np.ndarray:
     """Synthetic aligned faces for int8 calibration (and the build's held-out fidelity check), cached."""
-    from arcdeploy.demo.synth import aligned_faces
+    from arcdeploy.synthetic import aligned_faces
 
     path = workdir / f"calib_faces_{n}.npy"
     if path.exists():
@@ -247,7 +243,7 @@ def make_runners(
             r.fn = (lambda x, e=eng: e.infer(x)) if not pkg.fixed_batch else None
             r.info.update(_info(pkg.describe()))
             r.executed = _executed_precision(r.info, precision)
-            r.manifest_fidelity = pkg.manifest.fidelity
+            r.manifest_fidelity = pkg.manifest.fidelity.to_json() if pkg.manifest.fidelity else None
             r.info["package"] = str(path)
             r.info["package_built"] = dt.datetime.fromtimestamp(
                 (path / "manifest.json").stat().st_mtime, dt.UTC
@@ -307,6 +303,8 @@ def fidelity(runners: list[Runner], n: int = 16) -> None:
 
 
 def measure(runners: list[Runner], batches, rounds: int, seconds: float, min_runs: int, log) -> None:
+    from arcdeploy.engines.base import StopRule, time_calls
+
     ok = [r for r in runners if not r.error]
     for b in batches:
         faces = _faces(b)
@@ -317,13 +315,9 @@ def measure(runners: list[Runner], batches, rounds: int, seconds: float, min_run
                 try:
                     if rnd == 0:  # one warm-up per runner and batch size (first runs do one-time work)
                         _call(r, faces, prepared)
-                    lat = []
-                    t0 = time.perf_counter()
-                    while len(lat) < min_runs or time.perf_counter() - t0 < seconds:
-                        s = time.perf_counter()
-                        _call(r, faces, prepared)
-                        lat.append((time.perf_counter() - s) * 1e3)
-                    wall = time.perf_counter() - t0
+                    lat, wall = time_calls(
+                        functools.partial(_call, r, faces, prepared), 0, StopRule(None, seconds, min_runs)
+                    )
                     r.rounds.setdefault(b, []).append((b * len(lat) / wall, float(np.median(lat)), lat))
                 except Exception as exc:
                     r.error = _one_line(exc)

@@ -29,6 +29,8 @@ def matmul_tflops(device: str, dtype_name: str, n: int = 8192, seconds: float = 
     """Dense matmul rate the device reaches (TFLOP/s), the yardstick for the network's share."""
     import torch
 
+    from arcdeploy.engines.base import StopRule, time_calls
+
     dtype = getattr(torch, dtype_name)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -36,12 +38,10 @@ def matmul_tflops(device: str, dtype_name: str, n: int = 8192, seconds: float = 
         a @ b
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
-    runs, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        runs += 1
+    t0 = time.perf_counter()
+    lat, _ = time_calls(lambda: a @ b, 0, StopRule(None, seconds))  # launches; the device catches up below
     sync()
-    return 2 * n**3 * runs / (time.perf_counter() - t0) / 1e12
+    return 2 * n**3 * len(lat) / (time.perf_counter() - t0) / 1e12
 
 
 def gflops_per_image(arch: str) -> float:
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             arcdeploy.build(export_dir, pkg_dir, engine="torch", precision=precision, force=True, check_count=64)
             manifest = arcdeploy.load(pkg_dir).manifest
-            fid = manifest.fidelity or {}
+            fid = manifest.fidelity.to_json() if manifest.fidelity else {}
             cos = fid.get("cosine", {})
             print(
                 f"{arch} {precision}: built in {time.perf_counter() - t0:.0f} s; fidelity cosine mean "

@@ -31,15 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import numpy as np
-
-SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-if SRC not in sys.path:
-    sys.path.insert(0, SRC)
 
 
 def model_macs(arch: str) -> int:
@@ -75,16 +70,10 @@ def model_macs(arch: str) -> int:
 
 def _best_rate(fn, ops: float, seconds: float, min_runs: int = 3) -> float:
     """Best ops/s of ``fn`` over runs lasting about ``seconds`` in total (after one warm-up)."""
-    fn()
-    best = float("inf")
-    t_end = time.perf_counter() + seconds
-    runs = 0
-    while runs < min_runs or time.perf_counter() < t_end:
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-        runs += 1
-    return ops / best
+    from arcdeploy.engines.base import StopRule, time_calls
+
+    lat_ms, _ = time_calls(fn, 1, StopRule(None, seconds, min_runs))
+    return ops / (min(lat_ms) / 1e3)
 
 
 def gemm_rates(n: int = 2048, seconds: float = 2.0) -> dict:

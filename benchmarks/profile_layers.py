@@ -16,10 +16,6 @@ import argparse
 import os
 import sys
 
-SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-if SRC not in sys.path:
-    sys.path.insert(0, SRC)
-
 
 def profile_package(pkg_dir, batch: int = 16, iterations: int = 2, threads: int | None = None) -> dict:
     """{"by_type": {type: ms per batch}, "by_exec": {(type, exec_type): ms}, "total_ms": ...},

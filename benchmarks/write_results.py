@@ -28,10 +28,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SRC = HERE.parent / "src"
-for p in (str(SRC), str(HERE)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 FILES = {
     "real": "real_models.json",

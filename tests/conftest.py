@@ -1,6 +1,6 @@
 """Shared fixtures: generated (untrained) checkpoints, exports and packages.
 
-Everything is made on the fly from arcdeploy.demo.synth, so the suite needs no
+Everything is made on the fly from arcdeploy.synthetic and arcdeploy.demo.synth, so the suite needs no
 downloads. Session-scoped, because exporting and building cost seconds.
 """
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from arcdeploy.demo.synth import aligned_faces, generated_state_dict
+from arcdeploy.demo.synth import generated_state_dict
+from arcdeploy.synthetic import aligned_faces
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,9 @@ MODULES = sorted(p for p in SRC.rglob("*.py"))
 ENGINE_LIBRARIES = {
     "openvino": ("engines/openvino.py",),
     "onnxruntime": ("engines/onnxruntime.py",),
-    "torch": ("engines/torch.py", "exporter.py", "sources/", "backbones/", "demo/synth.py"),
+    "torch": ("engines/torch.py", "sources/", "backbones/", "demo/synth.py"),
     "ray": ("distributed/", "serve/ray_serve.py"),
+    "nncf": ("engines/nncf_quant.py",),
 }
 
 

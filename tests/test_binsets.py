@@ -188,8 +188,8 @@ def test_evaluate_bins_with_package(bins, r18_ort_fp32_pkg):
     from arcdeploy.package import load
 
     pkg = load(r18_ort_fp32_pkg)
-    res = evaluate_bins(pkg, [str(bins[1])], batch=10)  # the Python 2 encoding, end to end
-    r = res["results"][0]
+    (res,) = evaluate_bins(pkg, [str(bins[1])], batch=10)  # the Python 2 encoding, end to end
+    r = res.to_json()
     assert r["pairs"] == PAIRS and r["name"] == "syn_py2" and len(r["fold_accuracies"]) == 10
     assert 0 <= r["accuracy"] <= 1 and r["accuracy"] == np.mean(r["fold_accuracies"])
     # XNorm = mean L2 norm of the raw embeddings of the images and (separately) their mirrors

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from arcdeploy import build
-from arcdeploy.builder import normalize_precision
 from arcdeploy.cli import main as cli_main
-from arcdeploy.demo.synth import aligned_faces, draw_face
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.fidelity import FLOORS
 from arcdeploy.machine import cpu_flags
 from arcdeploy.manifest import PACKAGE_FORMAT
 from arcdeploy.package import load, read_manifest
+from arcdeploy.synthetic import aligned_faces, draw_face
+from arcdeploy.types import Precision
 
 pytestmark = pytest.mark.slow  # builds packages of every engine and precision
 
@@ -110,7 +110,7 @@ def test_low_precision_hint_reports_what_executes(packages):
     for precision in ("bf16", "fp16"):
         pkg = load(packages("openvino", precision))
         d = pkg.describe()
-        executed = pkg.manifest.executed
+        executed = pkg.manifest.executed.to_json()
         recorded = executed["inference_precision"]
         assert d.details["executed"]["inference_precision"] == recorded == d.executes
         hint = {"bf16": "bf16", "fp16": "f16"}[precision]
@@ -201,9 +201,9 @@ def test_load_and_infer_without_torch(packages, engine):
 
 
 def test_precision_aliases(tmp_path, r18_export):
-    assert normalize_precision("force_float32") == "fp32"
-    assert normalize_precision("force_float16") == "fp16"
-    assert normalize_precision("qint8_mixed_float16") == "int8"
+    assert Precision.parse("force_float32") == "fp32"
+    assert Precision.parse("force_float16") == "fp16"
+    assert Precision.parse("qint8_mixed_float16") == "int8"
     out = tmp_path / "pkg"
     assert (
         cli_main(

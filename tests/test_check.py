@@ -11,10 +11,10 @@ import pytest
 
 from arcdeploy import check
 from arcdeploy.cli import main as cli_main
-from arcdeploy.demo.synth import draw_face
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.fidelity import cosine_rows, summarize
 from arcdeploy.package import load, read_manifest
+from arcdeploy.synthetic import draw_face
 
 
 def test_check_generated_images(r18_ort_fp32_pkg):
@@ -69,7 +69,7 @@ def test_check_catches_a_wrong_model(tmp_path, r18_ort_fp32_pkg, mbf_export, cap
     bad = tmp_path / "bad"
     shutil.copytree(r18_ort_fp32_pkg, bad)
     m = read_manifest(bad)
-    shutil.copyfile(mbf_export.torchscript_path, bad / m["reference"]["file"])
+    shutil.copyfile(mbf_export.reference_path, bad / m["reference"]["file"])
     res = check(bad, count=8).to_json()
     assert res["passed"] is False and res["cosine"]["mean"] < 0.5 and res["below_floor"]
     assert cli_main(["check", str(bad), "--count", "8"]) == 1

@@ -366,10 +366,10 @@ def test_int8_build_calibrated_through_the_detector(tmp_path, photo_paths):
         CKPT, tmp_path / "int8", engine="openvino", precision="int8", calib=calib, calib_detector=SCRFD, calib_count=100
     )
     pkg = arcdeploy.load(out)
-    cal = pkg.manifest.calibration
+    cal = pkg.manifest.calibration.to_json()
     assert cal["count"] == 100 and "SCRFD scrfd_500m_kps.onnx" in cal["preprocessing"]
     assert not cal.get("skipped")  # every photo and LFW crop had a face
-    fid = pkg.manifest.fidelity
+    fid = pkg.manifest.fidelity.to_json()
     assert "held-out" in fid["images"] and fid["cosine"]["n"] == 32
     assert fid["cosine"]["mean"] > 0.97  # int8 against fp32 on held-out detected faces
     feats = pkg.embed(photo_paths, detector=SCRFD)

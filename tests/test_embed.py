@@ -13,11 +13,11 @@ import pytest
 
 import arcdeploy
 from arcdeploy.cli import main
-from arcdeploy.demo.synth import draw_face
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.faces import align_face, read_landmarks
 from arcdeploy.faces.chunks import failures_path_for, parts_dir_for
 from arcdeploy.faces.pipeline import embed_files, embed_images
+from arcdeploy.synthetic import draw_face
 
 N_LOOSE = 12
 

@@ -6,7 +6,6 @@ import cv2
 import numpy as np
 import pytest
 
-from arcdeploy.demo.synth import draw_face
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.faces import (
     TEMPLATE_112,
@@ -20,6 +19,7 @@ from arcdeploy.faces import (
     to_aligned,
 )
 from arcdeploy.faces.align import landmarks_problem, umeyama
+from arcdeploy.synthetic import draw_face
 
 
 def _similarity(angle_deg, scale, tx, ty):

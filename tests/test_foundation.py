@@ -15,8 +15,8 @@ import torch
 from arcdeploy.backbones import ARCHS, build_model, detect_arch
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.exporter import export
-from arcdeploy.exporter import verification_inputs as reference_inputs
 from arcdeploy.sources.checkpoint import load_backbone, read_checkpoint
+from arcdeploy.sources.verify import verification_inputs as reference_inputs
 
 # SPEC section 2: key counts (with num_batches_tracked) and fp32 sizes
 KEY_COUNTS = {"r18": 187, "r34": 331, "r50": 475, "r100": 925, "r200": 1807}
@@ -181,7 +181,7 @@ def test_onnx_dynamic_batch_matches_pytorch(which, r18_export, mbf_export, r18_c
 
 def test_torchscript_matches_pytorch(r18_export, r18_ckpt):
     model, _ = load_backbone(r18_ckpt)
-    ts = torch.jit.load(str(r18_export.torchscript_path))
+    ts = torch.jit.load(str(r18_export.reference_path))
     x = torch.from_numpy(reference_inputs(3, seed=9))
     with torch.no_grad():
         assert torch.allclose(ts(x), model(x), rtol=1e-5, atol=1e-5)

@@ -366,7 +366,7 @@ def test_pgvector_hnsw_model_check_and_writer_lock(pg_url):
 def r18_int8_pkg(tmp_path_factory, r18_export):
     """An int8 package of the same source as r18_ort_fp32_pkg."""
     from arcdeploy import build
-    from arcdeploy.demo.synth import aligned_faces
+    from arcdeploy.synthetic import aligned_faces
 
     return build(
         r18_export.out_dir,

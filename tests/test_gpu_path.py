@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +58,7 @@ def test_torch_cpu_runtime_times_without_a_device_split(torch_pkg):
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_on_cpu(tmp_path, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # as the script runs
     import gpu_check
 
     monkeypatch.setenv("OUT", str(tmp_path))

@@ -20,13 +20,13 @@ from torch import nn
 
 from arcdeploy import build
 from arcdeploy.cli import main as cli_main
-from arcdeploy.demo.synth import aligned_faces
 from arcdeploy.engines import open_graph
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.exporter import export
 from arcdeploy.fidelity import FLOORS, cosine_rows
 from arcdeploy.manifest import read_export_manifest, read_package_manifest
 from arcdeploy.package import load
+from arcdeploy.synthetic import aligned_faces
 
 REAL = (Path(__file__).resolve().parents[1] / ".." / "shared" / "real").resolve()
 W600K = REAL / "models" / "w600k_mbf.onnx"
@@ -302,8 +302,8 @@ def export_and_build(path: Path, tmp_path: Path, engine: str = "onnxruntime", fa
 def assert_equals_source(pkg_dir: Path, want: np.ndarray, faces: np.ndarray) -> None:
     m = read_package_manifest(pkg_dir)
     assert m.reference is not None and m.reference.kind == "onnx" and m.reference.file.endswith("source.onnx")
-    assert m.fidelity["passed"] and m.fidelity["cosine"]["min"] >= FP32_MIN
-    assert m.fidelity["reference"].startswith("onnxruntime fp32 (source onnx")
+    assert m.fidelity.passed and m.fidelity.cosine.min >= FP32_MIN
+    assert m.fidelity.reference.startswith("onnxruntime fp32 (source onnx")
     got = load(pkg_dir).infer(faces)
     assert got.shape == want.shape
     assert cosine_rows(got, want).min() >= FP32_MIN
@@ -316,13 +316,13 @@ def test_fixed_batch1_with_baked_reshapes_becomes_dynamic(made, faces, tmp_path)
     src = made("fixed_batch1")
     exp, pkg = export_and_build(src, tmp_path, faces=faces)
     mf = exp.manifest
-    batch = mf.source["detected"]["batch"]
+    batch = mf.source.detected["batch"]
     assert batch["source"] == 1
     rewritten = " ".join(batch["rewrites"])
     assert "[1, 16, 49] -> [-1, 16, 49]" in rewritten  # a constant that can take -1
     assert "[1, -1] -> [batch, -1]" in rewritten  # one that already has a -1
-    assert mf.reference.batch == 1 and mf.verification["batches"] == [1, 5, 64]
-    assert mf.verification["relative_error"]["onnx"] <= 1e-4
+    assert mf.reference.batch == 1 and mf.verification.batches == [1, 5, 64]
+    assert mf.verification.relative_error["onnx"] <= 1e-4
     # model.onnx really runs any batch; the source only batch 1
     g = open_graph(exp.onnx_path, engine="onnxruntime")
     x = (faces[:7].astype(np.float32).transpose(0, 3, 1, 2) - 127.5) / 127.5
@@ -335,7 +335,7 @@ def test_fixed_batch1_with_baked_reshapes_becomes_dynamic(made, faces, tmp_path)
 def test_renamed_batch_axis_is_repaired(made, faces, tmp_path):
     src = made("renamed_batch")
     exp, pkg = export_and_build(src, tmp_path, faces=faces)
-    batch = exp.manifest.source["detected"]["batch"]
+    batch = exp.manifest.source.detected["batch"]
     assert batch["source"].startswith("renamed") and batch["rewrites"]
     assert exp.manifest.reference.batch == 1  # the source itself is right only one image at a time
     assert_equals_source(pkg, source_embeddings(src, faces, batch=1), faces)
@@ -344,12 +344,12 @@ def test_renamed_batch_axis_is_repaired(made, faces, tmp_path):
 def test_raw_pixel_model_normalises_inside(made, faces, tmp_path):
     src = made("raw_pixels")
     exp, pkg = export_and_build(src, tmp_path, engine="openvino", faces=faces)
-    norm = exp.manifest.source["detected"]["normalization"]
+    norm = exp.manifest.source.detected["normalization"]
     assert norm["in_graph"] is True and norm["mean"] == 127.5 and norm["std"] == 128.0
     assert "Sub" in norm["how"] and "Mul" in norm["how"]
     assert norm["insightface_router"].startswith("raw 0..255")  # insightface's router agrees
     assert exp.manifest.input.normalize_in_graph and exp.manifest.reference.input.normalize_in_graph
-    assert exp.manifest.source["detected"]["batch"]["source"] == "dynamic"
+    assert exp.manifest.source.detected["batch"]["source"] == "dynamic"
     assert exp.manifest.reference.batch is None
     assert_equals_source(pkg, source_embeddings(src, faces, raw_pixels=True), faces)
 
@@ -367,9 +367,9 @@ def test_unused_inputs_and_initializers_listed_as_inputs(made, faces, tmp_path):
     raw = onnx.load(str(src))
     assert len(raw.graph.input) > 2
     exp, pkg = export_and_build(src, tmp_path, engine="openvino", faces=faces)
-    det = exp.manifest.source["detected"]
+    det = exp.manifest.source.detected
     assert det["input"]["name"] == "data"
-    changes = " ".join(exp.manifest.source["model_changes"])
+    changes = " ".join(exp.manifest.source.model_changes)
     assert "stale_mask" in changes and "initializer(s) listed as graph inputs" in changes
     model = onnx.load(str(exp.onnx_path))
     assert [i.name for i in model.graph.input] == ["data"]
@@ -384,7 +384,7 @@ def test_l2_normalised_output_detected(made, faces, tmp_path):
     exp, pkg = export_and_build(src, tmp_path, faces=faces)
     out = exp.manifest.output
     assert out.normalized is True
-    assert "Div" in exp.manifest.source["detected"]["output"]["how"]
+    assert "Div" in exp.manifest.source.detected["output"]["how"]
     assert_equals_source(pkg, source_embeddings(src, faces), faces)
     # and a raw model is not taken for a normalised one
     export(made("dim128"), tmp_path / "raw")
@@ -394,7 +394,7 @@ def test_l2_normalised_output_detected(made, faces, tmp_path):
 def test_nhwc_input_becomes_nchw(made, faces, tmp_path):
     src = made("nhwc")
     exp, pkg = export_and_build(src, tmp_path, engine="openvino", faces=faces)
-    assert exp.manifest.source["detected"]["input"]["layout"] == "NHWC"
+    assert exp.manifest.source.detected["input"]["layout"] == "NHWC"
     assert exp.manifest.reference.input.layout == "NHWC" and exp.manifest.input.layout == "NCHW"
     dims = [d.dim_value for d in onnx.load(str(exp.onnx_path)).graph.input[0].type.tensor_type.shape.dim[1:]]
     assert dims == [3, 112, 112]
@@ -404,7 +404,7 @@ def test_nhwc_input_becomes_nchw(made, faces, tmp_path):
 def test_class_token_expand_follows_the_batch(made, faces, tmp_path):
     src = made("class_token")
     exp, pkg = export_and_build(src, tmp_path, engine="openvino", faces=faces)
-    rewrites = exp.manifest.source["detected"]["batch"]["rewrites"]
+    rewrites = exp.manifest.source.detected["batch"]["rewrites"]
     assert any(r.startswith("Expand") and "computed from constants" in r for r in rewrites), rewrites
     assert_equals_source(pkg, source_embeddings(src, faces, batch=1), faces)
 
@@ -413,9 +413,9 @@ def test_uint8_input(made, faces, tmp_path):
     src = made("uint8")
     exp, pkg = export_and_build(src, tmp_path, faces=faces)
     mf = exp.manifest
-    assert mf.source["detected"]["input"]["dtype"] == "uint8" and mf.reference.input.dtype == "uint8"
+    assert mf.source.detected["input"]["dtype"] == "uint8" and mf.reference.input.dtype == "uint8"
     assert mf.input.dtype == "float32" and mf.input.normalize_in_graph
-    norm = mf.source["detected"]["normalization"]
+    norm = mf.source.detected["normalization"]
     assert norm["in_graph"] and (norm["mean"], norm["std"]) == (127.5, 128.0)
     sess = open_graph(src, engine="onnxruntime")
     want = sess.run({"data": np.ascontiguousarray(faces.transpose(0, 3, 1, 2))})[0]
@@ -426,10 +426,10 @@ def test_overrides_are_applied_and_recorded(made, faces, tmp_path):
     src = made("dim128")
     exp, pkg = export_and_build(src, tmp_path, faces=faces, input_mean=[120, 110, 100], input_std=60, bgr=True)
     mf = exp.manifest
-    assert mf.source["overrides"]["bgr"] is True and mf.source["overrides"]["input_mean"] == (120.0, 110.0, 100.0)
+    assert mf.source.overrides["bgr"] is True and mf.source.overrides["input_mean"] == (120.0, 110.0, 100.0)
     assert mf.input.color == "BGR" and mf.reference.input.color == "BGR"
     assert mf.input.mean == (120.0, 110.0, 100.0) and mf.input.std == 60.0
-    assert mf.source["detected"]["color"]["value"] == "RGB"  # what was detected stays on record
+    assert mf.source.detected["color"]["value"] == "RGB"  # what was detected stays on record
     sess = open_graph(src, engine="onnxruntime")
     x = (faces[..., ::-1].astype(np.float32) - np.array([120, 110, 100], np.float32)) / 60.0
     want = sess.run({"data": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0]
@@ -464,7 +464,7 @@ def test_cli_export_and_build(made, tmp_path, capsys):
         == 0
     )
     m = read_package_manifest(tmp_path / "pkg")
-    assert m.input.color == "BGR" and not m.input.normalize_in_graph and m.source["overrides"]["bgr"] is True
+    assert m.input.color == "BGR" and not m.input.normalize_in_graph and m.source.overrides["bgr"] is True
     # an existing output is not replaced without --force
     assert cli_main(["export", str(src), "-o", str(tmp_path / "exp")]) == 2
 
@@ -578,7 +578,7 @@ def source_w600k(faces: np.ndarray) -> np.ndarray:
 def test_real_export_records_what_it_detected(real_export):
     mf = real_export.manifest
     assert mf.arch == "onnx:w600k_mbf"
-    det = mf.source["detected"]
+    det = mf.source.detected
     assert det["input"]["name"] == "input.1" and det["input"]["layout"] == "NCHW" and det["input"]["size"] == [112, 112]
     assert det["normalization"]["in_graph"] is False
     assert (det["normalization"]["mean"], det["normalization"]["std"]) == (127.5, 127.5)
@@ -587,8 +587,8 @@ def test_real_export_records_what_it_detected(real_export):
     assert mf.output.name == "embedding" and mf.output.dim == 512 and mf.output.normalized is False
     assert mf.reference.kind == "onnx" and mf.reference.file == "source.onnx" and mf.reference.batch is None
     assert (real_export.out_dir / "source.onnx").read_bytes() == W600K.read_bytes()
-    assert mf.source["sha256"] == mf.reference.sha256
-    assert mf.verification["batches"] == [1, 5, 64] and mf.verification["relative_error"]["onnx"] <= 1e-4
+    assert mf.source.sha256 == mf.reference.sha256
+    assert mf.verification.batches == [1, 5, 64] and mf.verification.relative_error["onnx"] <= 1e-4
 
 
 @needs_real
@@ -608,7 +608,7 @@ def test_real_int8_keeps_stem_and_head_float(real_export):
 def test_real_fp32_packages_equal_the_source(real_packages, lfw_faces, engine):
     pkg = real_packages(engine, "fp32")
     m = read_package_manifest(pkg)
-    assert m.fidelity["passed"] and m.fidelity["cosine"]["min"] >= FP32_MIN and m.fidelity["cosine"]["n"] == 64
+    assert m.fidelity.passed and m.fidelity.cosine.min >= FP32_MIN and m.fidelity.cosine.n == 64
     cos = cosine_rows(load(pkg).infer(lfw_faces), source_w600k(lfw_faces))
     assert cos.min() >= FP32_MIN
 
@@ -617,7 +617,7 @@ def test_real_fp32_packages_equal_the_source(real_packages, lfw_faces, engine):
 def test_real_bf16_meets_its_floor(real_packages, lfw_faces):
     pkg = real_packages("openvino", "bf16")
     m = read_package_manifest(pkg)
-    assert m.fidelity["passed"], m.fidelity
+    assert m.fidelity.passed, m.fidelity
     cos = cosine_rows(load(pkg).infer(lfw_faces), source_w600k(lfw_faces))
     assert cos.mean() >= FLOORS["bf16"]["mean"]
 
@@ -627,9 +627,9 @@ def test_real_bf16_meets_its_floor(real_packages, lfw_faces):
 def test_real_int8_builds_and_reports_fidelity(real_packages, lfw_faces, engine):
     pkg = real_packages(engine, "int8")
     m = read_package_manifest(pkg)
-    fid = m.fidelity
+    fid = m.fidelity.to_json()
     assert fid["reference"].startswith("onnxruntime fp32 (source onnx") and fid["cosine"]["n"] > 0
-    assert m.calibration["count"] == 300 and m.calibration["kept_float"]
+    assert m.calibration.count == 300 and m.calibration.kept_float
     assert fid["passed"] and fid["floor"] == FLOORS["int8"], fid  # on the held-out LFW faces
     cos = cosine_rows(load(pkg).infer(lfw_faces), source_w600k(lfw_faces))
     assert cos.mean() >= FLOORS["int8"]["mean"] and cos.min() >= FLOORS["int8"]["min"]
@@ -649,7 +649,7 @@ def test_real_lfw600_accuracy_matches_the_source(real_packages):
         verification_accuracy,
     )
 
-    pkg_acc = evaluate_bins(real_packages("openvino", "fp32"), [LFW_BIN])["results"][0]["accuracy"]
+    pkg_acc = evaluate_bins(real_packages("openvino", "fp32"), [LFW_BIN])[0].accuracy
 
     class Source:
         def infer(self, faces):

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from arcdeploy.cli import main
-from arcdeploy.demo.synth import draw_face
+from arcdeploy.synthetic import draw_face
 from real_material import REAL, needs_real
 
 pytestmark = pytest.mark.slow  # starts Ray clusters

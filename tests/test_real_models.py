@@ -82,27 +82,27 @@ def real_packages(tmp_path_factory):
 @pytest.mark.parametrize("engine,precision", COMBOS)
 def test_floor_on_held_out_real_faces(real_packages, engine, precision):
     m = load(real_packages(engine, precision)).manifest
-    fid = m.fidelity
+    fid = m.fidelity.to_json()
     assert fid["images_source"].endswith("held_out.txt") and fid["cosine"]["n"] == 160
     assert fid["passed"], (engine, precision, fid["cosine"], fid["below_floor"])
     if precision == "int8":
-        assert m.calibration["count"] == 300 and "5-point similarity alignment" in m.calibration["preprocessing"]
+        assert m.calibration.count == 300 and "5-point similarity alignment" in m.calibration.preprocessing
         # the recipe itself keeps the layer whose input channels spread far apart (no fallback needed)
-        spread = m.calibration["input_channel_spread"]
-        assert len(spread) >= 1 and all(v > m.calibration["recipe"]["spread_threshold"] for v in spread.values())
-        assert "fallback" not in m.calibration
+        spread = m.calibration.input_channel_spread
+        assert len(spread) >= 1 and all(v > m.calibration.recipe["spread_threshold"] for v in spread.values())
+        assert "fallback" not in m.calibration.to_json()
 
 
 @pytest.mark.parametrize("engine,precision", [("openvino", "fp32"), ("openvino", "int8"), ("onnxruntime", "int8")])
 def test_lfw600_accuracy(real_packages, engine, precision):
-    from arcdeploy.evaluate.binsets import evaluate_bin_sets
+    from arcdeploy.evaluate.binsets import evaluate_bins
 
-    (res,) = evaluate_bin_sets(real_packages(engine, precision), [LFW_BIN])
+    (res,) = evaluate_bins(real_packages(engine, precision), [LFW_BIN])
     assert res.pairs == 600
     if precision == "fp32":
         assert round(res.accuracy, 4) == LFW600_REFERENCE
     else:
-        (fp32,) = evaluate_bin_sets(real_packages("openvino", "fp32"), [LFW_BIN])
+        (fp32,) = evaluate_bins(real_packages("openvino", "fp32"), [LFW_BIN])
         assert res.accuracy >= fp32.accuracy - 0.002, (res.accuracy, fp32.accuracy)
 
 
@@ -125,8 +125,8 @@ def test_photos_same_person_above_every_other_pair(real_packages, precision):
 
 def test_int8_really_runs_int8(real_packages):
     m = load(real_packages("openvino", "int8")).manifest
-    layers = m.executed["layers"]
+    layers = m.executed.layers
     counts = [(k, v) for kind in ("Convolution", "GroupConvolution") for k, v in layers.get(kind, {}).items()]
     low = sum(v for k, v in counts if k in ("u8", "i8"))
     assert low >= 0.8 * sum(v for _, v in counts), layers
-    assert np.isfinite(m.fidelity["cosine"]["min"])
+    assert np.isfinite(m.fidelity.cosine.min)

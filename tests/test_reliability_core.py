@@ -29,7 +29,7 @@ from arcdeploy.sources.checkpoint import read_checkpoint
 @pytest.fixture(scope="module")
 def engine_packages(tmp_path_factory, r18_export):
     """One small package per engine (and OpenVINO int8), built once."""
-    from arcdeploy.demo.synth import aligned_faces
+    from arcdeploy.synthetic import aligned_faces
 
     root = tmp_path_factory.mktemp("engines")
     calib = aligned_faces(40, seed=5)
@@ -53,7 +53,7 @@ def engine_packages(tmp_path_factory, r18_export):
 )
 def test_runtime_is_thread_safe(engine_packages, engine, precision):
     """Package.infer from 8 threads at once returns exactly what serial calls return."""
-    from arcdeploy.demo.synth import aligned_faces
+    from arcdeploy.synthetic import aligned_faces
 
     pkg = load(engine_packages[(engine, precision)])
     faces = aligned_faces(24, seed=77)
@@ -68,7 +68,7 @@ def test_runtime_is_thread_safe(engine_packages, engine, precision):
 
 @pytest.mark.slow
 def test_embed_from_threads_matches_serial(engine_packages):
-    from arcdeploy.demo.synth import aligned_faces
+    from arcdeploy.synthetic import aligned_faces
 
     pkg = load(engine_packages[("openvino", "int8")])
     faces = aligned_faces(16, seed=8)
@@ -162,7 +162,7 @@ def test_first_line_skips_location_lines():
 
 def test_torchscript_onnx_and_random_files_are_named(tmp_path, r18_export):
     ts = tmp_path / "traced.pth"
-    shutil.copyfile(r18_export.torchscript_path, ts)
+    shutil.copyfile(r18_export.reference_path, ts)
     with pytest.raises(ArcdeployError, match="a TorchScript model, not a checkpoint"):
         read_checkpoint(ts)
     onnx_as_pth = tmp_path / "model.pth"

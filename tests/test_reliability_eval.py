@@ -17,7 +17,7 @@ import pytest
 from arcdeploy.cli import main as cli_main
 from arcdeploy.demo.datasets import write_bin_set, write_ijb_set
 from arcdeploy.errors import ArcdeployError
-from arcdeploy.evaluate.binsets import BinResult, bin_face, decode_faces, evaluate_bin, read_bin
+from arcdeploy.evaluate.binsets import BinResult, bin_face, decode_faces, evaluate_bins, read_bin
 from arcdeploy.evaluate.ijb import evaluate_features, evaluate_ijb, read_meta
 from arcdeploy.evaluate.plots import plot_roc
 
@@ -171,7 +171,7 @@ def test_bin_images_of_other_sizes_as_insightface_reads_them():
 @pytest.mark.slow
 def test_bin_result_is_typed_and_json_needs_force(r18_ort_fp32_pkg, tmp_path, capsys):
     path = write_bin_set(tmp_path / "s.bin", pairs=10, seed=2)
-    res = evaluate_bin(r18_ort_fp32_pkg, path, batch=10)
+    (res,) = evaluate_bins(r18_ort_fp32_pkg, [path], batch=10)
     assert isinstance(res, BinResult) and res.pairs == 10 and len(res.fold_accuracies) == 10
     assert set(res.to_json()) == {
         "name",

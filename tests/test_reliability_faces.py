@@ -18,7 +18,6 @@ import pytest
 
 import arcdeploy
 from arcdeploy.cli import main
-from arcdeploy.demo.synth import draw_face
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.faces import chunks as chunks_mod
 from arcdeploy.faces.align import landmarks_problem
@@ -30,6 +29,7 @@ from arcdeploy.faces.pipeline import embed_files, embed_images
 from arcdeploy.faces.prepare import prepare_face
 from arcdeploy.faces.types import Failure
 from arcdeploy.files import FileLock
+from arcdeploy.synthetic import draw_face
 
 REAL = (Path(__file__).resolve().parents[1] / ".." / "shared" / "real").resolve()
 N = 6

@@ -19,10 +19,10 @@ import pytest
 
 import arcdeploy
 from arcdeploy.cli import main
-from arcdeploy.demo.synth import aligned_faces, draw_face
 from arcdeploy.errors import ArcdeployError, printable
 from arcdeploy.faces.io import list_images
 from arcdeploy.faces.landmarks import read_landmarks
+from arcdeploy.synthetic import aligned_faces, draw_face
 from real_material import MODELS, REAL, needs_real
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -35,14 +35,14 @@ GENERATED_SEED = 9001  # far from the seeds the tests and demo calibrate with
 
 def generated_check_images(count: int | None = None):
     """Generated aligned faces for a fidelity check when the user gives none (labelled "generated")."""
-    from .builder import CheckImages
-    from .demo.synth import aligned_faces
+    from .options import CheckImages
+    from .synthetic import aligned_faces
 
     n = count or GENERATED_CHECK_COUNT
     return CheckImages(
         aligned_faces(n, seed=GENERATED_SEED),
         "generated",
-        f"arcdeploy.demo.synth.aligned_faces(n={n}, seed={GENERATED_SEED})",
+        f"arcdeploy.synthetic.aligned_faces(n={n}, seed={GENERATED_SEED})",
     )
 
 
@@ -53,21 +53,24 @@ def export(src, out_dir, **kwargs: Any):
     return _export(src, out_dir, **kwargs)
 
 
-def build(
-    src, out, check_images=None, check_count: int | None = None, calib=None, precision: str = "fp32", **kwargs: Any
-):
-    """Build a package (see :func:`arcdeploy.builder.build`); checks on generated faces when no
-    images are given and none are held out from the calibration set."""
+def build(src, out, options=None, **kwargs: Any):
+    """Build a package (see :func:`arcdeploy.builder.build`) as ``options`` (a
+    :class:`arcdeploy.options.BuildOptions`) or ``kwargs`` (its fields) say; checks on generated
+    faces when no images are given and none are held out from the calibration set."""
     from .builder import build as _build
-    from .manifest import parse_precision
+    from .options import BuildOptions
+    from .types import Precision
 
-    if check_images is None and (calib is None or parse_precision(precision) == "int8"):
+    if options is None:
+        options = BuildOptions.from_kwargs(**kwargs)
+    elif kwargs:
+        raise TypeError("build(): give options or keyword arguments, not both")
+    if options.check_images is None and (options.calib is None or options.precision is Precision.INT8):
         # an int8 build holds out part of its calibration images; only when too few remain
         # does it need generated ones, which it asks for through this fallback
-        kwargs.setdefault("default_check_images", generated_check_images(check_count))
-    return _build(
-        src, out, check_images=check_images, check_count=check_count, calib=calib, precision=precision, **kwargs
-    )
+        if options.default_check_images is None:
+            options.default_check_images = generated_check_images(options.check_count)
+    return _build(src, out, options)
 
 
 def check(package, images=None, count: int | None = None, **kwargs: Any):

@@ -12,7 +12,8 @@ time, as benchmark_app measures it). ``e2e`` times the whole path instead: decod
 align + infer on real image files through :mod:`arcdeploy.faces.pipeline`.
 
 Modes: ``latency`` runs one request at a time; ``throughput`` keeps several requests
-in flight (OpenVINO: async infer requests, one CPU stream each).
+in flight, as the engine's runtime does it (:meth:`Runtime.options_for` sets it up,
+:meth:`Runtime.timed_runs` runs it, :meth:`Runtime.in_flight_how` says how).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,11 @@ MIN_ITERATIONS = 3
 MODES = ("latency", "throughput")
 PERCENTILES = (50, 90, 95, 99)
 INPUT_SEED = 11
+# what the peak RSS covers: whether the kernel's high-water mark could be reset before loading
+PEAK_RSS_NOTES = {
+    True: "process high-water mark since just before loading",
+    False: "process high-water mark (includes everything before loading)",
+}
 
 
 def parse_batches(text: str | int | list | tuple) -> list[int]:
@@ -119,6 +125,10 @@ class BenchRow:
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
+    @classmethod
+    def from_json(cls, data: dict) -> BenchRow:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
 
 @dataclass
 class BenchResult:
@@ -155,14 +165,23 @@ class BenchResult:
         d["results"] = [r.to_json() for r in self.results]
         return d
 
+    @classmethod
+    def from_json(cls, data: dict) -> BenchResult:
+        """A result written by :meth:`to_json` (a run's step result, the ``--json`` file)."""
+        known = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        return cls(**{**known, "results": [BenchRow.from_json(r) for r in data["results"]]})
+
 
 # ---- e2e ------------------------------------------------------------------------------
 
 
-def _e2e_inputs(source) -> tuple[list, Path | None]:
-    """The image paths of ``--e2e`` and their root folder, checked before any timing starts."""
+def _e2e_inputs(source, landmarks=None) -> tuple[list, Path | None]:
+    """The image paths of ``--e2e`` and their root folder, checked (with the landmark file) before any
+    timing starts."""
     from .faces.io import images_root, list_images
 
+    if landmarks is not None and not Path(landmarks).exists():
+        raise ArcdeployError(f"{landmarks}: no such landmark file")
     if isinstance(source, (list, tuple)):
         if not source:
             raise ArcdeployError("--e2e: no images given")
@@ -243,96 +262,33 @@ def bench(
     file / list of paths to time end to end (with ``e2e_landmarks`` they are aligned).
     ``log``: receives one line per batch size done.
     """
-    from .package import Package, load
-
     batches = parse_batches(batches)
     _validate(iterations, duration, warmup, threads, streams, mode)
     iterations = int(iterations) if iterations is not None else None
-    # an explicit --duration is obeyed even if it allows fewer than MIN_ITERATIONS runs
-    stop = StopRule(
-        iterations,
-        float(duration) if duration is not None else DEFAULT_DURATION_S,
-        1 if duration is not None else MIN_ITERATIONS,
-    )
-    e2e_paths, e2e_root = _e2e_inputs(e2e) if e2e is not None else (None, None)
-    if e2e_landmarks is not None and not Path(e2e_landmarks).exists():
-        raise ArcdeployError(f"{e2e_landmarks}: no such landmark file")
+    stop = _stop_rule(iterations, duration)
+    e2e_paths, e2e_root = _e2e_inputs(e2e, e2e_landmarks) if e2e is not None else (None, None)
 
     rss_reset = _reset_peak_rss()
     rss_before = (_status_kb("VmRSS") or 0) / 1024
-    t0 = time.perf_counter()
-    if isinstance(package_or_path, Package):
-        pkg = package_or_path
-        if threads is not None and threads != pkg.threads:
-            raise ArcdeployError("threads: pass threads when loading the package, or give bench a path")
-        preloaded = pkg.loaded
-    else:
-        pkg = load(package_or_path, threads=threads)
-        if get_engine(pkg.manifest.engine).capabilities.async_requests:
-            # one CPU stream per request, as benchmark_app -hint throughput compiles it
-            pkg.engine_options["performance_hint"] = "THROUGHPUT" if mode == "throughput" else "LATENCY"
-            if mode == "throughput" and streams is not None:
-                pkg.engine_options["num_requests"] = int(streams)
-        preloaded = False
-    runtime = pkg.runtime
-    load_ms = None if preloaded else (time.perf_counter() - t0) * 1e3
-
-    max_batch = max(batches)
-    faces = timing_faces(max_batch)
-    fixed = pkg.fixed_batch
+    pkg, load_ms = _open(package_or_path, threads, mode, streams)
+    faces = timing_faces(max(batches))
     t1 = time.perf_counter()
-    pkg.infer(faces[: fixed or 1])
+    pkg.infer(faces[: pkg.fixed_batch or 1])
     first_ms = (time.perf_counter() - t1) * 1e3
-
-    has_async = get_engine(pkg.manifest.engine).capabilities.async_requests
-    if mode == "throughput":
-        in_flight = int(streams) if streams is not None else runtime.optimal_in_flight()
-        if streams is None and not has_async:
-            streams_note = "1 (engine has no async)"
-        else:
-            streams_note = f"{in_flight} {'async request(s)' if has_async else 'concurrent request(s)'} in flight"
-            info = runtime.describe()
-            if info.streams:
-                streams_note += f" ({info.engine} streams {info.streams})"
-    else:
-        in_flight = 1
-        streams_note = "1 (latency mode: one request at a time)"
+    in_flight, streams_note = _in_flight(pkg, mode, streams)
 
     rows = []
     for b in batches:
-        fb = faces[:b]
-        direct = fixed is None or fixed == b
-        if direct:
-            x = pkg.to_model_input(fb)
-            runtime.last_breakdown = None
-            lat, wall = runtime.timed_runs(x, in_flight, int(warmup), stop)
-            how = (
-                f"{'OpenVINO AsyncInferQueue' if has_async else runtime.engine_name + ' threads'}, {in_flight} requests"
-                if in_flight > 1
-                else "engine.infer on prepared input"
-            )
-        else:
-            lat, wall = time_calls(functools.partial(pkg.infer, fb), int(warmup), stop)
-            how = f"Package.infer (fixed batch {fixed}: padded/split, includes preprocessing)"
-        n = len(lat)
-        row = BenchRow(
-            batch=b,
-            throughput=b * n / wall,
-            latency_ms=latency_summary(lat),
-            iterations=n,
-            images=b * n,
-            wall_s=wall,
-            how=how,
-            breakdown_ms=runtime.last_breakdown if direct else None,
-        )
+        row = _time_batch(pkg, faces[:b], in_flight, int(warmup), stop)
         rows.append(row)
         if log:
-            log(f"batch {b:>4}: {row.throughput:9.1f} img/s  p50 {row.latency_ms['p50']:8.2f} ms  ({n} runs)")
+            p50 = row.latency_ms["p50"]
+            log(f"batch {b:>4}: {row.throughput:9.1f} img/s  p50 {p50:8.2f} ms  ({row.iterations} runs)")
 
     e2e_result = (
-        _bench_e2e(pkg, e2e_paths, e2e_root, e2e_landmarks, max_batch, int(warmup)) if e2e is not None else None
+        _bench_e2e(pkg, e2e_paths, e2e_root, e2e_landmarks, max(batches), int(warmup)) if e2e is not None else None
     )
-    info = runtime.describe()
+    info = pkg.runtime.describe()
     m = pkg.manifest
     return BenchResult(
         results=rows,
@@ -349,19 +305,89 @@ def bench(
         warmup=int(warmup),
         iterations=iterations,
         duration_s=duration if duration is not None else (None if iterations is not None else DEFAULT_DURATION_S),
-        fixed_batch=fixed,
+        fixed_batch=pkg.fixed_batch,
         load_ms=load_ms,
         first_inference_ms=first_ms,
         rss_before_load_mb=rss_before,
         peak_rss_mb=_peak_rss_mb(),
-        peak_rss_note="process high-water mark since just before loading"
-        if rss_reset
-        else "process high-water mark (includes everything before loading)",
+        peak_rss_note=PEAK_RSS_NOTES[rss_reset],
         machine=machine_info(),
         engine_info={**{k: v for k, v in info.to_json().items() if k != "details"}, **info.details},
         versions=library_versions("arcdeploy", "numpy", "openvino", "onnxruntime", "torch"),
         e2e=e2e_result,
         what="model time on a batch already in the package's input format (seeded noise inputs)",
+    )
+
+
+def _stop_rule(iterations: int | None, duration: float | None) -> StopRule:
+    # an explicit --duration is obeyed even if it allows fewer than MIN_ITERATIONS runs
+    return StopRule(
+        iterations,
+        float(duration) if duration is not None else DEFAULT_DURATION_S,
+        1 if duration is not None else MIN_ITERATIONS,
+    )
+
+
+def _open(package_or_path, threads: int | None, mode: str, streams: int | None):
+    """The package with its runtime loaded for the mode; (package, load + compile ms; None when
+    it was loaded before)."""
+    from .package import Package, load
+
+    t0 = time.perf_counter()
+    if isinstance(package_or_path, Package):
+        pkg = package_or_path
+        if threads is not None and threads != pkg.threads:
+            raise ArcdeployError("threads: pass threads when loading the package, or give bench a path")
+        preloaded = pkg.loaded
+    else:
+        pkg = load(package_or_path, threads=threads)
+        # the engine says how a runtime is set up for this mode (e.g. OpenVINO's streams per request)
+        runtime_class = get_engine(pkg.manifest.engine).runtime
+        pkg.engine_options.update(runtime_class.options_for(mode == "throughput", streams))
+        preloaded = False
+    pkg.runtime  # noqa: B018 - loads and compiles it here, inside the timing
+    return pkg, None if preloaded else (time.perf_counter() - t0) * 1e3
+
+
+def _in_flight(pkg, mode: str, streams: int | None) -> tuple[int, str]:
+    """How many requests the mode keeps in flight, and that in words."""
+    if mode != "throughput":
+        return 1, "1 (latency mode: one request at a time)"
+    runtime = pkg.runtime
+    has_async = get_engine(pkg.manifest.engine).capabilities.async_requests
+    in_flight = int(streams) if streams is not None else runtime.optimal_in_flight()
+    if streams is None and not has_async:
+        return in_flight, "1 (engine has no async)"
+    note = f"{in_flight} {'async request(s)' if has_async else 'concurrent request(s)'} in flight"
+    info = runtime.describe()
+    if info.streams:
+        note += f" ({info.engine} streams {info.streams})"
+    return in_flight, note
+
+
+def _time_batch(pkg, faces: np.ndarray, in_flight: int, warmup: int, stop: StopRule) -> BenchRow:
+    """One batch size timed: the runtime on prepared input, or (a package compiled for another
+    fixed batch) Package.infer, which pads or splits."""
+    runtime, fixed, b = pkg.runtime, pkg.fixed_batch, len(faces)
+    direct = fixed is None or fixed == b
+    if direct:
+        x = pkg.to_model_input(faces)
+        runtime.last_breakdown = None
+        lat, wall = runtime.timed_runs(x, in_flight, warmup, stop)
+        how = f"{runtime.in_flight_how()}, {in_flight} requests" if in_flight > 1 else "engine.infer on prepared input"
+    else:
+        lat, wall = time_calls(functools.partial(pkg.infer, faces), warmup, stop)
+        how = f"Package.infer (fixed batch {fixed}: padded/split, includes preprocessing)"
+    n = len(lat)
+    return BenchRow(
+        batch=b,
+        throughput=b * n / wall,
+        latency_ms=latency_summary(lat),
+        iterations=n,
+        images=b * n,
+        wall_s=wall,
+        how=how,
+        breakdown_ms=runtime.last_breakdown if direct else None,
     )
 
 

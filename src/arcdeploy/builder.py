@@ -1,13 +1,13 @@
 """Build: a model source -> a verified package for one engine and precision.
 
-Orchestration only: the source becomes an export folder (:mod:`arcdeploy.sources`),
+Orchestration only: the source becomes an export folder (:mod:`arcdeploy.exporter`),
 the engine's builder writes its files (:mod:`arcdeploy.engines`), int8 follows a
 :class:`~arcdeploy.quantize.QuantRecipe`, the fp32 reference is stored in the
 package, and the package is checked per image against it
 (:mod:`arcdeploy.fidelity`). Below the precision's floor the accuracy-aware
 fallback keeps the most sensitive layers in float until it passes
 (:mod:`arcdeploy.fallback`); still below, the build warns, or with ``strict`` fails
-and writes nothing.
+and writes nothing. What to build is a :class:`~arcdeploy.options.BuildOptions`.
 """
 
 from __future__ import annotations
@@ -15,26 +15,28 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .engines import BuildJob, get_engine
-from .engines.registry import DEFAULT_ENGINE
+from .engines import BuildJob, Engine, get_engine
 from .errors import ArcdeployError
 from .files import atomic_dir, refuse_existing, scratch_dir, write_json_atomic
 from .machine import cpu_name, relevant_flags
 from .manifest import (
     MANIFEST_NAME,
+    CalibrationRecord,
+    ExportManifest,
+    ExportRecord,
+    HostRecord,
     PackageManifest,
     ReferenceSpec,
-    parse_precision,
     read_export_manifest,
     resolve_inside,
 )
+from .options import BuildOptions, CheckImages
 from .quantize import QuantRecipe
+from .types import Precision
 from .utils import library_versions, sha256_file
 
 log = logging.getLogger(__name__)
@@ -42,22 +44,7 @@ log = logging.getLogger(__name__)
 REFERENCE_DIR = "reference"
 
 
-@dataclass
-class CheckImages:
-    """Aligned crops for a build's fidelity check and what they are."""
-
-    faces: np.ndarray
-    label: str
-    source: str
-
-
-def normalize_precision(precision: str) -> str:
-    return parse_precision(precision)
-
-
-def check_engine_precision(
-    engine: str, precision: str, fold_preprocessing: bool = False, batch: int | None = None
-) -> None:
+def check_engine_precision(engine: str, precision: Precision, fold_preprocessing: bool = False) -> None:
     """Fail early, before any export, for combinations that cannot be built here."""
     eng = get_engine(engine)
     if precision not in eng.capabilities.precisions:
@@ -70,166 +57,123 @@ def check_engine_precision(
         raise ArcdeployError(f"--fold-preprocessing is not available with --engine {engine}")
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and int(value) < 1:
-        raise ArcdeployError(f"--{name} must be at least 1, got {value}")
+def build(src, out, options: BuildOptions | None = None, **kwargs: Any) -> Path:
+    """Build ``src`` (checkpoint, export folder, exported or foreign model.onnx) into the package ``out``,
+    as ``options`` say (or the keyword arguments of :class:`BuildOptions`). Returns ``out``."""
+    from .exporter import resolve_export
 
-
-def build(
-    src,
-    out,
-    engine: str = DEFAULT_ENGINE,
-    precision: str = "fp32",
-    calib=None,
-    calib_landmarks=None,
-    batch: int | None = None,
-    threads: int | None = None,
-    arch: str = "auto",
-    force: bool = False,
-    strict: bool = False,
-    calib_count: int | None = None,
-    fold_preprocessing: bool = False,
-    check_images=None,
-    check_landmarks=None,
-    check_count: int | None = None,
-    recipe: QuantRecipe | None = None,
-    fallback: bool = True,
-    max_cosine_drop: float | None = None,
-    onnx_options: dict | None = None,
-    default_check_images: CheckImages | None = None,
-    calib_detector=None,
-    **options: Any,
-) -> Path:
-    """Build ``src`` (checkpoint, export folder, exported or foreign model.onnx) into the package ``out``.
-
-    ``calib``: for int8, an image folder, list file, list of paths, or aligned uint8 crops
-    [N, 112, 112, 3]; ``calib_landmarks`` a 5-point landmark file for photos, or ``calib_detector``
-    a face detector (file or opened) that finds the largest face in each photo. ``batch``: the
-    batch the model is compiled for (OpenVINO: a static shape). ``fold_preprocessing``:
-    the graph takes uint8 NHWC RGB and normalises inside. ``check_images``: aligned crops,
-    a folder / list of images (with ``check_landmarks``) or a :class:`CheckImages` for the
-    fidelity check (default: the calibration images the int8 build held out).
-    ``recipe``: the int8 recipe (default :meth:`QuantRecipe.for_this_cpu`); ``fallback``:
-    keep sensitive layers in float until the floor (or ``max_cosine_drop``) is met.
-    ``onnx_options``: ``input_mean`` / ``input_std`` / ``bgr`` for a foreign ONNX.
-    ``default_check_images``: what to check on when none of the above gives images. Returns ``out``.
-    """
-    from .faces.calibration import calibration_split, load_images
-    from .faces.prepare import as_detection, exclusive_landmarks_detector
-    from .fidelity import check, floor_for
-
-    requested = precision
-    precision = parse_precision(precision)
-    engine = engine or DEFAULT_ENGINE
+    if options is not None and kwargs:
+        raise TypeError("build(): give options or keyword arguments, not both")
+    opts = options or BuildOptions.from_kwargs(**kwargs)
     out = Path(out)
-    refuse_existing(out, force)
-    for name, value in (("batch", batch), ("threads", threads), ("check-count", check_count)):
-        _positive(name, value)
-    check_engine_precision(engine, precision, fold_preprocessing, batch)
-    eng = get_engine(engine)
-    if max_cosine_drop is not None and not 0 < float(max_cosine_drop) < 1:
-        raise ArcdeployError(f"--max-cosine-drop must be between 0 and 1, got {max_cosine_drop}")
-
-    exclusive_landmarks_detector(calib_landmarks, calib_detector, "--calib-landmarks", "--calib-detector")
-    calib_detector = as_detection(calib_detector) if calib is not None else None
-    split = None
-    if precision == "int8":
-        recipe = recipe or QuantRecipe.for_this_cpu(calibration_count=calib_count)
-        split = calibration_split(calib, calib_landmarks, count=recipe.calibration_count, detector=calib_detector)
+    refuse_existing(out, opts.force)
+    opts.validate()
+    check_engine_precision(opts.engine, opts.precision, opts.fold_preprocessing)
+    eng = get_engine(opts.engine)
+    recipe, split, detection = _calibration(opts)
     started = time.time()
     with scratch_dir("build") as work:
-        export_dir = _resolve_source(src, work, arch, onnx_options or {})
+        export_dir = resolve_export(src, work, opts.arch, **opts.onnx_options)
         exported = read_export_manifest(export_dir)
-        with atomic_dir(out, force=force) as tmp:
-            manifest = PackageManifest(
-                engine=engine,
-                precision=precision,
-                requested_precision=requested,
-                arch=exported.arch,
-                input=exported.input.folded() if fold_preprocessing else exported.input,
-                output=exported.output,
-                batch=int(batch) if batch else None,
-                threads=int(threads) if threads else None,
-                source=exported.source,
-                export={
-                    "opset": exported.opset,
-                    "verification": exported.verification,
-                    "input": exported.input.to_json(),
-                },
-                host={"cpu": cpu_name(), "flags": relevant_flags()},
-            )
-            ts = exported.file(export_dir, "torchscript") if "torchscript" in exported.files else None
-            job = BuildJob(
-                onnx_path=exported.file(export_dir, "onnx"),
-                out_dir=tmp,
-                manifest=manifest,
-                precision=precision,
-                input=exported.input,
-                torchscript_path=ts,
-                recipe=recipe,
-                calib_inputs=exported.input.to_model_input(split.calib.faces) if split else None,
-                batch=batch,
-                fold_preprocessing=fold_preprocessing,
-                options=options,
-            )
-            eng.build(job)
-            for w in job.warnings:
-                log.warning(w)
-            if split:
-                how = _calibration_images(split, calib_landmarks, calib_detector)
-                manifest.calibration = {**(manifest.calibration or {}), **how}
-            manifest.reference = _store_reference(export_dir, exported, tmp, manifest)
-            manifest.versions = library_versions(
-                "arcdeploy", "torch", "onnx", "onnxruntime", "openvino", "nncf", "numpy"
-            )
-            write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
-
-            images = _check_images(
-                check_images,
-                check_landmarks,
-                check_count,
-                split,
-                calib,
-                calib_landmarks,
-                precision,
-                load_images,
-                default_check_images,
-                calib_detector,
-            )
-            floor = floor_for(precision, max_cosine_drop)
-            result = check(
-                tmp,
-                images=images.faces,
-                threads=threads,
-                images_label=images.label,
-                images_source=images.source,
-                floor=floor,
-            )
-            if not result.passed and precision == "int8" and fallback and split is not None:
-                from .fallback import keep_sensitive_layers_float
-
-                result = keep_sensitive_layers_float(eng, job, split, images, floor, threads)
-            manifest.fidelity = result.summary()
-            manifest.build_seconds = round(time.time() - started, 1)
-            write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
+        with atomic_dir(out, force=opts.force) as tmp:
+            job = _build_engine_files(eng, opts, exported, export_dir, tmp, recipe, split, detection)
+            images = _check_images(opts, split, detection)
+            result = _check_fidelity(eng, job, opts, split, images)
+            job.manifest.fidelity = result.summary()
+            job.manifest.build_seconds = round(time.time() - started, 1)
+            write_json_atomic(tmp / MANIFEST_NAME, job.manifest.to_json())
             if not result.passed:
                 msg = (
-                    f"{engine} {precision}: fidelity below the floor against the fp32 reference "
+                    f"{opts.engine} {opts.precision}: fidelity below the floor against the fp32 reference "
                     f"({', '.join(result.below_floor)}; {result.cosine.n} {result.images} images)"
                 )
-                if strict:
+                if opts.strict:
                     raise ArcdeployError(msg + "; package not written (--strict)")
                 log.warning(msg)
     return out
 
 
-def _resolve_source(src, work: Path, arch: str, onnx_options: dict) -> Path:
-    from .sources import resolve_export
+def _calibration(opts: BuildOptions) -> tuple[QuantRecipe | None, Any, Any]:
+    """(the int8 recipe, the calibration images split into calibration and held-out ones, the face
+    detection that found them); the recipe and split only for int8."""
+    from .faces.calibration import calibration_split
+    from .faces.prepare import as_detection, exclusive_landmarks_detector
 
-    return resolve_export(src, work, arch, **onnx_options)
+    exclusive_landmarks_detector(opts.calib_landmarks, opts.calib_detector, "--calib-landmarks", "--calib-detector")
+    detection = as_detection(opts.calib_detector) if opts.calib is not None else None
+    if opts.precision is not Precision.INT8:
+        return None, None, detection
+    recipe = opts.recipe or QuantRecipe.for_this_cpu(calibration_count=opts.calib_count)
+    split = calibration_split(opts.calib, opts.calib_landmarks, count=recipe.calibration_count, detector=detection)
+    return recipe, split, detection
 
 
-def _calibration_images(split, calib_landmarks, detection=None) -> dict:
+def _build_engine_files(
+    eng: Engine, opts: BuildOptions, exported: ExportManifest, export_dir: Path, tmp: Path, recipe, split, detection
+) -> BuildJob:
+    """The engine's files in ``tmp``, the fp32 reference beside them, and the manifest; the engine's job."""
+    manifest = PackageManifest(
+        engine=opts.engine,
+        precision=opts.precision,
+        requested_precision=opts.requested_precision,
+        arch=exported.arch,
+        input=exported.input.folded() if opts.fold_preprocessing else exported.input,
+        output=exported.output,
+        batch=int(opts.batch) if opts.batch else None,
+        threads=int(opts.threads) if opts.threads else None,
+        source=exported.source,
+        export=ExportRecord(opset=exported.opset, verification=exported.verification, input=exported.input),
+        host=HostRecord(cpu=cpu_name(), flags=relevant_flags()),
+    )
+    ts = exported.file(export_dir, "torchscript") if "torchscript" in exported.files else None
+    job = BuildJob(
+        onnx_path=exported.file(export_dir, "onnx"),
+        out_dir=tmp,
+        manifest=manifest,
+        precision=opts.precision,
+        input=exported.input,
+        torchscript_path=ts,
+        recipe=recipe,
+        calib_inputs=exported.input.to_model_input(split.calib.faces) if split else None,
+        batch=opts.batch,
+        fold_preprocessing=opts.fold_preprocessing,
+        options=opts.engine_options,
+    )
+    eng.build(job)
+    for w in job.warnings:
+        log.warning(w)
+    if split:
+        assert manifest.calibration is not None  # every int8 engine writes its recipe's entry
+        manifest.calibration = _calibration_images(manifest.calibration, split, opts.calib_landmarks, detection)
+    manifest.reference = _store_reference(eng, export_dir, exported, tmp, manifest)
+    manifest.versions = library_versions("arcdeploy", "torch", "onnx", "onnxruntime", "openvino", "nncf", "numpy")
+    write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
+    return job
+
+
+def _check_fidelity(eng: Engine, job: BuildJob, opts: BuildOptions, split, images: CheckImages):
+    """The package against its fp32 reference on ``images``; an int8 package below the floor gets
+    the accuracy-aware fallback (when allowed)."""
+    from .fidelity import check, floor_for
+
+    floor = floor_for(opts.precision, opts.max_cosine_drop)
+    result = check(
+        job.out_dir,
+        images=images.faces,
+        threads=opts.threads,
+        images_label=images.label,
+        images_source=images.source,
+        floor=floor,
+    )
+    if not result.passed and opts.precision is Precision.INT8 and opts.fallback and split is not None:
+        from .fallback import keep_sensitive_layers_float
+
+        result = keep_sensitive_layers_float(eng, job, split, images, floor, opts.threads)
+    return result
+
+
+def _calibration_images(entry: CalibrationRecord, split, calib_landmarks, detection=None) -> CalibrationRecord:
+    """The engine's calibration entry with what the calibration images were and how they were aligned."""
     cal = split.calib
     if cal.source == "array":
         how = "aligned crops given as an array"
@@ -239,52 +183,51 @@ def _calibration_images(split, calib_landmarks, detection=None) -> dict:
         how = f"5-point similarity alignment with {calib_landmarks}"
     else:
         how = "taken as aligned crops (resized to 112x112 if needed)"
-    entry: dict[str, Any] = {"count": int(len(cal.faces)), "source": cal.source, "preprocessing": how}
-    if cal.skipped:
-        entry["skipped"] = cal.skipped[:20]
-        entry["skipped_count"] = len(cal.skipped)
-    return entry
+    return replace(
+        entry,
+        count=int(len(cal.faces)),
+        source=cal.source,
+        preprocessing=how,
+        skipped=cal.skipped[:20] if cal.skipped else None,
+        skipped_count=len(cal.skipped) if cal.skipped else None,
+    )
 
 
-def _check_images(
-    check_images,
-    check_landmarks,
-    check_count,
-    split,
-    calib,
-    calib_landmarks,
-    precision,
-    load_images,
-    default: CheckImages | None,
-    calib_detector=None,
-) -> CheckImages:
+def _check_images(opts: BuildOptions, split, detection) -> CheckImages:
     """Images for the build's fidelity check: given ones, else the calibration images held out
     by an int8 build, else (other precisions) the calibration images."""
-    if isinstance(check_images, CheckImages):
-        return check_images
-    if check_images is not None:
-        got = load_images(check_images, check_landmarks, limit=check_count, what="check images")
+    from .faces.calibration import load_images
+
+    given, count = opts.check_images, opts.check_count
+    if isinstance(given, CheckImages):
+        return given
+    if given is not None:
+        got = load_images(given, opts.check_landmarks, limit=count, what="check images")
         return CheckImages(got.faces, got.source, got.source)
     if split is not None and split.holdout is not None:
         h = split.holdout
-        return CheckImages(h.faces[:check_count], f"held-out calibration images ({h.source})", h.source)
-    if calib is not None and precision != "int8":
-        got = load_images(calib, calib_landmarks, limit=check_count or 64, what="check images", detector=calib_detector)
-        return CheckImages(got.faces, f"calibration images ({got.source}; not used by a {precision} build)", got.source)
-    if default is not None:
-        return default
+        return CheckImages(h.faces[:count], f"held-out calibration images ({h.source})", h.source)
+    if opts.calib is not None and opts.precision is not Precision.INT8:
+        got = load_images(opts.calib, opts.calib_landmarks, limit=count or 64, what="check images", detector=detection)
+        label = f"calibration images ({got.source}; not used by a {opts.precision} build)"
+        return CheckImages(got.faces, label, got.source)
+    if opts.default_check_images is not None:
+        return opts.default_check_images
     raise ArcdeployError(
         "no images for the fidelity check: pass check images (--check-images) "
         "or enough calibration images to hold some out"
     )
 
 
-def _store_reference(export_dir: Path, exported, tmp: Path, manifest: PackageManifest) -> ReferenceSpec:
-    """Keep the fp32 reference so the package can be checked on its own."""
+def _store_reference(
+    eng: Engine, export_dir: Path, exported: ExportManifest, tmp: Path, manifest: PackageManifest
+) -> ReferenceSpec:
+    """Keep the fp32 reference so the package can be checked on its own: the engine's own model
+    file when the engine says it is the reference, else a copy under ``reference/``."""
     ref = exported.reference
     src = resolve_inside(export_dir, ref.file, str(export_dir / MANIFEST_NAME), "reference.file")
-    if manifest.engine == "torch" and ref.kind == "torchscript":
-        rel = "model.pt"  # the package's own model is the fp32 TorchScript (cast when it runs)
+    if ref.kind in eng.capabilities.model_is_reference:
+        rel = manifest.files["model"]
     else:
         rel = f"{REFERENCE_DIR}/{Path(ref.file).name}"
         (tmp / REFERENCE_DIR).mkdir(exist_ok=True)

@@ -22,6 +22,7 @@ from 0.985 to 0.995, in about 3/4 of its time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import statistics
@@ -58,6 +59,58 @@ def _meets(cos: np.ndarray, floor: dict[str, float]) -> bool:
     return all(stats[k] >= v + margins.get(k, 0.0) for k, v in floor.items() if k in stats)
 
 
+class _LayerSearch:
+    """Validation cosines of the int8 model with chosen layers back in float (memoised by prefix length)."""
+
+    def __init__(self, reverter, x: np.ndarray, ref: np.ndarray):
+        self.rev, self.x, self.ref = reverter, x, ref
+        self.tried: dict[int, np.ndarray] = {}
+        self.order: list[str] = []
+
+    def cosines(self, names: list[str], n: int | None = None) -> np.ndarray:
+        k = len(self.x) if n is None else n
+        return _cosine(self.rev.embed(names, self.x[:k]), self.ref[:k])
+
+    def rank(self, before: np.ndarray) -> tuple[list[tuple[float, str]], int]:
+        """Each quantized layer back in float alone, by its gain in mean cosine (best first); and how
+        many layers were candidates."""
+        base_rank = float(before[:RANKING_FACES].mean())
+        candidates = self.rev.layers()
+        gains = [(float(self.cosines([name], RANKING_FACES).mean()) - base_rank, name) for name in candidates]
+        gains.sort(reverse=True)
+        self.order = [name for _, name in gains]
+        return gains, len(candidates)
+
+    def prefix(self, k: int) -> np.ndarray:
+        if k not in self.tried:
+            self.tried[k] = c = self.cosines(self.order[:k])
+            log.info(
+                "fallback: %d most sensitive layer(s) in float: validation cosine mean %.5f min %.5f",
+                k,
+                c.mean(),
+                c.min(),
+            )
+        return self.tried[k]
+
+    def shortest_passing_prefix(self, floor: dict[str, float]) -> int:
+        """The fewest most-sensitive layers whose return to float clears ``floor`` on the validation faces
+        (all of them when none does)."""
+        order, k = self.order, 0
+        for k in range(1, min(ONE_BY_ONE, len(order)) + 1):  # one layer at a time
+            if _meets(self.prefix(k), floor):
+                return k
+        lo = k
+        while k < len(order) and not _meets(self.prefix(k), floor):  # doubling ...
+            lo, k = k, min(2 * k, len(order))
+        while k - lo > 1:  # ... then bisecting between the last miss and the first pass
+            mid = (lo + k) // 2
+            if _meets(self.prefix(mid), floor):
+                k = mid
+            else:
+                lo = mid
+        return k
+
+
 def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, float], threads: int | None = None):
     """Rebuild ``job`` (an int8 build that missed ``floor``) with its most sensitive layers in float;
     returns the new :class:`~arcdeploy.fidelity.FidelityResult` on ``images``."""
@@ -69,122 +122,77 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
     started = time.time()
     faces = split.calib.faces
     val_faces = faces[:: max(1, len(faces) // VALIDATION_FACES)][:VALIDATION_FACES]
-    pkg = Package(job.out_dir)
-    ref = Reference(pkg, threads).embed(val_faces)
     x = _inputs(job, val_faces)
-    rev = engine.reverter(job)
-
-    def final_check():
-        return check(
-            job.out_dir,
-            images=images.faces,
-            threads=threads,
-            images_label=images.label,
-            images_source=images.source,
-            floor=floor,
-        )
-
-    def cosines(names: list[str], n: int | None = None) -> np.ndarray:
-        k = len(x) if n is None else n
-        return _cosine(rev.embed(names, x[:k]), ref[:k])
-
-    before = cosines([])
-    base_rank = float(before[:RANKING_FACES].mean())
-    candidates = rev.layers()
-    gains = []
-    for name in candidates:
-        gains.append((float(cosines([name], RANKING_FACES).mean()) - base_rank, name))
-    gains.sort(reverse=True)
-    order = [name for _, name in gains]
-    tried: dict[int, np.ndarray] = {}
-
-    def prefix(k: int) -> np.ndarray:
-        if k not in tried:
-            tried[k] = cosines(order[:k])
-            log.info(
-                "fallback: %d most sensitive layer(s) in float: validation cosine mean %.5f min %.5f",
-                k,
-                tried[k].mean(),
-                tried[k].min(),
-            )
-        return tried[k]
-
-    k = 0
-    for k in range(1, min(ONE_BY_ONE, len(order)) + 1):  # one layer at a time
-        if _meets(prefix(k), floor):
-            break
-    else:
-        lo = k
-        while k < len(order) and not _meets(prefix(k), floor):  # doubling ...
-            lo, k = k, min(2 * k, len(order))
-        while k - lo > 1:  # ... then bisecting between the last miss and the first pass
-            mid = (lo + k) // 2
-            if _meets(prefix(mid), floor):
-                k = mid
-            else:
-                lo = mid
-    kept = order[:k]
-    after = prefix(k) if k else before
+    search = _LayerSearch(engine.reverter(job), x, Reference(Package(job.out_dir), threads).embed(val_faces))
+    before = search.cosines([])
+    gains, candidates = search.rank(before)
+    k = search.shortest_passing_prefix(floor)
+    kept = search.order[:k]
+    after = search.prefix(k) if k else before
     if kept and not _meets(after, floor):
         log.warning(
-            "fallback: even with all %d quantized layers in float the validation faces miss the floor", len(order)
+            "fallback: even with all %d quantized layers in float the validation faces miss the floor",
+            len(search.order),
         )
     if not kept:
         log.warning("fallback: no quantized layer to put back in float; the recipe's package is kept")
-        return final_check()
+    else:
+        speed = _rebuild(engine, job, kept, x, threads)
+        job.manifest.calibration = replace(
+            job.manifest.calibration,
+            fallback={
+                "why": "the recipe's package missed the fidelity floor on the check images",
+                "kept_float": kept,
+                "ranking": [{"layer": n, "gain": round(g, 6)} for g, n in gains[: max(len(kept), 10)]],
+                "prefixes_tried": {
+                    str(n): {"mean": float(c.mean()), "min": float(c.min())} for n, c in sorted(search.tried.items())
+                },
+                "candidates": candidates,
+                "validation_faces": int(len(x)),
+                "validation_before": {"mean": float(before.mean()), "min": float(before.min())},
+                "validation_after": {"mean": float(after.mean()), "min": float(after.min())},
+                "seconds": round(time.time() - started, 1),
+                "speed": speed,
+            },
+        )
+        write_json_atomic(job.out_dir / MANIFEST_NAME, job.manifest.to_json())
+    return check(
+        job.out_dir,
+        images=images.faces,
+        threads=threads,
+        images_label=images.label,
+        images_source=images.source,
+        floor=floor,
+    )
 
-    previous = dict(job.manifest.calibration or {})  # includes what the calibration images were
-    recipe = job.recipe.with_float_layers(kept)
+
+def _rebuild(engine, job, kept: list[str], x: np.ndarray, threads: int | None) -> dict:
+    """The package quantized again, cleanly, with ``kept`` in the recipe's float scope (the manifest's
+    calibration entry keeps what the images were); what that costs in speed."""
+    previous = job.manifest.calibration  # includes what the calibration images were
     with scratch_dir("fallback") as recipe_pkg:
         # the recipe's package steps aside (not deleted) so its speed can be compared with the new one's
         for f in list(job.out_dir.iterdir()):
             if f.is_file() and f.name in set(job.manifest.files.values()):
                 shutil.move(str(f), recipe_pkg / f.name)
         write_json_atomic(recipe_pkg / MANIFEST_NAME, job.manifest.to_json())
-        rebuilt = replace(job, recipe=recipe, warnings=[])
-        engine.build(rebuilt)
+        rebuilt = replace(job, recipe=job.recipe.with_float_layers(kept), warnings=[])
+        engine.build(rebuilt)  # rebuilt.manifest is job.manifest: the build writes its new entries there
+        rebuilt.manifest.calibration = rebuilt.manifest.calibration.with_images_of(previous)
         write_json_atomic(job.out_dir / MANIFEST_NAME, rebuilt.manifest.to_json())
-        speed = _speed_cost(recipe_pkg, job.out_dir, x, threads)
-    job.manifest.calibration = {
-        **previous,
-        **(rebuilt.manifest.calibration or {}),
-        "fallback": {
-            "why": "the recipe's package missed the fidelity floor on the check images",
-            "kept_float": kept,
-            "ranking": [{"layer": n, "gain": round(g, 6)} for g, n in gains[: max(len(kept), 10)]],
-            "prefixes_tried": {
-                str(n): {"mean": float(c.mean()), "min": float(c.min())} for n, c in sorted(tried.items())
-            },
-            "candidates": len(candidates),
-            "validation_faces": int(len(x)),
-            "validation_before": {"mean": float(before.mean()), "min": float(before.min())},
-            "validation_after": {"mean": float(after.mean()), "min": float(after.min())},
-            "seconds": round(time.time() - started, 1),
-            "speed": speed,
-        },
-    }
-    write_json_atomic(job.out_dir / MANIFEST_NAME, job.manifest.to_json())
-    return final_check()
+        return _speed_cost(recipe_pkg, job.out_dir, x, threads)
 
 
 def _speed_cost(recipe_pkg: Path, new_pkg: Path, x: np.ndarray, threads: int | None) -> dict:
     """Images/s of the recipe's int8 package and of the package with the kept layers in float,
     timed in turns (the median over rounds; one batch of validation faces), and their ratio."""
-    from .engines.base import StopRule, time_calls
+    from .engines.base import interleaved_rates
     from .package import Package
 
     pkgs = {"recipe": Package(recipe_pkg, threads), "fallback": Package(new_pkg, threads)}
     batch = x[: pkgs["fallback"].manifest.fixed_batch or 16]
-    rates: dict[str, list[float]] = {k: [] for k in pkgs}
-    for rnd in range(SPEED_ROUNDS):
-        for key in list(pkgs) if rnd % 2 == 0 else list(reversed(pkgs)):
-            runtime = pkgs[key].runtime
-
-            def one_batch(runtime=runtime) -> None:
-                runtime.infer(batch)
-
-            lat, wall = time_calls(one_batch, warmup=1 if rnd == 0 else 0, stop=StopRule(None, SPEED_SECONDS, 2))
-            rates[key].append(len(lat) * len(batch) / wall)
+    calls = {key: functools.partial(pkg.runtime.infer, batch) for key, pkg in pkgs.items()}
+    rates = interleaved_rates(calls, dict.fromkeys(pkgs, len(batch)), SPEED_ROUNDS, SPEED_SECONDS, min_runs=2)
     for pkg in pkgs.values():
         pkg.runtime.close()
     ratio = statistics.median(a / b for a, b in zip(rates["fallback"], rates["recipe"]))

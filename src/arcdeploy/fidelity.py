@@ -9,46 +9,32 @@ per-image cosine: mean, min, 1st percentile, against the precision's floor.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .engines.runner import CropRunner, graph_input_feed
 from .errors import ArcdeployError
+from .manifest import CosineStats, FidelityRecord
+from .types import Precision
 
 # per-image cosine floors by precision
-FLOORS: dict[str, dict[str, float]] = {
-    "fp32": {"min": 0.99999},
-    "fp16": {"mean": 0.9995},
-    "bf16": {"mean": 0.9995},
-    "int8": {"mean": 0.99, "min": 0.97},
+FLOORS: dict[Precision, dict[str, float]] = {
+    Precision.FP32: {"min": 0.99999},
+    Precision.FP16: {"mean": 0.9995},
+    Precision.BF16: {"mean": 0.9995},
+    Precision.INT8: {"mean": 0.99, "min": 0.97},
 }
 REFERENCE_BATCH = 32
 
 
-def floor_for(precision: str, max_cosine_drop: float | None = None) -> dict[str, float]:
+def floor_for(precision: Precision, max_cosine_drop: float | None = None) -> dict[str, float]:
     """The floor for ``precision``; ``max_cosine_drop`` tightens (or sets) the mean."""
-    floor = dict(FLOORS.get(precision, FLOORS["int8"]))
+    floor = dict(FLOORS.get(precision, FLOORS[Precision.INT8]))
     if max_cosine_drop is not None:
         floor["mean"] = round(1.0 - float(max_cosine_drop), 9)
     return floor
-
-
-@dataclass
-class CosineStats:
-    mean: float
-    min: float
-    p1: float
-    max: float
-    n: int
-
-    @classmethod
-    def of(cls, cos: np.ndarray) -> CosineStats:
-        return cls(float(cos.mean()), float(cos.min()), float(np.percentile(cos, 1)), float(cos.max()), int(cos.size))
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -60,7 +46,7 @@ class FidelityResult:
     images: str
     images_source: str
     engine: str
-    precision: str
+    precision: Precision
     floor: dict[str, float]
     below_floor: list[str]
     worst: list[dict] = field(default_factory=list)
@@ -70,25 +56,43 @@ class FidelityResult:
     def passed(self) -> bool:
         return not self.below_floor
 
-    def summary(self) -> dict:
+    def summary(self) -> FidelityRecord:
         """What the manifest keeps (no per-image values)."""
-        return {
-            "cosine": self.cosine.to_json(),
-            "reference": self.reference,
-            "images": self.images,
-            "images_source": self.images_source,
-            "engine": self.engine,
-            "precision": self.precision,
-            "floor": self.floor,
-            "passed": self.passed,
-            "below_floor": self.below_floor,
-        }
+        return FidelityRecord(
+            cosine=self.cosine,
+            reference=self.reference,
+            images=self.images,
+            images_source=self.images_source,
+            engine=self.engine,
+            precision=self.precision,
+            floor=self.floor,
+            passed=self.passed,
+            below_floor=self.below_floor,
+        )
 
     def to_json(self) -> dict:
-        d: dict[str, Any] = {**self.summary(), "worst": self.worst}
+        d: dict[str, Any] = {**self.summary().to_json(), "worst": self.worst}
         if self.per_image is not None:
             d["per_image"] = [round(float(c), 7) for c in self.per_image]  # for the report's histogram
         return d
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> FidelityResult:
+        """A result written by :meth:`to_json` (a run's step result), validated."""
+        rec = FidelityRecord.from_json(data, source, "check")
+        per_image = data.get("per_image")
+        return cls(
+            cosine=rec.cosine,
+            reference=rec.reference,
+            images=rec.images,
+            images_source=rec.images_source,
+            engine=rec.engine,
+            precision=rec.precision,
+            floor=rec.floor,
+            below_floor=rec.below_floor,
+            worst=list(data.get("worst") or []),
+            per_image=np.asarray(per_image, dtype=np.float64) if per_image else None,
+        )
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -135,28 +139,12 @@ class Reference:
             else f"onnxruntime fp32 (source onnx {ref.file})"
         )
 
-        self.batch = ref.batch
-        # a foreign source may list inputs no node reads; ONNX Runtime still wants them fed
-        self.extra = {
-            i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in i.shape], i.dtype)
-            for i in self.session.inputs
-            if i.name != self.input.name
-        }
-        if len(self.extra) == len(self.session.inputs):
-            self.extra = {}  # the reference does not name its input: run_one feeds the first
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        n = len(x)
-        if self.batch and n < self.batch:  # a reference fixed at one batch: pad the last chunk
-            x = np.concatenate([x, np.repeat(x[-1:], self.batch - n, axis=0)])
-        if not self.extra:
-            return self.session.run_one(x)[:n]
-        return self.session.run({self.input.name: x, **self.extra})[0][:n]
+        # a reference traced at one batch runs at that batch; a foreign source's unread inputs get zeros
+        run = graph_input_feed(self.session, self.input.name, strict=False)
+        self.runner = CropRunner(run, self.input, batch=ref.batch, max_batch=REFERENCE_BATCH)
 
     def embed(self, faces: np.ndarray) -> np.ndarray:
-        step = self.batch or REFERENCE_BATCH
-        outs = [self._run(self.input.to_model_input(faces[s : s + step])) for s in range(0, len(faces), step)]
-        return np.concatenate(outs).astype(np.float32)
+        return self.runner(faces).astype(np.float32)
 
 
 def package_embeddings(pkg, faces: np.ndarray) -> np.ndarray:
@@ -210,7 +198,3 @@ def check(
         worst=worst,
         per_image=cos,
     )
-
-
-def check_path(package: str | os.PathLike, **kwargs) -> FidelityResult:
-    return check(package, **kwargs)

@@ -23,7 +23,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -338,11 +338,3 @@ class FileLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def guarded(fn: Callable[[], Any], path: str | os.PathLike) -> Any:
-    """Run ``fn``; an OSError becomes a one-line error naming ``path``."""
-    try:
-        return fn()
-    except OSError as exc:
-        raise disk_error(exc, path) from None

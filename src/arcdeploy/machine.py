@@ -27,7 +27,6 @@ RELEVANT_FLAGS = (
     "amx_bf16",
 )
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
-BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,11 +58,6 @@ def relevant_flags() -> list[str]:
 def has_int8_dot_product() -> bool:
     """int8 dot-product instructions (VNNI / AMX): without them u8 x s8 products saturate in int16."""
     return bool(cpu_flags() & INT8_DOT_FLAGS)
-
-
-def has_native_bf16() -> bool:
-    """bf16 arithmetic (AVX512_BF16 / AMX): OpenVINO's CPU plugin then runs float layers in bf16 by default."""
-    return bool(cpu_flags() & BF16_FLAGS)
 
 
 def usable_cpus() -> int:

@@ -8,19 +8,26 @@
 - :class:`PackageManifest` / :class:`ExportManifest`: ``manifest.json`` of a package /
   an export folder. Reading checks every required key and type; a problem is one
   line naming the file. Files a manifest names must stay inside its folder.
+- What a package records, each a typed record read and written the same way:
+  :class:`SourceRecord` (the model it came from), :class:`VerificationRecord` (the
+  export's self-check), :class:`ExportRecord`, :class:`CalibrationRecord` (int8),
+  :class:`ExecutedRecord` (what the engine runs), :class:`FidelityRecord` (the check
+  against the fp32 reference, with :class:`CosineStats`), :class:`HostRecord`.
+  ``engine_config`` stays a name -> value map: it belongs to the engine that reads it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from .errors import ArcdeployError
+from .types import Device, FloatLayerPrecision, Precision
 
 PACKAGE_FORMAT_NAME = "arcdeploy-package"
 PACKAGE_FORMAT_VERSION = 2
@@ -33,23 +40,6 @@ MANIFEST_NAME = "manifest.json"
 ALIGNED_SIZE = 112
 PIXEL_MEAN = 127.5
 PIXEL_STD = 127.5
-
-
-# ------------------------------------------------------------------ precisions
-
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-# the reference pipeline's names for the same modes
-PRECISION_ALIASES = {"force_float32": "fp32", "force_float16": "fp16", "qint8_mixed_float16": "int8"}
-
-
-def parse_precision(text: str) -> str:
-    """``fp32`` / ``force_float32`` ... -> one of :data:`PRECISIONS`."""
-    p = PRECISION_ALIASES.get(text, text)
-    if p not in PRECISIONS:
-        raise ArcdeployError(
-            f"unknown precision {text!r}; choose one of {', '.join(PRECISIONS)} (or {', '.join(PRECISION_ALIASES)})"
-        )
-    return p
 
 
 # ------------------------------------------------------------------ validation helpers
@@ -99,6 +89,24 @@ class _Reader:
             raise ArcdeployError(
                 f"{self.source}: {self._key(key)!r} is {value!r}; expected one of {', '.join(choices)}"
             )
+        return value
+
+    def str_list(self, key: str, default: Any = ...) -> Any:
+        value = self.get(key, list, default)
+        if value is not default and not all(isinstance(v, str) for v in value):
+            raise ArcdeployError(f"{self.source}: {self._key(key)!r} must be a list of strings")
+        return value
+
+    def str_map(self, key: str, default: Any = ...) -> Any:
+        value = self.get(key, dict, default)
+        if value is not default and not all(isinstance(v, str) for v in value.values()):
+            raise ArcdeployError(f"{self.source}: {self._key(key)!r} must map names to strings")
+        return value
+
+    def number_map(self, key: str, default: Any = ...) -> Any:
+        value = self.get(key, dict, default)
+        if value is not default and not all(_number(v) for v in value.values()):
+            raise ArcdeployError(f"{self.source}: {self._key(key)!r} must map names to numbers")
         return value
 
 
@@ -186,7 +194,7 @@ class InputSpec:
         return np.ascontiguousarray(x)
 
     def describe(self) -> str:
-        norm = f"(x - {_fmt(self.mean)}) / {_fmt(self.std)}"
+        norm = f"(x - {format_norm(self.mean)}) / {format_norm(self.std)}"
         where = f"raw 0..255 pixels, normalised inside the graph as {norm}" if self.normalize_in_graph else norm
         return f"{self.color} {self.layout} {self.dtype} {self.size[0]}x{self.size[1]}, {where}"
 
@@ -197,7 +205,7 @@ class InputSpec:
             "color": self.color,
             "dtype": self.dtype,
             "size": list(self.size),
-            "normalize": {"mean": _jnum(self.mean), "std": _jnum(self.std)},
+            "normalize": {"mean": _json_norm(self.mean), "std": _json_norm(self.std)},
             "normalize_in_graph": self.normalize_in_graph,
         }
 
@@ -225,11 +233,21 @@ class InputSpec:
         )
 
 
-def _fmt(v: float | tuple[float, ...]) -> str:
+def norm_value(values: Any, digits: int | None = None) -> float | tuple[float, ...]:
+    """A normalisation constant as an :class:`InputSpec` holds it: one number, or three per-channel
+    ones (three equal ones collapse to one); ``digits``: rounded to that many significant digits."""
+    vals = tuple(float(x) for x in np.asarray(values, np.float64).reshape(-1))
+    if digits is not None:
+        vals = tuple(float(f"{x:.{digits}g}") for x in vals)
+    return vals[0] if len(set(vals)) == 1 else vals
+
+
+def format_norm(v: float | tuple[float, ...]) -> str:
+    """``127.5`` or ``103.94/116.78/123.68``."""
     return "/".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}"
 
 
-def _jnum(v: float | tuple[float, ...]) -> Any:
+def _json_norm(v: float | tuple[float, ...]) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
@@ -237,8 +255,7 @@ def _norm_value(v: Any, source: str, key: str) -> float | tuple[float, ...]:
     if isinstance(v, list):
         if len(v) != 3 or not all(_number(x) for x in v):
             raise ArcdeployError(f"{source}: {key!r} must be a number or 3 numbers, got {v!r}")
-        vals = tuple(float(x) for x in v)
-        return vals[0] if len(set(vals)) == 1 else vals
+        return norm_value(v)
     if not _number(v):
         raise ArcdeployError(f"{source}: {key!r} must be a number, got {v!r}")
     return float(v)
@@ -306,6 +323,272 @@ class ReferenceSpec:
         )
 
 
+# ------------------------------------------------------------------ what a package records
+
+
+def _omit_none(d: dict) -> dict:
+    """A record's JSON without its absent optional keys (as the manifest has always been written)."""
+    return {k: v for k, v in d.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class CosineStats:
+    """Per-image cosine to the fp32 reference: mean, min, 1st percentile, max over ``n`` images."""
+
+    mean: float
+    min: float
+    p1: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, cos: np.ndarray) -> CosineStats:
+        return cls(float(cos.mean()), float(cos.min()), float(np.percentile(cos, 1)), float(cos.max()), int(cos.size))
+
+    def to_json(self) -> dict:
+        return {"mean": self.mean, "min": self.min, "p1": self.p1, "max": self.max, "n": self.n}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str = "cosine") -> CosineStats:
+        r = _Reader(data, source, where)
+        num = (int, float)
+        return cls(r.get("mean", num), r.get("min", num), r.get("p1", num), r.get("max", num), r.get("n", int))
+
+
+@dataclass(frozen=True)
+class FidelityRecord:
+    """A package's fidelity check as its manifest keeps it (no per-image values)."""
+
+    cosine: CosineStats
+    reference: str  # what the package was compared with
+    images: str  # which images, in words
+    images_source: str
+    engine: str
+    precision: Precision
+    floor: dict[str, float]
+    passed: bool
+    below_floor: list[str]
+
+    def to_json(self) -> dict:
+        return {
+            "cosine": self.cosine.to_json(),
+            "reference": self.reference,
+            "images": self.images,
+            "images_source": self.images_source,
+            "engine": self.engine,
+            "precision": self.precision,
+            "floor": dict(self.floor),
+            "passed": self.passed,
+            "below_floor": list(self.below_floor),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str = "fidelity") -> FidelityRecord:
+        r = _Reader(data, source, where)
+        return cls(
+            cosine=CosineStats.from_json(r.get("cosine", dict), source, f"{where}.cosine"),
+            reference=r.get("reference", str),
+            images=r.get("images", str),
+            images_source=r.get("images_source", str),
+            engine=r.get("engine", str),
+            precision=Precision(r.choice("precision", tuple(Precision))),
+            floor=r.number_map("floor"),
+            passed=r.get("passed", bool),
+            below_floor=r.str_list("below_floor", []),
+        )
+
+
+@dataclass
+class ExecutedRecord:
+    """What the engine reported it really runs: the inference precision and, where it can tell,
+    the precision of each kind of compute layer ({"Convolution": {"u8": 21, "f32": 2}, ...})."""
+
+    inference_precision: str
+    layers: dict[str, dict[str, int]] | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict:
+        return _omit_none({"inference_precision": self.inference_precision, "layers": self.layers, "note": self.note})
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str = "executed") -> ExecutedRecord:
+        r = _Reader(data, source, where)
+        layers = r.get("layers", dict, None)
+        if layers is not None and not all(
+            isinstance(v, dict) and all(isinstance(n, int) for n in v.values()) for v in layers.values()
+        ):
+            raise ArcdeployError(f"{source}: '{where}.layers' must map layer kinds to counts per precision")
+        return cls(r.get("inference_precision", str), layers, r.get("note", str, None))
+
+
+@dataclass
+class CalibrationRecord:
+    """How an int8 package was calibrated: the recipe's entry (:meth:`QuantRecipe.manifest_entry`),
+    the images it saw, and the accuracy-aware fallback's record when it ran."""
+
+    method: str
+    recipe: dict  # QuantRecipe.to_json()
+    count: int
+    kept_float: list[str]
+    kept_float_why: dict[str, str]
+    seven_bit_weights: bool
+    float_layers_execute: FloatLayerPrecision
+    input_channel_spread: dict[str, float] | None = None  # of the layers kept in float for their spread
+    source: str | None = None  # the calibration images
+    preprocessing: str | None = None  # how they became aligned crops
+    skipped: list[str] | None = None  # the first unusable ones
+    skipped_count: int | None = None
+    fallback: dict | None = None  # the accuracy-aware fallback's record (arcdeploy.fallback)
+
+    def with_images_of(self, other: CalibrationRecord | None) -> CalibrationRecord:
+        """This entry with what ``other`` says about the calibration images (a rebuild keeps them)."""
+        if other is None:
+            return self
+        return replace(
+            self,
+            source=other.source,
+            preprocessing=other.preprocessing,
+            skipped=other.skipped,
+            skipped_count=other.skipped_count,
+        )
+
+    def to_json(self) -> dict:
+        return _omit_none({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str = "calibration") -> CalibrationRecord:
+        r = _Reader(data, source, where)
+        return cls(
+            method=r.get("method", str),
+            recipe=r.get("recipe", dict),
+            count=r.get("count", int),
+            kept_float=r.str_list("kept_float", []),
+            kept_float_why=r.str_map("kept_float_why", {}),
+            seven_bit_weights=r.get("seven_bit_weights", bool, False),
+            float_layers_execute=FloatLayerPrecision(
+                r.choice("float_layers_execute", tuple(FloatLayerPrecision), FloatLayerPrecision.F32)
+            ),
+            input_channel_spread=r.number_map("input_channel_spread", None),
+            source=r.get("source", str, None),
+            preprocessing=r.get("preprocessing", str, None),
+            skipped=r.str_list("skipped", None),
+            skipped_count=r.get("skipped_count", int, None),
+            fallback=r.get("fallback", dict, None),
+        )
+
+
+SOURCE_KINDS = ("checkpoint", "onnx")
+
+
+@dataclass
+class SourceRecord:
+    """The model a package or an export folder was made from."""
+
+    kind: str  # checkpoint | onnx
+    path: str
+    sha256: str
+    notes: list[str] | None = None  # checkpoint: what was unwrapped on reading it
+    detected: dict | None = None  # foreign ONNX: what was read off the graph, and how
+    overrides: dict | None = None  # foreign ONNX: the user's convention overrides
+    model_changes: list[str] | None = None  # foreign ONNX: every rewrite of model.onnx
+
+    def to_json(self) -> dict:
+        return _omit_none({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str = "source") -> SourceRecord:
+        r = _Reader(data, source, where)
+        return cls(
+            kind=r.choice("kind", SOURCE_KINDS),
+            path=r.get("path", str),
+            sha256=r.get("sha256", str),
+            notes=r.str_list("notes", None),
+            detected=r.get("detected", dict, None),
+            overrides=r.get("overrides", dict, None),
+            model_changes=r.str_list("model_changes", None),
+        )
+
+
+@dataclass
+class VerificationRecord:
+    """An export's self-check: the worst relative error of each checked graph against the
+    reference, at each batch, within ``tolerance``."""
+
+    tolerance: float
+    batches: list[int]
+    relative_error: dict[str, float]
+    reference: str | None = None  # foreign ONNX: the file model.onnx is checked against
+    engine: str | None = None
+    source_batch: int | str | None = None  # the batch the reference runs at ("any")
+    how: str | None = None
+
+    def to_json(self) -> dict:
+        return _omit_none({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str = "verification") -> VerificationRecord:
+        r = _Reader(data, source, where)
+        batches = r.get("batches", list)
+        if not all(isinstance(b, int) and not isinstance(b, bool) for b in batches):
+            raise ArcdeployError(f"{source}: '{where}.batches' must be a list of batch sizes")
+        return cls(
+            tolerance=r.get("tolerance", (int, float)),
+            batches=batches,
+            relative_error=r.number_map("relative_error"),
+            reference=r.get("reference", str, None),
+            engine=r.get("engine", str, None),
+            source_batch=r.get("source_batch", (int, str), None),
+            how=r.get("how", str, None),
+        )
+
+
+@dataclass
+class ExportRecord:
+    """What a package keeps of the export folder it was built from."""
+
+    opset: int | None = None
+    verification: VerificationRecord | None = None
+    input: InputSpec | None = None  # the export's own input (before folded preprocessing)
+
+    def to_json(self) -> dict:
+        return {
+            "opset": self.opset,
+            "verification": self.verification.to_json() if self.verification else None,
+            "input": self.input.to_json() if self.input else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str = "export") -> ExportRecord:
+        r = _Reader(data, source, where)
+        ver, inp = r.get("verification", dict, None), r.get("input", dict, None)
+        return cls(
+            opset=r.get("opset", int, None),
+            verification=VerificationRecord.from_json(ver, source, f"{where}.verification") if ver else None,
+            input=InputSpec.from_json(inp, source, f"{where}.input") if inp else None,
+        )
+
+
+@dataclass
+class HostRecord:
+    """The machine a package was built on."""
+
+    cpu: str
+    flags: list[str]
+
+    def to_json(self) -> dict:
+        return {"cpu": self.cpu, "flags": list(self.flags)}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str = "host") -> HostRecord:
+        r = _Reader(data, source, where)
+        return cls(cpu=r.get("cpu", str), flags=r.str_list("flags", []))
+
+
+def _record(r: _Reader, key: str, cls: Any) -> Any:
+    data = r.get(key, dict, None)
+    return cls.from_json(data, r.source) if data else None
+
+
 # ------------------------------------------------------------------ the package manifest
 
 
@@ -319,25 +602,25 @@ class PackageManifest:
     """
 
     engine: str
-    precision: str
+    precision: Precision
     arch: str
     input: InputSpec = field(default_factory=InputSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     files: dict[str, str] = field(default_factory=dict)
     requested_precision: str | None = None
-    device: str = "CPU"
+    device: Device = Device.CPU
     batch: int | None = None
     dynamic_batch: bool = True
     threads: int | None = None
     reference: ReferenceSpec | None = None
-    calibration: dict | None = None
-    fidelity: dict | None = None
-    executed: dict | None = None
-    engine_config: dict = field(default_factory=dict)
-    source: dict = field(default_factory=dict)
-    export: dict = field(default_factory=dict)
-    host: dict = field(default_factory=dict)
-    versions: dict = field(default_factory=dict)
+    calibration: CalibrationRecord | None = None
+    fidelity: FidelityRecord | None = None
+    executed: ExecutedRecord | None = None
+    engine_config: dict[str, str] = field(default_factory=dict)  # the engine's own settings, by name
+    source: SourceRecord | None = None
+    export: ExportRecord | None = None
+    host: HostRecord | None = None
+    versions: dict[str, str] = field(default_factory=dict)  # library -> version
     build_seconds: float | None = None
     format: str = PACKAGE_FORMAT
 
@@ -388,25 +671,25 @@ class PackageManifest:
                 raise ArcdeployError(f"{source}: {key!r} must be at least 1, got {value}")
         return cls(
             engine=r.get("engine", str),
-            precision=r.choice("precision", PRECISIONS),
+            precision=Precision(r.choice("precision", tuple(Precision))),
             arch=r.get("arch", str),
             input=InputSpec.from_json(r.get("input", dict), source),
             output=OutputSpec.from_json(r.get("output", dict, {}), source),
             files=files,
             requested_precision=r.get("requested_precision", str, None),
-            device=r.get("device", str, "CPU"),
+            device=Device(r.choice("device", tuple(Device), Device.CPU)),
             batch=batch,
             dynamic_batch=r.get("dynamic_batch", bool, True),
             threads=threads,
             reference=ReferenceSpec.from_json(ref, source) if ref is not None else None,
-            calibration=r.get("calibration", dict, None),
-            fidelity=r.get("fidelity", dict, None),
-            executed=r.get("executed", dict, None),
-            engine_config=r.get("engine_config", dict, {}),
-            source=r.get("source", dict, {}),
-            export=r.get("export", dict, {}),
-            host=r.get("host", dict, {}),
-            versions=r.get("versions", dict, {}),
+            calibration=_record(r, "calibration", CalibrationRecord),
+            fidelity=_record(r, "fidelity", FidelityRecord),
+            executed=_record(r, "executed", ExecutedRecord),
+            engine_config=r.str_map("engine_config", {}),
+            source=_record(r, "source", SourceRecord),
+            export=_record(r, "export", ExportRecord),
+            host=_record(r, "host", HostRecord),
+            versions=r.str_map("versions", {}),
             build_seconds=r.get("build_seconds", (int, float), None),
         )
 
@@ -492,11 +775,11 @@ class ExportManifest:
     output: OutputSpec
     files: dict[str, str]
     reference: ReferenceSpec
-    source: dict = field(default_factory=dict)
+    source: SourceRecord
+    verification: VerificationRecord
     opset: int | None = None
     dynamic_batch: bool = True
-    verification: dict = field(default_factory=dict)
-    versions: dict = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
     format: str = EXPORT_FORMAT
 
     def file(self, root: str | os.PathLike, key: str = "onnx") -> Path:
@@ -506,7 +789,7 @@ class ExportManifest:
 
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k in ("input", "output", "reference"):
+        for k in ("input", "output", "reference", "source", "verification"):
             d[k] = d[k].to_json()
         return {"format": d.pop("format"), **d}
 
@@ -530,19 +813,14 @@ class ExportManifest:
             output=OutputSpec.from_json(r.get("output", dict, {}), source),
             files=files,
             reference=ReferenceSpec.from_json(r.get("reference", dict), source),
-            source=r.get("source", dict, {}),
+            source=SourceRecord.from_json(r.get("source", dict), source),
+            verification=VerificationRecord.from_json(r.get("verification", dict), source),
             opset=r.get("opset", int, None),
             dynamic_batch=r.get("dynamic_batch", bool, True),
-            verification=r.get("verification", dict, {}),
-            versions=r.get("versions", dict, {}),
+            versions=r.str_map("versions", {}),
         )
 
 
 def read_export_manifest(path: str | os.PathLike) -> ExportManifest:
     mf = manifest_path(path, "export folder")
     return ExportManifest.from_json(read_json(mf), str(mf))
-
-
-def as_dict(obj: Any) -> dict:
-    """A dataclass as a plain dict (for logging and tests)."""
-    return asdict(obj)

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 
 from .engines import Runtime, RuntimeInfo, get_engine
+from .engines.runner import CropRunner
 from .errors import ArcdeployError, describe
 from .machine import check_threads
 from .manifest import MANIFEST_NAME, InputSpec, OutputSpec, PackageManifest, read_package_manifest
+from .utils import hash_file_into
 
 
 class Package:
@@ -31,6 +33,7 @@ class Package:
         self.threads = check_threads(threads)
         self.engine_options = dict(engine_options)
         self._runtime: Runtime | None = None
+        self._runner: CropRunner | None = None
         self._lock = threading.Lock()
         self._fingerprint: str | None = None
         self._closed = False
@@ -91,23 +94,16 @@ class Package:
         return self.manifest.input.to_model_input(faces)
 
     # ---- running
+    @property
+    def runner(self) -> CropRunner:
+        """The runtime fed aligned crops through the package's input spec (a fixed batch padded)."""
+        if self._runner is None:
+            self._runner = CropRunner(self.runtime.infer, self.manifest.input, batch=self.fixed_batch)
+        return self._runner
+
     def infer(self, faces: np.ndarray) -> np.ndarray:
         """Raw float32 embeddings [N, D] of aligned uint8 RGB crops [N, 112, 112, 3]."""
-        x = self.to_model_input(faces)
-        fixed = self.fixed_batch
-        if not fixed or x.shape[0] == fixed:
-            return self.runtime.infer(x)
-        return self._infer_padded(x, fixed)
-
-    def _infer_padded(self, x: np.ndarray, fixed: int) -> np.ndarray:
-        outs = []
-        for start in range(0, x.shape[0], fixed):
-            chunk = x[start : start + fixed]
-            pad = fixed - chunk.shape[0]
-            if pad:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            outs.append(self.runtime.infer(chunk)[: fixed - pad])
-        return np.concatenate(outs)
+        return self.runner(faces)
 
     def infer_many(self, batches: list[np.ndarray]) -> list[np.ndarray]:
         """Several batches of aligned crops, results in order; engines with async requests
@@ -144,9 +140,7 @@ class Package:
                 p = self.path / name
                 if p.is_file():
                     h.update(name.encode())
-                    with open(p, "rb") as f:
-                        while block := f.read(1 << 20):
-                            h.update(block)
+                    hash_file_into(h, p)
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 

@@ -3,9 +3,10 @@
 :class:`QuantRecipe` says what is quantized and how (weights per channel and
 symmetric, activations asymmetric for PReLU networks, range estimation, bias
 correction, the overflow fix for CPUs without VNNI), which parts stay in float and
-why, and what those float parts execute in. The NNCF-OpenVINO and NNCF-ONNX builders
-take :meth:`QuantRecipe.nncf_kwargs`; ONNX Runtime's ``quantize_static`` takes
-:meth:`QuantRecipe.ort_settings`; the manifest's ``calibration`` entry is
+why, and what those float parts execute in. It names no quantizer's objects: the
+engines turn it into their quantizer's arguments (:mod:`arcdeploy.engines.nncf_quant` for
+NNCF, :func:`arcdeploy.engines.onnxruntime.ort_quantization_kwargs` for ONNX Runtime's
+``quantize_static``); the manifest's ``calibration`` entry is
 :meth:`QuantRecipe.manifest_entry`, never written by hand.
 
 Float roles are resolved on each graph: ``stem`` (the first convolution, which sees
@@ -39,6 +40,8 @@ from typing import Any
 import numpy as np
 
 from .errors import ArcdeployError
+from .manifest import CalibrationRecord
+from .types import FloatLayerPrecision
 
 ROLES = ("stem", "head", "spread", "depthwise")
 ROLE_WHY = {
@@ -52,7 +55,6 @@ ROLE_WHY = {
 RANGE_ESTIMATORS = ("minmax", "mean_minmax", "mean_quantile", "histogram", "median_minmax", "mean_no_outliers_minmax")
 BIAS_CORRECTION = ("fast", "full", "none")
 OVERFLOW_FIX = ("enable", "first_layer", "disable")
-FLOAT_PRECISIONS = ("f32", "bf16", "auto")
 DEFAULT_CALIBRATION_COUNT = 300
 
 
@@ -70,7 +72,7 @@ class QuantRecipe:
     keep_float: tuple[str, ...] = ("stem", "spread", "head")
     spread_threshold: float = 10.0  # "spread": max / median of the per-channel input ranges
     float_layers: tuple[str, ...] = ()  # named layers kept in float (the fallback's choice)
-    float_precision: str = "f32"  # what float layers execute in (OpenVINO CPU; auto: its default)
+    float_precision: FloatLayerPrecision = FloatLayerPrecision.F32  # what float layers execute in (OpenVINO CPU)
     ort_op_types: tuple[str, ...] = ("Conv",)  # ops quantize_static quantizes
 
     def __post_init__(self) -> None:
@@ -78,10 +80,11 @@ class QuantRecipe:
             ("range_estimator", self.range_estimator, RANGE_ESTIMATORS),
             ("bias_correction", self.bias_correction, BIAS_CORRECTION),
             ("overflow_fix", self.overflow_fix, OVERFLOW_FIX),
-            ("float_precision", self.float_precision, FLOAT_PRECISIONS),
+            ("float_precision", self.float_precision, tuple(FloatLayerPrecision)),
         ):
             if value not in allowed:
                 raise ArcdeployError(f"int8 recipe: {name} {value!r}; choose one of {', '.join(allowed)}")
+        object.__setattr__(self, "float_precision", FloatLayerPrecision(self.float_precision))  # given as text too
         if self.weight_bits not in (7, 8):
             raise ArcdeployError(f"int8 recipe: weight_bits must be 7 or 8, got {self.weight_bits}")
         unknown = [r for r in self.keep_float if r not in ROLES]
@@ -105,52 +108,10 @@ class QuantRecipe:
     def with_float_layers(self, names: list[str] | tuple[str, ...]) -> QuantRecipe:
         return replace(self, float_layers=tuple(dict.fromkeys((*self.float_layers, *names))))
 
-    # ---- consumers
-    def nncf_kwargs(self, subset_size: int, ignored_names: list[str]) -> dict:
-        """Keyword arguments for ``nncf.quantize`` (either backend)."""
-        import nncf
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
-
-        overflow = {
-            "enable": OverflowFix.ENABLE,
-            "first_layer": OverflowFix.FIRST_LAYER,
-            "disable": OverflowFix.DISABLE,
-        }["enable" if self.weight_bits == 7 else self.overflow_fix]
-        advanced: dict[str, Any] = {"overflow_fix": overflow, "disable_bias_correction": self.bias_correction == "none"}
-        if self.range_estimator != "minmax":
-            advanced["activations_range_estimator_params"] = getattr(
-                RangeEstimatorParametersSet, self.range_estimator.upper()
-            )
-        if not self.per_channel_weights:
-            from nncf.quantization.advanced_parameters import QuantizationParameters
-
-            advanced["weights_quantization_params"] = QuantizationParameters(per_channel=False)
-        preset = nncf.QuantizationPreset.PERFORMANCE if self.symmetric_activations else nncf.QuantizationPreset.MIXED
-        return {
-            "preset": preset,
-            "subset_size": subset_size,
-            "fast_bias_correction": self.bias_correction != "full",
-            "advanced_parameters": AdvancedQuantizationParameters(**advanced),
-            "ignored_scope": nncf.IgnoredScope(names=list(ignored_names), validate=False),
-        }
-
-    def ort_settings(self, excluded_nodes: list[str]) -> dict:
-        """Settings for ``onnxruntime.quantization.quantize_static`` (QDQ), by name: the ONNX Runtime
-        engine turns the names of its enums (quant_format, activation_type, weight_type,
-        calibrate_method) into the enums themselves."""
-        method = "MinMax" if self.range_estimator in ("minmax", "mean_minmax") else "Percentile"
-        return {
-            "quant_format": "QDQ",
-            "activation_type": "QUInt8",
-            "weight_type": "QInt8",
-            "per_channel": self.per_channel_weights,
-            "reduce_range": self.weight_bits == 7,
-            "calibrate_method": method,
-            "op_types_to_quantize": list(self.ort_op_types),
-            "nodes_to_exclude": list(excluded_nodes),
-            "extra_options": {"ActivationSymmetric": self.symmetric_activations, "WeightSymmetric": True},
-        }
+    @property
+    def effective_overflow_fix(self) -> str:
+        """The overflow fix the quantizer applies: always "enable" with 7-bit weights."""
+        return "enable" if self.weight_bits == 7 else self.overflow_fix
 
     def describe(self) -> str:
         weights = f"{'per-channel' if self.per_channel_weights else 'per-tensor'} symmetric int8 weights" + (
@@ -162,18 +123,18 @@ class QuantRecipe:
         ]
         return f"{weights}, {acts} activations ({self.range_estimator} ranges), {bias}"
 
-    def manifest_entry(self, method: str, kept: FloatScope, count: int) -> dict:
+    def manifest_entry(self, method: str, kept: FloatScope, count: int) -> CalibrationRecord:
         """The manifest's ``calibration`` entry: generated from the recipe and the resolved float scope."""
-        return {
-            "method": f"{method}: {self.describe()}",
-            "recipe": self.to_json(),
-            "count": int(count),
-            "kept_float": kept.names(),
-            "kept_float_why": {role: ROLE_WHY[role] for role in kept.roles()},
-            **({"input_channel_spread": {k: round(v, 2) for k, v in kept.spreads.items()}} if kept.spreads else {}),
-            "seven_bit_weights": self.weight_bits == 7,
-            "float_layers_execute": self.float_precision,
-        }
+        return CalibrationRecord(
+            method=f"{method}: {self.describe()}",
+            recipe=self.to_json(),
+            count=int(count),
+            kept_float=kept.names(),
+            kept_float_why={role: ROLE_WHY[role] for role in kept.roles()},
+            input_channel_spread={k: round(v, 2) for k, v in kept.spreads.items()} if kept.spreads else None,
+            seven_bit_weights=self.weight_bits == 7,
+            float_layers_execute=self.float_precision,
+        )
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -9,16 +9,25 @@ fp32 PyTorch reference.
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from .bench import BenchResult
+from .errors import ArcdeployError
+from .evaluate.binsets import BinResult
 from .evaluate.roc import FARS
+from .fidelity import FidelityResult
 from .files import atomic_file, write_json_atomic
 from .machine import cpu_name
+from .manifest import PackageManifest
 from .tables import Table
 from .utils import library_versions
+
+T = TypeVar("T")
 
 
 def _by_prefix(records, prefix: str) -> dict[str, Any]:
@@ -30,37 +39,118 @@ def _by_prefix(records, prefix: str) -> dict[str, Any]:
     return out
 
 
-def fidelity_table(records) -> Table:
-    rows = []
-    for name, rec in _by_prefix(records, "check").items():
+@dataclass
+class IjbSummary:
+    """What the report shows of an IJB evaluation step: the first package's result."""
+
+    target: str
+    mode: str
+    far: list[float]
+    tar: list[float]
+    pairs: int | None = None
+    genuine: int | None = None
+    templates: int | None = None
+    images: int | None = None
+    roc_fpr: list[float] = field(default_factory=list)
+    roc_tpr: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, result: dict) -> IjbSummary:
+        res = result if "tar" in result else result["results"][0]  # one result, or a document of them
+        roc = res.get("roc") or {}
+        return cls(
+            target=res["target"],
+            mode=res["mode"],
+            far=[float(f) for f in res["far"]],
+            tar=[float(t) for t in res["tar"]],
+            pairs=res.get("pairs"),
+            genuine=res.get("genuine"),
+            templates=res.get("templates"),
+            images=res.get("images"),
+            roc_fpr=list(roc.get("fpr") or []),
+            roc_tpr=list(roc.get("tpr") or []),
+        )
+
+
+@dataclass
+class Ijb1nSummary:
+    """What the report shows of an IJB step's 1:N identification: the first package's result."""
+
+    target: str
+    mode: str
+    fpir: list[float]
+    tpir_mean: list[float]  # NaN where a gallery had no mated probe
+    shown: dict[str, list[float | None]]  # gallery -> TPIR at the reported FPIRs
+    rank: dict[str, float]
+    labels: list[tuple[str, str]]  # (G1 | G2 | mean, the gallery's name)
+    galleries: list[tuple[str, int]]  # (name, templates)
+    probes: int | None = None
+
+    @classmethod
+    def from_json(cls, result: dict) -> Ijb1nSummary:
+        res = result["identification"]
+        galleries = res.get("galleries") or {}
+        names = {k: str(g.get("name", k)) for k, g in galleries.items()}
+        return cls(
+            target=res["target"],
+            mode=res["mode"],
+            fpir=[float(f) for f in res["fpir"]],
+            tpir_mean=[np.nan if v is None else float(v) for v in res["tpir"]["mean"]],
+            shown=dict((res.get("shown") or {}).get("tpir", {})),
+            rank={k: float(v) for k, v in (res.get("rank") or {}).items()},
+            labels=[(k, names.get(k, k)) for k in ("G1", "G2", "mean")],
+            galleries=[(names[k], int(g.get("templates", 0))) for k, g in galleries.items()],
+            probes=res.get("probes"),
+        )
+
+
+def _bins(result: dict) -> list[BinResult]:
+    return [BinResult.from_json(r) for r in result["results"]]
+
+
+def _manifest(result: dict) -> PackageManifest:
+    return PackageManifest.from_json(result["manifest"], "the build step's manifest")
+
+
+def _fidelity(result: dict) -> FidelityResult:
+    return FidelityResult.from_json(result, "the check step's result")
+
+
+def _done(records, prefix: str, parse: Callable[[Any], T]) -> dict[str, tuple[Any, T | None]]:
+    """{package: (step record, its result typed by ``parse``)}; the result is None when the step did not
+    finish or its stored result cannot be read (a run folder written by another version)."""
+    out: dict[str, tuple[Any, T | None]] = {}
+    for name, rec in _by_prefix(records, prefix).items():
+        typed = None
         if rec.status in ("done", "reused") and rec.result:
-            cos = rec.result.get("cosine", {})
-            rows.append(
-                [
-                    name,
-                    cos.get("n", rec.result.get("n")),
-                    _f6(cos.get("mean")),
-                    _f6(cos.get("min")),
-                    _f6(cos.get("p1")),
-                    _floor_text(rec.result.get("floor")),
-                    "pass" if rec.result.get("passed") else "BELOW FLOOR",
-                ]
-            )
-        else:
-            rows.append([name, None, None, None, None, None, f"{rec.status}: {rec.error}"])
+            try:
+                typed = parse(rec.result)
+            except (ArcdeployError, KeyError, TypeError, ValueError, IndexError):
+                typed = None
+        out[name] = (rec, typed)
+    return out
+
+
+def _not_done(rec) -> str:
+    return f"{rec.status}: {rec.error}" if rec.error or rec.status not in ("done", "reused") else "unreadable result"
+
+
+def fidelity_table(records) -> Table:
+    rows: list[list[Any]] = []
+    for name, (rec, res) in _done(records, "check", _fidelity).items():
+        if res is None:
+            rows.append([name, None, None, None, None, None, _not_done(rec)])
+            continue
+        cos = res.cosine
+        floor = ", ".join(f"{k} >= {v}" for k, v in res.floor.items()) or None
+        rows.append(
+            [name, cos.n, _f6(cos.mean), _f6(cos.min), _f6(cos.p1), floor, "pass" if res.passed else "BELOW FLOOR"]
+        )
     return Table(
         title="Fidelity: per-image cosine to the fp32 PyTorch reference",
         header=["package", "images", "mean", "min", "p1", "floor", "result"],
         rows=rows,
     )
-
-
-def _floor_text(floor) -> str | None:
-    if not floor:
-        return None
-    if isinstance(floor, dict):
-        return ", ".join(f"{k} >= {v}" for k, v in floor.items())
-    return str(floor)
 
 
 def _pct(v):
@@ -73,16 +163,17 @@ def _f6(v):
 
 def executed_as(records, name: str) -> str | None:
     """What the engine really ran, from the build's manifest (e.g. a bf16 hint that ran f32)."""
-    rec = next((r for r in records if r.name == f"build {name}"), None)
-    manifest = (rec.result or {}).get("manifest", {}) if rec else {}
-    executed = manifest.get("executed") or {}
-    if not executed:
-        return manifest.get("precision")
-    conv = (executed.get("layers") or {}).get("Convolution", {})
+    _, manifest = _done(records, "build", _manifest).get(name, (None, None))
+    if manifest is None:
+        return None
+    executed = manifest.executed
+    if executed is None:
+        return manifest.precision
+    conv = (executed.layers or {}).get("Convolution", {})
     low = sum(n for p, n in conv.items() if p in ("u8", "i8"))
     if low:
         return f"int8 ({low}/{sum(conv.values())} conv)"
-    return executed.get("inference_precision")
+    return executed.inference_precision
 
 
 def _r(v, nd=2):
@@ -90,32 +181,32 @@ def _r(v, nd=2):
 
 
 def speed_table(records) -> Table:
-    rows = []
+    rows: list[list[Any]] = []
+    benches = _done(records, "bench", BenchResult.from_json)
     base: dict[int, float] = {}
-    benches = _by_prefix(records, "bench")
-    for name, rec in benches.items():
-        if name.endswith("-fp32") and rec.result:
-            base = {r["batch"]: r["throughput"] for r in rec.result.get("results", [])}
-    for name, rec in benches.items():
-        if rec.status in ("done", "reused") and rec.result:
-            for r in rec.result.get("results", []):
-                lat = r.get("latency_ms", {})
-                ratio = r["throughput"] / base[r["batch"]] if base.get(r["batch"]) else None
-                rows.append(
-                    [
-                        name,
-                        executed_as(records, name),
-                        r["batch"],
-                        _r(r["throughput"], 1),
-                        _r(lat.get("mean")),
-                        _r(lat.get("p50")),
-                        _r(lat.get("p90")),
-                        _r(lat.get("p99")),
-                        _r(ratio),
-                    ]
-                )
-        else:
-            rows.append([name, None, None, None, None, None, None, None, f"{rec.status}: {rec.error}"])
+    for name, (_, res) in benches.items():
+        if name.endswith("-fp32") and res is not None:
+            base = {r.batch: r.throughput for r in res.results}
+    for name, (rec, res) in benches.items():
+        if res is None:
+            rows.append([name, None, None, None, None, None, None, None, _not_done(rec)])
+            continue
+        for r in res.results:
+            lat = r.latency_ms
+            ratio = r.throughput / base[r.batch] if base.get(r.batch) else None
+            rows.append(
+                [
+                    name,
+                    executed_as(records, name),
+                    r.batch,
+                    _r(r.throughput, 1),
+                    _r(lat["mean"]),
+                    _r(lat["p50"]),
+                    _r(lat["p90"]),
+                    _r(lat["p99"]),
+                    _r(ratio),
+                ]
+            )
     return Table(
         title="Speed: throughput (images/s) and latency (ms) by precision and batch",
         header=["package", "runs as", "batch", "img/s", "mean", "p50", "p90", "p99", "x fp32"],
@@ -125,28 +216,23 @@ def speed_table(records) -> Table:
 
 
 def ijb_table(records) -> Table:
-    rows = []
-    target = None
-    mode = None
-    counts = None
-    for name, rec in _by_prefix(records, "eval ijb").items():
-        if rec.status in ("done", "reused") and rec.result:
-            res = _first_result(rec.result)
-            target = res.get("target", target)
-            mode = res.get("mode", mode)
-            counts = (res.get("pairs"), res.get("genuine"), res.get("templates"), res.get("images"))
-            tar = dict(zip([float(f) for f in res.get("far", [])], res.get("tar", [])))
-            rows.append([name, *(f"{100 * tar[f]:.2f}" if f in tar else None for f in FARS)])
-        else:
-            rows.append([name] + [None] * (len(FARS) - 1) + [f"{rec.status}: {rec.error}"])
-    note = f"TAR (%) at FAR; mode {mode}." if mode else None
-    if note and counts and counts[0]:
+    rows: list[list[Any]] = []
+    last: IjbSummary | None = None
+    for name, (rec, res) in _done(records, "eval ijb", IjbSummary.from_json).items():
+        if res is None:
+            rows.append([name] + [None] * (len(FARS) - 1) + [_not_done(rec)])
+            continue
+        last = res
+        tar = dict(zip(res.far, res.tar))
+        rows.append([name, *(f"{100 * tar[f]:.2f}" if f in tar else None for f in FARS)])
+    note = f"TAR (%) at FAR; mode {last.mode}." if last else None
+    if last and note and last.pairs:
         note += (
-            f" {counts[0]} pairs ({counts[1]} genuine), {counts[2]} templates, {counts[3]} images;"
+            f" {last.pairs} pairs ({last.genuine} genuine), {last.templates} templates, {last.images} images;"
             " a FAR below 1/impostor pairs falls on the ROC's first point."
         )
     return Table(
-        title=f"Accuracy: {target or 'IJB'} 1:1 verification, TAR@FAR",
+        title=f"Accuracy: {last.target if last else 'IJB'} 1:1 verification, TAR@FAR",
         header=["package"] + [f"{f:.0e}" for f in FARS],
         rows=rows,
         note=note,
@@ -156,31 +242,25 @@ def ijb_table(records) -> Table:
 def ijb_1n_table(records) -> Table:
     """TPIR (%) at FPIR 1e-4 ... 1 per package and gallery, rank-1/5/10 on the mean row."""
     rows = []
-    target = mode = None
-    counts = None
-    for name, rec in _by_prefix(records, "eval ijb").items():
-        if rec.status not in ("done", "reused") or not rec.result or "identification" not in rec.result:
+    last: Ijb1nSummary | None = None
+    for name, (_, res) in _done(records, "eval ijb", Ijb1nSummary.from_json).items():
+        if res is None:
             continue
-        res = rec.result["identification"]
-        target, mode = res.get("target", target), res.get("mode", mode)
-        galleries = res.get("galleries", {})
-        counts = (res.get("probes"), [(g.get("name"), g.get("templates")) for g in galleries.values()])
-        shown = (res.get("shown") or {}).get("tpir", {})
-        rank = res.get("rank", {})
-        for key in ("G1", "G2", "mean"):
-            label = galleries.get(key, {}).get("name", key)
-            ranks = [_pct(rank.get(k)) for k in ("1", "5", "10")] if key == "mean" else [None] * 3
-            rows.append([name, label, *(_pct(v) for v in shown.get(key, [None] * 5)), *ranks])
+        last = res
+        for key, label in res.labels:
+            ranks = [_pct(res.rank.get(k)) for k in ("1", "5", "10")] if key == "mean" else [None] * 3
+            rows.append([name, label, *(_pct(v) for v in res.shown.get(key, [None] * 5)), *ranks])
     note = None
-    if mode:
+    if last is not None:
         note = (
-            f"TPIR (%) at FPIR, each gallery searched on its own, as insightface's ijb_evals.py; mode {mode}. "
+            f"TPIR (%) at FPIR, each gallery searched on its own, as insightface's ijb_evals.py; mode {last.mode}. "
             "rank-k: mates within the top k in either gallery / all probes."
         )
-        if counts and counts[0]:
-            note += f" {counts[0]} probe templates; " + ", ".join(f"{n}: {t} templates" for n, t in counts[1]) + "."
+        if last.probes:
+            sizes = ", ".join(f"{n}: {t} templates" for n, t in last.galleries)
+            note += f" {last.probes} probe templates; {sizes}."
     return Table(
-        title=f"Accuracy: {target or 'IJB'} 1:N identification, TPIR@FPIR",
+        title=f"Accuracy: {last.target if last else 'IJB'} 1:N identification, TPIR@FPIR",
         header=["package", "gallery", "1e-4", "1e-3", "1e-2", "1e-1", "1", "rank-1", "rank-5", "rank-10"],
         rows=rows,
         note=note,
@@ -188,37 +268,17 @@ def ijb_1n_table(records) -> Table:
 
 
 def _has_1n(records) -> bool:
-    return any(
-        rec.status in ("done", "reused") and rec.result and "identification" in rec.result
-        for rec in _by_prefix(records, "eval ijb").values()
-    )
-
-
-def _first_result(result: dict) -> dict:
-    if "tar" in result:
-        return result
-    if result.get("results"):
-        return result["results"][0]
-    return result
+    return any(res is not None for _, res in _done(records, "eval ijb", Ijb1nSummary.from_json).values())
 
 
 def bins_table(records) -> Table:
-    rows = []
-    for name, rec in _by_prefix(records, "eval bin").items():
-        if rec.status in ("done", "reused") and rec.result:
-            for r in rec.result.get("results", []):
-                rows.append(
-                    [
-                        name,
-                        r.get("name"),
-                        r.get("pairs"),
-                        _pct(r.get("accuracy")),
-                        _pct(r.get("std")),
-                        _r(r.get("xnorm"), 3),
-                    ]
-                )
-        else:
-            rows.append([name, None, None, None, None, f"{rec.status}: {rec.error}"])
+    rows: list[list[Any]] = []
+    for name, (rec, res) in _done(records, "eval bin", _bins).items():
+        if res is None:
+            rows.append([name, None, None, None, None, _not_done(rec)])
+            continue
+        for r in res:
+            rows.append([name, r.name, r.pairs, _pct(r.accuracy), _pct(r.std), _r(r.xnorm, 3)])
     return Table(
         title="Accuracy: verification .bin sets (10-fold, flip)",
         header=["package", "set", "pairs", "accuracy %", "std %", "XNorm"],
@@ -246,13 +306,11 @@ def _plt():
 def plot_roc(records, path: Path) -> Path | None:
     from .evaluate.plots import plot_roc as draw_roc
 
-    curves = []
-    for name, rec in _by_prefix(records, "eval ijb").items():
-        if rec.status in ("done", "reused") and rec.result:
-            res = _first_result(rec.result)
-            roc = res.get("roc") or {}
-            if roc.get("fpr") and roc.get("tpr"):
-                curves.append((name, np.asarray(roc["fpr"]), np.asarray(roc["tpr"])))
+    curves = [
+        (name, np.asarray(res.roc_fpr), np.asarray(res.roc_tpr))
+        for name, (_, res) in _done(records, "eval ijb", IjbSummary.from_json).items()
+        if res is not None and res.roc_fpr and res.roc_tpr
+    ]
     if not curves:
         return None
     return draw_roc(curves, path, title="ROC by precision")
@@ -261,13 +319,11 @@ def plot_roc(records, path: Path) -> Path | None:
 def plot_tpir(records, path: Path) -> Path | None:
     from .evaluate.plots import plot_tpir_fpir
 
-    curves = []
-    for name, rec in _by_prefix(records, "eval ijb").items():
-        if rec.status in ("done", "reused") and rec.result and "identification" in rec.result:
-            res = rec.result["identification"]
-            tpir = [np.nan if v is None else v for v in (res.get("tpir") or {}).get("mean", [])]
-            if res.get("fpir") and tpir:
-                curves.append((f"{name} (mean of galleries)", np.asarray(res["fpir"]), np.asarray(tpir, np.float64)))
+    curves = [
+        (f"{name} (mean of galleries)", np.asarray(res.fpir), np.asarray(res.tpir_mean, np.float64))
+        for name, (_, res) in _done(records, "eval ijb", Ijb1nSummary.from_json).items()
+        if res is not None and res.fpir and res.tpir_mean
+    ]
     if not curves:
         return None
     return plot_tpir_fpir(curves, path, title="1:N identification by precision")
@@ -279,10 +335,11 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_throughput(records, path: Path) -> Path | None:
-    data = {}
-    for name, rec in _by_prefix(records, "bench").items():
-        if rec.status in ("done", "reused") and rec.result:
-            data[name] = {r["batch"]: r["throughput"] for r in rec.result.get("results", [])}
+    data = {
+        name: {r.batch: r.throughput for r in res.results}
+        for name, (_, res) in _done(records, "bench", BenchResult.from_json).items()
+        if res is not None
+    }
     if not data:
         return None
     plt = _plt()
@@ -304,10 +361,11 @@ def plot_throughput(records, path: Path) -> Path | None:
 
 
 def plot_cosine_hist(records, path: Path) -> Path | None:
-    data = {}
-    for name, rec in _by_prefix(records, "check").items():
-        if rec.status in ("done", "reused") and rec.result and rec.result.get("per_image"):
-            data[name] = np.asarray(rec.result["per_image"], dtype=np.float64)
+    data = {
+        name: res.per_image
+        for name, (_, res) in _done(records, "check", _fidelity).items()
+        if res is not None and res.per_image is not None
+    }
     if not data:
         return None
     plt = _plt()

@@ -19,18 +19,19 @@ import os
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ArcdeployError, describe
 from .files import write_json_atomic
+from .manifest import read_export_manifest, read_package_manifest
+from .options import BuildOptions, RunOptions
+from .types import Precision
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PRECISIONS = ("fp32", "bf16", "int8")
 RUN_MARKER = ".arcdeploy-run"  # marks a folder as one arcdeploy run/demo writes into
-DEFAULT_BATCHES = (1, 16)
 
 
 @dataclass
@@ -144,122 +145,27 @@ def _file_key(path) -> dict:
     return {"path": str(p.resolve()) if p.exists() else str(p)}
 
 
-def _load_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
-def run_pipeline(
-    ckpt,
-    out,
-    engine: str = "openvino",
-    precisions=DEFAULT_PRECISIONS,
-    calib=None,
-    calib_landmarks=None,
-    check_images=None,
-    check_landmarks=None,
-    ijb_root=None,
-    target: str = "IJBC",
-    bins=(),
-    batches=DEFAULT_BATCHES,
-    iterations: int | None = None,
-    threads: int | None = None,
-    arch: str = "auto",
-    ijb_flip: bool = True,
-    log: Callable[[str], None] | None = None,
-    title: str | None = None,
-    notes: list[str] | None = None,
-    force: bool = False,
-) -> RunResult:
-    """Run every stage for one checkpoint; returns what each step did. Writes OUT/report.{md,json}.
+def run_pipeline(ckpt, out, options: RunOptions | None = None, log: Callable[[str], None] | None = None, **kwargs):
+    """Run every stage for one checkpoint as ``options`` (or the keyword arguments of
+    :class:`~arcdeploy.options.RunOptions` and its build's) say; returns what each step did.
+    Writes OUT/report.{md,json}.
 
     OUT must be new, empty, or an earlier run's folder; a folder with other content is
     refused unless ``force`` (arcdeploy then writes its files beside the user's)."""
     from . import report
 
+    if options is not None and kwargs:
+        raise TypeError("run_pipeline(): give options or keyword arguments, not both")
+    opts = options or RunOptions.from_kwargs(**kwargs)
     out = Path(out)
-    claim_output(out, force)
-    log = log or logger.info
-    runner = StepRunner(out, log)
-    precisions = [p for p in precisions]
-    ckpt_key = _file_key(ckpt)
+    claim_output(out, opts.force)
+    runner = StepRunner(out, log or logger.info)
     export_dir = out / "export"
-
-    def do_export():
-        from .exporter import export
-
-        export(ckpt, export_dir, arch=arch, force=True)
-        return {"dir": str(export_dir), "manifest": _load_json(export_dir / "manifest.json")}
-
-    runner.run("export", {"ckpt": ckpt_key, "arch": arch}, do_export)
-
-    packages: dict[str, Path] = {}
-    for precision in precisions:
-        name = f"{engine}-{precision}"
-        pkg_dir = out / "packages" / name
-
-        def do_build(precision=precision, pkg_dir=pkg_dir):
-            from . import build
-
-            build(
-                export_dir,
-                pkg_dir,
-                engine=engine,
-                precision=precision,
-                calib=calib,
-                calib_landmarks=calib_landmarks,
-                threads=threads,
-                force=True,
-            )
-            return {"package": str(pkg_dir), "manifest": _load_json(pkg_dir / "manifest.json")}
-
-        key = {
-            "ckpt": ckpt_key,
-            "engine": engine,
-            "precision": precision,
-            "calib": _file_key(calib) if calib else None,
-            "calib_landmarks": _file_key(calib_landmarks) if calib_landmarks else None,
-        }
-        rec = runner.run(f"build {name}", key, do_build, needs=["export"])
-        if rec.status in ("done", "reused"):
-            packages[precision] = pkg_dir
-
-    # per-package stages: (step prefix, what else the result depends on, the work)
-    def do_check(pkg_dir, name):
-        from . import check
-
-        return check(pkg_dir, images=check_images, landmarks=check_landmarks).to_json()
-
-    def do_bench(pkg_dir, name):
-        from .bench import bench
-
-        return bench(str(pkg_dir), batches=tuple(batches), iterations=iterations, threads=threads).to_json()
-
-    def do_ijb(pkg_dir, name):
-        from .evaluate.ijb import evaluate_packages
-
-        return evaluate_packages(
-            [pkg_dir], root=ijb_root, target=target, flip=ijb_flip, out_dir=out / "eval" / "ijb" / name
-        )
-
-    def do_bins(pkg_dir, name):
-        from .evaluate.binsets import evaluate_bins
-
-        return evaluate_bins(pkg_dir, [str(b) for b in bins])
-
-    stages: list[tuple[str, dict, Callable[[Path, str], Any]]] = [
-        ("check", {"images": _file_key(check_images) if check_images else None}, do_check),
-        ("bench", {"batches": list(batches), "iterations": iterations, "threads": threads}, do_bench),
-    ]
-    if ijb_root:
-        from .evaluate.ijb import list_paths
-
-        # the 1:N list files, when present, are evaluated in the same step from the same features
-        lists = [_file_key(p) for p in list_paths(ijb_root, target).values() if p.is_file()]
-        ijb_key = {"root": str(ijb_root), "target": target, "flip": ijb_flip, **({"1:N lists": lists} if lists else {})}
-        stages.append(("eval ijb", ijb_key, do_ijb))
-    if bins:
-        stages.append(("eval bin", {"bins": [_file_key(b) for b in bins]}, do_bins))
-    for stage, inputs, work in stages:
+    ckpt_key = _file_key(ckpt)
+    _export_step(runner, ckpt, ckpt_key, opts, export_dir)
+    packages = _build_steps(runner, ckpt_key, opts, export_dir, out / "packages")
+    engine = opts.build.engine
+    for stage, inputs, work in _package_stages(opts, out):
         for precision, pkg_dir in packages.items():
             name = f"{engine}-{precision}"
             key = {"build": runner.state.get(f"build {name}", {}).get("key"), **inputs}
@@ -267,6 +173,101 @@ def run_pipeline(
 
     result = RunResult(out, runner.records)
     result.report_md, result.report_json = report.write_report(
-        out, runner.records, engine=engine, precisions=precisions, ckpt=str(ckpt), title=title, notes=notes or []
+        out,
+        runner.records,
+        engine=engine,
+        precisions=list(opts.precisions),
+        ckpt=str(ckpt),
+        title=opts.title,
+        notes=list(opts.notes),
     )
     return result
+
+
+def _export_step(runner: StepRunner, ckpt, ckpt_key: dict, opts: RunOptions, export_dir: Path) -> None:
+    def do_export():
+        from .exporter import export
+
+        export(ckpt, export_dir, arch=opts.build.arch, force=True)
+        return {"dir": str(export_dir), "manifest": read_export_manifest(export_dir).to_json()}
+
+    runner.run("export", {"ckpt": ckpt_key, "arch": opts.build.arch}, do_export)
+
+
+def _build_steps(runner: StepRunner, ckpt_key: dict, opts: RunOptions, export_dir: Path, root: Path) -> dict:
+    """One build step per precision; {precision: package folder} of those built (or reused)."""
+    packages: dict[Precision, Path] = {}
+    b = opts.build
+    for precision in opts.precisions:
+        name = f"{b.engine}-{precision}"
+        pkg_dir = root / name
+        # the run's fidelity check is a step of its own: the build checks on its defaults
+        options = BuildOptions(
+            engine=b.engine, precision=precision, calib=b.calib, calib_landmarks=b.calib_landmarks, threads=b.threads
+        )
+
+        def do_build(options=options, pkg_dir=pkg_dir):
+            from . import build
+
+            build(export_dir, pkg_dir, replace(options, force=True))
+            return {"package": str(pkg_dir), "manifest": read_package_manifest(pkg_dir).to_json()}
+
+        key = {
+            "ckpt": ckpt_key,
+            "engine": b.engine,
+            "precision": precision,
+            "calib": _file_key(b.calib) if b.calib else None,
+            "calib_landmarks": _file_key(b.calib_landmarks) if b.calib_landmarks else None,
+        }
+        rec = runner.run(f"build {name}", key, do_build, needs=["export"])
+        if rec.status in ("done", "reused"):
+            packages[precision] = pkg_dir
+    return packages
+
+
+def _package_stages(opts: RunOptions, out: Path) -> list[tuple[str, dict, Callable[[Path, str], Any]]]:
+    """The stages run on each package: (step prefix, what else the result depends on, the work)."""
+
+    def do_check(pkg_dir, name):
+        from . import check
+
+        return check(pkg_dir, images=opts.check_images, landmarks=opts.check_landmarks).to_json()
+
+    def do_bench(pkg_dir, name):
+        from .bench import bench
+
+        return bench(
+            str(pkg_dir), batches=opts.batches, iterations=opts.iterations, threads=opts.build.threads
+        ).to_json()
+
+    def do_ijb(pkg_dir, name):
+        from .evaluate.ijb import evaluate_packages
+
+        return evaluate_packages(
+            [pkg_dir], root=opts.ijb_root, target=opts.target, flip=opts.ijb_flip, out_dir=out / "eval" / "ijb" / name
+        )
+
+    def do_bins(pkg_dir, name):
+        from .evaluate.binsets import evaluate_bins
+
+        results = evaluate_bins(pkg_dir, [str(b) for b in opts.bins])
+        return {"package": str(pkg_dir), "results": [r.to_json() for r in results]}
+
+    check_key = {"images": _file_key(opts.check_images) if opts.check_images else None}
+    bench_key = {"batches": list(opts.batches), "iterations": opts.iterations, "threads": opts.build.threads}
+    stages: list[tuple[str, dict, Callable[[Path, str], Any]]] = [
+        ("check", check_key, do_check),
+        ("bench", bench_key, do_bench),
+    ]
+    if opts.ijb_root:
+        from .evaluate.ijb import list_paths
+
+        # the 1:N list files, when present, are evaluated in the same step from the same features
+        lists = [_file_key(p) for p in list_paths(opts.ijb_root, opts.target).values() if p.is_file()]
+        ijb_key = {"root": str(opts.ijb_root), "target": opts.target, "flip": opts.ijb_flip}
+        if lists:
+            ijb_key["1:N lists"] = lists
+        stages.append(("eval ijb", ijb_key, do_ijb))
+    if opts.bins:
+        stages.append(("eval bin", {"bins": [_file_key(b) for b in opts.bins]}, do_bins))
+    return stages

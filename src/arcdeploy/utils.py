@@ -1,4 +1,4 @@
-"""Small shared helpers: hashing and library versions."""
+"""Small shared helpers: hashing, shapes as text and library versions."""
 
 from __future__ import annotations
 
@@ -7,14 +7,25 @@ import hashlib
 import os
 import platform
 from importlib import metadata
+from typing import Any
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's content, hex."""
+    return hash_file_into(hashlib.sha256(), path).hexdigest()
+
+
+def hash_file_into(h: Any, path: str | os.PathLike, chunk: int = 1 << 20) -> Any:
+    """Feed a file's content to the hash object ``h`` (read in chunks); returns ``h``."""
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    return h
+
+
+def shape_text(dims: list) -> str:
+    """A tensor shape as text: ``[1, ?, 112, 112]`` (unknown dimensions as ``?``, named ones by name)."""
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def library_versions(*names: str) -> dict[str, str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..engines.registry import DEFAULT_ENGINE, engine_names
-from ..manifest import PRECISION_ALIASES, PRECISIONS
+from ..types import FloatLayerPrecision, Precision
 from .export import add_convention_options, convention_options
 
 
@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=(*PRECISIONS, *PRECISION_ALIASES),
+        choices=Precision.choices(),
         metavar="PRECISION",
         help="fp32, fp16, bf16 or int8 (aliases force_float32, force_float16, qint8_mixed_float16)",
     )
@@ -48,7 +48,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--int8-float",
-        choices=("f32", "bf16", "auto"),
+        choices=tuple(FloatLayerPrecision),
         default=None,
         help="what the layers an int8 model keeps in float execute in (OpenVINO; default f32: "
         "on bf16-capable CPUs the plugin would otherwise run them in bf16)",
@@ -92,14 +92,21 @@ def register(sub) -> None:
 def run(args) -> int:
     from .. import build
     from ..manifest import read_package_manifest
+
+    out = build(args.src, args.output, build_options(args))
+    print_summary(read_package_manifest(out), out)
+    return 0
+
+
+def build_options(args):
+    """The command line's :class:`arcdeploy.options.BuildOptions`."""
+    from ..options import BuildOptions
     from ..quantize import QuantRecipe
 
     recipe = None
     if args.int8_float or args.calib_count:
         recipe = QuantRecipe.for_this_cpu(float_precision=args.int8_float, calibration_count=args.calib_count)
-    out = build(
-        args.src,
-        args.output,
+    return BuildOptions(
         engine=args.engine,
         precision=args.precision,
         calib=args.calib,
@@ -120,24 +127,26 @@ def run(args) -> int:
         recipe=recipe,
         onnx_options=convention_options(args),
     )
-    m = read_package_manifest(out)
-    fid = m.fidelity or {}
-    c = fid.get("cosine", {})
+
+
+def print_summary(m, out) -> None:
+    """What was built, what it executes, how it was calibrated, and its fidelity."""
     print(f"built {m.arch} {m.engine} {m.precision} -> {out}")
-    ex = m.executed or {}
-    if ex.get("layers"):
-        print(f"  executes: {ex['inference_precision']} ({', '.join(f'{k} {v}' for k, v in ex['layers'].items())})")
-    if m.calibration:
-        cal = m.calibration
-        roles = ", ".join(cal.get("kept_float_why", {})) or "none"
+    ex = m.executed
+    if ex is not None and ex.layers:
+        print(f"  executes: {ex.inference_precision} ({', '.join(f'{k} {v}' for k, v in ex.layers.items())})")
+    cal = m.calibration
+    if cal is not None:
+        roles = ", ".join(cal.kept_float_why) or "none"
         print(
-            f"  calibration: {cal['count']} images from {cal['source']}; kept in float: "
-            f"{len(cal.get('kept_float', []))} ops ({roles})"
+            f"  calibration: {cal.count} images from {cal.source}; kept in float: {len(cal.kept_float)} ops ({roles})"
         )
-    state = "passed" if fid.get("passed") else "BELOW FLOOR (" + "; ".join(fid.get("below_floor", [])) + ")"
+    fid = m.fidelity
+    if fid is None:
+        return
+    c = fid.cosine
+    state = "passed" if fid.passed else "BELOW FLOOR (" + "; ".join(fid.below_floor) + ")"
     print(
-        f"  fidelity vs {fid.get('reference')} on {c.get('n')} {fid.get('images')} images: "
-        f"cosine mean {c.get('mean', 0):.6f} "
-        f"min {c.get('min', 0):.6f} p1 {c.get('p1', 0):.6f} -> {state}"
+        f"  fidelity vs {fid.reference} on {c.n} {fid.images} images: "
+        f"cosine mean {c.mean:.6f} min {c.min:.6f} p1 {c.p1:.6f} -> {state}"
     )
-    return 0

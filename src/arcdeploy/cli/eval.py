@@ -170,7 +170,7 @@ def run_bin(args) -> int:
     from pathlib import Path
 
     from ..errors import ArcdeployError
-    from ..evaluate.binsets import evaluate_bin_sets, format_bin_table
+    from ..evaluate.binsets import evaluate_bins, format_bin_table
     from ..files import refuse_existing, write_json_atomic
     from ..package import load
 
@@ -199,7 +199,7 @@ def run_bin(args) -> int:
     per_package: list[dict] = []
     for pkg_dir in packages:
         pkg = load(pkg_dir)
-        results = evaluate_bin_sets(pkg, bins, batch=args.batch, log=_log)
+        results = evaluate_bins(pkg, bins, batch=args.batch, log=_log)
         per_package.append({"package": str(pkg.path), "results": [r.to_json() for r in results]})
         rows.extend(results)
     print(format_bin_table(rows))

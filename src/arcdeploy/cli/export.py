@@ -53,22 +53,22 @@ def run(args) -> int:
 
     res = export(args.ckpt, args.output, arch=args.arch, force=args.force, opset=args.opset, **convention_options(args))
     m = res.manifest
-    err = m.verification["relative_error"]
-    if m.source.get("kind") == "onnx":
-        det = m.source["detected"]
+    err = m.verification.relative_error
+    if m.source.kind == "onnx":
+        det = m.source.detected or {}
         out = m.output
         print(f"exported {m.arch} -> {res.out_dir}")
         print(f"  input       {m.reference.input.describe() if m.reference.input else m.input.describe()}")
         print(f"              ({det['normalization']['how']})")
-        for line in m.source.get("model_changes", []):
+        for line in m.source.model_changes or []:
             print(f"  model.onnx  {line}")
         print(f"  output      {out.name} [N, {out.dim}], {'L2-normalised' if out.normalized else 'raw'}")
         print(
             f"  batch       source: {det['batch']['source']}; model.onnx: dynamic, vs source.onnx rel. error "
-            f"{err['onnx']:.1e} at batch {', '.join(str(b) for b in m.verification['batches'])}"
+            f"{err['onnx']:.1e} at batch {', '.join(str(b) for b in m.verification.batches)}"
         )
         return 0
-    notes = f" ({'; '.join(m.source['notes'])})" if m.source.get("notes") else ""
+    notes = f" ({'; '.join(m.source.notes)})" if m.source.notes else ""
     print(f"exported {m.arch}{notes} -> {res.out_dir}")
     print(f"  model.onnx  opset {m.opset}, dynamic batch; vs PyTorch rel. error {err['onnx']:.1e} at batch 1 and 5")
     print(f"  model.pt    TorchScript; vs PyTorch rel. error {err['torchscript']:.1e}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..engines.registry import DEFAULT_ENGINE, engine_names
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -14,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="the backbone.pth state dict")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (reused on rerun)")
     p.add_argument("--arch", default="auto")
-    p.add_argument("--engine", default="openvino", choices=("openvino", "onnxruntime", "torch"))
+    p.add_argument("--engine", default=DEFAULT_ENGINE, choices=engine_names())
     p.add_argument("--precisions", default="fp32,bf16,int8", help="comma-separated (default fp32,bf16,int8)")
     p.add_argument(
         "--calib",
@@ -41,31 +43,30 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..bench import parse_batches
-    from ..builder import normalize_precision
+    from ..options import BuildOptions, RunOptions
     from ..run import run_pipeline
+    from ..types import Precision
 
-    precisions = [normalize_precision(p.strip()) for p in args.precisions.split(",") if p.strip()]
-    result = run_pipeline(
-        args.ckpt,
-        args.output,
-        engine=args.engine,
-        precisions=precisions,
-        calib=args.calib,
-        calib_landmarks=args.calib_landmarks,
+    options = RunOptions(
+        build=BuildOptions(
+            engine=args.engine,
+            arch=args.arch,
+            calib=args.calib,
+            calib_landmarks=args.calib_landmarks,
+            threads=args.threads,
+        ),
+        precisions=tuple(Precision.parse(p.strip()) for p in args.precisions.split(",") if p.strip()),
         check_images=args.check_images,
         check_landmarks=args.check_landmarks,
         ijb_root=args.ijb,
         target=args.target,
-        bins=args.bins,
-        batches=parse_batches(args.batches),
+        bins=tuple(args.bins),
+        batches=tuple(parse_batches(args.batches)),
         iterations=args.iterations,
-        threads=args.threads,
-        arch=args.arch,
         ijb_flip=not args.no_flip,
-        log=progress,
         force=args.force,
     )
-    return finish("run", result)
+    return finish("run", run_pipeline(args.ckpt, args.output, options, log=progress))
 
 
 def progress(message: str) -> None:

@@ -65,8 +65,9 @@ def prepare_data(data: Path, cfg: DemoConfig, log=print) -> dict[str, Path]:
     """Generate (once) the checkpoint, calibration crops, IJB-C mini set and .bin set under ``data``."""
     import cv2
 
+    from ..synthetic import aligned_faces
     from .datasets import write_bin_set, write_ijb_set
-    from .synth import aligned_faces, write_generated_checkpoint
+    from .synth import write_generated_checkpoint
 
     data.mkdir(parents=True, exist_ok=True)
     stamp = data / "generated.json"

@@ -2,7 +2,7 @@
 
 - :func:`write_ijb_set`: an IJB-style folder (``meta/`` with the three files of
   insightface's IJB layout, ``loose_crop/`` with real JPEG loose crops of cartoon faces
-  from :func:`arcdeploy.synth.draw_face`, their absolute 5 landmarks and a
+  from :func:`arcdeploy.synthetic.draw_face`, their absolute 5 landmarks and a
   faceness score), with every genuine and every impostor template pair, and the
   three 1:N list files (two disjoint galleries and the mixed probes, as in IJB).
 - :func:`write_bin_set`: an LFW-style ``.bin`` (pickled ``(bins, issame_list)``
@@ -61,7 +61,7 @@ def write_ijb_set(
     of each odd one in G2 (S2); every other template is a probe, so each probe is mated in one
     gallery and non-mated in the other. Subject ids are identity + 1.
     """
-    from .synth import draw_face
+    from ..synthetic import draw_face
 
     root = Path(root)
     t = target.lower()
@@ -158,7 +158,7 @@ def bin_set_faces(
     """Aligned RGB faces [2 * pairs, 112, 112, 3] and the issame list (alternating True, False).
     With ``likeness`` the two people of a different pair share that much of one look."""
     from ..faces.align import align_face
-    from .synth import draw_face
+    from ..synthetic import draw_face
 
     faces = np.empty((2 * pairs, 112, 112, 3), np.uint8)
     issame = []

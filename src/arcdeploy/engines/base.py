@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ArcdeployError
+from ..types import Device, Precision
 
 if TYPE_CHECKING:
     from ..manifest import InputSpec, PackageManifest
@@ -34,14 +35,17 @@ if TYPE_CHECKING:
 class Capabilities:
     """What an engine can build and how it runs."""
 
-    precisions: tuple[str, ...]  # every precision it builds
-    gpu_only: tuple[str, ...] = ()  # of those, the ones that need a GPU
-    devices: tuple[str, ...] = ("CPU",)
+    precisions: tuple[Precision, ...]  # every precision it builds
+    gpu_only: tuple[Precision, ...] = ()  # of those, the ones that need a GPU
+    devices: tuple[Device, ...] = (Device.CPU,)
     async_requests: bool = False  # keeps several requests in flight itself
     reports_executed: bool = False  # can say what precision each layer runs in
     folds_preprocessing: bool = False  # can take uint8 NHWC and normalise in the graph
     static_batch: bool = False  # can compile for one fixed batch size
     quantizer: str | None = None  # who makes its int8 model
+    # reference kinds its package's own model file already is (the torch engine's model.pt is the
+    # fp32 TorchScript, cast when it runs): the package then stores no second copy as its reference
+    model_is_reference: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
@@ -62,7 +66,7 @@ class BuildJob:
     onnx_path: Path  # the exported fp32 ONNX (dynamic batch, ``input`` convention below)
     out_dir: Path
     manifest: PackageManifest
-    precision: str
+    precision: Precision
     input: InputSpec  # the ONNX's input convention
     torchscript_path: Path | None = None
     recipe: QuantRecipe | None = None
@@ -78,8 +82,8 @@ class RuntimeInfo:
     """What is running (``describe``): the same keys for every engine."""
 
     engine: str
-    device: str
-    precision: str  # the package's precision
+    device: str  # the device as the engine names it ("CPU", "cuda:0", ...)
+    precision: Precision  # the package's precision
     executes: str | None  # what the engine reports it executes (e.g. "bf16"), if it can tell
     threads: int | str | None
     version: str
@@ -115,6 +119,33 @@ def time_calls(fn: Callable[[], Any], warmup: int, stop: StopRule) -> tuple[list
         fn()
         lat.append((time.perf_counter() - s) * 1e3)
     return lat, time.perf_counter() - t0
+
+
+def interleaved_rates(
+    calls: Mapping[str, Callable[[], Any]],
+    items: Mapping[str, int],
+    rounds: int,
+    seconds: float,
+    min_runs: int = 1,
+    warmup: int = 1,
+    after_round: Callable[[int, dict[str, list[float]]], None] | None = None,
+) -> dict[str, list[float]]:
+    """Items per second of each call, timed in turns on a noisy machine: every round runs each call
+    for ``seconds`` (at least ``min_runs`` times), the order rotating from round to round so none
+    always goes first; ``warmup`` untimed calls each before the first round. ``items``: what one
+    call processes (a batch size). {key: [rate per round]}; ``after_round(round, rates)`` after each."""
+    keys = list(calls)
+    for k in keys:  # first runs do one-time work (allocations, lazy compilation)
+        for _ in range(max(warmup, 0)):
+            calls[k]()
+    rates: dict[str, list[float]] = {k: [] for k in keys}
+    for rnd in range(rounds):
+        for k in keys[rnd % len(keys) :] + keys[: rnd % len(keys)]:
+            lat, wall = time_calls(calls[k], 0, StopRule(None, seconds, min_runs))
+            rates[k].append(items[k] * len(lat) / wall)
+        if after_round is not None:
+            after_round(rnd, rates)
+    return rates
 
 
 class GraphSession(ABC):
@@ -193,6 +224,16 @@ class Runtime(ABC):
         """How many requests in flight give the best throughput (1 unless the engine knows better)."""
         return 1
 
+    @classmethod
+    def options_for(cls, throughput: bool, requests: int | None = None) -> dict[str, Any]:
+        """Engine options (for :func:`arcdeploy.load`) that set a runtime up for a latency run or a
+        throughput run with ``requests`` in flight (None: the engine's choice). None by default."""
+        return {}
+
+    def in_flight_how(self) -> str:
+        """How this runtime keeps several requests in flight, in words (a benchmark records it)."""
+        return f"{self.engine_name} threads"
+
     @abstractmethod
     def describe(self) -> RuntimeInfo:
         """What is running: device, executed precision, threads, streams, library version."""
@@ -218,13 +259,13 @@ class Engine:
     build: Callable[[BuildJob], None]
     runtime: type[Runtime]
     open_graph: Callable[..., GraphSession] | None = None
-    check: Callable[[str], None] | None = None
+    check: Callable[[Precision], None] | None = None
     describe_library: Callable[[], str] | None = None
     # an int8 build's layers put back in float one by one, for the accuracy-aware fallback:
     # reverter(job) -> object with layers() -> [names] and embed(names, x) -> float32 [N, D]
     reverter: Callable[[BuildJob], Any] | None = None
 
-    def check_precision(self, precision: str) -> None:
+    def check_precision(self, precision: Precision) -> None:
         if precision not in self.capabilities.precisions:
             raise ArcdeployError(f"engine {self.name} has no {precision} build")
         if self.check is not None:

@@ -16,8 +16,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArcdeployError, first_line
+from ..manifest import CalibrationRecord, ExecutedRecord
 from ..quantize import QuantRecipe, float_nodes_onnx, quiet_quantizers, range_spread
+from ..types import Device, Precision
 from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, TensorInfo
+from .nncf_quant import nncf_quantize
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 QUANTIZERS = ("nncf", "onnxruntime")
@@ -62,7 +65,7 @@ def _info(args) -> list[TensorInfo]:
     return [TensorInfo(a.name, list(a.shape), _ORT_TYPES.get(a.type, a.type)) for a in args]
 
 
-class OrtGraph(GraphSession):
+class OnnxRuntimeGraph(GraphSession):
     def __init__(self, path, threads: int | None = None, gpu: bool = False):
         self.path = Path(path)
         self.session = _session(self.path, threads, gpu)
@@ -73,8 +76,8 @@ class OrtGraph(GraphSession):
         return list(self.session.run(None, feeds))
 
 
-def open_graph(path, threads: int | None = None, gpu: bool = False, **_: Any) -> OrtGraph:
-    return OrtGraph(path, threads, gpu)
+def open_graph(path, threads: int | None = None, gpu: bool = False, **_: Any) -> OnnxRuntimeGraph:
+    return OnnxRuntimeGraph(path, threads, gpu)
 
 
 class OnnxRuntimeRuntime(Runtime):
@@ -83,7 +86,7 @@ class OnnxRuntimeRuntime(Runtime):
     def __init__(self, package_dir, manifest, threads=None, **options):
         super().__init__(package_dir, manifest, threads, **options)
         gpu = bool(options.get("gpu", True))
-        if manifest.precision == "fp16" and not gpu_providers():
+        if manifest.precision is Precision.FP16 and not gpu_providers():
             raise ArcdeployError(
                 f"{self.package_dir}: an fp16 ONNX Runtime package needs a GPU "
                 "(CUDAExecutionProvider from onnxruntime-gpu); none is available here"
@@ -103,7 +106,7 @@ class OnnxRuntimeRuntime(Runtime):
         gpu = providers[0] != "CPUExecutionProvider"
         return RuntimeInfo(
             engine="onnxruntime",
-            device="GPU" if gpu else "CPU",
+            device=Device.GPU if gpu else Device.CPU,
             precision=self.manifest.precision,
             executes=self.manifest.precision,
             threads=self.threads or "default (one per physical core)",
@@ -115,8 +118,8 @@ class OnnxRuntimeRuntime(Runtime):
 # ------------------------------------------------------------------ building
 
 
-def _check(precision: str) -> None:
-    if precision == "fp16" and not gpu_providers():
+def _check(precision: Precision) -> None:
+    if precision is Precision.FP16 and not gpu_providers():
         raise ArcdeployError(
             "precision fp16 needs a GPU for onnxruntime (CUDAExecutionProvider from "
             "onnxruntime-gpu; none here); use --engine openvino"
@@ -127,18 +130,18 @@ def build(job: BuildJob) -> None:
     import onnx
 
     target = job.out_dir / "model.onnx"
-    if job.precision == "int8":
+    if job.precision is Precision.INT8:
         assert job.recipe is not None and job.calib_inputs is not None
         quantizer = job.options.get("ort_quantizer", "nncf")
         if quantizer not in QUANTIZERS:
             raise ArcdeployError(f"unknown ort_quantizer {quantizer!r}; choose {' or '.join(QUANTIZERS)}")
         quantize = _quantize_nncf if quantizer == "nncf" else _quantize_ort
         job.manifest.calibration = quantize(job.onnx_path, target, job.calib_inputs, job.input.name, job.recipe)
-    elif job.precision == "fp16":
+    elif job.precision is Precision.FP16:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         onnx.save(convert_float_to_float16(onnx.load(str(job.onnx_path)), keep_io_types=True), str(target))
-        job.manifest.device = "GPU"
+        job.manifest.device = Device.GPU
     else:
         shutil.copyfile(job.onnx_path, target)
     if job.fold_preprocessing:
@@ -146,10 +149,10 @@ def build(job: BuildJob) -> None:
         onnx.checker.check_model(model)
         onnx.save(model, str(target))
     job.manifest.files = {"model": "model.onnx"}
-    job.manifest.executed = {
-        "inference_precision": job.precision if job.precision != "int8" else "int8 (QDQ) + fp32",
-        "note": "ONNX Runtime runs what the graph says: no precision hint",
-    }
+    job.manifest.executed = ExecutedRecord(
+        inference_precision=job.precision if job.precision is not Precision.INT8 else "int8 (QDQ) + fp32",
+        note="ONNX Runtime runs what the graph says: no precision hint",
+    )
 
 
 def fold_preprocessing(model, spec):
@@ -202,22 +205,19 @@ def fold_preprocessing(model, spec):
     return model
 
 
-def _quantize_nncf(src: Path, target: Path, x: np.ndarray, input_name: str, recipe: QuantRecipe) -> dict:
+def _quantize_nncf(src: Path, target: Path, x: np.ndarray, input_name: str, recipe: QuantRecipe) -> CalibrationRecord:
     """NNCF's ONNX backend -> a QDQ model ONNX Runtime runs (the OpenVINO build's recipe)."""
-    import nncf
     import onnx
 
     model = onnx.load(str(src))
     spreads = input_spreads(src, x[:SPREAD_SAMPLES], input_name) if "spread" in recipe.keep_float else None
     kept = float_nodes_onnx(model, recipe, spreads)
-    dataset = nncf.Dataset([{input_name: x[i : i + 1]} for i in range(len(x))])
-    with quiet_quantizers():
-        q = nncf.quantize(model, dataset, **recipe.nncf_kwargs(len(x), kept.names()))
+    q = nncf_quantize(model, [{input_name: x[i : i + 1]} for i in range(len(x))], recipe, kept.names())
     onnx.save(q, str(target))
     return recipe.manifest_entry("NNCF post-training quantization, ONNX backend -> QDQ", kept, len(x))
 
 
-def _quantize_ort(src: Path, target: Path, x: np.ndarray, input_name: str, recipe: QuantRecipe) -> dict:
+def _quantize_ort(src: Path, target: Path, x: np.ndarray, input_name: str, recipe: QuantRecipe) -> CalibrationRecord:
     """onnxruntime.quantization.quantize_static, QDQ format."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
@@ -349,15 +349,22 @@ def reverter(job: BuildJob) -> LayerReverter:
 
 
 def ort_quantization_kwargs(recipe: QuantRecipe, excluded: list[str]) -> dict:
-    """The recipe's quantize_static settings with ONNX Runtime's enums in place of their names."""
+    """The recipe as keyword arguments for ``onnxruntime.quantization.quantize_static`` (QDQ): uint8
+    activations, int8 weights, MinMax ranges (the averaging estimators map to Percentile)."""
     from onnxruntime import quantization as q
 
-    kw = recipe.ort_settings(excluded)
-    kw["quant_format"] = getattr(q.QuantFormat, kw["quant_format"])
-    kw["activation_type"] = getattr(q.QuantType, kw["activation_type"])
-    kw["weight_type"] = getattr(q.QuantType, kw["weight_type"])
-    kw["calibrate_method"] = getattr(q.CalibrationMethod, kw["calibrate_method"])
-    return kw
+    minmax = recipe.range_estimator in ("minmax", "mean_minmax")
+    return {
+        "quant_format": q.QuantFormat.QDQ,
+        "activation_type": q.QuantType.QUInt8,
+        "weight_type": q.QuantType.QInt8,
+        "per_channel": recipe.per_channel_weights,
+        "reduce_range": recipe.weight_bits == 7,
+        "calibrate_method": q.CalibrationMethod.MinMax if minmax else q.CalibrationMethod.Percentile,
+        "op_types_to_quantize": list(recipe.ort_op_types),
+        "nodes_to_exclude": list(excluded),
+        "extra_options": {"ActivationSymmetric": recipe.symmetric_activations, "WeightSymmetric": True},
+    }
 
 
 def _version() -> str:
@@ -369,9 +376,9 @@ ENGINE = Engine(
     requirement="onnxruntime",
     module="onnxruntime",
     capabilities=Capabilities(
-        precisions=("fp32", "fp16", "int8"),
-        gpu_only=("fp16",),
-        devices=("CPU", "GPU"),
+        precisions=(Precision.FP32, Precision.FP16, Precision.INT8),
+        gpu_only=(Precision.FP16,),
+        devices=(Device.CPU, Device.GPU),
         async_requests=False,
         reports_executed=False,
         folds_preprocessing=True,

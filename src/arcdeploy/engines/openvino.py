@@ -27,13 +27,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArcdeployError, first_line
-from ..quantize import FloatScope, QuantRecipe, quiet_quantizers, range_spread, spread_layers
+from ..manifest import ExecutedRecord
+from ..quantize import FloatScope, QuantRecipe, range_spread, spread_layers
+from ..types import Device, FloatLayerPrecision, Precision
 from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, StopRule, TensorInfo
+from .nncf_quant import nncf_quantize
 
 # layer types whose runtime precision says what the heavy math runs in
 COMPUTE_LAYERS = ("Convolution", "FullyConnected", "MatMul", "Gemm", "GroupConvolution", "Deconvolution")
 # OpenVINO's element types for the precision hint
-HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+HINTS = {Precision.FP32: "f32", Precision.FP16: "f16", Precision.BF16: "bf16"}
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 
 
@@ -55,8 +58,9 @@ def _type_name(t) -> str:
     return name() if name else str(t)
 
 
-def executed_precisions(compiled_model) -> dict:
-    """{"inference_precision": ..., "layers": {"Convolution": {"u8": 21}, ...}} of a compiled model."""
+def executed_precisions(compiled_model) -> ExecutedRecord:
+    """The inference precision and the runtime precision of each compute layer kind
+    ({"Convolution": {"u8": 21}, ...}) of a compiled model."""
     layers: dict[str, Counter] = {}
     for op in compiled_model.get_runtime_model().get_ops():
         info = op.get_rt_info()
@@ -65,10 +69,10 @@ def executed_precisions(compiled_model) -> dict:
         kind = info["layerType"].astype(str)
         if kind in COMPUTE_LAYERS:
             layers.setdefault(kind, Counter())[info["runtimePrecision"].astype(str)] += 1
-    return {
-        "inference_precision": _type_name(compiled_model.get_property("INFERENCE_PRECISION_HINT")),
-        "layers": {k: dict(sorted(v.items())) for k, v in sorted(layers.items())},
-    }
+    return ExecutedRecord(
+        inference_precision=_type_name(compiled_model.get_property("INFERENCE_PRECISION_HINT")),
+        layers={k: dict(sorted(v.items())) for k, v in sorted(layers.items())},
+    )
 
 
 def compile_config(
@@ -89,7 +93,7 @@ def compile_config(
 
 def _compile(model_or_path, config: dict, what: str):
     try:
-        return core().compile_model(model_or_path, "CPU", config)
+        return core().compile_model(model_or_path, Device.CPU.value, config)
     except Exception as exc:
         raise ArcdeployError(f"{what}: OpenVINO cannot compile it ({first_line(exc)})") from None
 
@@ -161,6 +165,17 @@ class OpenVINORuntime(Runtime):
             q.wait_all()
         return results
 
+    @classmethod
+    def options_for(cls, throughput: bool, requests: int | None = None) -> dict[str, Any]:
+        """One CPU stream per request for a throughput run, as benchmark_app -hint throughput compiles it."""
+        options: dict[str, Any] = {"performance_hint": "THROUGHPUT" if throughput else "LATENCY"}
+        if throughput and requests is not None:
+            options["num_requests"] = int(requests)
+        return options
+
+    def in_flight_how(self) -> str:
+        return "OpenVINO AsyncInferQueue"
+
     def optimal_in_flight(self) -> int:
         with contextlib.suppress(Exception):
             return max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
@@ -220,9 +235,9 @@ class OpenVINORuntime(Runtime):
         executed = executed_precisions(cm)
         return RuntimeInfo(
             engine="openvino",
-            device="CPU",
+            device=Device.CPU,
             precision=self.manifest.precision,
-            executes=executed["inference_precision"],
+            executes=executed.inference_precision,
             threads=int(cm.get_property("INFERENCE_NUM_THREADS")),
             version=_ov().get_version(),
             streams=int(cm.get_property("NUM_STREAMS")),
@@ -230,12 +245,12 @@ class OpenVINORuntime(Runtime):
             details={
                 "performance_hint": str(cm.get_property("PERFORMANCE_HINT")).split(".")[-1],
                 "requested_precision_hint": self.config.get("INFERENCE_PRECISION_HINT"),
-                "executed": executed,
+                "executed": executed.to_json(),
             },
         )
 
 
-class OvGraph(GraphSession):
+class OpenVINOGraph(GraphSession):
     """Any ONNX / IR file compiled for the CPU; a request per concurrent caller."""
 
     def __init__(self, path, threads: int | None = None, precision_hint: str | None = "f32", **_: Any):
@@ -267,8 +282,8 @@ def _shape(ps) -> list[Any]:
     return [d.get_length() if d.is_static else None for d in ps]
 
 
-def open_graph(path, threads: int | None = None, **options: Any) -> OvGraph:
-    return OvGraph(path, threads, **options)
+def open_graph(path, threads: int | None = None, **options: Any) -> OpenVINOGraph:
+    return OpenVINOGraph(path, threads, **options)
 
 
 # ------------------------------------------------------------------ building
@@ -351,17 +366,12 @@ def float_ops(model, recipe: QuantRecipe, spreads: dict[str, float] | None = Non
 
 def quantize(model, recipe: QuantRecipe, x: np.ndarray):
     """NNCF post-training quantization of an OpenVINO model; (model, scope kept in float)."""
-    import nncf
-
     spreads = input_spreads(model, x[:SPREAD_SAMPLES]) if "spread" in recipe.keep_float else None
     scope = float_ops(model, recipe, spreads)
     # the fc MatMul is enough to keep the head: NNCF never quantizes the folded BN1d after it
     head = [n for n, role in scope.entries if role == "head"]
     ignored = [n for n, role in scope.entries if role != "head"] + head[:1]
-    dataset = nncf.Dataset([x[i : i + 1] for i in range(len(x))])
-    with quiet_quantizers():
-        q = nncf.quantize(model, dataset, **recipe.nncf_kwargs(len(x), ignored))
-    return q, scope
+    return nncf_quantize(model, [x[i : i + 1] for i in range(len(x))], recipe, ignored), scope
 
 
 class LayerReverter:
@@ -467,47 +477,47 @@ def reverter(job: BuildJob) -> LayerReverter:
     )
 
 
-def _check(precision: str) -> None:
+def _check(precision: Precision) -> None:
     return None
 
 
 def build(job: BuildJob) -> None:
     ov = _ov()
     model = convert(job.onnx_path)
-    cfg: dict[str, Any] = {"device": "CPU", "performance_hint": job.options.get("performance_hint", "LATENCY")}
+    cfg: dict[str, Any] = {"device": Device.CPU, "performance_hint": job.options.get("performance_hint", "LATENCY")}
     if job.precision in HINTS:
         cfg["inference_precision"] = HINTS[job.precision]
-    if job.precision == "int8":
+    if job.precision is Precision.INT8:
         assert job.recipe is not None and job.calib_inputs is not None
         model, scope = quantize(model, job.recipe, job.calib_inputs)
         job.manifest.calibration = job.recipe.manifest_entry(
             "NNCF post-training quantization (OpenVINO)", scope, len(job.calib_inputs)
         )
-        if job.recipe.float_precision != "auto":
-            cfg["inference_precision"] = job.recipe.float_precision
+        if job.recipe.float_precision is not FloatLayerPrecision.AUTO:
+            cfg["inference_precision"] = job.recipe.float_precision.value
     if job.batch:
         model.reshape({model.inputs[0]: ov.PartialShape([int(job.batch), 3, *job.input.size])})
         job.manifest.dynamic_batch = False
     if job.fold_preprocessing:
         model = _fold_preprocessing(model, job.input)
     # fp16 keeps its weights in f16 on disk (what an f16 deployment ships); others stay exact
-    ov.save_model(model, str(job.out_dir / "model.xml"), compress_to_fp16=(job.precision == "fp16"))
+    ov.save_model(model, str(job.out_dir / "model.xml"), compress_to_fp16=(job.precision is Precision.FP16))
     job.manifest.files = {"model": "model.xml", "weights": "model.bin"}
     job.manifest.engine_config = cfg
     compiled = _compile(str(job.out_dir / "model.xml"), compile_config(cfg, job.manifest.threads), "the built model")
     executed = executed_precisions(compiled)
-    if job.precision in ("fp16", "bf16") and executed["inference_precision"] != HINTS[job.precision]:
-        executed["note"] = (
+    if job.precision in (Precision.FP16, Precision.BF16) and executed.inference_precision != HINTS[job.precision]:
+        executed.note = (
             f"this CPU has no native {job.precision}: the compiled model reports inference precision "
-            f"{executed['inference_precision']} despite the {HINTS[job.precision]} hint"
+            f"{executed.inference_precision} despite the {HINTS[job.precision]} hint"
         )
-        job.warnings.append(executed["note"] + " (recorded in the manifest)")
-    if job.precision == "int8":
-        executed["note"] = f"layers left in float run in {executed['inference_precision']}" + (
+        job.warnings.append(executed.note + " (recorded in the manifest)")
+    if job.precision is Precision.INT8:
+        executed.note = f"layers left in float run in {executed.inference_precision}" + (
             " (the CPU plugin's default)" if "inference_precision" not in cfg else " (as the recipe asks)"
         )
     job.manifest.executed = executed
-    job.manifest.device = "CPU"
+    job.manifest.device = Device.CPU
 
 
 def _fold_preprocessing(model, spec):
@@ -538,8 +548,8 @@ ENGINE = Engine(
     requirement="openvino",
     module="openvino",
     capabilities=Capabilities(
-        precisions=("fp32", "fp16", "bf16", "int8"),
-        devices=("CPU",),
+        precisions=tuple(Precision),
+        devices=(Device.CPU,),
         async_requests=True,
         reports_executed=True,
         folds_preprocessing=True,

@@ -26,10 +26,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArcdeployError, first_line
+from ..manifest import ExecutedRecord
+from ..types import Device, Precision
 from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, StopRule, TensorInfo
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-EXECUTES = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+DTYPES = {Precision.FP32: "float32", Precision.FP16: "float16", Precision.BF16: "bfloat16"}
+EXECUTES = {Precision.FP32: "f32", Precision.FP16: "f16", Precision.BF16: "bf16"}
+GPU_PRECISIONS = (Precision.FP16, Precision.BF16)
 CUDA_GRAPH_MAX_BATCH = 64  # above this the kernels are long enough that launch overhead does not matter
 
 
@@ -49,7 +52,7 @@ def load_torchscript(path: Path, device: str = "cpu"):
         raise ArcdeployError(f"{path}: cannot load the TorchScript model ({first_line(exc)})") from None
 
 
-class TorchScriptGraph(GraphSession):
+class TorchGraph(GraphSession):
     """A TorchScript model with one input and one output, run in fp32 on the CPU."""
 
     def __init__(self, path, threads: int | None = None, **_: Any):
@@ -68,8 +71,8 @@ class TorchScriptGraph(GraphSession):
             return [self.model(torch.from_numpy(np.ascontiguousarray(x))).float().numpy()]
 
 
-def open_graph(path, threads: int | None = None, **options: Any) -> TorchScriptGraph:
-    return TorchScriptGraph(path, threads, **options)
+def open_graph(path, threads: int | None = None, **options: Any) -> TorchGraph:
+    return TorchGraph(path, threads, **options)
 
 
 def cuda_device(want: str, what: str) -> str:
@@ -127,9 +130,8 @@ class TorchRuntime(Runtime):
         precision = manifest.precision
         if precision not in DTYPES:
             raise ArcdeployError(f"{self.package_dir}: torch packages run fp32, fp16 or bf16, not {precision}")
-        want = manifest.device.lower()
-        on_gpu = want.startswith("cuda")
-        device = cuda_device(want, f"{self.package_dir} (built for {manifest.device})") if on_gpu else "cpu"
+        on_gpu = manifest.device is Device.CUDA
+        device = cuda_device("cuda", f"{self.package_dir} (built for {manifest.device})") if on_gpu else "cpu"
         self.device = torch.device(device)
         self.dtype = getattr(torch, DTYPES[precision])
         model = load_torchscript(manifest.file(self.package_dir), device).to(self.dtype)
@@ -226,8 +228,8 @@ class TorchRuntime(Runtime):
         )
 
 
-def _check(precision: str) -> None:
-    if precision in ("fp16", "bf16"):
+def _check(precision: Precision) -> None:
+    if precision in GPU_PRECISIONS:
         cuda_device("cuda", f"precision {precision} with --engine torch")
 
 
@@ -242,10 +244,10 @@ def build(job: BuildJob) -> None:
     shutil.copyfile(job.torchscript_path, job.out_dir / "model.pt")
     job.manifest.files = {"model": "model.pt"}
     job.manifest.engine_config = {"format": "torchscript (torch.jit.trace of the eager model)"}
-    if job.precision in ("fp16", "bf16"):
-        job.manifest.device = "cuda"
+    if job.precision in GPU_PRECISIONS:
+        job.manifest.device = Device.CUDA
         job.manifest.engine_config["gpu"] = "frozen + optimize_for_inference, channels-last, CUDA graphs up to batch 64"
-    job.manifest.executed = {"inference_precision": EXECUTES[job.precision]}
+    job.manifest.executed = ExecutedRecord(inference_precision=EXECUTES[job.precision])
 
 
 def _version() -> str:
@@ -257,14 +259,15 @@ ENGINE = Engine(
     requirement="torch",
     module="torch",
     capabilities=Capabilities(
-        precisions=("fp32", "fp16", "bf16"),
-        gpu_only=("fp16", "bf16"),
-        devices=("CPU", "cuda"),
+        precisions=(Precision.FP32, *GPU_PRECISIONS),
+        gpu_only=GPU_PRECISIONS,
+        devices=(Device.CPU, Device.CUDA),
         async_requests=False,
         reports_executed=False,
         folds_preprocessing=False,
         static_batch=False,
         quantizer=None,
+        model_is_reference=("torchscript",),
     ),
     build=build,
     runtime=TorchRuntime,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -261,13 +261,28 @@ class BinResult:
             "fold_thresholds": list(self.fold_thresholds),
         }
 
+    @classmethod
+    def from_json(cls, data: dict) -> BinResult:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
-def evaluate_bin(package, path: str | os.PathLike, batch: int = 64) -> BinResult:
-    """One .bin set through one package (path or :class:`arcdeploy.package.Package`)."""
+
+def evaluate_bins(package, paths, batch: int = 64, log=None) -> list[BinResult]:
+    """Every .bin set through one package (path or :class:`arcdeploy.package.Package`), in order;
+    ``log`` gets insightface's two lines per set."""
     from ..package import load
 
     pkg = load(package)
-    path = Path(path)
+    results = []
+    for p in paths:
+        r = _evaluate_one(pkg, Path(p), batch)
+        if log:
+            log(f"[{r.name}]XNorm: {r.xnorm:f}")
+            log(f"[{r.name}]Accuracy-Flip: {r.accuracy:1.5f}+-{r.std:1.5f}")
+        results.append(r)
+    return results
+
+
+def _evaluate_one(pkg, path: Path, batch: int) -> BinResult:
     bins, issame = read_bin(path)
     faces = decode_faces(bins, path)
     emb, xnorm = embed_pairs(pkg, faces, batch=batch)
@@ -285,31 +300,6 @@ def evaluate_bin(package, path: str | os.PathLike, batch: int = 64) -> BinResult
         fold_accuracies=acc.fold_accuracies.tolist(),
         fold_thresholds=acc.fold_thresholds.tolist(),
     )
-
-
-def evaluate_bin_sets(package, paths, batch: int = 64, log=None) -> list[BinResult]:
-    """Every .bin through one package, in order; ``log`` gets insightface's two lines per set."""
-    from ..package import load
-
-    pkg = load(package)
-    results = []
-    for p in paths:
-        r = evaluate_bin(pkg, p, batch=batch)
-        if log:
-            log(f"[{r.name}]XNorm: {r.xnorm:f}")
-            log(f"[{r.name}]Accuracy-Flip: {r.accuracy:1.5f}+-{r.std:1.5f}")
-        results.append(r)
-    return results
-
-
-def evaluate_bins(package, paths, batch: int = 64, log=None) -> dict:
-    """Every .bin through one package, as the JSON document ``eval bin`` writes:
-    ``{"package": .., "results": [BinResult.to_json() per set]}``."""
-    from ..package import load
-
-    pkg = load(package)
-    results = evaluate_bin_sets(pkg, paths, batch=batch, log=log)
-    return {"package": str(pkg.path), "results": [r.to_json() for r in results]}
 
 
 def format_bin_table(rows: list) -> str:

@@ -62,13 +62,6 @@ def roc(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return fps / fps[-1], tps / tps[-1], thr
 
 
-def roc_sklearn(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """sklearn's ``roc_curve`` itself (the reference :func:`roc` is checked against)."""
-    from sklearn.metrics import roc_curve
-
-    return roc_curve(np.asarray(labels), np.asarray(scores))
-
-
 def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, fars=FARS) -> tuple[np.ndarray, np.ndarray]:
     """(TAR, the FPR of the chosen point) for each FAR: nearest ROC point, ties to the highest TPR."""
     fpr_f = np.asarray(fpr, dtype=np.float64)[::-1]

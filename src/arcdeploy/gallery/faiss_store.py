@@ -45,6 +45,7 @@ import numpy as np
 from ..errors import ArcdeployError, first_line
 from ..files import FileLock, clean_stale, disk_error, remove_path, write_json_atomic
 from ..manifest import check_format, read_json
+from ..utils import sha256_file
 from .store import (
     GALLERY_FORMAT,
     GALLERY_FORMAT_NAME,
@@ -167,12 +168,9 @@ class _HashingFile:
 
 
 def _file_record(path: Path) -> dict:
-    sha = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            sha.update(block)
         os.fsync(f.fileno())
-    return {"name": path.name, "size": path.stat().st_size, "sha256": sha.hexdigest()}
+    return {"name": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 class FolderGallery(GalleryStore):
@@ -274,16 +272,13 @@ class FolderGallery(GalleryStore):
             raise _Missing(path) from None
         if size != rec["size"]:
             raise _damaged(path, f"{size} bytes, gallery.json says {rec['size']}")
-        sha = hashlib.sha256()
         try:
-            with open(path, "rb") as f:
-                while block := f.read(1 << 20):
-                    sha.update(block)
+            digest = sha256_file(path)
         except FileNotFoundError:
             raise _Missing(path) from None
         except OSError as exc:
             raise ArcdeployError(f"{path}: unreadable ({exc.strerror or exc})") from None
-        if sha.hexdigest() != rec["sha256"]:
+        if digest != rec["sha256"]:
             raise _damaged(path, "its checksum does not match gallery.json")
         return path
 

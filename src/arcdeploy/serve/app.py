@@ -748,9 +748,11 @@ def open_package(package, threads: int | None = None, engine_streams: int = 1) -
     from ..engines import get_engine
 
     pkg = load(package, threads=threads)
-    if engine_streams > 1 and not pkg.loaded and get_engine(pkg.manifest.engine).capabilities.async_requests:
-        pkg.engine_options.setdefault("performance_hint", "THROUGHPUT")
-        pkg.engine_options.setdefault("num_requests", int(engine_streams))
+    engine = get_engine(pkg.manifest.engine)
+    if engine_streams > 1 and not pkg.loaded and engine.capabilities.async_requests:
+        # the engine says how a runtime is set up for requests in flight (as bench asks it)
+        for key, value in engine.runtime.options_for(True, int(engine_streams)).items():
+            pkg.engine_options.setdefault(key, value)
     return pkg
 
 

@@ -1,4 +1,4 @@
-"""Reading arcface_torch checkpoints safely and loading them into a backbone.
+"""arcface_torch checkpoints: read safely, loaded into a backbone, exported (:class:`CheckpointSource`).
 
 Checkpoints are pickles: they are only ever read with ``weights_only=True``,
 so a hostile file fails with a clear error instead of running code.
@@ -8,16 +8,31 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..backbones import ARCHS, build_model, describe_layout, detect_arch
-from ..errors import ArcdeployError, first_line
+from ..errors import ArcdeployError, describe, first_line
+from ..files import atomic_dir, write_json_atomic
+from ..manifest import (
+    MANIFEST_NAME,
+    ExportManifest,
+    InputSpec,
+    OutputSpec,
+    ReferenceSpec,
+    SourceRecord,
+    VerificationRecord,
+)
+from ..utils import library_versions, sha256_file
+from .base import ModelSource
+from .verify import TOLERANCE, ExportResult, check_export, verification_inputs
 
 # wrappers people save around the state dict (training scripts, Lightning, ...)
 _WRAPPER_KEYS = ("state_dict", "model", "backbone", "model_state_dict", "module")
@@ -171,3 +186,93 @@ def load_backbone(path: str | os.PathLike, arch: str = "auto") -> tuple[nn.Modul
 def _key_diff(model: nn.Module, state: Mapping) -> tuple[list[str], list[str]]:
     expected = set(model.state_dict())
     return sorted(expected - set(state)), sorted(set(state) - expected)
+
+
+# ------------------------------------------------------------------ the export
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "embedding"
+VERIFY_BATCHES = (1, 5)
+
+
+class CheckpointSource(ModelSource):
+    """An arcface_torch checkpoint (``backbone.pth``), exported to ONNX with a real dynamic batch
+    axis (never a batch-1 trace renamed afterwards, which breaks mbf at batch > 1) and to TorchScript,
+    the package's fp32 reference. The ONNX keeps insightface's input convention: RGB NCHW float32
+    112x112, ``(x - 127.5) / 127.5``, output [N, D] raw embeddings, named ``input`` / ``embedding``.
+    ONNX Runtime and TorchScript are checked against eager PyTorch at batch 1 and 5."""
+
+    kind = "checkpoint"
+    label = "a checkpoint"
+
+    def export(self, out_dir: Path) -> ExportResult:
+        model, info = load_backbone(self.path, self.arch)
+        try:
+            with atomic_dir(out_dir, force=True) as tmp:
+                onnx_path, ts_path = tmp / "model.onnx", tmp / "model.pt"
+                dim = self._trace(model, onnx_path, ts_path)
+                verification = self._check(model, onnx_path, ts_path)
+                manifest = ExportManifest(
+                    arch=info.arch,
+                    input=InputSpec(name=INPUT_NAME),
+                    output=OutputSpec(name=OUTPUT_NAME, dim=dim),
+                    files={"onnx": "model.onnx", "torchscript": "model.pt"},
+                    reference=ReferenceSpec(file="model.pt", kind="torchscript", sha256=sha256_file(ts_path)),
+                    source=SourceRecord(
+                        kind=self.kind, path=str(self.path.resolve()), sha256=sha256_file(self.path), notes=info.notes
+                    ),
+                    verification=verification,
+                    opset=self.opset,
+                    dynamic_batch=True,
+                    versions=library_versions("arcdeploy", "torch", "onnx", "onnxruntime"),
+                )
+                write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
+        except ArcdeployError:
+            raise
+        except Exception as exc:  # the exporter's own failures, reported in one line
+            raise ArcdeployError(f"{self.path}: export failed ({describe(exc)})") from None
+        return ExportResult(out_dir, out_dir / "model.onnx", out_dir / "model.pt", manifest)
+
+    def _trace(self, model: nn.Module, onnx_path: Path, ts_path: Path) -> int:
+        """model.onnx (dynamic batch) and model.pt (TorchScript); the embedding size."""
+        example = torch.from_numpy(verification_inputs(2))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example,),
+                str(onnx_path),
+                dynamo=False,
+                opset_version=self.opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                do_constant_folding=True,
+            )
+            traced = torch.jit.trace(model, example, check_trace=False)
+            torch.jit.save(traced, str(ts_path))
+            return int(model(example).shape[1])
+
+    def _check(self, model: nn.Module, onnx_path: Path, ts_path: Path) -> VerificationRecord:
+        """ONNX Runtime and TorchScript against eager PyTorch at batch 1 and 5."""
+        from ..engines import open_graph
+
+        graphs = {
+            "onnx": open_graph(onnx_path, engine="onnxruntime").run_one,
+            "torchscript": open_graph(ts_path, engine="torch").run_one,
+        }
+
+        def eager(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return model(torch.from_numpy(x)).numpy()
+
+        x = verification_inputs(max(VERIFY_BATCHES), seed=1)
+        checked = check_export(str(self.path), graphs, eager, x, VERIFY_BATCHES, against="PyTorch")
+        return VerificationRecord(
+            tolerance=TOLERANCE,
+            batches=list(VERIFY_BATCHES),
+            relative_error={name: checked.worst(name) for name in graphs},
+        )
+
+
+SOURCE = CheckpointSource

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ..manifest import format_norm, norm_value
+
 # nodes the input normalisation may pass through without changing pixel values' meaning
 PASS_THROUGH = ("Identity", "Cast", "Transpose")
 # how a constant's value may reach the norm in an L2 normalisation (eps clamps, broadcasts)
@@ -142,11 +144,6 @@ def per_channel(value: np.ndarray, channels: int = 3) -> np.ndarray | None:
     return None
 
 
-def _fmt(v: np.ndarray) -> str:
-    v = np.asarray(v, np.float64)
-    return f"{v[0]:g}" if np.allclose(v, v[0]) else "[" + ", ".join(f"{x:g}" for x in v) + "]"
-
-
 def read_input_affine(graph, input_name: str, consts: dict[str, np.ndarray]) -> AffineChain:
     """Follow the input through leading Sub/Add/Mul/Div by constants (and Identity/Cast/Transpose)."""
     cons = consumers(graph)
@@ -189,7 +186,7 @@ def read_input_affine(graph, input_name: str, consts: dict[str, np.ndarray]) -> 
             chain.stopped_at = where
             return chain
         chain.scale, chain.offset = a, b
-        chain.steps.append(f"{where} {_fmt(v)}")
+        chain.steps.append(f"{where} {format_norm(norm_value(v, 9))}")
         cur = node.output[0]
 
 
@@ -333,89 +330,118 @@ def prune_dead_nodes(graph) -> None:
 def make_batch_dynamic(model, input_name: str, traced: int, kinds: tuple[str, ...]) -> list[str]:
     """Rewrite the shape constants of ``kinds`` nodes whose first entry is the traced batch so that
     they follow the input's batch. Returns one line per rewrite (empty: nothing to rewrite)."""
-    from onnx import helper, numpy_helper
+    rewriter = _BatchRewriter(model, input_name, traced)
+    for node in model.graph.node:
+        if node.op_type in kinds:
+            rewriter.rewrite(node)
+    rewriter.finish()
+    return rewriter.rewrites
 
-    graph = model.graph
-    consts = constant_values(graph)
-    dep = dependent_tensors(graph, input_name)
-    taken = (
-        {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
-    )
-    rewrites: list[str] = []
-    front: list = []
-    before: dict[tuple, list] = {}  # a node's outputs -> nodes to insert before it
-    batch_name: list[str] = []
-    replaced: set[str] = set()
 
-    def fresh(base: str) -> str:
+class _BatchRewriter:
+    """The rewrites of one graph: new shape constants, and the Shape -> Gather of the input's batch
+    (made once, placed first) that shapes which cannot take -1 are concatenated from."""
+
+    def __init__(self, model, input_name: str, traced: int):
+        graph = model.graph
+        self.model, self.graph, self.input_name, self.traced = model, graph, input_name, traced
+        self.consts = constant_values(graph)
+        self.dep = dependent_tensors(graph, input_name)
+        self.taken = (
+            {i.name for i in graph.initializer}
+            | {o for n in graph.node for o in n.output}
+            | {i.name for i in graph.input}
+        )
+        self.rewrites: list[str] = []
+        self.front: list = []
+        self.before: dict[tuple, list] = {}  # a node's outputs -> nodes to insert before it
+        self.batch_name: str | None = None
+        self.replaced: set[str] = set()
+
+    def fresh(self, base: str) -> str:
         name, k = base, 0
-        while name in taken:
+        while name in self.taken:
             k += 1
             name = f"{base}_{k}"
-        taken.add(name)
+        self.taken.add(name)
         return name
 
-    def batch_tensor() -> str:
-        if not batch_name:
-            shape, index, out = fresh("arcdeploy/input_shape"), fresh("arcdeploy/zero"), fresh("arcdeploy/batch")
-            graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), index))
-            front.append(helper.make_node("Shape", [input_name], [shape], name=shape))
-            front.append(helper.make_node("Gather", [shape, index], [out], name=out, axis=0))
-            batch_name.append(out)
-        return batch_name[0]
+    def batch_tensor(self) -> str:
+        from onnx import helper, numpy_helper
 
-    for node in graph.node:
+        if self.batch_name is None:
+            shape, index = self.fresh("arcdeploy/input_shape"), self.fresh("arcdeploy/zero")
+            out = self.fresh("arcdeploy/batch")
+            self.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), index))
+            self.front.append(helper.make_node("Shape", [self.input_name], [shape], name=shape))
+            self.front.append(helper.make_node("Gather", [shape, index], [out], name=out, axis=0))
+            self.batch_name = out
+        return self.batch_name
+
+    def _shape_input(self, node) -> tuple[int, np.ndarray, str] | None:
+        """(the input slot, its value, "constant" or how it was computed) of a node to rewrite; None
+        when the node does not take a shape that starts with the traced batch."""
         op = node.op_type
-        if op not in kinds:
-            continue
         if op == "Reshape":
-            slot, wanted = 1, len(node.input) > 1 and node.input[0] in dep
+            slot, wanted = 1, len(node.input) > 1 and node.input[0] in self.dep
         elif op in ("Expand", "Tile"):
-            slot, wanted = 1, len(node.input) > 1 and node.input[0] not in dep  # a constant grown to the batch
+            slot, wanted = 1, len(node.input) > 1 and node.input[0] not in self.dep  # a constant grown to the batch
         else:  # ConstantOfShape
             slot, wanted = 0, True
         if not wanted:
-            continue
+            return None
         kind = "constant"
-        if node.input[slot] not in consts:
-            value = fold_value(model, node.input[slot], dep)
+        if node.input[slot] not in self.consts:
+            value = fold_value(self.model, node.input[slot], self.dep)
             if value is None:
-                continue
-            consts[node.input[slot]] = value
+                return None
+            self.consts[node.input[slot]] = value
             kind = "(computed from constants)"
-        s = np.asarray(consts[node.input[slot]]).astype(np.int64).reshape(-1)
-        if s.size == 0 or int(s[0]) != traced:
-            continue
-        label = f"{op} '{node.name}'"
+        s = np.asarray(self.consts[node.input[slot]]).astype(np.int64).reshape(-1)
+        if s.size == 0 or int(s[0]) != self.traced:
+            return None
+        return slot, s, kind
+
+    def rewrite(self, node) -> None:
+        from onnx import helper, numpy_helper
+
+        found = self._shape_input(node)
+        if found is None:
+            return
+        slot, s, kind = found
+        op, label = node.op_type, f"{node.op_type} '{node.name}'"
         if op == "Reshape" and -1 not in s[1:].tolist():
             new = s.copy()
             new[0] = -1
-            name = fresh(f"{node.input[slot]}/dynamic_batch")
-            graph.initializer.append(numpy_helper.from_array(new, name))
-            rewrites.append(f"{label}: shape {kind} {s.tolist()} -> {new.tolist()}")
+            name = self.fresh(f"{node.input[slot]}/dynamic_batch")
+            self.graph.initializer.append(numpy_helper.from_array(new, name))
+            self.rewrites.append(f"{label}: shape {kind} {s.tolist()} -> {new.tolist()}")
         else:
-            rest = fresh(f"{node.input[slot]}/after_batch")
-            name = fresh(f"{node.input[slot]}/dynamic_batch")
-            graph.initializer.append(numpy_helper.from_array(s[1:], rest))
-            before.setdefault(tuple(node.output), []).append(
-                helper.make_node("Concat", [batch_tensor(), rest], [name], name=name, axis=0)
+            rest = self.fresh(f"{node.input[slot]}/after_batch")
+            name = self.fresh(f"{node.input[slot]}/dynamic_batch")
+            self.graph.initializer.append(numpy_helper.from_array(s[1:], rest))
+            self.before.setdefault(tuple(node.output), []).append(
+                helper.make_node("Concat", [self.batch_tensor(), rest], [name], name=name, axis=0)
             )
-            rewrites.append(
+            self.rewrites.append(
                 f"{label}: {'repeats' if op == 'Tile' else 'shape'} {kind} {s.tolist()} -> "
                 f"[batch, {', '.join(str(v) for v in s[1:].tolist())}] (batch from the input's shape)"
             )
-        replaced.add(node.input[slot])
+        self.replaced.add(node.input[slot])
         node.input[slot] = name
-    if front or before:
-        nodes = list(graph.node)
-        del graph.node[:]
-        graph.node.extend(front)
-        for node in nodes:
-            graph.node.extend(before.get(tuple(node.output), []))
-            graph.node.append(node)
-    if replaced:
-        prune_dead_nodes(graph)  # the constants (and constant subgraphs) the rewrites replaced
-    return rewrites
+
+    def finish(self) -> None:
+        """Insert the new nodes where they belong and drop what the rewrites replaced."""
+        graph = self.graph
+        if self.front or self.before:
+            nodes = list(graph.node)
+            del graph.node[:]
+            graph.node.extend(self.front)
+            for node in nodes:
+                graph.node.extend(self.before.get(tuple(node.output), []))
+                graph.node.append(node)
+        if self.replaced:
+            prune_dead_nodes(graph)  # the constants (and constant subgraphs) the rewrites replaced
 
 
 def set_batch_dim(value_info, name: str = "batch") -> None:

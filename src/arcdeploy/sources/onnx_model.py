@@ -1,6 +1,7 @@
-"""A foreign ArcFace-family ONNX file (no arcdeploy manifest beside it) -> an export folder.
+"""A foreign ArcFace-family ONNX file (no arcdeploy manifest beside it) -> an export folder
+(:class:`OnnxSource`).
 
-The folder is laid out like a checkpoint's (:mod:`arcdeploy.export`):
+The folder is laid out like a checkpoint's (:mod:`arcdeploy.sources.checkpoint`):
 
 - ``source.onnx``: a byte copy of the user's file, the package's fp32 reference (run
   in ONNX Runtime with the source's own input convention);
@@ -32,7 +33,6 @@ What is read off the graph (nothing is guessed where the graph can tell):
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass, field, replace
@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engines.runner import CropRunner, graph_input_feed
 from ..errors import ArcdeployError, describe, first_line
 from ..files import atomic_dir, write_json_atomic
 from ..manifest import (
@@ -52,14 +53,19 @@ from ..manifest import (
     InputSpec,
     OutputSpec,
     ReferenceSpec,
+    SourceRecord,
+    VerificationRecord,
+    format_norm,
+    norm_value,
 )
-from ..utils import library_versions, sha256_file
+from ..utils import library_versions, sha256_file, shape_text
 from . import onnx_graph as og
+from .base import ModelSource
+from .verify import TOLERANCE, ExportResult, check_export, relative_error
 
 log = logging.getLogger(__name__)
 
 VERIFY_BATCHES = (1, 5, 64)
-TOLERANCE = 1e-4
 PROBE_BATCH = 5
 # Caffe-style networks subtract the ImageNet mean in BGR order
 CAFFE_BGR_MEAN = np.array([103.94, 116.78, 123.68])
@@ -98,12 +104,6 @@ def parse_overrides(input_mean=None, input_std=None, bgr=None) -> dict:
     return out
 
 
-def _jnum(v: np.ndarray) -> float | tuple[float, ...]:
-    v = np.asarray(v, np.float64).reshape(-1)
-    vals = tuple(float(f"{x:.9g}") for x in v)
-    return vals[0] if len(set(vals)) == 1 else vals
-
-
 # ------------------------------------------------------------------ inspection
 
 
@@ -125,10 +125,6 @@ class Inspection:
 
 
 _ELEM = {1: "float32", 2: "uint8", 10: "float16", 11: "float64", 3: "int8", 7: "int64", 6: "int32"}
-
-
-def _shape_text(dims: list) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def _load(src: Path):
@@ -160,8 +156,8 @@ def inspect(model, src: Path) -> Inspection:
     outs = [(o.name, og.tensor_dims(o)) for o in graph.output]
     found = (
         f"{len(outs)} output{'s' if len(outs) != 1 else ''} "
-        f"({', '.join(f'{n} {_shape_text(d)}' for n, d in outs[:4])}{', ...' if len(outs) > 4 else ''}), "
-        f"input {inp.name} {_shape_text(dims)}"
+        f"({', '.join(f'{n} {shape_text(d)}' for n, d in outs[:4])}{', ...' if len(outs) > 4 else ''}), "
+        f"input {inp.name} {shape_text(dims)}"
     )
     if len(images) > 1:
         raise ArcdeployError(
@@ -186,7 +182,7 @@ def inspect(model, src: Path) -> Inspection:
     if len(outs[0][1]) not in (0, 2):
         raise ArcdeployError(
             f"{src}: not a face-recognition model: its output {outs[0][0]} is "
-            f"{_shape_text(outs[0][1])}, not embeddings [N, D]"
+            f"{shape_text(outs[0][1])}, not embeddings [N, D]"
         )
     elem = _ELEM.get(inp.type.tensor_type.elem_type, f"type {inp.type.tensor_type.elem_type}")
     if elem not in ("float32", "uint8"):
@@ -217,44 +213,12 @@ class Convention:
 
 
 def detect_convention(model, insp: Inspection, overrides: dict) -> Convention:
-    graph = model.graph
-    consts = og.constant_values(graph)
-    chain = og.read_input_affine(graph, insp.input_name, consts)
-    router = og.insightface_router_rule(graph)
-    uint8 = insp.input_dtype == "uint8"
-    in_graph = False
-    mean: Any = PIXEL_MEAN
-    std: Any = PIXEL_STD
-    if chain.found and chain.maps_pixels_to_normalised_range():
-        in_graph, mean, std = True, _jnum(chain.mean), _jnum(chain.std)
-        how = (
-            f"the graph normalises its input ({'; '.join(chain.steps)}): it takes raw 0..255 pixels, "
-            f"(x - {_fmt(mean)}) / {_fmt(std)} inside"
-        )
-    elif chain.found:
-        how = (
-            f"leading arithmetic on the input ({'; '.join(chain.steps)}) does not map 0..255 pixels to a "
-            f"normalised range; assumed insightface's (x - 127.5) / 127.5 in front of it"
-        )
-        log.warning("%s: %s (pass --input-mean/--input-std if the model expects something else)", insp.input_name, how)
-    elif chain.irregular:
-        in_graph = True
-        how = f"the graph normalises its input with {chain.irregular} (not per-channel): it takes raw 0..255 pixels"
-    elif uint8:
-        in_graph = True
-        how = "the input is uint8: the graph takes raw 0..255 pixels and normalises inside"
-    else:
-        how = (
-            f"no normalisation inside the graph (the input goes straight to {chain.stopped_at or 'the network'}): "
-            "insightface's ArcFace convention (x - 127.5) / 127.5"
-        )
-    norm = {"in_graph": in_graph, "mean": mean, "std": std, "how": how, "insightface_router": router}
-    if chain.passed:
-        norm["passes_through"] = chain.passed
-
+    """The source's input convention read off the graph, then with the user's ``overrides``."""
+    norm = _normalization(model, insp)
+    in_graph, mean = norm["in_graph"], norm["mean"]
     color, color_how = "RGB", "default: insightface feeds its ArcFace ONNX files RGB (the graph cannot tell)"
     if in_graph and isinstance(mean, tuple) and np.allclose(mean, CAFFE_BGR_MEAN, atol=1.5):
-        color, color_how = "BGR", f"the in-graph mean {_fmt(mean)} is the ImageNet mean in Caffe's BGR order"
+        color, color_how = "BGR", f"the in-graph mean {format_norm(mean)} is the ImageNet mean in Caffe's BGR order"
 
     size_how = (
         "fixed in the graph"
@@ -281,39 +245,80 @@ def detect_convention(model, insp: Inspection, overrides: dict) -> Convention:
         dtype=insp.input_dtype,
         size=insp.size,
         mean=mean,
-        std=std,
+        std=norm["std"],
         normalize_in_graph=in_graph,
     )
+    spec, applied = _apply_overrides(spec, insp, norm["how"], overrides)
+    return Convention(
+        source=spec, detected=detected, overrides={**overrides, **({"applied": applied} if applied else {})}
+    )
+
+
+def _normalization(model, insp: Inspection) -> dict:
+    """The manifest's detected.normalization: whether the graph normalises its input itself (and
+    with what mean and std), or takes insightface's ``(x - 127.5) / 127.5``; and how that was seen."""
+    graph = model.graph
+    chain = og.read_input_affine(graph, insp.input_name, og.constant_values(graph))
+    in_graph = False
+    mean: Any = PIXEL_MEAN
+    std: Any = PIXEL_STD
+    if chain.found and chain.maps_pixels_to_normalised_range():
+        in_graph, mean, std = True, norm_value(chain.mean, 9), norm_value(chain.std, 9)
+        how = (
+            f"the graph normalises its input ({'; '.join(chain.steps)}): it takes raw 0..255 pixels, "
+            f"(x - {format_norm(mean)}) / {format_norm(std)} inside"
+        )
+    elif chain.found:
+        how = (
+            f"leading arithmetic on the input ({'; '.join(chain.steps)}) does not map 0..255 pixels to a "
+            f"normalised range; assumed insightface's (x - 127.5) / 127.5 in front of it"
+        )
+        log.warning("%s: %s (pass --input-mean/--input-std if the model expects something else)", insp.input_name, how)
+    elif chain.irregular:
+        in_graph = True
+        how = f"the graph normalises its input with {chain.irregular} (not per-channel): it takes raw 0..255 pixels"
+    elif insp.input_dtype == "uint8":
+        in_graph = True
+        how = "the input is uint8: the graph takes raw 0..255 pixels and normalises inside"
+    else:
+        how = (
+            f"no normalisation inside the graph (the input goes straight to {chain.stopped_at or 'the network'}): "
+            "insightface's ArcFace convention (x - 127.5) / 127.5"
+        )
+    norm = {"in_graph": in_graph, "mean": mean, "std": std, "how": how}
+    norm["insightface_router"] = og.insightface_router_rule(graph)
+    if chain.passed:
+        norm["passes_through"] = chain.passed
+    return norm
+
+
+def _apply_overrides(spec: InputSpec, insp: Inspection, how: str, overrides: dict) -> tuple[InputSpec, dict]:
+    """The detected spec with the user's --input-mean / --input-std / --bgr; (spec, what was applied)."""
     applied: dict[str, Any] = {}
+    in_graph = spec.normalize_in_graph
     if "input_mean" in overrides or "input_std" in overrides:
-        if uint8:
+        if insp.input_dtype == "uint8":
             raise ArcdeployError(
                 f"{insp.input_name}: the model takes uint8 pixels and normalises inside; "
                 "--input-mean/--input-std cannot apply"
             )
-        new_mean = overrides.get("input_mean", mean if not in_graph else PIXEL_MEAN)
-        new_std = overrides.get("input_std", std if not in_graph else PIXEL_STD)
+        new_mean = overrides.get("input_mean", spec.mean if not in_graph else PIXEL_MEAN)
+        new_std = overrides.get("input_std", spec.std if not in_graph else PIXEL_STD)
         if in_graph:
             log.warning(
                 "%s: the graph normalises its input itself (%s); --input-mean/--input-std add "
                 "(x - %s) / %s in front of it as asked",
                 insp.input_name,
                 how,
-                _fmt(new_mean),
-                _fmt(new_std),
+                format_norm(new_mean),
+                format_norm(new_std),
             )
         spec = replace(spec, mean=new_mean, std=new_std, normalize_in_graph=False)
-        applied["normalization"] = f"(x - {_fmt(new_mean)}) / {_fmt(new_std)} fed to the graph"
+        applied["normalization"] = f"(x - {format_norm(new_mean)}) / {format_norm(new_std)} fed to the graph"
     if "bgr" in overrides:
         spec = replace(spec, color="BGR" if overrides["bgr"] else "RGB")
         applied["color"] = spec.color
-    return Convention(
-        source=spec, detected=detected, overrides={**overrides, **({"applied": applied} if applied else {})}
-    )
-
-
-def _fmt(v) -> str:
-    return "/".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}"
+    return spec, applied
 
 
 # ------------------------------------------------------------------ model.onnx
@@ -378,45 +383,12 @@ def base_model(model, insp: Inspection, reset_batch: bool) -> tuple[Any, list[st
 # ------------------------------------------------------------------ running
 
 
-class _Runner:
-    """One ONNX file in ONNX Runtime, fed through an InputSpec, at a fixed batch or any."""
+def _runner(path: Path, spec: InputSpec, batch: int | None = None) -> CropRunner:
+    """One ONNX file in ONNX Runtime, fed through ``spec``, at a fixed batch or any."""
+    from ..engines import open_graph
 
-    def __init__(self, path: Path, spec: InputSpec, batch: int | None = None):
-        from ..engines import open_graph
-
-        self.session = open_graph(path, engine="onnxruntime")
-        self.spec, self.batch = spec, batch
-        names = [i.name for i in self.session.inputs]
-        self.extra = {
-            i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in i.shape], dtype=_np_dtype(i.dtype))
-            for i in self.session.inputs
-            if i.name != spec.name
-        }
-        if spec.name not in names:
-            raise ArcdeployError(f"{path}: ONNX Runtime sees no input {spec.name!r} (it has {', '.join(names)})")
-
-    def raw(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.session.run({self.spec.name: x, **self.extra})[0])
-
-    def __call__(self, faces: np.ndarray) -> np.ndarray:
-        x = self.spec.to_model_input(faces)
-        if not self.batch or len(x) == self.batch:
-            return self.raw(x)
-        outs = []
-        for s in range(0, len(x), self.batch):
-            chunk = x[s : s + self.batch]
-            pad = self.batch - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            outs.append(self.raw(chunk)[: self.batch - pad])
-        return np.concatenate(outs)
-
-
-def _np_dtype(name: str):
-    try:
-        return np.dtype(name)
-    except TypeError:
-        return np.float32
+    session = open_graph(path, engine="onnxruntime")
+    return CropRunner(graph_input_feed(session, spec.name, where=str(path)), spec, batch)
 
 
 def verification_faces(n: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -424,15 +396,6 @@ def verification_faces(n: int, size: tuple[int, int], seed: int = 0) -> np.ndarr
     so the content does not matter, only that every path is exercised."""
     rng = np.random.default_rng(2000 + seed)
     return rng.integers(0, 256, size=(n, *size, 3), dtype=np.uint8)
-
-
-def _compare(out: np.ndarray, ref: np.ndarray) -> float:
-    """Worst per-row relative error; infinite when the shapes differ (NaN stays NaN and fails every limit)."""
-    from ..exporter import relative_error
-
-    if out.shape != ref.shape:
-        return float("inf")
-    return relative_error(out, ref)
 
 
 def _try(fn, *args) -> tuple[Any, str | None]:
@@ -447,36 +410,38 @@ def _try(fn, *args) -> tuple[Any, str | None]:
 # ------------------------------------------------------------------ the export
 
 
-def export_onnx(
-    src: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    force: bool = False,
-    input_mean=None,
-    input_std=None,
-    bgr: bool | None = None,
-):
-    """Export the foreign ONNX file ``src`` into ``out_dir`` (see the module doc).
+class OnnxSource(ModelSource):
+    """A foreign ArcFace-family ONNX file (see the module doc).
 
     ``input_mean`` / ``input_std`` (a number or three): the normalisation the model expects,
     ``(x - mean) / std`` fed to it, replacing the detected one; ``bgr``: the model takes BGR.
-    Returns an :class:`arcdeploy.exporter.ExportResult`.
     """
-    from ..exporter import ExportResult
 
-    src, out_dir = Path(src), Path(out_dir)
-    overrides = parse_overrides(input_mean, input_std, bgr)
-    model = _load(src)
-    insp = inspect(model, src)
-    conv = detect_convention(model, insp, overrides)
-    try:
-        with atomic_dir(out_dir, force=force) as tmp:
-            manifest = _export_into(src, model, insp, conv, tmp)
-            write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
-    except ArcdeployError:
-        raise
-    except Exception as exc:
-        raise ArcdeployError(f"{src}: export failed ({describe(exc)})") from None
-    return ExportResult(out_dir, out_dir / "model.onnx", out_dir / "source.onnx", manifest)
+    kind = "onnx"
+    label = "an ONNX source"
+    options = ("input_mean", "input_std", "bgr")
+
+    def __init__(self, path, input_mean=None, input_std=None, bgr: bool | None = None, **common: Any):
+        super().__init__(path, **common)
+        self.overrides = parse_overrides(input_mean, input_std, bgr)
+
+    def export(self, out_dir: Path) -> ExportResult:
+        src = self.path
+        model = _load(src)
+        insp = inspect(model, src)
+        conv = detect_convention(model, insp, self.overrides)
+        try:
+            with atomic_dir(out_dir, force=True) as tmp:
+                manifest = _export_into(src, model, insp, conv, tmp)
+                write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
+        except ArcdeployError:
+            raise
+        except Exception as exc:
+            raise ArcdeployError(f"{src}: export failed ({describe(exc)})") from None
+        return ExportResult(out_dir, out_dir / "model.onnx", out_dir / "source.onnx", manifest)
+
+
+SOURCE = OnnxSource
 
 
 def _copy_source(src: Path, model, target: Path) -> str | None:
@@ -491,109 +456,40 @@ def _copy_source(src: Path, model, target: Path) -> str | None:
     return None
 
 
-def _export_into(src: Path, model, insp: Inspection, conv: Convention, tmp: Path) -> ExportManifest:
-    import onnx
+@dataclass
+class _SourceRun:
+    """The source as it is, run on the verification faces: its outputs (the reference) and its batch."""
 
+    ref: np.ndarray
+    batch: dict  # the manifest's detected.batch (without the rewrites)
+    traced: int | None  # the batch a renamed axis was traced at; None: the batch is really dynamic
+    ref_batch: int | None  # the batch the reference runs at (fixed or traced); None: any
+
+
+def _export_into(src: Path, model, insp: Inspection, conv: Convention, tmp: Path) -> ExportManifest:
     source_path, model_path = tmp / "source.onnx", tmp / "model.onnx"
     copy_note = _copy_source(src, model, source_path)
     faces = verification_faces(max(VERIFY_BATCHES), insp.size)
     model_spec = replace(conv.source, layout="NCHW", dtype="float32")
-
-    # the source as it is: its output, and whether its batch axis really is one
-    src_run = _Runner(source_path, conv.source, insp.batch)
-    first, err = _try(src_run, faces[: insp.batch or 1])
-    if err:
-        raise ArcdeployError(f"{src}: ONNX Runtime cannot run it on a {insp.size[0]}x{insp.size[1]} image ({err})")
-    if first.ndim != 2 or first.shape[0] != (insp.batch or 1):
-        raise ArcdeployError(
-            f"{src}: not a face-recognition model: its output {insp.output_name} is "
-            f"{list(first.shape)} for {insp.batch or 1} image(s), not embeddings [N, D]"
-        )
-    if not np.all(np.isfinite(first)):
-        raise ArcdeployError(f"{src}: the model gives non-finite outputs")
-    batch_info: dict[str, Any]
-    ref_batch = insp.batch
-    if insp.batch is not None:
-        batch_info = {"source": insp.batch, "how": f"input {insp.input_name} has a fixed batch of {insp.batch}"}
-        traced = insp.batch
-    else:
-        rows = np.concatenate([src_run(faces[i : i + 1]) for i in range(PROBE_BATCH)])
-        together, err = _try(src_run, faces[:PROBE_BATCH])
-        gap = float("inf") if together is None else _compare(together, rows)
-        if gap <= TOLERANCE:
-            batch_info = {
-                "source": "dynamic",
-                "how": f"batch axis {insp.input_dims[0] or '?'}; the source gives the "
-                f"same rows at batch {PROBE_BATCH} as one by one",
-            }
-            traced = None
-        else:
-            traced = og.traced_batch_guess(model.graph, insp.input_name, og.constant_values(model.graph))
-            why = err or f"rows differ from one-by-one runs by relative error {gap:.1e}"
-            batch_info = {
-                "source": f"renamed (traced at batch {traced})",
-                "how": f"batch axis named {insp.input_dims[0] or '?'} but the source fails at batch "
-                f"{PROBE_BATCH} ({why}): a batch-{traced} trace with the axis renamed",
-            }
-            ref_batch = traced
-            src_run = _Runner(source_path, conv.source, traced)
-    ref = src_run(faces)
-
-    # model.onnx: the least rewriting that gives a batch axis that works
-    stages = [()] if traced is None else [(), ("Reshape",), og.BATCH_SHAPE_OPS]
-    tried: list[list[str]] = []
-    failure = ""
-    for kinds in stages:
-        cand, notes = base_model(model, insp, reset_batch=traced is not None)
-        rewrites = og.make_batch_dynamic(cand, insp.input_name, traced, kinds) if kinds and traced else []
-        if rewrites in tried:
-            continue  # this stage finds nothing the last one did not rewrite
-        tried.append(rewrites)
-        onnx.save(cand, str(model_path))
-        got, err = _try(lambda: _Runner(model_path, model_spec)(faces[:PROBE_BATCH]))
-        gap = float("inf") if got is None else _compare(got, ref[:PROBE_BATCH])
-        if gap <= TOLERANCE:
-            break
-        failure = err or f"rows differ from the source's by relative error {gap:.1e}"
-    else:
-        raise ArcdeployError(
-            f"{src}: cannot make the batch dynamic: {_diagnose(model_path, model_spec, faces, failure)}"
-        )
-
+    run = _run_source(src, source_path, model, insp, conv, faces)
+    notes, rewrites = _write_dynamic_model(src, model, insp, run, model_spec, faces, model_path)
     # the full check: batch 1, 5 and 64 against the source
-    runner = _Runner(model_path, model_spec)
-    errors: dict[str, float] = {}
-    outputs = None
-    for b in VERIFY_BATCHES:
-        got, err = _try(runner, faces[:b])
-        if err:
-            raise ArcdeployError(f"{src}: model.onnx fails at batch {b}: {err}")
-        errors[str(b)] = _compare(got, ref[:b])
-        outputs = got
-        if not errors[str(b)] <= TOLERANCE:
-            raise ArcdeployError(
-                f"{src}: model.onnx differs from the source at batch {b} by relative error "
-                f"{errors[str(b)]:.2e} (limit {TOLERANCE:.0e})"
-            )
-    assert outputs is not None
+    checked = check_export(
+        str(src),
+        {"model.onnx": _runner(model_path, model_spec)},
+        lambda x: run.ref[: len(x)],
+        faces,
+        VERIFY_BATCHES,
+        against="the source",
+        tolerance=TOLERANCE,
+    )
+    outputs = checked.outputs["model.onnx"]
+    errors = {str(b): e for b, e in checked.errors["model.onnx"].items()}
     dim = int(outputs.shape[1])
-    norms = np.linalg.norm(outputs.astype(np.float64), axis=1)
-    unit = bool(np.all(np.abs(norms - 1.0) <= 1e-3))
-    node = og.find_l2_normalization(model.graph, insp.output_name, og.constant_values(model.graph))
-    if unit:
-        norm_how = (
-            f"{node}; outputs have unit norm" if node else "outputs have unit norm (no normalisation node recognised)"
-        )
-    else:
-        norm_how = (
-            f"{node} found, but outputs do not have unit norm: taken as raw"
-            if node
-            else f"the graph ends in no L2 normalisation (norms {norms.min():.3g}..{norms.max():.3g})"
-        )
-
+    unit, norm_how = _output_normalization(model, insp, outputs)
     detected = {
         **conv.detected,
-        "batch": {**batch_info, "rewrites": rewrites},
+        "batch": {**run.batch, "rewrites": rewrites},
         "output": {
             "name": insp.output_name,
             "shape": insp.output_dims,
@@ -604,40 +500,115 @@ def _export_into(src: Path, model, insp: Inspection, conv: Convention, tmp: Path
         "opset": _opset(model),
         "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p),
     }
-    source: dict[str, Any] = {
-        "kind": "onnx",
-        "path": str(src.resolve()),
-        "sha256": sha256_file(src),
-        "detected": detected,
-        "overrides": conv.overrides,
-        "model_changes": notes + rewrites + ([copy_note] if copy_note else []),
-    }
-    verification = {
-        "reference": "source.onnx",
-        "engine": "onnxruntime",
-        "tolerance": TOLERANCE,
-        "batches": list(VERIFY_BATCHES),
-        "source_batch": ref_batch or "any",
-        "how": (
+    source = SourceRecord(
+        kind="onnx",
+        path=str(src.resolve()),
+        sha256=sha256_file(src),
+        detected=detected,
+        overrides=conv.overrides,
+        model_changes=notes + rewrites + ([copy_note] if copy_note else []),
+    )
+    verification = VerificationRecord(
+        reference="source.onnx",
+        engine="onnxruntime",
+        tolerance=TOLERANCE,
+        batches=list(VERIFY_BATCHES),
+        source_batch=run.ref_batch or "any",
+        how=(
             "model.onnx at each batch against source.onnx at the same batch"
-            if ref_batch is None
-            else f"model.onnx at each batch against source.onnx run {ref_batch} image(s) at a time"
+            if run.ref_batch is None
+            else f"model.onnx at each batch against source.onnx run {run.ref_batch} image(s) at a time"
         ),
-        "relative_error": {"onnx": max(errors.values()), **{f"batch_{k}": v for k, v in errors.items()}},
-    }
+        relative_error={"onnx": max(errors.values()), **{f"batch_{k}": v for k, v in errors.items()}},
+    )
     return ExportManifest(
         arch=f"onnx:{_name(src)}",
         input=model_spec,
         output=OutputSpec(name=insp.output_name, dim=dim, normalized=unit),
         files={"onnx": "model.onnx", "source": "source.onnx"},
         reference=ReferenceSpec(
-            file="source.onnx", kind="onnx", sha256=sha256_file(source_path), input=conv.source, batch=ref_batch
+            file="source.onnx", kind="onnx", sha256=sha256_file(source_path), input=conv.source, batch=run.ref_batch
         ),
         source=source,
+        verification=verification,
         opset=_opset(model),
         dynamic_batch=True,
-        verification=verification,
         versions=library_versions("arcdeploy", "onnx", "onnxruntime"),
+    )
+
+
+def _run_source(src: Path, source_path: Path, model, insp: Inspection, conv: Convention, faces) -> _SourceRun:
+    """The source as it is: its output, and whether its batch axis really is one."""
+    src_run = _runner(source_path, conv.source, insp.batch)
+    first, err = _try(src_run, faces[: insp.batch or 1])
+    if err:
+        raise ArcdeployError(f"{src}: ONNX Runtime cannot run it on a {insp.size[0]}x{insp.size[1]} image ({err})")
+    if first.ndim != 2 or first.shape[0] != (insp.batch or 1):
+        raise ArcdeployError(
+            f"{src}: not a face-recognition model: its output {insp.output_name} is "
+            f"{list(first.shape)} for {insp.batch or 1} image(s), not embeddings [N, D]"
+        )
+    if not np.all(np.isfinite(first)):
+        raise ArcdeployError(f"{src}: the model gives non-finite outputs")
+    if insp.batch is not None:
+        how = f"input {insp.input_name} has a fixed batch of {insp.batch}"
+        return _SourceRun(src_run(faces), {"source": insp.batch, "how": how}, insp.batch, insp.batch)
+    rows = np.concatenate([src_run(faces[i : i + 1]) for i in range(PROBE_BATCH)])
+    together, err = _try(src_run, faces[:PROBE_BATCH])
+    gap = float("inf") if together is None else relative_error(together, rows)
+    if gap <= TOLERANCE:
+        how = (
+            f"batch axis {insp.input_dims[0] or '?'}; the source gives the "
+            f"same rows at batch {PROBE_BATCH} as one by one"
+        )
+        return _SourceRun(src_run(faces), {"source": "dynamic", "how": how}, None, None)
+    traced = og.traced_batch_guess(model.graph, insp.input_name, og.constant_values(model.graph))
+    why = err or f"rows differ from one-by-one runs by relative error {gap:.1e}"
+    batch = {
+        "source": f"renamed (traced at batch {traced})",
+        "how": f"batch axis named {insp.input_dims[0] or '?'} but the source fails at batch "
+        f"{PROBE_BATCH} ({why}): a batch-{traced} trace with the axis renamed",
+    }
+    return _SourceRun(_runner(source_path, conv.source, traced)(faces), batch, traced, traced)
+
+
+def _write_dynamic_model(
+    src: Path, model, insp: Inspection, run: _SourceRun, spec: InputSpec, faces, model_path: Path
+) -> tuple[list[str], list[str]]:
+    """model.onnx with the least rewriting that gives a batch axis that works; (notes, rewrites)."""
+    import onnx
+
+    stages = [()] if run.traced is None else [(), ("Reshape",), og.BATCH_SHAPE_OPS]
+    tried: list[list[str]] = []
+    failure = ""
+    for kinds in stages:
+        cand, notes = base_model(model, insp, reset_batch=run.traced is not None)
+        rewrites = og.make_batch_dynamic(cand, insp.input_name, run.traced, kinds) if kinds and run.traced else []
+        if rewrites in tried:
+            continue  # this stage finds nothing the last one did not rewrite
+        tried.append(rewrites)
+        onnx.save(cand, str(model_path))
+        got, err = _try(lambda: _runner(model_path, spec)(faces[:PROBE_BATCH]))
+        gap = float("inf") if got is None else relative_error(got, run.ref[:PROBE_BATCH])
+        if gap <= TOLERANCE:
+            return notes, rewrites
+        failure = err or f"rows differ from the source's by relative error {gap:.1e}"
+    raise ArcdeployError(f"{src}: cannot make the batch dynamic: {_diagnose(model_path, spec, faces, failure)}")
+
+
+def _output_normalization(model, insp: Inspection, outputs: np.ndarray) -> tuple[bool, str]:
+    """Whether the model L2-normalises its embedding (unit norms), and how that was seen."""
+    norms = np.linalg.norm(outputs.astype(np.float64), axis=1)
+    unit = bool(np.all(np.abs(norms - 1.0) <= 1e-3))
+    node = og.find_l2_normalization(model.graph, insp.output_name, og.constant_values(model.graph))
+    if unit:
+        return unit, (
+            f"{node}; outputs have unit norm" if node else "outputs have unit norm (no normalisation node recognised)"
+        )
+    return unit, (
+        f"{node} found, but outputs do not have unit norm: taken as raw"
+        if node
+        else f"the graph ends in no L2 normalisation (norms {norms.min():.3g}..{norms.max():.3g})"
     )
 
 
@@ -701,10 +672,12 @@ def _first_batch_mixing_node(model, spec: InputSpec, faces: np.ndarray) -> str |
         path = Path(work) / "probe.onnx"
         onnx.save(probe, str(path))
         try:
-            run = _Runner(path, spec)
+            from ..engines import open_graph
+
+            session = open_graph(path, engine="onnxruntime")
             x = spec.to_model_input(faces)
-            both = run.session.run({spec.name: x})
-            singles = [run.session.run({spec.name: x[i : i + 1]}) for i in range(len(x))]
+            both = session.run({spec.name: x})
+            singles = [session.run({spec.name: x[i : i + 1]}) for i in range(len(x))]
         except Exception:
             return None
     prods = og.producers(graph)

@@ -14,7 +14,7 @@ identification as its ``ijb_evals.py`` does.
 from .meta import TARGETS, IJBMeta, meta_paths, read_meta, template_index
 from .meta_1n import IJB1NLists, TemplateList, has_1n_lists, list_paths, read_1n_lists, read_template_list
 from .protocol import (
-    PRECISIONS,
+    AGGREGATION_DTYPES,
     IJBResult,
     TemplateFeatures,
     aggregate_templates,
@@ -48,7 +48,7 @@ __all__ = [
     "list_paths",
     "read_1n_lists",
     "read_template_list",
-    "PRECISIONS",
+    "AGGREGATION_DTYPES",
     "IJBResult",
     "TemplateFeatures",
     "aggregate_templates",

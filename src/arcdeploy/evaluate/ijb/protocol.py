@@ -45,7 +45,7 @@ from .meta import IJBMeta, template_index
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("float32", "float64")
+AGGREGATION_DTYPES = ("float32", "float64")
 
 
 def mode_name(flip: bool, normalize_images: bool, detector_score: bool) -> str:
@@ -53,7 +53,7 @@ def mode_name(flip: bool, normalize_images: bool, detector_score: bool) -> str:
 
 
 def _dtype(precision: str):
-    if precision not in PRECISIONS:
+    if precision not in AGGREGATION_DTYPES:
         raise ArcdeployError(f"aggregation precision must be float32 (insightface's) or float64, not {precision!r}")
     return np.float32 if precision == "float32" else np.float64
 

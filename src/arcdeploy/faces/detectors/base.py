@@ -8,7 +8,6 @@ A detector kind is one module beside this one (``scrfd.py``, ``yunet.py``) with 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from ...errors import ArcdeployError, first_line
+from ...utils import sha256_file
 from ..types import Face, as_rgb
 
 if TYPE_CHECKING:
@@ -165,10 +165,6 @@ class FaceDetector(ABC):
 
     def identity(self) -> str:
         """What the faces found depend on: the file's content and the settings that change them."""
-        h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
         settings = [
             self.kind,
             f"threshold={self.threshold!r}",
@@ -177,7 +173,7 @@ class FaceDetector(ABC):
             f"engine={self.engine}",
             f"size={getattr(self, 'size', None)}",
         ]
-        return h.hexdigest() + " " + " ".join(settings)
+        return sha256_file(self.path) + " " + " ".join(settings)
 
 
 # ------------------------------------------------------------------ a detector file's graph
