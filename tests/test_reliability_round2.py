@@ -515,3 +515,13 @@ def _weight_only_quantized(src: Path, dst: Path, per: str, block: int = 16) -> N
             if o.domain in ("", "ai.onnx"):
                 o.version = 21
     onnx.save(model, str(dst))
+
+
+def test_list_lines_with_stray_spaces_still_find_their_files(tmp_path):
+    """An indented list keeps working: spaces around a name are dropped when only the name without
+    them exists, and kept when the name with them is the file's."""
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / " b.jpg").write_bytes(b"x")
+    lst = tmp_path / "list.txt"
+    lst.write_text("  a.jpg\n b.jpg\n")
+    assert [p.name for p in list_images(lst)] == ["a.jpg", " b.jpg"]
