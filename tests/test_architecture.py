@@ -173,3 +173,22 @@ def test_user_facing_text_names_no_planning_documents():
 def test_build_stage_is_orchestration_only():
     lines = (SRC / "builder.py").read_text(encoding="utf-8").count("\n")
     assert lines < 300, f"builder.py has {lines} lines: engine work belongs in the engine modules"
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_functions_stay_short():
+    """A function over 80 lines is split along its seams, or says why it must be one piece (a
+    comment starting ``# one piece:`` in its first lines)."""
+    offenders = []
+    for path in MODULES:
+        source = path.read_text(encoding="utf-8")
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                head = "\n".join(lines[node.lineno - 1 : node.lineno + 15])
+                if length > MAX_FUNCTION_LINES and "# one piece:" not in head:
+                    offenders.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({length} lines)")
+    assert not offenders, offenders

@@ -281,3 +281,247 @@ def test_ray_address_where_nothing_listens_fails_at_once(tmp_path, r18_ort_fp32_
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "127.0.0.1:1" in lines[0] and "cannot reach" in lines[0], res.stderr
+
+
+# ------------------------------------------------------------------ export and build under faults
+
+W600K = MODELS / "w600k_mbf.onnx"
+
+
+def _export_cmd(src, out, *extra) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen(
+        [sys.executable, "-m", "arcdeploy", "export", str(src), "-o", str(out), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_temporary(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not list(out.parent.glob(f".{out.name}.tmp-*")):
+        assert proc.poll() is None and time.monotonic() < end, proc.communicate()
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_export_keeps_what_the_user_puts_in_its_folder_meanwhile(tmp_path, r18_ckpt):
+    """An empty output folder may be exported into, but a file that appears in it during the export
+    is never deleted: the export is refused instead."""
+    out = tmp_path / "exported"
+    out.mkdir()
+    proc = _export_cmd(r18_ckpt, out)
+    _wait_for_temporary(out, proc)
+    (out / "notes.txt").write_text("mine")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "already exists" in err and len(err.strip().splitlines()) == 1, err
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_two_exports_into_one_folder_one_is_refused(tmp_path, r18_ckpt):
+    out = tmp_path / "exported"
+    first = _export_cmd(r18_ckpt, out)
+    _wait_for_temporary(out, first)
+    second = _export_cmd(r18_ckpt, out)
+    _, err2 = second.communicate(timeout=300)
+    _, err1 = first.communicate(timeout=300)
+    assert first.returncode == 0, err1
+    assert second.returncode == 2 and "being written by another arcdeploy process" in err2, err2
+    assert (out / "manifest.json").is_file()
+
+
+def test_fallback_margin_never_makes_a_floor_unreachable():
+    from arcdeploy.fallback import validation_target
+
+    tight = validation_target({"mean": 0.999, "min": 0.97})
+    assert 0.999 < tight["mean"] < 1.0 and tight["min"] == pytest.approx(0.975)
+    assert validation_target({"mean": 0.99})["mean"] == pytest.approx(0.993)  # the default floor keeps its margin
+    assert validation_target({"mean": 0.9999999})["mean"] < 1.0
+
+
+def test_a_fallback_that_keeps_every_layer_float_is_refused():
+    from arcdeploy.fallback import refuse_if_nothing_int8
+
+    refuse_if_nothing_int8(32, 59, True, {"mean": 0.999})  # some int8 left: fine
+    with pytest.raises(ArcdeployError, match="every one of the 59 quantized layers.*no int8 package"):
+        refuse_if_nothing_int8(59, 59, True, {"mean": 0.999})
+
+
+def _resave(src: Path, dst: Path, edit=None, **save) -> Path:
+    import onnx
+
+    model = onnx.load(str(src))
+    if edit is not None:
+        edit(model)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst), **save)
+    return dst
+
+
+@pytest.mark.slow
+@needs_real("models/w600k_mbf.onnx")
+@pytest.mark.parametrize("inline_limit", [None, 1000])
+def test_onnx_with_external_data_exports_and_builds(tmp_path, monkeypatch, inline_limit):
+    """A model keeping its weights in an external data file (as every model over 2 GB must) exports
+    and builds; small ones come out self-contained, large ones (here: a tiny limit) keep their data
+    files beside the model, named in the manifests, and the packages give the original's rows."""
+    import arcdeploy.onnx_files as onnx_files
+
+    if inline_limit is not None:
+        monkeypatch.setattr(onnx_files, "INLINE_LIMIT", inline_limit)
+    src = _resave(W600K, tmp_path / "ext" / "w600k.onnx", save_as_external_data=True, location="w600k.onnx.data")
+    faces = aligned_faces(6, seed=4)
+    want = arcdeploy.load(arcdeploy.build(W600K, tmp_path / "plain", engine="onnxruntime")).embed(faces)
+    for engine in ("onnxruntime", "openvino"):
+        pkg = arcdeploy.load(arcdeploy.build(src, tmp_path / engine, engine=engine, precision="fp32"))
+        np.testing.assert_allclose(pkg.embed(faces), want, atol=1e-4)
+        data = {k: v for k, v in pkg.manifest.files.items() if "_data" in k}
+        assert bool(data) == (inline_limit is not None)
+        assert all((pkg.path / name).is_file() for name in data.values())
+
+
+@needs_real("models/w600k_mbf.onnx")
+def test_a_fixed_batch_above_64_exports_and_a_huge_one_is_refused_at_once(tmp_path):
+    def fixed(n):
+        def edit(model):
+            model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = n
+            model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = n
+
+        return edit
+
+    arcdeploy.export(_resave(W600K, tmp_path / "b128.onnx", fixed(128)), tmp_path / "e128")
+    assert (tmp_path / "e128" / "model.onnx").is_file()
+    t0 = time.monotonic()
+    with pytest.raises(ArcdeployError, match="fixed at batch 4096"):
+        arcdeploy.export(_resave(W600K, tmp_path / "b4096.onnx", fixed(4096)), tmp_path / "e4096")
+    assert time.monotonic() - t0 < 30
+
+
+@needs_real("models/w600k_mbf.onnx")
+def test_onnx_runtime_refusals_name_the_users_file_and_the_reason(tmp_path, capsys):
+    def opset99(model):
+        model.opset_import[0].version = 99
+
+    src = _resave(W600K, tmp_path / "future.onnx", opset99)
+    code = main(["build", str(src), "--engine", "onnxruntime", "-o", str(tmp_path / "pkg")])
+    assert code == 2
+    err = _one_line_error(capsys, "future.onnx", "Opset 99")
+    assert "/tmp/arcdeploy-" not in err and ".tmp-" not in err
+
+
+@needs_real("models/w600k_mbf.onnx")
+def test_a_model_that_outputs_nan_for_some_images_is_named_as_such(tmp_path):
+    """NaN for the images whose mean input is negative (a Log of it, times zero, added to the
+    embedding): the export says the model outputs NaN, not a low cosine later."""
+    from onnx import helper
+
+    def poison(model):
+        g = model.graph
+        x, y = g.input[0].name, g.output[0].name
+        g.node[-1].output[0] = "clean"
+        g.node.extend(
+            [
+                helper.make_node("ReduceMean", [x], ["m"], axes=[1, 2, 3], keepdims=0),
+                helper.make_node("Log", ["m"], ["log_m"]),
+                helper.make_node("Mul", ["log_m", "zero"], ["poison"]),
+                helper.make_node("Unsqueeze", ["poison", "axis1"], ["poison2"]),
+                helper.make_node("Add", ["clean", "poison2"], [y]),
+            ]
+        )
+        g.initializer.extend(
+            [
+                helper.make_tensor("zero", 1, [], [0.0]),
+                helper.make_tensor("axis1", 7, [1], [1]),
+            ]
+        )
+
+    src = _resave(W600K, tmp_path / "nan.onnx", poison)
+    with pytest.raises(ArcdeployError, match=r"outputs NaN or infinity for \d+ of 64|non-finite outputs"):
+        arcdeploy.export(src, tmp_path / "e")
+
+
+@pytest.mark.slow
+def test_a_truncated_weights_file_is_named(tmp_path, r18_export, capsys):
+    pkg = arcdeploy.build(r18_export.out_dir, tmp_path / "pkg", engine="openvino", precision="fp32")
+    weights = pkg / "model.bin"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    code = main(["bench", str(pkg), "--batch", "1", "--iterations", "1"])
+    assert code == 2
+    _one_line_error(capsys, "model.bin", "truncated")
+
+
+@pytest.mark.slow
+@needs_real("models/w600k_mbf.onnx")
+@pytest.mark.parametrize("per", ["channel", "block"])
+def test_weight_only_quantized_onnx_builds_on_every_engine(tmp_path, per):
+    """Weights stored as int8 with DequantizeLinear (per channel, or per block as OpenCV Zoo's
+    *_int8bq files; OpenVINO cannot convert the latter) are folded into the float weights they stand
+    for: the packages equal the source, which stays the reference."""
+    src = tmp_path / f"wq_{per}.onnx"
+    _weight_only_quantized(W600K, src, per)
+    faces = aligned_faces(6, seed=8)
+    rows = []
+    for engine in ("openvino", "onnxruntime"):
+        pkg = arcdeploy.load(arcdeploy.build(src, tmp_path / engine, engine=engine, precision="fp32"))
+        assert pkg.manifest.fidelity.cosine.min > 0.99999
+        assert any("DequantizeLinear" in c for c in pkg.manifest.source.model_changes)
+        rows.append(pkg.embed(faces))
+    np.testing.assert_allclose(rows[0], rows[1], atol=1e-4)
+
+
+def _weight_only_quantized(src: Path, dst: Path, per: str, block: int = 16) -> None:
+    """``src`` with every conv / matmul weight stored as int8 plus a DequantizeLinear node: per
+    output channel, or per block of ``block`` input channels (opset 21)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    nodes, seen = [], set()
+    for node in g.node:
+        name = node.input[1] if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 else None
+        if name not in inits or name in seen or numpy_helper.to_array(inits[name]).ndim < 2:
+            continue
+        seen.add(name)
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        if per == "channel":
+            scale = np.abs(w).reshape(len(w), -1).max(1) / 127 + 1e-12
+            q = np.round(w / scale.reshape([-1] + [1] * (w.ndim - 1)))
+            attrs: dict = {"axis": 0}
+        else:
+            c = w.shape[1]
+            padded = np.pad(w, [(0, 0), (0, -c % block)] + [(0, 0)] * (w.ndim - 2))
+            blocks = padded.reshape(w.shape[0], -1, block, *w.shape[2:])
+            scale = np.abs(blocks).max(axis=2) / 127 + 1e-12
+            q = np.round(w / np.repeat(scale, block, axis=1)[:, :c])
+            attrs = {"axis": 1, "block_size": block}
+        g.initializer.remove(inits[name])
+        g.initializer.extend(
+            [
+                numpy_helper.from_array(np.clip(q, -127, 127).astype(np.int8), name + "_q"),
+                numpy_helper.from_array(scale.astype(np.float32), name + "_scale"),
+            ]
+        )
+        nodes.append(helper.make_node("DequantizeLinear", [name + "_q", name + "_scale"], [name], **attrs))
+    for n in reversed(nodes):
+        g.node.insert(0, n)
+    if per == "block":
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = 21
+    onnx.save(model, str(dst))
+
+
+def test_list_lines_with_stray_spaces_still_find_their_files(tmp_path):
+    """An indented list keeps working: spaces around a name are dropped when only the name without
+    them exists, and kept when the name with them is the file's."""
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / " b.jpg").write_bytes(b"x")
+    lst = tmp_path / "list.txt"
+    lst.write_text("  a.jpg\n b.jpg\n")
+    assert [p.name for p in list_images(lst)] == ["a.jpg", " b.jpg"]

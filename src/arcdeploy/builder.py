@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .engines import BuildJob, Engine, get_engine
-from .errors import ArcdeployError
+from .errors import ArcdeployError, in_users_terms
 from .files import atomic_dir, refuse_existing, scratch_dir, write_json_atomic
 from .machine import cpu_name, relevant_flags
 from .manifest import (
@@ -34,6 +34,7 @@ from .manifest import (
     read_export_manifest,
     resolve_inside,
 )
+from .onnx_files import copy_onnx, data_entries
 from .options import BuildOptions, CheckImages
 from .quantize import QuantRecipe
 from .types import Precision
@@ -60,8 +61,6 @@ def check_engine_precision(engine: str, precision: Precision, fold_preprocessing
 def build(src, out, options: BuildOptions | None = None, **kwargs: Any) -> Path:
     """Build ``src`` (checkpoint, export folder, exported or foreign model.onnx) into the package ``out``,
     as ``options`` say (or the keyword arguments of :class:`BuildOptions`). Returns ``out``."""
-    from .exporter import resolve_export
-
     if options is not None and kwargs:
         raise TypeError("build(): give options or keyword arguments, not both")
     opts = options or BuildOptions.from_kwargs(**kwargs)
@@ -72,10 +71,22 @@ def build(src, out, options: BuildOptions | None = None, **kwargs: Any) -> Path:
     eng = get_engine(opts.engine)
     recipe, split, detection = _calibration(opts)
     started = time.time()
+    places: dict[str, str] = {}  # our temporary folders, and what the user calls what is in them
+    try:
+        return _build(src, out, opts, eng, recipe, split, detection, started, places)
+    except ArcdeployError as exc:
+        raise in_users_terms(exc, places) from None
+
+
+def _build(src, out: Path, opts: BuildOptions, eng, recipe, split, detection, started: float, places) -> Path:
+    from .exporter import resolve_export
+
     with scratch_dir("build") as work:
+        places[str(work)] = str(src)
         export_dir = resolve_export(src, work, opts.arch, **opts.onnx_options)
         exported = read_export_manifest(export_dir)
         with atomic_dir(out, force=opts.force) as tmp:
+            places[str(tmp)] = str(out)
             job = _build_engine_files(eng, opts, exported, export_dir, tmp, recipe, split, detection)
             images = _check_images(opts, split, detection)
             result = _check_fidelity(eng, job, opts, split, images)
@@ -231,5 +242,9 @@ def _store_reference(
     else:
         rel = f"{REFERENCE_DIR}/{Path(ref.file).name}"
         (tmp / REFERENCE_DIR).mkdir(exist_ok=True)
-        shutil.copyfile(src, tmp / rel)
+        if ref.kind == "onnx":  # with the data files of a model that keeps its weights beside it
+            data = copy_onnx(src, tmp / rel)
+            manifest.files.update(data_entries("reference", [f"{REFERENCE_DIR}/{n}" for n in data]))
+        else:
+            shutil.copyfile(src, tmp / rel)
     return replace(ref, file=rel, sha256=sha256_file(tmp / rel))

@@ -42,6 +42,20 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(_escape, text)
 
 
+def in_users_terms(exc: ArcdeployError, places: dict[str, str]) -> ArcdeployError:
+    """``exc`` with every path inside a temporary folder of ours (a key of ``places``) named as the
+    user knows it (its value): an error must not name a folder that is gone by the time it is read."""
+    text = str(exc)
+    for temp, user in sorted(places.items(), key=lambda kv: -len(kv[0])):
+        if temp:
+            text = re.sub(re.escape(temp) + r"[^\s:()'\"]*", user.replace("\\", "\\\\"), text)
+    if text == str(exc):
+        return exc
+    new = type(exc).__new__(type(exc))
+    ArcdeployError.__init__(new, text)
+    return new
+
+
 def first_line(exc: BaseException | str, limit: int = 240) -> str:
     """The line of an exception message that says what went wrong, whitespace squeezed.
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from .errors import ArcdeployError
-from .files import refuse_existing
+from .files import FileLock, refuse_existing
 from .manifest import EXPORT_FORMAT_NAME, MANIFEST_NAME, read_export_manifest
 from .sources.base import OPSET
 from .sources.registry import open_source, source_kind
@@ -36,7 +36,9 @@ def export(
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         refuse_existing(out_dir, force)
-    return open_source(src, arch=arch, opset=opset, **source_options).export(out_dir)
+    source = open_source(src, arch=arch, opset=opset, **source_options)
+    with FileLock(out_dir):  # a second export into the same folder is refused, not raced
+        return source.export(out_dir, force=force)
 
 
 def is_export_folder(folder: Path) -> bool:

@@ -104,6 +104,26 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(cos), cos, -1.0)
 
 
+def _bad_rows(x: np.ndarray) -> np.ndarray:
+    return np.asarray(~np.isfinite(np.asarray(x, np.float64).reshape(len(x), -1)).all(axis=1))
+
+
+def _refuse_a_broken_model(reference_rows: np.ndarray, names: list[str], label: str) -> None:
+    """The fp32 model itself giving NaN or infinity is no fidelity question: say what it is."""
+    bad = np.flatnonzero(_bad_rows(reference_rows))
+    if len(bad):
+        first = f" (first: {names[bad[0]]})" if names else f" (first: image {bad[0]})"
+        raise ArcdeployError(
+            f"{label}: the model outputs NaN or infinity for {len(bad)} of {len(reference_rows)} check "
+            f"images{first}; the model is broken for such inputs, whatever the precision"
+        )
+
+
+def _non_finite(rows: np.ndarray) -> list[str]:
+    bad = int(_bad_rows(rows).sum())
+    return [f"NaN or infinity for {bad} of {len(rows)} images"] if bad else []
+
+
 def summarize(cos: np.ndarray) -> dict:
     return CosineStats.of(cos).to_json()
 
@@ -180,6 +200,7 @@ def check(
     faces, names = got.faces, got.names
     out = package_embeddings(pkg, faces)
     want = ref.embed(faces)
+    _refuse_a_broken_model(want, names, ref.label)
     cos = cosine_rows(out, want)
     stats = CosineStats.of(cos)
     precision = pkg.manifest.precision
@@ -194,7 +215,7 @@ def check(
         engine=pkg.manifest.engine,
         precision=precision,
         floor=dict(floor),
-        below_floor=floor_problems(stats, floor),
+        below_floor=floor_problems(stats, floor) + _non_finite(out),
         worst=worst,
         per_image=cos,
     )

@@ -232,14 +232,18 @@ def _chmod_umask(path: Path, mode: int = 0o777) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, force: bool = False, empty_ok: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``final``; on success it replaces ``final``.
 
     A failure leaves ``final`` as it was (absent, or the old contents) and removes
-    the temporary folder. Folders left by killed runs are cleaned first.
+    the temporary folder. Folders left by killed runs are cleaned first. Without ``force`` an
+    existing ``final`` is refused, before and after the work; with ``empty_ok`` an empty folder
+    is taken over, but only if it is still empty when the work is done (what someone put there
+    meanwhile is never removed: the result is refused instead).
     """
     final = Path(final)
-    refuse_existing(final, force)
+    if not (empty_ok and _is_empty_dir(final)):
+        refuse_existing(final, force)
     _make_parent(final)
     clean_stale(final.parent, final.name)
     tmp = _tmp_path(final)
@@ -251,9 +255,9 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
+        if os.path.lexists(final) and not force:
+            _take_over_empty(final, empty_ok)
         if os.path.lexists(final):
-            if not force:
-                raise ArcdeployError(f"{final}: already exists; use --force to replace it")
             old = final.with_name(f".{final.name}{OLD_TAG}{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
@@ -266,6 +270,27 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_empty_dir(path: Path) -> bool:
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
+def _take_over_empty(final: Path, empty_ok: bool) -> None:
+    """Remove ``final`` if it is an empty folder (``empty_ok``); anything else there is refused.
+    ``os.rmdir`` fails on a folder that is not empty, so a file that arrived a moment ago stays."""
+    if empty_ok and final.is_dir() and not final.is_symlink():
+        try:
+            os.rmdir(final)
+            return
+        except OSError:
+            pass
+    raise ArcdeployError(
+        f"{final}: already exists (something was written there while this ran); use --force to replace it"
+    )
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -53,7 +53,7 @@ class Package:
         """Free the engine (its compiled model and memory) now rather than when collected; the
         package cannot run afterwards. Closing twice is allowed."""
         with self._lock:
-            runtime, self._runtime, self._closed = self._runtime, None, True
+            runtime, self._runtime, self._runner, self._closed = self._runtime, None, None, True
         if runtime is not None:
             runtime.close()
 
@@ -97,9 +97,10 @@ class Package:
     @property
     def runner(self) -> CropRunner:
         """The runtime fed aligned crops through the package's input spec (a fixed batch padded)."""
-        if self._runner is None:
-            self._runner = CropRunner(self.runtime.infer, self.manifest.input, batch=self.fixed_batch)
-        return self._runner
+        runner = self._runner
+        if runner is None:
+            runner = self._runner = CropRunner(self.runtime.infer, self.manifest.input, batch=self.fixed_batch)
+        return runner
 
     def infer(self, faces: np.ndarray) -> np.ndarray:
         """Raw float32 embeddings [N, D] of aligned uint8 RGB crops [N, 112, 112, 3]."""

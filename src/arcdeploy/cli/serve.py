@@ -12,6 +12,7 @@ def register(sub) -> None:
         help="the package as an HTTP service (batches faces across requests)",
         description="Serve a package over HTTP: POST /v1/embed (multipart parts named 'image', or JSON "
         "{'images': [base64, ...]}; fields aligned=true, all_faces=true), POST /v1/compare (parts a and b), "
+        "POST /v1/search (with --gallery), "
         "GET /healthz (200 once the model is warm), GET /v1/model, GET /metrics (Prometheus), GET /docs. "
         "Images are decoded, their faces found (--detector) and aligned in a worker pool as 'arcdeploy "
         "embed' does; the faces of concurrent requests are gathered into engine calls of up to "
@@ -19,6 +20,30 @@ def register(sub) -> None:
         "Needs pip install 'arcdeploy[serve]'.",
     )
     p.add_argument("package", metavar="PKG", help="a package folder made by arcdeploy build")
+    _add_input_arguments(p)
+    _add_serving_arguments(p)
+    g = p.add_argument_group(
+        "Ray Serve",
+        "Serve on a Ray cluster instead (needs pip install 'arcdeploy[ray]'): the same application in "
+        "each replica, the package shipped through Ray's object store, replicas spread over the nodes, "
+        "HTTP through Ray Serve's proxy on --host/--port.",
+    )
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="Ray address (auto, HOST:PORT, ray://HOST:PORT); without one, RAY_ADDRESS when set, else a new local Ray",
+    )
+    g.add_argument(
+        "--replicas", type=int, default=None, metavar="N", help="with --ray: replicas (default: one per node)"
+    )
+    p.set_defaults(func=run)
+
+
+def _add_input_arguments(p) -> None:
+    """What requests are matched against: the detector for photos, the gallery for searches."""
     p.add_argument(
         "--detector",
         metavar="FILE",
@@ -35,6 +60,16 @@ def register(sub) -> None:
         metavar="PX",
         help="with --detector: leave out faces whose box's shorter side is under PX pixels",
     )
+    p.add_argument(
+        "--gallery",
+        metavar="GALLERY",
+        default=None,
+        help="a gallery of the same model (a folder, or postgresql://...) searched by POST /v1/search",
+    )
+
+
+def _add_serving_arguments(p) -> None:
+    """Where it listens, how faces are batched, and the limits that keep it healthy under load."""
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: all)"
     )
@@ -83,31 +118,7 @@ def register(sub) -> None:
     p.add_argument(
         "--timeout", type=float, default=None, metavar="S", help="longest a request is worked on (default 60); 504"
     )
-    p.add_argument(
-        "--gallery",
-        metavar="GALLERY",
-        default=None,
-        help="a gallery of the same model (a folder, or postgresql://...) searched by POST /v1/search",
-    )
     p.add_argument("--access-log", action="store_true", help="one log line per request (uvicorn's access log)")
-    g = p.add_argument_group(
-        "Ray Serve",
-        "Serve on a Ray cluster instead (needs pip install 'arcdeploy[ray]'): the same application in "
-        "each replica, the package shipped through Ray's object store, replicas spread over the nodes, "
-        "HTTP through Ray Serve's proxy on --host/--port.",
-    )
-    g.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="Ray address (auto, HOST:PORT, ray://HOST:PORT); without one, RAY_ADDRESS when set, else a new local Ray",
-    )
-    g.add_argument(
-        "--replicas", type=int, default=None, metavar="N", help="with --ray: replicas (default: one per node)"
-    )
-    p.set_defaults(func=run)
 
 
 def _settings(args):

@@ -8,7 +8,8 @@ Thread safety: ``InferenceSession.run`` may be called from several threads at on
 
 from __future__ import annotations
 
-import shutil
+import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 
 from ..errors import ArcdeployError, first_line
 from ..manifest import CalibrationRecord, ExecutedRecord
+from ..onnx_files import copy_onnx, data_entries, external_data_files, save_onnx
 from ..quantize import QuantRecipe, float_nodes_onnx, quiet_quantizers, range_spread
 from ..types import Device, Precision
 from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, TensorInfo
@@ -58,7 +60,23 @@ def _session(path: Path, threads: int | None, gpu: bool):
     try:
         return ort.InferenceSession(str(path), so, providers=providers)
     except Exception as exc:
-        raise ArcdeployError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})") from None
+        raise ArcdeployError(f"{path}: ONNX Runtime cannot load it ({ort_reason(exc, path)})") from None
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_SOURCE = re.compile(r"^/?\S*\.(?:h|cc|cpp):\d+ (?:[^()]*\([^)]*\)(?: const)? )?")
+
+
+def ort_reason(exc: BaseException, path) -> str:
+    """What ONNX Runtime says is wrong, without what the message repeats: its error code, the file's
+    path (the caller names the file), the C++ source location and function signature before the
+    reason; then cut to one line."""
+    text = " ".join(str(exc).split())
+    text = _ORT_PREFIX.sub("", text)
+    for form in {str(path), os.path.basename(str(path))}:
+        text = text.replace(f"Load model from {form} failed:", "").replace(form, os.path.basename(str(path)))
+    text = _ORT_SOURCE.sub("", text.strip())
+    return first_line(text, limit=400)
 
 
 def _info(args) -> list[TensorInfo]:
@@ -140,15 +158,16 @@ def build(job: BuildJob) -> None:
     elif job.precision is Precision.FP16:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        onnx.save(convert_float_to_float16(onnx.load(str(job.onnx_path)), keep_io_types=True), str(target))
+        save_onnx(convert_float_to_float16(onnx.load(str(job.onnx_path)), keep_io_types=True), target)
         job.manifest.device = Device.GPU
     else:
-        shutil.copyfile(job.onnx_path, target)
+        copy_onnx(job.onnx_path, target)
     if job.fold_preprocessing:
         model = fold_preprocessing(onnx.load(str(target)), job.input)
         onnx.checker.check_model(model)
-        onnx.save(model, str(target))
-    job.manifest.files = {"model": "model.onnx"}
+        save_onnx(model, target)
+    # the weights' files too, when a large model keeps them beside it (the fingerprint covers them)
+    job.manifest.files = {"model": "model.onnx", **data_entries("model", external_data_files(target))}
     job.manifest.executed = ExecutedRecord(
         inference_precision=job.precision if job.precision is not Precision.INT8 else "int8 (QDQ) + fp32",
         note="ONNX Runtime runs what the graph says: no precision hint",

@@ -102,7 +102,16 @@ def _read(path: Path):
     try:
         return core().read_model(str(path))
     except Exception as exc:
-        raise ArcdeployError(f"{path}: OpenVINO cannot read it ({first_line(exc)})") from None
+        reason = first_line(exc)
+        weights = Path(path).with_suffix(".bin")
+        if Path(path).suffix == ".xml" and ("weights" in reason.lower() or ".bin" in reason) and weights.exists():
+            # OpenVINO blames the .xml for what is wrong in the weights file beside it
+            size = weights.stat().st_size
+            raise ArcdeployError(
+                f"{weights}: OpenVINO cannot read the weights ({reason}; {size} bytes: truncated or from "
+                f"another build of {Path(path).name}?)"
+            ) from None
+        raise ArcdeployError(f"{path}: OpenVINO cannot read it ({reason})") from None
 
 
 class _RequestPool:

@@ -51,6 +51,26 @@ def text_lines(data: bytes) -> list[str]:
     return [os.fsdecode(line[:-1] if line.endswith(b"\r") else line) for line in lines]
 
 
+def _listed_path(entry: str, base: Path) -> Path:
+    """The file a list line names: the line as it is when that file exists; else its first field
+    when it has several (``path label ...``), else the line without the spaces around it when
+    that file exists (an indented list); else the line as it is (reported when it is read)."""
+
+    def resolve(name: str) -> Path:
+        return Path(name) if Path(name).is_absolute() else base / name
+
+    path = resolve(entry)
+    if path.exists():
+        return path
+    fields = [f for f in _FIELD_SEP.split(entry) if f]
+    if len(fields) > 1:
+        return resolve(fields[0])
+    stripped = entry.strip(" \t")
+    if stripped != entry and resolve(stripped).exists():
+        return resolve(stripped)
+    return path
+
+
 def list_images(spec: str | os.PathLike) -> list[Path]:
     """The images named by ``spec``, in a stable order.
 
@@ -62,7 +82,9 @@ def list_images(spec: str | os.PathLike) -> list[Path]:
       (row ``i`` is then the ``i``-th image line, not line ``i``); relative paths
       are resolved against the list file's folder; when a line has extra
       space- or tab-separated fields (``path label ...``) the first one is the
-      path, unless the whole line names an existing file (a path with spaces);
+      path, unless the whole line names an existing file (a path with spaces),
+      and spaces around a name are only dropped when the name with them names
+      no file and the name without them does (see :func:`_listed_path`);
     - a single image file: itself.
 
     Listed files are not opened here: a missing or broken one is reported when
@@ -100,14 +122,7 @@ def list_images(spec: str | os.PathLike) -> list[Path]:
         if entry.startswith("#"):
             skipped["comment"] += 1
             continue
-        path = Path(entry)
-        if not path.is_absolute():
-            path = base / path
-        fields = [f for f in _FIELD_SEP.split(entry) if f]
-        if len(fields) > 1 and not path.exists():
-            first = Path(fields[0])
-            path = first if first.is_absolute() else base / first
-        paths.append(path)
+        paths.append(_listed_path(entry, base))
     if not paths:
         raise ArcdeployError(f"{spec}: the list names no images")
     if any(skipped.values()):

@@ -105,8 +105,9 @@ class Landmarks(Mapping):
         return None
 
 
-def read_landmarks(path: str | os.PathLike) -> Landmarks:
-    """Read a landmark file (see the module doc); errors name the file and line."""
+def read_landmarks(path: str | os.PathLike, unique: bool = True) -> Landmarks:
+    """Read a landmark file (see the module doc); errors name the file and line. ``unique=False``
+    reads a file with a row per face (``detect --all-faces``): a name may then come back."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -126,10 +127,11 @@ def read_landmarks(path: str | os.PathLike) -> Landmarks:
         if not fields or fields[0].startswith("#"):
             continue
         name, values = fields[0], fields[1:]
-        if name in first_line:
+        if unique and name in first_line:
             raise ArcdeployError(
                 f"{display_name(path)}:{lineno}: {display_name(name)!r} has a row already at line "
-                f"{first_line[name]}; each image needs exactly one row"
+                f"{first_line[name]}; each image needs exactly one row (a file of every face, as "
+                "detect --all-faces writes, is for reading, not for embedding: use embed --detector --all-faces)"
             )
         first_line[name] = lineno
         try:

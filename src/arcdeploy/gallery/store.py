@@ -56,7 +56,7 @@ class ModelIdentity:
     @classmethod
     def from_manifest(cls, manifest, where: str) -> ModelIdentity:
         """The identity of a package's model (``manifest``: a PackageManifest)."""
-        sha = manifest.source.get("sha256") if isinstance(manifest.source, dict) else None
+        sha = getattr(manifest.source, "sha256", None)
         if not isinstance(sha, str) or not sha:
             raise ArcdeployError(
                 f"{where}: the manifest records no source fingerprint (source.sha256), so a gallery cannot "

@@ -796,6 +796,15 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    _add_error_handlers(app)
+    app.add_middleware(_Gate, service=service, instance=instance)
+    _add_work_routes(app, service)
+    _add_info_routes(app, service)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error a client sees is one line of JSON, and one line in the log."""
 
     async def request_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestError)
@@ -822,18 +831,23 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, internal_error)
-    app.add_middleware(_Gate, service=service, instance=instance)
 
-    async def within_timeout(work: Callable[[], Awaitable[Response]]) -> Response:
-        try:
-            async with asyncio.timeout(settings.timeout_s):
-                return await work()
-        except TimeoutError:
-            raise RequestError(
-                504, f"not answered within {settings.timeout_s:g} s (server overloaded, or very large images)"
-            ) from None
-        except ArcdeployError as exc:  # the engine failed a batch
-            raise RequestError(500, first_line(exc)) from None
+
+async def _within_timeout(settings: ServeSettings, work: Callable[[], Awaitable[Response]]) -> Response:
+    try:
+        async with asyncio.timeout(settings.timeout_s):
+            return await work()
+    except TimeoutError:
+        raise RequestError(
+            504, f"not answered within {settings.timeout_s:g} s (server overloaded, or very large images)"
+        ) from None
+    except ArcdeployError as exc:  # the engine failed a batch
+        raise RequestError(500, first_line(exc)) from None
+
+
+def _add_work_routes(app: FastAPI, service: Service) -> None:
+    """The routes that embed: each bounded by the request timeout."""
+    settings = service.settings
 
     @app.post(
         "/v1/embed",
@@ -860,7 +874,7 @@ def create_app(
             ]
             return _answer(request, {"results": results, "model": service.model})
 
-        return await within_timeout(work)
+        return await _within_timeout(settings, work)
 
     @app.post(
         "/v1/compare",
@@ -892,7 +906,14 @@ def create_app(
                 },
             )
 
-        return await within_timeout(work)
+        return await _within_timeout(settings, work)
+
+    _add_search_route(app, service)
+
+
+def _add_search_route(app: FastAPI, service: Service) -> None:
+    """POST /v1/search: each image's best face, embedded as /v1/embed does, searched in the gallery."""
+    settings = service.settings
 
     @app.post(
         "/v1/search",
@@ -926,7 +947,12 @@ def create_app(
                 results.append({"query": upload.name, "face": face, **next(answers).to_json(), "error": None})
             return _answer(request, {"results": results, "model": service.model})
 
-        return await within_timeout(work)
+        return await _within_timeout(settings, work)
+
+
+def _add_info_routes(app: FastAPI, service: Service) -> None:
+    """Readiness, the model, and metrics."""
+    settings = service.settings
 
     @app.get("/healthz", summary="200 once the model is loaded and warmed up")
     async def healthz() -> Response:
@@ -945,8 +971,6 @@ def create_app(
         if service.batcher is not None:
             service.metrics.queue_depth.set(service.batcher.waiting)
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 def _model_description(service: Service) -> dict:

@@ -34,5 +34,6 @@ class ModelSource(ABC):
         self.opset = opset
 
     @abstractmethod
-    def export(self, out_dir: Path) -> ExportResult:
-        """Write the export folder ``out_dir`` (atomically: nothing is left when the check fails)."""
+    def export(self, out_dir: Path, force: bool = False) -> ExportResult:
+        """Write the export folder ``out_dir`` (atomically: nothing is left when the check fails; an
+        existing folder only with ``force``, or when it is empty and stays empty until the end)."""

@@ -205,10 +205,10 @@ class CheckpointSource(ModelSource):
     kind = "checkpoint"
     label = "a checkpoint"
 
-    def export(self, out_dir: Path) -> ExportResult:
+    def export(self, out_dir: Path, force: bool = False) -> ExportResult:
         model, info = load_backbone(self.path, self.arch)
         try:
-            with atomic_dir(out_dir, force=True) as tmp:
+            with atomic_dir(out_dir, force=force, empty_ok=True) as tmp:
                 onnx_path, ts_path = tmp / "model.onnx", tmp / "model.pt"
                 dim = self._trace(model, onnx_path, ts_path)
                 verification = self._check(model, onnx_path, ts_path)

@@ -459,3 +459,47 @@ def constant_inputs(node, consts: dict[str, np.ndarray]) -> list[str]:
         if i in consts and np.asarray(consts[i]).size <= 8 and np.issubdtype(np.asarray(consts[i]).dtype, np.integer):
             out.append(str(np.asarray(consts[i]).reshape(-1).tolist()))
     return out
+
+
+def dequantized(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int, block: int) -> np.ndarray:
+    """What ``DequantizeLinear`` computes: ``(x - zero_point) * scale`` in float32, per tensor, per
+    ``axis`` (a 1-D scale), or per block of ``block`` elements along ``axis`` (a scale of x's rank)."""
+    xf = x.astype(np.float32)
+    zp = np.zeros_like(scale, dtype=np.float32) if zero_point is None else zero_point.astype(np.float32)
+    scale = scale.astype(np.float32)
+    if scale.ndim == 0 or scale.size == 1:
+        return ((xf - zp.reshape(())) * scale.reshape(())).astype(np.float32)
+    axis = axis % x.ndim
+    if block:
+        # each scale covers ``block`` consecutive elements along the axis (the last block may be short)
+        scale = np.repeat(scale, block, axis=axis).take(range(x.shape[axis]), axis=axis)
+        zp = np.repeat(zp, block, axis=axis).take(range(x.shape[axis]), axis=axis)
+        return ((xf - zp) * scale).astype(np.float32)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return ((xf - zp.reshape(shape)) * scale.reshape(shape)).astype(np.float32)
+
+
+def fold_weight_dequantization(model) -> list[str]:
+    """Weight-only quantized graphs (int8 / int4 weights, ``DequantizeLinear`` on constants, the
+    per-block form of OpenCV Zoo's ``*_int8bq`` files included) rewritten with the float weights
+    those nodes compute, as initializers: the same numbers, in a graph every engine converts.
+    Returns the names of the nodes folded."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    consts = constant_values(graph)
+    folded: list[str] = []
+    for node in list(graph.node):
+        if node.op_type != "DequantizeLinear" or not all(name in consts for name in node.input if name):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        x, scale = consts[node.input[0]], consts[node.input[1]]
+        zero = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+        value = dequantized(x, scale, zero, int(attrs.get("axis", 1)), int(attrs.get("block_size", 0)))
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        graph.node.remove(node)
+        folded.append(node.name or node.output[0])
+    if folded:
+        prune_dead_nodes(graph)
+    return folded

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from ..engines.runner import CropRunner, graph_input_feed
-from ..errors import ArcdeployError, describe, first_line
+from ..errors import ArcdeployError, describe, first_line, in_users_terms
 from ..files import atomic_dir, write_json_atomic
 from ..manifest import (
     ALIGNED_SIZE,
@@ -58,6 +58,7 @@ from ..manifest import (
     format_norm,
     norm_value,
 )
+from ..onnx_files import data_entries, external_data_files, save_onnx
 from ..utils import library_versions, sha256_file, shape_text
 from . import onnx_graph as og
 from .base import ModelSource
@@ -69,6 +70,9 @@ VERIFY_BATCHES = (1, 5, 64)
 PROBE_BATCH = 5
 # Caffe-style networks subtract the ImageNet mean in BGR order
 CAFFE_BGR_MEAN = np.array([103.94, 116.78, 123.68])
+
+SOURCE_COPY = "source.onnx"  # the user's file as the export keeps it: the fp32 reference
+MAX_FIXED_BATCH = 512  # a source fixed at a larger batch is refused: it is run for every check
 
 
 # ------------------------------------------------------------------ what the user says
@@ -425,14 +429,17 @@ class OnnxSource(ModelSource):
         super().__init__(path, **common)
         self.overrides = parse_overrides(input_mean, input_std, bgr)
 
-    def export(self, out_dir: Path) -> ExportResult:
+    def export(self, out_dir: Path, force: bool = False) -> ExportResult:
         src = self.path
         model = _load(src)
         insp = inspect(model, src)
         conv = detect_convention(model, insp, self.overrides)
         try:
-            with atomic_dir(out_dir, force=True) as tmp:
-                manifest = _export_into(src, model, insp, conv, tmp)
+            with atomic_dir(out_dir, force=force, empty_ok=True) as tmp:
+                try:
+                    manifest = _export_into(src, model, insp, conv, tmp)
+                except ArcdeployError as exc:  # named as the user knows them, not by our temporary copies
+                    raise in_users_terms(exc, {str(tmp / SOURCE_COPY): str(src), str(tmp): str(out_dir)}) from None
                 write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
         except ArcdeployError:
             raise
@@ -444,16 +451,37 @@ class OnnxSource(ModelSource):
 SOURCE = OnnxSource
 
 
-def _copy_source(src: Path, model, target: Path) -> str | None:
-    from onnx.external_data_helper import uses_external_data
+def _copy_source(src: Path, model, target: Path) -> tuple[str | None, list[str]]:
+    """The user's file as ``target``: a byte copy, or for a model whose weights are in external
+    data files, the loaded model written out (inline when it fits, else beside it). Returns a note
+    for the manifest and the data files written."""
+    if not external_data_files(src):
+        shutil.copyfile(src, target)
+        return None, []
+    data = save_onnx(model, target)
+    where = f"in {', '.join(data)}" if data else "inline"
+    return f"the source keeps its weights in external data files; {target.name} holds them {where}", data
 
-    if any(uses_external_data(t) for t in model.graph.initializer):
-        import onnx
 
-        onnx.save(model, str(target))  # loaded with its external data: one self-contained file
-        return "the source keeps its weights in external data files; source.onnx holds them inline"
-    shutil.copyfile(src, target)
-    return None
+def _fold_weight_quantization(model, source_path: Path, source_data: list[str]) -> tuple[list[str], list[str]]:
+    """Weights stored quantized (``DequantizeLinear`` on constants) become the float weights they
+    stand for, in ``model`` (what model.onnx is made from): every engine converts that, where
+    OpenVINO refuses per-block dequantization. The source stays the reference while ONNX Runtime
+    runs it; when it cannot, the folded graph (the same numbers) is the reference, and the notes
+    say so. Returns (notes, the reference's data files)."""
+    folded = og.fold_weight_dequantization(model)
+    if not folded:
+        return [], source_data
+    notes = [f"{len(folded)} DequantizeLinear node(s) on constant weights folded into float weights"]
+    from ..engines import open_graph
+
+    _, err = _try(open_graph, source_path, "onnxruntime")
+    if err is None:
+        return notes + ["the reference is the source as it is (ONNX Runtime runs it)"], source_data
+    for name in source_data:
+        (source_path.parent / name).unlink(missing_ok=True)
+    data = save_onnx(model, source_path)
+    return notes + [f"ONNX Runtime cannot run the source ({err}); the reference is the folded graph"], data
 
 
 @dataclass
@@ -467,11 +495,15 @@ class _SourceRun:
 
 
 def _export_into(src: Path, model, insp: Inspection, conv: Convention, tmp: Path) -> ExportManifest:
-    source_path, model_path = tmp / "source.onnx", tmp / "model.onnx"
-    copy_note = _copy_source(src, model, source_path)
+    source_path, model_path = tmp / SOURCE_COPY, tmp / "model.onnx"
+    copy_note, source_data = _copy_source(src, model, source_path)
+    fold_notes, source_data = _fold_weight_quantization(model, source_path, source_data)
     faces = verification_faces(max(VERIFY_BATCHES), insp.size)
     model_spec = replace(conv.source, layout="NCHW", dtype="float32")
     run = _run_source(src, source_path, model, insp, conv, faces)
+    bad = int((~np.isfinite(run.ref).all(axis=1)).sum())
+    if bad:  # a model that is broken for some inputs is named as such, not found later as "low fidelity"
+        raise ArcdeployError(f"{src}: the model outputs NaN or infinity for {bad} of {len(faces)} verification images")
     notes, rewrites = _write_dynamic_model(src, model, insp, run, model_spec, faces, model_path)
     # the full check: batch 1, 5 and 64 against the source
     checked = check_export(
@@ -506,7 +538,7 @@ def _export_into(src: Path, model, insp: Inspection, conv: Convention, tmp: Path
         sha256=sha256_file(src),
         detected=detected,
         overrides=conv.overrides,
-        model_changes=notes + rewrites + ([copy_note] if copy_note else []),
+        model_changes=fold_notes + notes + rewrites + ([copy_note] if copy_note else []),
     )
     verification = VerificationRecord(
         reference="source.onnx",
@@ -525,7 +557,12 @@ def _export_into(src: Path, model, insp: Inspection, conv: Convention, tmp: Path
         arch=f"onnx:{_name(src)}",
         input=model_spec,
         output=OutputSpec(name=insp.output_name, dim=dim, normalized=unit),
-        files={"onnx": "model.onnx", "source": "source.onnx"},
+        files={
+            "onnx": "model.onnx",
+            "source": "source.onnx",
+            **data_entries("onnx", external_data_files(model_path)),
+            **data_entries("source", source_data),
+        },
         reference=ReferenceSpec(
             file="source.onnx", kind="onnx", sha256=sha256_file(source_path), input=conv.source, batch=run.ref_batch
         ),
@@ -539,14 +576,22 @@ def _export_into(src: Path, model, insp: Inspection, conv: Convention, tmp: Path
 
 def _run_source(src: Path, source_path: Path, model, insp: Inspection, conv: Convention, faces) -> _SourceRun:
     """The source as it is: its output, and whether its batch axis really is one."""
+    if insp.batch is not None and insp.batch > MAX_FIXED_BATCH:
+        # the source is the fp32 reference: every check would run it on that many images at a time
+        raise ArcdeployError(
+            f"{src}: its input {insp.input_name} is fixed at batch {insp.batch}; the source is the package's "
+            f"reference and would run {insp.batch} images for every check (at most {MAX_FIXED_BATCH}): "
+            "export it again with a dynamic batch axis, or a small fixed batch"
+        )
     src_run = _runner(source_path, conv.source, insp.batch)
-    first, err = _try(src_run, faces[: insp.batch or 1])
+    # one image (a fixed batch is filled up with copies, whose rows the runner drops)
+    first, err = _try(src_run, faces[:1])
     if err:
         raise ArcdeployError(f"{src}: ONNX Runtime cannot run it on a {insp.size[0]}x{insp.size[1]} image ({err})")
-    if first.ndim != 2 or first.shape[0] != (insp.batch or 1):
+    if first.ndim != 2 or first.shape[0] != 1:
         raise ArcdeployError(
             f"{src}: not a face-recognition model: its output {insp.output_name} is "
-            f"{list(first.shape)} for {insp.batch or 1} image(s), not embeddings [N, D]"
+            f"{list(first.shape)} for 1 image, not embeddings [N, D]"
         )
     if not np.all(np.isfinite(first)):
         raise ArcdeployError(f"{src}: the model gives non-finite outputs")
@@ -576,7 +621,6 @@ def _write_dynamic_model(
     src: Path, model, insp: Inspection, run: _SourceRun, spec: InputSpec, faces, model_path: Path
 ) -> tuple[list[str], list[str]]:
     """model.onnx with the least rewriting that gives a batch axis that works; (notes, rewrites)."""
-    import onnx
 
     stages = [()] if run.traced is None else [(), ("Reshape",), og.BATCH_SHAPE_OPS]
     tried: list[list[str]] = []
@@ -587,7 +631,7 @@ def _write_dynamic_model(
         if rewrites in tried:
             continue  # this stage finds nothing the last one did not rewrite
         tried.append(rewrites)
-        onnx.save(cand, str(model_path))
+        save_onnx(cand, model_path)
         got, err = _try(lambda: _runner(model_path, spec)(faces[:PROBE_BATCH]))
         gap = float("inf") if got is None else relative_error(got, run.ref[:PROBE_BATCH])
         if gap <= TOLERANCE:
@@ -670,7 +714,7 @@ def _first_batch_mixing_node(model, spec: InputSpec, faces: np.ndarray) -> str |
     probe.graph.output.extend(outs)
     with tempfile.TemporaryDirectory(prefix="arcdeploy-onnx-") as work:
         path = Path(work) / "probe.onnx"
-        onnx.save(probe, str(path))
+        save_onnx(probe, path)
         try:
             from ..engines import open_graph
 

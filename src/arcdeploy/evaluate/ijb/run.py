@@ -243,15 +243,7 @@ def evaluate_protocols(
     cache_dir = out or default_features_dir(meta.target)
     names = _unique_names([Path(p).name for p in packages] + [Path(f).stem for f in features])
     score_files = [out / f"{name}_{meta.target.lower()}_scores.npy" if out else None for name in names]
-    outputs: list[Path] = []
-    if out is not None and "1:1" in protocols:
-        outputs += [*(f for f in score_files if f), out / "result.json", *([out / "roc.png"] if plot else [])]
-    if out is not None and "1:N" in protocols:
-        outputs += [out / "result_1n.json", *([out / "tpir_fpir.png", out / "cmc.png"] if plot else [])]
-    if json_path:
-        outputs.append(Path(json_path))
-    for path in outputs:  # before any work: extraction may take hours
-        refuse_existing(path, force)
+    _refuse_outputs(out, protocols, score_files, plot, json_path, force)  # before any work: it may take hours
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     if packages:
@@ -276,24 +268,11 @@ def evaluate_protocols(
         else:
             feats = load_features(src)
             source = feat_file = str(src)
-        modes = dict(flip=flip, detector_score=detector_score, normalize_images=normalize_images)
+        modes = dict(flip=flip, detector_score=detector_score, normalize_images=normalize_images, precision=precision)
         if "1:1" in protocols:
-            res = evaluate_features(meta, feats, name=name, source=source, precision=precision, **modes)
-            if sf is not None:
-                save_npy_atomic(sf, res.scores, force=force)
-            res.scores_file, res.features_file = (str(sf) if sf else None), feat_file
-            verification.append(res)
-            say(f"[{name}] {res.mode}: TAR@FAR=1e-4 {100 * res.tar[2]:.2f}%, 1e-5 {100 * res.tar[1]:.2f}%")
+            verification.append(_verify(meta, feats, name, source, feat_file, sf, modes, force, say))
         if lists is not None:
-            res1n = evaluate_features_1n(meta, lists, feats, name=name, source=source, precision=precision, **modes)
-            res1n.features_file = feat_file
-            identification.append(res1n)
-            shown = res1n.shown()["mean"]
-            say(
-                f"[{name}] {res1n.mode} 1:N: mean TPIR@FPIR=1e-2 "
-                + ("-" if shown[2] is None else f"{100 * shown[2]:.2f}%")
-                + f", rank-1 {100 * res1n.rank(1):.2f}%"
-            )
+            identification.append(_identify(meta, lists, feats, name, source, feat_file, modes, say))
         del feats
     docs: dict[str, dict] = {}
     if verification:
@@ -303,6 +282,39 @@ def evaluate_protocols(
     if json_path:
         write_json_atomic(json_path, docs[protocols[0]] if len(protocols) == 1 else docs, force=force)
     return docs
+
+
+def _refuse_outputs(out: Path | None, protocols, score_files, plot: bool, json_path, force: bool) -> None:
+    outputs: list[Path] = []
+    if out is not None and "1:1" in protocols:
+        outputs += [*(f for f in score_files if f), out / "result.json", *([out / "roc.png"] if plot else [])]
+    if out is not None and "1:N" in protocols:
+        outputs += [out / "result_1n.json", *([out / "tpir_fpir.png", out / "cmc.png"] if plot else [])]
+    if json_path:
+        outputs.append(Path(json_path))
+    for path in outputs:
+        refuse_existing(path, force)
+
+
+def _verify(meta, feats, name: str, source: str, feat_file: str, sf: Path | None, modes: dict, force, say):
+    res = evaluate_features(meta, feats, name=name, source=source, **modes)
+    if sf is not None:
+        save_npy_atomic(sf, res.scores, force=force)
+    res.scores_file, res.features_file = (str(sf) if sf else None), feat_file
+    say(f"[{name}] {res.mode}: TAR@FAR=1e-4 {100 * res.tar[2]:.2f}%, 1e-5 {100 * res.tar[1]:.2f}%")
+    return res
+
+
+def _identify(meta, lists, feats, name: str, source: str, feat_file: str, modes: dict, say):
+    res = evaluate_features_1n(meta, lists, feats, name=name, source=source, **modes)
+    res.features_file = feat_file
+    shown = res.shown()["mean"]
+    say(
+        f"[{name}] {res.mode} 1:N: mean TPIR@FPIR=1e-2 "
+        + ("-" if shown[2] is None else f"{100 * shown[2]:.2f}%")
+        + f", rank-1 {100 * res.rank(1):.2f}%"
+    )
+    return res
 
 
 def _verification_doc(results: list[IJBResult], meta: IJBMeta, out: Path | None, plot: bool, force: bool) -> dict:
