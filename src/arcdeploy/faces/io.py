@@ -5,6 +5,14 @@ one file into RGB uint8 ``H x W x 3`` the way insightface's ``cv2.imread`` does
 (grayscale expanded to 3 channels, alpha dropped, 16-bit scaled to 8-bit, EXIF
 orientation applied), but with a reason when it cannot.
 
+EXIF orientation: a phone that holds the camera sideways stores the pixels as the sensor
+saw them and says in the EXIF ``Orientation`` tag how to turn them. ``cv2.imread`` and
+``cv2.imdecode`` (without ``IMREAD_IGNORE_ORIENTATION``) apply it, for JPEG, PNG and WebP
+alike, so a photo stored sideways is seen upright and faces are found and aligned the right
+way up. :func:`jpeg_orientation` reads the tag itself for the reduced JPEG decodes, whose
+pixel grid it must map back to the full image's (the header's size is the stored one: for
+orientations 5-8 the upright image is its transpose).
+
 Only JPEG, PNG, BMP and WebP data are decoded, and only after the size in the
 file's header has been read (:func:`image_size`): an image above the pixel limit
 (default 50 megapixels; ``ARCDEPLOY_MAX_PIXELS`` or the ``max_pixels`` argument)
@@ -190,6 +198,53 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
         h = int.from_bytes(data[27:30], "little") + 1
         return w, h
     return None
+
+
+# EXIF orientations that swap width and height (the stored image is the upright one transposed)
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF ``Orientation`` (1-8) of JPEG data, read from its first ``Exif`` APP1 segment as
+    OpenCV reads it; 1 (as stored) when there is none or it cannot be read."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return 1
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # no EXIF before the image data
+            return 1
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\0\0":
+            try:
+                return _tiff_orientation(data[pos + 10 : pos + 2 + length])
+            except struct.error:
+                return 1
+        if length < 2:
+            return 1
+        pos += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None:
+        return 1
+    (ifd,) = struct.unpack(order + "I", tiff[4:8])
+    (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
+    for k in range(count):
+        entry = tiff[ifd + 2 + 12 * k : ifd + 14 + 12 * k]
+        tag, kind, _ = struct.unpack(order + "HHI", entry[:8])
+        if tag == 0x0112 and kind == 3:  # Orientation, SHORT
+            (value,) = struct.unpack(order + "H", entry[8:10])
+            return value if 1 <= value <= 8 else 1
+    return 1
 
 
 _SIZE_READERS = {"JPEG": _jpeg_size, "PNG": _png_size, "BMP": _bmp_size, "WebP": _webp_size}

@@ -1,0 +1,104 @@
+"""Photos in: EXIF orientation, insightface's detection geometry, reduced JPEG decodes, batched detection.
+
+The real photos and SCRFD-500M come from the shared material (skipped with the reason when absent);
+the 12 MP and group photos are made from them in a temporary folder (benchmarks/_photo_sets.py)."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from arcdeploy.faces.io import decode_image, jpeg_orientation
+from real_material import FACES, MODELS, needs_real
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRFD = MODELS / "scrfd_500m_kps.onnx"
+PHOTOS = FACES / "photos"
+
+# the stored pixels of an upright image for each EXIF orientation (what a camera writes)
+STORED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, 1),
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, -1),
+}
+
+
+def exif_tiff(orientation: int, big_endian: bool = False) -> bytes:
+    """A minimal EXIF (TIFF) block holding one tag: Orientation."""
+    e = ">" if big_endian else "<"
+    head = (b"MM" if big_endian else b"II") + struct.pack(e + "HI", 42, 8)
+    ifd = struct.pack(e + "H", 1) + struct.pack(e + "HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(e + "I", 0)
+    return head + ifd
+
+
+def with_orientation(encoded: bytes, orientation: int, big_endian: bool = False) -> bytes:
+    """JPEG or PNG bytes with an EXIF orientation tag written in (APP1 after SOI; eXIf after IHDR)."""
+    tiff = exif_tiff(orientation, big_endian)
+    if encoded[:2] == b"\xff\xd8":
+        body = b"Exif\0\0" + tiff
+        return encoded[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + encoded[2:]
+    assert encoded[:8] == b"\x89PNG\r\n\x1a\n"
+    chunk = struct.pack(">I", len(tiff)) + b"eXIf" + tiff + struct.pack(">I", zlib.crc32(b"eXIf" + tiff))
+    return encoded[:33] + chunk + encoded[33:]
+
+
+def encode(rgb: np.ndarray, ext: str = ".jpg", quality: int = 95) -> bytes:
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext == ".jpg" else []
+    return cv2.imencode(ext, np.ascontiguousarray(rgb[:, :, ::-1]), params)[1].tobytes()
+
+
+# ---------------------------------------------------------------- EXIF orientation
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_imread_applies_it(tmp_path, ext, orientation):
+    rng = np.random.default_rng(orientation)
+    upright = cv2.resize(rng.integers(0, 255, (7, 11, 3), dtype=np.uint8), (99, 63), interpolation=cv2.INTER_NEAREST)
+    data = with_orientation(encode(STORED[orientation](upright), ext), orientation, big_endian=orientation % 2 == 0)
+    path = tmp_path / f"o{orientation}{ext}"
+    path.write_bytes(data)
+    got = decode_image(data, path)
+    imread = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    assert got.shape == upright.shape and np.array_equal(got, imread)
+    # upright: the stored pixels (decoded as stored) turned the way the tag says, exactly
+    as_stored = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    assert np.array_equal(STORED[orientation](got), cv2.cvtColor(as_stored, cv2.COLOR_BGR2RGB))
+    if ext == ".jpg":
+        assert jpeg_orientation(data) == orientation
+
+
+def test_orientation_reader_survives_broken_exif():
+    plain = encode(np.zeros((16, 16, 3), np.uint8))
+    assert jpeg_orientation(plain) == 1
+    broken = plain[:2] + b"\xff\xe1\x00\x10Exif\0\0II*\0\xff\xff\xff\x7f" + plain[2:]
+    assert jpeg_orientation(broken) == 1
+    assert jpeg_orientation(with_orientation(plain, 9)) == 1  # out of range: as stored
+
+
+@needs_real("models/scrfd_500m_kps.onnx", "faces/photos")
+def test_sideways_real_photo_is_seen_upright(tmp_path):
+    from arcdeploy.faces.detectors import open_detector
+
+    src = PHOTOS / "Jacinda_Ardern" / "Jacinda_Ardern_2018.jpg"
+    upright = decode_image(src.read_bytes(), src)
+    detector = open_detector(SCRFD, threads=1)
+    want = detector.best(upright)
+    for orientation in (3, 6, 8):
+        data = with_orientation(encode(STORED[orientation](upright), quality=97), orientation)
+        (tmp_path / "sideways.jpg").write_bytes(data)
+        got = decode_image(data, "sideways.jpg")
+        assert got.shape == upright.shape
+        face = detector.best(got)
+        iod = np.linalg.norm(want.points[1] - want.points[0])
+        assert np.abs(face.points - want.points).max() < 0.02 * iod, orientation
