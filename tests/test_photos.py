@@ -6,6 +6,7 @@ the 12 MP and group photos are made from them in a temporary folder (benchmarks/
 from __future__ import annotations
 
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -102,3 +103,101 @@ def test_sideways_real_photo_is_seen_upright(tmp_path):
         face = detector.best(got)
         iod = np.linalg.norm(want.points[1] - want.points[0])
         assert np.abs(face.points - want.points).max() < 0.02 * iod, orientation
+
+
+# ---------------------------------------------------------------- the same faces as insightface
+
+
+def _insightface():
+    pytest.importorskip("skimage", reason="scikit-image (insightface's norm_crop) is needed for the comparison")
+    sys.path.insert(0, str(BENCHMARKS))
+    import _insightface_loop
+
+    return _insightface_loop
+
+
+@pytest.fixture(scope="module")
+def photo_sets(tmp_path_factory):
+    """The real photos, a 3000x2171 group photo and the 12 MP set, made once per module."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from _photo_sets import group_photo, twelve_mp_set
+    from arcdeploy.faces.io import list_images
+
+    folder = tmp_path_factory.mktemp("photo_sets")
+    return {
+        "photos": list_images(PHOTOS),
+        "group": [group_photo(FACES.parent, folder / "group.jpg")],
+        "12mp": twelve_mp_set(FACES.parent, folder / "12mp"),
+    }
+
+
+@pytest.fixture(scope="module")
+def w600k_fp32(tmp_path_factory):
+    import arcdeploy
+
+    out = tmp_path_factory.mktemp("pkg") / "w600k_fp32"
+    arcdeploy.build(
+        MODELS / "w600k_mbf.onnx",
+        out,
+        engine="onnxruntime",
+        precision="fp32",
+        check_images=PHOTOS,
+        check_landmarks=FACES / "photos_5pts.txt",
+    )
+    return arcdeploy.load(out)
+
+
+def box_iou(a, b) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def match_faces(ref_boxes, got_boxes, min_iou: float = 0.9) -> list[tuple[int, int]]:
+    """Pairs (reference face, found face) with box IoU >= ``min_iou``, each face in one pair at most."""
+    pairs, used = [], set()
+    for i, rb in enumerate(ref_boxes):
+        ious = [box_iou(rb, gb) if j not in used else 0.0 for j, gb in enumerate(got_boxes)]
+        if ious and max(ious) >= min_iou:
+            j = int(np.argmax(ious))
+            used.add(j)
+            pairs.append((i, j))
+    return pairs
+
+
+@pytest.mark.slow
+@needs_real("models/scrfd_500m_kps.onnx", "models/w600k_mbf.onnx", "faces/photos", "faces/lfw_colour")
+@pytest.mark.parametrize("which", ["photos", "group"])
+def test_same_faces_landmarks_and_embeddings_as_insightface(photo_sets, w600k_fp32, which):
+    """insightface's loop (SCRFD at 640 + norm_crop + ArcFaceONNX) and arcdeploy's embed with an fp32
+    package find the same faces, with landmarks within 0.2% (mean) / 0.5% (max) of the inter-ocular
+    distance and embeddings at cosine >= 0.998, on the real photos and a 3000x2171 group photo."""
+    from arcdeploy.faces.detectors import open_detector
+    from arcdeploy.faces.pipeline import embed_files
+    from arcdeploy.faces.prepare import Detection, prepare_image
+
+    loop = _insightface().InsightfaceLoop(SCRFD, MODELS / "w600k_mbf.onnx", threads=1)
+    detection = Detection(open_detector(SCRFD, threads=1), all_faces=True)
+    paths = photo_sets[which]
+    res = embed_files(w600k_fp32, paths, detector=SCRFD, all_faces=True, progress=False)
+    assert not res.failures
+    errors, cosines, faces = [], [], 0
+    for k, path in enumerate(paths):
+        ref = loop.run_file(path)
+        got = prepare_image(path, detection=detection).faces
+        rows = [r for r in range(len(res.faces)) if res.faces[r].image == k]
+        assert len(got) == len(ref) == len(rows), path
+        faces += len(ref)
+        ref_boxes = [f["bbox"] for f in ref]
+        for i, j in match_faces(ref_boxes, [f.box for f in got]):
+            iod = np.linalg.norm(ref[i]["kps"][1] - ref[i]["kps"][0])
+            errors.append(np.linalg.norm(got[j].points - ref[i]["kps"], axis=1).mean() / iod)
+        pairs = match_faces(ref_boxes, [res.faces[r].box for r in rows])
+        assert len(pairs) == len(ref), path
+        for i, j in pairs:
+            e = ref[i]["embedding"] / np.linalg.norm(ref[i]["embedding"])
+            cosines.append(float(e @ res.features[rows[j]]))
+    assert len(errors) == faces and faces >= (12 if which == "photos" else 100)
+    assert np.mean(errors) <= 0.002 and np.max(errors) <= 0.005, (np.mean(errors), np.max(errors))
+    assert min(cosines) >= 0.998, min(cosines)

@@ -47,18 +47,20 @@ def best_first(faces: Sequence[Face]) -> list[Face]:
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = NMS_IOU) -> np.ndarray:
-    """Greedy non-maximum suppression: indices kept, highest score first."""
-    boxes = np.asarray(boxes, np.float64)
-    order = np.argsort(-np.asarray(scores), kind="stable")
+    """Greedy non-maximum suppression as insightface's SCRFD does it: indices kept, highest score
+    first (``argsort()[::-1]``), overlap with the ``+ 1`` pixel convention (a box from x1 to x2
+    covers ``x2 - x1 + 1`` pixels). Boxes in image pixels, as insightface compares them."""
+    boxes = np.asarray(boxes)
+    order = np.argsort(np.asarray(scores))[::-1]
     x1, y1, x2, y2 = boxes.T
-    area = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    area = (x2 - x1 + 1) * (y2 - y1 + 1)
     keep = []
     while order.size:
         i = order[0]
         keep.append(i)
         rest = order[1:]
-        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
-        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
         inter = iw * ih
         union = area[i] + area[rest] - inter
         overlap = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
@@ -66,21 +68,39 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = NMS_IOU) -> np.ndarr
     return np.array(keep, dtype=np.int64)
 
 
+def letterbox_geometry(width: int, height: int, size: tuple[int, int]) -> tuple[int, int, float]:
+    """Where an image of ``width`` x ``height`` goes in a ``size`` = (width, height) canvas, by
+    insightface's SCRFD rule: (new width, new height, scale). The side that fills the canvas is
+    the canvas's; the other is ``int(new_height / (h / w))`` or ``int(new_width * (h / w))``, and
+    the one scale that maps canvas pixels back to the image, for both axes, is ``new_height / h``.
+    (That scale is the height's: the width was rounded down on its own, so in x it can be up to
+    one canvas pixel's worth off the true one; faces found with insightface's own code carry the
+    same offset, and following it keeps arcdeploy's landmarks on insightface's.)"""
+    cw, ch = size
+    im_ratio = float(height) / width
+    if im_ratio > float(ch) / cw:
+        nh = ch
+        nw = int(nh / im_ratio)
+    else:
+        nw = cw
+        nh = int(nw * im_ratio)
+    nw, nh = max(1, nw), max(1, nh)
+    return nw, nh, float(nh) / height
+
+
 def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, tuple[float, float]]:
-    """Resize ``image`` keeping its aspect ratio to fit a ``size`` = (width, height) canvas,
-    placed at the top-left, zeros elsewhere (insightface's SCRFD input). Returns the canvas
-    and the (x, y) scale from image pixels to canvas pixels."""
+    """Resize ``image`` keeping its aspect ratio to fit a ``size`` = (width, height) canvas
+    (bilinear, ``cv2.resize``'s default), placed at the top-left, zeros elsewhere: insightface's
+    SCRFD input (:func:`letterbox_geometry`). Returns the canvas and the (x, y) scale from image
+    pixels to canvas pixels (insightface's one scale, for both axes)."""
     import cv2
 
     cw, ch = size
     h, w = image.shape[:2]
-    if h / w > ch / cw:
-        nh, nw = ch, max(1, int(ch * w / h))
-    else:
-        nw, nh = cw, max(1, int(cw * h / w))
+    nw, nh, scale = letterbox_geometry(w, h, size)
     canvas = np.zeros((ch, cw, image.shape[2]), dtype=image.dtype)
     canvas[:nh, :nw] = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    return canvas, (nw / w, nh / h)
+    return canvas, (scale, scale)
 
 
 # ------------------------------------------------------------------ the interface

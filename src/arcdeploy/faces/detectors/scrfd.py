@@ -1,7 +1,8 @@
 """SCRFD (insightface) with 5 keypoints, run by ONNX Runtime or OpenVINO.
 
 What the detector expects and gives (facts of insightface's SCRFD): an RGB image resized
-keeping its aspect ratio into a 640 x 640 canvas at the top-left, normalised
+keeping its aspect ratio into a 640 x 640 canvas at the top-left (insightface's rounding and
+its one scale for both axes: :func:`~.base.letterbox_geometry`), normalised
 ``(x - 127.5) / 128``, NCHW. Per stride s (8, 16, 32; or 8..128 for the 5-level models) and
 per cell of the ``H/s x W/s`` feature map, ``A`` anchors (2 for 3 strides, 1 for 5) centred on
 the cell's top-left corner ``(col * s, row * s)``, in row-major order with the anchors of
@@ -129,17 +130,22 @@ class ScrfdDetector(FaceDetector):
         return f"SCRFD {self.path.name} ({self.size[0]}x{self.size[1]}, {self.engine})"
 
     def _detect(self, rgb: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        canvas, (sx, sy) = letterbox(rgb, self.size)
+        canvas, (scale, _) = letterbox(rgb, self.size)
         blob = np.ascontiguousarray(canvas.transpose(2, 0, 1)[None], dtype=np.float32)
         blob -= 127.5
         blob *= 1.0 / 128.0
         outs = self.session.run({self.input_name: blob})
-        scores, boxes, points = self._decode(outs, threshold)
-        keep = nms(boxes, scores, self.nms_iou)
-        scale = np.array([sx, sy], np.float32)
-        boxes = (boxes[keep].reshape(-1, 2, 2) / scale).reshape(-1, 4)
-        points = points[keep].reshape(-1, 5, 2) / scale
-        return boxes, points, scores[keep]
+        return self._to_image(*self._decode(outs, threshold), scale)
+
+    def _to_image(
+        self, scores: np.ndarray, boxes: np.ndarray, points: np.ndarray, scale: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Canvas detections -> image pixels, then NMS there, in insightface's order of steps
+        (sorted by score, divided by the scale, suppressed in float32 image pixels)."""
+        order = scores.argsort()[::-1]
+        scores, boxes, points = scores[order], boxes[order] / scale, points[order] / scale
+        keep = nms(boxes.astype(np.float32, copy=False), scores, self.nms_iou)
+        return boxes[keep], points[keep].reshape(-1, 5, 2), scores[keep]
 
     def _decode(self, outs: list[np.ndarray], threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Scores [n], boxes [n, 4] and points [n, 10] in canvas pixels, for anchors over ``threshold``."""
