@@ -201,3 +201,100 @@ def test_same_faces_landmarks_and_embeddings_as_insightface(photo_sets, w600k_fp
     assert len(errors) == faces and faces >= (12 if which == "photos" else 100)
     assert np.mean(errors) <= 0.002 and np.max(errors) <= 0.005, (np.mean(errors), np.max(errors))
     assert min(cosines) >= 0.998, min(cosines)
+
+
+# ---------------------------------------------------------------- reduced JPEG decodes
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_reduced_decode_maps_onto_the_full_decode(orientation):
+    """Each pixel of a 1/2, 1/4, 1/8 decode is the block of full pixels the mapping says (upright,
+    any EXIF orientation, a size that is no multiple of 8): one pixel off in either axis is worse."""
+    from arcdeploy.faces.io import decode_reduced
+
+    rng = np.random.default_rng(0)
+    h, w = 203, 341
+    texture = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3)).astype(np.float32), (0, 0), 1.5)
+    upright = np.clip((texture - texture.mean()) * 4 + 128, 0, 255).astype(np.uint8)
+    data = with_orientation(encode(STORED[orientation](upright), quality=100), orientation)
+    full = decode_image(data).astype(np.float32)
+    for r in (2, 4, 8):
+        got = decode_reduced(data, "t.jpg", at_least=lambda fw, fh, r=r: (fw // r - 1, fh // r - 1))
+        assert got.reduction == r and got.full_size == (w, h) and got.pixels.shape == (-(-h // r), -(-w // r), 3)
+        block = cv2.boxFilter(full, -1, (r, r), anchor=(0, 0), borderType=cv2.BORDER_REPLICATE)
+        errors = {}
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                # the block of reduced pixel i starts at r * i + offset - (r - 1) / 2 (an integer)
+                x0 = np.arange(1, got.pixels.shape[1] - 1) * r + round(got.offset[0] - (r - 1) / 2) + dx
+                y0 = np.arange(1, got.pixels.shape[0] - 1) * r + round(got.offset[1] - (r - 1) / 2) + dy
+                ok_x, ok_y = (x0 >= 0) & (x0 + r <= w), (y0 >= 0) & (y0 + r <= h)
+                want = block[y0[ok_y]][:, x0[ok_x]]
+                have = got.pixels[1:-1][ok_y][:, 1:-1][:, ok_x].astype(np.float32)
+                errors[(dx, dy)] = float(np.abs(want - have).mean())
+        assert min(errors, key=errors.get) == (0, 0), (r, errors)
+        assert errors[(0, 0)] < 0.6 * min(v for k, v in errors.items() if k != (0, 0)), (r, errors)
+
+
+def test_reduced_decode_only_where_it_fits(tmp_path):
+    from arcdeploy.faces.io import decode_reduced, reduction_for
+
+    assert reduction_for(4000, 3000, (1280, 960)) == 2
+    assert reduction_for(4000, 3000, (500, 375)) == 8
+    assert reduction_for(4000, 3000, (1001, 750)) == 2  # 1/4 would give 1000 columns
+    assert reduction_for(1000, 800, (1280, 960)) == 1
+    big = np.zeros((900, 1300, 3), np.uint8)
+    jpeg, png = encode(big), encode(big, ".png")
+    fits = lambda w, h: (w // 4, h // 4)  # noqa: E731
+    assert decode_reduced(jpeg, "a.jpg", at_least=fits).reduction == 4
+    assert decode_reduced(png, "a.png", at_least=fits).reduction == 1  # only JPEG has DCT scaling
+    assert decode_reduced(jpeg, "a.jpg").reduction == 1
+    assert decode_reduced(jpeg, "a.jpg", at_least=lambda w, h: None).reduction == 1
+    tagged = with_orientation(jpeg, 6)
+    got = decode_reduced(tagged, "a.jpg", at_least=fits)
+    assert got.full_size == (900, 1300) and got.pixels.shape == (325, 225, 3)
+
+
+@pytest.mark.slow
+@needs_real("models/scrfd_500m_kps.onnx", "models/w600k_mbf.onnx", "faces/photos", "faces/lfw_colour")
+def test_reduced_decode_against_full_decode(photo_sets, w600k_fp32):
+    """decode="reduced" on the real photos (none is large enough: the same result), a group photo
+    (small faces: decoded again in full, the same result) and 12 MP JPEGs (large faces aligned from
+    the 1/2 decode): crops from the reduced decode lose nothing against the full decode's (same
+    points: cosine >= 0.999), and what the reduced detection costs stays within what is documented."""
+    from arcdeploy.faces.align import to_aligned
+    from arcdeploy.faces.detectors import open_detector
+    from arcdeploy.faces.prepare import Detection, find_faces, prepare_image
+
+    full = Detection(open_detector(SCRFD, threads=1), all_faces=True)
+    reduced = Detection(open_detector(SCRFD, threads=1, decode="reduced"), all_faces=True)
+
+    def unit(x):
+        x = w600k_fp32.infer(x)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    for which in ("photos", "group"):
+        for path in photo_sets[which]:
+            a, b = prepare_image(path, detection=full), prepare_image(path, detection=reduced)
+            assert np.array_equal(a.crops, b.crops), path
+    errors, cosines, crop_cosines = [], [], []
+    for path in photo_sets["12mp"]:
+        (f,), (r,) = find_faces([(path, str(path))], full), find_faces([(path, str(path))], reduced)
+        assert f.image.reduction == 1 and len(r.faces) == len(f.faces)
+        if r.image.reduction == 1:  # a face too small for the 1/2 decode: decoded again in full
+            assert np.array_equal(r.faces[0].points, f.faces[0].points), path
+            continue
+        assert r.image.reduction == 2
+        ff, rf = f.faces[0], r.faces[0]
+        iod = np.linalg.norm(ff.points[1] - ff.points[0])
+        errors.append(np.linalg.norm(rf.points - ff.points, axis=1).mean() / iod)
+        full_crop = to_aligned(f.image.pixels, ff.points)
+        same_points = to_aligned(r.image.pixels, r.image.from_full(ff.points))
+        own_points = prepare_image(path, detection=reduced).crops[0]
+        e = unit(np.stack([full_crop, same_points, own_points]))
+        crop_cosines.append(float(e[0] @ e[1]))
+        cosines.append(float(e[0] @ e[2]))
+    assert len(cosines) >= 8 and min(crop_cosines) >= 0.999, crop_cosines
+    # the reduced decode's detection: a few tenths of a canvas pixel (README: 0.13% / 0.46%, 0.989)
+    assert np.mean(errors) <= 0.003 and np.max(errors) <= 0.008, errors
+    assert min(cosines) >= 0.98 and np.mean(cosines) >= 0.995, cosines

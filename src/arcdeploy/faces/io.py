@@ -26,12 +26,13 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ArcdeployError
-from .types import ImageError
+from .types import DecodedImage, ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -262,14 +263,12 @@ def image_size(data: bytes) -> tuple[str, tuple[int, int] | None] | None:
         return kind, None
 
 
-def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 ``H x W x 3``; raises :class:`ImageError`.
-
-    The header is read first: data that is not JPEG, PNG, BMP or WebP, a header
-    without a size, and images above the pixel limit are refused before decoding.
-    """
-    import cv2
-
+def checked_size(
+    data: bytes, name: str | os.PathLike = "<bytes>", max_pixels: int | None = None
+) -> tuple[str, int, int]:
+    """(format, width, height) from the header of image bytes about to be decoded; raises
+    :class:`ImageError` for data that is not JPEG, PNG, BMP or WebP, a header without a size,
+    or an image above the pixel limit (the size as stored: before any EXIF turn)."""
     if len(data) == 0:
         raise ImageError(name, "empty file")
     found = image_size(data)
@@ -289,11 +288,14 @@ def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", max_pixels: i
             f"image too large: {w}x{h} is {w * h / 1e6:.1f} megapixels, above the limit of "
             f"{limit / 1e6:g} megapixels (set {MAX_PIXELS_ENV} to change it)",
         )
-    buf = np.frombuffer(data, np.uint8)
+    return kind, w, h
+
+
+def _imdecode(data: bytes, flag: int, name: str | os.PathLike, kind: str) -> np.ndarray:
+    import cv2
+
     try:
-        # IMREAD_COLOR is what insightface's cv2.imread uses: 3 channels, 8 bits,
-        # alpha dropped, EXIF orientation applied.
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     except cv2.error as exc:
         raise ImageError(name, f"cannot decode ({str(exc).strip().splitlines()[-1]})") from None
     if img is None or img.size == 0:
@@ -301,11 +303,103 @@ def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", max_pixels: i
     if kind == "JPEG" and data.rfind(b"\xff\xd9") == -1:
         # libjpeg fills a cut-off file with grey and only warns; such a face is damaged
         raise ImageError(name, "truncated JPEG (no end-of-image marker)")
-    if img.ndim == 2:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    else:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return img
+    return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB if img.ndim == 2 else cv2.COLOR_BGR2RGB)
+
+
+def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
+    """Encoded image bytes -> RGB uint8 ``H x W x 3``; raises :class:`ImageError`.
+
+    The header is read first: data that is not JPEG, PNG, BMP or WebP, a header
+    without a size, and images above the pixel limit are refused before decoding.
+    """
+    import cv2
+
+    kind, _, _ = checked_size(data, name, max_pixels)
+    # IMREAD_COLOR is what insightface's cv2.imread uses: 3 channels, 8 bits,
+    # alpha dropped, EXIF orientation applied.
+    return _imdecode(data, cv2.IMREAD_COLOR, name, kind)
+
+
+# JPEG DCT scaling: libjpeg decodes 8x8 blocks straight to 4x4, 2x2 or 1x1 pixels, which skips
+# most of the inverse DCT and the colour conversion of the pixels not wanted
+JPEG_REDUCTIONS = (8, 4, 2)
+_REDUCED_FLAGS = {2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4", 8: "IMREAD_REDUCED_COLOR_8"}
+
+
+def reduction_for(width: int, height: int, at_least: tuple[int, int]) -> int:
+    """The largest JPEG reduction (8, 4, 2; else 1) whose image of an upright ``width`` x ``height``
+    photo is still at least ``at_least`` = (width, height) pixels."""
+    for r in JPEG_REDUCTIONS:
+        if -(-width // r) >= at_least[0] and -(-height // r) >= at_least[1]:
+            return r
+    return 1
+
+
+def _orientation_map(orientation: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """EXIF ``orientation`` as an affine map of stored pixel coordinates (a ``w`` x ``h`` image)
+    to upright ones: (2x2 matrix, translation)."""
+    table = {
+        1: (((1, 0), (0, 1)), (0, 0)),
+        2: (((-1, 0), (0, 1)), (w - 1, 0)),
+        3: (((-1, 0), (0, -1)), (w - 1, h - 1)),
+        4: (((1, 0), (0, -1)), (0, h - 1)),
+        5: (((0, 1), (1, 0)), (0, 0)),
+        6: (((0, -1), (1, 0)), (h - 1, 0)),
+        7: (((0, -1), (-1, 0)), (h - 1, w - 1)),
+        8: (((0, 1), (-1, 0)), (0, w - 1)),
+    }
+    m, t = table[orientation]
+    return np.array(m, np.float64), np.array(t, np.float64)
+
+
+def reduced_offset(orientation: int, stored: tuple[int, int], reduction: int) -> tuple[float, float]:
+    """Where the pixels of a JPEG decoded at 1/``reduction`` lie in the full decode, both upright:
+    ``full = reduction * reduced + offset``. In the stored frame pixel ``i`` of the reduced image
+    is the block of full pixels ``r*i .. r*i + r - 1``, centred at ``r*i + (r - 1) / 2``; turning
+    both images upright moves that by the orientation's translation, which depends on each image's
+    own size (the reduced one is ``ceil(size / r)``: a last, partial block when the size is not a
+    multiple of ``r``)."""
+    w, h = stored
+    r = int(reduction)
+    m, t_full = _orientation_map(orientation, w, h)
+    _, t_red = _orientation_map(orientation, -(-w // r), -(-h // r))
+    centre = np.full(2, (r - 1) / 2.0)
+    off = t_full - r * t_red + m @ centre
+    return float(off[0]), float(off[1])
+
+
+def decode_reduced(
+    data: bytes,
+    name: str | os.PathLike = "<bytes>",
+    max_pixels: int | None = None,
+    at_least: Callable[[int, int], tuple[int, int] | None] | None = None,
+) -> DecodedImage:
+    """Image bytes decoded for finding faces: a JPEG is decoded at 1/8, 1/4 or 1/2 of its size with
+    libjpeg's DCT scaling (``cv2.IMREAD_REDUCED_COLOR_*``), the largest reduction whose image is
+    still at least ``at_least(width, height)`` = (width, height) pixels for the upright full size,
+    upright (EXIF orientation applied, as the full decode does); other formats, smaller JPEGs and
+    ``at_least`` None (or returning None) are decoded in full. The result says how its pixels map
+    onto the full image and keeps the bytes for a full decode."""
+    import cv2
+
+    kind, sw, sh = checked_size(data, name, max_pixels)
+    r = 1
+    orientation = 1
+    if kind == "JPEG" and at_least is not None:
+        orientation = jpeg_orientation(data)
+        w, h = (sh, sw) if orientation in TRANSPOSED_ORIENTATIONS else (sw, sh)
+        wanted = at_least(w, h)
+        if wanted is not None:
+            r = reduction_for(w, h, (int(wanted[0]), int(wanted[1])))
+    if r == 1:
+        rgb = _imdecode(data, cv2.IMREAD_COLOR, name, kind)
+        return DecodedImage.full(rgb, data, str(name))
+    rgb = _imdecode(data, getattr(cv2, _REDUCED_FLAGS[r]), name, kind)
+    expect = (-(-h // r), -(-w // r))
+    if rgb.shape[:2] != expect:  # an OpenCV that turned it otherwise: decode in full rather than guess
+        rgb = _imdecode(data, cv2.IMREAD_COLOR, name, kind)
+        return DecodedImage.full(rgb, data, str(name))
+    return DecodedImage(rgb, (w, h), r, reduced_offset(orientation, (sw, sh), r), data, str(name))
 
 
 def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:

@@ -19,13 +19,18 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from ...errors import ArcdeployError, first_line
-from ..types import Face, as_rgb
+from ..types import DecodedImage, Face, as_rgb
 
 if TYPE_CHECKING:
     from .registry import DetectorSpec
 
 NMS_IOU = 0.4  # insightface SCRFD's NMS threshold
 PAD_RETRY = 0.4  # border, as a fraction of the larger side, for a second try on tight crops
+# how photos are decoded for detection: "full" (insightface's exact pixels), or "reduced": a kind
+# may decode large JPEGs at 1/2, 1/4, 1/8 with libjpeg's DCT scaling (see reduced_decode_size), which
+# is faster but moves landmarks a little (measured in faces/prepare.py), so it is asked for, not default
+DECODES = ("full", "reduced")
+DEFAULT_DECODE = "full"
 RECOGNITION_DIMS = (128, 256, 512, 1024)
 
 
@@ -116,8 +121,18 @@ class FaceDetector(ABC):
     default_threshold: ClassVar[float] = 0.5
     engine: str = "opencv"  # what runs the graph (recorded in a job's identity)
 
-    def __init__(self, path: Path, threshold: float | None = None, min_face: float = 0.0, pad_retry: float = PAD_RETRY):
+    def __init__(
+        self,
+        path: Path,
+        threshold: float | None = None,
+        min_face: float = 0.0,
+        pad_retry: float = PAD_RETRY,
+        decode: str = DEFAULT_DECODE,
+    ):
         self.path = Path(path)
+        if decode not in DECODES:
+            raise ArcdeployError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
+        self.decode = decode
         self.pad_retry = float(pad_retry or 0.0)
         self.threshold = float(self.default_threshold if threshold is None else threshold)
         if not 0.0 <= self.threshold <= 1.0:
@@ -142,23 +157,48 @@ class FaceDetector(ABC):
     def _detect(self, rgb: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Boxes [n, 4], points [n, 5, 2] (image pixels) and scores [n] after NMS."""
 
+    def _detect_many(
+        self, images: Sequence[DecodedImage], threshold: float
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:meth:`_detect` of several decoded images, in full-image pixels; a kind that can run
+        several images in one call of its network overrides this."""
+        out = []
+        for img in images:
+            boxes, points, scores = self._detect(img.pixels, threshold)
+            out.append((img.to_full(boxes), img.to_full(points), scores))
+        return out
+
+    def reduced_decode_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The smallest decode of a ``width`` x ``height`` photo that loses nothing this detector
+        sees (a JPEG can be decoded at 1/2, 1/4, 1/8 down to it), or None: decode in full."""
+        return None
+
     def detect(self, image: np.ndarray, threshold: float | None = None, min_face: float | None = None) -> list[Face]:
         """Faces in an RGB uint8 ``H x W x 3`` image, best first (see :func:`best_first`);
         faces whose box's shorter side is under ``min_face`` pixels are left out. When nothing is
         found, the image is tried once more inside a black border of ``pad_retry`` times its
         larger side (tight face crops); points may then lie a little outside the image."""
-        rgb = as_rgb(image)
+        return self.detect_decoded([DecodedImage.full(as_rgb(image))], threshold, min_face)[0]
+
+    def detect_decoded(
+        self, images: Sequence[DecodedImage], threshold: float | None = None, min_face: float | None = None
+    ) -> list[list[Face]]:
+        """:meth:`detect` for several decoded images at once (a kind with a batch axis runs them
+        in batches), each possibly decoded reduced: faces in full-image pixels, best first."""
         thr = self.threshold if threshold is None else float(threshold)
         low = self.min_face if min_face is None else float(min_face)
-        boxes, points, scores = self._detect(rgb, thr)
-        if len(scores) == 0 and self.pad_retry > 0:
-            boxes, points, scores = self._detect_padded(rgb, thr)
-        faces = [
-            Face(np.asarray(b, np.float32), np.asarray(p, np.float32).reshape(5, 2), float(s))
-            for b, p, s in zip(boxes, points, scores)
-        ]
-        faces = [f for f in faces if f.size >= low]
-        return best_first(faces)
+        found = self._detect_many(images, thr) if images else []
+        out = []
+        for img, (boxes, points, scores) in zip(images, found):
+            if len(scores) == 0 and self.pad_retry > 0:
+                boxes, points, scores = self._detect_padded(img.pixels, thr)
+                boxes, points = img.to_full(boxes), img.to_full(points)
+            faces = [
+                Face(np.asarray(b, np.float32), np.asarray(p, np.float32).reshape(5, 2), float(s))
+                for b, p, s in zip(boxes, points, scores)
+            ]
+            out.append(best_first([f for f in faces if f.size >= low]))
+        return out
 
     def _detect_padded(self, rgb: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # a face that fills the frame (a tight crop) is larger than the detector's largest
@@ -196,6 +236,7 @@ class FaceDetector(ABC):
             f"pad={self.pad_retry!r}",
             f"engine={self.engine}",
             f"size={getattr(self, 'size', None)}",
+            f"decode={self.decode}",
         ]
         return h.hexdigest() + " " + " ".join(settings)
 

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from ...errors import ArcdeployError
-from .base import PAD_RETRY, FaceDetector, GraphIO, read_graph_io
+from .base import DECODES, DEFAULT_DECODE, PAD_RETRY, FaceDetector, GraphIO, read_graph_io
 
 # kind -> (module, class); tried in this order
 DETECTOR_KINDS: dict[str, tuple[str, str]] = {
@@ -64,7 +64,9 @@ class DetectorSpec:
     pixels are left out. ``threads``: engine threads per call (None: the engine's default).
     ``input_size`` (width, height): SCRFD's canvas when its input is dynamic (default 640 x 640).
     ``pad_retry``: see
-    :meth:`FaceDetector.detect` (0: no second try)."""
+    :meth:`FaceDetector.detect` (0: no second try). ``decode``: "full" (default) or "reduced"
+    (large JPEGs decoded at 1/2 to 1/8 for detection, see :mod:`arcdeploy.faces.prepare`). ``batch``:
+    canvases per network call for a graph with a batch axis (None: the kind's default)."""
 
     path: Path
     engine: str = DEFAULT_DETECTOR_ENGINE
@@ -73,6 +75,8 @@ class DetectorSpec:
     threads: int | None = None
     input_size: tuple[int, int] | None = None
     pad_retry: float = PAD_RETRY
+    decode: str = DEFAULT_DECODE
+    batch: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -80,6 +84,10 @@ class DetectorSpec:
             raise ArcdeployError(f"detection threshold must be between 0 and 1, got {self.threshold:g}")
         if not (isinstance(self.min_face, (int, float)) and math.isfinite(self.min_face) and self.min_face >= 0):
             raise ArcdeployError(f"minimum face size must be a number of pixels, 0 or more, got {self.min_face}")
+        if self.decode not in DECODES:
+            raise ArcdeployError(f"decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
+        if self.batch is not None and int(self.batch) < 1:
+            raise ArcdeployError(f"detector batch must be at least 1, got {self.batch}")
         if self.threads is not None and int(self.threads) < 1:
             raise ArcdeployError(f"detector threads must be at least 1, got {self.threads}")
         if self.input_size is not None:
@@ -102,7 +110,8 @@ class DetectorSpec:
 
 def open_detector(path: str | os.PathLike, **settings) -> FaceDetector:
     """The detector in ``path`` (SCRFD or YuNet, recognised from the graph), opened with the
-    settings of :class:`DetectorSpec` (engine, threshold, min_face, threads, input_size, pad_retry)."""
+    settings of :class:`DetectorSpec` (engine, threshold, min_face, threads, input_size, pad_retry,
+    decode, batch)."""
     return DetectorSpec(Path(path), **settings).open()
 
 
