@@ -298,3 +298,50 @@ def test_reduced_decode_against_full_decode(photo_sets, w600k_fp32):
     # the reduced decode's detection: a few tenths of a canvas pixel (README: 0.13% / 0.46%, 0.989)
     assert np.mean(errors) <= 0.003 and np.max(errors) <= 0.008, errors
     assert min(cosines) >= 0.98 and np.mean(cosines) >= 0.995, cosines
+
+
+# ---------------------------------------------------------------- batched detection
+
+
+@needs_real("models/scrfd_500m_kps.onnx", "faces/photos")
+def test_batch_1_and_batch_8_find_the_same_faces(tmp_path):
+    """SCRFD given a batch axis (its reshapes keep the batch) finds, 8 canvases per call, exactly the
+    faces it finds one canvas per call, and those of the source file."""
+    from arcdeploy.faces.detectors import open_detector
+    from arcdeploy.faces.detectors.graph import batch_check, write_batched
+    from arcdeploy.faces.io import list_images
+    from arcdeploy.faces.types import DecodedImage
+
+    batched = tmp_path / "scrfd_batched.onnx"
+    rewrites = write_batched(SCRFD, batched, (640, 640))
+    assert sum("keeps the batch" in r for r in rewrites) == 9
+    source, one, eight = (
+        open_detector(SCRFD, threads=1),
+        open_detector(batched, threads=1, batch=1),
+        open_detector(batched, threads=1, batch=8),
+    )
+    assert (source.batch, one.batch, eight.batch) == (1, 1, 8)
+    paths = list_images(PHOTOS)
+    images = [DecodedImage.full(decode_image(p.read_bytes(), p)) for p in paths]
+    images += [DecodedImage.full(np.ascontiguousarray(img.pixels[:, ::-1])) for img in images[:4]]  # 16: 2 calls
+    canvases = np.stack([eight.canvas(img)[0] for img in images[:3]]).transpose(0, 3, 1, 2).astype(np.float32)
+    assert batch_check(SCRFD, batched, (canvases - 127.5) / 128) < 1e-4
+    found = [det.detect_decoded(images) for det in (source, one, eight)]
+    assert sum(len(f) for f in found[2]) >= 16
+    for a, b, c in zip(*found):
+        assert len(a) == len(b) == len(c) >= 1
+        for fa, fb, fc in zip(a, b, c):
+            np.testing.assert_allclose(fb.points, fa.points, atol=1e-3)
+            # one canvas per call or eight: the same numbers
+            assert np.array_equal(fc.points, fb.points) and np.array_equal(fc.box, fb.box) and fc.score == fb.score
+    # the embed pipeline's preparation workers, 8 photos per task: the crops one photo per task gives
+    from arcdeploy.faces.job import EmbedJob
+    from arcdeploy.faces.pipeline import prepare_batches
+    from arcdeploy.faces.prepare import Detection
+
+    job = EmbedJob(paths + paths[:5], workers=2)
+    crops = [
+        np.concatenate([b.crops for b in prepare_batches(job, [(0, 9), (9, 17)], Detection(det, all_faces=True))])
+        for det in (one, eight)
+    ]
+    assert len(crops[0]) >= 17 and np.array_equal(crops[0], crops[1])

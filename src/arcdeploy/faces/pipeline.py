@@ -48,8 +48,8 @@ from ..errors import ArcdeployError
 from ..files import FileLock, refuse_existing
 from .chunks import ChunkStore, FaceRow, faces_path_for, failures_path_for
 from .job import EmbedJob
-from .prepare import Detection, as_detection, prepare_image_or_failure
-from .types import Face, Failure, input_name
+from .prepare import Detection, as_detection, prepare_detected, prepare_image_or_failure
+from .types import Face, Failure, Prepared, input_name
 
 __all__ = [
     "EmbedResult",
@@ -116,17 +116,24 @@ def prepare_batches(
     pending: deque = deque()
     todo = iter(batches)
 
+    # with a detector, a task is a few images (the detector's batch: found in one network call);
+    # otherwise one image
+    per_task = max(1, int(getattr(detection.detector, "batch", 1))) if detection is not None else 1
+
+    def prepare_some(start: int, end: int) -> list[Prepared | Failure]:
+        if detection is None:
+            return [
+                prepare_image_or_failure(items[i], None if lmks is None else lmks[i], i, job.max_pixels)
+                for i in range(start, end)
+            ]
+        return prepare_detected([(items[i], i) for i in range(start, end)], detection, job.max_pixels)
+
     def submit() -> bool:
         nxt = next(todo, None)
         if nxt is None:
             return False
         s, e = nxt
-        futs = [
-            pool.submit(
-                prepare_image_or_failure, items[i], None if lmks is None else lmks[i], i, job.max_pixels, detection
-            )
-            for i in range(s, e)
-        ]
+        futs = [pool.submit(prepare_some, a, min(a + per_task, e)) for a in range(s, e, per_task)]
         pending.append((s, e, futs))
         return True
 
@@ -145,8 +152,8 @@ def prepare_batches(
 def _gather(start: int, end: int, futures, detected: bool) -> PreparedBatch:
     crops, owners, failures = [], [], []
     found: list[tuple[Face, int]] = []
-    for off, fut in enumerate(futures):
-        res = fut.result()
+    results = [res for fut in futures for res in fut.result()]
+    for off, res in enumerate(results):
         if isinstance(res, Failure):
             failures.append(res)
             continue
