@@ -114,6 +114,11 @@ def build(
     ``onnx_options``: ``input_mean`` / ``input_std`` / ``bgr`` for a foreign ONNX.
     ``default_check_images``: what to check on when none of the above gives images. Returns ``out``.
     """
+    from .detector_package import build_detector, is_detector_source
+
+    if is_detector_source(src):  # a face detector (SCRFD ONNX) builds into a detector package
+        return build_detector(src, out, engine, precision, calib, calib_count, check_images, check_count,
+                              threads, force, strict, recipe, **options)  # fmt: skip
     from .faces.calibration import calibration_split, load_images
     from .faces.prepare import as_detection, exclusive_landmarks_detector
     from .fidelity import check, floor_for

@@ -84,14 +84,34 @@ def register(sub) -> None:
         action="store_true",
         help="int8: do not keep sensitive layers in float when the package misses its floor",
     )
+    p.add_argument(
+        "--input-size",
+        metavar="WxH",
+        help="a face detector (SCRFD ONNX) as SRC: its fixed input, width x height (default 640x640)",
+    )
     p.add_argument("--force", action="store_true", help="replace PKG if it exists")
     p.add_argument("-o", "--output", required=True, metavar="PKG", help="package folder to write")
     p.set_defaults(func=run)
 
 
+def _detector_options(args) -> dict:
+    """--input-size for a detector source (a one-line error for a recognition model)."""
+    from ..detector_package import is_detector_source
+    from ..errors import ArcdeployError
+
+    if args.input_size is None:
+        return {}
+    if not is_detector_source(args.src):
+        raise ArcdeployError("--input-size applies to a face detector (an SCRFD ONNX file) as SRC")
+    w, _, h = args.input_size.lower().partition("x")
+    if not (w.isdigit() and h.isdigit()) or int(w) < 32 or int(h) < 32 or int(w) % 32 or int(h) % 32:
+        raise ArcdeployError(f"--input-size {args.input_size}: expected WxH, multiples of 32 (e.g. 640x640)")
+    return {"input_size": (int(w), int(h))}
+
+
 def run(args) -> int:
     from .. import build
-    from ..manifest import read_package_manifest
+    from ..manifest import is_detector_package, read_package_manifest
     from ..quantize import QuantRecipe
 
     recipe = None
@@ -119,7 +139,13 @@ def run(args) -> int:
         check_count=args.check_count,
         recipe=recipe,
         onnx_options=convention_options(args),
+        **_detector_options(args),
     )
+    if is_detector_package(out):
+        from ..detector_package import summary_lines
+
+        print("\n".join(summary_lines(out)))
+        return 0
     m = read_package_manifest(out)
     fid = m.fidelity or {}
     c = fid.get("cosine", {})

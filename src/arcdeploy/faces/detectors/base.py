@@ -141,6 +141,7 @@ class FaceDetector(ABC):
         if not self.min_face >= 0:  # NaN too: it would drop every face
             raise ArcdeployError(f"minimum face size must be a number of pixels, 0 or more, got {self.min_face}")
         self.spec: DetectorSpec | None = None  # how it was opened (set by the registry), so it can be again
+        self.files: list[Path] = []  # what it is made of, when more than the file at ``path`` (a package)
 
     @classmethod
     def recognise(cls, graph: GraphIO) -> bool:
@@ -226,9 +227,12 @@ class FaceDetector(ABC):
     def identity(self) -> str:
         """What the faces found depend on: the file's content and the settings that change them."""
         h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
+        for path in self.files or [self.path]:
+            if self.files:
+                h.update(path.name.encode())
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
         settings = [
             self.kind,
             f"threshold={self.threshold!r}",
@@ -236,8 +240,9 @@ class FaceDetector(ABC):
             f"pad={self.pad_retry!r}",
             f"engine={self.engine}",
             f"size={getattr(self, 'size', None)}",
-            f"decode={self.decode}",
         ]
+        if self.decode != DEFAULT_DECODE:
+            settings.append(f"decode={self.decode}")
         return h.hexdigest() + " " + " ".join(settings)
 
 

@@ -42,15 +42,29 @@ def detector_class(kind: str) -> type[FaceDetector]:
 def inspect_detector(path: str | os.PathLike) -> type[FaceDetector]:
     """The detector class for the file at ``path``; a one-line error saying what was found when
     the file is no kind of detector."""
+    if Path(path).is_dir():
+        from .package import check_package_folder
+
+        check_package_folder(path)
+        return detector_class("scrfd")
     graph = read_graph_io(path)
     return _kind_of(graph)
 
 
-def _kind_of(graph: GraphIO) -> type[FaceDetector]:
+def kind_of_graph(graph: GraphIO) -> type[FaceDetector] | None:
+    """The detector class of a graph, None when it is no detector (a recognition model, say); a
+    detector the kinds refuse (a near miss, e.g. SCRFD without keypoints) is a one-line error."""
     for kind in DETECTOR_KINDS:
         cls = detector_class(kind)
         if cls.recognise(graph):
             return cls
+    return None
+
+
+def _kind_of(graph: GraphIO) -> type[FaceDetector]:
+    found = kind_of_graph(graph)
+    if found is not None:
+        return found
     raise ArcdeployError(f"{graph.path}: not a face detector: {graph.summary()}{graph.looks_like()}")
 
 
@@ -97,9 +111,16 @@ class DetectorSpec:
             object.__setattr__(self, "input_size", (w, h))
 
     def open(self) -> FaceDetector:
-        """The detector, opened as this spec says (the file's kind read from its graph)."""
-        graph = read_graph_io(self.path)
-        detector = _kind_of(graph).from_spec(graph, self)
+        """The detector, opened as this spec says (the file's kind read from its graph; a detector
+        package folder as its manifest says)."""
+        detector: FaceDetector
+        if self.path.is_dir():
+            from .package import open_detector_package
+
+            detector = open_detector_package(self)
+        else:
+            graph = read_graph_io(self.path)
+            detector = _kind_of(graph).from_spec(graph, self)
         detector.spec = self
         return detector
 

@@ -23,6 +23,7 @@ from ..types import DecodedImage
 from .base import DEFAULT_DECODE, NMS_IOU, PAD_RETRY, FaceDetector, GraphIO, letterbox, letterbox_geometry, nms
 
 if TYPE_CHECKING:
+    from ...manifest import DetectorManifest
     from .registry import DetectorSpec
 
 DEFAULT_SIZE = (640, 640)
@@ -109,6 +110,7 @@ class ScrfdDetector(FaceDetector):
         decode: str = DEFAULT_DECODE,
         batch: int | None = None,
         session=None,
+        layout: str = "NCHW",
     ):
         from ...engines import open_graph
 
@@ -118,7 +120,8 @@ class ScrfdDetector(FaceDetector):
         self.levels = 5 if len(graph.outputs) == 15 else 3
         self.strides = (8, 16, 32, 64, 128)[: self.levels]
         shape = graph.inputs[0][1]
-        fixed = [d for d in shape[2:] if isinstance(d, int) and d > 0]
+        spatial = shape[1:3] if layout == "NHWC" else shape[2:]
+        fixed = [d for d in spatial if isinstance(d, int) and d > 0]
         size: tuple[int, int]
         if len(fixed) == 2:
             size = (fixed[1], fixed[0])
@@ -138,11 +141,19 @@ class ScrfdDetector(FaceDetector):
         self.size: tuple[int, int] = size  # (width, height)
         self.session = session if session is not None else open_graph(self.path, engine=engine, threads=threads)
         self.input_name = self.session.inputs[0].name
+        # a detector package takes the canvases as they are (uint8 NHWC) and normalises inside
+        self.takes_pixels = layout == "NHWC" and self.session.inputs[0].dtype in ("uint8", "u8")
+        self.package: DetectorManifest | None = None  # the manifest, when opened from a detector package
         leading = shape[0] if shape else 1
         # a graph with a batch axis takes several canvases per call; insightface's files take one
         self.batch = 1 if isinstance(leading, int) and leading > 0 else int(batch or DEFAULT_BATCH)
 
     def describe(self) -> str:
+        if self.package is not None:
+            return (
+                f"SCRFD {self.path.name} ({self.size[0]}x{self.size[1]}, {self.engine} "
+                f"{self.package.precision} detector package)"
+            )
         return f"SCRFD {self.path.name} ({self.size[0]}x{self.size[1]}, {self.engine})"
 
     def reduced_decode_size(self, width: int, height: int) -> tuple[int, int] | None:
@@ -184,9 +195,11 @@ class ScrfdDetector(FaceDetector):
         out = []
         for start in range(0, len(placed), self.batch):
             chunk = placed[start : start + self.batch]
-            blob = np.stack([c for c, _ in chunk]).transpose(0, 3, 1, 2).astype(np.float32)
-            blob -= 127.5
-            blob *= 1.0 / 128.0
+            blob = np.stack([c for c, _ in chunk])
+            if not self.takes_pixels:
+                blob = blob.transpose(0, 3, 1, 2).astype(np.float32)
+                blob -= 127.5
+                blob *= 1.0 / 128.0
             outs = self.session.run({self.input_name: blob})
             for b, (_, scale) in enumerate(chunk):
                 mine = [o[b] if o.ndim == 3 else o for o in outs]
