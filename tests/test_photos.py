@@ -345,3 +345,16 @@ def test_batch_1_and_batch_8_find_the_same_faces(tmp_path):
         for det in (one, eight)
     ]
     assert len(crops[0]) >= 17 and np.array_equal(crops[0], crops[1])
+
+
+@needs_real("models/scrfd_500m_kps.onnx", "faces/photos")
+def test_detect_command_takes_the_decode_mode(tmp_path):
+    """--decode reduced on photos no larger than twice the canvas: nothing is reduced, the same rows."""
+    from arcdeploy.cli import main
+
+    rows = {}
+    for mode in ("full", "reduced"):
+        out = tmp_path / f"{mode}.txt"
+        assert main(["detect", str(PHOTOS), "--detector", str(SCRFD), "--decode", mode, "-q", "-o", str(out)]) == 0
+        rows[mode] = out.read_text()
+    assert rows["full"] == rows["reduced"] and len(rows["full"].splitlines()) == 12

@@ -4,8 +4,9 @@ batched, overlapped and resumable.
 Each image is prepared (:func:`arcdeploy.faces.prepare.prepare_image`: decoded, checked, its
 faces found by a detector when the job has one, aligned) in a thread pool — OpenCV and the
 detector's engine release the GIL, so this runs beside inference — while the engine works on
-the batch before; a few batches are prepared ahead (bounded memory). Rows come out in input
-order.
+the batch before; a few batches are prepared ahead (bounded memory). With a detector whose graph
+has a batch axis (a detector package), a worker's task is that many photos, found in one call of
+the detector (:func:`arcdeploy.faces.prepare.prepare_detected`). Rows come out in input order.
 
 Output rows
     Row ``i`` is image ``i``: ``[N, D]``, or ``[N, 2, D]`` with ``flip`` (the image's feature
@@ -112,7 +113,8 @@ def prepare_batches(
     (default ``job.items``; a mapping holding only some indices will do)."""
     items = job.items if items is None else items
     lmks = job.landmarks
-    pool = ThreadPoolExecutor(job.worker_count(), thread_name_prefix="arcdeploy-decode")
+    workers = job.worker_count()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="arcdeploy-decode")
     pending: deque = deque()
     todo = iter(batches)
 
@@ -133,7 +135,10 @@ def prepare_batches(
         if nxt is None:
             return False
         s, e = nxt
-        futs = [pool.submit(prepare_some, a, min(a + per_task, e)) for a in range(s, e, per_task)]
+        # tasks of at most per_task photos, as even as can be and at least one per worker
+        tasks = min(e - s, max(-(-(e - s) // per_task), workers))
+        cuts = [s + (e - s) * k // tasks for k in range(tasks + 1)]
+        futs = [pool.submit(prepare_some, a, b) for a, b in zip(cuts, cuts[1:])]
         pending.append((s, e, futs))
         return True
 
