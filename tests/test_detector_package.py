@@ -59,8 +59,9 @@ def test_fp32_detector_package_finds_what_the_source_finds(fp32_packages, engine
     assert f.lost == f.added == 0 and f.landmark_error_max < 1e-3
     assert (pkg / m.reference).read_bytes() == SCRFD.read_bytes()
     # --detector PKG: the package's own engine, several canvases per call, the source's faces
-    det = DetectorSpec(pkg, threads=1).open()
-    assert det.batch == 8 and det.takes_pixels and "detector package" in det.describe()
+    det = DetectorSpec(pkg, threads=1, batch=4).open()
+    assert det.batch == 4 and det.takes_pixels and "detector package" in det.describe()
+    assert DetectorSpec(pkg).open().batch == 1  # the measured default
     assert inspect_detector(pkg).kind == "scrfd"
     images = decoded(list_images(PHOTOS))
     ref = open_detector(SCRFD, threads=1).detect_decoded(images)

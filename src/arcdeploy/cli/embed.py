@@ -138,7 +138,13 @@ def run(args) -> int:
     refuse_existing(args.output, args.force)  # before any work: the images may take hours
     detector = cli_detector(args)
     paths = list_images(args.images)
-    pkg = load(args.package, threads=args.threads)
+    threads = args.threads
+    if threads is None and args.detector is not None and ray is None:
+        from ..faces.detectors.registry import recognition_threads_beside
+
+        # the cores' share measured for photos (registry): the workers detect, recognition gets the rest
+        threads = recognition_threads_beside(EmbedJob([], workers=args.workers).worker_count())
+    pkg = load(args.package, threads=threads)
     job = EmbedJob.create(
         paths,
         landmarks=args.landmarks,

@@ -32,6 +32,19 @@ DETECTOR_ENGINES = ("onnxruntime", "openvino")
 # workers call the one shared detector at once, so each call gets few threads (measured with
 # benchmarks/bench_e2e_detect.py: one thread per call is the fastest on 2 cores)
 DETECTOR_THREADS = 1
+# how the cores are shared when photos are embedded with a detector (measured with
+# benchmarks/bench_photos.py --grid on 2 cores, 12 MP photos): one preparation worker per core, each
+# detector call on one engine thread, and the recognition engine on one thread beside them (1.06-1.12x
+# the rate with recognition on every core; 2 workers x 2 detector threads: 0.88-1.01x; 1 worker x 2
+# detector threads: 0.78x). arcdeploy embed follows it unless --threads says otherwise: the
+# recognition engine gets the cores the workers leave, at least one (measured on 2 cores only)
+RECOGNITION_THREADS_WITH_DETECTOR = 1
+
+
+def recognition_threads_beside(workers: int, cpus: int | None = None) -> int:
+    """Recognition engine threads beside ``workers`` preparation workers that detect (the rule above)."""
+    cpus = cpus or os.cpu_count() or 2
+    return max(RECOGNITION_THREADS_WITH_DETECTOR, cpus - int(workers))
 
 
 def detector_class(kind: str) -> type[FaceDetector]:

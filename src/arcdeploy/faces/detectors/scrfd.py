@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 
 DEFAULT_SIZE = (640, 640)
 DEFAULT_ENGINE = "onnxruntime"
-# canvases per network call when the graph has a batch axis (see benchmarks/bench_photos.py)
-DEFAULT_BATCH = 8
+# canvases per network call when the graph has a batch axis and nobody says: one. Measured with
+# benchmarks/bench_photos.py --grid (2 cores, OpenVINO int8 SCRFD-500M at 640): 8 canvases per call
+# ran at 0.87-0.94x of one per call in the pipeline (and 0.88x alone): a 640x640 canvas already
+# fills the cores, so on a CPU a batch buys nothing; DetectorSpec(batch=N) asks for one
+DEFAULT_BATCH = 1
 # a reduced JPEG decode keeps at least this many of its pixels per canvas pixel on each side, so
 # that the canvas is still a bilinear shrink of it (as of the full image) and faces that fill a
 # good part of the photo can be aligned from it without a full decode (faces/prepare.py)
