@@ -44,8 +44,9 @@ def twelve_mp_set(real: Path, out: Path) -> list[Path]:
     return paths
 
 
-def group_photo(real: Path, path: Path, size: tuple[int, int] = GROUP_SIZE, seed: int = 7) -> Path:
-    """A group photo of LFW colour faces (made once): rows of tiles 150-260 px on a grey ground."""
+def group_photo(real: Path, path: Path, size: tuple[int, int] = GROUP_SIZE, seed: int = 7, start: int = 0) -> Path:
+    """A group photo of LFW colour faces (made once): rows of tiles 150-260 px on a grey ground;
+    ``seed`` places the tiles, ``start`` picks which faces (another start, other people)."""
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,7 @@ def group_photo(real: Path, path: Path, size: tuple[int, int] = GROUP_SIZE, seed
             tile = min(tile, row)
             if x + tile > width - 8:
                 break
-            img = cv2.imread(str(sources[(k * 37) % len(sources)]))
+            img = cv2.imread(str(sources[(start + k * 37) % len(sources)]))
             k += 1
             canvas[y : y + tile, x : x + tile] = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA)
             x += tile + int(rng.integers(4, 24))

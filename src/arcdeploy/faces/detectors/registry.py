@@ -34,9 +34,10 @@ DETECTOR_ENGINES = ("onnxruntime", "openvino")
 DETECTOR_THREADS = 1
 # how the cores are shared when photos are embedded with a detector (measured with
 # benchmarks/bench_photos.py --grid on 2 cores, 12 MP photos): one preparation worker per core, each
-# detector call on one engine thread, and the recognition engine on one thread beside them (1.06-1.12x
-# the rate with recognition on every core; 2 workers x 2 detector threads: 0.88-1.01x; 1 worker x 2
-# detector threads: 0.78x). arcdeploy embed follows it unless --threads says otherwise: the
+# detector call on one engine thread, and the recognition engine on one thread beside them (over three
+# runs, against this rule: recognition on every core 0.89-0.95x, two threads per detector call
+# 0.79-0.89x, one worker with two detector threads 0.70-0.78x, three workers 0.96-1.09x: no consistent
+# gain). arcdeploy embed follows it unless --threads says otherwise: the
 # recognition engine gets the cores the workers leave, at least one (measured on 2 cores only)
 RECOGNITION_THREADS_WITH_DETECTOR = 1
 

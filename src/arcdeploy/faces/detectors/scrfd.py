@@ -30,7 +30,7 @@ DEFAULT_SIZE = (640, 640)
 DEFAULT_ENGINE = "onnxruntime"
 # canvases per network call when the graph has a batch axis and nobody says: one. Measured with
 # benchmarks/bench_photos.py --grid (2 cores, OpenVINO int8 SCRFD-500M at 640): 8 canvases per call
-# ran at 0.87-0.94x of one per call in the pipeline (and 0.88x alone): a 640x640 canvas already
+# ran at 0.87-0.96x of one per call in the pipeline over three runs (0.88x alone): a 640x640 canvas already
 # fills the cores, so on a CPU a batch buys nothing; DetectorSpec(batch=N) asks for one
 DEFAULT_BATCH = 1
 # a reduced JPEG decode keeps at least this many of its pixels per canvas pixel on each side, so
