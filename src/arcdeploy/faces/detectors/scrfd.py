@@ -159,6 +159,10 @@ class ScrfdDetector(FaceDetector):
             )
         return f"SCRFD {self.path.name} ({self.size[0]}x{self.size[1]}, {self.engine})"
 
+    def identity(self) -> str:
+        # faces found before arcdeploy followed insightface's letterbox differ: saved work of then is not reused
+        return super().identity() + " letterbox=insightface"
+
     def reduced_decode_size(self, width: int, height: int) -> tuple[int, int] | None:
         if self.decode != "reduced":
             return None
