@@ -498,7 +498,8 @@ def test_other_endpoints(server, pkg):
     model = httpx.get(f"{server.url}/v1/model").json()
     m = pkg.manifest
     assert (model["engine"], model["precision"], model["arch"]) == (m.engine, m.precision, m.arch)
-    assert model["fidelity"] == m.fidelity and model["executed"] == m.executed and model["source"] == m.source
+    assert model["fidelity"] == m.fidelity.to_json() and model["executed"] == m.executed.to_json()
+    assert model["source"] == m.source.to_json()
     assert model["fingerprint"] == pkg.fingerprint() and "SCRFD" in model["detector"].upper()
     assert model["serving"]["max_body_bytes"] == MAX_BODY_MB << 20
     spec = httpx.get(f"{server.url}/openapi.json").json()

@@ -64,6 +64,24 @@ def build(src, out, options: BuildOptions | None = None, **kwargs: Any) -> Path:
     if options is not None and kwargs:
         raise TypeError("build(): give options or keyword arguments, not both")
     opts = options or BuildOptions.from_kwargs(**kwargs)
+    from .detector_package import build_detector, is_detector_source
+
+    if is_detector_source(src):  # a face detector (SCRFD ONNX) builds into a detector package
+        return build_detector(
+            src,
+            out,
+            opts.engine,
+            opts.precision,
+            opts.calib,
+            opts.calib_count,
+            opts.check_images,
+            opts.check_count,
+            opts.threads,
+            opts.force,
+            opts.strict,
+            opts.recipe,
+            input_size=opts.input_size,
+        )
     out = Path(out)
     refuse_existing(out, opts.force)
     opts.validate()

@@ -136,7 +136,7 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
     k = search.shortest_passing_prefix(floor)
     kept = search.order[:k]
     after = search.prefix(k) if k else before
-    refuse_if_nothing_int8(len(kept), len(search.order), _meets(after, floor), floor)
+    nothing_left = nothing_int8_left(len(kept), len(search.order), _meets(after, floor))
     if not kept:
         log.warning("fallback: no quantized layer to put back in float; the recipe's package is kept")
     else:
@@ -156,10 +156,11 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
                 "validation_after": {"mean": float(after.mean()), "min": float(after.min())},
                 "seconds": round(time.time() - started, 1),
                 "speed": speed,
+                **({"no_int8_left": True} if nothing_left else {}),
             },
         )
         write_json_atomic(job.out_dir / MANIFEST_NAME, job.manifest.to_json())
-    return check(
+    result = check(
         job.out_dir,
         images=images.faces,
         threads=threads,
@@ -167,19 +168,23 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
         images_source=images.source,
         floor=floor,
     )
+    if nothing_left:  # said where the verdict is read: the build's summary, the manifest, --strict
+        log.warning("fallback: %s", nothing_left)
+        result.below_floor.append(nothing_left)
+    return result
 
 
-def refuse_if_nothing_int8(kept: int, candidates: int, reached: bool, floor: dict[str, float]) -> None:
-    """A fallback that keeps every quantized layer in float leaves no int8 package, only an fp32
-    one under an int8 label at a fraction of the speed: refused, saying what to do instead."""
-    if candidates and kept >= candidates:
-        missed = "" if reached else ", and even then the validation faces miss it"
-        text = ", ".join(f"{k} >= {v:g}" for k, v in floor.items())
-        raise ArcdeployError(
-            f"int8: meeting the fidelity floor ({text}) takes every one of the {candidates} quantized "
-            f"layers back to float{missed}: that would be no int8 package; build fp32 or bf16 instead, "
-            "or allow a larger --max-cosine-drop"
-        )
+def nothing_int8_left(kept: int, candidates: int, reached: bool) -> str | None:
+    """When a fallback keeps every quantized layer in float, no int8 package is left, only an fp32
+    one under an int8 label at a fraction of the speed: what the build says of it then (it counts as
+    below the floor, so ``--strict`` refuses it), else None."""
+    if not candidates or kept < candidates:
+        return None
+    missed = "" if reached else ", and still misses the floor"
+    return (
+        f"no int8 layer left: all {candidates} quantized layers went back to float{missed}; "
+        "build fp32 or bf16 instead, or allow a larger --max-cosine-drop"
+    )
 
 
 def _rebuild(engine, job, kept: list[str], x: np.ndarray, threads: int | None) -> dict:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -760,7 +760,10 @@ def _model_file_kind(path: Path) -> str | None:
 def read_package_manifest(path: str | os.PathLike) -> PackageManifest:
     """The validated manifest of the package folder ``path`` (or of its manifest.json)."""
     mf = manifest_path(path)
-    return PackageManifest.from_json(read_json(mf), str(mf))
+    data = read_json(mf)
+    if isinstance(data, dict) and str(data.get("format", "")).startswith(DETECTOR_FORMAT_NAME + "/"):
+        raise ArcdeployError(f"{path}: a face detector package, not a recognition model (give it as --detector)")
+    return PackageManifest.from_json(data, str(mf))
 
 
 # ------------------------------------------------------------------ the export manifest
@@ -824,3 +827,175 @@ class ExportManifest:
 def read_export_manifest(path: str | os.PathLike) -> ExportManifest:
     mf = manifest_path(path, "export folder")
     return ExportManifest.from_json(read_json(mf), str(mf))
+
+
+# ------------------------------------------------------------------ detector packages
+
+DETECTOR_FORMAT_NAME = "arcdeploy-detector"
+DETECTOR_FORMAT_VERSION = 1
+DETECTOR_FORMAT = f"{DETECTOR_FORMAT_NAME}/{DETECTOR_FORMAT_VERSION}"
+
+
+@dataclass(frozen=True)
+class DetectorFidelity:
+    """A detector package checked against its source ONNX in a detector's own terms, on held-out
+    photos: faces over the threshold matched by box IoU, none lost or added, landmarks within a
+    share of the inter-ocular distance (IOD). A face is lost only when the package does not find
+    it even ``score_margin`` below the threshold (and added likewise): a score that moves from
+    0.51 to 0.49 is counted as ``borderline``, not as a different face."""
+
+    images: int
+    source: str  # what the photos were
+    reference_faces: int
+    matched: int
+    lost: int
+    added: int
+    borderline: int
+    min_iou: float
+    landmark_error_mean: float  # fraction of the IOD
+    landmark_error_max: float
+    max_score_change: float
+    threshold: float
+    score_margin: float
+    floor: dict  # {"iou": 0.9, "landmark_error_mean": 0.01, "landmark_error_max": 0.03}
+    passed: bool
+    below_floor: list = field(default_factory=list)
+    by_size: dict = field(default_factory=dict)  # the same figures for small and large faces apart
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> DetectorFidelity:
+        r = _Reader(data, source, "fidelity")
+
+        def num(key: str) -> float:
+            return float(r.get(key, (int, float)))
+
+        return cls(
+            images=r.get("images", int),
+            source=r.get("source", str),
+            reference_faces=r.get("reference_faces", int),
+            matched=r.get("matched", int),
+            lost=r.get("lost", int),
+            added=r.get("added", int),
+            borderline=r.get("borderline", int),
+            min_iou=num("min_iou"),
+            landmark_error_mean=num("landmark_error_mean"),
+            landmark_error_max=num("landmark_error_max"),
+            max_score_change=num("max_score_change"),
+            threshold=num("threshold"),
+            score_margin=num("score_margin"),
+            floor=r.get("floor", dict),
+            passed=r.get("passed", bool),
+            below_floor=r.get("below_floor", list, []),
+            by_size=r.get("by_size", dict, {}),
+        )
+
+
+@dataclass
+class DetectorManifest:
+    """``manifest.json`` of a detector package: an SCRFD graph built for one engine and precision,
+    with a batch axis and a fixed input, and its fidelity to the source ONNX (kept in the package
+    as its reference)."""
+
+    kind: str  # "scrfd"
+    engine: str
+    precision: str
+    input: InputSpec  # what the model file takes (the detector's canvas: size = (height, width))
+    strides: tuple[int, ...]
+    anchors: int
+    files: dict[str, str]
+    reference: str  # the source ONNX inside the package
+    reference_sha256: str
+    requested_precision: str | None = None
+    source: dict = field(default_factory=dict)
+    graph_rewrites: list = field(default_factory=list)
+    batch_check: dict = field(default_factory=dict)
+    calibration: dict | None = None
+    fidelity: DetectorFidelity | None = None
+    executed: dict | None = None
+    engine_config: dict = field(default_factory=dict)
+    host: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    build_seconds: float | None = None
+    format: str = DETECTOR_FORMAT
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        """The detector's input as (width, height)."""
+        return self.input.size[1], self.input.size[0]
+
+    def file(self, root: str | os.PathLike, key: str = "model") -> Path:
+        if key not in self.files:
+            raise ArcdeployError(f"{Path(root) / MANIFEST_NAME}: no {key!r} in 'files'")
+        return resolve_inside(root, self.files[key], str(Path(root) / MANIFEST_NAME), f"files.{key}")
+
+    def reference_path(self, root: str | os.PathLike) -> Path:
+        return resolve_inside(root, self.reference, str(Path(root) / MANIFEST_NAME), "reference")
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to_json() if hasattr(v, "to_json") else (list(v) if isinstance(v, tuple) else v)
+        return {"format": out.pop("format"), **out}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> DetectorManifest:
+        r = _Reader(data, source)
+        check_format(
+            r.get("format", str),
+            DETECTOR_FORMAT_NAME,
+            DETECTOR_FORMAT_VERSION,
+            source,
+            "a detector package",
+            "run arcdeploy build on the detector's ONNX",
+        )
+        files = {str(k): safe_relpath(v, source, f"files.{k}") for k, v in r.get("files", dict).items()}
+        if "model" not in files:
+            raise ArcdeployError(f"{source}: 'files' names no 'model'")
+        strides = r.get("strides", list)
+        if not strides or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in strides):
+            raise ArcdeployError(f"{source}: 'strides' must be positive integers, got {strides!r}")
+        fid = r.get("fidelity", dict, None)
+        return cls(
+            kind=r.choice("kind", ("scrfd",)),
+            engine=r.get("engine", str),
+            precision=r.choice("precision", tuple(Precision)),
+            input=InputSpec.from_json(r.get("input", dict), source),
+            strides=tuple(strides),
+            anchors=r.get("anchors", int),
+            files=files,
+            reference=safe_relpath(r.get("reference", str), source, "reference"),
+            reference_sha256=r.get("reference_sha256", str),
+            requested_precision=r.get("requested_precision", str, None),
+            source=r.get("source", dict, {}),
+            graph_rewrites=r.get("graph_rewrites", list, []),
+            batch_check=r.get("batch_check", dict, {}),
+            calibration=r.get("calibration", dict, None),
+            fidelity=DetectorFidelity.from_json(fid, source) if fid is not None else None,
+            executed=r.get("executed", dict, None),
+            engine_config=r.get("engine_config", dict, {}),
+            host=r.get("host", dict, {}),
+            versions=r.get("versions", dict, {}),
+            build_seconds=r.get("build_seconds", (int, float), None),
+        )
+
+
+def is_detector_package(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder whose manifest says it is a detector package."""
+    mf = Path(path) / MANIFEST_NAME
+    if not mf.is_file():
+        return False
+    try:
+        data = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith(DETECTOR_FORMAT_NAME + "/")
+
+
+def read_detector_manifest(path: str | os.PathLike) -> DetectorManifest:
+    """The validated manifest of the detector package folder ``path``."""
+    mf = manifest_path(path, "detector package")
+    return DetectorManifest.from_json(read_json(mf), str(mf))

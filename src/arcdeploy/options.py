@@ -47,7 +47,7 @@ class BuildOptions:
     sensitive layers in float until the floor (or ``max_cosine_drop``) is met; ``strict``: below
     the floor, fail and write nothing. ``onnx_options``: ``input_mean`` / ``input_std`` / ``bgr``
     for a foreign ONNX. ``engine_options``: what the engine's builder reads (``performance_hint``,
-    ``ort_quantizer``).
+    ``ort_quantizer``). ``input_size``: for a face detector source, its fixed canvas (width, height).
     """
 
     engine: str = DEFAULT_ENGINE
@@ -71,6 +71,7 @@ class BuildOptions:
     force: bool = False
     onnx_options: dict[str, Any] = field(default_factory=dict)
     engine_options: dict[str, Any] = field(default_factory=dict)
+    input_size: tuple[int, int] | None = None  # a face detector's canvas (width, height)
     requested_precision: str = ""  # what the user asked for (an alias stays on record); default: precision
 
     def __post_init__(self) -> None:

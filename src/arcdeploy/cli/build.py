@@ -30,6 +30,38 @@ def register(sub) -> None:
         metavar="PRECISION",
         help="fp32, fp16, bf16 or int8 (aliases force_float32, force_float16, qint8_mixed_float16)",
     )
+    _add_int8_arguments(p)
+    p.add_argument(
+        "--check-images",
+        metavar="LIST|DIR",
+        help="images for the fidelity check (default: held-out calibration images, else generated faces)",
+    )
+    p.add_argument("--check-landmarks", metavar="FILE", help="5-point landmark file for --check-images")
+    p.add_argument("--check-count", type=int, metavar="N", help="at most N images for the fidelity check (default 64)")
+    p.add_argument("--batch", type=int, metavar="N", help="batch size to compile for (OpenVINO: a static shape)")
+    p.add_argument("--threads", type=int, metavar="N", help="inference threads recorded as the package default")
+    p.add_argument("--arch", default="auto", help="architecture when SRC is a checkpoint (default: read off the keys)")
+    add_convention_options(p)
+    p.add_argument(
+        "--fold-preprocessing",
+        action="store_true",
+        help="the graph takes uint8 NHWC RGB and normalises inside (openvino, onnxruntime)",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="fail, writing nothing, when fidelity is below the precision's floor"
+    )
+    p.add_argument(
+        "--input-size",
+        metavar="WxH",
+        help="a face detector (SCRFD ONNX) as SRC: its fixed input, width x height (default 640x640)",
+    )
+    p.add_argument("--force", action="store_true", help="replace PKG if it exists")
+    p.add_argument("-o", "--output", required=True, metavar="PKG", help="package folder to write")
+    p.set_defaults(func=run)
+
+
+def _add_int8_arguments(p) -> None:
+    """What an int8 build is calibrated on, and how faithful it must stay."""
     p.add_argument(
         "--calib",
         metavar="LIST|DIR",
@@ -54,25 +86,6 @@ def register(sub) -> None:
         "on bf16-capable CPUs the plugin would otherwise run them in bf16)",
     )
     p.add_argument(
-        "--check-images",
-        metavar="LIST|DIR",
-        help="images for the fidelity check (default: held-out calibration images, else generated faces)",
-    )
-    p.add_argument("--check-landmarks", metavar="FILE", help="5-point landmark file for --check-images")
-    p.add_argument("--check-count", type=int, metavar="N", help="at most N images for the fidelity check (default 64)")
-    p.add_argument("--batch", type=int, metavar="N", help="batch size to compile for (OpenVINO: a static shape)")
-    p.add_argument("--threads", type=int, metavar="N", help="inference threads recorded as the package default")
-    p.add_argument("--arch", default="auto", help="architecture when SRC is a checkpoint (default: read off the keys)")
-    add_convention_options(p)
-    p.add_argument(
-        "--fold-preprocessing",
-        action="store_true",
-        help="the graph takes uint8 NHWC RGB and normalises inside (openvino, onnxruntime)",
-    )
-    p.add_argument(
-        "--strict", action="store_true", help="fail, writing nothing, when fidelity is below the precision's floor"
-    )
-    p.add_argument(
         "--max-cosine-drop",
         type=float,
         default=None,
@@ -84,16 +97,33 @@ def register(sub) -> None:
         action="store_true",
         help="int8: do not keep sensitive layers in float when the package misses its floor",
     )
-    p.add_argument("--force", action="store_true", help="replace PKG if it exists")
-    p.add_argument("-o", "--output", required=True, metavar="PKG", help="package folder to write")
-    p.set_defaults(func=run)
+
+
+def _detector_options(args) -> dict:
+    """--input-size for a detector source (a one-line error for a recognition model)."""
+    from ..detector_package import is_detector_source
+    from ..errors import ArcdeployError
+
+    if args.input_size is None:
+        return {}
+    if not is_detector_source(args.src):
+        raise ArcdeployError("--input-size applies to a face detector (an SCRFD ONNX file) as SRC")
+    w, _, h = args.input_size.lower().partition("x")
+    if not (w.isdigit() and h.isdigit()) or int(w) < 32 or int(h) < 32 or int(w) % 32 or int(h) % 32:
+        raise ArcdeployError(f"--input-size {args.input_size}: expected WxH, multiples of 32 (e.g. 640x640)")
+    return {"input_size": (int(w), int(h))}
 
 
 def run(args) -> int:
     from .. import build
-    from ..manifest import read_package_manifest
+    from ..manifest import is_detector_package, read_package_manifest
 
     out = build(args.src, args.output, build_options(args))
+    if is_detector_package(out):
+        from ..detector_package import summary_lines
+
+        print("\n".join(summary_lines(out)))
+        return 0
     print_summary(read_package_manifest(out), out)
     return 0
 
@@ -126,6 +156,7 @@ def build_options(args):
         check_count=args.check_count,
         recipe=recipe,
         onnx_options=convention_options(args),
+        **_detector_options(args),
     )
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 
+from ..faces.detectors.base import DECODES, DEFAULT_DECODE
 from ..faces.detectors.registry import DEFAULT_DETECTOR_ENGINE, DETECTOR_ENGINES
+from .embed import DECODE_HELP
 
 EXIT_SOME_FAILED = 3
 
@@ -57,6 +59,7 @@ def register(sub) -> None:
         default=DEFAULT_DETECTOR_ENGINE,
         help="what runs SCRFD (default: onnxruntime); YuNet always runs in OpenCV",
     )
+    p.add_argument("--decode", choices=DECODES, default=DEFAULT_DECODE, help=DECODE_HELP)
     p.add_argument("--threads", type=int, default=None, metavar="N", help="engine threads (default: the engine's)")
     p.add_argument(
         "--workers",
@@ -99,7 +102,12 @@ def run(args) -> int:
     refuse_existing(args.output, args.force)  # before the work, not after it
     paths = list_images(args.images)
     detector = open_detector(
-        args.detector, engine=args.engine, threshold=args.threshold, min_face=args.min_face, threads=args.threads
+        args.detector,
+        engine=args.engine,
+        threshold=args.threshold,
+        min_face=args.min_face,
+        threads=args.threads,
+        decode=args.decode,
     )
     bar = None
     if not args.quiet and sys.stderr.isatty():

@@ -56,6 +56,7 @@ from ray.util import get_node_ip_address
 
 from ..errors import ArcdeployError, describe, first_line
 from ..faces.chunks import ChunkStore
+from ..faces.detectors.package import detector_files
 from ..faces.io import max_pixels_limit, read_image_bytes
 from ..faces.job import EmbedJob
 from ..faces.pipeline import embed_block, progress_bar, quiet_opencv, refuse_outputs
@@ -206,12 +207,12 @@ class BlockEmbedder:
             bundle = _resolve(bundle)
             name = bundle.name
             folder = scratch.enter_context(scratch_dir(SCRATCH))
-            pkg_dir, extras = bundle.unpack(folder)
+            pkg_dir, _ = bundle.unpack(folder)
             self.package = load(pkg_dir, threads=threads)
             self.detection = None
             spec = self.blocks.job.detector_spec()
-            if spec is not None:  # the file travelled under its own name, so failures name it as here
-                self.detection = Detection(spec.with_path(extras[spec.path.name]).open())
+            if spec is not None:  # it travelled under its own name, so failures name it as here
+                self.detection = Detection(spec.with_path(folder / "extras" / spec.path.name).open())
             got = self.package.fingerprint()
             if got != bundle.fingerprint:
                 raise ArcdeployError(
@@ -681,9 +682,9 @@ def _for_the_cluster(job: EmbedJob, package, options: RayOptions) -> tuple[Embed
     if job.all_faces:
         raise ArcdeployError("--all-faces is not available with --ray (one row per image only)")
     spec = job.detector_spec()
-    extras = {}
-    if spec is not None:
-        extras[spec.path.name] = spec.path
+    extras: dict[str, Path] = {}
+    if spec is not None:  # a detector file, or a detector package's files under its folder's name
+        extras.update(detector_files(spec.path))
         spec = spec.with_path(spec.path.name)
     threads = int(options.threads or 1)
     sent = replace(

@@ -320,26 +320,30 @@ def input_spreads(model, x: np.ndarray, batch: int = 16) -> dict[str, float]:
     """The per-channel range spread of every convolution's input (see
     :func:`arcdeploy.quantize.channel_spread`), measured by running the float model on ``x``."""
     probe = model.clone()
+    first = len(probe.outputs)  # the model's own outputs come first (a detector has several)
     convs = [op for op in weighted_ops(probe) if op.get_type_name() != "MatMul"]
-    probe.add_outputs([op.input_value(0) for op in convs])
+    # convolutions that read the same tensor (a detector's heads) share one added output
+    ports = [op.input_value(0) for op in convs]
+    keys = [(p.get_node().get_friendly_name(), p.get_index()) for p in ports]
+    unique = list(dict.fromkeys(keys))
+    probe.add_outputs([ports[keys.index(key)] for key in unique])
+    slot = {key: first + i for i, key in enumerate(unique)}
     compiled = _compile(probe, {"INFERENCE_PRECISION_HINT": "f32"}, "the model (measuring activation ranges)")
     req = compiled.create_infer_request()
-    lo: list[np.ndarray] = []
-    hi: list[np.ndarray] = []
+    lo: dict = {}
+    hi: dict = {}
     for s in range(0, len(x), batch):
         req.infer({0: x[s : s + batch]})
-        for k in range(len(convs)):
-            a = req.get_output_tensor(1 + k).data  # [N, C, H, W]
+        for key in unique:
+            a = req.get_output_tensor(slot[key]).data  # [N, C, H, W]
             mn, mx = a.min(axis=(0, 2, 3)), a.max(axis=(0, 2, 3))
-            if s == 0:
-                lo.append(mn.copy())
-                hi.append(mx.copy())
-            else:
-                lo[k] = np.minimum(lo[k], mn)
-                hi[k] = np.maximum(hi[k], mx)
+            lo[key] = np.minimum(lo[key], mn) if key in lo else mn.copy()
+            hi[key] = np.maximum(hi[key], mx) if key in hi else mx.copy()
+    lo_k = [lo[key] for key in keys]
+    hi_k = [hi[key] for key in keys]
     out = {}
     for k, op in enumerate(convs):
-        ranges = np.asarray(hi[k]) - np.asarray(lo[k])
+        ranges = np.asarray(hi_k[k]) - np.asarray(lo_k[k])
         out[op.get_friendly_name()] = range_spread(ranges) if ranges.size else 0.0
     return out
 

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArcdeployError, first_line
 from .detectors import FaceDetector
-from .io import read_image
 from .types import Face, Failure, ImageError
 
 # ------------------------------------------------------------------ files of images
@@ -58,40 +56,45 @@ def detect_files(
     workers: int | None = None,
     on_image: Callable[[int, list[Face] | Failure], None] | None = None,
 ) -> DetectResult:
-    """Detect faces in image files, several at once (``workers`` threads), results in input order.
+    """Detect faces in image files, several at once (``workers`` threads, each taking a few images
+    at a time: the detector runs them in batches), results in input order.
 
+    Images are decoded and their faces found by the preparation path the embed pipeline uses
+    (:func:`arcdeploy.faces.prepare.find_faces`), so the rows are the points embed aligns with.
     Without ``all_faces`` each image keeps its best face. An unreadable image, or one without a
     face, is a :class:`Failure` (the others go on). ``on_image(index, faces | failure)``
     is called in input order as results come in.
     """
+    from .prepare import Detection, find_faces
+
     paths = list(paths)
     names = [image_name(p, root) for p in paths]
-    thr_text = f"score {detector.threshold:g}"
-    size_text = f", at least {detector.min_face:g} px" if detector.min_face else ""
+    detection = Detection(detector, all_faces)
+    per_task = max(1, int(getattr(detector, "batch", 1)))
 
-    def one(i: int) -> tuple[int, list[Face] | Failure]:
-        return i, detect_one(i)
-
-    def detect_one(i: int) -> list[Face] | Failure:
-        if any(c.isspace() for c in names[i]):
-            return Failure(i, str(paths[i]), "the name has white space, which a landmark row cannot hold")
-        try:
-            faces = detector.detect(read_image(paths[i]))
-        except ImageError as exc:
-            return Failure(i, str(paths[i]), exc.reason)
-        except ArcdeployError as exc:
-            return Failure(i, str(paths[i]), first_line(exc))
-        if not faces:
-            return Failure(i, str(paths[i]), f"no face found ({thr_text}{size_text})")
-        return faces if all_faces else faces[:1]
+    def detect_some(start: int, end: int) -> list[tuple[int, list[Face] | Failure]]:
+        out: list[tuple[int, list[Face] | Failure]] = []
+        todo = []
+        for i in range(start, end):
+            if any(c.isspace() for c in names[i]):
+                out.append((i, Failure(i, str(paths[i]), "the name has white space, which a landmark row cannot hold")))
+            else:
+                todo.append(i)
+        found = find_faces([(paths[i], str(paths[i])) for i in todo], detection)
+        for i, got in zip(todo, found):
+            if isinstance(got, ImageError):
+                out.append((i, Failure(i, str(paths[i]), got.reason)))
+            else:
+                out.append((i, got.faces if all_faces else got.faces[:1]))
+        return sorted(out, key=lambda x: x[0])
 
     result = DetectResult(names, [[] for _ in paths])
     n_workers = max(1, int(workers) if workers else min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(n_workers, thread_name_prefix="detect") as pool:
         pending: deque = deque()
-        for i in range(len(paths)):
-            pending.append(pool.submit(one, i))
-            if len(pending) >= 4 * n_workers:
+        for start in range(0, len(paths), per_task):
+            pending.append(pool.submit(detect_some, start, min(start + per_task, len(paths))))
+            if len(pending) >= 2 * n_workers:
                 _collect(pending.popleft(), result, on_image)
         while pending:
             _collect(pending.popleft(), result, on_image)
@@ -99,13 +102,13 @@ def detect_files(
 
 
 def _collect(future, result: DetectResult, on_image) -> None:
-    index, out = future.result()
-    if isinstance(out, Failure):
-        result.failures.append(out)
-    else:
-        result.faces[index] = out
-    if on_image is not None:
-        on_image(index, out)
+    for index, out in future.result():
+        if isinstance(out, Failure):
+            result.failures.append(out)
+        else:
+            result.faces[index] = out
+        if on_image is not None:
+            on_image(index, out)
 
 
 # ------------------------------------------------------------------ the 12-field rows

@@ -5,6 +5,14 @@ one file into RGB uint8 ``H x W x 3`` the way insightface's ``cv2.imread`` does
 (grayscale expanded to 3 channels, alpha dropped, 16-bit scaled to 8-bit, EXIF
 orientation applied), but with a reason when it cannot.
 
+EXIF orientation: a phone that holds the camera sideways stores the pixels as the sensor
+saw them and says in the EXIF ``Orientation`` tag how to turn them. ``cv2.imread`` and
+``cv2.imdecode`` (without ``IMREAD_IGNORE_ORIENTATION``) apply it, for JPEG, PNG and WebP
+alike, so a photo stored sideways is seen upright and faces are found and aligned the right
+way up. :func:`jpeg_orientation` reads the tag itself for the reduced JPEG decodes, whose
+pixel grid it must map back to the full image's (the header's size is the stored one: for
+orientations 5-8 the upright image is its transpose).
+
 Only JPEG, PNG, BMP and WebP data are decoded, and only after the size in the
 file's header has been read (:func:`image_size`): an image above the pixel limit
 (default 50 megapixels; ``ARCDEPLOY_MAX_PIXELS`` or the ``max_pixels`` argument)
@@ -20,12 +28,13 @@ import logging
 import os
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ArcdeployError, printable
-from .types import ImageError
+from .types import DecodedImage, ImageError
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +265,53 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+# EXIF orientations that swap width and height (the stored image is the upright one transposed)
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF ``Orientation`` (1-8) of JPEG data, read from its first ``Exif`` APP1 segment as
+    OpenCV reads it; 1 (as stored) when there is none or it cannot be read."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return 1
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # no EXIF before the image data
+            return 1
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\0\0":
+            try:
+                return _tiff_orientation(data[pos + 10 : pos + 2 + length])
+            except struct.error:
+                return 1
+        if length < 2:
+            return 1
+        pos += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None:
+        return 1
+    (ifd,) = struct.unpack(order + "I", tiff[4:8])
+    (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
+    for k in range(count):
+        entry = tiff[ifd + 2 + 12 * k : ifd + 14 + 12 * k]
+        tag, kind, _ = struct.unpack(order + "HHI", entry[:8])
+        if tag == 0x0112 and kind == 3:  # Orientation, SHORT
+            (value,) = struct.unpack(order + "H", entry[8:10])
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
 _SIZE_READERS = {"JPEG": _jpeg_size, "PNG": _png_size, "BMP": _bmp_size, "WebP": _webp_size}
 
 
@@ -271,14 +327,12 @@ def image_size(data: bytes) -> tuple[str, tuple[int, int] | None] | None:
         return kind, None
 
 
-def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 ``H x W x 3``; raises :class:`ImageError`.
-
-    The header is read first: data that is not JPEG, PNG, BMP or WebP, a header
-    without a size, and images above the pixel limit are refused before decoding.
-    """
-    import cv2
-
+def checked_size(
+    data: bytes, name: str | os.PathLike = "<bytes>", max_pixels: int | None = None
+) -> tuple[str, int, int]:
+    """(format, width, height) from the header of image bytes about to be decoded; raises
+    :class:`ImageError` for data that is not JPEG, PNG, BMP or WebP, a header without a size,
+    or an image above the pixel limit (the size as stored: before any EXIF turn)."""
     if len(data) == 0:
         raise ImageError(name, "empty file")
     found = image_size(data)
@@ -301,11 +355,14 @@ def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", max_pixels: i
             f"image too large: {w}x{h} is {w * h / 1e6:.1f} megapixels, above the limit of "
             f"{limit / 1e6:g} megapixels (set {MAX_PIXELS_ENV} to change it)",
         )
-    buf = np.frombuffer(data, np.uint8)
+    return kind, w, h
+
+
+def _imdecode(data: bytes, flag: int, name: str | os.PathLike, kind: str) -> np.ndarray:
+    import cv2
+
     try:
-        # IMREAD_COLOR is what insightface's cv2.imread uses: 3 channels, 8 bits,
-        # alpha dropped, EXIF orientation applied.
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     except cv2.error as exc:
         raise ImageError(name, f"cannot decode ({str(exc).strip().splitlines()[-1]})") from None
     if img is None or img.size == 0:
@@ -313,11 +370,103 @@ def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", max_pixels: i
     if kind == "JPEG" and data.rfind(b"\xff\xd9") == -1:
         # libjpeg fills a cut-off file with grey and only warns; such a face is damaged
         raise ImageError(name, "truncated JPEG (no end-of-image marker)")
-    if img.ndim == 2:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    else:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return img
+    return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB if img.ndim == 2 else cv2.COLOR_BGR2RGB)
+
+
+def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
+    """Encoded image bytes -> RGB uint8 ``H x W x 3``; raises :class:`ImageError`.
+
+    The header is read first: data that is not JPEG, PNG, BMP or WebP, a header
+    without a size, and images above the pixel limit are refused before decoding.
+    """
+    import cv2
+
+    kind, _, _ = checked_size(data, name, max_pixels)
+    # IMREAD_COLOR is what insightface's cv2.imread uses: 3 channels, 8 bits,
+    # alpha dropped, EXIF orientation applied.
+    return _imdecode(data, cv2.IMREAD_COLOR, name, kind)
+
+
+# JPEG DCT scaling: libjpeg decodes 8x8 blocks straight to 4x4, 2x2 or 1x1 pixels, which skips
+# most of the inverse DCT and the colour conversion of the pixels not wanted
+JPEG_REDUCTIONS = (8, 4, 2)
+_REDUCED_FLAGS = {2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4", 8: "IMREAD_REDUCED_COLOR_8"}
+
+
+def reduction_for(width: int, height: int, at_least: tuple[int, int]) -> int:
+    """The largest JPEG reduction (8, 4, 2; else 1) whose image of an upright ``width`` x ``height``
+    photo is still at least ``at_least`` = (width, height) pixels."""
+    for r in JPEG_REDUCTIONS:
+        if -(-width // r) >= at_least[0] and -(-height // r) >= at_least[1]:
+            return r
+    return 1
+
+
+def _orientation_map(orientation: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """EXIF ``orientation`` as an affine map of stored pixel coordinates (a ``w`` x ``h`` image)
+    to upright ones: (2x2 matrix, translation)."""
+    table = {
+        1: (((1, 0), (0, 1)), (0, 0)),
+        2: (((-1, 0), (0, 1)), (w - 1, 0)),
+        3: (((-1, 0), (0, -1)), (w - 1, h - 1)),
+        4: (((1, 0), (0, -1)), (0, h - 1)),
+        5: (((0, 1), (1, 0)), (0, 0)),
+        6: (((0, -1), (1, 0)), (h - 1, 0)),
+        7: (((0, -1), (-1, 0)), (h - 1, w - 1)),
+        8: (((0, 1), (-1, 0)), (0, w - 1)),
+    }
+    m, t = table[orientation]
+    return np.array(m, np.float64), np.array(t, np.float64)
+
+
+def reduced_offset(orientation: int, stored: tuple[int, int], reduction: int) -> tuple[float, float]:
+    """Where the pixels of a JPEG decoded at 1/``reduction`` lie in the full decode, both upright:
+    ``full = reduction * reduced + offset``. In the stored frame pixel ``i`` of the reduced image
+    is the block of full pixels ``r*i .. r*i + r - 1``, centred at ``r*i + (r - 1) / 2``; turning
+    both images upright moves that by the orientation's translation, which depends on each image's
+    own size (the reduced one is ``ceil(size / r)``: a last, partial block when the size is not a
+    multiple of ``r``)."""
+    w, h = stored
+    r = int(reduction)
+    m, t_full = _orientation_map(orientation, w, h)
+    _, t_red = _orientation_map(orientation, -(-w // r), -(-h // r))
+    centre = np.full(2, (r - 1) / 2.0)
+    off = t_full - r * t_red + m @ centre
+    return float(off[0]), float(off[1])
+
+
+def decode_reduced(
+    data: bytes,
+    name: str | os.PathLike = "<bytes>",
+    max_pixels: int | None = None,
+    at_least: Callable[[int, int], tuple[int, int] | None] | None = None,
+) -> DecodedImage:
+    """Image bytes decoded for finding faces: a JPEG is decoded at 1/8, 1/4 or 1/2 of its size with
+    libjpeg's DCT scaling (``cv2.IMREAD_REDUCED_COLOR_*``), the largest reduction whose image is
+    still at least ``at_least(width, height)`` = (width, height) pixels for the upright full size,
+    upright (EXIF orientation applied, as the full decode does); other formats, smaller JPEGs and
+    ``at_least`` None (or returning None) are decoded in full. The result says how its pixels map
+    onto the full image and keeps the bytes for a full decode."""
+    import cv2
+
+    kind, sw, sh = checked_size(data, name, max_pixels)
+    r = 1
+    orientation = 1
+    if kind == "JPEG" and at_least is not None:
+        orientation = jpeg_orientation(data)
+        w, h = (sh, sw) if orientation in TRANSPOSED_ORIENTATIONS else (sw, sh)
+        wanted = at_least(w, h)
+        if wanted is not None:
+            r = reduction_for(w, h, (int(wanted[0]), int(wanted[1])))
+    if r == 1:
+        rgb = _imdecode(data, cv2.IMREAD_COLOR, name, kind)
+        return DecodedImage.full(rgb, data, str(name))
+    rgb = _imdecode(data, getattr(cv2, _REDUCED_FLAGS[r]), name, kind)
+    expect = (-(-h // r), -(-w // r))
+    if rgb.shape[:2] != expect:  # an OpenCV that turned it otherwise: decode in full rather than guess
+        rgb = _imdecode(data, cv2.IMREAD_COLOR, name, kind)
+        return DecodedImage.full(rgb, data, str(name))
+    return DecodedImage(rgb, (w, h), r, reduced_offset(orientation, (sw, sh), r), data, str(name))
 
 
 def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:

@@ -4,8 +4,9 @@ batched, overlapped and resumable.
 Each image is prepared (:func:`arcdeploy.faces.prepare.prepare_image`: decoded, checked, its
 faces found by a detector when the job has one, aligned) in a thread pool — OpenCV and the
 detector's engine release the GIL, so this runs beside inference — while the engine works on
-the batch before; a few batches are prepared ahead (bounded memory). Rows come out in input
-order.
+the batch before; a few batches are prepared ahead (bounded memory). With a detector whose graph
+has a batch axis (a detector package), a worker's task is that many photos, found in one call of
+the detector (:func:`arcdeploy.faces.prepare.prepare_detected`). Rows come out in input order.
 
 Output rows
     Row ``i`` is image ``i``: ``[N, D]``, or ``[N, 2, D]`` with ``flip`` (the image's feature
@@ -48,8 +49,8 @@ from ..errors import ArcdeployError
 from ..files import FileLock, refuse_existing
 from .chunks import ChunkStore, FaceRow, faces_path_for, failures_path_for
 from .job import EmbedJob
-from .prepare import Detection, as_detection, prepare_image_or_failure
-from .types import Face, Failure, input_name
+from .prepare import Detection, as_detection, prepare_detected, prepare_image_or_failure
+from .types import Face, Failure, Prepared, input_name
 
 __all__ = [
     "EmbedResult",
@@ -112,21 +113,32 @@ def prepare_batches(
     (default ``job.items``; a mapping holding only some indices will do)."""
     items = job.items if items is None else items
     lmks = job.landmarks
-    pool = ThreadPoolExecutor(job.worker_count(), thread_name_prefix="arcdeploy-decode")
+    workers = job.worker_count()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="arcdeploy-decode")
     pending: deque = deque()
     todo = iter(batches)
+
+    # with a detector, a task is a few images (the detector's batch: found in one network call);
+    # otherwise one image
+    per_task = max(1, int(getattr(detection.detector, "batch", 1))) if detection is not None else 1
+
+    def prepare_some(start: int, end: int) -> list[Prepared | Failure]:
+        if detection is None:
+            return [
+                prepare_image_or_failure(items[i], None if lmks is None else lmks[i], i, job.max_pixels)
+                for i in range(start, end)
+            ]
+        return prepare_detected([(items[i], i) for i in range(start, end)], detection, job.max_pixels)
 
     def submit() -> bool:
         nxt = next(todo, None)
         if nxt is None:
             return False
         s, e = nxt
-        futs = [
-            pool.submit(
-                prepare_image_or_failure, items[i], None if lmks is None else lmks[i], i, job.max_pixels, detection
-            )
-            for i in range(s, e)
-        ]
+        # tasks of at most per_task photos, as even as can be and at least one per worker
+        tasks = min(e - s, max(-(-(e - s) // per_task), workers))
+        cuts = [s + (e - s) * k // tasks for k in range(tasks + 1)]
+        futs = [pool.submit(prepare_some, a, b) for a, b in zip(cuts, cuts[1:])]
         pending.append((s, e, futs))
         return True
 
@@ -145,8 +157,8 @@ def prepare_batches(
 def _gather(start: int, end: int, futures, detected: bool) -> PreparedBatch:
     crops, owners, failures = [], [], []
     found: list[tuple[Face, int]] = []
-    for off, fut in enumerate(futures):
-        res = fut.result()
+    results = [res for fut in futures for res in fut.result()]
+    for off, res in enumerate(results):
         if isinstance(res, Failure):
             failures.append(res)
             continue

@@ -14,6 +14,7 @@ from ..errors import ArcdeployError
 
 __all__ = [
     "MISSING",
+    "DecodedImage",
     "EncodedImage",
     "Face",
     "Failure",
@@ -55,6 +56,47 @@ class EncodedImage:
     name: str
     data: bytes | None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image decoded to find faces in: RGB uint8 ``pixels``, possibly decoded at 1/2, 1/4 or
+    1/8 of the full size (a JPEG's DCT scaling, see :func:`arcdeploy.faces.io.decode_reduced`),
+    and where those pixels lie in the full image: ``full = reduction * pixel + offset`` per axis
+    (pixel centres at integer coordinates, the image upright). ``data``: the encoded bytes, kept
+    so the image can be decoded again at full size (None for an image given as an array)."""
+
+    pixels: np.ndarray
+    full_size: tuple[int, int]  # (width, height) of the full, upright image
+    reduction: int = 1
+    offset: tuple[float, float] = (0.0, 0.0)
+    data: bytes | None = None
+    name: str = ""
+
+    @classmethod
+    def full(cls, rgb: np.ndarray, data: bytes | None = None, name: str = "") -> DecodedImage:
+        return cls(rgb, (int(rgb.shape[1]), int(rgb.shape[0])), 1, (0.0, 0.0), data, name)
+
+    @property
+    def full_shape(self) -> tuple[int, int]:
+        """(height, width) of the full image, as ``ndarray.shape`` has them."""
+        return self.full_size[1], self.full_size[0]
+
+    def to_full(self, xy: np.ndarray) -> np.ndarray:
+        """Points [..., 2] (or boxes [..., 4]) in ``pixels`` -> in the full image."""
+        xy = np.asarray(xy, np.float32)
+        if self.reduction == 1 and self.offset == (0.0, 0.0):
+            return xy
+        off = np.tile(np.asarray(self.offset, np.float32), xy.shape[-1] // 2)
+        return xy * np.float32(self.reduction) + off
+
+    def from_full(self, xy: np.ndarray) -> np.ndarray:
+        """Points [..., 2] (or boxes [..., 4]) in the full image -> in ``pixels``."""
+        xy = np.asarray(xy, np.float32)
+        if self.reduction == 1 and self.offset == (0.0, 0.0):
+            return xy
+        off = np.tile(np.asarray(self.offset, np.float32), xy.shape[-1] // 2)
+        return (xy - off) / np.float32(self.reduction)
 
 
 class Missing:

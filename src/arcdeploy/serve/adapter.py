@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import printable
 from ..faces.detectors import DetectorSpec, as_detector
+from ..faces.detectors.package import detector_files
 from ..faces.io import max_pixels_limit
 from ..faces.job import default_batch
 from ..faces.pipeline import NON_FINITE, features_of
@@ -29,6 +30,7 @@ __all__ = [
     "Prepared",
     "PreparedPart",
     "default_batch",
+    "detector_files",
     "detector_spec",
     "embed_crops",
     "open_detection",

@@ -32,7 +32,7 @@ from ray import serve
 from ..errors import ArcdeployError, describe
 from ..files import scratch_dir
 from ..package import Package, load
-from .adapter import default_batch, detector_spec
+from .adapter import default_batch, detector_files, detector_spec
 
 if TYPE_CHECKING:
     from ..faces.detectors import DetectorSpec
@@ -73,7 +73,7 @@ def _replica_app():
     spec = _SPEC[0]
     bundle: PackageBundle = ray.get(spec.bundle[0])
     with scratch_dir(SCRATCH) as folder:
-        pkg_dir, extras = bundle.unpack(folder)
+        pkg_dir, _ = bundle.unpack(folder)
         pkg = open_package(pkg_dir, threads=spec.threads, engine_streams=spec.settings.engine_streams)
         got = pkg.fingerprint()
         if got != bundle.fingerprint:
@@ -87,7 +87,7 @@ def _replica_app():
             raise ArcdeployError(describe(exc).replace(str(pkg_dir), bundle.name)) from None
         detector = None
         if spec.detector is not None:  # the file travelled under its own name, so failures name it as here
-            detector = spec.detector.with_path(extras[spec.detector.path.name]).open()
+            detector = spec.detector.with_path(folder / "extras" / spec.detector.path.name).open()
     node = ray.get_runtime_context().get_node_id()
     # startup warm-up: Ray Serve routes to a replica once its application has started
     return create_app(
@@ -142,7 +142,7 @@ def serve_on_ray(
     extras: dict[str, str | os.PathLike] = {}
     shipped = None
     if found is not None:  # the file travels with the package, under its own name (what failures name)
-        extras[found.path.name] = found.path
+        extras.update(detector_files(found.path))  # a file, or a detector package's files
         shipped = found.with_path(found.path.name)
     if replicas is not None and int(replicas) < 1:
         raise ArcdeployError(f"--replicas must be at least 1, got {replicas}")

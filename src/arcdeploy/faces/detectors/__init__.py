@@ -1,7 +1,7 @@
 """Face detectors: the interface (:mod:`.base`), one module per kind (:mod:`.scrfd`,
 :mod:`.yunet`) and the registry that opens a file as the kind its graph says (:mod:`.registry`)."""
 
-from .base import NMS_IOU, PAD_RETRY, FaceDetector, GraphIO, best_first, letterbox, nms
+from .base import NMS_IOU, PAD_RETRY, FaceDetector, GraphIO, best_first, letterbox, letterbox_geometry, nms
 from .registry import (
     DEFAULT_DETECTOR_ENGINE,
     DETECTOR_ENGINES,
@@ -27,6 +27,7 @@ __all__ = [
     "best_first",
     "inspect_detector",
     "letterbox",
+    "letterbox_geometry",
     "nms",
     "open_detector",
 ]

@@ -8,6 +8,7 @@ A detector kind is one module beside this one (``scrfd.py``, ``yunet.py``) with 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -18,14 +19,19 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from ...errors import ArcdeployError, first_line
-from ...utils import sha256_file
-from ..types import Face, as_rgb
+from ...utils import hash_file_into
+from ..types import DecodedImage, Face, as_rgb
 
 if TYPE_CHECKING:
     from .registry import DetectorSpec
 
 NMS_IOU = 0.4  # insightface SCRFD's NMS threshold
 PAD_RETRY = 0.4  # border, as a fraction of the larger side, for a second try on tight crops
+# how photos are decoded for detection: "full" (insightface's exact pixels), or "reduced": a kind
+# may decode large JPEGs at 1/2, 1/4, 1/8 with libjpeg's DCT scaling (see reduced_decode_size), which
+# is faster but moves landmarks a little (measured in faces/prepare.py), so it is asked for, not default
+DECODES = ("full", "reduced")
+DEFAULT_DECODE = "full"
 RECOGNITION_DIMS = (128, 256, 512, 1024)
 
 
@@ -47,18 +53,20 @@ def best_first(faces: Sequence[Face]) -> list[Face]:
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = NMS_IOU) -> np.ndarray:
-    """Greedy non-maximum suppression: indices kept, highest score first."""
-    boxes = np.asarray(boxes, np.float64)
-    order = np.argsort(-np.asarray(scores), kind="stable")
+    """Greedy non-maximum suppression as insightface's SCRFD does it: indices kept, highest score
+    first (``argsort()[::-1]``), overlap with the ``+ 1`` pixel convention (a box from x1 to x2
+    covers ``x2 - x1 + 1`` pixels). Boxes in image pixels, as insightface compares them."""
+    boxes = np.asarray(boxes)
+    order = np.argsort(np.asarray(scores))[::-1]
     x1, y1, x2, y2 = boxes.T
-    area = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    area = (x2 - x1 + 1) * (y2 - y1 + 1)
     keep = []
     while order.size:
         i = order[0]
         keep.append(i)
         rest = order[1:]
-        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
-        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
         inter = iw * ih
         union = area[i] + area[rest] - inter
         overlap = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
@@ -66,21 +74,39 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = NMS_IOU) -> np.ndarr
     return np.array(keep, dtype=np.int64)
 
 
+def letterbox_geometry(width: int, height: int, size: tuple[int, int]) -> tuple[int, int, float]:
+    """Where an image of ``width`` x ``height`` goes in a ``size`` = (width, height) canvas, by
+    insightface's SCRFD rule: (new width, new height, scale). The side that fills the canvas is
+    the canvas's; the other is ``int(new_height / (h / w))`` or ``int(new_width * (h / w))``, and
+    the one scale that maps canvas pixels back to the image, for both axes, is ``new_height / h``.
+    (That scale is the height's: the width was rounded down on its own, so in x it can be up to
+    one canvas pixel's worth off the true one; faces found with insightface's own code carry the
+    same offset, and following it keeps arcdeploy's landmarks on insightface's.)"""
+    cw, ch = size
+    im_ratio = float(height) / width
+    if im_ratio > float(ch) / cw:
+        nh = ch
+        nw = int(nh / im_ratio)
+    else:
+        nw = cw
+        nh = int(nw * im_ratio)
+    nw, nh = max(1, nw), max(1, nh)
+    return nw, nh, float(nh) / height
+
+
 def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, tuple[float, float]]:
-    """Resize ``image`` keeping its aspect ratio to fit a ``size`` = (width, height) canvas,
-    placed at the top-left, zeros elsewhere (insightface's SCRFD input). Returns the canvas
-    and the (x, y) scale from image pixels to canvas pixels."""
+    """Resize ``image`` keeping its aspect ratio to fit a ``size`` = (width, height) canvas
+    (bilinear, ``cv2.resize``'s default), placed at the top-left, zeros elsewhere: insightface's
+    SCRFD input (:func:`letterbox_geometry`). Returns the canvas and the (x, y) scale from image
+    pixels to canvas pixels (insightface's one scale, for both axes)."""
     import cv2
 
     cw, ch = size
     h, w = image.shape[:2]
-    if h / w > ch / cw:
-        nh, nw = ch, max(1, int(ch * w / h))
-    else:
-        nw, nh = cw, max(1, int(cw * h / w))
+    nw, nh, scale = letterbox_geometry(w, h, size)
     canvas = np.zeros((ch, cw, image.shape[2]), dtype=image.dtype)
     canvas[:nh, :nw] = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    return canvas, (nw / w, nh / h)
+    return canvas, (scale, scale)
 
 
 # ------------------------------------------------------------------ the interface
@@ -96,8 +122,18 @@ class FaceDetector(ABC):
     default_threshold: ClassVar[float] = 0.5
     engine: str = "opencv"  # what runs the graph (recorded in a job's identity)
 
-    def __init__(self, path: Path, threshold: float | None = None, min_face: float = 0.0, pad_retry: float = PAD_RETRY):
+    def __init__(
+        self,
+        path: Path,
+        threshold: float | None = None,
+        min_face: float = 0.0,
+        pad_retry: float = PAD_RETRY,
+        decode: str = DEFAULT_DECODE,
+    ):
         self.path = Path(path)
+        if decode not in DECODES:
+            raise ArcdeployError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
+        self.decode = decode
         self.pad_retry = float(pad_retry or 0.0)
         self.threshold = float(self.default_threshold if threshold is None else threshold)
         if not 0.0 <= self.threshold <= 1.0:
@@ -106,6 +142,7 @@ class FaceDetector(ABC):
         if not self.min_face >= 0:  # NaN too: it would drop every face
             raise ArcdeployError(f"minimum face size must be a number of pixels, 0 or more, got {self.min_face}")
         self.spec: DetectorSpec | None = None  # how it was opened (set by the registry), so it can be again
+        self.files: list[Path] = []  # what it is made of, when more than the file at ``path`` (a package)
 
     @classmethod
     def recognise(cls, graph: GraphIO) -> bool:
@@ -122,23 +159,48 @@ class FaceDetector(ABC):
     def _detect(self, rgb: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Boxes [n, 4], points [n, 5, 2] (image pixels) and scores [n] after NMS."""
 
+    def _detect_many(
+        self, images: Sequence[DecodedImage], threshold: float
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:meth:`_detect` of several decoded images, in full-image pixels; a kind that can run
+        several images in one call of its network overrides this."""
+        out = []
+        for img in images:
+            boxes, points, scores = self._detect(img.pixels, threshold)
+            out.append((img.to_full(boxes), img.to_full(points), scores))
+        return out
+
+    def reduced_decode_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The smallest decode of a ``width`` x ``height`` photo that loses nothing this detector
+        sees (a JPEG can be decoded at 1/2, 1/4, 1/8 down to it), or None: decode in full."""
+        return None
+
     def detect(self, image: np.ndarray, threshold: float | None = None, min_face: float | None = None) -> list[Face]:
         """Faces in an RGB uint8 ``H x W x 3`` image, best first (see :func:`best_first`);
         faces whose box's shorter side is under ``min_face`` pixels are left out. When nothing is
         found, the image is tried once more inside a black border of ``pad_retry`` times its
         larger side (tight face crops); points may then lie a little outside the image."""
-        rgb = as_rgb(image)
+        return self.detect_decoded([DecodedImage.full(as_rgb(image))], threshold, min_face)[0]
+
+    def detect_decoded(
+        self, images: Sequence[DecodedImage], threshold: float | None = None, min_face: float | None = None
+    ) -> list[list[Face]]:
+        """:meth:`detect` for several decoded images at once (a kind with a batch axis runs them
+        in batches), each possibly decoded reduced: faces in full-image pixels, best first."""
         thr = self.threshold if threshold is None else float(threshold)
         low = self.min_face if min_face is None else float(min_face)
-        boxes, points, scores = self._detect(rgb, thr)
-        if len(scores) == 0 and self.pad_retry > 0:
-            boxes, points, scores = self._detect_padded(rgb, thr)
-        faces = [
-            Face(np.asarray(b, np.float32), np.asarray(p, np.float32).reshape(5, 2), float(s))
-            for b, p, s in zip(boxes, points, scores)
-        ]
-        faces = [f for f in faces if f.size >= low]
-        return best_first(faces)
+        found = self._detect_many(images, thr) if images else []
+        out = []
+        for img, (boxes, points, scores) in zip(images, found):
+            if len(scores) == 0 and self.pad_retry > 0:
+                boxes, points, scores = self._detect_padded(img.pixels, thr)
+                boxes, points = img.to_full(boxes), img.to_full(points)
+            faces = [
+                Face(np.asarray(b, np.float32), np.asarray(p, np.float32).reshape(5, 2), float(s))
+                for b, p, s in zip(boxes, points, scores)
+            ]
+            out.append(best_first([f for f in faces if f.size >= low]))
+        return out
 
     def _detect_padded(self, rgb: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # a face that fills the frame (a tight crop) is larger than the detector's largest
@@ -165,6 +227,11 @@ class FaceDetector(ABC):
 
     def identity(self) -> str:
         """What the faces found depend on: the file's content and the settings that change them."""
+        h = hashlib.sha256()
+        for path in self.files or [self.path]:
+            if self.files:
+                h.update(path.name.encode())
+            hash_file_into(h, path)
         settings = [
             self.kind,
             f"threshold={self.threshold!r}",
@@ -173,7 +240,9 @@ class FaceDetector(ABC):
             f"engine={self.engine}",
             f"size={getattr(self, 'size', None)}",
         ]
-        return sha256_file(self.path) + " " + " ".join(settings)
+        if self.decode != DEFAULT_DECODE:
+            settings.append(f"decode={self.decode}")
+        return h.hexdigest() + " " + " ".join(settings)
 
 
 # ------------------------------------------------------------------ a detector file's graph

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ...errors import ArcdeployError
 from ...machine import check_threads
-from .base import PAD_RETRY, FaceDetector, GraphIO, read_graph_io
+from .base import DECODES, DEFAULT_DECODE, PAD_RETRY, FaceDetector, GraphIO, read_graph_io
 
 # kind -> (module, class); tried in this order
 DETECTOR_KINDS: dict[str, tuple[str, str]] = {
@@ -33,6 +33,20 @@ DETECTOR_ENGINES = ("onnxruntime", "openvino")
 # workers call the one shared detector at once, so each call gets few threads (measured with
 # benchmarks/bench_e2e_detect.py: one thread per call is the fastest on 2 cores)
 DETECTOR_THREADS = 1
+# how the cores are shared when photos are embedded with a detector (measured with
+# benchmarks/bench_photos.py --grid on 2 cores, 12 MP photos): one preparation worker per core, each
+# detector call on one engine thread, and the recognition engine on one thread beside them (over three
+# runs, against this rule: recognition on every core 0.89-0.95x, two threads per detector call
+# 0.79-0.89x, one worker with two detector threads 0.70-0.78x, three workers 0.96-1.09x: no consistent
+# gain). arcdeploy embed follows it unless --threads says otherwise: the
+# recognition engine gets the cores the workers leave, at least one (measured on 2 cores only)
+RECOGNITION_THREADS_WITH_DETECTOR = 1
+
+
+def recognition_threads_beside(workers: int, cpus: int | None = None) -> int:
+    """Recognition engine threads beside ``workers`` preparation workers that detect (the rule above)."""
+    cpus = cpus or os.cpu_count() or 2
+    return max(RECOGNITION_THREADS_WITH_DETECTOR, cpus - int(workers))
 
 
 def detector_class(kind: str) -> type[FaceDetector]:
@@ -43,15 +57,29 @@ def detector_class(kind: str) -> type[FaceDetector]:
 def inspect_detector(path: str | os.PathLike) -> type[FaceDetector]:
     """The detector class for the file at ``path``; a one-line error saying what was found when
     the file is no kind of detector."""
+    if Path(path).is_dir():
+        from .package import check_package_folder
+
+        check_package_folder(path)
+        return detector_class("scrfd")
     graph = read_graph_io(path)
     return _kind_of(graph)
 
 
-def _kind_of(graph: GraphIO) -> type[FaceDetector]:
+def kind_of_graph(graph: GraphIO) -> type[FaceDetector] | None:
+    """The detector class of a graph, None when it is no detector (a recognition model, say); a
+    detector the kinds refuse (a near miss, e.g. SCRFD without keypoints) is a one-line error."""
     for kind in DETECTOR_KINDS:
         cls = detector_class(kind)
         if cls.recognise(graph):
             return cls
+    return None
+
+
+def _kind_of(graph: GraphIO) -> type[FaceDetector]:
+    found = kind_of_graph(graph)
+    if found is not None:
+        return found
     raise ArcdeployError(f"{graph.path}: not a face detector: {graph.summary()}{graph.looks_like()}")
 
 
@@ -65,7 +93,9 @@ class DetectorSpec:
     pixels are left out. ``threads``: engine threads per call (None: the engine's default).
     ``input_size`` (width, height): SCRFD's canvas when its input is dynamic (default 640 x 640).
     ``pad_retry``: see
-    :meth:`FaceDetector.detect` (0: no second try)."""
+    :meth:`FaceDetector.detect` (0: no second try). ``decode``: "full" (default) or "reduced"
+    (large JPEGs decoded at 1/2 to 1/8 for detection, see :mod:`arcdeploy.faces.prepare`). ``batch``:
+    canvases per network call for a graph with a batch axis (None: the kind's default)."""
 
     path: Path
     engine: str = DEFAULT_DETECTOR_ENGINE
@@ -74,6 +104,8 @@ class DetectorSpec:
     threads: int | None = None
     input_size: tuple[int, int] | None = None
     pad_retry: float = PAD_RETRY
+    decode: str = DEFAULT_DECODE
+    batch: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -81,6 +113,10 @@ class DetectorSpec:
             raise ArcdeployError(f"detection threshold must be between 0 and 1, got {self.threshold:g}")
         if not (isinstance(self.min_face, (int, float)) and math.isfinite(self.min_face) and self.min_face >= 0):
             raise ArcdeployError(f"minimum face size must be a number of pixels, 0 or more, got {self.min_face}")
+        if self.decode not in DECODES:
+            raise ArcdeployError(f"decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
+        if self.batch is not None and int(self.batch) < 1:
+            raise ArcdeployError(f"detector batch must be at least 1, got {self.batch}")
         check_threads(self.threads, "detector threads")
         if self.input_size is not None:
             w, h = (int(v) for v in self.input_size)
@@ -89,9 +125,16 @@ class DetectorSpec:
             object.__setattr__(self, "input_size", (w, h))
 
     def open(self) -> FaceDetector:
-        """The detector, opened as this spec says (the file's kind read from its graph)."""
-        graph = read_graph_io(self.path)
-        detector = _kind_of(graph).from_spec(graph, self)
+        """The detector, opened as this spec says (the file's kind read from its graph; a detector
+        package folder as its manifest says)."""
+        detector: FaceDetector
+        if self.path.is_dir():
+            from .package import open_detector_package
+
+            detector = open_detector_package(self)
+        else:
+            graph = read_graph_io(self.path)
+            detector = _kind_of(graph).from_spec(graph, self)
         detector.spec = self
         return detector
 
@@ -102,7 +145,8 @@ class DetectorSpec:
 
 def open_detector(path: str | os.PathLike, **settings) -> FaceDetector:
     """The detector in ``path`` (SCRFD or YuNet, recognised from the graph), opened with the
-    settings of :class:`DetectorSpec` (engine, threshold, min_face, threads, input_size, pad_retry)."""
+    settings of :class:`DetectorSpec` (engine, threshold, min_face, threads, input_size, pad_retry,
+    decode, batch)."""
     return DetectorSpec(Path(path), **settings).open()
 
 

@@ -1,7 +1,8 @@
 """SCRFD (insightface) with 5 keypoints, run by ONNX Runtime or OpenVINO.
 
 What the detector expects and gives (facts of insightface's SCRFD): an RGB image resized
-keeping its aspect ratio into a 640 x 640 canvas at the top-left, normalised
+keeping its aspect ratio into a 640 x 640 canvas at the top-left (insightface's rounding and
+its one scale for both axes: :func:`~.base.letterbox_geometry`), normalised
 ``(x - 127.5) / 128``, NCHW. Per stride s (8, 16, 32; or 8..128 for the 5-level models) and
 per cell of the ``H/s x W/s`` feature map, ``A`` anchors (2 for 3 strides, 1 for 5) centred on
 the cell's top-left corner ``(col * s, row * s)``, in row-major order with the anchors of
@@ -12,18 +13,30 @@ bottom) and 5 keypoint offsets (x, y), all in stride units from the anchor centr
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...errors import ArcdeployError
-from .base import NMS_IOU, PAD_RETRY, FaceDetector, GraphIO, letterbox, nms
+from ..types import DecodedImage
+from .base import DEFAULT_DECODE, NMS_IOU, PAD_RETRY, FaceDetector, GraphIO, letterbox, letterbox_geometry, nms
 
 if TYPE_CHECKING:
+    from ...manifest import DetectorManifest
     from .registry import DetectorSpec
 
 DEFAULT_SIZE = (640, 640)
 DEFAULT_ENGINE = "onnxruntime"
+# canvases per network call when the graph has a batch axis and nobody says: one. Measured with
+# benchmarks/bench_photos.py --grid (2 cores, OpenVINO int8 SCRFD-500M at 640): 8 canvases per call
+# ran at 0.87-0.96x of one per call in the pipeline over three runs (0.88x alone): a 640x640 canvas already
+# fills the cores, so on a CPU a batch buys nothing; DetectorSpec(batch=N) asks for one
+DEFAULT_BATCH = 1
+# a reduced JPEG decode keeps at least this many of its pixels per canvas pixel on each side, so
+# that the canvas is still a bilinear shrink of it (as of the full image) and faces that fill a
+# good part of the photo can be aligned from it without a full decode (faces/prepare.py)
+REDUCED_OVERSAMPLE = 2
 
 
 @functools.lru_cache(maxsize=32)
@@ -83,6 +96,8 @@ class ScrfdDetector(FaceDetector):
             threads=spec.threads,
             input_size=spec.input_size,
             pad_retry=spec.pad_retry,
+            decode=spec.decode,
+            batch=spec.batch,
         )
 
     def __init__(
@@ -95,16 +110,21 @@ class ScrfdDetector(FaceDetector):
         input_size: tuple[int, int] | None = None,
         nms_iou: float = NMS_IOU,
         pad_retry: float = PAD_RETRY,
+        decode: str = DEFAULT_DECODE,
+        batch: int | None = None,
+        session=None,
+        layout: str = "NCHW",
     ):
         from ...engines import open_graph
 
-        super().__init__(graph.path, threshold, min_face, pad_retry)
+        super().__init__(graph.path, threshold, min_face, pad_retry, decode)
         self.engine = engine
         self.nms_iou = float(nms_iou)
         self.levels = 5 if len(graph.outputs) == 15 else 3
         self.strides = (8, 16, 32, 64, 128)[: self.levels]
         shape = graph.inputs[0][1]
-        fixed = [d for d in shape[2:] if isinstance(d, int) and d > 0]
+        spatial = shape[1:3] if layout == "NHWC" else shape[2:]
+        fixed = [d for d in spatial if isinstance(d, int) and d > 0]
         size: tuple[int, int]
         if len(fixed) == 2:
             size = (fixed[1], fixed[0])
@@ -122,28 +142,90 @@ class ScrfdDetector(FaceDetector):
                 f"stride {self.strides[-1]}"
             )
         self.size: tuple[int, int] = size  # (width, height)
-        self.session = open_graph(self.path, engine=engine, threads=threads)
+        self.session = session if session is not None else open_graph(self.path, engine=engine, threads=threads)
         self.input_name = self.session.inputs[0].name
+        # a detector package takes the canvases as they are (uint8 NHWC) and normalises inside
+        self.takes_pixels = layout == "NHWC" and self.session.inputs[0].dtype in ("uint8", "u8")
+        self.package: DetectorManifest | None = None  # the manifest, when opened from a detector package
+        leading = shape[0] if shape else 1
+        # a graph with a batch axis takes several canvases per call; insightface's files take one
+        self.batch = 1 if isinstance(leading, int) and leading > 0 else int(batch or DEFAULT_BATCH)
 
     def describe(self) -> str:
+        if self.package is not None:
+            return (
+                f"SCRFD {self.path.name} ({self.size[0]}x{self.size[1]}, {self.engine} "
+                f"{self.package.precision} detector package)"
+            )
         return f"SCRFD {self.path.name} ({self.size[0]}x{self.size[1]}, {self.engine})"
 
+    def identity(self) -> str:
+        # faces found before arcdeploy followed insightface's letterbox differ: saved work of then is not reused
+        return super().identity() + " letterbox=insightface"
+
+    def reduced_decode_size(self, width: int, height: int) -> tuple[int, int] | None:
+        if self.decode != "reduced":
+            return None
+        nw, nh, _ = letterbox_geometry(width, height, self.size)
+        return REDUCED_OVERSAMPLE * nw, REDUCED_OVERSAMPLE * nh
+
+    def canvas(self, img: DecodedImage) -> tuple[np.ndarray, float]:
+        """The letterboxed canvas of a decoded image (uint8 RGB, ``size``) and the scale from full
+        image pixels to canvas pixels. The placement is always the full image's (insightface's
+        rule); a full decode is resized as insightface resizes it, a reduced one is sampled (bilinear)
+        exactly where that resize samples the full image."""
+        import cv2
+
+        width, height = img.full_size
+        nw, nh, scale = letterbox_geometry(width, height, self.size)
+        if img.reduction == 1:
+            return letterbox(img.pixels, self.size)[0], scale
+        r = float(img.reduction)
+        ox, oy = img.offset
+        sx, sy = width / nw, height / nh  # full pixels per canvas pixel, as cv2.resize steps
+        # canvas x -> full (x + 0.5) * sx - 0.5 -> reduced ((x + 0.5) * sx - 0.5 - ox) / r
+        m = np.array([[sx / r, 0.0, (0.5 * sx - 0.5 - ox) / r], [0.0, sy / r, (0.5 * sy - 0.5 - oy) / r]])
+        canvas = np.zeros((self.size[1], self.size[0], 3), np.uint8)
+        canvas[:nh, :nw] = cv2.warpAffine(
+            img.pixels, m, (nw, nh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+        )
+        return canvas, scale
+
     def _detect(self, rgb: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        canvas, (sx, sy) = letterbox(rgb, self.size)
-        blob = np.ascontiguousarray(canvas.transpose(2, 0, 1)[None], dtype=np.float32)
-        blob -= 127.5
-        blob *= 1.0 / 128.0
-        outs = self.session.run({self.input_name: blob})
-        scores, boxes, points = self._decode(outs, threshold)
-        keep = nms(boxes, scores, self.nms_iou)
-        scale = np.array([sx, sy], np.float32)
-        boxes = (boxes[keep].reshape(-1, 2, 2) / scale).reshape(-1, 4)
-        points = points[keep].reshape(-1, 5, 2) / scale
-        return boxes, points, scores[keep]
+        return self._detect_many([DecodedImage.full(rgb)], threshold)[0]
+
+    def _detect_many(
+        self, images: Sequence[DecodedImage], threshold: float
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Canvases in batches of ``batch`` per network call; detections in full-image pixels."""
+        placed = [self.canvas(img) for img in images]
+        out = []
+        for start in range(0, len(placed), self.batch):
+            chunk = placed[start : start + self.batch]
+            blob = np.stack([c for c, _ in chunk])
+            if not self.takes_pixels:
+                blob = blob.transpose(0, 3, 1, 2).astype(np.float32)
+                blob -= 127.5
+                blob *= 1.0 / 128.0
+            outs = self.session.run({self.input_name: blob})
+            for b, (_, scale) in enumerate(chunk):
+                mine = [o[b] if o.ndim == 3 else o for o in outs]
+                out.append(self._to_image(*self._decode(mine, threshold), scale))
+        return out
+
+    def _to_image(
+        self, scores: np.ndarray, boxes: np.ndarray, points: np.ndarray, scale: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Canvas detections -> image pixels, then NMS there, in insightface's order of steps
+        (sorted by score, divided by the scale, suppressed in float32 image pixels)."""
+        order = scores.argsort()[::-1]
+        scores, boxes, points = scores[order], boxes[order] / scale, points[order] / scale
+        keep = nms(boxes.astype(np.float32, copy=False), scores, self.nms_iou)
+        return boxes[keep], points[keep].reshape(-1, 5, 2), scores[keep]
 
     def _decode(self, outs: list[np.ndarray], threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Scores [n], boxes [n, 4] and points [n, 10] in canvas pixels, for anchors over ``threshold``."""
-        outs = [o[0] if o.ndim == 3 else o for o in outs]  # models exported with a batch axis
+        outs = [o[0] if o.ndim == 3 and o.shape[0] == 1 else o for o in outs]  # one image's, batch axis kept
         groups: dict[int, list[np.ndarray]] = {1: [], 4: [], 10: []}
         for o in outs:
             if o.ndim != 2 or o.shape[-1] not in groups:

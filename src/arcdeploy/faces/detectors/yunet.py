@@ -50,7 +50,9 @@ class YuNetDetector(FaceDetector):
     def from_spec(cls, graph: GraphIO, spec: DetectorSpec) -> YuNetDetector:
         if spec.engine not in ("onnxruntime", "opencv"):
             log.warning("%s: YuNet runs in OpenCV; --engine %s does not apply to it", graph.path, spec.engine)
-        return cls(graph, threshold=spec.threshold, min_face=spec.min_face, pad_retry=spec.pad_retry)
+        return cls(
+            graph, threshold=spec.threshold, min_face=spec.min_face, pad_retry=spec.pad_retry, decode=spec.decode
+        )
 
     def __init__(
         self,
@@ -60,8 +62,9 @@ class YuNetDetector(FaceDetector):
         max_side: int = MAX_SIDE,
         nms_iou: float = NMS_IOU,
         pad_retry: float = PAD_RETRY,
+        decode: str = "full",
     ):
-        super().__init__(graph.path, threshold, min_face, pad_retry)
+        super().__init__(graph.path, threshold, min_face, pad_retry, decode)
         self.max_side = int(max_side)
         self.nms_iou = float(nms_iou)
         self._local = threading.local()

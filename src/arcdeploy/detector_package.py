@@ -1,0 +1,432 @@
+"""A face detector is a package too: an SCRFD ONNX file -> a verified detector package.
+
+``arcdeploy build scrfd_500m_kps.onnx --engine openvino|onnxruntime --precision fp32|bf16|int8
+[--calib PHOTOS] [--input-size WxH] -o PKG`` (the build command routes a detector source here):
+
+1. the graph gets a real batch axis and a fixed input (640x640 by default;
+   :mod:`arcdeploy.faces.detectors.graph`), checked against the source: canvases run together give
+   what each gives alone;
+2. the engine builds it as it builds a recognition model (:class:`~arcdeploy.engines.BuildJob`: the
+   same precision hints, and for int8 the same :class:`~arcdeploy.quantize.QuantRecipe`, calibrated
+   on letterboxed canvases of the calibration photos made by the detector's own canvas function),
+   taking uint8 NHWC canvases and normalising ``(x - 127.5) / 128`` inside the graph;
+3. its fidelity is checked in a detector's own terms against the source ONNX (run as insightface
+   runs it, ONNX Runtime fp32) on held-out photos (:func:`detector_fidelity`): every face over the
+   threshold matched with box IoU >= 0.9, none lost or added, landmarks within 1% (mean) and 3%
+   (max) of the inter-ocular distance; recorded in the manifest
+   (:class:`~arcdeploy.manifest.DetectorManifest`). Below the floor the build warns, or with
+   ``strict`` fails and writes nothing.
+
+The package is opened wherever a detector file is taken (``--detector PKG``,
+:mod:`arcdeploy.faces.detectors.package`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .engines import BuildJob, get_engine
+from .engines.registry import DEFAULT_ENGINE
+from .errors import ArcdeployError
+from .files import atomic_dir, refuse_existing, scratch_dir, write_json_atomic
+from .machine import cpu_name, relevant_flags
+from .manifest import (
+    MANIFEST_NAME,
+    DetectorFidelity,
+    DetectorManifest,
+    InputSpec,
+    PackageManifest,
+)
+from .types import Precision
+from .utils import library_versions, sha256_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INPUT_SIZE = (640, 640)
+# canvases the int8 build calibrates on (a 640x640 float canvas is 4.9 MB), and photos held out
+DEFAULT_CALIB_COUNT = 100
+DEFAULT_CHECK_COUNT = 32
+FLOOR = {"iou": 0.9, "landmark_error_mean": 0.01, "landmark_error_max": 0.03}
+# a face is lost (or added) only when the other detector does not find it even this far below the threshold
+SCORE_MARGIN = 0.05
+MATCH_IOU = 0.5  # boxes this close are the same face; its IoU is then held to FLOOR["iou"]
+# faces whose eyes are under this many canvas pixels apart are "small" in the fidelity's size bands:
+# there int8 noise of a few tenths of a pixel is several % of the distance (recorded apart)
+SMALL_IOD = 16.0
+REFERENCE_DIR = "reference"
+
+
+def is_detector_source(src) -> bool:
+    """Whether ``src`` is an ONNX file whose graph is a face detector's (a near miss, e.g. SCRFD
+    without keypoints, is a one-line error; a file that is no ONNX is left to the model path)."""
+    from .faces.detectors.base import read_graph_io
+    from .faces.detectors.registry import kind_of_graph
+
+    path = Path(src) if isinstance(src, (str, Path)) else None
+    if path is None or path.suffix.lower() != ".onnx" or not path.is_file():
+        return False
+    try:
+        graph = read_graph_io(path)
+    except ArcdeployError:
+        return False
+    return kind_of_graph(graph) is not None
+
+
+@dataclass
+class _Photos:
+    calib: list  # DecodedImage
+    check: list
+    source: str
+    skipped: list[str]
+
+
+def _read_photos(spec, count: int, check_count: int, what: str) -> _Photos:
+    """Photos decoded in full, in order: the first ``count`` usable ones, then up to ``check_count`` more."""
+    from .faces.io import decode_image, list_images, read_image_bytes
+    from .faces.types import DecodedImage, ImageError
+
+    if isinstance(spec, (list, tuple)):
+        paths, source = [Path(p) for p in spec], f"{len(spec)} listed photos"
+    else:
+        paths, source = list_images(spec), str(spec)
+    got: list[DecodedImage] = []
+    skipped: list[str] = []
+    for p in paths:
+        if len(got) >= count + check_count:
+            break
+        try:
+            data = read_image_bytes(p)
+            got.append(DecodedImage.full(decode_image(data, p), None, str(p)))
+        except ImageError as exc:
+            skipped.append(str(exc))
+    if not got:
+        raise ArcdeployError(f"{source}: no usable {what}" + (f" (first: {skipped[0]})" if skipped else ""))
+    if skipped:
+        log.warning("%s: skipped %d unusable photo(s), first: %s", source, len(skipped), skipped[0])
+    return _Photos(got[:count], got[count:], source, skipped)
+
+
+def _photos(calib, check_images, count: int, n_check: int):
+    """(the calibration photos and those they hold out, the check photos, what the check photos are)."""
+    photos = _read_photos(calib, count, 0 if check_images else n_check, "calibration photos") if calib else None
+    if check_images is not None:
+        checked = _read_photos(check_images, 0, n_check, "check photos")
+        return photos, checked.check, checked.source
+    if photos is not None and (photos.check or not count):
+        return photos, photos.check or photos.calib, f"{'held-out ' if photos.calib else ''}photos of {photos.source}"
+    raise ArcdeployError(
+        "no photos for the detector's fidelity check: pass --check-images PHOTOS, or more --calib photos "
+        "than --calib-count"
+    )
+
+
+def build_detector(
+    src,
+    out,
+    engine: str = DEFAULT_ENGINE,
+    precision: str = "fp32",
+    calib=None,
+    calib_count: int | None = None,
+    check_images=None,
+    check_count: int | None = None,
+    threads: int | None = None,
+    force: bool = False,
+    strict: bool = False,
+    recipe=None,
+    input_size: tuple[int, int] | None = None,
+    **ignored: Any,
+) -> Path:
+    """Build the SCRFD ONNX ``src`` into the detector package ``out`` (module doc). ``calib``: photos
+    (a folder, a list file or paths) whose first ``calib_count`` (default 100) calibrate int8 and
+    whose next ``check_count`` (default 32) check fidelity; ``check_images``: photos for the check
+    instead. Returns ``out``."""
+    from .quantize import QuantRecipe
+
+    started = time.time()
+    requested, precision = str(precision), Precision.parse(precision)
+    engine = engine or DEFAULT_ENGINE
+    out, src = Path(out), Path(src)
+    refuse_existing(out, force)
+    eng = _engine_for(engine, precision)
+    size = (int(input_size[0]), int(input_size[1])) if input_size else DEFAULT_INPUT_SIZE
+    reference = _source_detector(src, size, threads)
+    if precision is Precision.INT8 and calib is None:
+        raise ArcdeployError(
+            "int8 needs calibration photos: pass --calib PHOTOS (photos with faces, a hundred or so; "
+            "those beyond --calib-count check the package's fidelity)"
+        )
+    count = int(calib_count or DEFAULT_CALIB_COUNT) if precision is Precision.INT8 else 0
+    photos, check, check_source = _photos(calib, check_images, count, int(check_count or DEFAULT_CHECK_COUNT))
+
+    with scratch_dir("build-detector") as work:
+        batched = work / "detector.onnx"
+        probe = _canvases(reference, check[:3])
+        rewrites, worst = _batched_graph(src, batched, size, probe)
+        name = reference.input_name
+        spec = InputSpec(name=name, size=(size[1], size[0]), mean=127.5, std=128.0)
+        calib_x = _canvases(reference, photos.calib) if precision is Precision.INT8 and photos is not None else None
+        if precision is Precision.INT8:
+            recipe = recipe or QuantRecipe.for_this_cpu(calibration_count=count)
+        with atomic_dir(out, force=force) as tmp:
+            scratch = _engine_files(eng, batched, tmp, spec, precision, threads, recipe, calib_x)
+            (tmp / REFERENCE_DIR).mkdir(exist_ok=True)
+            ref_rel = f"{REFERENCE_DIR}/{src.name}"
+            shutil.copyfile(src, tmp / ref_rel)
+            calibration = None
+            if scratch.calibration is not None and photos is not None:
+                calibration = {**scratch.calibration.to_json(), "photos": photos.source, "canvases": len(photos.calib)}
+            manifest = DetectorManifest(
+                kind="scrfd",
+                engine=engine,
+                precision=precision,
+                input=spec.folded(),
+                strides=tuple(reference.strides),
+                anchors=2 if reference.levels == 3 else 1,
+                files=dict(scratch.files),
+                reference=ref_rel,
+                reference_sha256=sha256_file(tmp / ref_rel),
+                requested_precision=requested,
+                source={"file": str(src), "name": src.name, "sha256": sha256_file(src)},
+                graph_rewrites=rewrites,
+                batch_check={"batch": len(probe), "max_abs_diff": worst},
+                calibration=calibration,
+                executed=scratch.executed.to_json() if scratch.executed is not None else None,
+                engine_config=dict(scratch.engine_config),
+                host={"cpu": cpu_name(), "flags": relevant_flags()},
+                versions=library_versions("arcdeploy", "onnx", "onnxruntime", "openvino", "nncf", "numpy"),
+            )
+            write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
+            _check_and_record(manifest, tmp, reference, check, check_source, threads, started, strict, src)
+    return out
+
+
+def _canvases(reference, images) -> np.ndarray:
+    """Normalised canvases [N, 3, H, W], as the source graph takes them."""
+    x = np.stack([reference.canvas(img)[0] for img in images]).transpose(0, 3, 1, 2).astype(np.float32)
+    return (x - 127.5) / 128.0
+
+
+def _source_detector(src: Path, size: tuple[int, int], threads):
+    """The source SCRFD run as it is (ONNX Runtime, the canvas asked for): the reference."""
+    from .faces.detectors.base import read_graph_io
+    from .faces.detectors.registry import kind_of_graph
+    from .faces.detectors.scrfd import ScrfdDetector
+
+    graph = read_graph_io(src)
+    kind = kind_of_graph(graph)
+    if kind is not ScrfdDetector:
+        raise ArcdeployError(
+            f"{src}: a {getattr(kind, 'kind', 'face')} detector; only SCRFD builds into a detector package "
+            "(YuNet runs in OpenCV as it is: give the file to --detector)"
+        )
+    return ScrfdDetector(graph, engine="onnxruntime", input_size=size, threads=threads)
+
+
+def _batched_graph(src: Path, batched: Path, size: tuple[int, int], probe: np.ndarray) -> tuple[list, float]:
+    """The source with a real batch axis at a fixed canvas, written to ``batched`` and checked
+    against the source on ``probe`` canvases: (the rewrites, the largest difference)."""
+    from .faces.detectors.graph import batch_check, write_batched
+
+    rewrites = write_batched(src, batched, size)
+    worst = batch_check(src, batched, probe)
+    if not worst <= 1e-3:
+        raise ArcdeployError(f"{src}: the graph with a batch axis differs from the source by {worst:g}; refused")
+    return rewrites, worst
+
+
+def _engine_files(eng, batched: Path, tmp: Path, spec: InputSpec, precision: Precision, threads, recipe, calib_x):
+    """The engine's build of the batched graph into ``tmp``; its manifest (files, calibration,
+    what executes) as a recognition package's would be."""
+    scratch = PackageManifest(engine=eng.name, precision=precision, arch="scrfd", input=spec, threads=threads)
+    job = BuildJob(
+        onnx_path=batched,
+        out_dir=tmp,
+        manifest=scratch,
+        precision=precision,
+        input=spec,
+        recipe=recipe,
+        calib_inputs=calib_x,
+        fold_preprocessing=True,
+    )
+    eng.build(job)
+    for w in job.warnings:
+        log.warning(w)
+    return scratch
+
+
+def _engine_for(engine: str, precision: Precision):
+    eng = get_engine(engine)
+    if precision not in eng.capabilities.precisions:
+        raise ArcdeployError(f"engine {engine} has no {precision} build")
+    eng.check_precision(precision)
+    return eng
+
+
+def _check_and_record(manifest, tmp: Path, reference, check, check_source, threads, started, strict, src) -> None:
+    """The built detector against its source, recorded in the manifest; below the floor a warning,
+    or with ``strict`` a refusal (nothing written)."""
+    from .faces.detectors.registry import DetectorSpec
+
+    built = DetectorSpec(tmp, threads=threads).open()
+    fidelity = detector_fidelity(reference, built, check, check_source)
+    manifest.fidelity = fidelity
+    manifest.build_seconds = round(time.time() - started, 1)
+    write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
+    if not fidelity.passed:
+        msg = (
+            f"{manifest.engine} {manifest.precision} detector: fidelity below the floor against {src.name} "
+            f"({'; '.join(fidelity.below_floor)}; {fidelity.images} photos)"
+        )
+        if strict:
+            raise ArcdeployError(msg + "; package not written (--strict)")
+        log.warning(msg)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    iw = max(0.0, float(min(a[2], b[2]) - max(a[0], b[0])))
+    ih = max(0.0, float(min(a[3], b[3]) - max(a[1], b[1])))
+    inter = iw * ih
+    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _pair_faces(ref: list, got: list) -> tuple[set[int], set[int], list[tuple[float, int, int]]]:
+    """Reference and candidate faces paired by box IoU, best pairs first: (reference faces paired,
+    candidate faces paired, the pairs as (IoU, reference index, candidate index))."""
+    pairs = sorted(((_iou(r.box, g.box), i, j) for i, r in enumerate(ref) for j, g in enumerate(got)), reverse=True)
+    used_r: set[int] = set()
+    used_g: set[int] = set()
+    matched = []
+    for iou, i, j in pairs:
+        if iou < MATCH_IOU:
+            break
+        if i not in used_r and j not in used_g:
+            used_r.add(i)
+            used_g.add(j)
+            matched.append((iou, i, j))
+    return used_r, used_g, matched
+
+
+def _size_bands(errors: list[float], ious: list[float], small: list[bool]) -> dict[str, Any]:
+    """The landmark errors and IoUs of small faces and of large ones apart."""
+    bands: dict[str, Any] = {}
+    for band, pick in (("small", True), ("large", False)):
+        errs = [e for e, sm in zip(errors, small) if sm == pick]
+        bands[band] = {
+            "faces": len(errs),
+            "landmark_error_mean": round(float(np.mean(errs)), 6) if errs else None,
+            "landmark_error_max": round(float(np.max(errs)), 6) if errs else None,
+            "min_iou": round(float(min((i for i, sm in zip(ious, small) if sm == pick), default=1.0)), 5),
+        }
+    bands["small_iod_canvas_px"] = SMALL_IOD
+    return bands
+
+
+def detector_fidelity(reference, candidate, images: list, source: str) -> DetectorFidelity:
+    """``candidate`` against ``reference`` on decoded photos, in a detector's terms (module doc):
+    both find faces down to ``SCORE_MARGIN`` below the threshold; faces are paired by box IoU
+    (largest first); a face over the threshold without a partner is lost (reference) or added
+    (candidate); a pair with one score under the threshold is borderline."""
+    thr = float(reference.threshold)
+    low = max(0.0, thr - SCORE_MARGIN)
+    ref_all = reference.detect_decoded(images, threshold=low)
+    got_all = candidate.detect_decoded(images, threshold=low)
+    from .faces.detectors.base import letterbox_geometry
+
+    ious, errors, score_changes, small = [], [], [], []
+    lost = added = borderline = counted = 0
+    for img, ref, got in zip(images, ref_all, got_all):
+        width, height = img.full_size
+        scale = letterbox_geometry(width, height, reference.size)[2]  # full-image pixels -> canvas pixels
+        used_r, used_g, matched = _pair_faces(ref, got)
+        counted += sum(f.score >= thr for f in ref)
+        lost += sum(1 for i, f in enumerate(ref) if f.score >= thr and i not in used_r)
+        added += sum(1 for j, f in enumerate(got) if f.score >= thr and j not in used_g)
+        for iou, i, j in matched:
+            r, g = ref[i], got[j]
+            if max(r.score, g.score) < thr:
+                continue
+            borderline += min(r.score, g.score) < thr
+            iod = float(np.linalg.norm(r.points[1] - r.points[0]))
+            ious.append(iou)
+            errors.append(float(np.linalg.norm(g.points - r.points, axis=1).mean()) / max(iod, 1e-6))
+            score_changes.append(abs(r.score - g.score))
+            small.append(iod * scale < SMALL_IOD)
+    below = []
+    if counted == 0:
+        below.append("no face over the threshold in the check photos")
+    if lost:
+        below.append(f"{lost} face(s) lost")
+    if added:
+        below.append(f"{added} face(s) added")
+    min_iou = min(ious, default=1.0)
+    mean_err, max_err = (float(np.mean(errors)), float(np.max(errors))) if errors else (0.0, 0.0)
+    if min_iou < FLOOR["iou"]:
+        below.append(f"box IoU {min_iou:.3f} < {FLOOR['iou']}")
+    if mean_err > FLOOR["landmark_error_mean"]:
+        below.append(f"landmark error mean {mean_err:.2%} of the IOD > {FLOOR['landmark_error_mean']:.0%}")
+    if max_err > FLOOR["landmark_error_max"]:
+        below.append(f"landmark error max {max_err:.2%} of the IOD > {FLOOR['landmark_error_max']:.0%}")
+    return DetectorFidelity(
+        by_size=_size_bands(errors, ious, small),
+        images=len(images),
+        source=source,
+        reference_faces=int(counted),
+        matched=len(ious),
+        lost=int(lost),
+        added=int(added),
+        borderline=int(borderline),
+        min_iou=round(float(min_iou), 5),
+        landmark_error_mean=round(mean_err, 6),
+        landmark_error_max=round(max_err, 6),
+        max_score_change=round(float(max(score_changes, default=0.0)), 5),
+        threshold=thr,
+        score_margin=SCORE_MARGIN,
+        floor=dict(FLOOR),
+        passed=not below,
+        below_floor=below,
+    )
+
+
+def summary_lines(out) -> list[str]:
+    """What ``arcdeploy build`` prints for a detector package."""
+    from .manifest import read_detector_manifest
+
+    m = read_detector_manifest(out)
+    w, h = m.canvas
+    lines = [f"built SCRFD detector {m.engine} {m.precision} ({w}x{h}, batch axis) -> {out}"]
+    ex = m.executed or {}
+    if ex.get("layers"):
+        lines.append(
+            f"  executes: {ex['inference_precision']} ({', '.join(f'{k} {v}' for k, v in ex['layers'].items())})"
+        )
+    if m.calibration:
+        lines.append(
+            f"  calibration: {m.calibration.get('canvases')} photos from {m.calibration.get('photos')}; kept in "
+            f"float: {len(m.calibration.get('kept_float', []))} ops"
+        )
+    f = m.fidelity
+    if f is not None:
+        state = "passed" if f.passed else "BELOW FLOOR (" + "; ".join(f.below_floor) + ")"
+        lines.append(
+            f"  fidelity vs {m.source.get('name')} on {f.images} {f.source}: {f.matched}/{f.reference_faces} faces "
+            f"matched, {f.lost} lost, {f.added} added ({f.borderline} borderline), box IoU min {f.min_iou:.3f}, "
+            f"landmarks mean {f.landmark_error_mean:.2%} max {f.landmark_error_max:.2%} of the IOD -> {state}"
+        )
+        for band in ("large", "small"):
+            b = f.by_size.get(band) or {}
+            if b.get("faces"):
+                lines.append(
+                    f"    {band} faces (eyes {'under' if band == 'small' else 'at least'} "
+                    f"{f.by_size.get('small_iod_canvas_px', SMALL_IOD):g} detector pixels apart): {b['faces']}, "
+                    f"landmarks mean {b['landmark_error_mean']:.2%} max {b['landmark_error_max']:.2%}, "
+                    f"box IoU min {b['min_iou']:.3f}"
+                )
+    return lines

@@ -1,0 +1,360 @@
+"""Photos in: EXIF orientation, insightface's detection geometry, reduced JPEG decodes, batched detection.
+
+The real photos and SCRFD-500M come from the shared material (skipped with the reason when absent);
+the 12 MP and group photos are made from them in a temporary folder (benchmarks/_photo_sets.py)."""
+
+from __future__ import annotations
+
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from arcdeploy.faces.io import decode_image, jpeg_orientation
+from real_material import FACES, MODELS, needs_real
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRFD = MODELS / "scrfd_500m_kps.onnx"
+PHOTOS = FACES / "photos"
+
+# the stored pixels of an upright image for each EXIF orientation (what a camera writes)
+STORED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, 1),
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, -1),
+}
+
+
+def exif_tiff(orientation: int, big_endian: bool = False) -> bytes:
+    """A minimal EXIF (TIFF) block holding one tag: Orientation."""
+    e = ">" if big_endian else "<"
+    head = (b"MM" if big_endian else b"II") + struct.pack(e + "HI", 42, 8)
+    ifd = struct.pack(e + "H", 1) + struct.pack(e + "HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(e + "I", 0)
+    return head + ifd
+
+
+def with_orientation(encoded: bytes, orientation: int, big_endian: bool = False) -> bytes:
+    """JPEG or PNG bytes with an EXIF orientation tag written in (APP1 after SOI; eXIf after IHDR)."""
+    tiff = exif_tiff(orientation, big_endian)
+    if encoded[:2] == b"\xff\xd8":
+        body = b"Exif\0\0" + tiff
+        return encoded[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + encoded[2:]
+    assert encoded[:8] == b"\x89PNG\r\n\x1a\n"
+    chunk = struct.pack(">I", len(tiff)) + b"eXIf" + tiff + struct.pack(">I", zlib.crc32(b"eXIf" + tiff))
+    return encoded[:33] + chunk + encoded[33:]
+
+
+def encode(rgb: np.ndarray, ext: str = ".jpg", quality: int = 95) -> bytes:
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext == ".jpg" else []
+    return cv2.imencode(ext, np.ascontiguousarray(rgb[:, :, ::-1]), params)[1].tobytes()
+
+
+# ---------------------------------------------------------------- EXIF orientation
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_imread_applies_it(tmp_path, ext, orientation):
+    rng = np.random.default_rng(orientation)
+    upright = cv2.resize(rng.integers(0, 255, (7, 11, 3), dtype=np.uint8), (99, 63), interpolation=cv2.INTER_NEAREST)
+    data = with_orientation(encode(STORED[orientation](upright), ext), orientation, big_endian=orientation % 2 == 0)
+    path = tmp_path / f"o{orientation}{ext}"
+    path.write_bytes(data)
+    got = decode_image(data, path)
+    imread = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    assert got.shape == upright.shape and np.array_equal(got, imread)
+    # upright: the stored pixels (decoded as stored) turned the way the tag says, exactly
+    as_stored = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    assert np.array_equal(STORED[orientation](got), cv2.cvtColor(as_stored, cv2.COLOR_BGR2RGB))
+    if ext == ".jpg":
+        assert jpeg_orientation(data) == orientation
+
+
+def test_orientation_reader_survives_broken_exif():
+    plain = encode(np.zeros((16, 16, 3), np.uint8))
+    assert jpeg_orientation(plain) == 1
+    broken = plain[:2] + b"\xff\xe1\x00\x10Exif\0\0II*\0\xff\xff\xff\x7f" + plain[2:]
+    assert jpeg_orientation(broken) == 1
+    assert jpeg_orientation(with_orientation(plain, 9)) == 1  # out of range: as stored
+
+
+@needs_real("models/scrfd_500m_kps.onnx", "faces/photos")
+def test_sideways_real_photo_is_seen_upright(tmp_path):
+    from arcdeploy.faces.detectors import open_detector
+
+    src = PHOTOS / "Jacinda_Ardern" / "Jacinda_Ardern_2018.jpg"
+    upright = decode_image(src.read_bytes(), src)
+    detector = open_detector(SCRFD, threads=1)
+    want = detector.best(upright)
+    for orientation in (3, 6, 8):
+        data = with_orientation(encode(STORED[orientation](upright), quality=97), orientation)
+        (tmp_path / "sideways.jpg").write_bytes(data)
+        got = decode_image(data, "sideways.jpg")
+        assert got.shape == upright.shape
+        face = detector.best(got)
+        iod = np.linalg.norm(want.points[1] - want.points[0])
+        assert np.abs(face.points - want.points).max() < 0.02 * iod, orientation
+
+
+# ---------------------------------------------------------------- the same faces as insightface
+
+
+def _insightface():
+    pytest.importorskip("skimage", reason="scikit-image (insightface's norm_crop) is needed for the comparison")
+    sys.path.insert(0, str(BENCHMARKS))
+    import _insightface_loop
+
+    return _insightface_loop
+
+
+@pytest.fixture(scope="module")
+def photo_sets(tmp_path_factory):
+    """The real photos, a 3000x2171 group photo and the 12 MP set, made once per module."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from _photo_sets import group_photo, twelve_mp_set
+    from arcdeploy.faces.io import list_images
+
+    folder = tmp_path_factory.mktemp("photo_sets")
+    return {
+        "photos": list_images(PHOTOS),
+        "group": [group_photo(FACES.parent, folder / "group.jpg")],
+        "12mp": twelve_mp_set(FACES.parent, folder / "12mp"),
+    }
+
+
+@pytest.fixture(scope="module")
+def w600k_fp32(tmp_path_factory):
+    import arcdeploy
+
+    out = tmp_path_factory.mktemp("pkg") / "w600k_fp32"
+    arcdeploy.build(
+        MODELS / "w600k_mbf.onnx",
+        out,
+        engine="onnxruntime",
+        precision="fp32",
+        check_images=PHOTOS,
+        check_landmarks=FACES / "photos_5pts.txt",
+    )
+    return arcdeploy.load(out)
+
+
+def box_iou(a, b) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def match_faces(ref_boxes, got_boxes, min_iou: float = 0.9) -> list[tuple[int, int]]:
+    """Pairs (reference face, found face) with box IoU >= ``min_iou``, each face in one pair at most."""
+    pairs, used = [], set()
+    for i, rb in enumerate(ref_boxes):
+        ious = [box_iou(rb, gb) if j not in used else 0.0 for j, gb in enumerate(got_boxes)]
+        if ious and max(ious) >= min_iou:
+            j = int(np.argmax(ious))
+            used.add(j)
+            pairs.append((i, j))
+    return pairs
+
+
+@pytest.mark.slow
+@needs_real("models/scrfd_500m_kps.onnx", "models/w600k_mbf.onnx", "faces/photos", "faces/lfw_colour")
+@pytest.mark.parametrize("which", ["photos", "group"])
+def test_same_faces_landmarks_and_embeddings_as_insightface(photo_sets, w600k_fp32, which):
+    """insightface's loop (SCRFD at 640 + norm_crop + ArcFaceONNX) and arcdeploy's embed with an fp32
+    package find the same faces, with landmarks within 0.2% (mean) / 0.5% (max) of the inter-ocular
+    distance and embeddings at cosine >= 0.998, on the real photos and a 3000x2171 group photo."""
+    from arcdeploy.faces.detectors import open_detector
+    from arcdeploy.faces.pipeline import embed_files
+    from arcdeploy.faces.prepare import Detection, prepare_image
+
+    loop = _insightface().InsightfaceLoop(SCRFD, MODELS / "w600k_mbf.onnx", threads=1)
+    detection = Detection(open_detector(SCRFD, threads=1), all_faces=True)
+    paths = photo_sets[which]
+    res = embed_files(w600k_fp32, paths, detector=SCRFD, all_faces=True, progress=False)
+    assert not res.failures
+    errors, cosines, faces = [], [], 0
+    for k, path in enumerate(paths):
+        ref = loop.run_file(path)
+        got = prepare_image(path, detection=detection).faces
+        rows = [r for r in range(len(res.faces)) if res.faces[r].image == k]
+        assert len(got) == len(ref) == len(rows), path
+        faces += len(ref)
+        ref_boxes = [f["bbox"] for f in ref]
+        for i, j in match_faces(ref_boxes, [f.box for f in got]):
+            iod = np.linalg.norm(ref[i]["kps"][1] - ref[i]["kps"][0])
+            errors.append(np.linalg.norm(got[j].points - ref[i]["kps"], axis=1).mean() / iod)
+        pairs = match_faces(ref_boxes, [res.faces[r].box for r in rows])
+        assert len(pairs) == len(ref), path
+        for i, j in pairs:
+            e = ref[i]["embedding"] / np.linalg.norm(ref[i]["embedding"])
+            cosines.append(float(e @ res.features[rows[j]]))
+    assert len(errors) == faces and faces >= (12 if which == "photos" else 100)
+    assert np.mean(errors) <= 0.002 and np.max(errors) <= 0.005, (np.mean(errors), np.max(errors))
+    assert min(cosines) >= 0.998, min(cosines)
+
+
+# ---------------------------------------------------------------- reduced JPEG decodes
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_reduced_decode_maps_onto_the_full_decode(orientation):
+    """Each pixel of a 1/2, 1/4, 1/8 decode is the block of full pixels the mapping says (upright,
+    any EXIF orientation, a size that is no multiple of 8): one pixel off in either axis is worse."""
+    from arcdeploy.faces.io import decode_reduced
+
+    rng = np.random.default_rng(0)
+    h, w = 203, 341
+    texture = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3)).astype(np.float32), (0, 0), 1.5)
+    upright = np.clip((texture - texture.mean()) * 4 + 128, 0, 255).astype(np.uint8)
+    data = with_orientation(encode(STORED[orientation](upright), quality=100), orientation)
+    full = decode_image(data).astype(np.float32)
+    for r in (2, 4, 8):
+        got = decode_reduced(data, "t.jpg", at_least=lambda fw, fh, r=r: (fw // r - 1, fh // r - 1))
+        assert got.reduction == r and got.full_size == (w, h) and got.pixels.shape == (-(-h // r), -(-w // r), 3)
+        block = cv2.boxFilter(full, -1, (r, r), anchor=(0, 0), borderType=cv2.BORDER_REPLICATE)
+        errors = {}
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                # the block of reduced pixel i starts at r * i + offset - (r - 1) / 2 (an integer)
+                x0 = np.arange(1, got.pixels.shape[1] - 1) * r + round(got.offset[0] - (r - 1) / 2) + dx
+                y0 = np.arange(1, got.pixels.shape[0] - 1) * r + round(got.offset[1] - (r - 1) / 2) + dy
+                ok_x, ok_y = (x0 >= 0) & (x0 + r <= w), (y0 >= 0) & (y0 + r <= h)
+                want = block[y0[ok_y]][:, x0[ok_x]]
+                have = got.pixels[1:-1][ok_y][:, 1:-1][:, ok_x].astype(np.float32)
+                errors[(dx, dy)] = float(np.abs(want - have).mean())
+        assert min(errors, key=errors.get) == (0, 0), (r, errors)
+        assert errors[(0, 0)] < 0.6 * min(v for k, v in errors.items() if k != (0, 0)), (r, errors)
+
+
+def test_reduced_decode_only_where_it_fits(tmp_path):
+    from arcdeploy.faces.io import decode_reduced, reduction_for
+
+    assert reduction_for(4000, 3000, (1280, 960)) == 2
+    assert reduction_for(4000, 3000, (500, 375)) == 8
+    assert reduction_for(4000, 3000, (1001, 750)) == 2  # 1/4 would give 1000 columns
+    assert reduction_for(1000, 800, (1280, 960)) == 1
+    big = np.zeros((900, 1300, 3), np.uint8)
+    jpeg, png = encode(big), encode(big, ".png")
+    fits = lambda w, h: (w // 4, h // 4)  # noqa: E731
+    assert decode_reduced(jpeg, "a.jpg", at_least=fits).reduction == 4
+    assert decode_reduced(png, "a.png", at_least=fits).reduction == 1  # only JPEG has DCT scaling
+    assert decode_reduced(jpeg, "a.jpg").reduction == 1
+    assert decode_reduced(jpeg, "a.jpg", at_least=lambda w, h: None).reduction == 1
+    tagged = with_orientation(jpeg, 6)
+    got = decode_reduced(tagged, "a.jpg", at_least=fits)
+    assert got.full_size == (900, 1300) and got.pixels.shape == (325, 225, 3)
+
+
+@pytest.mark.slow
+@needs_real("models/scrfd_500m_kps.onnx", "models/w600k_mbf.onnx", "faces/photos", "faces/lfw_colour")
+def test_reduced_decode_against_full_decode(photo_sets, w600k_fp32):
+    """decode="reduced" on the real photos (none is large enough: the same result), a group photo
+    (small faces: decoded again in full, the same result) and 12 MP JPEGs (large faces aligned from
+    the 1/2 decode): crops from the reduced decode lose nothing against the full decode's (same
+    points: cosine >= 0.999), and what the reduced detection costs stays within what is documented."""
+    from arcdeploy.faces.align import to_aligned
+    from arcdeploy.faces.detectors import open_detector
+    from arcdeploy.faces.prepare import Detection, find_faces, prepare_image
+
+    full = Detection(open_detector(SCRFD, threads=1), all_faces=True)
+    reduced = Detection(open_detector(SCRFD, threads=1, decode="reduced"), all_faces=True)
+
+    def unit(x):
+        x = w600k_fp32.infer(x)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    for which in ("photos", "group"):
+        for path in photo_sets[which]:
+            a, b = prepare_image(path, detection=full), prepare_image(path, detection=reduced)
+            assert np.array_equal(a.crops, b.crops), path
+    errors, cosines, crop_cosines = [], [], []
+    for path in photo_sets["12mp"]:
+        (f,), (r,) = find_faces([(path, str(path))], full), find_faces([(path, str(path))], reduced)
+        assert f.image.reduction == 1 and len(r.faces) == len(f.faces)
+        if r.image.reduction == 1:  # a face too small for the 1/2 decode: decoded again in full
+            assert np.array_equal(r.faces[0].points, f.faces[0].points), path
+            continue
+        assert r.image.reduction == 2
+        ff, rf = f.faces[0], r.faces[0]
+        iod = np.linalg.norm(ff.points[1] - ff.points[0])
+        errors.append(np.linalg.norm(rf.points - ff.points, axis=1).mean() / iod)
+        full_crop = to_aligned(f.image.pixels, ff.points)
+        same_points = to_aligned(r.image.pixels, r.image.from_full(ff.points))
+        own_points = prepare_image(path, detection=reduced).crops[0]
+        e = unit(np.stack([full_crop, same_points, own_points]))
+        crop_cosines.append(float(e[0] @ e[1]))
+        cosines.append(float(e[0] @ e[2]))
+    assert len(cosines) >= 8 and min(crop_cosines) >= 0.999, crop_cosines
+    # the reduced decode's detection: a few tenths of a canvas pixel (README: 0.13% / 0.46%, 0.989)
+    assert np.mean(errors) <= 0.003 and np.max(errors) <= 0.008, errors
+    assert min(cosines) >= 0.98 and np.mean(cosines) >= 0.995, cosines
+
+
+# ---------------------------------------------------------------- batched detection
+
+
+@needs_real("models/scrfd_500m_kps.onnx", "faces/photos")
+def test_batch_1_and_batch_8_find_the_same_faces(tmp_path):
+    """SCRFD given a batch axis (its reshapes keep the batch) finds, 8 canvases per call, exactly the
+    faces it finds one canvas per call, and those of the source file."""
+    from arcdeploy.faces.detectors import open_detector
+    from arcdeploy.faces.detectors.graph import batch_check, write_batched
+    from arcdeploy.faces.io import list_images
+    from arcdeploy.faces.types import DecodedImage
+
+    batched = tmp_path / "scrfd_batched.onnx"
+    rewrites = write_batched(SCRFD, batched, (640, 640))
+    assert sum("keeps the batch" in r for r in rewrites) == 9
+    source, one, eight = (
+        open_detector(SCRFD, threads=1),
+        open_detector(batched, threads=1, batch=1),
+        open_detector(batched, threads=1, batch=8),
+    )
+    assert (source.batch, one.batch, eight.batch) == (1, 1, 8)
+    paths = list_images(PHOTOS)
+    images = [DecodedImage.full(decode_image(p.read_bytes(), p)) for p in paths]
+    images += [DecodedImage.full(np.ascontiguousarray(img.pixels[:, ::-1])) for img in images[:4]]  # 16: 2 calls
+    canvases = np.stack([eight.canvas(img)[0] for img in images[:3]]).transpose(0, 3, 1, 2).astype(np.float32)
+    assert batch_check(SCRFD, batched, (canvases - 127.5) / 128) < 1e-4
+    found = [det.detect_decoded(images) for det in (source, one, eight)]
+    assert sum(len(f) for f in found[2]) >= 16
+    for a, b, c in zip(*found):
+        assert len(a) == len(b) == len(c) >= 1
+        for fa, fb, fc in zip(a, b, c):
+            np.testing.assert_allclose(fb.points, fa.points, atol=1e-3)
+            # one canvas per call or eight: the same numbers
+            assert np.array_equal(fc.points, fb.points) and np.array_equal(fc.box, fb.box) and fc.score == fb.score
+    # the embed pipeline's preparation workers, 8 photos per task: the crops one photo per task gives
+    from arcdeploy.faces.job import EmbedJob
+    from arcdeploy.faces.pipeline import prepare_batches
+    from arcdeploy.faces.prepare import Detection
+
+    job = EmbedJob(paths + paths[:5], workers=2)
+    crops = [
+        np.concatenate([b.crops for b in prepare_batches(job, [(0, 9), (9, 17)], Detection(det, all_faces=True))])
+        for det in (one, eight)
+    ]
+    assert len(crops[0]) >= 17 and np.array_equal(crops[0], crops[1])
+
+
+@needs_real("models/scrfd_500m_kps.onnx", "faces/photos")
+def test_detect_command_takes_the_decode_mode(tmp_path):
+    """--decode reduced on photos no larger than twice the canvas: nothing is reduced, the same rows."""
+    from arcdeploy.cli import main
+
+    rows = {}
+    for mode in ("full", "reduced"):
+        out = tmp_path / f"{mode}.txt"
+        assert main(["detect", str(PHOTOS), "--detector", str(SCRFD), "--decode", mode, "-q", "-o", str(out)]) == 0
+        rows[mode] = out.read_text()
+    assert rows["full"] == rows["reduced"] and len(rows["full"].splitlines()) == 12
