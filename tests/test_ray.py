@@ -252,8 +252,12 @@ def _embedder_pids() -> list[int]:
 
 @pytest.mark.slow
 def test_driver_read_equals_local_on_loopback(cluster, mbf_pkg, job, local, tmp_path):
+    """Given 127.0.0.1:PORT, the command contacts that address only (every socket of the run on loopback),
+    even where Ray on its own would swap it for the machine's network address
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset); the embeddings equal the local run's."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     out = tmp_path / "feats.npy"
-    proc = _start(_args(mbf_pkg, job, out, "--ray", cluster.address))
+    proc = _start(_args(mbf_pkg, job, out, "--ray", cluster.address), env=env)
     rc, stdout, stderr = _finish_on_loopback(proc)
     assert rc == 3, stderr[-2000:]
     _same_output(out, local)
@@ -263,28 +267,6 @@ def test_driver_read_equals_local_on_loopback(cluster, mbf_pkg, job, local, tmp_
     per_node = [int(line.split(": ")[1].split()[0]) for line in stdout.splitlines() if line.startswith("  node ")]
     assert per_node and sum(per_node) == n
     assert "missing/none.jpg: no such file" in stderr
-
-
-@pytest.mark.slow
-def test_no_address_starts_a_local_ray_and_stops_it(ray_env, mbf_pkg, job, local, tmp_path):
-    import psutil
-
-    own = tempfile.mkdtemp(prefix="ardloc-", dir="/tmp")  # this Ray's files, to find its processes by
-    try:
-        out = tmp_path / "feats.npy"
-        proc = _start(_args(mbf_pkg, job, out, "--ray"), env={**os.environ, "RAY_TMPDIR": own})
-        rc, stdout, stderr = _finish_on_loopback(proc)
-        assert rc == 3, stderr[-2000:]
-        _same_output(out, local)
-        assert "ray: 1 node(s)" in stdout
-        time.sleep(2)
-        left = []
-        for p in psutil.process_iter(["pid", "name", "cmdline"]):
-            if any(own in a for a in p.info["cmdline"] or []):
-                left.append(f"{p.info['pid']} {p.info['name']}")
-        assert not left, left  # the Ray the command started is gone with it
-    finally:
-        shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -463,20 +445,12 @@ def test_threads_the_cluster_cannot_place_are_refused_at_once(cluster, mbf_pkg, 
 
 
 @pytest.mark.slow
-def test_a_loopback_address_stays_loopback(cluster, mbf_pkg, job, local, tmp_path):
-    """Given 127.0.0.1:PORT, the command contacts that address only, even where Ray on its own
-    would swap it for the machine's network address (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-    out = tmp_path / "feats.npy"
-    rc, _, stderr = _finish_on_loopback(_start(_args(mbf_pkg, job, out, "--ray", cluster.address), env=env))
-    assert rc == 3, stderr[-2000:]
-    _same_output(out, local)
+def test_no_address_starts_a_local_ray_and_stops_it(ray_env, mbf_pkg, job, local, tmp_path):
+    """Without --ray ADDRESS the command starts a Ray of its own on loopback and stops it: no process
+    of it is left, and (without RAY_TMPDIR) its files were in a private folder of the temp folder,
+    removed when the job ends (Ray alone leaves /tmp/ray/session_* behind)."""
+    import psutil
 
-
-@pytest.mark.slow
-def test_a_local_ray_leaves_no_session_folders(ray_env, mbf_pkg, job, local, tmp_path):
-    """Without RAY_TMPDIR, the local Ray started for the job keeps its files in a private folder of
-    the temp folder, removed when the job ends (Ray alone leaves /tmp/ray/session_* behind)."""
     tmp = Path(tempfile.mkdtemp(prefix="ardses-", dir="/tmp"))  # short: Ray's socket paths
     try:
         env = {k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"}
@@ -484,9 +458,17 @@ def test_a_local_ray_leaves_no_session_folders(ray_env, mbf_pkg, job, local, tmp
         before = set(Path("/tmp/ray").glob("session_*")) if Path("/tmp/ray").exists() else set()
         ours_before = set(Path("/tmp").glob("arcdeploy-ray-*"))
         out = tmp_path / "feats.npy"
-        rc, _, stderr = _finish(_start(_args(mbf_pkg, job, out, "--ray"), env=env))
+        rc, stdout, stderr = _finish_on_loopback(_start(_args(mbf_pkg, job, out, "--ray"), env=env))
         assert rc == 3, stderr[-2000:]
         _same_output(out, local)
+        assert "ray: 1 node(s)" in stdout
+        time.sleep(2)
+        left = [
+            f"{p.info['pid']} {p.info['name']}"
+            for p in psutil.process_iter(["pid", "name", "cmdline"])
+            if any(str(tmp) in a for a in p.info["cmdline"] or [])
+        ]
+        assert not left, left  # the Ray the command started is gone with it
         after = set(Path("/tmp/ray").glob("session_*")) if Path("/tmp/ray").exists() else set()
         assert after <= before
         assert not list(tmp.glob("arcdeploy-*")) and not list(tmp.glob("session_*")), list(tmp.iterdir())
