@@ -24,6 +24,7 @@ import numpy as np
 from .engines import BuildJob, get_engine
 from .engines.registry import DEFAULT_ENGINE
 from .errors import ArcdeployError
+from .fidelity_groups import labels_of_image_set
 from .files import atomic_dir, refuse_existing, scratch_dir, write_json_atomic
 from .machine import cpu_name, relevant_flags
 from .manifest import (
@@ -49,6 +50,7 @@ class CheckImages:
     faces: np.ndarray
     label: str
     source: str
+    labels: Any = None  # arcdeploy.fidelity_groups.FaceLabels: each face's groups (None: colour only)
 
 
 def normalize_precision(precision: str) -> str:
@@ -114,6 +116,7 @@ def build(
     ``onnx_options``: ``input_mean`` / ``input_std`` / ``bgr`` for a foreign ONNX.
     ``default_check_images``: what to check on when none of the above gives images. Returns ``out``.
     """
+    from .calibration_set import check_calibration_set
     from .faces.calibration import calibration_split, load_images
     from .faces.prepare import as_detection, exclusive_landmarks_detector
     from .fidelity import check, floor_for
@@ -158,6 +161,7 @@ def build(
                 },
                 host={"cpu": cpu_name(), "flags": relevant_flags()},
             )
+            cal_set = check_calibration_set(split.calib, export_dir, exported, options) if split else None
             ts = exported.file(export_dir, "torchscript") if "torchscript" in exported.files else None
             job = BuildJob(
                 onnx_path=exported.file(export_dir, "onnx"),
@@ -177,7 +181,7 @@ def build(
                 log.warning(w)
             if split:
                 how = _calibration_images(split, calib_landmarks, calib_detector)
-                manifest.calibration = {**(manifest.calibration or {}), **how}
+                manifest.calibration = {**(manifest.calibration or {}), **how, "set": cal_set and cal_set.to_json()}
             manifest.reference = _store_reference(export_dir, exported, tmp, manifest)
             manifest.versions = library_versions(
                 "arcdeploy", "torch", "onnx", "onnxruntime", "openvino", "nncf", "numpy"
@@ -204,12 +208,14 @@ def build(
                 images_label=images.label,
                 images_source=images.source,
                 floor=floor,
+                labels=images.labels,
             )
             if not result.passed and precision == "int8" and fallback and split is not None:
                 from .fallback import keep_sensitive_layers_float
 
                 result = keep_sensitive_layers_float(eng, job, split, images, floor, threads)
             manifest.fidelity = result.summary()
+            manifest.fidelity_groups = result.groups
             manifest.build_seconds = round(time.time() - started, 1)
             write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
             if not result.passed:
@@ -264,13 +270,14 @@ def _check_images(
         return check_images
     if check_images is not None:
         got = load_images(check_images, check_landmarks, limit=check_count, what="check images")
-        return CheckImages(got.faces, got.source, got.source)
+        return CheckImages(got.faces, got.source, got.source, labels_of_image_set(got))
     if split is not None and split.holdout is not None:
-        h = split.holdout
-        return CheckImages(h.faces[:check_count], f"held-out calibration images ({h.source})", h.source)
+        h = split.holdout.head(check_count)
+        return CheckImages(h.faces, f"held-out calibration images ({h.source})", h.source, labels_of_image_set(h))
     if calib is not None and precision != "int8":
         got = load_images(calib, calib_landmarks, limit=check_count or 64, what="check images", detector=calib_detector)
-        return CheckImages(got.faces, f"calibration images ({got.source}; not used by a {precision} build)", got.source)
+        label = f"calibration images ({got.source}; not used by a {precision} build)"
+        return CheckImages(got.faces, label, got.source, labels_of_image_set(got))
     if default is not None:
         return default
     raise ArcdeployError(

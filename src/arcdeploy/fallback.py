@@ -82,6 +82,7 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
             images_label=images.label,
             images_source=images.source,
             floor=floor,
+            labels=images.labels,
         )
 
     def cosines(names: list[str], n: int | None = None) -> np.ndarray:

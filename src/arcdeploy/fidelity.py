@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import ArcdeployError
+from .manifest import FidelityByGroup
+
+if TYPE_CHECKING:
+    from .fidelity_groups import FaceLabels
 
 # per-image cosine floors by precision
 FLOORS: dict[str, dict[str, float]] = {
@@ -65,6 +69,7 @@ class FidelityResult:
     below_floor: list[str]
     worst: list[dict] = field(default_factory=list)
     per_image: np.ndarray | None = None
+    groups: FidelityByGroup | None = None  # the same check by group; the worst group is the verdict
 
     @property
     def passed(self) -> bool:
@@ -86,6 +91,8 @@ class FidelityResult:
 
     def to_json(self) -> dict:
         d: dict[str, Any] = {**self.summary(), "worst": self.worst}
+        if self.groups is not None:
+            d["groups"] = self.groups.to_json()
         if self.per_image is not None:
             d["per_image"] = [round(float(c), 7) for c in self.per_image]  # for the report's histogram
         return d
@@ -174,28 +181,37 @@ def check(
     images_label: str | None = None,
     images_source: str | None = None,
     reference: Reference | None = None,
+    labels: FaceLabels | None = None,
+    detector=None,
 ) -> FidelityResult:
-    """Per-image cosine of a package against its fp32 reference.
+    """Per-image cosine of a package against its fp32 reference, overall and by group
+    (:mod:`arcdeploy.fidelity_groups`: colour, face size, the folders the images lie in).
 
     ``package``: a path or a loaded :class:`arcdeploy.package.Package`. ``images``: aligned
     uint8 crops [N, 112, 112, 3], a folder, a list file or a list of paths (aligned with
-    ``landmarks`` when given), ``count`` of them at most.
+    ``landmarks`` when given, or faces found by ``detector``), ``count`` of them at most.
+    ``labels``: the groups of crops given as an array (else only their colour is known).
     """
     from .faces.calibration import load_images
+    from .fidelity_groups import by_group, group_problems, labels_of_image_set
     from .package import load
 
     if images is None:
         raise ArcdeployError("no images to check on")
     pkg = load(package, threads=threads)
     ref = reference or Reference(pkg, threads)
-    got = load_images(images, landmarks, limit=count, what="check images")
+    got = load_images(images, landmarks, limit=count, what="check images", detector=detector)
     faces, names = got.faces, got.names
+    if labels is None or len(next(iter(labels.axes.values()), [])) != len(faces):
+        labels = labels_of_image_set(got)
+    names = names or labels.names
     out = package_embeddings(pkg, faces)
     want = ref.embed(faces)
     cos = cosine_rows(out, want)
     stats = CosineStats.of(cos)
     precision = pkg.manifest.precision
     floor = floor or floor_for(precision)
+    grouped = by_group(cos, labels, floor)
     order = np.argsort(cos)[:5]
     worst = [{"index": int(i), "cosine": float(cos[i]), **({"name": names[i]} if names else {})} for i in order]
     return FidelityResult(
@@ -206,9 +222,10 @@ def check(
         engine=pkg.manifest.engine,
         precision=precision,
         floor=dict(floor),
-        below_floor=floor_problems(stats, floor),
+        below_floor=floor_problems(stats, floor) + group_problems(grouped),
         worst=worst,
         per_image=cos,
+        groups=grouped,
     )
 
 

@@ -306,6 +306,179 @@ class ReferenceSpec:
         )
 
 
+# ------------------------------------------------------------------ fidelity by group, precision choice
+
+
+def _floats(r: _Reader, *keys: str) -> dict[str, float]:
+    out = {}
+    for k in keys:
+        v = r.get(k, (int, float))
+        out[k] = float(v)
+    return out
+
+
+def _strings(r: _Reader, key: str) -> tuple[str, ...]:
+    values = r.get(key, list, [])
+    if not all(isinstance(v, str) for v in values):
+        raise ArcdeployError(f"{r.source}: {r._key(key)!r} must be a list of strings")
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class GroupFidelity:
+    """Per-image cosine to fp32 of one group of check faces (``axis``: colour, face size, folder)."""
+
+    axis: str
+    group: str
+    n: int
+    mean: float
+    min: float
+    p1: float
+    judged: tuple[str, ...]  # the floor's keys applied to this group ("min" only for small groups)
+    below_floor: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return not self.below_floor
+
+    @property
+    def label(self) -> str:
+        return f"{self.axis}: {self.group}"
+
+    def to_json(self) -> dict:
+        return {
+            "axis": self.axis,
+            "group": self.group,
+            "n": self.n,
+            "mean": self.mean,
+            "min": self.min,
+            "p1": self.p1,
+            "judged": list(self.judged),
+            "passed": self.passed,
+            "below_floor": list(self.below_floor),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str) -> GroupFidelity:
+        r = _Reader(data, source, where)
+        n = r.get("n", int)
+        if n < 1:
+            raise ArcdeployError(f"{source}: '{where}.n' must be at least 1, got {n}")
+        return cls(
+            axis=r.get("axis", str),
+            group=r.get("group", str),
+            n=n,
+            **_floats(r, "mean", "min", "p1"),
+            judged=_strings(r, "judged"),
+            below_floor=_strings(r, "below_floor"),
+        )
+
+
+@dataclass(frozen=True)
+class FidelityByGroup:
+    """A fidelity check by group: the worst group is the verdict; the lowest faces are named."""
+
+    groups: tuple[GroupFidelity, ...]
+    worst: str | None  # label of the group closest to (or furthest below) the floor
+    lowest: tuple[dict, ...] = ()  # [{"name", "cosine", "groups": {axis: group}}], lowest first
+    min_faces_for_mean: int = 8
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.groups)
+
+    def to_json(self) -> dict:
+        return {
+            "passed": self.passed,
+            "worst": self.worst,
+            "min_faces_for_mean": self.min_faces_for_mean,
+            "groups": [g.to_json() for g in self.groups],
+            "lowest": [dict(x) for x in self.lowest],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str = "fidelity_groups") -> FidelityByGroup:
+        r = _Reader(data, source, where)
+        groups = r.get("groups", list)
+        lowest = r.get("lowest", list, [])
+        if not all(isinstance(x, dict) for x in lowest):
+            raise ArcdeployError(f"{source}: '{where}.lowest' must be a list of objects")
+        return cls(
+            groups=tuple(GroupFidelity.from_json(g, source, f"{where}.groups[{i}]") for i, g in enumerate(groups)),
+            worst=r.get("worst", str, None),
+            lowest=tuple(lowest),
+            min_faces_for_mean=r.get("min_faces_for_mean", int, 8),
+        )
+
+
+@dataclass(frozen=True)
+class PrecisionCandidate:
+    """One precision ``--precision auto`` considered: its speed on this CPU and its fidelity verdict."""
+
+    precision: str
+    images_per_s: float | None = None
+    vs_fp32: float | None = None
+    passed: bool | None = None  # its floor met on every group of the check images
+    worst_group: str | None = None
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    note: str | None = None  # why it was not built or not timed
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str) -> PrecisionCandidate:
+        r = _Reader(data, source, where)
+        return cls(
+            precision=r.choice("precision", PRECISIONS),
+            images_per_s=r.get("images_per_s", (int, float), None),
+            vs_fp32=r.get("vs_fp32", (int, float), None),
+            passed=r.get("passed", bool, None),
+            worst_group=r.get("worst_group", str, None),
+            cosine_mean=r.get("cosine_mean", (int, float), None),
+            cosine_min=r.get("cosine_min", (int, float), None),
+            note=r.get("note", str, None),
+        )
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """Why ``--precision auto`` kept the precision it kept."""
+
+    chosen: str
+    why: str
+    candidates: tuple[PrecisionCandidate, ...]
+    how: str = ""  # how speed was measured
+    cpu: str = ""
+    flags: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {
+            "chosen": self.chosen,
+            "why": self.why,
+            "candidates": [c.to_json() for c in self.candidates],
+            "how": self.how,
+            "cpu": self.cpu,
+            "flags": list(self.flags),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str = "precision_choice") -> PrecisionChoice:
+        r = _Reader(data, source, where)
+        cands = r.get("candidates", list)
+        return cls(
+            chosen=r.choice("chosen", PRECISIONS),
+            why=r.get("why", str),
+            candidates=tuple(
+                PrecisionCandidate.from_json(c, source, f"{where}.candidates[{i}]") for i, c in enumerate(cands)
+            ),
+            how=r.get("how", str, ""),
+            cpu=r.get("cpu", str, ""),
+            flags=_strings(r, "flags"),
+        )
+
+
 # ------------------------------------------------------------------ the package manifest
 
 
@@ -332,6 +505,8 @@ class PackageManifest:
     reference: ReferenceSpec | None = None
     calibration: dict | None = None
     fidelity: dict | None = None
+    fidelity_groups: FidelityByGroup | None = None  # the same check by group (colour, face size, folder)
+    precision_choice: PrecisionChoice | None = None  # --precision auto: the candidates and why this one
     executed: dict | None = None
     engine_config: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
@@ -401,6 +576,12 @@ class PackageManifest:
             reference=ReferenceSpec.from_json(ref, source) if ref is not None else None,
             calibration=r.get("calibration", dict, None),
             fidelity=r.get("fidelity", dict, None),
+            fidelity_groups=FidelityByGroup.from_json(fg, source)
+            if (fg := r.get("fidelity_groups", dict, None))
+            else None,
+            precision_choice=PrecisionChoice.from_json(pc, source)
+            if (pc := r.get("precision_choice", dict, None))
+            else None,
             executed=r.get("executed", dict, None),
             engine_config=r.get("engine_config", dict, {}),
             source=r.get("source", dict, {}),

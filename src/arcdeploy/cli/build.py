@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..engines.registry import DEFAULT_ENGINE, engine_names
 from ..manifest import PRECISION_ALIASES, PRECISIONS
+from ..quantize import MIN_CALIBRATION_FACES
 from .export import add_convention_options, convention_options
 
 
@@ -80,6 +81,11 @@ def register(sub) -> None:
         help="int8: the mean per-image cosine to fp32 may fall at most D below 1 (default: the int8 floor, 0.01)",
     )
     p.add_argument(
+        "--accept-calib",
+        action="store_true",
+        help=f"int8: build even on a calibration set the recipe refuses (under {MIN_CALIBRATION_FACES} faces)",
+    )
+    p.add_argument(
         "--no-fallback",
         action="store_true",
         help="int8: do not keep sensitive layers in float when the package misses its floor",
@@ -119,6 +125,7 @@ def run(args) -> int:
         check_count=args.check_count,
         recipe=recipe,
         onnx_options=convention_options(args),
+        **({"accept_calib": True} if args.accept_calib else {}),
     )
     m = read_package_manifest(out)
     fid = m.fidelity or {}
@@ -140,4 +147,10 @@ def run(args) -> int:
         f"cosine mean {c.get('mean', 0):.6f} "
         f"min {c.get('min', 0):.6f} p1 {c.get('p1', 0):.6f} -> {state}"
     )
+    if m.fidelity_groups is not None:
+        from ..fidelity_groups import table
+
+        print("  " + table(m.fidelity_groups, fid.get("floor", {})).text().replace("\n", "\n  "))
+    if m.precision_choice is not None:
+        print(f"  precision auto: {m.precision_choice.why}")
     return 0
