@@ -5,17 +5,16 @@ score above every pair of different people.
 Uses ../shared/real (a realistically trained arcface_torch mbf, 800 LFW faces with landmarks,
 insightface's lfw_600.bin, 12 photos of 8 people); skipped with a reason when it is absent.
 Calibration takes the first 50 LFW identities, the fidelity checks the other 50 (people the
-calibration never saw)."""
+calibration never saw); the packages are built once per session (``real_packages`` in conftest.py)."""
 
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from arcdeploy import build, compare, load
+from arcdeploy import compare, load
 from real_material import REAL, needs_real
 
 CKPT = REAL / "models" / "mbf_w600k_gdc.pth"
@@ -36,47 +35,6 @@ COMBOS = [
     ("onnxruntime", "fp32"),
     ("onnxruntime", "int8"),
 ]
-
-
-def _identity_split(tmp: Path) -> tuple[Path, Path]:
-    """List files of the calibration identities (first 50) and the held-out ones (the other 50)."""
-    people = sorted(p.name for p in LFW.iterdir() if p.is_dir())
-    calib, held = people[:50], people[50:]
-    lists = []
-    for name, group in (("calib.txt", calib), ("held_out.txt", held)):
-        paths = [str(p) for person in group for p in sorted((LFW / person).glob("*.jpg"))]
-        (tmp / name).write_text("\n".join(paths) + "\n")
-        lists.append(tmp / name)
-    return lists[0], lists[1]
-
-
-@pytest.fixture(scope="module")
-def real_packages(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("real")
-    calib, held_out = _identity_split(tmp)
-    export = tmp / "export"
-    import arcdeploy
-
-    arcdeploy.export(CKPT, export)
-    cache: dict = {}
-
-    def get(engine: str, precision: str) -> Path:
-        if (engine, precision) not in cache:
-            cache[(engine, precision)] = build(
-                export,
-                tmp / f"{engine}_{precision}",
-                engine=engine,
-                precision=precision,
-                calib=calib if precision == "int8" else None,
-                calib_landmarks=LFW_5PTS,
-                calib_count=300,
-                check_images=held_out,
-                check_landmarks=LFW_5PTS,
-                check_count=160,
-            )
-        return cache[(engine, precision)]
-
-    return get
 
 
 @pytest.mark.parametrize("engine,precision", COMBOS)

@@ -57,10 +57,16 @@ def build(
     src, out, check_images=None, check_count: int | None = None, calib=None, precision: str = "fp32", **kwargs: Any
 ):
     """Build a package (see :func:`arcdeploy.builder.build`); checks on generated faces when no
-    images are given and none are held out from the calibration set."""
+    images are given and none are held out from the calibration set. ``precision="auto"``: the
+    fastest precision this CPU runs that meets its floor on every group of the check faces
+    (see :mod:`arcdeploy.auto_precision`)."""
     from .builder import build as _build
     from .manifest import parse_precision
 
+    if precision == "auto":
+        from .auto_precision import build_auto
+
+        return build_auto(src, out, check_images=check_images, check_count=check_count, calib=calib, **kwargs)
     if check_images is None and (calib is None or parse_precision(precision) == "int8"):
         # an int8 build holds out part of its calibration images; only when too few remain
         # does it need generated ones, which it asks for through this fallback

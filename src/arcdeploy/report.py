@@ -42,15 +42,47 @@ def fidelity_table(records) -> Table:
                     _f6(cos.get("min")),
                     _f6(cos.get("p1")),
                     _floor_text(rec.result.get("floor")),
+                    (rec.result.get("groups") or {}).get("worst"),
                     "pass" if rec.result.get("passed") else "BELOW FLOOR",
                 ]
             )
         else:
-            rows.append([name, None, None, None, None, None, f"{rec.status}: {rec.error}"])
+            rows.append([name, None, None, None, None, None, None, f"{rec.status}: {rec.error}"])
     return Table(
         title="Fidelity: per-image cosine to the fp32 PyTorch reference",
-        header=["package", "images", "mean", "min", "p1", "floor", "result"],
+        header=["package", "images", "mean", "min", "p1", "floor", "worst group", "result"],
         rows=rows,
+        note="Every group of the check faces (colour / grayscale, face size, folders) is held to the floor; "
+        "the worst group is the verdict.",
+    )
+
+
+def choice_table(records) -> Table | None:
+    """The precision to deploy on this CPU (the run's "choose precision" step), with the evidence."""
+    rec = next((r for r in records if r.name == "choose precision"), None)
+    if rec is None:
+        return None
+    if rec.status not in ("done", "reused") or not rec.result:
+        return Table(["precision", "result"], [["-", f"{rec.status}: {rec.error}"]], title="Precision for this CPU")
+    res = rec.result
+    rows = [
+        [
+            ("-> " if c["precision"] == res["chosen"] else "") + c["precision"],
+            _r(c.get("images_per_s"), 1),
+            _r(c.get("vs_fp32"), 2),
+            _f6(c.get("cosine_mean")),
+            _f6(c.get("cosine_min")),
+            c.get("worst_group"),
+            {True: "every group", False: "BELOW FLOOR", None: "-"}[c.get("passed")],
+            c.get("note"),
+        ]
+        for c in res["candidates"]
+    ]
+    return Table(
+        title=f"Precision for this CPU: {res['chosen']}",
+        header=["precision", "img/s", "x fp32", "cos mean", "cos min", "worst group", "floor met", "note"],
+        rows=rows,
+        note=f"{res['why']}. Speed: {res['how']}.",
     )
 
 
@@ -274,6 +306,9 @@ def plot_cosine_hist(records, path: Path) -> Path | None:
 
 def build_tables(records) -> list[Table]:
     tables = [fidelity_table(records), speed_table(records)]
+    choice = choice_table(records)
+    if choice is not None:
+        tables.append(choice)
     if _by_prefix(records, "eval ijb"):
         tables.append(ijb_table(records))
     if _by_prefix(records, "eval bin"):

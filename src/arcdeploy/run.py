@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import ArcdeployError, describe
 from .files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PRECISIONS = ("fp32", "bf16", "int8")
+DEFAULT_PRECISIONS = ("auto",)  # the candidates this CPU runs fast, and the choice among them
 RUN_MARKER = ".arcdeploy-run"  # marks a folder as one arcdeploy run/demo writes into
 DEFAULT_BATCHES = (1, 16)
 
@@ -133,6 +135,20 @@ class StepRunner:
         return rec
 
 
+def expand_auto(precisions, engine: str, calib) -> tuple[list[str], dict[str, str]]:
+    """``auto`` in a precision list -> the candidates this CPU runs fast (see
+    :func:`arcdeploy.auto_precision.candidates`), plus {precision: why not} for those left out."""
+    wanted = list(dict.fromkeys(precisions))
+    if "auto" not in wanted:
+        return wanted, {}
+    from .auto_precision import candidates
+
+    plan = candidates(engine, calib)
+    i = wanted.index("auto")
+    wanted[i : i + 1] = [p for p, note in plan if note is None and p not in wanted]
+    return wanted, {p: note for p, note in plan if note}
+
+
 def _file_key(path) -> dict:
     p = Path(path)
     if p.is_file():
@@ -177,7 +193,7 @@ def run_pipeline(
     claim_output(out, force)
     log = log or logger.info
     runner = StepRunner(out, log)
-    precisions = [p for p in precisions]
+    precisions, skipped = expand_auto(precisions, engine, calib)
     ckpt_key = _file_key(ckpt)
     export_dir = out / "export"
 
@@ -256,6 +272,29 @@ def run_pipeline(
             name = f"{engine}-{precision}"
             key = {"build": runner.state.get(f"build {name}", {}).get("key"), **inputs}
             runner.run(f"{stage} {name}", key, functools.partial(work, pkg_dir, name), needs=[f"build {name}"])
+
+    if len(packages) >= 2:  # the precision this CPU should run, by evidence (as --precision auto)
+
+        def do_choose():
+            from .auto_precision import SPEED_BATCH, choose, interleaved_speed
+
+            results = {}
+            for precision in packages:
+                chk = runner.result(f"check {engine}-{precision}")
+                if chk:
+                    groups = chk.get("groups") or {}
+                    results[precision] = {
+                        "passed": bool(chk.get("passed")),
+                        "worst_group": groups.get("worst"),
+                        "cosine": chk.get("cosine"),
+                    }
+            faces = np.random.default_rng(0).integers(0, 256, (SPEED_BATCH, 112, 112, 3), dtype=np.uint8)
+            for p, speed in interleaved_speed({p: packages[p] for p in results}, faces, threads).items():
+                results[p].update(speed)
+            return choose(results, skipped).to_json()
+
+        keys = {p: runner.state.get(f"check {engine}-{p}", {}).get("key") for p in packages}
+        runner.run("choose precision", {"checks": keys}, do_choose, needs=[f"check {engine}-{p}" for p in packages])
 
     result = RunResult(out, runner.records)
     result.report_md, result.report_json = report.write_report(

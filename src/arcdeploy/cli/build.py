@@ -27,9 +27,11 @@ def register(sub) -> None:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=(*PRECISIONS, *PRECISION_ALIASES),
+        choices=(*PRECISIONS, "auto", *PRECISION_ALIASES),
         metavar="PRECISION",
-        help="fp32, fp16, bf16 or int8 (aliases force_float32, force_float16, qint8_mixed_float16)",
+        help="fp32, fp16, bf16 or int8 (aliases force_float32, force_float16, qint8_mixed_float16), or auto: "
+        "build the precisions this CPU runs fast, check each on the check images by group, keep the fastest "
+        "that meets its floor on every group (the manifest says why)",
     )
     p.add_argument(
         "--calib",

@@ -15,7 +15,13 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (reused on rerun)")
     p.add_argument("--arch", default="auto")
     p.add_argument("--engine", default="openvino", choices=("openvino", "onnxruntime", "torch"))
-    p.add_argument("--precisions", default="fp32,bf16,int8", help="comma-separated (default fp32,bf16,int8)")
+    p.add_argument(
+        "--precisions",
+        default="auto",
+        help="comma-separated; auto (the default): the precisions this CPU runs fast (fp32, bf16 where it has "
+        "bf16 units, int8 with --calib); the run then says which one to deploy: the fastest that meets its "
+        "floor on every group of the check images",
+    )
     p.add_argument(
         "--calib",
         metavar="LIST|DIR",
@@ -44,7 +50,9 @@ def run(args) -> int:
     from ..builder import normalize_precision
     from ..run import run_pipeline
 
-    precisions = [normalize_precision(p.strip()) for p in args.precisions.split(",") if p.strip()]
+    precisions = [
+        p if p == "auto" else normalize_precision(p) for p in (x.strip() for x in args.precisions.split(",")) if p
+    ]
     result = run_pipeline(
         args.ckpt,
         args.output,

@@ -197,8 +197,6 @@ def calibration_split(
         raise ArcdeployError(f"--calib-count must be at least 1, got {count}")
     images = load_images(calib, landmarks, limit=count + holdout, what="calibration images", detector=detector)
     faces = images.faces
-    if len(faces) < min(count, 16):
-        log.warning("only %d calibration images in %s; a few hundred are advised", len(faces), images.source)
     n_cal = min(count, len(faces))
     cal = ImageSet(
         faces[:n_cal], images.source, images.names[:n_cal], images.skipped, images.spans[:n_cal], images.root
