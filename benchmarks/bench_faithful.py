@@ -19,8 +19,8 @@ Calibration: ``gray`` = the first 300 images of the 50 grayscale calibration peo
 first 300 images of the colour calibration pool.
 
 Packages per model, OpenVINO unless said: fp32, bf16, int8 with the previous recipe (stem + spread +
-head in float, NNCF's default averaged activation ranges; no fallback), int8 with the recipe
-(calibrated gray, and colour), ONNX Runtime int8 with the recipe (gray). Each is checked with
+head in float, NNCF's default averaged activation ranges; no fallback; calibrated gray, and colour),
+int8 with the recipe (calibrated gray, and colour), ONNX Runtime int8 with the recipe (gray). Each is checked with
 ``arcdeploy.check`` on the check folder (by group: colour, face size, folder) and on the small faces.
 Speed: the OpenVINO runtimes on a batch of 16 faces in interleaved rounds (``bench_real.measure_speed``),
 img/s = median over rounds, ratios = medians of within-round ratios.
@@ -56,6 +56,7 @@ VARIANTS = [
     ("fp32", "OpenVINO fp32", "openvino", "fp32", None, None),
     ("bf16", "OpenVINO bf16", "openvino", "bf16", None, None),
     ("int8_prev_gray", "int8 previous recipe, calibrated grayscale", "openvino", "int8", "previous", "gray"),
+    ("int8_prev_colour", "int8 previous recipe, calibrated colour", "openvino", "int8", "previous", "colour"),
     ("int8_gray", "int8 recipe, calibrated grayscale", "openvino", "int8", "recipe", "gray"),
     ("int8_colour", "int8 recipe, calibrated colour", "openvino", "int8", "recipe", "colour"),
     ("ort_int8_gray", "ONNX Runtime int8 recipe, calibrated grayscale", "onnxruntime", "int8", "recipe", "gray"),
@@ -153,7 +154,7 @@ def material(real: Path, work: Path) -> dict:
 def previous_recipe():
     from arcdeploy.quantize import QuantRecipe
 
-    return QuantRecipe.for_this_cpu(keep_float=("stem", "spread", "head"), range_estimator="mean_minmax")
+    return QuantRecipe.for_this_cpu(keep_float=("stem", "spread", "head"), range_estimator="nncf_default")
 
 
 def build_variant(src: Path, out: Path, variant: tuple, mat: dict, reuse: bool) -> float | None:
@@ -258,7 +259,12 @@ def run_model(name: str, real: Path, mat: dict, work: Path, args) -> dict:
                 "passed": (m.fidelity or {}).get("passed"),
                 "worst": m.fidelity_groups.worst if m.fidelity_groups else None,
             }
-            row["fidelity"] = check_package(out, mat, real / "models" / "scrfd_500m_kps.onnx")
+            cached = out.parent / f"{key}.fidelity.json"  # --reuse: a reused package's check is reused too
+            if args.reuse and row["build_s"] is None and cached.exists():
+                row["fidelity"] = json.loads(cached.read_text())
+            else:
+                row["fidelity"] = check_package(out, mat, real / "models" / "scrfd_500m_kps.onnx")
+                cached.write_text(json.dumps(row["fidelity"]))
             f = row["fidelity"]
             log(
                 f"  {label}: check {f['overall']['mean']:.4f}/{f['overall']['min']:.4f} (worst {f['worst_group']}), "

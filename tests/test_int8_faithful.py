@@ -72,7 +72,7 @@ def material(tmp_path_factory):
     photos = sorted(ln.split()[0] for ln in (FACES / "photos_5pts.txt").read_text().splitlines() if ln.strip())
     link("photos", FACES / "photos", photos, FACES / "photos_5pts.txt")
     people = sorted(p.name for p in (FACES / "lfw").iterdir() if p.is_dir())[50:]
-    held = [f"{p}/{f.name}" for p in people[::8] for f in sorted((FACES / "lfw" / p).glob("*.jpg"))]
+    held = [f"{p}/{f.name}" for p in people[::12] for f in sorted((FACES / "lfw" / p).glob("*.jpg"))]
     link("lfw_grayscale", FACES / "lfw", held, FACES / "lfw_5pts.txt")
     by_group = _colour_people()
     calib: list[str] = []
@@ -83,7 +83,7 @@ def material(tmp_path_factory):
             link(
                 f"lfw_colour_{group}",
                 FACES / "lfw_colour",
-                [n for n in names if n.split("/")[0] in checked][:16],
+                [n for n in names if n.split("/")[0] in checked][:12],
                 FACES / "lfw_colour_5pts.txt",
             )
         calib += [str(FACES / "lfw_colour" / n) for n in names if n.split("/")[0] not in checked]
@@ -157,10 +157,14 @@ CASES = [
 ]
 
 
-def _assert_floor(result, what):
-    c = result.cosine
-    assert c.mean >= INT8["mean"] and c.min >= INT8["min"], (what, c, result.groups.lowest[:3])
-    assert result.passed, (what, result.below_floor)
+def _by_group(pkg, material):
+    """The check folder's result by group: the build's own gate when it ran on that folder (the
+    packages built here), else a check (the shared mbf packages were gated on held-out LFW)."""
+    m = load(pkg).manifest
+    if m.fidelity["images_source"] == str(material["check"]):
+        return m.fidelity["cosine"], m.fidelity_groups
+    res = check(pkg, images=material["check"], landmarks=material["check_5pts"])
+    return res.cosine.to_json(), res.groups
 
 
 @pytest.mark.parametrize("model,engine,calibration", CASES)
@@ -168,9 +172,11 @@ def test_int8_floor_on_faces_unlike_the_calibration_set(faithful_packages, mater
     pkg = faithful_packages(model, engine, calibration)
     m = load(pkg).manifest
     assert "depthwise" in m.calibration["kept_float_why"] and m.calibration["recipe"]["range_estimator"]
-    grouped = check(pkg, images=material["check"], landmarks=material["check_5pts"])
-    _assert_floor(grouped, (model, engine, calibration, "check folder"))
-    groups = {(g.axis, g.group): g for g in grouped.groups.groups}
+    cos, grouped = _by_group(pkg, material)
+    what = (model, engine, calibration)
+    assert cos["mean"] >= INT8["mean"] and cos["min"] >= INT8["min"], (what, cos, grouped.lowest[:3])
+    assert grouped.passed, (what, [g for g in grouped.groups if not g.passed])
+    groups = {(g.axis, g.group): g for g in grouped.groups}
     assert {("colour", "colour"), ("colour", "grayscale"), ("folder", "photos"), ("folder", "lfw_grayscale")} <= set(
         groups
     )
@@ -180,8 +186,9 @@ def test_int8_floor_on_faces_unlike_the_calibration_set(faithful_packages, mater
     photos = groups[("folder", "photos")]
     assert photos.n == 12 and photos.min >= INT8["min"]  # the colour photos: 0.93 with the previous recipe
     small = check(pkg, images=material["small"], detector=SCRFD)
-    _assert_floor(small, (model, engine, calibration, "small faces"))
-    assert small.cosine.n == 36 and any(g.group.startswith("small") for g in small.groups.groups)
+    c = small.cosine
+    assert c.mean >= INT8["mean"] and c.min >= INT8["min"] and small.passed, (what, c, small.groups.lowest[:3])
+    assert c.n == 36 and any(g.group.startswith("small") for g in small.groups.groups)
 
 
 def test_build_gate_reports_by_group(faithful_packages, material):

@@ -87,6 +87,7 @@ class FidelityResult:
             "floor": self.floor,
             "passed": self.passed,
             "below_floor": self.below_floor,
+            "worst_group": self.groups.worst if self.groups else None,
         }
 
     def to_json(self) -> dict:
