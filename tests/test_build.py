@@ -16,19 +16,14 @@ from arcdeploy.fidelity import FLOORS
 from arcdeploy.machine import cpu_flags
 from arcdeploy.manifest import PACKAGE_FORMAT
 from arcdeploy.package import load, read_manifest
-from arcdeploy.quantize import QuantRecipe
 from arcdeploy.synthetic import aligned_faces, draw_face
 from arcdeploy.types import Precision
+from conftest import untrained_int8_recipe
 
 pytestmark = pytest.mark.slow  # builds packages of every engine and precision
 
 CALIB_COUNT = 32
 CHECK_COUNT = 16  # images for each build's fidelity check (keeps the suite fast)
-# int8 of the untrained r18 with NNCF's own activation ranges: untrained IResNets lose a little with
-# the default recipe's widest per-image ranges (quantize.py) and ONNX Runtime's int8 then needs the
-# fallback (3 minutes instead of 20 s). These tests are about the build itself; the default recipe is
-# held to its floors on trained networks in test_real_models.py and test_int8_faithful.py.
-UNTRAINED_RANGES = {"range_estimator": "nncf_default"}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +42,7 @@ def packages(tmp_path_factory, r18_export, calib_faces):
         key = (engine, precision)
         if key not in cache:
             calib = calib_faces if precision == "int8" else None
-            recipe = QuantRecipe.for_this_cpu(calibration_count=CALIB_COUNT, **UNTRAINED_RANGES)
+            recipe = untrained_int8_recipe(CALIB_COUNT)  # see conftest.py
             cache[key] = build(
                 r18_export.out_dir,
                 root / f"{engine}_{precision}",
@@ -255,7 +250,7 @@ def test_int8_alias_builds_with_calibration_files(tmp_path, r18_export):
         calib=img_dir,
         calib_landmarks=lmk_file,
         calib_count=16,
-        recipe=QuantRecipe.for_this_cpu(calibration_count=16, **UNTRAINED_RANGES),
+        recipe=untrained_int8_recipe(16),
     )
     m = read_manifest(out)
     assert m["precision"] == "int8"
