@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 FILES = {
     "real": "real_models.json",
     "fallback": "fallback.json",
+    "faithful": "faithful.json",
     "peers": "peers.json",
     "e2e": "e2e_detect.json",
     "ray": "ray.json",
@@ -95,6 +96,20 @@ def real_section(doc: dict | None) -> list[str]:
     from bench_real import markdown
 
     return lines + _provenance(doc, "bench_real.py") + [markdown(doc, level=3), ""]
+
+
+def faithful_section(doc: dict | None) -> list[str]:
+    lines = ["## int8 on faces unlike its calibration set (by group; previous recipe vs now)", ""]
+    if not doc:
+        return lines + [f"Not measured: no `{FILES['faithful']}` (run `python benchmarks/bench_faithful.py`).", ""]
+    from bench_faithful import markdown
+
+    note = (
+        "The int8 recipe changed with these measurements (depthwise convolutions in float, the widest per-image "
+        "activation ranges): int8 figures in sections written before this one's date were measured with the "
+        "previous recipe."
+    )
+    return lines + _provenance(doc, "bench_faithful.py") + [note, "", markdown(doc), ""]
 
 
 def fallback_section(doc: dict | None) -> list[str]:
@@ -350,6 +365,7 @@ def compose(folder: Path) -> str:
     ]
     lines += machine_section(docs)
     lines += real_section(docs.get("real"))
+    lines += faithful_section(docs.get("faithful"))
     lines += fallback_section(docs.get("fallback"))
     lines += peers_section(docs.get("peers"))
     lines += e2e_section(docs.get("e2e"))

@@ -61,3 +61,59 @@ def r18_ort_fp32_pkg(tmp_path_factory, r18_export):
 def faces16() -> np.ndarray:
     """16 aligned synthetic faces, uint8 RGB [16, 112, 112, 3]."""
     return aligned_faces(16, seed=3)
+
+
+def untrained_int8_recipe(calibration_count: int):
+    """The int8 recipe for the generated (untrained) networks of tests about the build itself: NNCF's
+    own activation ranges. Untrained IResNets lose a little with the default recipe's widest
+    per-image ranges (see arcdeploy.quantize) and ONNX Runtime's int8 then needs the fallback (about
+    150 s instead of 20 s for an r18); the default recipe is held to its floors on trained networks
+    in test_real_models.py and test_int8_faithful.py."""
+    from arcdeploy.quantize import QuantRecipe
+
+    return QuantRecipe.for_this_cpu(calibration_count=calibration_count, range_estimator="nncf_default")
+
+
+def identity_split(lfw, tmp) -> tuple:
+    """List files of the real LFW set's calibration identities (the first 50, sorted) and of the
+    held-out ones (the other 50)."""
+    people = sorted(p.name for p in lfw.iterdir() if p.is_dir())
+    lists = []
+    for name, group in (("calib.txt", people[:50]), ("held_out.txt", people[50:])):
+        paths = [str(p) for person in group for p in sorted((lfw / person).glob("*.jpg"))]
+        (tmp / name).write_text("\n".join(paths) + "\n")
+        lists.append(tmp / name)
+    return lists[0], lists[1]
+
+
+@pytest.fixture(scope="session")
+def real_packages(tmp_path_factory):
+    """Packages of the real trained mbf (../shared/real), built once per session on demand:
+    ``get(engine, precision)``; int8 calibrated on 300 grayscale LFW faces of the first 50 people,
+    every build checked on 160 faces of the other 50."""
+    from arcdeploy import build, export
+    from real_material import FACES, MODELS
+
+    tmp = tmp_path_factory.mktemp("real")
+    calib, held_out = identity_split(FACES / "lfw", tmp)
+    export_dir = tmp / "export"
+    export(MODELS / "mbf_w600k_gdc.pth", export_dir)
+    cache: dict = {}
+
+    def get(engine: str, precision: str):
+        if (engine, precision) not in cache:
+            cache[(engine, precision)] = build(
+                export_dir,
+                tmp / f"{engine}_{precision}",
+                engine=engine,
+                precision=precision,
+                calib=calib if precision == "int8" else None,
+                calib_landmarks=FACES / "lfw_5pts.txt",
+                calib_count=300,
+                check_images=held_out,
+                check_landmarks=FACES / "lfw_5pts.txt",
+                check_count=160,
+            )
+        return cache[(engine, precision)]
+
+    return get

@@ -18,6 +18,7 @@ from arcdeploy.manifest import PACKAGE_FORMAT
 from arcdeploy.package import load, read_manifest
 from arcdeploy.synthetic import aligned_faces, draw_face
 from arcdeploy.types import Precision
+from conftest import untrained_int8_recipe
 
 pytestmark = pytest.mark.slow  # builds packages of every engine and precision
 
@@ -41,6 +42,7 @@ def packages(tmp_path_factory, r18_export, calib_faces):
         key = (engine, precision)
         if key not in cache:
             calib = calib_faces if precision == "int8" else None
+            recipe = untrained_int8_recipe(CALIB_COUNT)  # see conftest.py
             cache[key] = build(
                 r18_export.out_dir,
                 root / f"{engine}_{precision}",
@@ -49,6 +51,7 @@ def packages(tmp_path_factory, r18_export, calib_faces):
                 calib=calib,
                 calib_count=CALIB_COUNT,
                 check_count=CHECK_COUNT,
+                recipe=recipe if precision == "int8" else None,
             )
         return cache[key]
 
@@ -247,6 +250,7 @@ def test_int8_alias_builds_with_calibration_files(tmp_path, r18_export):
         calib=img_dir,
         calib_landmarks=lmk_file,
         calib_count=16,
+        recipe=untrained_int8_recipe(16),
     )
     m = read_manifest(out)
     assert m["precision"] == "int8"
@@ -259,7 +263,7 @@ def test_int8_alias_builds_with_calibration_files(tmp_path, r18_export):
 def test_strict_fails_and_writes_nothing(tmp_path, r18_export):
     """Calibrating on flat grey images gives useless activation ranges: below the
     floor, --strict refuses to write the package; without it, a warning."""
-    flat = np.full((8, 112, 112, 3), 128, np.uint8)
+    flat = np.full((16, 112, 112, 3), 128, np.uint8)  # 16: fewer calibration faces are refused outright
     out = tmp_path / "pkg"
     with pytest.raises(ArcdeployError, match="below the floor.*not written"):
         build(

@@ -367,6 +367,7 @@ def r18_int8_pkg(tmp_path_factory, r18_export):
     """An int8 package of the same source as r18_ort_fp32_pkg."""
     from arcdeploy import build
     from arcdeploy.synthetic import aligned_faces
+    from conftest import untrained_int8_recipe
 
     return build(
         r18_export.out_dir,
@@ -375,6 +376,7 @@ def r18_int8_pkg(tmp_path_factory, r18_export):
         precision="int8",
         calib=aligned_faces(40, seed=5),
         calib_count=24,
+        recipe=untrained_int8_recipe(24),  # see conftest.py
     )
 
 

@@ -5,17 +5,16 @@ score above every pair of different people.
 Uses ../shared/real (a realistically trained arcface_torch mbf, 800 LFW faces with landmarks,
 insightface's lfw_600.bin, 12 photos of 8 people); skipped with a reason when it is absent.
 Calibration takes the first 50 LFW identities, the fidelity checks the other 50 (people the
-calibration never saw)."""
+calibration never saw); the packages are built once per session (``real_packages`` in conftest.py)."""
 
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from arcdeploy import build, compare, load
+from arcdeploy import compare, load
 from real_material import REAL, needs_real
 
 CKPT = REAL / "models" / "mbf_w600k_gdc.pth"
@@ -36,47 +35,6 @@ COMBOS = [
     ("onnxruntime", "fp32"),
     ("onnxruntime", "int8"),
 ]
-
-
-def _identity_split(tmp: Path) -> tuple[Path, Path]:
-    """List files of the calibration identities (first 50) and the held-out ones (the other 50)."""
-    people = sorted(p.name for p in LFW.iterdir() if p.is_dir())
-    calib, held = people[:50], people[50:]
-    lists = []
-    for name, group in (("calib.txt", calib), ("held_out.txt", held)):
-        paths = [str(p) for person in group for p in sorted((LFW / person).glob("*.jpg"))]
-        (tmp / name).write_text("\n".join(paths) + "\n")
-        lists.append(tmp / name)
-    return lists[0], lists[1]
-
-
-@pytest.fixture(scope="module")
-def real_packages(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("real")
-    calib, held_out = _identity_split(tmp)
-    export = tmp / "export"
-    import arcdeploy
-
-    arcdeploy.export(CKPT, export)
-    cache: dict = {}
-
-    def get(engine: str, precision: str) -> Path:
-        if (engine, precision) not in cache:
-            cache[(engine, precision)] = build(
-                export,
-                tmp / f"{engine}_{precision}",
-                engine=engine,
-                precision=precision,
-                calib=calib if precision == "int8" else None,
-                calib_landmarks=LFW_5PTS,
-                calib_count=300,
-                check_images=held_out,
-                check_landmarks=LFW_5PTS,
-                check_count=160,
-            )
-        return cache[(engine, precision)]
-
-    return get
 
 
 @pytest.mark.parametrize("engine,precision", COMBOS)
@@ -124,9 +82,13 @@ def test_photos_same_person_above_every_other_pair(real_packages, precision):
 
 
 def test_int8_really_runs_int8(real_packages):
+    """Every convolution the recipe does not keep in float runs in u8/i8; those it keeps are the stem
+    and the depthwise ones (3.5% of the MACs)."""
     m = load(real_packages("openvino", "int8")).manifest
     layers = m.executed.layers
     counts = [(k, v) for kind in ("Convolution", "GroupConvolution") for k, v in layers.get(kind, {}).items()]
     low = sum(v for k, v in counts if k in ("u8", "i8"))
-    assert low >= 0.8 * sum(v for _, v in counts), layers
+    kept = [n for n in m.calibration.kept_float if "Conv" in n]
+    assert low == sum(v for _, v in counts) - len(kept) and low >= 30, (layers, kept)
+    assert set(m.calibration.kept_float_why) >= {"stem", "depthwise", "head"}
     assert np.isfinite(m.fidelity.cosine.min)

@@ -83,6 +83,10 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
         assert section in md, section
     report = json.loads((out / "report.json").read_text())
     assert all(s["status"] == "done" for s in report["steps"]), [s for s in report["steps"] if s["status"] != "done"]
+    # the precision to deploy on this CPU, chosen by evidence (as --precision auto)
+    choice = next(s for s in report["steps"] if s["name"] == "choose precision")["result"]
+    assert choice["chosen"] in ("fp32", "int8") and {c["precision"] for c in choice["candidates"]} >= {"fp32", "int8"}
+    assert f"## Precision for this CPU: {choice['chosen']}" in md and choice["why"] in md
     ijb = next(t for t in report["tables"] if t["title"].startswith("Accuracy: IJBC 1:1"))
     assert {r[0] for r in ijb["rows"]} == {"openvino-fp32", "openvino-int8"}
     # the demo's IJB set has 1:N lists: identification from the same step and features

@@ -56,7 +56,9 @@ def export(src, out_dir, **kwargs: Any):
 def build(src, out, options=None, **kwargs: Any):
     """Build a package (see :func:`arcdeploy.builder.build`) as ``options`` (a
     :class:`arcdeploy.options.BuildOptions`) or ``kwargs`` (its fields) say; checks on generated
-    faces when no images are given and none are held out from the calibration set."""
+    faces when no images are given and none are held out from the calibration set.
+    ``precision="auto"``: the fastest precision this CPU runs that meets its floor on every group
+    of the check faces (see :mod:`arcdeploy.auto_precision`)."""
     from .builder import build as _build
     from .options import BuildOptions
     from .types import Precision

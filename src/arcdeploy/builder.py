@@ -4,7 +4,9 @@ Orchestration only: the source becomes an export folder (:mod:`arcdeploy.exporte
 the engine's builder writes its files (:mod:`arcdeploy.engines`), int8 follows a
 :class:`~arcdeploy.quantize.QuantRecipe`, the fp32 reference is stored in the
 package, and the package is checked per image against it
-(:mod:`arcdeploy.fidelity`). Below the precision's floor the accuracy-aware
+(:mod:`arcdeploy.fidelity`), overall and by group (:mod:`arcdeploy.fidelity_groups`).
+An int8 build first measures its calibration set against what the recipe needs
+(:mod:`arcdeploy.calibration_set`). Below the precision's floor the accuracy-aware
 fallback keeps the most sensitive layers in float until it passes
 (:mod:`arcdeploy.fallback`); still below, the build warns, or with ``strict`` fails
 and writes nothing. What to build is a :class:`~arcdeploy.options.BuildOptions`.
@@ -67,6 +69,8 @@ def build(src, out, options: BuildOptions | None = None, **kwargs: Any) -> Path:
     from .detector_package import build_detector, is_detector_source
 
     if is_detector_source(src):  # a face detector (SCRFD ONNX) builds into a detector package
+        if opts.auto_precision:
+            raise ArcdeployError(f"{src}: --precision auto chooses among recognition packages; name a precision")
         return build_detector(
             src,
             out,
@@ -82,6 +86,10 @@ def build(src, out, options: BuildOptions | None = None, **kwargs: Any) -> Path:
             opts.recipe,
             input_size=opts.input_size,
         )
+    if opts.auto_precision:  # the candidates this CPU runs fast, each checked and timed; the choice kept
+        from .auto_precision import build_auto
+
+        return build_auto(src, out, opts, build)
     out = Path(out)
     refuse_existing(out, opts.force)
     opts.validate()
@@ -125,6 +133,7 @@ def _build(src, out: Path, opts: BuildOptions, eng, recipe, split, detection, st
 def _calibration(opts: BuildOptions) -> tuple[QuantRecipe | None, Any, Any]:
     """(the int8 recipe, the calibration images split into calibration and held-out ones, the face
     detection that found them); the recipe and split only for int8."""
+    from .calibration_set import refuse_too_few
     from .faces.calibration import calibration_split
     from .faces.prepare import as_detection, exclusive_landmarks_detector
 
@@ -134,6 +143,7 @@ def _calibration(opts: BuildOptions) -> tuple[QuantRecipe | None, Any, Any]:
         return None, None, detection
     recipe = opts.recipe or QuantRecipe.for_this_cpu(calibration_count=opts.calib_count)
     split = calibration_split(opts.calib, opts.calib_landmarks, count=recipe.calibration_count, detector=detection)
+    refuse_too_few(split.calib, opts.accept_calib)  # before the export: the count alone decides
     return recipe, split, detection
 
 
@@ -141,6 +151,8 @@ def _build_engine_files(
     eng: Engine, opts: BuildOptions, exported: ExportManifest, export_dir: Path, tmp: Path, recipe, split, detection
 ) -> BuildJob:
     """The engine's files in ``tmp``, the fp32 reference beside them, and the manifest; the engine's job."""
+    from .calibration_set import check_calibration_set
+
     manifest = PackageManifest(
         engine=opts.engine,
         precision=opts.precision,
@@ -154,6 +166,8 @@ def _build_engine_files(
         export=ExportRecord(opset=exported.opset, verification=exported.verification, input=exported.input),
         host=HostRecord(cpu=cpu_name(), flags=relevant_flags()),
     )
+    # measured against what the recipe needs (the fp32 export tells one person from many)
+    cal_set = check_calibration_set(split.calib, export_dir, exported, opts.accept_calib) if split else None
     ts = exported.file(export_dir, "torchscript") if "torchscript" in exported.files else None
     job = BuildJob(
         onnx_path=exported.file(export_dir, "onnx"),
@@ -173,7 +187,9 @@ def _build_engine_files(
         log.warning(w)
     if split:
         assert manifest.calibration is not None  # every int8 engine writes its recipe's entry
-        manifest.calibration = _calibration_images(manifest.calibration, split, opts.calib_landmarks, detection)
+        manifest.calibration = replace(
+            _calibration_images(manifest.calibration, split, opts.calib_landmarks, detection), calibration_set=cal_set
+        )
     manifest.reference = _store_reference(eng, export_dir, exported, tmp, manifest)
     manifest.versions = library_versions("arcdeploy", "torch", "onnx", "onnxruntime", "openvino", "nncf", "numpy")
     write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
@@ -193,6 +209,7 @@ def _check_fidelity(eng: Engine, job: BuildJob, opts: BuildOptions, split, image
         images_label=images.label,
         images_source=images.source,
         floor=floor,
+        labels=images.labels,
     )
     if not result.passed and opts.precision is Precision.INT8 and opts.fallback and split is not None:
         from .fallback import keep_sensitive_layers_float
@@ -226,20 +243,21 @@ def _check_images(opts: BuildOptions, split, detection) -> CheckImages:
     """Images for the build's fidelity check: given ones, else the calibration images held out
     by an int8 build, else (other precisions) the calibration images."""
     from .faces.calibration import load_images
+    from .fidelity_groups import labels_of_image_set
 
     given, count = opts.check_images, opts.check_count
     if isinstance(given, CheckImages):
         return given
     if given is not None:
         got = load_images(given, opts.check_landmarks, limit=count, what="check images")
-        return CheckImages(got.faces, got.source, got.source)
+        return CheckImages(got.faces, got.source, got.source, labels_of_image_set(got))
     if split is not None and split.holdout is not None:
-        h = split.holdout
-        return CheckImages(h.faces[:count], f"held-out calibration images ({h.source})", h.source)
+        h = split.holdout.head(count)
+        return CheckImages(h.faces, f"held-out calibration images ({h.source})", h.source, labels_of_image_set(h))
     if opts.calib is not None and opts.precision is not Precision.INT8:
         got = load_images(opts.calib, opts.calib_landmarks, limit=count or 64, what="check images", detector=detection)
         label = f"calibration images ({got.source}; not used by a {opts.precision} build)"
-        return CheckImages(got.faces, label, got.source)
+        return CheckImages(got.faces, label, got.source, labels_of_image_set(got))
     if opts.default_check_images is not None:
         return opts.default_check_images
     raise ArcdeployError(

@@ -167,6 +167,7 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
         images_label=images.label,
         images_source=images.source,
         floor=floor,
+        labels=images.labels,
     )
     if nothing_left:  # said where the verdict is read: the build's summary, the manifest, --strict
         log.warning("fallback: %s", nothing_left)

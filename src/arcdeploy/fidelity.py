@@ -10,14 +10,17 @@ per-image cosine: mean, min, 1st percentile, against the precision's floor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .engines.runner import CropRunner, graph_input_feed
 from .errors import ArcdeployError
-from .manifest import CosineStats, FidelityRecord
+from .manifest import CosineStats, FidelityGroupsRecord, FidelityRecord
 from .types import Precision
+
+if TYPE_CHECKING:
+    from .fidelity_groups import FaceLabels
 
 # per-image cosine floors by precision
 FLOORS: dict[Precision, dict[str, float]] = {
@@ -51,6 +54,7 @@ class FidelityResult:
     below_floor: list[str]
     worst: list[dict] = field(default_factory=list)
     per_image: np.ndarray | None = None
+    groups: FidelityGroupsRecord | None = None  # the same check by group; the worst group is the verdict
 
     @property
     def passed(self) -> bool:
@@ -68,6 +72,7 @@ class FidelityResult:
             floor=self.floor,
             passed=self.passed,
             below_floor=self.below_floor,
+            groups=self.groups,
         )
 
     def to_json(self) -> dict:
@@ -91,6 +96,7 @@ class FidelityResult:
             floor=rec.floor,
             below_floor=rec.below_floor,
             worst=list(data.get("worst") or []),
+            groups=rec.groups,
             per_image=np.asarray(per_image, dtype=np.float64) if per_image else None,
         )
 
@@ -182,22 +188,30 @@ def check(
     images_label: str | None = None,
     images_source: str | None = None,
     reference: Reference | None = None,
+    labels: FaceLabels | None = None,
+    detector=None,
 ) -> FidelityResult:
-    """Per-image cosine of a package against its fp32 reference.
+    """Per-image cosine of a package against its fp32 reference, overall and by group
+    (:mod:`arcdeploy.fidelity_groups`: colour, face size, the folders the images lie in).
 
     ``package``: a path or a loaded :class:`arcdeploy.package.Package`. ``images``: aligned
     uint8 crops [N, 112, 112, 3], a folder, a list file or a list of paths (aligned with
-    ``landmarks`` when given), ``count`` of them at most.
+    ``landmarks`` when given, or faces found by ``detector``), ``count`` of them at most.
+    ``labels``: the groups of crops given as an array (else only their colour is known).
     """
     from .faces.calibration import load_images
+    from .fidelity_groups import by_group, group_problems, labels_of_image_set
     from .package import load
 
     if images is None:
         raise ArcdeployError("no images to check on")
     pkg = load(package, threads=threads)
     ref = reference or Reference(pkg, threads)
-    got = load_images(images, landmarks, limit=count, what="check images")
+    got = load_images(images, landmarks, limit=count, what="check images", detector=detector)
     faces, names = got.faces, got.names
+    if labels is None or len(next(iter(labels.axes.values()), [])) != len(faces):
+        labels = labels_of_image_set(got)
+    names = names or labels.names
     out = package_embeddings(pkg, faces)
     want = ref.embed(faces)
     _refuse_a_broken_model(want, names, ref.label)
@@ -205,6 +219,7 @@ def check(
     stats = CosineStats.of(cos)
     precision = pkg.manifest.precision
     floor = floor or floor_for(precision)
+    grouped = by_group(cos, labels, floor)
     order = np.argsort(cos)[:5]
     worst = [{"index": int(i), "cosine": float(cos[i]), **({"name": names[i]} if names else {})} for i in order]
     return FidelityResult(
@@ -215,7 +230,8 @@ def check(
         engine=pkg.manifest.engine,
         precision=precision,
         floor=dict(floor),
-        below_floor=floor_problems(stats, floor) + _non_finite(out),
+        below_floor=floor_problems(stats, floor) + _non_finite(out) + group_problems(grouped),
         worst=worst,
         per_image=cos,
+        groups=grouped,
     )

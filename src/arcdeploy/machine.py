@@ -27,6 +27,7 @@ RELEVANT_FLAGS = (
     "amx_bf16",
 )
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,6 +59,12 @@ def relevant_flags() -> list[str]:
 def has_int8_dot_product() -> bool:
     """int8 dot-product instructions (VNNI / AMX): without them u8 x s8 products saturate in int16."""
     return bool(cpu_flags() & INT8_DOT_FLAGS)
+
+
+def has_native_bf16() -> bool:
+    """bf16 arithmetic (AVX512_BF16 / AMX): a bf16 package runs bf16 kernels, not f32 ones
+    (:mod:`arcdeploy.auto_precision` builds bf16 only there)."""
+    return bool(cpu_flags() & BF16_FLAGS)
 
 
 def usable_cpus() -> int:

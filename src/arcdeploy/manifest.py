@@ -12,7 +12,10 @@
   :class:`SourceRecord` (the model it came from), :class:`VerificationRecord` (the
   export's self-check), :class:`ExportRecord`, :class:`CalibrationRecord` (int8),
   :class:`ExecutedRecord` (what the engine runs), :class:`FidelityRecord` (the check
-  against the fp32 reference, with :class:`CosineStats`), :class:`HostRecord`.
+  against the fp32 reference, with :class:`CosineStats`, and by group:
+  :class:`FidelityGroupsRecord` of :class:`GroupFidelityRecord`), :class:`HostRecord`;
+  :class:`CalibrationSetRecord` (the calibration set against the recipe's needs) and
+  :class:`PrecisionChoiceRecord` (what ``--precision auto`` chose, and why).
   ``engine_config`` stays a name -> value map: it belongs to the engine that reads it.
 """
 
@@ -356,8 +359,102 @@ class CosineStats:
 
 
 @dataclass(frozen=True)
+class GroupFidelityRecord:
+    """Per-image cosine to fp32 of one group of check faces (``axis``: colour, face size, folder)."""
+
+    axis: str
+    group: str
+    n: int
+    mean: float
+    min: float
+    p1: float
+    judged: tuple[str, ...]  # the floor's keys applied to this group ("min" only for small groups)
+    below_floor: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return not self.below_floor
+
+    @property
+    def label(self) -> str:
+        return f"{self.axis}: {self.group}"
+
+    def to_json(self) -> dict:
+        return {
+            "axis": self.axis,
+            "group": self.group,
+            "n": self.n,
+            "mean": self.mean,
+            "min": self.min,
+            "p1": self.p1,
+            "judged": list(self.judged),
+            "passed": self.passed,
+            "below_floor": list(self.below_floor),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str) -> GroupFidelityRecord:
+        r = _Reader(data, source, where)
+        n = r.get("n", int)
+        if n < 1:
+            raise ArcdeployError(f"{source}: '{where}.n' must be at least 1, got {n}")
+        num = (int, float)
+        return cls(
+            axis=r.get("axis", str),
+            group=r.get("group", str),
+            n=n,
+            mean=float(r.get("mean", num)),
+            min=float(r.get("min", num)),
+            p1=float(r.get("p1", num)),
+            judged=tuple(r.str_list("judged")),
+            below_floor=tuple(r.str_list("below_floor", [])),
+        )
+
+
+@dataclass(frozen=True)
+class FidelityGroupsRecord:
+    """A fidelity check by group (:mod:`arcdeploy.fidelity_groups`): the worst group is the
+    verdict; the lowest faces are named with their groups."""
+
+    groups: tuple[GroupFidelityRecord, ...]
+    worst: str | None  # label of the group closest to (or furthest below) the floor
+    lowest: tuple[dict, ...] = ()  # [{"name", "cosine", "groups": {axis: group}}], lowest first
+    min_faces_for_mean: int = 8
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.groups)
+
+    def to_json(self) -> dict:
+        return {
+            "passed": self.passed,
+            "worst": self.worst,
+            "min_faces_for_mean": self.min_faces_for_mean,
+            "groups": [g.to_json() for g in self.groups],
+            "lowest": [dict(x) for x in self.lowest],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str = "fidelity.groups") -> FidelityGroupsRecord:
+        r = _Reader(data, source, where)
+        groups = r.get("groups", list)
+        lowest = r.get("lowest", list, [])
+        if not all(isinstance(x, dict) for x in lowest):
+            raise ArcdeployError(f"{source}: '{where}.lowest' must be a list of objects")
+        return cls(
+            groups=tuple(
+                GroupFidelityRecord.from_json(g, source, f"{where}.groups[{i}]") for i, g in enumerate(groups)
+            ),
+            worst=r.get("worst", str, None),
+            lowest=tuple(lowest),
+            min_faces_for_mean=r.get("min_faces_for_mean", int, 8),
+        )
+
+
+@dataclass(frozen=True)
 class FidelityRecord:
-    """A package's fidelity check as its manifest keeps it (no per-image values)."""
+    """A package's fidelity check as its manifest keeps it (no per-image values); ``groups``: the
+    same check by group, whose worst group is the verdict (absent in packages checked before)."""
 
     cosine: CosineStats
     reference: str  # what the package was compared with
@@ -368,9 +465,14 @@ class FidelityRecord:
     floor: dict[str, float]
     passed: bool
     below_floor: list[str]
+    groups: FidelityGroupsRecord | None = None
+
+    @property
+    def worst_group(self) -> str | None:
+        return self.groups.worst if self.groups is not None else None
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "cosine": self.cosine.to_json(),
             "reference": self.reference,
             "images": self.images,
@@ -381,10 +483,14 @@ class FidelityRecord:
             "passed": self.passed,
             "below_floor": list(self.below_floor),
         }
+        if self.groups is not None:
+            out["groups"] = self.groups.to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: Any, source: str, where: str = "fidelity") -> FidelityRecord:
         r = _Reader(data, source, where)
+        groups = r.get("groups", dict, None)
         return cls(
             cosine=CosineStats.from_json(r.get("cosine", dict), source, f"{where}.cosine"),
             reference=r.get("reference", str),
@@ -395,6 +501,7 @@ class FidelityRecord:
             floor=r.number_map("floor"),
             passed=r.get("passed", bool),
             below_floor=r.str_list("below_floor", []),
+            groups=FidelityGroupsRecord.from_json(groups, source, f"{where}.groups") if groups else None,
         )
 
 
@@ -421,6 +528,63 @@ class ExecutedRecord:
         return cls(r.get("inference_precision", str), layers, r.get("note", str, None))
 
 
+@dataclass(frozen=True)
+class CalibrationSetRecord:
+    """What an int8 build's calibration set was, measured (:mod:`arcdeploy.calibration_set`), against
+    what the recipe needs from one; the warnings the build gave about it."""
+
+    count: int
+    grayscale: int
+    min_faces: int  # under this the build refuses the set (unless accepted)
+    advised_faces: int  # under this it warns
+    people: str  # what the recipe needs of the people, in words
+    warnings: tuple[str, ...] = ()
+    median_cosine: float | None = None  # between the fp32 embeddings of a sample of the faces
+    faces_sampled: int | None = None
+    looks_like_one_person: bool | None = None
+
+    @property
+    def colour(self) -> int:
+        return self.count - self.grayscale
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {
+            "count": self.count,
+            "grayscale": self.grayscale,
+            "colour": self.colour,
+            "needs": {"min_faces": self.min_faces, "advised_faces": self.advised_faces, "people": self.people},
+            "warnings": list(self.warnings),
+        }
+        if self.median_cosine is not None:
+            out["people_check"] = {
+                "median_cosine": self.median_cosine,
+                "faces_sampled": self.faces_sampled,
+                "looks_like_one_person": self.looks_like_one_person,
+            }
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str = "calibration.set") -> CalibrationSetRecord:
+        r = _Reader(data, source, where)
+        needs = r.obj("needs")
+        assert needs is not None
+        people = r.obj("people_check", None)
+        count, gray = r.get("count", int), r.get("grayscale", int)
+        if not 0 <= gray <= count:
+            raise ArcdeployError(f"{source}: '{where}.grayscale' must be between 0 and 'count' ({count}), got {gray}")
+        return cls(
+            count=count,
+            grayscale=gray,
+            min_faces=needs.get("min_faces", int),
+            advised_faces=needs.get("advised_faces", int),
+            people=needs.get("people", str),
+            warnings=tuple(r.str_list("warnings", [])),
+            median_cosine=float(people.get("median_cosine", (int, float))) if people else None,
+            faces_sampled=people.get("faces_sampled", int) if people else None,
+            looks_like_one_person=people.get("looks_like_one_person", bool) if people else None,
+        )
+
+
 @dataclass
 class CalibrationRecord:
     """How an int8 package was calibrated: the recipe's entry (:meth:`QuantRecipe.manifest_entry`),
@@ -439,6 +603,7 @@ class CalibrationRecord:
     skipped: list[str] | None = None  # the first unusable ones
     skipped_count: int | None = None
     fallback: dict | None = None  # the accuracy-aware fallback's record (arcdeploy.fallback)
+    calibration_set: CalibrationSetRecord | None = None  # the set measured against the recipe's needs
 
     def with_images_of(self, other: CalibrationRecord | None) -> CalibrationRecord:
         """This entry with what ``other`` says about the calibration images (a rebuild keeps them)."""
@@ -450,10 +615,14 @@ class CalibrationRecord:
             preprocessing=other.preprocessing,
             skipped=other.skipped,
             skipped_count=other.skipped_count,
+            calibration_set=other.calibration_set,
         )
 
     def to_json(self) -> dict:
-        return _omit_none({f.name: getattr(self, f.name) for f in fields(self)})
+        out = _omit_none({f.name: getattr(self, f.name) for f in fields(self)})
+        if self.calibration_set is not None:
+            out["set"] = out.pop("calibration_set").to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: Any, source: str, where: str = "calibration") -> CalibrationRecord:
@@ -474,6 +643,9 @@ class CalibrationRecord:
             skipped=r.str_list("skipped", None),
             skipped_count=r.get("skipped_count", int, None),
             fallback=r.get("fallback", dict, None),
+            calibration_set=CalibrationSetRecord.from_json(cs, source, f"{where}.set")
+            if (cs := r.get("set", dict, None))
+            else None,
         )
 
 
@@ -584,6 +756,75 @@ class HostRecord:
         return cls(cpu=r.get("cpu", str), flags=r.str_list("flags", []))
 
 
+@dataclass(frozen=True)
+class PrecisionCandidateRecord:
+    """One precision ``--precision auto`` considered: its speed on this CPU and its fidelity verdict."""
+
+    precision: Precision
+    images_per_s: float | None = None
+    vs_fp32: float | None = None  # median over rounds of its speed over fp32's in the same round
+    passed: bool | None = None  # its floor met on every group of the check images
+    worst_group: str | None = None
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    note: str | None = None  # why it was not built or not timed
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str) -> PrecisionCandidateRecord:
+        r = _Reader(data, source, where)
+        num = (int, float)
+        return cls(
+            precision=Precision(r.choice("precision", tuple(Precision))),
+            images_per_s=r.get("images_per_s", num, None),
+            vs_fp32=r.get("vs_fp32", num, None),
+            passed=r.get("passed", bool, None),
+            worst_group=r.get("worst_group", str, None),
+            cosine_mean=r.get("cosine_mean", num, None),
+            cosine_min=r.get("cosine_min", num, None),
+            note=r.get("note", str, None),
+        )
+
+
+@dataclass(frozen=True)
+class PrecisionChoiceRecord:
+    """Why ``--precision auto`` kept the precision it kept (:mod:`arcdeploy.auto_precision`)."""
+
+    chosen: Precision
+    why: str
+    candidates: tuple[PrecisionCandidateRecord, ...]
+    how: str = ""  # how speed was measured
+    cpu: str = ""
+    flags: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {
+            "chosen": self.chosen,
+            "why": self.why,
+            "candidates": [c.to_json() for c in self.candidates],
+            "how": self.how,
+            "cpu": self.cpu,
+            "flags": list(self.flags),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str = "precision_choice") -> PrecisionChoiceRecord:
+        r = _Reader(data, source, where)
+        cands = r.get("candidates", list)
+        return cls(
+            chosen=Precision(r.choice("chosen", tuple(Precision))),
+            why=r.get("why", str),
+            candidates=tuple(
+                PrecisionCandidateRecord.from_json(c, source, f"{where}.candidates[{i}]") for i, c in enumerate(cands)
+            ),
+            how=r.get("how", str, ""),
+            cpu=r.get("cpu", str, ""),
+            flags=tuple(r.str_list("flags", [])),
+        )
+
+
 def _record(r: _Reader, key: str, cls: Any) -> Any:
     data = r.get(key, dict, None)
     return cls.from_json(data, r.source) if data else None
@@ -616,6 +857,7 @@ class PackageManifest:
     calibration: CalibrationRecord | None = None
     fidelity: FidelityRecord | None = None
     executed: ExecutedRecord | None = None
+    precision_choice: PrecisionChoiceRecord | None = None  # --precision auto: the candidates and why this one
     engine_config: dict[str, str] = field(default_factory=dict)  # the engine's own settings, by name
     source: SourceRecord | None = None
     export: ExportRecord | None = None
@@ -685,6 +927,7 @@ class PackageManifest:
             calibration=_record(r, "calibration", CalibrationRecord),
             fidelity=_record(r, "fidelity", FidelityRecord),
             executed=_record(r, "executed", ExecutedRecord),
+            precision_choice=_record(r, "precision_choice", PrecisionChoiceRecord),
             engine_config=r.str_map("engine_config", {}),
             source=_record(r, "source", SourceRecord),
             export=_record(r, "export", ExportRecord),

@@ -17,7 +17,7 @@ import numpy as np
 from .engines.registry import DEFAULT_ENGINE
 from .errors import ArcdeployError
 from .quantize import QuantRecipe
-from .types import Precision
+from .types import AUTO_PRECISION, Precision, PrecisionRequest, parse_precision_request
 
 
 @dataclass
@@ -27,6 +27,7 @@ class CheckImages:
     faces: np.ndarray
     label: str
     source: str
+    labels: Any = None  # arcdeploy.fidelity_groups.FaceLabels: each face's groups (None: colour only)
 
 
 PathLike = str | os.PathLike
@@ -48,6 +49,10 @@ class BuildOptions:
     the floor, fail and write nothing. ``onnx_options``: ``input_mean`` / ``input_std`` / ``bgr``
     for a foreign ONNX. ``engine_options``: what the engine's builder reads (``performance_hint``,
     ``ort_quantizer``). ``input_size``: for a face detector source, its fixed canvas (width, height).
+    ``accept_calib``: build int8 on a calibration set the recipe refuses (too few faces).
+    ``precision="auto"``: choose the precision by evidence on this CPU
+    (:func:`arcdeploy.auto_precision.build_auto`); ``auto_precision`` then says so, and ``precision``
+    holds fp32 until each candidate's options replace it.
     """
 
     engine: str = DEFAULT_ENGINE
@@ -73,9 +78,13 @@ class BuildOptions:
     engine_options: dict[str, Any] = field(default_factory=dict)
     input_size: tuple[int, int] | None = None  # a face detector's canvas (width, height)
     requested_precision: str = ""  # what the user asked for (an alias stays on record); default: precision
+    accept_calib: bool = False  # int8: build even on a calibration set the recipe refuses
+    auto_precision: bool = False  # precision "auto": the candidates are built and the choice kept
 
     def __post_init__(self) -> None:
         self.requested_precision = self.requested_precision or str(self.precision)
+        if self.precision == AUTO_PRECISION:
+            self.auto_precision, self.precision = True, Precision.FP32
         self.precision = Precision.parse(self.precision)
         self.engine = self.engine or DEFAULT_ENGINE
         self.onnx_options = dict(self.onnx_options or {})
@@ -98,19 +107,22 @@ class BuildOptions:
             raise ArcdeployError(f"--max-cosine-drop must be between 0 and 1, got {self.max_cosine_drop}")
 
 
-DEFAULT_RUN_PRECISIONS = (Precision.FP32, Precision.BF16, Precision.INT8)
+# auto: the candidates this CPU runs fast, then the run says which one to deploy
+DEFAULT_RUN_PRECISIONS: tuple[PrecisionRequest, ...] = (AUTO_PRECISION,)
 
 
 @dataclass
 class RunOptions:
     """The whole job of ``arcdeploy run``: each package built with ``build`` (its precision each
-    of ``precisions`` in turn), checked on ``check_images`` (default: generated faces), timed at
-    ``batches`` (``iterations`` each, default the benchmark's duration), and evaluated on an IJB
-    set (``ijb_root``, ``target``, ``ijb_flip``) and ``.bin`` sets (``bins``) where given. ``title``
-    and ``notes`` head the report; ``force`` writes into a folder with files arcdeploy did not write."""
+    of ``precisions`` in turn; ``auto``: the candidates this CPU runs fast, see
+    :func:`arcdeploy.auto_precision.candidates`), checked on ``check_images`` (default: generated
+    faces), timed at ``batches`` (``iterations`` each, default the benchmark's duration), and
+    evaluated on an IJB set (``ijb_root``, ``target``, ``ijb_flip``) and ``.bin`` sets (``bins``)
+    where given. ``title`` and ``notes`` head the report; ``force`` writes into a folder with files
+    arcdeploy did not write."""
 
     build: BuildOptions = field(default_factory=BuildOptions)
-    precisions: tuple[Precision, ...] = DEFAULT_RUN_PRECISIONS
+    precisions: tuple[PrecisionRequest, ...] = DEFAULT_RUN_PRECISIONS
     check_images: PathLike | None = None
     check_landmarks: PathLike | None = None
     ijb_root: PathLike | None = None
@@ -124,7 +136,7 @@ class RunOptions:
     force: bool = False
 
     def __post_init__(self) -> None:
-        self.precisions = tuple(Precision.parse(p) for p in self.precisions)
+        self.precisions = tuple(parse_precision_request(p) for p in self.precisions)
         self.bins, self.batches, self.notes = tuple(self.bins), tuple(self.batches), tuple(self.notes or ())
 
     @classmethod

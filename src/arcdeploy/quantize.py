@@ -13,19 +13,52 @@ Float roles are resolved on each graph: ``stem`` (the first convolution, which s
 the 3-channel image), ``head`` (the fc MatMul/Gemm and everything after it: the
 BN1d), ``spread`` (layers whose input channels have ranges so different that one
 per-tensor uint8 range would flatten most of them: measured on the calibration
-images), ``depthwise`` (grouped convolutions with one filter per channel; not a
-default), plus layers named one by one (``layers``: what the accuracy-aware
-fallback adds).
+images), ``depthwise`` (grouped convolutions whose filters see at most
+:data:`DEPTHWISE_MAX_GROUP_INPUTS` input channels each), plus layers named one by one
+(``layers``: what the accuracy-aware fallback adds).
 
-Why these defaults (measured on a trained MobileFaceNet and real LFW faces): nearly
-all of the int8 loss sat in one layer, the first depthwise convolution, whose input
-(the stem's PReLU output) has per-channel ranges 34x apart (median channel 0.15 of a
-5.1 range; the next worst layer 4.6x); keeping it float took the per-image cosine
-from 0.985 to 0.995 and LFW back to the fp32 figure. MinMax ranges beat the
-averaging estimators (mean/median of per-sample ranges clip: cosine 0.90-0.92);
-per-channel weights beat per-tensor (+0.012); asymmetric activations beat symmetric
-(+0.002); 7-bit weights cost 0.005 where the CPU has VNNI, so they are used only
-where it has not (there u8 x s8 products saturate in int16).
+Why these defaults (measured on the trained MobileFaceNet and insightface's w600k_mbf,
+real faces). The gate used to see only faces like the calibration set; on
+other faces the previous recipe (stem + spread + head in float, NNCF's default ranges)
+fell to cosine 0.93 (colour photos), 0.945 (colour LFW), 0.945 (small faces) when
+calibrated on grayscale LFW. Two causes, each measured:
+
+- *Colour lives in the depthwise layers.* NNCF quantizes a depthwise convolution's input
+  per channel, each channel with the range the calibration faces gave it (their true
+  min / max). On grayscale faces the channels that carry colour are flat, so their ranges
+  are near zero, and colour faces overflow them: on the first two depthwise inputs 1.2% of
+  a colour face's values were clipped, against 0.001% of a grayscale face's. Quantized
+  alone, each of these layers cost 0.002-0.003 of cosine on colour faces and nothing on
+  grayscale ones, nor on the same colour faces turned grayscale. Keeping the depthwise
+  convolutions in float removes this whatever the calibration set (colour LFW 0.989 ->
+  0.995 mean); they are 3.5% of the MACs, and the int8 package keeps about 85% of its speed
+  (measured on an AVX-512 VNNI CPU: 1.7-2.0x fp32 instead of 2.1-2.2x).
+- *Ranges were averages.* For per-tensor activations NNCF's default is MEAN_MINMAX (the
+  mean over calibration images of each image's min and max), so every face brighter or
+  more contrasted than the average one is clipped, in the last blocks most (up to 2.4x
+  the range on the colour photos). The per-tensor ranges are now the widest of the images' own
+  ranges, each image's most extreme 1e-5 of values left out (``max_quantile``): with the
+  depthwise layers in float the photos' min went from 0.945 to 0.992. The true min / max
+  (``minmax``) did nearly as well on the mbf (0.991) but less on w600k's colour faces
+  (0.978 vs 0.984): one extreme image widens every range; per-image 1e-4 quantiles clip
+  too much (0.963).
+
+Together, on the mbf calibrated on grayscale LFW (300, 50 or 16 faces), colour LFW (300)
+or 800 mixed, and on w600k_mbf calibrated on 300 grayscale, 300 colour or 16 faces: every
+check set (colour photos, held-out grayscale LFW, colour LFW by group, detector-fed faces
+60-100 px wide) meets mean >= 0.99 and min >= 0.97, the lowest min 0.978. What the recipe
+needs from a calibration set (:mod:`arcdeploy.calibration_set`): at least
+:data:`MIN_CALIBRATION_FACES` faces (8 faces, of one person or of eight, fell to
+0.945-0.959 on the photos); fewer than :data:`ADVISED_CALIBRATION_FACES`, all grayscale, or
+one person are warned about. Tried and not kept: bias correction off (no change),
+calibration augmentation (colour tint / jitter, light, downscaling: +0.005 on the min for
+16 or 8 faces, not enough to make 8 faces safe, so the recipe asks for more faces instead).
+The one case measured worse: untrained (random-weight) IResNets, whose extreme activations
+carry nothing, prefer averaged ranges (r18 on generated faces: 0.991 instead of 0.993);
+the accuracy-aware fallback covers them. Earlier measurements still hold: per-channel
+weights beat per-tensor (+0.012); asymmetric activations beat symmetric (+0.002); 7-bit
+weights cost 0.005 where the CPU has VNNI, so they are used only where it has not (there
+u8 x s8 products saturate in int16).
 """
 
 from __future__ import annotations
@@ -49,13 +82,30 @@ ROLE_WHY = {
     "spread_threshold) that one per-tensor uint8 range would flatten most channels",
     "stem": "the first convolution sees the 3-channel image: int8 costs the most fidelity there for ~1% of the MACs",
     "head": "the fc + BN1d head writes the embedding itself; it is a few % of the work",
-    "depthwise": "depthwise convolutions have one filter per channel and lose the most in int8",
+    "depthwise": "a depthwise convolution's input is quantized per channel with the calibration faces' ranges; "
+    "channels that carry colour are flat on grayscale faces and clip on colour ones (measured: 0.995 instead of "
+    "0.989 on colour faces calibrated on grayscale ones); they are a few % of the MACs",
     "layers": "kept in float by the accuracy-aware fallback (most sensitive first)",
 }
-RANGE_ESTIMATORS = ("minmax", "mean_minmax", "mean_quantile", "histogram", "median_minmax", "mean_no_outliers_minmax")
+RANGE_ESTIMATORS = (
+    "max_quantile",
+    "nncf_default",  # NNCF's own choice per quantizer: true min/max per channel, averaged per tensor
+    "minmax",
+    "mean_minmax",
+    "mean_quantile",
+    "histogram",
+    "median_minmax",
+    "mean_no_outliers_minmax",
+)
 BIAS_CORRECTION = ("fast", "full", "none")
 OVERFLOW_FIX = ("enable", "first_layer", "disable")
 DEFAULT_CALIBRATION_COUNT = 300
+# what the recipe needs from a calibration set (see arcdeploy.calibration_set)
+MIN_CALIBRATION_FACES = 16
+ADVISED_CALIBRATION_FACES = 100
+# "depthwise": grouped convolutions whose filters see at most this many input channels each (a
+# MobileFaceNet's first one has 2 per group): no sum over many channels averages their rounding out
+DEPTHWISE_MAX_GROUP_INPUTS = 4
 
 
 @dataclass(frozen=True)
@@ -66,10 +116,12 @@ class QuantRecipe:
     symmetric_activations: bool = False  # asymmetric: PReLU outputs are not centred on 0
     weight_bits: int = 8  # 7: the overflow fix in every layer
     overflow_fix: str = "disable"  # NNCF's OverflowFix for 8-bit weights (7-bit weights: always "enable")
-    range_estimator: str = "minmax"  # activations
+    # activations: the widest of the images' own ranges, each image's most extreme 1e-5 of values left out
+    range_estimator: str = "max_quantile"
+    quantile_outlier_prob: float = 1e-5  # max_quantile: the share of each image's values outside its range
     bias_correction: str = "fast"
     calibration_count: int = DEFAULT_CALIBRATION_COUNT
-    keep_float: tuple[str, ...] = ("stem", "spread", "head")
+    keep_float: tuple[str, ...] = ("stem", "spread", "depthwise", "head")
     spread_threshold: float = 10.0  # "spread": max / median of the per-channel input ranges
     float_layers: tuple[str, ...] = ()  # named layers kept in float (the fallback's choice)
     float_precision: FloatLayerPrecision = FloatLayerPrecision.F32  # what float layers execute in (OpenVINO CPU)
@@ -91,6 +143,10 @@ class QuantRecipe:
         if unknown:
             raise ArcdeployError(
                 f"int8 recipe: unknown float role(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}"
+            )
+        if not 0 <= self.quantile_outlier_prob < 0.5:
+            raise ArcdeployError(
+                f"int8 recipe: quantile_outlier_prob must be in [0, 0.5), got {self.quantile_outlier_prob}"
             )
         if self.calibration_count < 1:
             raise ArcdeployError(f"--calib-count must be at least 1, got {self.calibration_count}")
@@ -190,11 +246,14 @@ def float_nodes_onnx(model, recipe: QuantRecipe, spreads: dict[str, float] | Non
             scope.add(name, "spread")
             scope.spreads[name] = spreads[name]
     if "depthwise" in recipe.keep_float:
-        channels = _onnx_channels(model)
+        group_inputs = _onnx_group_inputs(model)
         for n in nodes:
             if n.op_type == "Conv":
                 group = next((a.i for a in n.attribute if a.name == "group"), 1)
-                if group > 1 and channels.get(n.input[1]) == group:
+                if (
+                    group > 1
+                    and group_inputs.get(n.input[1], DEPTHWISE_MAX_GROUP_INPUTS + 1) <= DEPTHWISE_MAX_GROUP_INPUTS
+                ):
                     scope.add(n.name, "depthwise")
     if "head" in recipe.keep_float:
         idx = max((i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul")), default=None)
@@ -206,9 +265,9 @@ def float_nodes_onnx(model, recipe: QuantRecipe, spreads: dict[str, float] | Non
     return scope
 
 
-def _onnx_channels(model) -> dict[str, int]:
-    """Output channels of each Conv weight initializer (dim 0)."""
-    return {init.name: int(init.dims[0]) for init in model.graph.initializer if len(init.dims) == 4}
+def _onnx_group_inputs(model) -> dict[str, int]:
+    """Input channels each filter sees (dim 1) of each Conv weight initializer."""
+    return {init.name: int(init.dims[1]) for init in model.graph.initializer if len(init.dims) == 4}
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from .evaluate.roc import FARS
 from .fidelity import FidelityResult
 from .files import atomic_file, write_json_atomic
 from .machine import cpu_name
-from .manifest import PackageManifest
+from .manifest import PackageManifest, PrecisionChoiceRecord
 from .tables import Table
 from .utils import library_versions
 
@@ -139,17 +139,54 @@ def fidelity_table(records) -> Table:
     rows: list[list[Any]] = []
     for name, (rec, res) in _done(records, "check", _fidelity).items():
         if res is None:
-            rows.append([name, None, None, None, None, None, _not_done(rec)])
+            rows.append([name, None, None, None, None, None, None, _not_done(rec)])
             continue
         cos = res.cosine
         floor = ", ".join(f"{k} >= {v}" for k, v in res.floor.items()) or None
-        rows.append(
-            [name, cos.n, _f6(cos.mean), _f6(cos.min), _f6(cos.p1), floor, "pass" if res.passed else "BELOW FLOOR"]
-        )
+        result = "pass" if res.passed else "BELOW FLOOR"
+        worst = res.groups.worst if res.groups else None
+        rows.append([name, cos.n, _f6(cos.mean), _f6(cos.min), _f6(cos.p1), floor, worst, result])
     return Table(
         title="Fidelity: per-image cosine to the fp32 PyTorch reference",
-        header=["package", "images", "mean", "min", "p1", "floor", "result"],
+        header=["package", "images", "mean", "min", "p1", "floor", "worst group", "result"],
         rows=rows,
+        note="Every group of the check faces (colour / grayscale, face size, folders) is held to the floor; "
+        "the worst group is the verdict.",
+    )
+
+
+def choice_table(records) -> Table | None:
+    """The precision to deploy on this CPU (the run's "choose precision" step), with the evidence."""
+    rec = next((r for r in records if r.name == "choose precision"), None)
+    if rec is None:
+        return None
+    res = None
+    if rec.status in ("done", "reused") and rec.result:
+        try:
+            res = PrecisionChoiceRecord.from_json(rec.result, "the choose precision step's result")
+        except ArcdeployError:
+            res = None
+    if res is None:
+        return Table(["precision", "result"], [["-", _not_done(rec)]], title="Precision for this CPU")
+    passed = {True: "every group", False: "BELOW FLOOR", None: "-"}
+    rows = [
+        [
+            ("-> " if c.precision == res.chosen else "") + c.precision,
+            _r(c.images_per_s, 1),
+            _r(c.vs_fp32, 2),
+            _f6(c.cosine_mean),
+            _f6(c.cosine_min),
+            c.worst_group,
+            passed[c.passed],
+            c.note,
+        ]
+        for c in res.candidates
+    ]
+    return Table(
+        title=f"Precision for this CPU: {res.chosen}",
+        header=["precision", "img/s", "x fp32", "cos mean", "cos min", "worst group", "floor met", "note"],
+        rows=rows,
+        note=f"{res.why}. Speed: {res.how}.",
     )
 
 
@@ -389,6 +426,9 @@ def plot_cosine_hist(records, path: Path) -> Path | None:
 
 def build_tables(records) -> list[Table]:
     tables = [fidelity_table(records), speed_table(records)]
+    choice = choice_table(records)
+    if choice is not None:
+        tables.append(choice)
     if _by_prefix(records, "eval ijb"):
         tables.append(ijb_table(records))
         if _has_1n(records):

@@ -1,7 +1,9 @@
 """One command for the whole job: export -> build (each precision) -> check -> bench -> eval -> report.
 
 The IJB step evaluates 1:1 verification and, when the 1:N list files are present, 1:N
-identification too, from one feature extraction.
+identification too, from one feature extraction. ``auto`` among the precisions (the default)
+builds the candidates this CPU runs fast; with two packages or more, a "choose precision" step
+says which one to deploy: the fastest that meets its floor on every group of the check images.
 
 Every step writes its result as JSON under OUT and is recorded in
 ``OUT/steps.json`` with a key made from its inputs. A rerun with the same
@@ -23,6 +25,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .auto_precision import expand
 from .errors import ArcdeployError, describe
 from .files import write_json_atomic
 from .manifest import read_export_manifest, read_package_manifest
@@ -162,21 +167,24 @@ def run_pipeline(ckpt, out, options: RunOptions | None = None, log: Callable[[st
     runner = StepRunner(out, log or logger.info)
     export_dir = out / "export"
     ckpt_key = _file_key(ckpt)
-    _export_step(runner, ckpt, ckpt_key, opts, export_dir)
-    packages = _build_steps(runner, ckpt_key, opts, export_dir, out / "packages")
     engine = opts.build.engine
+    precisions, left_out = expand(opts.precisions, engine, opts.build.calib)
+    _export_step(runner, ckpt, ckpt_key, opts, export_dir)
+    packages = _build_steps(runner, ckpt_key, opts, precisions, export_dir, out / "packages")
     for stage, inputs, work in _package_stages(opts, out):
         for precision, pkg_dir in packages.items():
             name = f"{engine}-{precision}"
             key = {"build": runner.state.get(f"build {name}", {}).get("key"), **inputs}
             runner.run(f"{stage} {name}", key, functools.partial(work, pkg_dir, name), needs=[f"build {name}"])
+    if len(packages) >= 2:  # the precision this CPU should run, by evidence (as --precision auto)
+        _choose_step(runner, engine, packages, left_out, opts.build.threads)
 
     result = RunResult(out, runner.records)
     result.report_md, result.report_json = report.write_report(
         out,
         runner.records,
         engine=engine,
-        precisions=list(opts.precisions),
+        precisions=list(precisions),
         ckpt=str(ckpt),
         title=opts.title,
         notes=list(opts.notes),
@@ -194,11 +202,13 @@ def _export_step(runner: StepRunner, ckpt, ckpt_key: dict, opts: RunOptions, exp
     runner.run("export", {"ckpt": ckpt_key, "arch": opts.build.arch}, do_export)
 
 
-def _build_steps(runner: StepRunner, ckpt_key: dict, opts: RunOptions, export_dir: Path, root: Path) -> dict:
+def _build_steps(
+    runner: StepRunner, ckpt_key: dict, opts: RunOptions, precisions: list[Precision], export_dir: Path, root: Path
+) -> dict:
     """One build step per precision; {precision: package folder} of those built (or reused)."""
     packages: dict[Precision, Path] = {}
     b = opts.build
-    for precision in opts.precisions:
+    for precision in precisions:
         name = f"{b.engine}-{precision}"
         pkg_dir = root / name
         # the run's fidelity check is a step of its own: the build checks on its defaults
@@ -223,6 +233,31 @@ def _build_steps(runner: StepRunner, ckpt_key: dict, opts: RunOptions, export_di
         if rec.status in ("done", "reused"):
             packages[precision] = pkg_dir
     return packages
+
+
+def _choose_step(
+    runner: StepRunner, engine: str, packages: dict[Precision, Path], left_out: dict, threads: int | None
+) -> None:
+    """The "choose precision" step: each package's check by group and its speed, timed in turns on
+    this CPU, decide which precision to deploy (:func:`arcdeploy.auto_precision.choose`)."""
+
+    def do_choose():
+        from .auto_precision import SPEED_BATCH, choose, interleaved_speed, result_of
+        from .manifest import FidelityRecord
+
+        results = {}
+        for precision in packages:
+            chk = runner.result(f"check {engine}-{precision}")
+            if chk:
+                results[precision] = result_of(FidelityRecord.from_json(chk, f"check {engine}-{precision}", "check"))
+        faces = np.random.default_rng(0).integers(0, 256, (SPEED_BATCH, 112, 112, 3), dtype=np.uint8)
+        for p, speed in interleaved_speed({p: packages[p] for p in results}, faces, threads).items():
+            results[p].update(speed)
+        return choose(results, left_out).to_json()
+
+    checks = [f"check {engine}-{p}" for p in packages]
+    key = {"checks": {name: runner.state.get(name, {}).get("key") for name in checks}, "threads": threads}
+    runner.run("choose precision", key, do_choose, needs=checks)
 
 
 def _package_stages(opts: RunOptions, out: Path) -> list[tuple[str, dict, Callable[[Path, str], Any]]]:

@@ -8,6 +8,7 @@ that can only hold a value arcdeploy knows.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 from .errors import ArcdeployError
 
@@ -35,6 +36,16 @@ class Precision(StrEnum):
     def choices(cls) -> tuple[str, ...]:
         """Every name the command line accepts: the precisions, then their aliases."""
         return (*cls, *PRECISION_ALIASES)
+
+
+# not a precision: the request to choose one by evidence on this CPU (arcdeploy.auto_precision)
+AUTO_PRECISION: Literal["auto"] = "auto"
+PrecisionRequest = Precision | Literal["auto"]
+
+
+def parse_precision_request(text: str) -> PrecisionRequest:
+    """``auto``, or a precision (:meth:`Precision.parse`)."""
+    return AUTO_PRECISION if text == AUTO_PRECISION else Precision.parse(text)
 
 
 # the reference pipeline's names for the same modes

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..engines.registry import DEFAULT_ENGINE, engine_names
-from ..types import FloatLayerPrecision, Precision
+from ..quantize import MIN_CALIBRATION_FACES
+from ..types import AUTO_PRECISION, FloatLayerPrecision, Precision
 from .export import add_convention_options, convention_options
 
 
@@ -26,9 +27,11 @@ def register(sub) -> None:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=Precision.choices(),
+        choices=(*Precision.choices(), AUTO_PRECISION),
         metavar="PRECISION",
-        help="fp32, fp16, bf16 or int8 (aliases force_float32, force_float16, qint8_mixed_float16)",
+        help="fp32, fp16, bf16 or int8 (aliases force_float32, force_float16, qint8_mixed_float16), or auto: "
+        "build the precisions this CPU runs fast, check each on the check images by group, keep the fastest "
+        "that meets its floor on every group (the manifest says why)",
     )
     _add_int8_arguments(p)
     p.add_argument(
@@ -91,6 +94,11 @@ def _add_int8_arguments(p) -> None:
         default=None,
         metavar="D",
         help="int8: the mean per-image cosine to fp32 may fall at most D below 1 (default: the int8 floor, 0.01)",
+    )
+    p.add_argument(
+        "--accept-calib",
+        action="store_true",
+        help=f"int8: build even on a calibration set the recipe refuses (under {MIN_CALIBRATION_FACES} faces)",
     )
     p.add_argument(
         "--no-fallback",
@@ -156,6 +164,7 @@ def build_options(args):
         check_count=args.check_count,
         recipe=recipe,
         onnx_options=convention_options(args),
+        accept_calib=args.accept_calib,
         **_detector_options(args),
     )
 
@@ -181,3 +190,9 @@ def print_summary(m, out) -> None:
         f"  fidelity vs {fid.reference} on {c.n} {fid.images} images: "
         f"cosine mean {c.mean:.6f} min {c.min:.6f} p1 {c.p1:.6f} -> {state}"
     )
+    if fid.groups is not None:
+        from ..fidelity_groups import table
+
+        print("  " + table(fid.groups, fid.floor).text().replace("\n", "\n  "))
+    if m.precision_choice is not None:
+        print(f"  precision auto: {m.precision_choice.why}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..engines.registry import DEFAULT_ENGINE, engine_names
+from ..types import AUTO_PRECISION
 
 
 def register(sub) -> None:
@@ -17,7 +18,13 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (reused on rerun)")
     p.add_argument("--arch", default="auto")
     p.add_argument("--engine", default=DEFAULT_ENGINE, choices=engine_names())
-    p.add_argument("--precisions", default="fp32,bf16,int8", help="comma-separated (default fp32,bf16,int8)")
+    p.add_argument(
+        "--precisions",
+        default=AUTO_PRECISION,
+        help="comma-separated; auto (the default): the precisions this CPU runs fast (fp32, bf16 where it has "
+        "bf16 units, int8 with --calib); the run then says which one to deploy: the fastest that meets its "
+        "floor on every group of the check images",
+    )
     p.add_argument(
         "--calib",
         metavar="LIST|DIR",
@@ -45,7 +52,7 @@ def run(args) -> int:
     from ..bench import parse_batches
     from ..options import BuildOptions, RunOptions
     from ..run import run_pipeline
-    from ..types import Precision
+    from ..types import parse_precision_request
 
     options = RunOptions(
         build=BuildOptions(
@@ -55,7 +62,7 @@ def run(args) -> int:
             calib_landmarks=args.calib_landmarks,
             threads=args.threads,
         ),
-        precisions=tuple(Precision.parse(p.strip()) for p in args.precisions.split(",") if p.strip()),
+        precisions=tuple(parse_precision_request(p.strip()) for p in args.precisions.split(",") if p.strip()),
         check_images=args.check_images,
         check_landmarks=args.check_landmarks,
         ijb_root=args.ijb,

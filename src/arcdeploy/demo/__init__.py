@@ -43,7 +43,7 @@ class DemoConfig:
     bin_pairs: int = 120
     bin_likeness: float = 0.0  # the .bin pairs: hard variations only (look-alikes too put it near chance)
     calib_images: int = 64
-    precisions: tuple[str, ...] = ("fp32", "bf16", "int8")
+    precisions: tuple[str, ...] = ("auto",)  # this CPU's candidates (fp32, bf16 where native, int8), then the choice
     batches: tuple[int, ...] = (1, 16)
     iterations: int = 20
     engine: str = "openvino"

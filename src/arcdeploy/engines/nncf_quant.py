@@ -20,7 +20,6 @@ def nncf_arguments(recipe: QuantRecipe, subset_size: int, ignored_names: list[st
         OverflowFix,
         QuantizationParameters,
     )
-    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     overflow = {
         "enable": OverflowFix.ENABLE,
@@ -28,10 +27,9 @@ def nncf_arguments(recipe: QuantRecipe, subset_size: int, ignored_names: list[st
         "disable": OverflowFix.DISABLE,
     }[recipe.effective_overflow_fix]
     advanced: dict[str, Any] = {"overflow_fix": overflow, "disable_bias_correction": recipe.bias_correction == "none"}
-    if recipe.range_estimator != "minmax":
-        advanced["activations_range_estimator_params"] = getattr(
-            RangeEstimatorParametersSet, recipe.range_estimator.upper()
-        )
+    # explicit: left unset, NNCF averages per-image ranges for per-tensor activations (MEAN_MINMAX)
+    if recipe.range_estimator != "nncf_default":
+        advanced["activations_range_estimator_params"] = activation_ranges(recipe)
     if not recipe.per_channel_weights:
         advanced["weights_quantization_params"] = QuantizationParameters(per_channel=False)
     preset = nncf.QuantizationPreset.PERFORMANCE if recipe.symmetric_activations else nncf.QuantizationPreset.MIXED
@@ -42,6 +40,26 @@ def nncf_arguments(recipe: QuantRecipe, subset_size: int, ignored_names: list[st
         "advanced_parameters": AdvancedQuantizationParameters(**advanced),
         "ignored_scope": nncf.IgnoredScope(names=list(ignored_names), validate=False),
     }
+
+
+def activation_ranges(recipe: QuantRecipe) -> Any:
+    """NNCF's range estimator for the recipe's activations. ``max_quantile``: per image, the range
+    without its most extreme ``quantile_outlier_prob`` of values; over images, the widest."""
+    from nncf.quantization.range_estimator import (
+        AggregatorType,
+        RangeEstimatorParameters,
+        RangeEstimatorParametersSet,
+        StatisticsCollectorParameters,
+        StatisticsType,
+    )
+
+    if recipe.range_estimator != "max_quantile":
+        return getattr(RangeEstimatorParametersSet, recipe.range_estimator.upper())
+    q = recipe.quantile_outlier_prob
+    return RangeEstimatorParameters(
+        min=StatisticsCollectorParameters(StatisticsType.QUANTILE, AggregatorType.MIN, quantile_outlier_prob=q),
+        max=StatisticsCollectorParameters(StatisticsType.QUANTILE, AggregatorType.MAX, quantile_outlier_prob=q),
+    )
 
 
 def nncf_quantize(model: Any, samples: list, recipe: QuantRecipe, ignored_names: list[str]) -> Any:

@@ -369,10 +369,11 @@ def reverter(job: BuildJob) -> LayerReverter:
 
 def ort_quantization_kwargs(recipe: QuantRecipe, excluded: list[str]) -> dict:
     """The recipe as keyword arguments for ``onnxruntime.quantization.quantize_static`` (QDQ): uint8
-    activations, int8 weights, MinMax ranges (the averaging estimators map to Percentile)."""
+    activations, int8 weights, MinMax ranges (max_quantile, nncf_default, minmax, mean_minmax; the other
+    estimators map to Percentile)."""
     from onnxruntime import quantization as q
 
-    minmax = recipe.range_estimator in ("minmax", "mean_minmax")
+    minmax = recipe.range_estimator in ("max_quantile", "nncf_default", "minmax", "mean_minmax")
     return {
         "quant_format": q.QuantFormat.QDQ,
         "activation_type": q.QuantType.QUInt8,

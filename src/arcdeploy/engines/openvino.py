@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import ArcdeployError, first_line
 from ..manifest import ExecutedRecord
-from ..quantize import FloatScope, QuantRecipe, range_spread, spread_layers
+from ..quantize import DEPTHWISE_MAX_GROUP_INPUTS, FloatScope, QuantRecipe, range_spread, spread_layers
 from ..types import Device, FloatLayerPrecision, Precision
 from .base import BuildJob, Capabilities, Engine, GraphSession, Runtime, RuntimeInfo, StopRule, TensorInfo
 from .nncf_quant import nncf_quantize
@@ -363,8 +363,8 @@ def float_ops(model, recipe: QuantRecipe, spreads: dict[str, float] | None = Non
     if "depthwise" in recipe.keep_float:
         for op in ops:
             if op.get_type_name() == "GroupConvolution":
-                w = op.input(1).get_partial_shape()
-                if w.is_static and len(w) == 5 and w[1].get_length() == 1 and w[2].get_length() == 1:
+                w = op.input(1).get_partial_shape()  # [groups, out per group, in per group, kh, kw]
+                if w.is_static and len(w) == 5 and w[2].get_length() <= DEPTHWISE_MAX_GROUP_INPUTS:
                     scope.add(op.get_friendly_name(), "depthwise")
     if "head" in recipe.keep_float:
         idx = max((i for i, op in enumerate(ops) if op.get_type_name() == "MatMul"), default=None)

@@ -78,6 +78,14 @@ def estimate_transform(lmk5, template=TEMPLATE_112) -> np.ndarray:
     return umeyama(lmk, template)[:2]
 
 
+def crop_span(lmk5) -> float | None:
+    """How many pixels of the source image the aligned 112x112 crop spans (about the face's width
+    there): under 112 the crop was upscaled from a small face. None for degenerate landmarks."""
+    m = estimate_transform(np.asarray(lmk5, dtype=np.float64).reshape(5, 2))
+    scale = float(np.sqrt(abs(np.linalg.det(m[:, :2])))) if np.all(np.isfinite(m)) else 0.0
+    return ALIGNED_SIZE / scale if scale > 0 else None
+
+
 def landmarks_problem(lmk5, shape) -> str | None:
     """Why these landmarks cannot align an image of ``shape`` (H, W, ...), or None when usable.
 

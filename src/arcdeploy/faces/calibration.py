@@ -13,13 +13,21 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ArcdeployError
-from .prepare import Detection, as_detection, exclusive_landmarks_detector, prepare_face, resolve_landmarks
+from .align import crop_span
+from .prepare import (
+    Detection,
+    as_detection,
+    exclusive_landmarks_detector,
+    prepare_face,
+    prepare_image,
+    resolve_landmarks,
+)
 from .types import ImageError
 
 log = logging.getLogger(__name__)
@@ -38,6 +46,13 @@ class ImageSet:
     source: str
     names: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # "path: reason" of unreadable files
+    # per face: source pixels its crop spans (about the face's width; None: not known, e.g. arrays)
+    spans: list[float | None] = field(default_factory=list)
+    root: Path | None = None  # the folder ``names`` are relative to (user groups are its subfolders)
+
+    def head(self, n: int | None) -> ImageSet:
+        """The first ``n`` faces (all for None), with their names and spans."""
+        return replace(self, faces=self.faces[:n], names=self.names[:n], spans=self.spans[:n])
 
 
 @dataclass
@@ -74,10 +89,16 @@ def read_aligned(
     faces: list[np.ndarray] = []
     names: list[str] = []
     skipped: list[str] = []
+    spans: list[float | None] = []
 
-    def one(i: int) -> np.ndarray | ImageError:
+    def one(i: int) -> tuple[np.ndarray, float | None] | ImageError:
         try:
-            return prepare_face(paths[i], None if lmks is None else lmks[i], i, detection=detection)
+            if detection is not None:  # the best face, as prepare_face takes it, and where it was
+                got = prepare_image(paths[i], None, i, detection=Detection(detection.detector))
+                return got.crops[0], crop_span(got.faces[0].points) if got.faces else None
+            lmk = None if lmks is None else lmks[i]
+            crop = prepare_face(paths[i], lmk, i)
+            return crop, crop_span(lmk) if isinstance(lmk, np.ndarray) else _file_side(paths[i])
         except ImageError as exc:
             return exc
 
@@ -95,12 +116,25 @@ def read_aligned(
                 if isinstance(got, ImageError):
                     skipped.append(str(got))
                     continue
-                faces.append(got)
+                faces.append(got[0])
+                spans.append(got[1])
                 names.append(str(paths[i]))
     if warn and skipped:
         log.warning("skipped %d unusable image(s), first: %s", len(skipped), skipped[0])
     arr = np.stack(faces) if faces else np.empty((0, 112, 112, 3), np.uint8)
-    return ImageSet(arr, source="", names=names, skipped=skipped)
+    return ImageSet(arr, source="", names=names, skipped=skipped, spans=spans, root=root)
+
+
+def _file_side(path) -> float | None:
+    """The larger side of an image file taken as an aligned crop (read from its header)."""
+    from .io import image_size
+
+    try:
+        with open(path, "rb") as f:
+            found = image_size(f.read(1 << 16))
+    except OSError:
+        return None
+    return float(max(found[1])) if found and found[1] else None
 
 
 def load_images(spec, landmarks=None, limit: int | None = None, what: str = "images", detector=None) -> ImageSet:
@@ -120,6 +154,7 @@ def load_images(spec, landmarks=None, limit: int | None = None, what: str = "ima
         paths, root, source = list_images(spec), images_root(spec), str(Path(spec))
     lmk = _read_landmarks(landmarks)
     got = read_aligned(paths, lmk, root, limit=limit, warn=False, detection=as_detection(detector))
+    got.root = root or _common_folder(paths)
     if len(got.faces) == 0:
         first = f" (first: {got.skipped[0]})" if got.skipped else ""
         raise ArcdeployError(f"{source}: no usable {what}: all {len(got.skipped)} unreadable{first}")
@@ -127,6 +162,14 @@ def load_images(spec, landmarks=None, limit: int | None = None, what: str = "ima
         log.warning("%s: skipped %d unusable image(s), first: %s", source, len(got.skipped), got.skipped[0])
     got.source = source
     return got
+
+
+def _common_folder(paths) -> Path | None:
+    """The deepest folder holding every listed path (None when there is none)."""
+    try:
+        return Path(os.path.commonpath([str(Path(p).parent) for p in paths])) if paths else None
+    except ValueError:  # relative and absolute paths mixed
+        return None
 
 
 def _read_landmarks(landmarks):
@@ -154,10 +197,14 @@ def calibration_split(
         raise ArcdeployError(f"--calib-count must be at least 1, got {count}")
     images = load_images(calib, landmarks, limit=count + holdout, what="calibration images", detector=detector)
     faces = images.faces
-    if len(faces) < min(count, 16):
-        log.warning("only %d calibration images in %s; a few hundred are advised", len(faces), images.source)
     n_cal = min(count, len(faces))
-    cal = ImageSet(faces[:n_cal], images.source, images.names[:n_cal], images.skipped)
+    cal = ImageSet(
+        faces[:n_cal], images.source, images.names[:n_cal], images.skipped, images.spans[:n_cal], images.root
+    )
     rest = faces[n_cal:]
-    hold = ImageSet(rest, images.source, images.names[n_cal:]) if len(rest) >= MIN_HOLDOUT else None
+    hold = (
+        ImageSet(rest, images.source, images.names[n_cal:], spans=images.spans[n_cal:], root=images.root)
+        if len(rest) >= MIN_HOLDOUT
+        else None
+    )
     return CalibrationSplit(cal, hold)
