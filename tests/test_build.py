@@ -355,6 +355,7 @@ def test_int8_fallback_keeps_the_most_sensitive_layers_float(
         calib_count=CALIB_COUNT,
         check_count=CHECK_COUNT,
         max_cosine_drop=0.002,
+        recipe=untrained_int8_recipe(CALIB_COUNT),  # the module's int8 packages' recipe: compared below
     )
     m = read_manifest(out)
     fb = m["calibration"]["fallback"]
@@ -368,7 +369,7 @@ def test_int8_fallback_keeps_the_most_sensitive_layers_float(
     speed = fb["speed"]  # what the float layers cost: both packages timed at build time
     assert speed["recipe_images_per_s"] > 0 and speed["fallback_images_per_s"] > 0 and speed["fallback_vs_recipe"] > 0
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # the recipe's files are gone
-    # the same build without the fallback (the module's package of this engine, same calibration)
+    # the same build without the fallback (the module's package of this engine: same recipe and calibration)
     before = read_manifest(packages_plain := packages(engine, "int8"))
     assert "fallback" not in before["calibration"] and packages_plain.exists()
     assert m["fidelity"]["cosine"]["mean"] > before["fidelity"]["cosine"]["mean"]
