@@ -47,14 +47,47 @@ def mbf_export(tmp_path_factory, mbf_ckpt):
     return export(mbf_ckpt, tmp_path_factory.mktemp("export") / "mbf")
 
 
+R18_CALIB_COUNT = 32  # the shared r18 int8 packages' calibration faces
+R18_CHECK_COUNT = 16  # and the faces each shared package's build checks it on (keeps the suite fast)
+
+
 @pytest.fixture(scope="session")
-def r18_ort_fp32_pkg(tmp_path_factory, r18_export):
-    """A small real package (ONNX Runtime fp32) for tests of later stages."""
+def r18_calib_faces() -> np.ndarray:
+    """32 calibration crops + 16 held out for the build's fidelity check."""
+    return aligned_faces(R18_CALIB_COUNT + 16, seed=11)
+
+
+@pytest.fixture(scope="session")
+def r18_packages(tmp_path_factory, r18_export, r18_calib_faces):
+    """Packages of the generated r18, built once per session per (engine, precision), on demand: the
+    tests of later stages share them (no test may change one; copy it first)."""
     from arcdeploy import build
 
-    return build(
-        r18_export.out_dir, tmp_path_factory.mktemp("pkg") / "r18_ort_fp32", engine="onnxruntime", precision="fp32"
-    )
+    root = tmp_path_factory.mktemp("r18_pkgs")
+    cache: dict = {}
+
+    def get(engine: str, precision: str):
+        if (engine, precision) not in cache:
+            int8 = precision == "int8"
+            cache[engine, precision] = build(
+                r18_export.out_dir,
+                root / f"{engine}_{precision}",
+                engine=engine,
+                precision=precision,
+                calib=r18_calib_faces if int8 else None,
+                calib_count=R18_CALIB_COUNT,
+                check_count=R18_CHECK_COUNT,
+                recipe=untrained_int8_recipe(R18_CALIB_COUNT) if int8 else None,
+            )
+        return cache[engine, precision]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def r18_ort_fp32_pkg(r18_packages):
+    """A small real package (ONNX Runtime fp32) for tests of later stages."""
+    return r18_packages("onnxruntime", "fp32")
 
 
 @pytest.fixture(scope="session")
@@ -115,5 +148,34 @@ def real_packages(tmp_path_factory):
                 check_count=160,
             )
         return cache[(engine, precision)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def w600k_packages(tmp_path_factory):
+    """Packages of insightface's trained ``w600k_mbf.onnx`` (../shared/real), built once per session per
+    (engine, precision), on demand; float ones checked on 64 real LFW faces, int8 calibrated on 300 of
+    them (the build checks on the ones it holds out). Skips when the real material is absent."""
+    from arcdeploy import build
+    from arcdeploy.faces.calibration import load_images
+    from real_material import FACES, MODELS
+
+    w600k, lfw, points = MODELS / "w600k_mbf.onnx", FACES / "lfw", FACES / "lfw_5pts.txt"
+    if not (w600k.is_file() and points.is_file()):
+        pytest.skip(f"real test material not found: {w600k}, {points}")
+    check_faces = load_images(lfw, points, limit=64).faces
+    root = tmp_path_factory.mktemp("w600k_pkgs")
+    cache: dict = {}
+
+    def get(engine: str, precision: str):
+        if (engine, precision) not in cache:
+            kw: dict = {"check_images": check_faces}
+            if precision == "int8":
+                kw = {"calib": lfw, "calib_landmarks": points, "calib_count": 300}
+            cache[engine, precision] = build(
+                w600k, root / f"{engine}_{precision}", engine=engine, precision=precision, **kw
+            )
+        return cache[engine, precision]
 
     return get

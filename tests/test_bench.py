@@ -146,12 +146,8 @@ def test_cli_e2e_missing_folder(r18_ort_fp32_pkg, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def r18_ov_fp32_pkg(tmp_path_factory, r18_export):
-    from arcdeploy import build
-
-    return build(
-        r18_export.out_dir, tmp_path_factory.mktemp("pkg") / "r18_ov_fp32", engine="openvino", precision="fp32"
-    )
+def r18_ov_fp32_pkg(r18_packages):
+    return r18_packages("openvino", "fp32")
 
 
 @pytest.mark.slow

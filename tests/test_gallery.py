@@ -363,21 +363,9 @@ def test_pgvector_hnsw_model_check_and_writer_lock(pg_url):
 
 
 @pytest.fixture(scope="module")
-def r18_int8_pkg(tmp_path_factory, r18_export):
+def r18_int8_pkg(r18_packages):
     """An int8 package of the same source as r18_ort_fp32_pkg."""
-    from arcdeploy import build
-    from arcdeploy.synthetic import aligned_faces
-    from conftest import untrained_int8_recipe
-
-    return build(
-        r18_export.out_dir,
-        tmp_path_factory.mktemp("pkg") / "r18_ort_int8",
-        engine="onnxruntime",
-        precision="int8",
-        calib=aligned_faces(40, seed=5),
-        calib_count=24,
-        recipe=untrained_int8_recipe(24),  # see conftest.py
-    )
+    return r18_packages("onnxruntime", "int8")
 
 
 def _face_folder(root: Path, faces: np.ndarray, people: int) -> list[Path]:
@@ -469,12 +457,10 @@ W600K = REAL / "models" / "w600k_mbf.onnx"
 
 @pytest.mark.slow
 @needs_real("models/w600k_mbf.onnx", "faces/lfw_5pts.txt")
-def test_real_faces_identified(tmp_path, capsys):
+def test_real_faces_identified(tmp_path, capsys, w600k_packages):
     """The trained w600k_mbf, real LFW faces: 60 people enrolled with 4 photos each, their other photos
     searched in the folder gallery: the right person ranks first for nearly all of them."""
-    from arcdeploy import build
-
-    pkg = build(W600K, tmp_path / "pkg", engine="onnxruntime", precision="fp32")
+    pkg = w600k_packages("onnxruntime", "fp32")
     people = sorted(p.name for p in LFW.iterdir() if p.is_dir())[:60]
     enrol, probe = [], []
     for person in people:

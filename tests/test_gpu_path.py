@@ -21,8 +21,8 @@ needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the 
 
 
 @pytest.fixture(scope="module")
-def torch_pkg(tmp_path_factory, r18_export):
-    return build(r18_export.out_dir, tmp_path_factory.mktemp("t") / "torch_fp32", engine="torch", check_count=4)
+def torch_pkg(r18_packages):
+    return r18_packages("torch", "fp32")
 
 
 @needs_no_gpu

@@ -549,22 +549,10 @@ def lfw_faces():
 
 
 @pytest.fixture(scope="module")
-def real_packages(tmp_path_factory, real_export, lfw_faces):
-    root = tmp_path_factory.mktemp("w600k_pkgs")
-    cache: dict = {}
-
-    def get(engine: str, precision: str) -> Path:
-        if (engine, precision) not in cache:
-            kw = {"check_images": lfw_faces}
-            if precision == "int8":
-                # calibration on real aligned LFW faces; the build checks on the ones it holds out
-                kw = {"calib": LFW, "calib_landmarks": LFW_5PTS, "calib_count": 300}
-            cache[engine, precision] = build(
-                W600K, root / f"{engine}_{precision}", engine=engine, precision=precision, **kw
-            )
-        return cache[engine, precision]
-
-    return get
+def real_packages(real_export, w600k_packages):
+    """The session's w600k packages (conftest.py): float ones checked on the same 64 LFW faces as
+    ``lfw_faces``, int8 calibrated on 300 real aligned LFW faces and checked on the ones held out."""
+    return w600k_packages
 
 
 def source_w600k(faces: np.ndarray) -> np.ndarray:

@@ -132,19 +132,10 @@ def photo_sets(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def w600k_fp32(tmp_path_factory):
+def w600k_fp32(w600k_packages):
     import arcdeploy
 
-    out = tmp_path_factory.mktemp("pkg") / "w600k_fp32"
-    arcdeploy.build(
-        MODELS / "w600k_mbf.onnx",
-        out,
-        engine="onnxruntime",
-        precision="fp32",
-        check_images=PHOTOS,
-        check_landmarks=FACES / "photos_5pts.txt",
-    )
-    return arcdeploy.load(out)
+    return arcdeploy.load(w600k_packages("onnxruntime", "fp32"))
 
 
 def box_iou(a, b) -> float:

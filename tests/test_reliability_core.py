@@ -27,24 +27,10 @@ from arcdeploy.sources.checkpoint import read_checkpoint
 
 
 @pytest.fixture(scope="module")
-def engine_packages(tmp_path_factory, r18_export):
-    """One small package per engine (and OpenVINO int8), built once."""
-    from arcdeploy.synthetic import aligned_faces
-
-    root = tmp_path_factory.mktemp("engines")
-    calib = aligned_faces(40, seed=5)
-    out = {}
-    for engine, precision in (("openvino", "fp32"), ("openvino", "int8"), ("onnxruntime", "fp32"), ("torch", "fp32")):
-        out[(engine, precision)] = build(
-            r18_export.out_dir,
-            root / f"{engine}_{precision}",
-            engine=engine,
-            precision=precision,
-            calib=calib if precision == "int8" else None,
-            calib_count=24,
-            check_count=8,
-        )
-    return out
+def engine_packages(r18_packages):
+    """One small package per engine (and OpenVINO int8): the session's shared r18 packages."""
+    combos = (("openvino", "fp32"), ("openvino", "int8"), ("onnxruntime", "fp32"), ("torch", "fp32"))
+    return {combo: r18_packages(*combo) for combo in combos}
 
 
 @pytest.mark.slow

@@ -363,11 +363,10 @@ def _resave(src: Path, dst: Path, edit=None, **save) -> Path:
 
 
 @pytest.fixture(scope="module")
-def w600k_rows(tmp_path_factory):
+def w600k_rows(w600k_packages):
     """Six faces and w600k_mbf's rows for them, from a package of the file as it is."""
     faces = aligned_faces(6, seed=4)
-    pkg = arcdeploy.build(W600K, tmp_path_factory.mktemp("w600k") / "plain", engine="onnxruntime")
-    return faces, arcdeploy.load(pkg).embed(faces)
+    return faces, arcdeploy.load(w600k_packages("onnxruntime", "fp32")).embed(faces)
 
 
 @pytest.mark.slow

@@ -54,11 +54,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def pkg(tmp_path_factory):
-    """The trained w600k_mbf as an OpenVINO fp32 package."""
-    out = tmp_path_factory.mktemp("pkg") / "w600k_ov_fp32"
-    arcdeploy.build(RECOGNITION, out, engine="openvino", precision="fp32", check_images=PHOTOS, check_count=12)
-    return arcdeploy.load(out)
+def pkg(w600k_packages):
+    """The trained w600k_mbf as an OpenVINO fp32 package (the session's: conftest.py)."""
+    return arcdeploy.load(w600k_packages("openvino", "fp32"))
 
 
 @pytest.fixture(scope="module")
