@@ -611,7 +611,9 @@ def test_real_bf16_meets_its_floor(real_packages, lfw_faces):
 
 
 @needs_real
-@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+# ONNX Runtime here; w600k's OpenVINO int8 calibrated on the same grayscale LFW faces is held to its floors
+# by group in test_int8_faithful.py
+@pytest.mark.parametrize("engine", ["onnxruntime"])
 def test_real_int8_builds_and_reports_fidelity(real_packages, lfw_faces, engine):
     pkg = real_packages(engine, "int8")
     m = read_package_manifest(pkg)
