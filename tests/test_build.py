@@ -14,7 +14,7 @@ from arcdeploy import build
 from arcdeploy.cli import main as cli_main
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.fidelity import FLOORS
-from arcdeploy.machine import cpu_flags
+from arcdeploy.machine import BF16_FLAGS, FP16_FLAGS, cpu_flags
 from arcdeploy.manifest import PACKAGE_FORMAT
 from arcdeploy.package import load, read_manifest
 from arcdeploy.synthetic import draw_face
@@ -98,7 +98,7 @@ def test_low_precision_hint_reports_what_executes(packages):
         assert d.details["executed"]["inference_precision"] == recorded == d.executes
         hint = {"bf16": "bf16", "fp16": "f16"}[precision]
         assert d.details["requested_precision_hint"] == hint
-        native = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"avx512_fp16", "amx_fp16"}}[precision]
+        native = {"bf16": BF16_FLAGS, "fp16": FP16_FLAGS}[precision]
         if cpu_flags() & native:
             assert recorded == hint
         else:  # no native support: the plugin runs something else, and the manifest says so

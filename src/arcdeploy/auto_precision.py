@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import ArcdeployError, describe
 from .files import atomic_dir, refuse_existing, scratch_dir, write_json_atomic
-from .machine import cpu_flags, cpu_name, has_native_bf16, relevant_flags
+from .machine import FP16_FLAGS, cpu_flags, cpu_name, has_native_bf16, relevant_flags
 from .manifest import (
     MANIFEST_NAME,
     PrecisionCandidateRecord,
@@ -50,7 +50,6 @@ SAME_SPEED = 1.10  # a less faithful precision must be at least this much faster
 SPEED_BATCH = 16
 SPEED_ROUNDS = 3
 SPEED_SECONDS = 1.0
-FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16"})
 HOW = (
     f"img/s at batch {SPEED_BATCH}, median of {SPEED_ROUNDS} interleaved rounds of {SPEED_SECONDS:g} s per "
     f"package (model time); speeds within {round(100 * (SAME_SPEED - 1))}% count as equal and the more "

@@ -28,6 +28,7 @@ RELEVANT_FLAGS = (
 )
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16"})
 
 
 @functools.lru_cache(maxsize=1)

@@ -89,7 +89,7 @@ def register(sub) -> None:
 
 
 def add_detector_arguments(p) -> None:
-    """--detector and its settings (embed; the gallery and the server take the same)."""
+    """--detector and its settings, for a command that embeds a list of photos."""
     p.add_argument(
         "--detector",
         metavar="FILE",
@@ -99,6 +99,18 @@ def add_detector_arguments(p) -> None:
     p.add_argument(
         "--all-faces", action="store_true", help="with --detector: one row per face found instead of one per image"
     )
+    add_detector_settings(p)
+    p.add_argument(
+        "--detector-engine",
+        choices=DETECTOR_ENGINES,
+        default=None,
+        help="with --detector: what runs SCRFD (default onnxruntime); YuNet always runs in OpenCV",
+    )
+    p.add_argument("--decode", choices=DECODES, default=None, help=DECODE_HELP)
+
+
+def add_detector_settings(p) -> None:
+    """What a --detector keeps: --min-face and --det-threshold (embed, serve)."""
     p.add_argument(
         "--min-face",
         type=float,
@@ -113,13 +125,6 @@ def add_detector_arguments(p) -> None:
         metavar="T",
         help="with --detector: minimum detection score (default 0.5 for SCRFD, 0.6 for YuNet)",
     )
-    p.add_argument(
-        "--detector-engine",
-        choices=DETECTOR_ENGINES,
-        default=None,
-        help="with --detector: what runs SCRFD (default onnxruntime); YuNet always runs in OpenCV",
-    )
-    p.add_argument("--decode", choices=DECODES, default=None, help=DECODE_HELP)
 
 
 def run(args) -> int:

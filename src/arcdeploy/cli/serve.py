@@ -44,22 +44,15 @@ def register(sub) -> None:
 
 def _add_input_arguments(p) -> None:
     """What requests are matched against: the detector for photos, the gallery for searches."""
+    from .embed import add_detector_settings
+
     p.add_argument(
         "--detector",
         metavar="FILE",
         help="find faces in photos with this detector (SCRFD ONNX or YuNet); without it, images are taken as "
         "aligned 112x112 crops",
     )
-    p.add_argument(
-        "--det-threshold", type=float, default=None, metavar="T", help="with --detector: minimum detection score"
-    )
-    p.add_argument(
-        "--min-face",
-        type=float,
-        default=None,
-        metavar="PX",
-        help="with --detector: leave out faces whose box's shorter side is under PX pixels",
-    )
+    add_detector_settings(p)
     p.add_argument(
         "--gallery",
         metavar="GALLERY",
