@@ -27,6 +27,10 @@ that open and close each workload, so a busy spell on this shared machine falls 
   not an HTTP library, so that its own CPU use (recorded) takes as little as possible from the
   server on a 2-core machine; every answer's status is checked and the first of each run parsed.
 
+- engine alone: the package's ``infer`` on the decoded crops at batch 1 and at the server's
+  ``--max-batch``, in turns in a child process: how much more an engine call of many faces gives than
+  one of one face, the most that batching across requests can gain on this machine.
+
 Where the time goes (the batching server at 32 clients): CPU seconds per request of the server's
 threads, read from /proc before and after the run: the event-loop thread (HTTP parsing, multipart,
 JSON encoding, the batcher), the preparation workers (decode, detection, alignment; threads named
@@ -51,6 +55,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
@@ -136,6 +142,55 @@ def offline(package: Path, paths: list[Path], detector: Path | None, work: Path,
     doc["images_per_s"] = doc["images"] / doc["seconds"]
     doc["cpu_ms_per_image"] = 1000 * doc["cpu_s"] / doc["images"]
     return doc
+
+
+# ------------------------------------------------------------------ the engine alone (child process)
+
+
+def engine_child(package: str, listing: str, max_batch: int, threads: int | None) -> None:
+    """The package's own engine on decoded, aligned crops at batch 1 and at ``max_batch``, in turns:
+    what batching across requests can gain at most, with no HTTP, decoding or queueing around it."""
+    import arcdeploy
+    from arcdeploy.faces.io import read_image
+
+    faces = np.stack([read_image(Path(p)) for p in Path(listing).read_text().split("\n") if p])
+    pkg = arcdeploy.load(package, threads=threads)
+    runs: dict[int, list[tuple[float, float]]] = {1: [], max_batch: []}
+    for batch in runs:
+        pkg.infer(faces[:batch])  # load and warm up
+    for _ in range(3):
+        for batch in runs:
+            n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
+            while time.perf_counter() - t0 < 1.5:
+                start = n % (len(faces) - batch + 1)
+                pkg.infer(faces[start : start + batch])
+                n += batch
+            runs[batch].append((n / (time.perf_counter() - t0), 1000 * (time.process_time() - cpu0) / n))
+    print(
+        json.dumps(
+            {
+                str(b): {"images_per_s": max(r[0] for r in rs), "cpu_ms_per_image": min(r[1] for r in rs)}
+                for b, rs in runs.items()
+            }
+        )
+    )
+
+
+def engine_alone(package: Path, crops: list[Path], max_batch: int, work: Path, threads: int | None) -> dict:
+    listing = work / "engine_list.txt"
+    listing.write_text("\n".join(str(p) for p in crops) + "\n")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--engine-alone", str(package), str(listing)]
+    cmd += ["--engine-batch", str(max_batch)] + (["--threads", str(threads)] if threads is not None else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=True, timeout=300)
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    one, many = doc["1"], doc[str(max_batch)]
+    return {
+        "max_batch": max_batch,
+        "batch_1": one,
+        "batch_max": many,
+        "gain_images_per_s": many["images_per_s"] / one["images_per_s"],
+        "gain_cpu_per_image": one["cpu_ms_per_image"] / many["cpu_ms_per_image"],
+    }
 
 
 # ------------------------------------------------------------------ servers
@@ -388,6 +443,12 @@ def run(args) -> dict:
         single = Server(pkg, detector, "--max-batch", "1", *common)
         try:
             model = json.loads(asyncio.run(_get(batched.port, "/v1/model"))[1])
+            ceiling = engine_alone(pkg, crops, model["serving"]["max_batch"], work, args.threads)
+            print(
+                f"{precision} engine alone: batch {ceiling['max_batch']} / batch 1 = "
+                f"{ceiling['gain_images_per_s']:.2f}x img/s, {ceiling['gain_cpu_per_image']:.2f}x CPU per image",
+                file=sys.stderr,
+            )
             for name, (requests, files, det) in workloads.items():
                 entry: dict = {
                     "package": f"w600k_mbf openvino {precision}",
@@ -398,6 +459,7 @@ def run(args) -> dict:
                     "offline": [],
                     "batched": [],
                     "max_batch_1": [],
+                    "engine_alone": ceiling,
                 }
                 entry["offline"].append(offline(pkg, files, det, work, args.threads))
                 print(f"{precision} {name}: offline {entry['offline'][-1]['images_per_s']:.1f} img/s", file=sys.stderr)
@@ -433,6 +495,11 @@ def run(args) -> dict:
     return doc
 
 
+def _gain(entry: dict, key: str) -> str:
+    ceiling = entry.get("engine_alone")
+    return f"{ceiling[key]:.2f} (batch {ceiling['max_batch']})" if ceiling else "-"
+
+
 def table(doc: dict) -> str:
     lines = [
         "| package | workload | clients | batched req/s | p50 ms | p99 ms | CPU ms/req | cores got "
@@ -454,8 +521,8 @@ def table(doc: dict) -> str:
     lines += [
         "",
         "| package | workload | offline embed img/s (before, after) | offline CPU ms/img | batched at 32 / offline, "
-        "req/s | same, per CPU second |",
-        "|---|---|---|---:|---:|---:|",
+        "req/s | same, per CPU second | engine alone: max batch / batch 1, img/s | same, CPU per image |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for e in doc["results"]:
         runs = ", ".join(f"{o['images_per_s']:.1f}" for o in e["offline"])
@@ -465,7 +532,7 @@ def table(doc: dict) -> str:
         per_cpu = f"{cpu / r32['server_cpu_ms_per_request']:.2f}" if r32 else "-"
         lines.append(
             f"| {e['package']} | {e['workload']} | {e['offline_images_per_s']:.1f} ({runs}) | {cpu:.1f} | {wall} "
-            f"| {per_cpu} |"
+            f"| {per_cpu} | {_gain(e, 'gain_images_per_s')} | {_gain(e, 'gain_cpu_per_image')} |"
         )
     lines += [
         "",
@@ -499,10 +566,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=HERE / "results" / "serve.json")
     ap.add_argument("--offline", nargs=2, metavar=("PKG", "LIST"), help=argparse.SUPPRESS)
     ap.add_argument("--offline-detector", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--engine-alone", nargs=2, metavar=("PKG", "LIST"), help=argparse.SUPPRESS)
+    ap.add_argument("--engine-batch", type=int, default=32, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(SRC))
     if args.offline:
         offline_child(args.offline[0], args.offline[1], args.offline_detector, args.threads)
+        return 0
+    if args.engine_alone:
+        engine_child(args.engine_alone[0], args.engine_alone[1], args.engine_batch, args.threads)
         return 0
     args.clients = [int(c) for c in args.clients.split(",")]
     args.precisions = args.precisions.split(",")

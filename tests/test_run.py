@@ -72,6 +72,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     import arcdeploy.cli.demo as demo_cli
 
     monkeypatch.setattr("arcdeploy.demo.QUICK", TINY_DEMO)
+    monkeypatch.setattr("arcdeploy.auto_precision.SPEED_SECONDS", 0.3)  # "choose precision": shorter rounds
     out = tmp_path / "demo"
     code = main(["demo", "--quick", "-o", str(out)])
     captured = capsys.readouterr()
@@ -97,6 +98,9 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert "## Accuracy: IJBC 1:N identification" in md
     for plot in ("roc.png", "tpir_fpir.png", "throughput.png", "cosine_hist.png"):
         assert (out / "plots" / plot).stat().st_size > 1000, plot
+    # the untrained network's int8 recipe reaches the run's build (NNCF's own ranges, no fallback)
+    int8 = json.loads((out / "packages" / "openvino-int8" / "manifest.json").read_text())["calibration"]
+    assert int8["recipe"]["range_estimator"] == "nncf_default" and not int8["recipe"]["float_layers"]
     assert demo_cli  # the command module is importable
 
 

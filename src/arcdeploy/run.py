@@ -213,7 +213,12 @@ def _build_steps(
         pkg_dir = root / name
         # the run's fidelity check is a step of its own: the build checks on its defaults
         options = BuildOptions(
-            engine=b.engine, precision=precision, calib=b.calib, calib_landmarks=b.calib_landmarks, threads=b.threads
+            engine=b.engine,
+            precision=precision,
+            calib=b.calib,
+            calib_landmarks=b.calib_landmarks,
+            threads=b.threads,
+            recipe=b.recipe,
         )
 
         def do_build(options=options, pkg_dir=pkg_dir):
@@ -228,6 +233,7 @@ def _build_steps(
             "precision": precision,
             "calib": _file_key(b.calib) if b.calib else None,
             "calib_landmarks": _file_key(b.calib_landmarks) if b.calib_landmarks else None,
+            **({"recipe": b.recipe.to_json()} if b.recipe is not None and precision is Precision.INT8 else {}),
         }
         rec = runner.run(f"build {name}", key, do_build, needs=["export"])
         if rec.status in ("done", "reused"):

@@ -126,6 +126,7 @@ def _read_json(path: Path):
 
 def demo(out: str | Path = "arcdeploy-demo", cfg: DemoConfig | None = None, log=None, force: bool = False):
     """Run the demo into ``out``; returns the :class:`arcdeploy.run.RunResult`."""
+    from ..quantize import QuantRecipe
     from ..run import claim_output, run_pipeline
 
     cfg = cfg or DemoConfig()
@@ -144,6 +145,10 @@ def demo(out: str | Path = "arcdeploy-demo", cfg: DemoConfig | None = None, log=
         bins=[paths["bin"]],
         batches=cfg.batches,
         iterations=cfg.iterations,
+        # NNCF's own activation ranges: the default recipe's ranges (each image's widest, see
+        # arcdeploy.quantize) were chosen on trained networks; on this untrained one they miss the
+        # floor and the fallback would take a minute of the demo. The manifest records the recipe.
+        recipe=QuantRecipe.for_this_cpu(calibration_count=cfg.calib_images, range_estimator="nncf_default"),
         log=log,
         title="arcdeploy demo (untrained model, synthetic data)",
         notes=[UNTRAINED_NOTE],
