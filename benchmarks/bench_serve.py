@@ -29,7 +29,8 @@ that open and close each workload, so a busy spell on this shared machine falls 
 
 - engine alone: the package's ``infer`` on the decoded crops at batch 1 and at the server's
   ``--max-batch``, in turns in a child process: how much more an engine call of many faces gives than
-  one of one face, the most that batching across requests can gain on this machine.
+  one of one face. Batching across requests gains that inside the engine, and besides it only the
+  per-call work a batch shares (the hand-off to the engine thread, the output copy).
 
 Where the time goes (the batching server at 32 clients): CPU seconds per request of the server's
 threads, read from /proc before and after the run: the event-loop thread (HTTP parsing, multipart,
@@ -149,7 +150,7 @@ def offline(package: Path, paths: list[Path], detector: Path | None, work: Path,
 
 def engine_child(package: str, listing: str, max_batch: int, threads: int | None) -> None:
     """The package's own engine on decoded, aligned crops at batch 1 and at ``max_batch``, in turns:
-    what batching across requests can gain at most, with no HTTP, decoding or queueing around it."""
+    what batching gains inside the engine, with no HTTP, decoding or queueing around it."""
     import arcdeploy
     from arcdeploy.faces.io import read_image
 
