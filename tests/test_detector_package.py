@@ -144,10 +144,11 @@ def test_what_cannot_be_built_is_refused_in_one_line(tmp_path, capsys):
 @pytest.mark.slow
 @needs_real("models/scrfd_500m_kps.onnx", "faces/photos", "faces/lfw_colour")
 def test_int8_detector_package_fidelity_is_checked_and_recorded(tmp_path):
-    """int8 (the recognition recipe: stem and wide-spread layers in float, the rest int8) calibrated on
-    LFW photos and group photos tiled from other LFW people, checked on the real photos and a group
-    photo: faces of a useful size keep to the floor; the small faces of the group photo are measured
-    and recorded apart (int8 moves their points by a few tenths of a detector pixel)."""
+    """int8 (the recognition recipe: stem, wide-spread and depthwise layers in float, each canvas's own
+    ranges) calibrated on LFW photos and group photos tiled from other LFW people, checked on the real
+    photos and a group photo: faces of a useful size keep to the floor; the small faces of the group
+    photo (16 canvas px between the eyes) are measured and recorded apart (int8 moves their points by
+    a few tenths of a detector pixel: 1.5% of their IOD here, 5.6% with the detector recipe before)."""
     sys.path.insert(0, str(BENCHMARKS))
     from _photo_sets import group_photo
 
@@ -166,12 +167,15 @@ def test_int8_detector_package_fidelity_is_checked_and_recorded(tmp_path):
     m = read_detector_manifest(pkg)
     assert m.precision == "int8" and m.calibration["canvases"] == len(lfw) + len(groups)
     assert "Conv_0" in " ".join(m.calibration["kept_float"])
+    assert m.calibration["recipe"]["range_estimator"] == "max_quantile"
+    assert "depthwise" in m.calibration["kept_float_why"]
     assert any(v.get("u8", 0) + v.get("i8", 0) for v in m.executed["layers"].values())
     f = m.fidelity
     assert f.images == 13 and f.reference_faces >= 100
     large, small = f.by_size["large"], f.by_size["small"]
     assert large["faces"] >= 12 and small["faces"] >= 80
-    assert large["min_iou"] >= 0.9 and large["landmark_error_mean"] <= 0.015 and large["landmark_error_max"] <= 0.03
+    assert large["min_iou"] >= 0.95 and large["landmark_error_mean"] <= 0.01 and large["landmark_error_max"] <= 0.03
+    assert small["min_iou"] >= 0.9 and small["landmark_error_mean"] <= 0.025
     # the verdict follows the recorded figures and the floor
     fails = (
         f.lost > 0
@@ -181,7 +185,7 @@ def test_int8_detector_package_fidelity_is_checked_and_recorded(tmp_path):
         or f.landmark_error_max > f.floor["landmark_error_max"]
     )
     assert f.passed is (not fails) and bool(f.below_floor) is fails
-    assert f.lost <= 3 and f.added <= 3  # of 150 faces, the faintest few at most
+    assert f.lost <= 1 and f.added <= 1  # of 169 faces, the faintest one at most (none on this CPU)
     saved = json.loads((pkg / "manifest.json").read_text())["fidelity"]
     assert saved["by_size"]["small_iod_canvas_px"] == 16.0
 

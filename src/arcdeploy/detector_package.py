@@ -53,10 +53,13 @@ DEFAULT_INPUT_SIZE = (640, 640)
 # canvases the int8 build calibrates on (a 640x640 float canvas is 4.9 MB), and photos held out
 DEFAULT_CALIB_COUNT = 100
 DEFAULT_CHECK_COUNT = 32
-# the int8 recipe a detector's fidelity was measured with (benchmarks/bench_photos.py): NNCF's own
-# activation ranges, depthwise convolutions quantized. The recognition recipe's later choices
-# (depthwise in float, max_quantile ranges) were measured on recognition models only.
-DETECTOR_RECIPE: dict[str, Any] = {"keep_float": ("stem", "spread", "head"), "range_estimator": "nncf_default"}
+# int8: the recognition recipe as it is (QuantRecipe.for_this_cpu: depthwise convolutions in float,
+# each canvas's own ranges). Measured on SCRFD-500M (OpenVINO, AVX-512 VNNI; 64 calibration canvases,
+# the 13 held-out photos of bench_photos.py): against NNCF's own ranges with depthwise quantized (the
+# detector recipe before), the landmark error on faces of a useful size fell from 0.94% to 0.53% of
+# the IOD (mean; max 1.9% -> 0.79%), on the group photo's 16-px faces from 5.6% to 1.4% (max 16% ->
+# 5.6%), no face lost (one before), box IoU >= 0.96 (0.84), for 8% of detector speed. Keeping the
+# landmark head's convolutions float as well gained 0.1 point for 12% more.
 FLOOR = {"iou": 0.9, "landmark_error_mean": 0.01, "landmark_error_max": 0.03}
 # a face is lost (or added) only when the other detector does not find it even this far below the threshold
 SCORE_MARGIN = 0.05
@@ -177,7 +180,7 @@ def build_detector(
         spec = InputSpec(name=name, size=(size[1], size[0]), mean=127.5, std=128.0)
         calib_x = _canvases(reference, photos.calib) if precision is Precision.INT8 and photos is not None else None
         if precision is Precision.INT8:
-            recipe = recipe or QuantRecipe.for_this_cpu(calibration_count=count, **DETECTOR_RECIPE)
+            recipe = recipe or QuantRecipe.for_this_cpu(calibration_count=count)
         with atomic_dir(out, force=force) as tmp:
             scratch = _engine_files(eng, batched, tmp, spec, precision, threads, recipe, calib_x)
             (tmp / REFERENCE_DIR).mkdir(exist_ok=True)
