@@ -35,6 +35,7 @@ FILES = {
     "faithful": "faithful.json",
     "peers": "peers.json",
     "e2e": "e2e_detect.json",
+    "photos": "photos.json",
     "ray": "ray.json",
     "serve": "serve.json",
     "gallery": "gallery.json",
@@ -223,6 +224,47 @@ def _ceiling(entry: dict) -> str:
     return f"{c['gain_images_per_s']:.2f}x img/s, {c['gain_cpu_per_image']:.2f}x CPU/img (batch {c['max_batch']})"
 
 
+def photos_section(doc: dict | None) -> list[str]:
+    lines = ["## Photos at engine speed (photo -> embedding, against insightface's own loop)", ""]
+    if not doc:
+        return lines + [f"Not measured: no `{FILES['photos']}` (run `python benchmarks/bench_photos.py`).", ""]
+    lines += _provenance(doc, "bench_photos.py")
+    m = doc.get("machine") or {}
+    lines += [
+        f"CPU of this run: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, flags "
+        f"{', '.join(m.get('flags') or []) or 'none'}; load average {_la(doc.get('load_average_start'))} at the "
+        f"start, {_la(doc.get('load_average_end'))} at the end. Median of {doc.get('rounds')} interleaved rounds; "
+        "ratios taken within each round. Targets: 3x insightface's loop on the 12 MP set, 0.5x recognition alone "
+        "on LFW-size photos, cosine >= 0.98 to insightface's embedding on every face it finds.",
+        "",
+        "| set | path | photos/s | faces/s | x insightface | x recognition alone |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in doc["results"]:
+        alone = r["contestant"] == "recognition alone"  # aligned crops: faces only
+        photos = "-" if alone else f"{r['photos_per_s']:.1f}"
+        to_alone = "-" if alone else f"{r['x_recognition_alone']:.2f}"
+        lines.append(
+            f"| {r['set']} | {r['contestant']} | {photos} | {r['faces_per_s']:.1f} | {r['x_insightface']:.2f} "
+            f"| {to_alone} |"
+        )
+    lines += ["", "| set | path | decode ms | detect ms | align ms | recognise ms |", "|---|---|---:|---:|---:|---:|"]
+    for b in doc.get("breakdown_ms_per_photo") or []:
+        lines.append(
+            f"| {b['set']} | {b['path']} | {b['decode']:.1f} | {b['detect']:.1f} | {b['align']:.1f} "
+            f"| {b['recognise']:.1f} |"
+        )
+    lines += ["", "| set | detector + recognition | faces found / insightface's | cosine min | mean |"]
+    lines += ["|---|---|---|---:|---:|"]
+    for name, by in (doc.get("accuracy_vs_insightface") or {}).items():
+        for how, a in by.items():
+            lines.append(
+                f"| {name} | {how} | {a['arcdeploy_faces']} / {a['insightface_faces']} | {a['cosine_min']:.4f} "
+                f"| {a['cosine_mean']:.4f} |"
+            )
+    return lines + [""]
+
+
 def serve_section(doc: dict | None) -> list[str]:
     lines = ["## Serving under load (arcdeploy serve, 127.0.0.1)", ""]
     if not doc:
@@ -378,6 +420,7 @@ def compose(folder: Path) -> str:
     lines += fallback_section(docs.get("fallback"))
     lines += peers_section(docs.get("peers"))
     lines += e2e_section(docs.get("e2e"))
+    lines += photos_section(docs.get("photos"))
     lines += ray_section(docs.get("ray"))
     lines += serve_section(docs.get("serve"))
     lines += gallery_section(docs.get("gallery"))
