@@ -59,8 +59,8 @@ sys.path.insert(0, str(HERE))
 DEFAULT_REAL = HERE.parent / ".." / "shared" / "real"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "arcdeploy-bench-photos"
 # (preparation workers, detector threads per call, recognition threads, detector batch) for --grid
-# (the first is arcdeploy's rule: a worker per core, one thread per detector call, recognition on the rest)
-GRID = [(2, 1, 1, 1), (2, 1, 2, 1), (1, 2, 2, 1), (2, 2, 1, 1), (3, 1, 1, 1), (2, 1, 1, 8)]
+# (the first is arcdeploy's rule: a worker per core, one thread per detector call, recognition on every core)
+GRID = [(2, 1, 2, 1), (2, 1, 1, 1), (1, 2, 2, 1), (2, 2, 2, 1), (3, 1, 2, 1), (2, 1, 2, 8)]
 
 
 def build_packages(real: Path, work: Path) -> dict[str, Path]:
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     import arcdeploy
     from _insightface_loop import InsightfaceLoop
     from arcdeploy.faces.detectors import DetectorSpec
-    from arcdeploy.faces.detectors.registry import recognition_threads_beside
+    from arcdeploy.faces.detectors.registry import recognition_threads_with_detector
     from arcdeploy.faces.pipeline import quiet_opencv
     from arcdeploy.faces.prepare import Detection, prepare_detected
     from arcdeploy.machine import machine_info
@@ -301,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     sets = photo_sets(real, args.work, args.lfw, args.repeat)
     loop = InsightfaceLoop(real / "models" / "scrfd_500m_kps.onnx", real / "models" / "w600k_mbf.onnx")
     workers = 2
-    # the engine on its own gets every core; beside the preparation workers, what the rule leaves it
+    # the engine on its own gets every core; beside the preparation workers, what the rule gives it
     alone = arcdeploy.load(rec_path)
-    package = arcdeploy.load(rec_path, threads=recognition_threads_beside(workers))
+    package = arcdeploy.load(rec_path, threads=recognition_threads_with_detector())
     # what each arcdeploy contestant finds faces with: (detector, decode); the 256x256 package on LFW only
     setups = {
         "arcdeploy (decode full)": (det_path, "full"),

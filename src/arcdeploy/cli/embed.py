@@ -146,10 +146,10 @@ def run(args) -> int:
     # on Ray, --threads is each actor's (checked against the cluster's nodes), not this machine's
     threads = None if ray is not None else args.threads
     if threads is None and args.detector is not None and ray is None:
-        from ..faces.detectors.registry import recognition_threads_beside
+        from ..faces.detectors.registry import recognition_threads_with_detector
 
-        # the cores' share measured for photos (registry): the workers detect, recognition gets the rest
-        threads = recognition_threads_beside(EmbedJob([], workers=args.workers).worker_count())
+        # the cores' share measured for photos (registry): the workers detect, recognition on every core
+        threads = recognition_threads_with_detector()
     pkg = load(args.package, threads=threads)
     check_threads(args.workers, "workers", per_cpu=WORKERS_PER_CPU)
     paths = list_images(args.images)

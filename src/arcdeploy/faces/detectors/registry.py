@@ -33,20 +33,19 @@ DETECTOR_ENGINES = ("onnxruntime", "openvino")
 # workers call the one shared detector at once, so each call gets few threads (measured with
 # benchmarks/bench_e2e_detect.py: one thread per call is the fastest on 2 cores)
 DETECTOR_THREADS = 1
-# how the cores are shared when photos are embedded with a detector (measured with
-# benchmarks/bench_photos.py --grid on 2 cores, 12 MP photos): one preparation worker per core, each
-# detector call on one engine thread, and the recognition engine on one thread beside them (over three
-# runs, against this rule: recognition on every core 0.89-0.95x, two threads per detector call
-# 0.79-0.89x, one worker with two detector threads 0.70-0.78x, three workers 0.96-1.09x: no consistent
-# gain). arcdeploy embed follows it unless --threads says otherwise: the
-# recognition engine gets the cores the workers leave, at least one (measured on 2 cores only)
-RECOGNITION_THREADS_WITH_DETECTOR = 1
 
 
-def recognition_threads_beside(workers: int, cpus: int | None = None) -> int:
-    """Recognition engine threads beside ``workers`` preparation workers that detect (the rule above)."""
-    cpus = cpus or os.cpu_count() or 2
-    return max(RECOGNITION_THREADS_WITH_DETECTOR, cpus - int(workers))
+# how the cores are shared when photos are embedded with a detector: one preparation worker per core,
+# each detector call on one engine thread, and the recognition engine on every core (its threads wait
+# while the workers' calls run). Measured on a quiet 2-core machine (benchmarks/bench_photos.py's
+# packages, 4 interleaved rounds each): recognition on both cores against one, 1.07-1.08x on 12 MP
+# photos, 1.23x on LFW-size photos with the 640 detector, 1.44x with a 256x256 detector package (the
+# smaller the photo, the more of the work is recognition). An earlier grid on a busy machine (load
+# 4-8) had found one recognition thread better on 12 MP photos (every core 0.89-0.95x); on a quiet one
+# it is not. arcdeploy embed follows the rule unless --threads says otherwise.
+def recognition_threads_with_detector(cpus: int | None = None) -> int:
+    """Recognition engine threads while preparation workers detect: every core (the rule above)."""
+    return int(cpus or os.cpu_count() or 2)
 
 
 def detector_class(kind: str) -> type[FaceDetector]:
