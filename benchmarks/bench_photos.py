@@ -17,8 +17,8 @@ Contestants, interleaved in every round (a busy spell on the shared machine hits
 - insightface's loop (``_insightface_loop.py``: ``cv2.imread``, SCRFD at 640, ``norm_crop``,
   ``ArcFaceONNX`` on ONNX Runtime fp32 with its default threads), one photo at a time;
 - arcdeploy: ``embed_files(package, photos, detector=PKG, all_faces=True)``: two preparation
-  workers decode, detect (one thread per call) and align beside the recognition engine (one
-  thread: the rule ``arcdeploy embed`` follows, see ``--grid``); with
+  workers decode, detect (one thread per call) and align beside the recognition engine (every
+  core: the rule ``arcdeploy embed`` follows, see ``--grid``); with
   ``decode="full"`` (default: insightface's pixels) and ``decode="reduced"`` (large JPEGs at 1/2 to
   1/8 with libjpeg's DCT scaling);
 - on the LFW-size photos, also a 256x256 SCRFD-500M int8 detector package (the photo at its own scale
@@ -288,7 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     import arcdeploy
     from _insightface_loop import InsightfaceLoop
     from arcdeploy.faces.detectors import DetectorSpec
-    from arcdeploy.faces.detectors.registry import recognition_threads_with_detector
     from arcdeploy.faces.pipeline import quiet_opencv
     from arcdeploy.faces.prepare import Detection, prepare_detected
     from arcdeploy.machine import machine_info
@@ -301,9 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     sets = photo_sets(real, args.work, args.lfw, args.repeat)
     loop = InsightfaceLoop(real / "models" / "scrfd_500m_kps.onnx", real / "models" / "w600k_mbf.onnx")
     workers = 2
-    # the engine on its own gets every core; beside the preparation workers, what the rule gives it
-    alone = arcdeploy.load(rec_path)
-    package = arcdeploy.load(rec_path, threads=recognition_threads_with_detector())
+    # the engine on every core, on its own and beside the preparation workers (the rule: faces/detectors/registry.py)
+    package = arcdeploy.load(rec_path)
     # what each arcdeploy contestant finds faces with: (detector, decode); the 256x256 package on LFW only
     setups = {
         "arcdeploy (decode full)": (det_path, "full"),
@@ -331,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         crops[name] = np.concatenate(
             [p.crops for p in prepare_detected([(p, i) for i, p in enumerate(paths)], opened[runs[name][0]])]
         )
-        recognition_alone(alone, crops[name])
+        recognition_alone(package, crops[name])
         accuracy[name] = {}
         unique = list(dict.fromkeys(paths))
         _, found_if = run_insightface(loop, unique)
@@ -360,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 dt, res = run_arcdeploy(package, opened[c], paths, workers)
                 times.setdefault((name, c), []).append(dt)
                 faces[(name, c)] = len(res.faces)
-            times.setdefault((name, "recognition alone"), []).append(recognition_alone(alone, crops[name]))
+            times.setdefault((name, "recognition alone"), []).append(recognition_alone(package, crops[name]))
             faces[(name, "recognition alone")] = len(crops[name])
 
     med = statistics.median

@@ -144,12 +144,8 @@ def run(args) -> int:
     refuse_existing(args.output, args.force)  # before any work: the images may take hours
     detector = cli_detector(args)
     # on Ray, --threads is each actor's (checked against the cluster's nodes), not this machine's
+    # (with --detector, recognition keeps every core beside the workers: measured, see faces/detectors/registry.py)
     threads = None if ray is not None else args.threads
-    if threads is None and args.detector is not None and ray is None:
-        from ..faces.detectors.registry import recognition_threads_with_detector
-
-        # the cores' share measured for photos (registry): the workers detect, recognition on every core
-        threads = recognition_threads_with_detector()
     pkg = load(args.package, threads=threads)
     check_threads(args.workers, "workers", per_cpu=WORKERS_PER_CPU)
     paths = list_images(args.images)
