@@ -104,7 +104,7 @@ def untrained_int8_recipe(calibration_count: int):
     in test_real_models.py and test_int8_faithful.py."""
     from arcdeploy.quantize import QuantRecipe
 
-    return QuantRecipe.for_this_cpu(calibration_count=calibration_count, range_estimator="nncf_default")
+    return QuantRecipe.for_untrained_network(calibration_count=calibration_count)
 
 
 def identity_split(lfw, tmp) -> tuple:

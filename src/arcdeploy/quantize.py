@@ -161,6 +161,13 @@ class QuantRecipe:
         base = cls() if has_int8_dot_product() else cls(weight_bits=7, overflow_fix="enable")
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
+    @classmethod
+    def for_untrained_network(cls, **overrides: Any) -> QuantRecipe:
+        """:meth:`for_this_cpu` with NNCF's own activation ranges, for a generated, UNTRAINED network
+        (the demo's, the build tests'): the default's widest per-image ranges were chosen on trained
+        networks, and an untrained IResNet misses its floor with them and goes to the fallback."""
+        return cls.for_this_cpu(**{"range_estimator": "nncf_default", **overrides})
+
     def with_float_layers(self, names: list[str] | tuple[str, ...]) -> QuantRecipe:
         return replace(self, float_layers=tuple(dict.fromkeys((*self.float_layers, *names))))
 

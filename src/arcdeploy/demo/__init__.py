@@ -145,10 +145,8 @@ def demo(out: str | Path = "arcdeploy-demo", cfg: DemoConfig | None = None, log=
         bins=[paths["bin"]],
         batches=cfg.batches,
         iterations=cfg.iterations,
-        # NNCF's own activation ranges: the default recipe's ranges (each image's widest, see
-        # arcdeploy.quantize) were chosen on trained networks; on this untrained one they miss the
-        # floor and the fallback would take a minute of the demo. The manifest records the recipe.
-        recipe=QuantRecipe.for_this_cpu(calibration_count=cfg.calib_images, range_estimator="nncf_default"),
+        # without the fallback minute the default ranges would cost here; the manifest records it
+        recipe=QuantRecipe.for_untrained_network(calibration_count=cfg.calib_images),
         log=log,
         title="arcdeploy demo (untrained model, synthetic data)",
         notes=[UNTRAINED_NOTE],
