@@ -152,6 +152,7 @@ def engine_child(package: str, listing: str, max_batch: int, threads: int | None
     """The package's own engine on decoded, aligned crops at batch 1 and at ``max_batch``, in turns:
     what batching gains inside the engine, with no HTTP, decoding or queueing around it."""
     import arcdeploy
+    from arcdeploy.engines.base import StopRule, time_calls
     from arcdeploy.faces.io import read_image
 
     faces = np.stack([read_image(Path(p)) for p in Path(listing).read_text().split("\n") if p])
@@ -161,12 +162,10 @@ def engine_child(package: str, listing: str, max_batch: int, threads: int | None
         pkg.infer(faces[:batch])  # load and warm up
     for _ in range(3):
         for batch in runs:
-            n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
-            while time.perf_counter() - t0 < 1.5:
-                start = n % (len(faces) - batch + 1)
-                pkg.infer(faces[start : start + batch])
-                n += batch
-            runs[batch].append((n / (time.perf_counter() - t0), 1000 * (time.process_time() - cpu0) / n))
+            cpu0 = time.process_time()
+            lat, wall = time_calls(lambda x=faces[:batch]: pkg.infer(x), 0, StopRule(None, 1.5))
+            n = len(lat) * batch
+            runs[batch].append((n / wall, 1000 * (time.process_time() - cpu0) / n))
     print(
         json.dumps(
             {
