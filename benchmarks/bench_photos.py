@@ -16,9 +16,12 @@ Contestants, interleaved in every round (a busy spell on the shared machine hits
 
 - insightface's loop (``_insightface_loop.py``: ``cv2.imread``, SCRFD at 640, ``norm_crop``,
   ``ArcFaceONNX`` on ONNX Runtime fp32 with its default threads), one photo at a time;
-- arcdeploy: ``embed_files(package, photos, detector=PKG, all_faces=True)``: two preparation
-  workers decode, detect (one thread per call) and align beside the recognition engine (every
-  core: the rule ``arcdeploy embed`` follows, see ``--grid``); with
+- arcdeploy: ``embed_files(package, photos, detector=PKG, all_faces=True)``: its default
+  preparation workers (one more than the cores) decode, detect (one thread per call) and align
+  beside the recognition engine (every core: the rule ``arcdeploy embed`` follows, see ``--grid``),
+  in a process that keeps freed memory for reuse as the ``arcdeploy`` command does
+  (:func:`arcdeploy.machine.keep_freed_memory`; insightface's loop runs in the same process, and
+  its one decoding thread measured the same either way); with
   ``decode="full"`` (default: insightface's pixels) and ``decode="reduced"`` (large JPEGs at 1/2 to
   1/8 with libjpeg's DCT scaling);
 - on the LFW-size photos, also a 256x256 SCRFD-500M int8 detector package (the photo at its own scale
@@ -60,7 +63,7 @@ DEFAULT_REAL = HERE.parent / ".." / "shared" / "real"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "arcdeploy-bench-photos"
 # (preparation workers, detector threads per call, recognition threads, detector batch) for --grid
 # (the first is arcdeploy's rule: a worker per core, one thread per detector call, recognition on every core)
-GRID = [(2, 1, 2, 1), (2, 1, 1, 1), (1, 2, 2, 1), (2, 2, 2, 1), (3, 1, 2, 1), (2, 1, 2, 8)]
+GRID = [(3, 1, 2, 1), (2, 1, 2, 1), (3, 1, 1, 1), (4, 1, 2, 1), (2, 2, 2, 1), (3, 1, 2, 8)]
 
 
 def build_packages(real: Path, work: Path) -> dict[str, Path]:
@@ -140,7 +143,7 @@ def run_insightface(loop, paths) -> tuple[float, list[list[dict]]]:
     return time.perf_counter() - t, found
 
 
-def run_arcdeploy(package, detector, paths, workers: int):
+def run_arcdeploy(package, detector, paths, workers: int | None):
     from arcdeploy.faces.pipeline import embed_files
 
     t = time.perf_counter()
@@ -186,7 +189,9 @@ def breakdown_arcdeploy(package, detection, paths) -> dict[str, float]:
             spent["detect"] += time.perf_counter() - t - _decode_seconds(found.image, p, det)
             img = found.image
         t = time.perf_counter()
-        crops = np.stack([to_aligned(img.pixels, img.from_full(f.points)) for _, f in faces_to_align(found, True)])
+        crops = np.stack(
+            [img.in_rgb(to_aligned(img.pixels, img.from_full(f.points))) for _, f in faces_to_align(found, True)]
+        )
         spent["align"] += time.perf_counter() - t
         t = time.perf_counter()
         package.infer(crops)
@@ -290,16 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     from arcdeploy.faces.detectors import DetectorSpec
     from arcdeploy.faces.pipeline import quiet_opencv
     from arcdeploy.faces.prepare import Detection, prepare_detected
-    from arcdeploy.machine import machine_info
+    from arcdeploy.machine import keep_freed_memory, machine_info
 
     quiet_opencv()
+    keep_freed_memory()  # as the arcdeploy command does
     real = args.real.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     built = build_packages(real, args.work)
     rec_path, det_path = built["recognition int8"], built["detector int8"]
     sets = photo_sets(real, args.work, args.lfw, args.repeat)
     loop = InsightfaceLoop(real / "models" / "scrfd_500m_kps.onnx", real / "models" / "w600k_mbf.onnx")
-    workers = 2
+    workers = None  # the job's default (faces/job.py)
     # the engine on every core, on its own and beside the preparation workers (the rule: faces/detectors/registry.py)
     package = arcdeploy.load(rec_path)
     # what each arcdeploy contestant finds faces with: (detector, decode); the 256x256 package on LFW only
@@ -462,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             name: json.loads((path / "manifest.json").read_text())["fidelity"] for name, path in built.items()
         },
         "rounds": args.rounds,
-        "workers": workers,
+        "workers": workers or "the job's default: the CPUs + 1 (faces/job.py)",
         "sets": {k: len(v) for k, v in sets.items()},
         "results": table,
         "breakdown_ms_per_photo": breakdown,

@@ -5,6 +5,7 @@ the 12 MP and group photos are made from them in a temporary folder (benchmarks/
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import zlib
@@ -221,7 +222,7 @@ def test_reduced_decode_maps_onto_the_full_decode(orientation):
                 y0 = np.arange(1, got.pixels.shape[0] - 1) * r + round(got.offset[1] - (r - 1) / 2) + dy
                 ok_x, ok_y = (x0 >= 0) & (x0 + r <= w), (y0 >= 0) & (y0 + r <= h)
                 want = block[y0[ok_y]][:, x0[ok_x]]
-                have = got.pixels[1:-1][ok_y][:, 1:-1][:, ok_x].astype(np.float32)
+                have = got.rgb()[1:-1][ok_y][:, 1:-1][:, ok_x].astype(np.float32)
                 errors[(dx, dy)] = float(np.abs(want - have).mean())
         assert min(errors, key=errors.get) == (0, 0), (r, errors)
         assert errors[(0, 0)] < 0.6 * min(v for k, v in errors.items() if k != (0, 0)), (r, errors)
@@ -279,8 +280,8 @@ def test_reduced_decode_against_full_decode(photo_sets, w600k_fp32):
         ff, rf = f.faces[0], r.faces[0]
         iod = np.linalg.norm(ff.points[1] - ff.points[0])
         errors.append(np.linalg.norm(rf.points - ff.points, axis=1).mean() / iod)
-        full_crop = to_aligned(f.image.pixels, ff.points)
-        same_points = to_aligned(r.image.pixels, r.image.from_full(ff.points))
+        full_crop = f.image.in_rgb(to_aligned(f.image.pixels, ff.points))
+        same_points = r.image.in_rgb(to_aligned(r.image.pixels, r.image.from_full(ff.points)))
         own_points = prepare_image(path, detection=reduced).crops[0]
         e = unit(np.stack([full_crop, same_points, own_points]))
         crop_cosines.append(float(e[0] @ e[1]))
@@ -349,3 +350,52 @@ def test_detect_command_takes_the_decode_mode(tmp_path):
         assert main(["detect", str(PHOTOS), "--detector", str(SCRFD), "--decode", mode, "-q", "-o", str(out)]) == 0
         rows[mode] = out.read_text()
     assert rows["full"] == rows["reduced"] and len(rows["full"].splitlines()) == 12
+
+
+_FAULTS = """
+import resource, sys, threading
+import cv2
+import numpy as np
+from arcdeploy.machine import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+rng = np.random.default_rng(0)
+photo = cv2.resize(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8), (4000, 3000), interpolation=cv2.INTER_CUBIC)
+data = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
+def prepare():  # what a preparation worker does with each 12 MP photo: decode, make a canvas
+    for _ in range(6):
+        cv2.resize(cv2.imdecode(data, cv2.IMREAD_COLOR), (640, 480))
+prepare()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+threads = [threading.Thread(target=prepare) for _ in range(3)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator: Linux only")
+def test_keep_freed_memory_stops_refaulting_large_blocks():
+    """With keep_freed_memory (the command line's and the Ray workers' setting), threads decoding
+    12 MP JPEGs again and again reuse the pages they had; by default every decode's 36 MB is faulted
+    in (and zeroed by the kernel) anew. A user's own malloc settings are left alone."""
+    import subprocess
+
+    def run(mode, **env):
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **env},
+        ).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    kept, faults_kept = run("keep")
+    if not kept:
+        pytest.skip("not glibc: keep_freed_memory does nothing here")
+    default, faults_default = run("default")
+    assert not default
+    pages = 3000 * 4000 * 3 // 4096  # one decode's pages
+    assert faults_default > 12 * pages, faults_default  # 18 decodes in 3 threads: nearly each anew
+    assert faults_kept < 4 * pages, faults_kept  # each thread's first decode only
+    assert run("keep", MALLOC_ARENA_MAX="2")[0] is False  # the user's own setting wins

@@ -94,3 +94,42 @@ def check_threads(value: int | None, what: str = "threads", per_cpu: int = 1) ->
             f"{what} {value}: this machine gives this process {usable_cpus()} CPUs; use at most {limit}"
         )
     return value
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_KEEP_FREED_MEMORY: list[bool] = []
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's allocator keep freed memory for the process to reuse instead of handing it back
+    to the system at once; True when it now does (Linux with glibc, and no malloc settings of the
+    user's own in the environment: ``GLIBC_TUNABLES`` with malloc in it, ``MALLOC_*``).
+
+    Why: a decoded photo is tens of megabytes (12 MP: 36 MB). By default glibc gives each such
+    block its own mapping and returns it on free, and the preparation threads' arenas give their
+    tops back too, so the next photo's pages are faulted in and zeroed by the kernel all over
+    again. With three threads decoding 9-12 MP JPEGs that was 17-26 ms of system time per photo
+    (of 60-80 ms in all) on a 2-core machine; kept for reuse, 1-3 ms
+    (``benchmarks/bench_photos.py``). The cost: the process keeps what it once needed (a few
+    hundred MB while photos are embedded) until it ends. The command line (``arcdeploy ...``)
+    and the Ray workers call this; a program using the Python API may call it itself.
+    """
+    if _KEEP_FREED_MEMORY:
+        return _KEEP_FREED_MEMORY[0]
+    done = False
+    own = "malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in os.environ)
+    if platform.system() == "Linux" and not own:
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None)
+            if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt"):
+                # no block gets its own mapping (it comes from the heap, which is kept), and the
+                # heap's free top is never trimmed: both are needed, either alone still faults
+                done = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        except OSError:
+            done = False
+    _KEEP_FREED_MEMORY.append(done)
+    return done

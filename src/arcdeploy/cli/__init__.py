@@ -16,6 +16,7 @@ import sys
 import threading
 
 from ..errors import ArcdeployError, describe, printable
+from ..machine import keep_freed_memory
 
 COMMANDS = (
     "export",
@@ -112,4 +113,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    # a process of arcdeploy's own: large photos are decoded over and over (see keep_freed_memory)
+    keep_freed_memory()
     sys.exit(main())

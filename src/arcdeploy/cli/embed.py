@@ -69,7 +69,7 @@ def register(sub) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="decode/align threads (default: number of CPUs, at most 8)",
+        help="decode/align threads (default: number of CPUs, one more with --detector, at most 8)",
     )
     p.add_argument(
         "--chunk-size",

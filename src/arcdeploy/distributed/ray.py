@@ -63,6 +63,7 @@ from ..faces.pipeline import embed_block, progress_bar, quiet_opencv, refuse_out
 from ..faces.prepare import Detection
 from ..faces.types import EncodedImage, Failure, ImageError, input_name
 from ..files import FileLock, scratch_dir
+from ..machine import keep_freed_memory
 from ..manifest import MANIFEST_NAME, resolve_inside
 from ..package import Package, load
 from . import NodeStats, Progress, RayEmbedResult, RayOptions
@@ -203,6 +204,7 @@ class BlockEmbedder:
         name, pkg_dir = "the package", None
         try:
             quiet_opencv()
+            keep_freed_memory()
             self.blocks: Blocks = _resolve(blocks)
             bundle = _resolve(bundle)
             name = bundle.name

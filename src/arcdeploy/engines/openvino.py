@@ -114,6 +114,16 @@ def _read(path: Path):
         raise ArcdeployError(f"{path}: OpenVINO cannot read it ({reason})") from None
 
 
+# OpenVINO's Python module (pybind11) sets up its numpy glue on the first inference of the process,
+# in a C++ static whose set-up waits for the GIL while another thread, holding the GIL, waits for that
+# set-up: two threads making their first inference at once can hang for ever (seen with the embed
+# pipeline's preparation workers each detecting its first photo while the main thread recognised;
+# reproduced by 6 threads starting together, 7 hangs in 60 processes). So the process's first
+# inference runs alone; once one has finished, calls run freely.
+_FIRST_INFERENCE = threading.Lock()
+_first_inference_done = False
+
+
 class _RequestPool:
     """Infer requests handed to one caller at a time; a new one is made when all are busy."""
 
@@ -123,12 +133,18 @@ class _RequestPool:
 
     @contextlib.contextmanager
     def request(self):
+        global _first_inference_done
         try:
             req = self.free.get_nowait()
         except queue.Empty:
             req = self.compiled.create_infer_request()
         try:
-            yield req
+            if _first_inference_done:
+                yield req
+            else:
+                with _FIRST_INFERENCE:
+                    yield req
+                    _first_inference_done = True
         finally:
             self.free.put(req)
 

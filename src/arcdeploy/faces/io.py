@@ -358,7 +358,8 @@ def checked_size(
     return kind, w, h
 
 
-def _imdecode(data: bytes, flag: int, name: str | os.PathLike, kind: str) -> np.ndarray:
+def _imdecode(data: bytes, flag: int, name: str | os.PathLike, kind: str, bgr: bool = False) -> np.ndarray:
+    """Decoded with ``flag``: RGB, or with ``bgr`` OpenCV's own B, G, R order (no conversion)."""
     import cv2
 
     try:
@@ -370,7 +371,9 @@ def _imdecode(data: bytes, flag: int, name: str | os.PathLike, kind: str) -> np.
     if kind == "JPEG" and data.rfind(b"\xff\xd9") == -1:
         # libjpeg fills a cut-off file with grey and only warns; such a face is damaged
         raise ImageError(name, "truncated JPEG (no end-of-image marker)")
-    return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB if img.ndim == 2 else cv2.COLOR_BGR2RGB)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR if bgr else cv2.COLOR_GRAY2RGB)
+    return img if bgr else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
@@ -446,7 +449,8 @@ def decode_reduced(
     still at least ``at_least(width, height)`` = (width, height) pixels for the upright full size,
     upright (EXIF orientation applied, as the full decode does); other formats, smaller JPEGs and
     ``at_least`` None (or returning None) are decoded in full. The result says how its pixels map
-    onto the full image and keeps the bytes for a full decode."""
+    onto the full image and keeps the bytes for a full decode; its pixels are in the decoder's
+    B, G, R order (see :class:`DecodedImage`)."""
     import cv2
 
     kind, sw, sh = checked_size(data, name, max_pixels)
@@ -459,14 +463,14 @@ def decode_reduced(
         if wanted is not None:
             r = reduction_for(w, h, (int(wanted[0]), int(wanted[1])))
     if r == 1:
-        rgb = _imdecode(data, cv2.IMREAD_COLOR, name, kind)
-        return DecodedImage.full(rgb, data, str(name))
-    rgb = _imdecode(data, getattr(cv2, _REDUCED_FLAGS[r]), name, kind)
+        bgr = _imdecode(data, cv2.IMREAD_COLOR, name, kind, bgr=True)
+        return DecodedImage.full(bgr, data, str(name), bgr=True)
+    bgr = _imdecode(data, getattr(cv2, _REDUCED_FLAGS[r]), name, kind, bgr=True)
     expect = (-(-h // r), -(-w // r))
-    if rgb.shape[:2] != expect:  # an OpenCV that turned it otherwise: decode in full rather than guess
-        rgb = _imdecode(data, cv2.IMREAD_COLOR, name, kind)
-        return DecodedImage.full(rgb, data, str(name))
-    return DecodedImage(rgb, (w, h), r, reduced_offset(orientation, (sw, sh), r), data, str(name))
+    if bgr.shape[:2] != expect:  # an OpenCV that turned it otherwise: decode in full rather than guess
+        bgr = _imdecode(data, cv2.IMREAD_COLOR, name, kind, bgr=True)
+        return DecodedImage.full(bgr, data, str(name), bgr=True)
+    return DecodedImage(bgr, (w, h), r, reduced_offset(orientation, (sw, sh), r), data, str(name), bgr=True)
 
 
 def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:

@@ -280,7 +280,7 @@ def find_faces(
             data, name = got.image.data, got.image.name
             assert data is not None  # only files and bytes are decoded reduced
             try:
-                again[k] = DecodedImage.full(decode_image(data, name, max_pixels), data, name)
+                again[k] = decode_reduced(data, name, max_pixels)  # no reduction asked: in full
             except ImageError as exc:
                 results[k] = exc
     # found again in the full decode: where a photo needs it, its faces are exactly a full decode's
@@ -345,6 +345,6 @@ def _align_found(found: Found, name: str, detection: Detection) -> Prepared:
     chosen = faces_to_align(found, detection.all_faces)
     if not chosen:
         raise ImageError(name, f"no face that can be aligned among the {len(found.faces)} found")
-    crops = [to_aligned(img.pixels, img.from_full(f.points)) for _, f in chosen]
+    crops = [img.in_rgb(to_aligned(img.pixels, img.from_full(f.points))) for _, f in chosen]
     # a tiny or degenerate face in a crowd is left out, as --min-face would
     return Prepared(np.stack(crops), [f for _, f in chosen], [k for k, _ in chosen])

@@ -60,11 +60,17 @@ class EncodedImage:
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """An image decoded to find faces in: RGB uint8 ``pixels``, possibly decoded at 1/2, 1/4 or
+    """An image decoded to find faces in: uint8 ``pixels``, possibly decoded at 1/2, 1/4 or
     1/8 of the full size (a JPEG's DCT scaling, see :func:`arcdeploy.faces.io.decode_reduced`),
     and where those pixels lie in the full image: ``full = reduction * pixel + offset`` per axis
     (pixel centres at integer coordinates, the image upright). ``data``: the encoded bytes, kept
-    so the image can be decoded again at full size (None for an image given as an array)."""
+    so the image can be decoded again at full size (None for an image given as an array).
+
+    ``bgr``: the pixels are in the decoder's B, G, R order. A photo decoded to find faces in keeps
+    it, and only what is made from it (a detector's canvas, an aligned crop) is put in RGB order
+    (:meth:`in_rgb`): swapping the channels of a 12-megapixel photo is a pass over 36 MB that the
+    canvas and crops, made channel by channel, do not need (measured ~5 ms of ~50 ms of CPU per
+    photo). The result is the same to the bit."""
 
     pixels: np.ndarray
     full_size: tuple[int, int]  # (width, height) of the full, upright image
@@ -72,10 +78,24 @@ class DecodedImage:
     offset: tuple[float, float] = (0.0, 0.0)
     data: bytes | None = None
     name: str = ""
+    bgr: bool = False
 
     @classmethod
-    def full(cls, rgb: np.ndarray, data: bytes | None = None, name: str = "") -> DecodedImage:
-        return cls(rgb, (int(rgb.shape[1]), int(rgb.shape[0])), 1, (0.0, 0.0), data, name)
+    def full(cls, pixels: np.ndarray, data: bytes | None = None, name: str = "", bgr: bool = False) -> DecodedImage:
+        return cls(pixels, (int(pixels.shape[1]), int(pixels.shape[0])), 1, (0.0, 0.0), data, name, bgr)
+
+    def in_rgb(self, made: np.ndarray) -> np.ndarray:
+        """``made`` (an H x W x 3 array made from ``pixels`` channel by channel: a canvas, a crop)
+        in RGB order."""
+        if not self.bgr:
+            return made
+        import cv2
+
+        return cv2.cvtColor(made, cv2.COLOR_BGR2RGB)
+
+    def rgb(self) -> np.ndarray:
+        """The pixels in RGB order (a full-size copy when they are BGR)."""
+        return self.in_rgb(self.pixels)
 
     @property
     def full_shape(self) -> tuple[int, int]:

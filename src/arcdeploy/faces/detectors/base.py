@@ -166,7 +166,7 @@ class FaceDetector(ABC):
         several images in one call of its network overrides this."""
         out = []
         for img in images:
-            boxes, points, scores = self._detect(img.pixels, threshold)
+            boxes, points, scores = self._detect(img.rgb(), threshold)
             out.append((img.to_full(boxes), img.to_full(points), scores))
         return out
 
@@ -193,7 +193,7 @@ class FaceDetector(ABC):
         out = []
         for img, (boxes, points, scores) in zip(images, found):
             if len(scores) == 0 and self.pad_retry > 0:
-                boxes, points, scores = self._detect_padded(img.pixels, thr)
+                boxes, points, scores = self._detect_padded(img.rgb(), thr)
                 boxes, points = img.to_full(boxes), img.to_full(points)
             faces = [
                 Face(np.asarray(b, np.float32), np.asarray(p, np.float32).reshape(5, 2), float(s))

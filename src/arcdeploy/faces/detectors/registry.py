@@ -34,8 +34,9 @@ DETECTOR_ENGINES = ("onnxruntime", "openvino")
 # benchmarks/bench_e2e_detect.py: one thread per call is the fastest on 2 cores)
 DETECTOR_THREADS = 1
 
-# how the cores are shared when photos are embedded with a detector: one preparation worker per core,
-# each detector call on one engine thread (above), and the recognition engine on every core, its
+# how the cores are shared when photos are embedded with a detector: one preparation worker more than
+# the cores (faces/job.py, measured there), each detector call on one engine thread (above), and the
+# recognition engine on every core, its
 # engine's own default (its threads wait while the workers' calls run). Measured on a quiet 2-core
 # machine (benchmarks/bench_photos.py's packages, 4 interleaved rounds each): recognition on both
 # cores against one, 1.07-1.08x on 12 MP photos, 1.23x on LFW-size photos with the 640 detector, 1.44x

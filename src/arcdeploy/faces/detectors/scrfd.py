@@ -179,7 +179,7 @@ class ScrfdDetector(FaceDetector):
         width, height = img.full_size
         nw, nh, scale = letterbox_geometry(width, height, self.size)
         if img.reduction == 1:
-            return letterbox(img.pixels, self.size)[0], scale
+            return img.in_rgb(letterbox(img.pixels, self.size)[0]), scale
         r = float(img.reduction)
         ox, oy = img.offset
         sx, sy = width / nw, height / nh  # full pixels per canvas pixel, as cv2.resize steps
@@ -189,7 +189,7 @@ class ScrfdDetector(FaceDetector):
         canvas[:nh, :nw] = cv2.warpAffine(
             img.pixels, m, (nw, nh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
         )
-        return canvas, scale
+        return img.in_rgb(canvas), scale
 
     def _detect(self, rgb: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self._detect_many([DecodedImage.full(rgb)], threshold)[0]
