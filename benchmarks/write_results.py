@@ -234,7 +234,9 @@ def photos_section(doc: dict | None) -> list[str]:
         f"CPU of this run: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, flags "
         f"{', '.join(m.get('flags') or []) or 'none'}; load average {_la(doc.get('load_average_start'))} at the "
         f"start, {_la(doc.get('load_average_end'))} at the end. Median of {doc.get('rounds')} interleaved rounds; "
-        "ratios taken within each round. Targets: 3x insightface's loop on the 12 MP set, 0.5x recognition alone "
+        f"ratios taken within each round. arcdeploy's preparation workers: {doc.get('workers')}; the process keeps "
+        "freed memory for reuse as the `arcdeploy` command does (`keep_freed_memory`; insightface's loop runs in "
+        "the same process). Targets: 3x insightface's loop on the 12 MP set, 0.5x recognition alone "
         "on LFW-size photos, cosine >= 0.98 to insightface's embedding on every face it finds.",
         "",
         "| set | path | photos/s | faces/s | x insightface | x recognition alone |",
