@@ -36,13 +36,12 @@ DETECTOR_THREADS = 1
 
 # how the cores are shared when photos are embedded with a detector: one preparation worker more than
 # the cores (faces/job.py, measured there), each detector call on one engine thread (above), and the
-# recognition engine on every core, its
-# engine's own default (its threads wait while the workers' calls run). Measured on a quiet 2-core
-# machine (benchmarks/bench_photos.py's packages, 4 interleaved rounds each): recognition on both
-# cores against one, 1.07-1.08x on 12 MP photos, 1.23x on LFW-size photos with the 640 detector, 1.44x
-# with a 256x256 detector package (the smaller the photo, the more of the work is recognition). An
-# earlier grid on a busy machine (load 4-8) had found one recognition thread better on 12 MP photos
-# (every core 0.89-0.95x); on a quiet one it is not.
+# recognition engine on every core, its engine's own default (its threads wait while the workers'
+# calls run). Measured on a quiet 2-core machine (benchmarks/bench_photos.py's packages, 4 interleaved
+# rounds each): recognition on both cores against one, 1.07-1.08x on 12 MP photos, 1.23x on LFW-size
+# photos with the 640 detector, 1.44x with a 256x256 detector package (the smaller the photo, the more
+# of the work is recognition). An earlier grid on a busy machine (load 4-8) had found one recognition
+# thread better on 12 MP photos (every core 0.89-0.95x); on a quiet one it is not.
 
 
 def detector_class(kind: str) -> type[FaceDetector]:
