@@ -62,7 +62,8 @@ sys.path.insert(0, str(HERE))
 DEFAULT_REAL = HERE.parent / ".." / "shared" / "real"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "arcdeploy-bench-photos"
 # (preparation workers, detector threads per call, recognition threads, detector batch) for --grid
-# (the first is arcdeploy's rule: a worker per core, one thread per detector call, recognition on every core)
+# (the first is arcdeploy's rule on 2 cores: a worker more than the cores, one thread per detector call,
+# recognition on every core)
 GRID = [(3, 1, 2, 1), (2, 1, 2, 1), (3, 1, 1, 1), (4, 1, 2, 1), (2, 2, 2, 1), (3, 1, 2, 8)]
 
 

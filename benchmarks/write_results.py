@@ -56,6 +56,17 @@ def _la(values) -> str:
     return " / ".join(f"{x:.1f}" for x in values or []) or "-"
 
 
+def _not_measured(key: str, script: str) -> list[str]:
+    return [f"Not measured: no `{FILES[key]}` (run `python benchmarks/{script}`).", ""]
+
+
+def _run_cpu(doc: dict) -> str:
+    """The CPU a benchmark's run had, as its result file records it."""
+    m = doc.get("machine") or {}
+    flags = ", ".join(m.get("flags") or []) or "none"
+    return f"CPU of this run: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, flags {flags}"
+
+
 def _provenance(doc: dict, script: str) -> list[str]:
     cmd = doc.get("command") or f"python benchmarks/{script}"
     return [f"Produced by `{cmd}` ({doc.get('date', 'date not recorded')}).", ""]
@@ -93,7 +104,7 @@ def machine_section(docs: dict) -> list[str]:
 def real_section(doc: dict | None) -> list[str]:
     lines = ["## Real trained networks: fidelity, LFW accuracy and speed", ""]
     if not doc:
-        return lines + [f"Not measured: no `{FILES['real']}` (run `python benchmarks/bench_real.py`).", ""]
+        return lines + _not_measured("real", "bench_real.py")
     from bench_real import markdown
 
     return lines + _provenance(doc, "bench_real.py") + [markdown(doc, level=3), ""]
@@ -102,7 +113,7 @@ def real_section(doc: dict | None) -> list[str]:
 def faithful_section(doc: dict | None) -> list[str]:
     lines = ["## int8 on faces unlike its calibration set (by group; previous recipe vs now)", ""]
     if not doc:
-        return lines + [f"Not measured: no `{FILES['faithful']}` (run `python benchmarks/bench_faithful.py`).", ""]
+        return lines + _not_measured("faithful", "bench_faithful.py")
     from bench_faithful import markdown
 
     note = (
@@ -116,7 +127,7 @@ def faithful_section(doc: dict | None) -> list[str]:
 def fallback_section(doc: dict | None) -> list[str]:
     lines = ["## The accuracy-aware int8 fallback (untrained r50 / r100, real LFW faces)", ""]
     if not doc:
-        return lines + [f"Not measured: no `{FILES['fallback']}` (run `python benchmarks/bench_fallback.py`).", ""]
+        return lines + _not_measured("fallback", "bench_fallback.py")
     from bench_fallback import markdown
 
     return (
@@ -140,7 +151,7 @@ def fallback_section(doc: dict | None) -> list[str]:
 def peers_section(doc: dict | None) -> list[str]:
     lines = ["## arcdeploy vs. what users run instead (generated r50 / r100, CPU)", ""]
     if not doc:
-        return lines + [f"Not measured: no `{FILES['peers']}` (run `python benchmarks/compare_peers.py`).", ""]
+        return lines + _not_measured("peers", "compare_peers.py")
     from compare_peers import peers_markdown
 
     body = peers_markdown(doc, level=3, machine=False)
@@ -152,7 +163,7 @@ def peers_section(doc: dict | None) -> list[str]:
 def e2e_section(doc: dict | None) -> list[str]:
     lines = ["## Detection end to end (real photos, SCRFD-500M)", ""]
     if not doc:
-        return lines + [f"Not measured: no `{FILES['e2e']}` (run `python benchmarks/bench_e2e_detect.py`).", ""]
+        return lines + _not_measured("e2e", "bench_e2e_detect.py")
     lines += _provenance(doc, "bench_e2e_detect.py")
     lines += [
         f"{doc['images']} images (the real photos, listed several times), {doc['detector']}, batch {doc['batch']}, "
@@ -179,7 +190,7 @@ def e2e_section(doc: dict | None) -> list[str]:
 def ray_section(doc: dict | None) -> list[str]:
     lines = ["## Ray scaling (loopback clusters on this machine)", ""]
     if not doc:
-        return lines + [f"Not measured: no `{FILES['ray']}` (run `python benchmarks/bench_ray.py`).", ""]
+        return lines + _not_measured("ray", "bench_ray.py")
     m = doc.get("manifest") or {}
     runs = doc["runs"]
     base = runs[0]["steady_images_per_s"] if runs else None
@@ -227,13 +238,11 @@ def _ceiling(entry: dict) -> str:
 def photos_section(doc: dict | None) -> list[str]:
     lines = ["## Photos at engine speed (photo -> embedding, against insightface's own loop)", ""]
     if not doc:
-        return lines + [f"Not measured: no `{FILES['photos']}` (run `python benchmarks/bench_photos.py`).", ""]
+        return lines + _not_measured("photos", "bench_photos.py")
     lines += _provenance(doc, "bench_photos.py")
-    m = doc.get("machine") or {}
     lines += [
-        f"CPU of this run: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, flags "
-        f"{', '.join(m.get('flags') or []) or 'none'}; load average {_la(doc.get('load_average_start'))} at the "
-        f"start, {_la(doc.get('load_average_end'))} at the end. Median of {doc.get('rounds')} interleaved rounds; "
+        f"{_run_cpu(doc)}; load average {_la(doc.get('load_average_start'))} at the start,"
+        f" {_la(doc.get('load_average_end'))} at the end. Median of {doc.get('rounds')} interleaved rounds; "
         f"ratios taken within each round. arcdeploy's preparation workers: {doc.get('workers')}; the process keeps "
         "freed memory for reuse as the `arcdeploy` command does (`keep_freed_memory`; insightface's loop runs in "
         "the same process). Targets: 3x insightface's loop on the 12 MP set, 0.5x recognition alone "
@@ -270,15 +279,13 @@ def photos_section(doc: dict | None) -> list[str]:
 def serve_section(doc: dict | None) -> list[str]:
     lines = ["## Serving under load (arcdeploy serve, 127.0.0.1)", ""]
     if not doc:
-        return lines + [f"Not measured: no `{FILES['serve']}` (run `python benchmarks/bench_serve.py`).", ""]
+        return lines + _not_measured("serve", "bench_serve.py")
     from bench_serve import table
 
     lines += _provenance(doc, "bench_serve.py")
     first = doc["results"][0] if doc["results"] else {}
-    m = doc.get("machine") or {}
     lines += [
-        f"CPU of this run: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, flags "
-        f"{', '.join(m.get('flags') or []) or 'none'}.",
+        f"{_run_cpu(doc)}.",
         "",
         "One image per request (`crop`: a 112x112 aligned JPEG, `aligned=true`; `photo`: a real photo through "
         "SCRFD-500M), closed-loop clients on keep-alive connections, "
@@ -336,7 +343,7 @@ def serve_section(doc: dict | None) -> list[str]:
 def gallery_section(doc: dict | None) -> list[str]:
     lines = ["## Galleries: 1:N search", ""]
     if not doc:
-        return lines + [f"Not measured: no `{FILES['gallery']}` (run `python benchmarks/bench_gallery.py`).", ""]
+        return lines + _not_measured("gallery", "bench_gallery.py")
     lines += _provenance(doc, "bench_gallery.py")
     v = doc.get("versions") or {}
     lines += [

@@ -99,9 +99,9 @@ def check_threads(value: int | None, what: str = "threads", per_cpu: int = 1) ->
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_KEEP_FREED_MEMORY: list[bool] = []
 
 
+@functools.lru_cache(maxsize=1)
 def keep_freed_memory() -> bool:
     """Have glibc's allocator keep freed memory for the process to reuse instead of handing it back
     to the system at once; True when it now does (Linux with glibc, and no malloc settings of the
@@ -116,20 +116,17 @@ def keep_freed_memory() -> bool:
     hundred MB while photos are embedded) until it ends. The command line (``arcdeploy ...``)
     and the Ray workers call this; a program using the Python API may call it itself.
     """
-    if _KEEP_FREED_MEMORY:
-        return _KEEP_FREED_MEMORY[0]
-    done = False
     own = "malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in os.environ)
-    if platform.system() == "Linux" and not own:
-        import ctypes
+    if platform.system() != "Linux" or own:
+        return False
+    import ctypes
 
-        try:
-            libc = ctypes.CDLL(None)
-            if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt"):
-                # no block gets its own mapping (it comes from the heap, which is kept), and the
-                # heap's free top is never trimmed: both are needed, either alone still faults
-                done = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-        except OSError:
-            done = False
-    _KEEP_FREED_MEMORY.append(done)
-    return done
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):
+        return False
+    # no block gets its own mapping (it comes from the heap, which is kept), and the heap's free top
+    # is never trimmed: both are needed, either alone still faults
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
