@@ -145,10 +145,11 @@ def test_what_cannot_be_built_is_refused_in_one_line(tmp_path, capsys):
 @needs_real("models/scrfd_500m_kps.onnx", "faces/photos", "faces/lfw_colour")
 def test_int8_detector_package_fidelity_is_checked_and_recorded(tmp_path):
     """int8 (the recognition recipe: stem, wide-spread and depthwise layers in float, each canvas's own
-    ranges) calibrated on LFW photos and group photos tiled from other LFW people, checked on the real
-    photos and a group photo: faces of a useful size keep to the floor; the small faces of the group
-    photo (16 canvas px between the eyes) are measured and recorded apart (int8 moves their points by
-    a few tenths of a detector pixel: 1.5% of their IOD here, 5.6% with the detector recipe before)."""
+    ranges; full bias correction) calibrated on LFW photos and group photos tiled from other LFW
+    people, checked on the real photos and a group photo: faces of a useful size keep to the floor;
+    the small faces of the group photo (16 canvas px between the eyes) are measured and recorded apart
+    (int8 moves their points by a few tenths of a detector pixel: 1.5% of their IOD here, 5.6% with
+    the detector recipe before)."""
     sys.path.insert(0, str(BENCHMARKS))
     from _photo_sets import group_photo
 
@@ -168,6 +169,7 @@ def test_int8_detector_package_fidelity_is_checked_and_recorded(tmp_path):
     assert m.precision == "int8" and m.calibration["canvases"] == len(lfw) + len(groups)
     assert "Conv_0" in " ".join(m.calibration["kept_float"])
     assert m.calibration["recipe"]["range_estimator"] == "max_quantile"
+    assert m.calibration["recipe"]["bias_correction"] == "full" and "fast" not in m.calibration["method"]
     assert "depthwise" in m.calibration["kept_float_why"]
     assert any(v.get("u8", 0) + v.get("i8", 0) for v in m.executed["layers"].values())
     f = m.fidelity
