@@ -63,8 +63,8 @@ DEFAULT_CHECK_COUNT = 32
 # more. NNCF's full bias correction (layer by layer, on the calibration canvases) in place of its
 # fast one gained more for nothing: over four calibration sets (60 or 120 LFW photos + 4 group
 # photos) that error came to 0.40-0.45% (0.53-0.54% with the fast one on three of them), at the
-# same detector speed (12.1 ms per 640x640 canvas on one thread either way), for a build of 30-50 s
-# instead of 25-35 (the embeddings' cosine to insightface's loop: README.md).
+# same detector speed (12.1 ms per 640x640 canvas on one thread either way), for builds of 26-48 s
+# against 24-32 (the embeddings' cosine to insightface's loop: README.md).
 DETECTOR_BIAS_CORRECTION = "full"
 FLOOR = {"iou": 0.9, "landmark_error_mean": 0.01, "landmark_error_max": 0.03}
 # a face is lost (or added) only when the other detector does not find it even this far below the threshold
