@@ -39,6 +39,31 @@ def fp32_packages(tmp_path_factory):
     }
 
 
+def test_batched_graph_keeps_no_unbatched_shapes(tmp_path, capfd):
+    """The source records its heads' reshaped tensors as [K, C]; the batched graph gives [N, K, C],
+    so those records go (ONNX Runtime warned on every load that they disagree)."""
+    import onnx
+    import onnxruntime as ort
+
+    from arcdeploy.faces.detectors.graph import write_batched
+
+    batched = tmp_path / "batched.onnx"
+    write_batched(SCRFD, batched, (640, 640))
+    model = onnx.load(str(batched))
+    recorded = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.value_info}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for out in model.graph.output:
+        node = producers[out.name]
+        while node.op_type != "Reshape":
+            assert recorded.get(node.input[0], 3) == 3, (out.name, node.input[0])
+            node = producers[node.input[0]]
+    capfd.readouterr()
+    sess = ort.InferenceSession(str(batched), providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {sess.get_inputs()[0].name: np.zeros((2, 3, 640, 640), np.float32)})
+    assert all(o.ndim == 3 and o.shape[0] == 2 for o in outs)
+    assert "MergeShapeInfo" not in capfd.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
 def test_fp32_detector_package_finds_what_the_source_finds(fp32_packages, engine):
