@@ -41,11 +41,9 @@ def batched_scrfd(model, input_size: tuple[int, int] | None = None, source: str 
     rewrites = [f"{r} (a traced batch of 1)" for r in og.make_batch_dynamic(model, image.name, 1, ("Reshape",))]
     consts = og.constant_values(graph)
     prods = og.producers(graph)
-    reshaped: set[str] = set()  # tensors between a rewritten Reshape and its output
     for out in graph.output:
         node = prods.get(out.name)
         while node is not None and node.op_type in _ELEMENTWISE:
-            reshaped.add(node.input[0])
             node = prods.get(node.input[0])
         if node is None or node.op_type != "Reshape":
             raise ArcdeployError(
@@ -83,11 +81,10 @@ def batched_scrfd(model, input_size: tuple[int, int] | None = None, source: str 
                     f"{source}: output {out.name!r} is reshaped to {shape.tolist()}; expected [K, C] or [N, K, C]"
                 )
         _set_dims(out, ["batch", None, channels])
-    # the source records these tensors' unbatched shapes ([K, C]); left in, ONNX Runtime warns on
-    # every load that they disagree with [N, K, C]
-    kept = [v for v in graph.value_info if v.name not in reshaped]
+    # intermediate shapes recorded for the traced, unbatched graph (the heads' [K, C]) contradict the
+    # batched one, and ONNX Runtime warns on every load: dropped, as recognition graphs given a
+    # dynamic batch drop them (sources/onnx_model.py)
     del graph.value_info[:]
-    graph.value_info.extend(kept)
     _set_dims(image, ["batch", 3, *(list(input_size[::-1]) if input_size else og.tensor_dims(image)[2:])])
     og.prune_dead_nodes(graph)
     return rewrites
