@@ -168,16 +168,19 @@ def test_what_cannot_be_built_is_refused_in_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 @needs_real("models/scrfd_500m_kps.onnx", "faces/photos", "faces/lfw_colour")
-def test_int8_detector_package_fidelity_is_checked_and_recorded(tmp_path):
+def test_int8_detector_package_fidelity_is_checked_and_recorded(tmp_path, monkeypatch):
     """int8 (the recognition recipe: stem, wide-spread and depthwise layers in float, each canvas's own
     ranges; full bias correction) calibrated on LFW photos and group photos tiled from other LFW
     people, checked on the real photos and a group photo: faces of a useful size keep to the floor;
-    the small faces of the group photo (16 canvas px between the eyes) are measured and recorded apart
-    (int8 moves their points by a few tenths of a detector pixel: 1.5% of their IOD here, 5.6% with
-    the detector recipe before)."""
+    the small faces of the group photo (16 canvas px between the eyes) are measured and recorded apart.
+    The recipe's package misses the floor there (int8 moves their points by a few tenths of a detector
+    pixel: 1.4% of their IOD, mean), so the fallback keeps its most sensitive layers in float until the
+    calibration's group photos meet it (6 layers on an AVX-512 EPYC, mean 0.7%) and records them."""
     sys.path.insert(0, str(BENCHMARKS))
     from _photo_sets import group_photo
+    from arcdeploy import detector_fallback
 
+    monkeypatch.setattr(detector_fallback, "SPEED_SECONDS", 0.3)  # the speed cost's rounds, shorter than a user's
     real = FACES.parent
     lfw = sorted((FACES / "lfw_colour").rglob("*.jpg"))[::9][:40]
     groups = [group_photo(real, tmp_path / f"calib_group_{s}.jpg", seed=s, start=100 * s) for s in (1, 2)]
@@ -203,18 +206,35 @@ def test_int8_detector_package_fidelity_is_checked_and_recorded(tmp_path):
     assert large["faces"] >= 12 and small["faces"] >= 80
     assert large["min_iou"] >= 0.95 and large["landmark_error_mean"] <= 0.01 and large["landmark_error_max"] <= 0.03
     assert small["min_iou"] >= 0.9 and small["landmark_error_mean"] <= 0.025
-    # the verdict follows the recorded figures and the floor
+    # the verdict follows the recorded figures and the floor (its max judged on faces of a useful size)
     fails = (
         f.lost > 0
         or f.added > 0
         or f.min_iou < f.floor["iou"]
         or f.landmark_error_mean > f.floor["landmark_error_mean"]
-        or f.landmark_error_max > f.floor["landmark_error_max"]
+        or large["landmark_error_max"] > f.floor["landmark_error_max"]
     )
     assert f.passed is (not fails) and bool(f.below_floor) is fails
     assert f.lost <= 1 and f.added <= 1  # of 169 faces, the faintest one at most (none on this CPU)
     saved = json.loads((pkg / "manifest.json").read_text())["fidelity"]
     assert saved["by_size"]["small_iod_canvas_px"] == 16.0
+    # the fallback: validated on calibration photos (the group photos among them), never the check photos
+    fb = m.calibration.get("fallback")
+    assert fb is not None, "the recipe's package passed on this CPU: nothing to fall back from"
+    assert fb["validation_photos"] <= len(lfw) + len(groups) and fb["validation_faces"] >= 100
+    kept, target = fb["kept_float"], fb["validation_target"]
+    assert 1 <= len(kept) <= fb["candidates"] and set(kept) <= set(m.calibration["kept_float"])
+    before, after = fb["validation_before"], fb["validation_after"]
+    assert after["landmark_error_mean"] < before["landmark_error_mean"]
+    if not fb.get("no_int8_left"):  # int8 is left, and the validation photos meet the floor with its margin
+        assert after["landmark_error_mean"] <= target["landmark_error_mean"]
+        assert after["landmark_error_max_judged"] <= target["landmark_error_max"]
+        assert after["lost"] == 0 and after["added"] == 0
+        assert any(v.get("u8", 0) + v.get("i8", 0) for v in m.executed["layers"].values())
+    assert fb["ranking"][0]["layer"] == kept[0] and fb["ranking"][0]["gain"] > 0
+    assert fb["speed"]["recipe_canvases_per_s"] > 0 and fb["speed"]["fallback_vs_recipe"] > 0
+    # what the fallback bought on the check photos' small faces: under the floor's mean (1.4% without)
+    assert small["landmark_error_mean"] <= f.floor["landmark_error_mean"]
 
 
 @pytest.mark.slow

@@ -85,6 +85,7 @@ def build(src, out, options: BuildOptions | None = None, **kwargs: Any) -> Path:
             opts.strict,
             opts.recipe,
             input_size=opts.input_size,
+            fallback=opts.fallback,
         )
     if opts.auto_precision:  # the candidates this CPU runs fast, each checked and timed; the choice kept
         from .auto_precision import build_auto

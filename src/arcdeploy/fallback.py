@@ -27,8 +27,10 @@ import logging
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -45,6 +47,9 @@ MIN_MARGIN = 0.005
 ONE_BY_ONE = 4  # the first layers are tried one at a time
 SPEED_ROUNDS = 3  # the speed cost: rounds of SPEED_SECONDS per package, taken in turns
 SPEED_SECONDS = 1.0
+
+
+M = TypeVar("M")  # what a search measures on its validation inputs
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -66,56 +71,65 @@ def _meets(cos: np.ndarray, floor: dict[str, float]) -> bool:
     return all(stats[k] >= v for k, v in validation_target(floor).items() if k in stats)
 
 
-class _LayerSearch:
-    """Validation cosines of the int8 model with chosen layers back in float (memoised by prefix length)."""
+class LayerSearch(Generic[M]):
+    """An int8 model with chosen layers back in float, searched for the fewest that meet a goal.
 
-    def __init__(self, reverter, x: np.ndarray, ref: np.ndarray):
-        self.rev, self.x, self.ref = reverter, x, ref
-        self.tried: dict[int, np.ndarray] = {}
+    ``rank_score(names)``: how good the model is with ``names`` in float (higher is better; on a
+    few inputs, once per layer); ``measure(names)``: the full validation result (memoised by prefix
+    length); ``meets(result)``: the goal; ``describe(result)``: its figures, for the log and the
+    manifest. Recognition scores by cosine to fp32 (:func:`keep_sensitive_layers_float`), a
+    detector by its landmarks' error (:mod:`arcdeploy.detector_fallback`)."""
+
+    def __init__(
+        self,
+        layers: list[str],
+        rank_score: Callable[[list[str]], float],
+        measure: Callable[[list[str]], M],
+        meets: Callable[[M], bool],
+        describe: Callable[[M], dict[str, float]],
+    ):
+        self.layers, self.rank_score, self.measure = list(layers), rank_score, measure
+        self.meets, self.describe = meets, describe
+        self.tried: dict[int, M] = {}
         self.order: list[str] = []
 
-    def cosines(self, names: list[str], n: int | None = None) -> np.ndarray:
-        k = len(self.x) if n is None else n
-        return _cosine(self.rev.embed(names, self.x[:k]), self.ref[:k])
-
-    def rank(self, before: np.ndarray) -> tuple[list[tuple[float, str]], int]:
-        """Each quantized layer back in float alone, by its gain in mean cosine (best first); and how
+    def rank(self) -> tuple[list[tuple[float, str]], int]:
+        """Each layer back in float alone, by its gain in ``rank_score`` (best first); and how
         many layers were candidates."""
-        base_rank = float(before[:RANKING_FACES].mean())
-        candidates = self.rev.layers()
-        gains = [(float(self.cosines([name], RANKING_FACES).mean()) - base_rank, name) for name in candidates]
+        base = self.rank_score([])
+        gains = [(self.rank_score([name]) - base, name) for name in self.layers]
         gains.sort(reverse=True)
         self.order = [name for _, name in gains]
-        return gains, len(candidates)
+        return gains, len(self.layers)
 
-    def prefix(self, k: int) -> np.ndarray:
+    def prefix(self, k: int) -> M:
         if k not in self.tried:
-            self.tried[k] = c = self.cosines(self.order[:k])
-            log.info(
-                "fallback: %d most sensitive layer(s) in float: validation cosine mean %.5f min %.5f",
-                k,
-                c.mean(),
-                c.min(),
-            )
+            self.tried[k] = got = self.measure(self.order[:k])
+            figures = " ".join(f"{key} {value:.5f}" for key, value in self.describe(got).items())
+            log.info("fallback: %d most sensitive layer(s) in float: validation %s", k, figures)
         return self.tried[k]
 
-    def shortest_passing_prefix(self, floor: dict[str, float]) -> int:
-        """The fewest most-sensitive layers whose return to float clears ``floor`` on the validation faces
-        (all of them when none does)."""
+    def shortest_passing_prefix(self) -> int:
+        """The fewest most-sensitive layers whose return to float meets the goal on the validation
+        inputs (all of them when none does)."""
         order, k = self.order, 0
         for k in range(1, min(ONE_BY_ONE, len(order)) + 1):  # one layer at a time
-            if _meets(self.prefix(k), floor):
+            if self.meets(self.prefix(k)):
                 return k
         lo = k
-        while k < len(order) and not _meets(self.prefix(k), floor):  # doubling ...
+        while k < len(order) and not self.meets(self.prefix(k)):  # doubling ...
             lo, k = k, min(2 * k, len(order))
         while k - lo > 1:  # ... then bisecting between the last miss and the first pass
             mid = (lo + k) // 2
-            if _meets(self.prefix(mid), floor):
+            if self.meets(self.prefix(mid)):
                 k = mid
             else:
                 lo = mid
         return k
+
+
+def _cosine_figures(cos: np.ndarray) -> dict[str, float]:
+    return {"mean": float(cos.mean()), "min": float(cos.min())}
 
 
 def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, float], threads: int | None = None):
@@ -130,12 +144,25 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
     faces = split.calib.faces
     val_faces = faces[:: max(1, len(faces) // VALIDATION_FACES)][:VALIDATION_FACES]
     x = _inputs(job, val_faces)
-    search = _LayerSearch(engine.reverter(job), x, Reference(Package(job.out_dir), threads).embed(val_faces))
-    before = search.cosines([])
-    gains, candidates = search.rank(before)
-    k = search.shortest_passing_prefix(floor)
+    reverter = engine.reverter(job)
+    ref = Reference(Package(job.out_dir), threads).embed(val_faces)
+
+    def cosines(names: list[str], n: int | None = None) -> np.ndarray:
+        k = len(x) if n is None else n
+        return _cosine(reverter.embed(names, x[:k]), ref[:k])
+
+    search = LayerSearch(
+        reverter.layers(),
+        rank_score=lambda names: float(cosines(names, RANKING_FACES).mean()),
+        measure=cosines,
+        meets=lambda cos: _meets(cos, floor),
+        describe=_cosine_figures,
+    )
+    before = search.prefix(0)
+    gains, candidates = search.rank()
+    k = search.shortest_passing_prefix()
     kept = search.order[:k]
-    after = search.prefix(k) if k else before
+    after = search.prefix(k)
     nothing_left = nothing_int8_left(len(kept), len(search.order), _meets(after, floor))
     if not kept:
         log.warning("fallback: no quantized layer to put back in float; the recipe's package is kept")
@@ -147,13 +174,11 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
                 "why": "the recipe's package missed the fidelity floor on the check images",
                 "kept_float": kept,
                 "ranking": [{"layer": n, "gain": round(g, 6)} for g, n in gains[: max(len(kept), 10)]],
-                "prefixes_tried": {
-                    str(n): {"mean": float(c.mean()), "min": float(c.min())} for n, c in sorted(search.tried.items())
-                },
+                "prefixes_tried": {str(n): _cosine_figures(c) for n, c in sorted(search.tried.items()) if n},
                 "candidates": candidates,
                 "validation_faces": int(len(x)),
-                "validation_before": {"mean": float(before.mean()), "min": float(before.min())},
-                "validation_after": {"mean": float(after.mean()), "min": float(after.min())},
+                "validation_before": _cosine_figures(before),
+                "validation_after": _cosine_figures(after),
                 "seconds": round(time.time() - started, 1),
                 "speed": speed,
                 **({"no_int8_left": True} if nothing_left else {}),
@@ -194,15 +219,27 @@ def _rebuild(engine, job, kept: list[str], x: np.ndarray, threads: int | None) -
     previous = job.manifest.calibration  # includes what the calibration images were
     with scratch_dir("fallback") as recipe_pkg:
         # the recipe's package steps aside (not deleted) so its speed can be compared with the new one's
-        for f in list(job.out_dir.iterdir()):
-            if f.is_file() and f.name in set(job.manifest.files.values()):
-                shutil.move(str(f), recipe_pkg / f.name)
+        move_engine_files(job, recipe_pkg)
         write_json_atomic(recipe_pkg / MANIFEST_NAME, job.manifest.to_json())
-        rebuilt = replace(job, recipe=job.recipe.with_float_layers(kept), warnings=[])
-        engine.build(rebuilt)  # rebuilt.manifest is job.manifest: the build writes its new entries there
+        # rebuilt.manifest is job.manifest: the build writes its new entries there
+        rebuilt = requantize(engine, job, kept)
         rebuilt.manifest.calibration = rebuilt.manifest.calibration.with_images_of(previous)
         write_json_atomic(job.out_dir / MANIFEST_NAME, rebuilt.manifest.to_json())
         return _speed_cost(recipe_pkg, job.out_dir, x, threads)
+
+
+def move_engine_files(job, to: Path) -> None:
+    """The engine files a build wrote into ``job.out_dir``, moved to ``to``."""
+    for f in list(job.out_dir.iterdir()):
+        if f.is_file() and f.name in set(job.manifest.files.values()):
+            shutil.move(str(f), to / f.name)
+
+
+def requantize(engine, job, kept: list[str]):
+    """``job`` quantized again, cleanly (a new calibration), with ``kept`` in its recipe's float scope."""
+    rebuilt = replace(job, recipe=job.recipe.with_float_layers(kept), warnings=[])
+    engine.build(rebuilt)
+    return rebuilt
 
 
 def _speed_cost(recipe_pkg: Path, new_pkg: Path, x: np.ndarray, threads: int | None) -> dict:

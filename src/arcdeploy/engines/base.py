@@ -262,7 +262,8 @@ class Engine:
     check: Callable[[Precision], None] | None = None
     describe_library: Callable[[], str] | None = None
     # an int8 build's layers put back in float one by one, for the accuracy-aware fallback:
-    # reverter(job) -> object with layers() -> [names] and embed(names, x) -> float32 [N, D]
+    # reverter(job) -> object with layers() -> [names], embed(names, x) -> float32 [N, D] and
+    # runner(names) -> (inputs -> every output), the model with those layers back in float
     reverter: Callable[[BuildJob], Any] | None = None
 
     def check_precision(self, precision: Precision) -> None:

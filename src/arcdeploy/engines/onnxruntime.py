@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +329,11 @@ class LayerReverter:
         ]
 
     def embed(self, names: list[str], x: np.ndarray, batch: int = 32) -> np.ndarray:
+        run = self.runner(names)
+        return np.concatenate([run(x[s : s + batch])[0] for s in range(0, len(x), batch)]).astype(np.float32)
+
+    def runner(self, names: list[str]) -> Callable[[np.ndarray], list[np.ndarray]]:
+        """The model with ``names`` back in float, in a session: inputs -> every output."""
         import onnx
 
         model = onnx.ModelProto()
@@ -359,8 +365,7 @@ class LayerReverter:
                     added.add(restored)
                 node.input[k] = restored
         session = _session_from_bytes(model.SerializeToString(), self.threads)
-        outs = [session.run(None, {self.input_name: x[s : s + batch]})[0] for s in range(0, len(x), batch)]
-        return np.concatenate(outs).astype(np.float32)
+        return lambda x: list(session.run(None, {self.input_name: x}))
 
 
 def reverter(job: BuildJob) -> LayerReverter:

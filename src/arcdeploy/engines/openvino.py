@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -433,7 +434,11 @@ class LayerReverter:
         return out
 
     def embed(self, names: list[str], x: np.ndarray) -> np.ndarray:
-        batch = self.batch
+        run = self.runner(names)
+        return np.concatenate([run(x[s : s + self.batch])[0] for s in range(0, len(x), self.batch)])
+
+    def runner(self, names: list[str]) -> Callable[[np.ndarray], list[np.ndarray]]:
+        """The model with ``names`` back in float, compiled: inputs -> every output (float32)."""
         model = self.quantized.clone()
         ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
         for name in names:
@@ -461,11 +466,13 @@ class LayerReverter:
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
         req = _compile(model, config, "the int8 model (ranking layers)").create_infer_request()
-        outs = []
-        for s in range(0, len(x), batch):
-            req.infer({0: x[s : s + batch]})
-            outs.append(np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True))
-        return np.concatenate(outs)
+        n_out = len(model.outputs)
+
+        def run(x: np.ndarray) -> list[np.ndarray]:
+            req.infer({0: x})
+            return [np.array(req.get_output_tensor(k).data, dtype=np.float32, copy=True) for k in range(n_out)]
+
+        return run
 
 
 # ops a quantizer may sit behind on its way to the layer it serves: NNCF moves an input quantizer up

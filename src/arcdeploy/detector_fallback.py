@@ -1,0 +1,184 @@
+"""Accuracy-aware int8 fallback for detector packages: the recognition fallback's search
+(:class:`arcdeploy.fallback.LayerSearch`) scored in a detector's terms.
+
+When an int8 detector package misses its fidelity floor on the check photos, its most sensitive
+layers go back to float until validation photos meet the floor with a margin:
+
+1. Validation photos come from the calibration photos (never from the check photos): the ones
+   with the most faces the source finds (small faces are where int8 moves the points most), then
+   others spread over the set. Their faces from the source ONNX (ONNX Runtime fp32) are found once.
+2. Rank: each quantized layer is put back in float alone (the engine's ``reverter``: its input
+   quantizer bypassed, its fp32 weights restored) and the fall of the landmark error (mean share of
+   the inter-ocular distance over the faces of the first ``RANKING_PHOTOS``) is its sensitivity.
+3. Search: the shortest prefix of that ranking whose layers, back in float, let the validation
+   photos meet :data:`~arcdeploy.detector_package.FLOOR` with its landmark errors times
+   ``MARGIN`` (one layer at a time first, then doubling and bisecting, as for recognition).
+4. The package is quantized again, cleanly, with those layers in the recipe's float scope; the
+   build checks it on the check photos as every build is. The manifest's calibration entry records
+   the layers, the ranking, the validation figures before and after, the seconds it took and the
+   detector's speed against the recipe's package (timed in turns on the same canvases).
+
+Unlike a recognition network, where one or two layers carry the loss, SCRFD's error is spread over
+its layers (the most sensitive of SCRFD-500M's 43 carries 13% of it): a fallback that must bring
+faces a few canvas pixels wide under the floor keeps a large part of the network in float, and its
+speed cost is recorded beside the layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ArcdeployError
+from .files import scratch_dir
+from .manifest import DetectorFidelity
+
+log = logging.getLogger(__name__)
+
+VALIDATION_PHOTOS = 24
+CROWDED_PHOTOS = 8  # of them, at most this many chosen for having the most faces
+RANKING_PHOTOS = 12  # each layer's sensitivity is measured on these (one compile + run per layer)
+MARGIN = 0.8  # validation landmark errors must be under the floor's times this: the check photos are others
+SPEED_ROUNDS = 3
+SPEED_SECONDS = 1.0
+SPEED_BATCH = 4
+
+
+class _RunnerSession:
+    """A detector's session replaced by a reverter's model (``run(canvases) -> every output``)."""
+
+    def __init__(self, run):
+        self._run = run
+
+    def run(self, feed: dict) -> list[np.ndarray]:
+        (x,) = feed.values()
+        return self._run(x)
+
+
+def validation_photos(reference, photos: list) -> list:
+    """Up to ``VALIDATION_PHOTOS`` of the calibration photos: those with the most faces the
+    reference finds first (at most ``CROWDED_PHOTOS``, with two faces or more), then the others
+    spread evenly over the set, in that order."""
+    counts = [sum(f.score >= reference.threshold for f in faces) for faces in reference.detect_decoded(photos)]
+    crowded = sorted((i for i, c in enumerate(counts) if c >= 2), key=lambda i: -counts[i])[:CROWDED_PHOTOS]
+    rest = [i for i in range(len(photos)) if i not in set(crowded) and counts[i] >= 1]
+    room = min(VALIDATION_PHOTOS - len(crowded), len(rest))
+    spread = [rest[k * len(rest) // room] for k in range(room)] if room > 0 else []
+    return [photos[i] for i in crowded + spread]
+
+
+def margin_floor(floor: dict) -> dict:
+    """What the validation photos must reach: the floor's landmark errors times ``MARGIN``."""
+    return {
+        **floor,
+        "landmark_error_mean": floor["landmark_error_mean"] * MARGIN,
+        "landmark_error_max": floor["landmark_error_max"] * MARGIN,
+    }
+
+
+def _figures(f: DetectorFidelity) -> dict[str, float]:
+    return {
+        "landmark_error_mean": f.landmark_error_mean,
+        "landmark_error_max_judged": float(f.by_size.get("large", {}).get("landmark_error_max") or 0.0),
+        "min_iou": f.min_iou,
+        "lost": f.lost,
+        "added": f.added,
+    }
+
+
+def keep_sensitive_layers_float(engine, job, package_dir: Path, reference, photos: list, floor: dict, threads) -> dict:
+    """Requantize the int8 detector build ``job`` (written into ``package_dir``, which holds a
+    detector manifest) with its most sensitive layers in float (module doc); returns the record for
+    the manifest's calibration entry (``"fallback"``). ``photos``: the calibration photos."""
+    from .detector_package import detector_fidelity, reference_faces
+    from .faces.detectors.registry import DetectorSpec
+    from .faces.detectors.scrfd import ScrfdDetector
+    from .fallback import LayerSearch, move_engine_files, nothing_int8_left, requantize
+
+    if engine.reverter is None:
+        raise ArcdeployError(f"engine {engine.name}: no accuracy-aware fallback for its int8 packages")
+    started = time.time()
+    val = validation_photos(reference, photos)
+    if not val:
+        raise ArcdeployError("the detector fallback found no face in the calibration photos to validate on")
+    ref_found = reference_faces(reference, val)
+    k_rank = min(RANKING_PHOTOS, len(val))
+    target = margin_floor(floor)
+    reverter = engine.reverter(job)
+    candidate = DetectorSpec(package_dir, threads=threads).open()  # its canvas and decoding; its session replaced
+    if not isinstance(candidate, ScrfdDetector):
+        raise ArcdeployError(f"{package_dir}: not an SCRFD detector package")
+
+    def fidelity(names: list[str], n: int | None = None) -> DetectorFidelity:
+        k = len(val) if n is None else n
+        candidate.session = _RunnerSession(reverter.runner(names))
+        return detector_fidelity(reference, candidate, val[:k], "validation", ref_found[:k], target)
+
+    def rank_score(names: list[str]) -> float:
+        f = fidelity(names, k_rank)
+        return -f.landmark_error_mean - 0.01 * (f.lost + f.added)
+
+    search = LayerSearch(
+        reverter.layers(), rank_score=rank_score, measure=fidelity, meets=lambda f: f.passed, describe=_figures
+    )
+    before = search.prefix(0)
+    gains, candidates = search.rank()
+    k = search.shortest_passing_prefix()
+    kept = search.order[:k]
+    after = search.prefix(k)
+    record: dict = {
+        "why": "the recipe's package missed the fidelity floor on the check photos",
+        "kept_float": kept,
+        "ranking": [{"layer": n, "gain": round(g, 6)} for g, n in gains[: max(len(kept), 10)]],
+        "prefixes_tried": {str(n): _figures(f) for n, f in sorted(search.tried.items()) if n},
+        "candidates": candidates,
+        "validation_photos": len(val),
+        "validation_faces": int(sum(len(f) for f in ref_found)),
+        "validation_target": {key: target[key] for key in ("landmark_error_mean", "landmark_error_max")},
+        "validation_before": _figures(before),
+        "validation_after": _figures(after),
+    }
+    nothing_left = nothing_int8_left(len(kept), candidates, after.passed)
+    if nothing_left:
+        record["no_int8_left"] = True
+    if kept:
+        canvases = np.stack([candidate.canvas(img)[0] for img in val[:SPEED_BATCH]])
+        with scratch_dir("detector-fallback") as recipe_files:
+            move_engine_files(job, recipe_files)  # aside, not deleted: its speed is compared with the new one's
+            requantize(engine, job, kept)  # job.manifest (the scratch one) takes the new build's entries
+            record["speed"] = _speed_cost(engine.name, recipe_files, job, canvases, threads)
+    record["seconds"] = round(time.time() - started, 1)
+    if nothing_left:
+        log.warning("detector fallback: %s", nothing_left)
+    return record
+
+
+def _speed_cost(engine: str, recipe_files: Path, job, canvases: np.ndarray, threads) -> dict:
+    """Canvases/s of the recipe's int8 detector and of the one with the kept layers in float, timed
+    in turns (the median over rounds), and their ratio."""
+    from .engines.base import interleaved_rates
+    from .engines.registry import open_graph
+
+    model = job.manifest.files["model"]
+    hint = job.manifest.engine_config.get("inference_precision")
+    sessions = {
+        "recipe": open_graph(recipe_files / model, engine=engine, threads=threads, precision_hint=hint),
+        "fallback": open_graph(job.out_dir / model, engine=engine, threads=threads, precision_hint=hint),
+    }
+    feed = {sessions["recipe"].inputs[0].name: canvases}
+    calls = {key: functools.partial(s.run, feed) for key, s in sessions.items()}
+    rates = interleaved_rates(calls, dict.fromkeys(calls, len(canvases)), SPEED_ROUNDS, SPEED_SECONDS, min_runs=2)
+    ratio = statistics.median(a / b for a, b in zip(rates["fallback"], rates["recipe"]))
+    log.info("detector fallback: the package keeps %.0f%% of the recipe's int8 speed", 100 * ratio)
+    return {
+        "batch": int(len(canvases)),
+        "recipe_canvases_per_s": round(statistics.median(rates["recipe"]), 2),
+        "fallback_canvases_per_s": round(statistics.median(rates["fallback"]), 2),
+        "fallback_vs_recipe": round(ratio, 3),
+        "how": f"median of {SPEED_ROUNDS} rounds of {SPEED_SECONDS:g} s per detector, taken in turns, at build time",
+    }

@@ -1,0 +1,50 @@
+"""The accuracy-aware fallback's search (arcdeploy.fallback.LayerSearch), which recognition and
+detector packages share, on hand-made measures whose answer is known."""
+
+from __future__ import annotations
+
+import pytest
+
+from arcdeploy.fallback import LayerSearch
+
+
+def _search(loss: dict[str, float], goal: float, calls: list | None = None) -> LayerSearch:
+    """Layers whose return to float removes ``loss[name]`` of a total error; the goal: error <= ``goal``."""
+    total = sum(loss.values())
+
+    def error(names: list[str]) -> float:
+        if calls is not None:
+            calls.append(tuple(names))
+        return total - sum(loss[n] for n in names)
+
+    return LayerSearch(
+        list(loss),
+        rank_score=lambda names: -error(names),
+        measure=error,
+        meets=lambda e: e <= goal + 1e-12,
+        describe=lambda e: {"error": e},
+    )
+
+
+def test_ranks_by_gain_and_finds_the_shortest_prefix_one_layer_at_a_time():
+    search = _search({"a": 0.1, "b": 3.0, "c": 0.5, "d": 1.0}, goal=0.6)
+    gains, candidates = search.rank()
+    assert candidates == 4 and search.order == ["b", "d", "c", "a"]
+    assert [round(g, 9) for g, _ in gains] == [3.0, 1.0, 0.5, 0.1]
+    assert search.shortest_passing_prefix() == 2  # b and d: 4.6 - 4.0 = 0.6
+    assert search.prefix(2) == pytest.approx(0.6) and search.prefix(1) == pytest.approx(1.6)
+
+
+# total 40.5: 10.0 wants 30.5 removed (the first and 29 more), 16.5 wants 24 (the first and 23 more)
+@pytest.mark.parametrize("goal, expected", [(10.0, 30), (16.5, 24), (0.0, 40)])
+def test_a_loss_spread_over_many_layers_is_found_by_doubling_and_bisecting(goal, expected):
+    """40 layers of 1.0 each but the first, of 1.5 (a loss spread everywhere, as in SCRFD or an untrained net)."""
+    loss = {f"L{i}": 1.0 for i in range(40)} | {"L0": 1.5}
+    calls: list = []
+    search = _search(loss, goal, calls)
+    search.rank()
+    assert search.order[0] == "L0"
+    k = search.shortest_passing_prefix()
+    assert k == expected and search.meets(search.prefix(k)) and not search.meets(search.prefix(k - 1))
+    measured = len(calls) - 41  # the ranking: the base and each layer alone
+    assert measured <= 4 + 2 * 6  # one by one, then a few doublings and bisections, not one per layer
