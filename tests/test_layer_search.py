@@ -48,3 +48,23 @@ def test_a_loss_spread_over_many_layers_is_found_by_doubling_and_bisecting(goal,
     assert k == expected and search.meets(search.prefix(k)) and not search.meets(search.prefix(k - 1))
     measured = len(calls) - 41  # the ranking: the base and each layer alone
     assert measured <= 4 + 2 * 6  # one by one, then a few doublings and bisections, not one per layer
+
+
+def test_detector_validation_photos_take_crowded_ones_first_then_a_spread():
+    """The detector fallback validates on calibration photos: those with the most faces first (small
+    faces are where int8 moves points most), then others spread over the set; none without a face."""
+    from types import SimpleNamespace
+
+    from arcdeploy import detector_fallback
+
+    faces_per_photo = [1, 0, 5, 1, 1, 12, 1, 2, 1, 1] + [1] * 30
+    face = SimpleNamespace(score=0.9)
+    reference = SimpleNamespace(
+        threshold=0.5, detect_decoded=lambda photos: [[face] * faces_per_photo[i] for i in photos]
+    )
+    chosen = detector_fallback.validation_photos(reference, list(range(len(faces_per_photo))))
+    assert chosen[:3] == [5, 2, 7]  # 12, 5 and 2 faces
+    assert len(chosen) == detector_fallback.VALIDATION_PHOTOS and len(set(chosen)) == len(chosen)
+    assert 1 not in chosen and chosen[3] == 0 and max(chosen) >= 35  # spread to the end of the set
+    target = detector_fallback.margin_floor({"iou": 0.9, "landmark_error_mean": 0.01, "landmark_error_max": 0.03})
+    assert target["iou"] == 0.9 and target["landmark_error_mean"] < 0.01 and target["landmark_error_max"] < 0.03

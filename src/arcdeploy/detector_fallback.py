@@ -127,6 +127,23 @@ def keep_sensitive_layers_float(engine, job, package_dir: Path, reference, photo
         reverter.layers(), rank_score=rank_score, measure=fidelity, meets=lambda f: f.passed, describe=_figures
     )
     before = search.prefix(0)
+    if search.meets(before):  # nothing to learn from them: the check photos' faces are unlike these
+        log.warning(
+            "detector fallback: the calibration photos already meet the floor; the check photos hold faces "
+            "unlike them (small faces?): calibrate on photos like the ones the detector will see"
+        )
+        return {
+            "why": "the recipe's package missed the fidelity floor on the check photos",
+            "kept_float": [],
+            "candidates": len(search.layers),
+            "validation_photos": len(val),
+            "validation_faces": int(sum(len(f) for f in ref_found)),
+            "validation_target": {key: target[key] for key in ("landmark_error_mean", "landmark_error_max")},
+            "validation_before": _figures(before),
+            "validation_after": _figures(before),
+            "nothing_to_do": "the calibration photos already meet the floor",
+            "seconds": round(time.time() - started, 1),
+        }
     gains, candidates = search.rank()
     k = search.shortest_passing_prefix()
     kept = search.order[:k]

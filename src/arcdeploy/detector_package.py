@@ -479,7 +479,9 @@ def summary_lines(out) -> list[str]:
             f"float: {len(m.calibration.get('kept_float', []))} ops"
         )
         fb = m.calibration.get("fallback")
-        if fb:
+        if fb and not fb["kept_float"]:
+            lines.append(f"  fallback: none ({fb.get('nothing_to_do', 'no layer to put back in float')})")
+        elif fb:
             b, a = fb["validation_before"], fb["validation_after"]
             speed = fb.get("speed") or {}
             lines.append(
