@@ -28,7 +28,7 @@ from arcdeploy.manifest import read_export_manifest, read_package_manifest
 from arcdeploy.package import load
 from arcdeploy.synthetic import aligned_faces
 from conftest import REAL_CALIB_COUNT
-from real_material import REAL, every_other_pair
+from real_material import REAL, every_nth_pair
 from real_material import needs_real as needs_material
 
 W600K = REAL / "models" / "w600k_mbf.onnx"
@@ -638,12 +638,18 @@ def test_real_int8_builds_and_reports_fidelity(faithful_packages, lfw_faces, eng
 
 @needs_real
 def test_real_lfw600_accuracy_matches_the_source(w600k_float, tmp_path):
-    """The fp32 package's LFW accuracy against the source's (every other pair of lfw_600.bin: 300 pairs),
-    computed here with a plain ONNX Runtime loop and insightface's preprocessing written out by hand (so a
-    wrong detected convention shows)."""
+    """The fp32 package's LFW accuracy against the source's (every fourth pair of lfw_600.bin: 150 pairs,
+    same and different ones in lfw_600's proportion), computed here with a plain ONNX Runtime loop and
+    insightface's preprocessing written out by hand (so a wrong detected convention shows).
+
+    150 pairs, not 300: both accuracies must still agree to the pair (one pair is 0.67 pt here, 0.33 pt
+    at 300, both above the 0.1 pt allowed), a wrong convention still falls far below 0.9, and the
+    package's face-by-face agreement with the source is held to the fp32 floor by
+    test_real_fp32_packages_equal_the_source; the two flip-summed passes of both networks over 300
+    more pairs cost some 12 s."""
     if not LFW_BIN.is_file():
         pytest.skip(f"{LFW_BIN} not found")
-    lfw_300 = every_other_pair(LFW_BIN, tmp_path / "lfw_300.bin")
+    lfw_150 = every_nth_pair(LFW_BIN, tmp_path / "lfw_150.bin", n=4)
     from arcdeploy.evaluate.binsets import (
         decode_faces,
         embed_pairs,
@@ -652,14 +658,15 @@ def test_real_lfw600_accuracy_matches_the_source(w600k_float, tmp_path):
         verification_accuracy,
     )
 
-    pkg_acc = evaluate_bins(w600k_float("openvino", "fp32"), [lfw_300])[0].accuracy
+    pkg_acc = evaluate_bins(w600k_float("openvino", "fp32"), [lfw_150])[0].accuracy
 
     class Source:
         def infer(self, faces):
             return source_w600k(faces)
 
-    bins, issame = read_bin(lfw_300)
-    emb, _ = embed_pairs(Source(), decode_faces(bins, lfw_300))
+    bins, issame = read_bin(lfw_150)
+    assert len(issame) == 150 and 0.3 < np.mean(issame) < 0.7  # both kinds of pair, as in lfw_600
+    emb, _ = embed_pairs(Source(), decode_faces(bins, lfw_150))
     src_acc = verification_accuracy(emb, issame).accuracy
     assert abs(pkg_acc - src_acc) * 100 <= 0.1, (pkg_acc, src_acc)
     assert src_acc > 0.9  # a trained model with the right convention; a wrong one falls far below
