@@ -133,17 +133,37 @@ def identity_split(lfw, tmp) -> tuple:
 
 
 @pytest.fixture(scope="session")
-def real_packages(tmp_path_factory):
+def real_exports(tmp_path_factory):
+    """The real trained networks (../shared/real) exported once per session, on demand: ``get("mbf")``
+    (mbf_w600k_gdc.pth), ``get("w600k")`` (insightface's w600k_mbf.onnx). The session's packages of
+    them build from these folders rather than each exporting the source again (a checkpoint's trace or
+    an ONNX file's checks, 2-4 s each); building from the source file itself is tested with the small
+    foreign networks of test_onnx_source.py and the edited w600k files of test_reliability_round2.py."""
+    from arcdeploy import export
+    from real_material import MODELS
+
+    sources = {"mbf": MODELS / "mbf_w600k_gdc.pth", "w600k": MODELS / "w600k_mbf.onnx"}
+    cache: dict = {}
+
+    def get(model: str):
+        if model not in cache:
+            cache[model] = export(sources[model], tmp_path_factory.mktemp("real_export") / model)
+        return cache[model]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def real_packages(tmp_path_factory, real_exports):
     """Packages of the real trained mbf (../shared/real), built once per session on demand:
     ``get(engine, precision)``; int8 calibrated on 100 grayscale LFW faces of the first 50 people,
     every build checked on 160 faces of the other 50."""
-    from arcdeploy import build, export
-    from real_material import FACES, MODELS
+    from arcdeploy import build
+    from real_material import FACES
 
     tmp = tmp_path_factory.mktemp("real")
     calib, held_out = identity_split(FACES / "lfw", tmp)
-    export_dir = tmp / "export"
-    export(MODELS / "mbf_w600k_gdc.pth", export_dir)
+    export_dir = real_exports("mbf").out_dir
     cache: dict = {}
 
     def get(engine: str, precision: str):
@@ -166,7 +186,7 @@ def real_packages(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def w600k_packages(tmp_path_factory):
+def w600k_packages(tmp_path_factory, real_exports):
     """Float packages of insightface's trained ``w600k_mbf.onnx`` (../shared/real), built once per session
     per (engine, precision), on demand, checked on 64 real LFW faces (its int8 ones: ``faithful_packages``).
     Skips when the real material is absent."""
@@ -178,6 +198,7 @@ def w600k_packages(tmp_path_factory):
     if not (w600k.is_file() and points.is_file()):
         pytest.skip(f"real test material not found: {w600k}, {points}")
     check_faces = load_images(lfw, points, limit=64).faces
+    export_dir = real_exports("w600k").out_dir
     root = tmp_path_factory.mktemp("w600k_pkgs")
     cache: dict = {}
 
@@ -185,7 +206,7 @@ def w600k_packages(tmp_path_factory):
         assert precision != "int8", "the w600k's int8 packages: faithful_packages"
         if (engine, precision) not in cache:
             cache[engine, precision] = build(
-                w600k, root / f"{engine}_{precision}", engine=engine, precision=precision, check_images=check_faces
+                export_dir, root / f"{engine}_{precision}", engine=engine, precision=precision, check_images=check_faces
             )
         return cache[engine, precision]
 
@@ -277,13 +298,13 @@ def material(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def faithful_packages(tmp_path_factory, material, real_packages):
+def faithful_packages(tmp_path_factory, material, real_packages, real_exports):
     """int8 packages of the real trained networks by (model, engine, calibration), each calibrated on
     REAL_CALIB_COUNT faces and gated by group on ``material["check"]``: the mbf's grayscale ones come from
     real_packages (gated on held-out LFW faces); test_int8_faithful.py holds them all to the int8 floor,
     test_onnx_source.py checks the w600k's ONNX Runtime one against its source."""
     from arcdeploy import build
-    from real_material import FACES, MODELS
+    from real_material import FACES
 
     tmp = tmp_path_factory.mktemp("faithful_pkgs")
     gray_calib, _ = identity_split(FACES / "lfw", tmp)
@@ -300,7 +321,7 @@ def faithful_packages(tmp_path_factory, material, real_packages):
         if key not in cache:
             calib, lmk = sources[calibration]
             cache[key] = build(
-                MODELS / ("mbf_w600k_gdc.pth" if model == "mbf" else "w600k_mbf.onnx"),
+                real_exports(model).out_dir,
                 tmp / "_".join(key),
                 engine=engine,
                 precision="int8",

@@ -535,10 +535,11 @@ def test_options_only_for_onnx_sources(mbf_ckpt, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def real_export(tmp_path_factory):
+def real_export(real_exports):
+    """w600k_mbf.onnx exported: the session's export (conftest.py), which its packages are built from."""
     if not W600K.is_file():
         pytest.skip(f"{W600K} not found")
-    return export(W600K, tmp_path_factory.mktemp("w600k") / "export")
+    return real_exports("w600k")
 
 
 @pytest.fixture(scope="module")
