@@ -24,16 +24,16 @@ def needs_real(*relpaths: str):
     )
 
 
-def every_other_pair(bin_path: Path, out: Path) -> Path:
-    """A .bin of every other pair of ``bin_path`` (insightface's pickle: encoded images, issame list):
-    half the images, same and different pairs in the same proportion (lfw_600's first half is nearly all
-    same-person pairs, so a prefix would not do)."""
+def every_nth_pair(bin_path: Path, out: Path, n: int = 2) -> Path:
+    """A .bin of every ``n``-th pair of ``bin_path`` (insightface's pickle: encoded images, issame list):
+    1/n of the images, same and different pairs in the same proportion (lfw_600's first half is nearly
+    all same-person pairs, so a prefix would not do)."""
     import pickle
 
     from arcdeploy.evaluate.binsets import read_bin
 
     images, issame = read_bin(bin_path)
-    keep = range(0, len(issame), 2)
+    keep = range(0, len(issame), n)
     with open(out, "wb") as f:
         pickle.dump(([images[j] for i in keep for j in (2 * i, 2 * i + 1)], [bool(issame[i]) for i in keep]), f)
     return out

@@ -5,11 +5,10 @@ of people the calibration never saw, and small faces found by the detector; the 
 group; calibration sets are checked; --precision auto keeps the fastest precision that is faithful.
 
 Uses ../shared/real; skipped with a reason when it is absent. Each package is built once per session
-(the mbf's grayscale-calibrated ones are shared with test_real_models.py)."""
+by ``faithful_packages`` in conftest.py (the mbf's grayscale-calibrated ones are shared with
+test_real_models.py, the w600k's ONNX Runtime one with test_onnx_source.py)."""
 
 from __future__ import annotations
-
-import csv
 
 import cv2
 import numpy as np
@@ -19,6 +18,7 @@ from arcdeploy import build, check, load
 from arcdeploy.cli import main as cli_main
 from arcdeploy.errors import ArcdeployError
 from arcdeploy.fidelity import FLOORS
+from conftest import GROUPS_IN_CHECK, REAL_CALIB_COUNT
 from real_material import FACES, MODELS, needs_real
 
 pytestmark = [
@@ -37,114 +37,7 @@ pytestmark = [
 SCRFD = MODELS / "scrfd_500m_kps.onnx"
 W600K = MODELS / "w600k_mbf.onnx"
 INT8 = FLOORS["int8"]
-CALIB_COUNT = 100
-GROUPS_IN_CHECK = ("black", "east_asian", "latino", "white")  # colour LFW groups the check folder holds
-
-
-def _colour_people() -> dict[str, list[str]]:
-    """Colour LFW images by visual group label (lfw_colour_groups.tsv), in file order."""
-    with open(FACES / "lfw_colour_groups.tsv") as f:
-        group_of = {r["identity"]: r["group"] for r in csv.DictReader(f, delimiter="\t")}
-    names = [line.split()[0] for line in (FACES / "lfw_colour_5pts.txt").read_text().splitlines() if line.strip()]
-    by_group: dict[str, list[str]] = {}
-    for n in names:
-        by_group.setdefault(group_of[n.split("/")[0]], []).append(n)
-    return by_group
-
-
-@pytest.fixture(scope="session")
-def material(tmp_path_factory):
-    """A check folder (photos/, grayscale LFW of held-out people, colour LFW by group, one landmark file
-    for all, names relative to the folder), colour calibration images (people the check does not
-    hold), and small faces: the photos shrunk so the face is 60-100 px wide in a large picture."""
-    tmp = tmp_path_factory.mktemp("faithful")
-    check_dir = tmp / "check"
-    rows: list[str] = []
-
-    def link(folder: str, src_root, names: list[str], lmk_file) -> None:
-        points = {ln.split()[0]: ln.split()[1:] for ln in lmk_file.read_text().splitlines() if ln.strip()}
-        for n in names:
-            dst = check_dir / folder / n
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.symlink_to(src_root / n)
-            rows.append(f"{folder}/{n} " + " ".join(points[n]))
-
-    photos = sorted(ln.split()[0] for ln in (FACES / "photos_5pts.txt").read_text().splitlines() if ln.strip())
-    link("photos", FACES / "photos", photos, FACES / "photos_5pts.txt")
-    people = sorted(p.name for p in (FACES / "lfw").iterdir() if p.is_dir())[50:]
-    held = [f"{p}/{f.name}" for p in people[::12] for f in sorted((FACES / "lfw" / p).glob("*.jpg"))]
-    link("lfw_grayscale", FACES / "lfw", held, FACES / "lfw_5pts.txt")
-    by_group = _colour_people()
-    calib: list[str] = []
-    for group, names in by_group.items():
-        people_in = sorted({n.split("/")[0] for n in names})
-        checked = set(people_in[1::3])  # a third of each group's people are checked, never calibrated on
-        if group in GROUPS_IN_CHECK:
-            link(
-                f"lfw_colour_{group}",
-                FACES / "lfw_colour",
-                [n for n in names if n.split("/")[0] in checked][:12],
-                FACES / "lfw_colour_5pts.txt",
-            )
-        calib += [str(FACES / "lfw_colour" / n) for n in names if n.split("/")[0] not in checked]
-    lmk = tmp / "check_5pts.txt"
-    lmk.write_text("\n".join(rows) + "\n")
-    colour_calib = tmp / "colour_calib.txt"
-    colour_calib.write_text("\n".join(calib[::2]) + "\n")  # every group, many people
-    small = tmp / "small"
-    small.mkdir()
-    from arcdeploy.faces.detectors import open_detector
-    from arcdeploy.faces.io import list_images, read_image
-
-    det = open_detector(SCRFD)
-    rng = np.random.default_rng(0)
-    for path in list_images(FACES / "photos"):
-        img = read_image(path)
-        width = det.best(img).width
-        for w in (60, 80, 100):
-            s = w / width
-            shrunk = cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)), interpolation=cv2.INTER_AREA)
-            canvas = np.full((960, 1280, 3), rng.integers(60, 200, 3), np.uint8)
-            h, ww = shrunk.shape[:2]
-            y, x = int(rng.integers(0, 960 - h)), int(rng.integers(0, 1280 - ww))
-            canvas[y : y + h, x : x + ww] = shrunk
-            cv2.imwrite(str(small / f"{path.stem}_{w}px.jpg"), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
-    return {"check": check_dir, "check_5pts": lmk, "colour_calib": colour_calib, "small": small}
-
-
-@pytest.fixture(scope="session")
-def faithful_packages(tmp_path_factory, material, real_packages):
-    """int8 packages by (model, engine, calibration): the mbf's grayscale ones come from real_packages."""
-    from conftest import identity_split
-
-    tmp = tmp_path_factory.mktemp("faithful_pkgs")
-    gray_calib, _ = identity_split(FACES / "lfw", tmp)
-    sources = {
-        "gray": (gray_calib, FACES / "lfw_5pts.txt"),
-        "colour": (material["colour_calib"], FACES / "lfw_colour_5pts.txt"),
-    }
-    cache: dict = {}
-
-    def get(model: str, engine: str, calibration: str):
-        key = (model, engine, calibration)
-        if model == "mbf" and calibration == "gray":
-            return real_packages(engine, "int8")
-        if key not in cache:
-            calib, lmk = sources[calibration]
-            cache[key] = build(
-                MODELS / ("mbf_w600k_gdc.pth" if model == "mbf" else "w600k_mbf.onnx"),
-                tmp / "_".join(key),
-                engine=engine,
-                precision="int8",
-                calib=calib,
-                calib_landmarks=lmk,
-                calib_count=CALIB_COUNT,
-                check_images=material["check"],
-                check_landmarks=material["check_5pts"],
-            )
-        return cache[key]
-
-    return get
+CALIB_COUNT = REAL_CALIB_COUNT
 
 
 # every model, engine and kind of calibration set at least once (4 builds, 2 of them shared)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from arcdeploy import compare, load
+from conftest import REAL_CALIB_COUNT
 from real_material import REAL, needs_real
 
 CKPT = REAL / "models" / "mbf_w600k_gdc.pth"
@@ -44,7 +45,7 @@ def test_floor_on_held_out_real_faces(real_packages, engine, precision):
     assert fid["images_source"].endswith("held_out.txt") and fid["cosine"]["n"] == 160
     assert fid["passed"], (engine, precision, fid["cosine"], fid["below_floor"])
     if precision == "int8":
-        assert m.calibration.count == 300 and "5-point similarity alignment" in m.calibration.preprocessing
+        assert m.calibration.count == REAL_CALIB_COUNT and "5-point similarity alignment" in m.calibration.preprocessing
         # the recipe itself keeps the layer whose input channels spread far apart (no fallback needed)
         spread = m.calibration.input_channel_spread
         assert len(spread) >= 1 and all(v > m.calibration.recipe["spread_threshold"] for v in spread.values())

@@ -6,6 +6,7 @@ was asked to)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -452,8 +453,9 @@ def test_a_model_that_outputs_nan_for_some_images_is_named_as_such(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_truncated_weights_file_is_named(tmp_path, r18_export, capsys):
-    pkg = arcdeploy.build(r18_export.out_dir, tmp_path / "pkg", engine="openvino", precision="fp32")
+def test_a_truncated_weights_file_is_named(tmp_path, r18_packages, capsys):
+    pkg = tmp_path / "pkg"  # a copy of the session's package: the test damages it
+    shutil.copytree(r18_packages("openvino", "fp32"), pkg)
     weights = pkg / "model.bin"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
