@@ -227,12 +227,14 @@ def test_int8_detector_package_fidelity_is_checked_and_recorded(tmp_path, monkey
     before, after = fb["validation_before"], fb["validation_after"]
     assert after["landmark_error_mean"] < before["landmark_error_mean"]
     if not fb.get("no_int8_left"):  # int8 is left, and the validation photos meet the floor with its margin
-        assert after["landmark_error_mean"] <= target["landmark_error_mean"]
-        assert after["landmark_error_max_judged"] <= target["landmark_error_max"]
+        assert after["landmark_error_mean"] <= target.get("landmark_error_mean", float("inf"))
+        assert after["landmark_error_max_judged"] <= target.get("landmark_error_max", float("inf"))
+        assert target  # something the check missed is asked of the validation photos
         assert after["lost"] == 0 and after["added"] == 0
         assert any(v.get("u8", 0) + v.get("i8", 0) for v in m.executed["layers"].values())
     assert fb["ranking"][0]["layer"] == kept[0] and fb["ranking"][0]["gain"] > 0
     assert fb["speed"]["recipe_canvases_per_s"] > 0 and fb["speed"]["fallback_vs_recipe"] > 0
+    assert fb["speed"]["threads"] == 1 and fb["speed"]["batch"] == 1  # as the photo pipeline calls it
     # what the fallback bought on the check photos' small faces: under the floor's mean (1.4% without)
     assert small["landmark_error_mean"] <= f.floor["landmark_error_mean"]
 

@@ -66,5 +66,38 @@ def test_detector_validation_photos_take_crowded_ones_first_then_a_spread():
     assert chosen[:3] == [5, 2, 7]  # 12, 5 and 2 faces
     assert len(chosen) == detector_fallback.VALIDATION_PHOTOS and len(set(chosen)) == len(chosen)
     assert 1 not in chosen and chosen[3] == 0 and max(chosen) >= 35  # spread to the end of the set
-    target = detector_fallback.margin_floor({"iou": 0.9, "landmark_error_mean": 0.01, "landmark_error_max": 0.03})
-    assert target["iou"] == 0.9 and target["landmark_error_mean"] < 0.01 and target["landmark_error_max"] < 0.03
+
+
+def test_detector_fallback_asks_the_validation_photos_what_the_check_missed():
+    from arcdeploy import detector_fallback
+    from arcdeploy.detector_package import FLOOR
+    from arcdeploy.manifest import DetectorFidelity
+
+    def check(mean: float, large_max: float, iou: float) -> DetectorFidelity:
+        return DetectorFidelity(
+            images=2,
+            source="x",
+            reference_faces=9,
+            matched=9,
+            lost=0,
+            added=0,
+            borderline=0,
+            min_iou=iou,
+            landmark_error_mean=mean,
+            landmark_error_max=0.05,
+            max_score_change=0.0,
+            threshold=0.5,
+            score_margin=0.05,
+            floor=dict(FLOOR),
+            passed=False,
+            by_size={"large": {"landmark_error_max": large_max}, "small": {"landmark_error_max": 0.05}},
+        )
+
+    # the mean missed (small faces), the max on faces of a useful size met: only the mean is asked
+    goal = detector_fallback.validation_goal(FLOOR, check(0.013, 0.007, 0.95))
+    assert goal["landmark_error_mean"] == FLOOR["landmark_error_mean"] * detector_fallback.MARGIN
+    assert goal["landmark_error_max"] == float("inf") and goal["iou"] == 0.0
+    goal = detector_fallback.validation_goal(FLOOR, check(0.005, 0.04, 0.85))
+    assert goal["landmark_error_mean"] == float("inf") and goal["iou"] == FLOOR["iou"]
+    asked = FLOOR["landmark_error_max"] * detector_fallback.MARGIN
+    assert goal["landmark_error_max"] == asked < FLOOR["landmark_error_max"]

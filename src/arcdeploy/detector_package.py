@@ -243,7 +243,7 @@ def build_detector(
                 from .detector_fallback import keep_sensitive_layers_float
 
                 log.info("%s int8 detector below its floor (%s): fallback", engine, "; ".join(fidelity.below_floor))
-                record = keep_sensitive_layers_float(eng, job, tmp, reference, photos.calib, FLOOR, threads)
+                record = keep_sensitive_layers_float(eng, job, tmp, reference, photos.calib, FLOOR, fidelity, threads)
                 manifest = manifest_now(record)
                 write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
                 if record["kept_float"]:  # requantized: checked again, as every build is
