@@ -181,6 +181,9 @@ def test_int8_detector_package_fidelity_is_checked_and_recorded(tmp_path, monkey
     from arcdeploy import detector_fallback
 
     monkeypatch.setattr(detector_fallback, "SPEED_SECONDS", 0.3)  # the speed cost's rounds, shorter than a user's
+    # fewer validation photos than a user's build (the crowded ones come first: the group photos are kept)
+    monkeypatch.setattr(detector_fallback, "VALIDATION_PHOTOS", 8)
+    monkeypatch.setattr(detector_fallback, "RANKING_PHOTOS", 4)
     real = FACES.parent
     lfw = sorted((FACES / "lfw_colour").rglob("*.jpg"))[::9][:40]
     groups = [group_photo(real, tmp_path / f"calib_group_{s}.jpg", seed=s, start=100 * s) for s in (1, 2)]
