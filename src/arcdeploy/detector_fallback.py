@@ -11,7 +11,7 @@ layers go back to float until validation photos meet the floor with a margin:
    quantizer bypassed, its fp32 weights restored) and the fall of the landmark error (mean share of
    the inter-ocular distance over the faces of the first ``RANKING_PHOTOS``) is its sensitivity.
 3. Search: the shortest prefix of that ranking whose layers, back in float, let the validation
-   photos meet what the check photos missed of :data:`~arcdeploy.detector_package.FLOOR`, with
+   photos meet what the check photos missed of :data:`~arcdeploy.detector_check.FLOOR`, with
    its landmark errors times ``MARGIN`` (:func:`validation_goal`; one layer at a time first, then
    doubling and bisecting, as for recognition). Only what was missed: the largest error of one
    validation face drove an earlier version to 16 layers where the check had missed the mean alone.
@@ -109,10 +109,7 @@ def keep_sensitive_layers_float(
     detector manifest) with its most sensitive layers in float (module doc); returns the record for
     the manifest's calibration entry (``"fallback"``). ``photos``: the calibration photos; ``missed``:
     the check that missed ``floor`` (what it missed is what the validation photos must reach)."""
-    from .detector_package import detector_fidelity, reference_faces
-    from .faces.detectors.registry import DetectorSpec
-    from .faces.detectors.scrfd import ScrfdDetector
-    from .fallback import LayerSearch, move_engine_files, nothing_int8_left, requantize
+    from .fallback import move_engine_files, nothing_int8_left, requantize
 
     if engine.reverter is None:
         raise ArcdeployError(f"engine {engine.name}: no accuracy-aware fallback for its int8 packages")
@@ -120,10 +117,56 @@ def keep_sensitive_layers_float(
     val = validation_photos(reference, photos)
     if not val:
         raise ArcdeployError("the detector fallback found no face in the calibration photos to validate on")
+    target = validation_goal(floor, missed)
+    search, candidate, faces = _layer_search(engine.reverter(job), package_dir, reference, val, target, threads)
+    before = search.prefix(0)
+    record: dict = {
+        "why": "the recipe's package missed the fidelity floor on the check photos",
+        "candidates": len(search.layers),
+        "validation_photos": len(val),
+        "validation_faces": faces,
+        "validation_target": {k: v for k, v in target.items() if 0 < v < float("inf")},
+        "validation_before": _figures(before),
+    }
+    if search.meets(before):  # nothing to learn from them: the check photos' faces are unlike these
+        log.warning(
+            "detector fallback: the calibration photos already meet the floor; the check photos hold faces "
+            "unlike them (small faces?): calibrate on photos like the ones the detector will see"
+        )
+        nothing = "the calibration photos already meet the floor"
+        return {**record, "kept_float": [], "validation_after": _figures(before), "nothing_to_do": nothing}
+    gains, _ = search.rank()
+    k = search.shortest_passing_prefix()
+    kept, after = search.order[:k], search.prefix(k)
+    record["kept_float"] = kept
+    record["ranking"] = [{"layer": n, "gain": round(g, 6)} for g, n in gains[: max(len(kept), 10)]]
+    record["prefixes_tried"] = {str(n): _figures(f) for n, f in sorted(search.tried.items()) if n}
+    record["validation_after"] = _figures(after)
+    nothing_left = nothing_int8_left(len(kept), len(search.layers), after.passed)
+    if nothing_left:
+        record["no_int8_left"] = True
+        log.warning("detector fallback: %s", nothing_left)
+    if kept:
+        canvases = candidate.canvas(val[0])[0][None]
+        with scratch_dir("detector-fallback") as recipe_files:
+            move_engine_files(job, recipe_files)  # aside, not deleted: its speed is compared with the new one's
+            requantize(engine, job, kept)  # job.manifest (the scratch one) takes the new build's entries
+            record["speed"] = _speed_cost(engine.name, recipe_files, job, canvases)
+    record["seconds"] = round(time.time() - started, 1)
+    return record
+
+
+def _layer_search(reverter, package_dir: Path, reference, val: list, target: dict, threads):
+    """The layer search over ``reverter``'s layers, scored by the detector's fidelity to ``reference``
+    on the validation photos ``val`` against ``target``; the package's detector (whose session the
+    search replaces) and how many faces the reference finds in them."""
+    from .detector_check import detector_fidelity, reference_faces
+    from .faces.detectors.registry import DetectorSpec
+    from .faces.detectors.scrfd import ScrfdDetector
+    from .fallback import LayerSearch
+
     ref_found = reference_faces(reference, val)
     k_rank = min(RANKING_PHOTOS, len(val))
-    target = validation_goal(floor, missed)
-    reverter = engine.reverter(job)
     candidate = DetectorSpec(package_dir, threads=threads).open()  # its canvas and decoding; its session replaced
     if not isinstance(candidate, ScrfdDetector):
         raise ArcdeployError(f"{package_dir}: not an SCRFD detector package")
@@ -140,53 +183,7 @@ def keep_sensitive_layers_float(
     search = LayerSearch(
         reverter.layers(), rank_score=rank_score, measure=fidelity, meets=lambda f: f.passed, describe=_figures
     )
-    before = search.prefix(0)
-    if search.meets(before):  # nothing to learn from them: the check photos' faces are unlike these
-        log.warning(
-            "detector fallback: the calibration photos already meet the floor; the check photos hold faces "
-            "unlike them (small faces?): calibrate on photos like the ones the detector will see"
-        )
-        return {
-            "why": "the recipe's package missed the fidelity floor on the check photos",
-            "kept_float": [],
-            "candidates": len(search.layers),
-            "validation_photos": len(val),
-            "validation_faces": int(sum(len(f) for f in ref_found)),
-            "validation_target": {k: v for k, v in target.items() if 0 < v < float("inf")},
-            "validation_before": _figures(before),
-            "validation_after": _figures(before),
-            "nothing_to_do": "the calibration photos already meet the floor",
-            "seconds": round(time.time() - started, 1),
-        }
-    gains, candidates = search.rank()
-    k = search.shortest_passing_prefix()
-    kept = search.order[:k]
-    after = search.prefix(k)
-    record: dict = {
-        "why": "the recipe's package missed the fidelity floor on the check photos",
-        "kept_float": kept,
-        "ranking": [{"layer": n, "gain": round(g, 6)} for g, n in gains[: max(len(kept), 10)]],
-        "prefixes_tried": {str(n): _figures(f) for n, f in sorted(search.tried.items()) if n},
-        "candidates": candidates,
-        "validation_photos": len(val),
-        "validation_faces": int(sum(len(f) for f in ref_found)),
-        "validation_target": {k: v for k, v in target.items() if 0 < v < float("inf")},
-        "validation_before": _figures(before),
-        "validation_after": _figures(after),
-    }
-    nothing_left = nothing_int8_left(len(kept), candidates, after.passed)
-    if nothing_left:
-        record["no_int8_left"] = True
-    if kept:
-        canvases = candidate.canvas(val[0])[0][None]
-        with scratch_dir("detector-fallback") as recipe_files:
-            move_engine_files(job, recipe_files)  # aside, not deleted: its speed is compared with the new one's
-            requantize(engine, job, kept)  # job.manifest (the scratch one) takes the new build's entries
-            record["speed"] = _speed_cost(engine.name, recipe_files, job, canvases)
-    record["seconds"] = round(time.time() - started, 1)
-    if nothing_left:
-        log.warning("detector fallback: %s", nothing_left)
-    return record
+    return search, candidate, int(sum(len(f) for f in ref_found))
 
 
 def _speed_cost(engine: str, recipe_files: Path, job, canvases: np.ndarray) -> dict:

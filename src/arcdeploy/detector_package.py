@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .detector_check import FLOOR, SMALL_IOD, detector_fidelity, reference_faces
 from .engines import BuildJob, get_engine
 from .engines.registry import DEFAULT_ENGINE
 from .errors import ArcdeployError
@@ -49,6 +50,8 @@ from .manifest import (
 )
 from .types import Precision
 from .utils import library_versions, sha256_file
+
+__all__ = ["FLOOR", "SMALL_IOD", "build_detector", "detector_fidelity", "is_detector_source", "reference_faces"]
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +72,6 @@ DEFAULT_CHECK_COUNT = 32
 # same detector speed (12.1 ms per 640x640 canvas on one thread either way), for builds of 26-48 s
 # against 24-32 (the embeddings' cosine to insightface's loop: README.md).
 DETECTOR_BIAS_CORRECTION = "full"
-# the fidelity floor: box IoU, and landmark error as a share of the inter-ocular distance (IOD), its
-# mean on every face, its max on faces whose eyes are at least SMALL_IOD canvas pixels apart. Below
-# that 3% is under half a canvas pixel, which even the bf16 package misses: on the group photo of
-# bench_photos.py (153 faces, eyes 5-15 canvas px apart) OpenVINO bf16 moves them 0.70% (mean) and
-# 5.0% (max) of their IOD, int8 1.37% and 5.1%, fp32 0.0002% (tests/test_detector_package.py)
-FLOOR = {"iou": 0.9, "landmark_error_mean": 0.01, "landmark_error_max": 0.03}
-# a face is lost (or added) only when the other detector does not find it even this far below the threshold
-SCORE_MARGIN = 0.05
-MATCH_IOU = 0.5  # boxes this close are the same face; its IoU is then held to FLOOR["iou"]
-# faces whose eyes are under this many canvas pixels apart are "small" in the fidelity's size bands:
-# there int8 noise of a few tenths of a pixel is several % of the distance (recorded apart)
-SMALL_IOD = 16.0
 REFERENCE_DIR = "reference"
 
 
@@ -192,8 +183,7 @@ def build_detector(
         batched = work / "detector.onnx"
         probe = _canvases(reference, check[:3])
         rewrites, worst = _batched_graph(src, batched, size, probe)
-        name = reference.input_name
-        spec = InputSpec(name=name, size=(size[1], size[0]), mean=127.5, std=128.0)
+        spec = InputSpec(name=reference.input_name, size=(size[1], size[0]), mean=127.5, std=128.0)
         calib_x = _canvases(reference, photos.calib) if precision is Precision.INT8 and photos is not None else None
         if precision is Precision.INT8:
             recipe = recipe or QuantRecipe.for_this_cpu(
@@ -205,54 +195,71 @@ def build_detector(
             ref_rel = f"{REFERENCE_DIR}/{src.name}"
             shutil.copyfile(src, tmp / ref_rel)
 
-            def manifest_now(fallback_record: dict | None = None) -> DetectorManifest:
-                scratch = job.manifest  # the engine's entries, as a recognition build records them
-                calibration = None
-                if scratch.calibration is not None and photos is not None:
-                    calibration = {
-                        **scratch.calibration.to_json(),
-                        "photos": photos.source,
-                        "canvases": len(photos.calib),
-                        **({"fallback": fallback_record} if fallback_record else {}),
-                    }
-                return DetectorManifest(
-                    kind="scrfd",
-                    engine=engine,
-                    precision=precision,
-                    input=spec.folded(),
-                    strides=tuple(reference.strides),
-                    anchors=2 if reference.levels == 3 else 1,
-                    files=dict(scratch.files),
-                    reference=ref_rel,
-                    reference_sha256=sha256_file(tmp / ref_rel),
-                    requested_precision=requested,
-                    source={"file": str(src), "name": src.name, "sha256": sha256_file(src)},
-                    graph_rewrites=rewrites,
-                    batch_check={"batch": len(probe), "max_abs_diff": worst},
-                    calibration=calibration,
-                    executed=scratch.executed.to_json() if scratch.executed is not None else None,
-                    engine_config=dict(scratch.engine_config),
-                    host={"cpu": cpu_name(), "flags": relevant_flags()},
-                    versions=library_versions("arcdeploy", "onnx", "onnxruntime", "openvino", "nncf", "numpy"),
-                )
-
-            manifest = manifest_now()
+            fixed = dict(  # what the manifest says whatever the fallback does
+                kind="scrfd",
+                engine=engine,
+                precision=precision,
+                input=spec.folded(),
+                strides=tuple(reference.strides),
+                anchors=2 if reference.levels == 3 else 1,
+                reference=ref_rel,
+                reference_sha256=sha256_file(tmp / ref_rel),
+                requested_precision=requested,
+                source={"file": str(src), "name": src.name, "sha256": sha256_file(src)},
+                graph_rewrites=rewrites,
+                batch_check={"batch": len(probe), "max_abs_diff": worst},
+                host={"cpu": cpu_name(), "flags": relevant_flags()},
+                versions=library_versions("arcdeploy", "onnx", "onnxruntime", "openvino", "nncf", "numpy"),
+            )
+            manifest = _manifest(job, fixed, photos)
             write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
             fidelity = _fidelity(tmp, reference, check, check_source, threads)
             if not fidelity.passed and precision is Precision.INT8 and fallback and photos is not None:
-                from .detector_fallback import keep_sensitive_layers_float
-
-                log.info("%s int8 detector below its floor (%s): fallback", engine, "; ".join(fidelity.below_floor))
-                record = keep_sensitive_layers_float(eng, job, tmp, reference, photos.calib, FLOOR, fidelity, threads)
-                manifest = manifest_now(record)
-                write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
-                if record["kept_float"]:  # requantized: checked again, as every build is
-                    fidelity = _fidelity(tmp, reference, check, check_source, threads)
-                if record.get("no_int8_left"):  # an fp32 detector under an int8 label is no int8 package
-                    gone = "no int8 layer left: every quantized layer went back to float"
-                    fidelity = replace(fidelity, passed=False, below_floor=[*fidelity.below_floor, gone])
+                checks = (check, check_source)
+                manifest, fidelity = _fallback(eng, job, fixed, photos, reference, fidelity, checks, threads)
             _record(manifest, tmp, fidelity, started, strict, src)
     return out
+
+
+def _manifest(job, fixed: dict, photos, fallback_record: dict | None = None) -> DetectorManifest:
+    """The detector manifest: ``fixed`` and the engine's entries of ``job`` (as a recognition build
+    records them: files, calibration, what executes), the fallback's record in the calibration entry."""
+    scratch = job.manifest
+    calibration = None
+    if scratch.calibration is not None and photos is not None:
+        calibration = {
+            **scratch.calibration.to_json(),
+            "photos": photos.source,
+            "canvases": len(photos.calib),
+            **({"fallback": fallback_record} if fallback_record else {}),
+        }
+    return DetectorManifest(
+        **fixed,
+        files=dict(scratch.files),
+        calibration=calibration,
+        executed=scratch.executed.to_json() if scratch.executed is not None else None,
+        engine_config=dict(scratch.engine_config),
+    )
+
+
+def _fallback(eng, job, fixed: dict, photos, reference, missed, checks: tuple[list, str], threads):
+    """The int8 build ``job`` that ``missed`` its floor, with its most sensitive layers in float
+    (:mod:`arcdeploy.detector_fallback`): its manifest (written) and its fidelity on the check photos
+    (``checks``: the photos and what they are)."""
+    from .detector_fallback import keep_sensitive_layers_float
+
+    tmp = job.out_dir
+    log.info("%s int8 detector below its floor (%s): fallback", eng.name, "; ".join(missed.below_floor))
+    record = keep_sensitive_layers_float(eng, job, tmp, reference, photos.calib, FLOOR, missed, threads)
+    manifest = _manifest(job, fixed, photos, record)
+    write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
+    fidelity = missed
+    if record["kept_float"]:  # requantized: checked again, as every build is
+        fidelity = _fidelity(tmp, reference, *checks, threads)
+    if record.get("no_int8_left"):  # an fp32 detector under an int8 label is no int8 package
+        gone = "no int8 layer left: every quantized layer went back to float"
+        fidelity = replace(fidelity, passed=False, below_floor=[*fidelity.below_floor, gone])
+    return manifest, fidelity
 
 
 def _canvases(reference, images) -> np.ndarray:
@@ -338,128 +345,6 @@ def _record(manifest, tmp: Path, fidelity: DetectorFidelity, started, strict, sr
         if strict:
             raise ArcdeployError(msg + "; package not written (--strict)")
         log.warning(msg)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    iw = max(0.0, float(min(a[2], b[2]) - max(a[0], b[0])))
-    ih = max(0.0, float(min(a[3], b[3]) - max(a[1], b[1])))
-    inter = iw * ih
-    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def _pair_faces(ref: list, got: list) -> tuple[set[int], set[int], list[tuple[float, int, int]]]:
-    """Reference and candidate faces paired by box IoU, best pairs first: (reference faces paired,
-    candidate faces paired, the pairs as (IoU, reference index, candidate index))."""
-    pairs = sorted(((_iou(r.box, g.box), i, j) for i, r in enumerate(ref) for j, g in enumerate(got)), reverse=True)
-    used_r: set[int] = set()
-    used_g: set[int] = set()
-    matched = []
-    for iou, i, j in pairs:
-        if iou < MATCH_IOU:
-            break
-        if i not in used_r and j not in used_g:
-            used_r.add(i)
-            used_g.add(j)
-            matched.append((iou, i, j))
-    return used_r, used_g, matched
-
-
-def _size_bands(errors: list[float], ious: list[float], small: list[bool]) -> dict[str, Any]:
-    """The landmark errors and IoUs of small faces and of large ones apart."""
-    bands: dict[str, Any] = {}
-    for band, pick in (("small", True), ("large", False)):
-        errs = [e for e, sm in zip(errors, small) if sm == pick]
-        bands[band] = {
-            "faces": len(errs),
-            "landmark_error_mean": round(float(np.mean(errs)), 6) if errs else None,
-            "landmark_error_max": round(float(np.max(errs)), 6) if errs else None,
-            "min_iou": round(float(min((i for i, sm in zip(ious, small) if sm == pick), default=1.0)), 5),
-        }
-    bands["small_iod_canvas_px"] = SMALL_IOD
-    return bands
-
-
-def reference_faces(reference, images: list) -> list:
-    """The faces ``reference`` finds in decoded photos, down to ``SCORE_MARGIN`` below its threshold
-    (what :func:`detector_fidelity` compares with)."""
-    return reference.detect_decoded(images, threshold=max(0.0, float(reference.threshold) - SCORE_MARGIN))
-
-
-def detector_fidelity(
-    reference, candidate, images: list, source: str, ref_found: list | None = None, floor: dict | None = None
-) -> DetectorFidelity:
-    """``candidate`` against ``reference`` on decoded photos, in a detector's terms (module doc):
-    both find faces down to ``SCORE_MARGIN`` below the threshold; faces are paired by box IoU
-    (largest first); a face over the threshold without a partner is lost (reference) or added
-    (candidate); a pair with one score under the threshold is borderline. The largest landmark
-    error is judged on faces whose eyes are at least ``SMALL_IOD`` canvas pixels apart (see
-    ``FLOOR``); the mean on every face. ``ref_found``: the reference's faces
-    (:func:`reference_faces`), when known; ``floor``: another floor than ``FLOOR``."""
-    floor = dict(FLOOR if floor is None else floor)
-    thr = float(reference.threshold)
-    low = max(0.0, thr - SCORE_MARGIN)
-    ref_all = reference_faces(reference, images) if ref_found is None else ref_found
-    got_all = candidate.detect_decoded(images, threshold=low)
-    from .faces.detectors.base import letterbox_geometry
-
-    ious, errors, score_changes, small = [], [], [], []
-    lost = added = borderline = counted = 0
-    for img, ref, got in zip(images, ref_all, got_all):
-        width, height = img.full_size
-        scale = letterbox_geometry(width, height, reference.size)[2]  # full-image pixels -> canvas pixels
-        used_r, used_g, matched = _pair_faces(ref, got)
-        counted += sum(f.score >= thr for f in ref)
-        lost += sum(1 for i, f in enumerate(ref) if f.score >= thr and i not in used_r)
-        added += sum(1 for j, f in enumerate(got) if f.score >= thr and j not in used_g)
-        for iou, i, j in matched:
-            r, g = ref[i], got[j]
-            if max(r.score, g.score) < thr:
-                continue
-            borderline += min(r.score, g.score) < thr
-            iod = float(np.linalg.norm(r.points[1] - r.points[0]))
-            ious.append(iou)
-            errors.append(float(np.linalg.norm(g.points - r.points, axis=1).mean()) / max(iod, 1e-6))
-            score_changes.append(abs(r.score - g.score))
-            small.append(iod * scale < SMALL_IOD)
-    below = []
-    if counted == 0:
-        below.append("no face over the threshold in the check photos")
-    if lost:
-        below.append(f"{lost} face(s) lost")
-    if added:
-        below.append(f"{added} face(s) added")
-    min_iou = min(ious, default=1.0)
-    mean_err, max_err = (float(np.mean(errors)), float(np.max(errors))) if errors else (0.0, 0.0)
-    judged_max = max((e for e, sm in zip(errors, small) if not sm), default=0.0)
-    if min_iou < floor["iou"]:
-        below.append(f"box IoU {min_iou:.3f} < {floor['iou']}")
-    if mean_err > floor["landmark_error_mean"]:
-        below.append(f"landmark error mean {mean_err:.2%} of the IOD > {100 * floor['landmark_error_mean']:g}%")
-    if judged_max > floor["landmark_error_max"]:
-        below.append(
-            f"landmark error max {judged_max:.2%} of the IOD > {100 * floor['landmark_error_max']:g}% "
-            f"(faces with eyes at least {SMALL_IOD:g} detector pixels apart)"
-        )
-    return DetectorFidelity(
-        by_size=_size_bands(errors, ious, small),
-        images=len(images),
-        source=source,
-        reference_faces=int(counted),
-        matched=len(ious),
-        lost=int(lost),
-        added=int(added),
-        borderline=int(borderline),
-        min_iou=round(float(min_iou), 5),
-        landmark_error_mean=round(mean_err, 6),
-        landmark_error_max=round(max_err, 6),
-        max_score_change=round(float(max(score_changes, default=0.0)), 5),
-        threshold=thr,
-        score_margin=SCORE_MARGIN,
-        floor=floor,
-        passed=not below,
-        below_floor=below,
-    )
 
 
 def summary_lines(out) -> list[str]:
