@@ -58,11 +58,9 @@ def test_detector_validation_photos_take_crowded_ones_first_then_a_spread():
     from arcdeploy import detector_fallback
 
     faces_per_photo = [1, 0, 5, 1, 1, 12, 1, 2, 1, 1] + [1] * 30
-    face = SimpleNamespace(score=0.9)
-    reference = SimpleNamespace(
-        threshold=0.5, detect_decoded=lambda photos: [[face] * faces_per_photo[i] for i in photos]
-    )
-    chosen = detector_fallback.validation_photos(reference, list(range(len(faces_per_photo))))
+    face, faint = SimpleNamespace(score=0.9), SimpleNamespace(score=0.47)  # faint: under the threshold
+    found = [[face] * n + [faint] for n in faces_per_photo]
+    chosen = detector_fallback.validation_photos(found, 0.5)
     assert chosen[:3] == [5, 2, 7]  # 12, 5 and 2 faces
     assert len(chosen) == detector_fallback.VALIDATION_PHOTOS and len(set(chosen)) == len(chosen)
     assert 1 not in chosen and chosen[3] == 0 and max(chosen) >= 35  # spread to the end of the set

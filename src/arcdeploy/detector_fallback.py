@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import statistics
 import time
 from pathlib import Path
 
@@ -63,16 +62,16 @@ class _RunnerSession:
         return self._run(x)
 
 
-def validation_photos(reference, photos: list) -> list:
-    """Up to ``VALIDATION_PHOTOS`` of the calibration photos: those with the most faces the
-    reference finds first (at most ``CROWDED_PHOTOS``, with two faces or more), then the others
-    spread evenly over the set, in that order."""
-    counts = [sum(f.score >= reference.threshold for f in faces) for faces in reference.detect_decoded(photos)]
+def validation_photos(found: list, threshold: float) -> list[int]:
+    """Up to ``VALIDATION_PHOTOS`` of the calibration photos, by index, given the faces the reference
+    finds in each (``found``): those with the most faces over ``threshold`` first (at most
+    ``CROWDED_PHOTOS``, with two faces or more), then the others spread evenly over the set."""
+    counts = [sum(f.score >= threshold for f in faces) for faces in found]
     crowded = sorted((i for i, c in enumerate(counts) if c >= 2), key=lambda i: -counts[i])[:CROWDED_PHOTOS]
-    rest = [i for i in range(len(photos)) if i not in set(crowded) and counts[i] >= 1]
+    rest = [i for i in range(len(found)) if i not in set(crowded) and counts[i] >= 1]
     room = min(VALIDATION_PHOTOS - len(crowded), len(rest))
     spread = [rest[k * len(rest) // room] for k in range(room)] if room > 0 else []
-    return [photos[i] for i in crowded + spread]
+    return crowded + spread
 
 
 def validation_goal(floor: dict, missed: DetectorFidelity) -> dict:
@@ -80,14 +79,13 @@ def validation_goal(floor: dict, missed: DetectorFidelity) -> dict:
     (box IoU, the landmarks' mean error, their max on faces of a useful size) the floor with a
     margin (errors times ``MARGIN``); the parts they met are not asked again (the package is checked
     on them once more after the fallback). No face lost or added, always."""
-    judged_max = float((missed.by_size.get("large") or {}).get("landmark_error_max") or 0.0)
     return {
         "iou": floor["iou"] if missed.min_iou < floor["iou"] else 0.0,
         "landmark_error_mean": floor["landmark_error_mean"] * MARGIN
         if missed.landmark_error_mean > floor["landmark_error_mean"]
         else float("inf"),
         "landmark_error_max": floor["landmark_error_max"] * MARGIN
-        if judged_max > floor["landmark_error_max"]
+        if missed.landmark_error_max_judged > floor["landmark_error_max"]
         else float("inf"),
     }
 
@@ -95,7 +93,7 @@ def validation_goal(floor: dict, missed: DetectorFidelity) -> dict:
 def _figures(f: DetectorFidelity) -> dict[str, float]:
     return {
         "landmark_error_mean": f.landmark_error_mean,
-        "landmark_error_max_judged": float(f.by_size.get("large", {}).get("landmark_error_max") or 0.0),
+        "landmark_error_max_judged": f.landmark_error_max_judged,
         "min_iou": f.min_iou,
         "lost": f.lost,
         "added": f.added,
@@ -103,28 +101,32 @@ def _figures(f: DetectorFidelity) -> dict[str, float]:
 
 
 def keep_sensitive_layers_float(
-    engine, job, package_dir: Path, reference, photos: list, floor: dict, missed: DetectorFidelity, threads
-) -> dict:
-    """Requantize the int8 detector build ``job`` (written into ``package_dir``, which holds a
-    detector manifest) with its most sensitive layers in float (module doc); returns the record for
-    the manifest's calibration entry (``"fallback"``). ``photos``: the calibration photos; ``missed``:
-    the check that missed ``floor`` (what it missed is what the validation photos must reach)."""
+    engine, job, reference, photos: list, floor: dict, missed: DetectorFidelity, threads
+) -> tuple[dict, str | None]:
+    """Requantize the int8 detector build ``job`` (written into ``job.out_dir``, which holds a
+    detector manifest) with its most sensitive layers in float (module doc). Returns the record for
+    the manifest's calibration entry (``"fallback"``), and what the build must say when no int8 layer
+    is left (else None). ``photos``: the calibration photos; ``missed``: the check that missed
+    ``floor`` (what it missed is what the validation photos must reach)."""
+    from .detector_check import reference_faces
     from .fallback import move_engine_files, nothing_int8_left, requantize
 
     if engine.reverter is None:
         raise ArcdeployError(f"engine {engine.name}: no accuracy-aware fallback for its int8 packages")
     started = time.time()
-    val = validation_photos(reference, photos)
-    if not val:
+    found = reference_faces(reference, photos)  # once: they choose the validation photos and score them
+    chosen = validation_photos(found, reference.threshold)
+    if not chosen:
         raise ArcdeployError("the detector fallback found no face in the calibration photos to validate on")
+    val, ref_found = [photos[i] for i in chosen], [found[i] for i in chosen]
     target = validation_goal(floor, missed)
-    search, candidate, faces = _layer_search(engine.reverter(job), package_dir, reference, val, target, threads)
+    search, candidate = _layer_search(engine.reverter(job), job.out_dir, reference, val, ref_found, target, threads)
     before = search.prefix(0)
     record: dict = {
         "why": "the recipe's package missed the fidelity floor on the check photos",
         "candidates": len(search.layers),
         "validation_photos": len(val),
-        "validation_faces": faces,
+        "validation_faces": int(sum(len(f) for f in ref_found)),
         "validation_target": {k: v for k, v in target.items() if 0 < v < float("inf")},
         "validation_before": _figures(before),
     }
@@ -134,7 +136,7 @@ def keep_sensitive_layers_float(
             "unlike them (small faces?): calibrate on photos like the ones the detector will see"
         )
         nothing = "the calibration photos already meet the floor"
-        return {**record, "kept_float": [], "validation_after": _figures(before), "nothing_to_do": nothing}
+        return {**record, "kept_float": [], "validation_after": _figures(before), "nothing_to_do": nothing}, None
     gains, _ = search.rank()
     k = search.shortest_passing_prefix()
     kept, after = search.order[:k], search.prefix(k)
@@ -142,7 +144,7 @@ def keep_sensitive_layers_float(
     record["ranking"] = [{"layer": n, "gain": round(g, 6)} for g, n in gains[: max(len(kept), 10)]]
     record["prefixes_tried"] = {str(n): _figures(f) for n, f in sorted(search.tried.items()) if n}
     record["validation_after"] = _figures(after)
-    nothing_left = nothing_int8_left(len(kept), len(search.layers), after.passed)
+    nothing_left = nothing_int8_left(len(kept), len(search.layers), after.passed, remedy="build fp32 or bf16 instead")
     if nothing_left:
         record["no_int8_left"] = True
         log.warning("detector fallback: %s", nothing_left)
@@ -153,19 +155,18 @@ def keep_sensitive_layers_float(
             requantize(engine, job, kept)  # job.manifest (the scratch one) takes the new build's entries
             record["speed"] = _speed_cost(engine.name, recipe_files, job, canvases)
     record["seconds"] = round(time.time() - started, 1)
-    return record
+    return record, nothing_left
 
 
-def _layer_search(reverter, package_dir: Path, reference, val: list, target: dict, threads):
+def _layer_search(reverter, package_dir: Path, reference, val: list, ref_found: list, target: dict, threads):
     """The layer search over ``reverter``'s layers, scored by the detector's fidelity to ``reference``
-    on the validation photos ``val`` against ``target``; the package's detector (whose session the
-    search replaces) and how many faces the reference finds in them."""
-    from .detector_check import detector_fidelity, reference_faces
+    (whose faces in the validation photos ``val`` are ``ref_found``) against ``target``; and the
+    package's detector, whose session the search replaces."""
+    from .detector_check import detector_fidelity
     from .faces.detectors.registry import DetectorSpec
     from .faces.detectors.scrfd import ScrfdDetector
     from .fallback import LayerSearch
 
-    ref_found = reference_faces(reference, val)
     k_rank = min(RANKING_PHOTOS, len(val))
     candidate = DetectorSpec(package_dir, threads=threads).open()  # its canvas and decoding; its session replaced
     if not isinstance(candidate, ScrfdDetector):
@@ -183,16 +184,16 @@ def _layer_search(reverter, package_dir: Path, reference, val: list, target: dic
     search = LayerSearch(
         reverter.layers(), rank_score=rank_score, measure=fidelity, meets=lambda f: f.passed, describe=_figures
     )
-    return search, candidate, int(sum(len(f) for f in ref_found))
+    return search, candidate
 
 
 def _speed_cost(engine: str, recipe_files: Path, job, canvases: np.ndarray) -> dict:
     """Canvases/s of the recipe's int8 detector and of the one with the kept layers in float, as the
     photo pipeline runs a detector (one canvas per call, ``DETECTOR_THREADS`` engine threads), timed in
     turns (the median over rounds), and their ratio."""
-    from .engines.base import interleaved_rates
     from .engines.registry import open_graph
     from .faces.detectors.registry import DETECTOR_THREADS
+    from .fallback import speed_in_turns
 
     model = job.manifest.files["model"]
     hint = job.manifest.engine_config.get("inference_precision")
@@ -202,15 +203,6 @@ def _speed_cost(engine: str, recipe_files: Path, job, canvases: np.ndarray) -> d
     }
     feed = {sessions["recipe"].inputs[0].name: canvases}
     calls = {key: functools.partial(s.run, feed) for key, s in sessions.items()}
-    rates = interleaved_rates(calls, dict.fromkeys(calls, len(canvases)), SPEED_ROUNDS, SPEED_SECONDS, min_runs=2)
-    ratio = statistics.median(a / b for a, b in zip(rates["fallback"], rates["recipe"]))
-    log.info("detector fallback: the package keeps %.0f%% of the recipe's int8 speed", 100 * ratio)
-    return {
-        "batch": int(len(canvases)),
-        "threads": DETECTOR_THREADS,
-        "recipe_canvases_per_s": round(statistics.median(rates["recipe"]), 2),
-        "fallback_canvases_per_s": round(statistics.median(rates["fallback"]), 2),
-        "fallback_vs_recipe": round(ratio, 3),
-        "how": f"median of {SPEED_ROUNDS} rounds of {SPEED_SECONDS:g} s per detector, taken in turns, at build "
-        "time, as the photo pipeline calls it",
-    }
+    record = speed_in_turns(calls, len(canvases), "canvases", "detector", SPEED_ROUNDS, SPEED_SECONDS)
+    record["how"] += ", as the photo pipeline calls it"
+    return {**record, "threads": DETECTOR_THREADS}

@@ -250,15 +250,14 @@ def _fallback(eng, job, fixed: dict, photos, reference, missed, checks: tuple[li
 
     tmp = job.out_dir
     log.info("%s int8 detector below its floor (%s): fallback", eng.name, "; ".join(missed.below_floor))
-    record = keep_sensitive_layers_float(eng, job, tmp, reference, photos.calib, FLOOR, missed, threads)
+    record, nothing_left = keep_sensitive_layers_float(eng, job, reference, photos.calib, FLOOR, missed, threads)
     manifest = _manifest(job, fixed, photos, record)
     write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
     fidelity = missed
     if record["kept_float"]:  # requantized: checked again, as every build is
         fidelity = _fidelity(tmp, reference, *checks, threads)
-    if record.get("no_int8_left"):  # an fp32 detector under an int8 label is no int8 package
-        gone = "no int8 layer left: every quantized layer went back to float"
-        fidelity = replace(fidelity, passed=False, below_floor=[*fidelity.below_floor, gone])
+    if nothing_left:  # an fp32 detector under an int8 label is no int8 package: said where the verdict is read
+        fidelity = replace(fidelity, passed=False, below_floor=[*fidelity.below_floor, nothing_left])
     return manifest, fidelity
 
 
@@ -380,12 +379,11 @@ def summary_lines(out) -> list[str]:
     f = m.fidelity
     if f is not None:
         state = "passed" if f.passed else "BELOW FLOOR (" + "; ".join(f.below_floor) + ")"
-        judged_max = (f.by_size.get("large") or {}).get("landmark_error_max") or 0.0
         lines.append(
             f"  fidelity vs {m.source.get('name')} on {f.images} {f.source}: {f.matched}/{f.reference_faces} faces "
             f"matched, {f.lost} lost, {f.added} added ({f.borderline} borderline), box IoU min {f.min_iou:.3f}, "
-            f"landmarks mean {f.landmark_error_mean:.2%} of the IOD, max {judged_max:.2%} on faces of a useful "
-            f"size ({f.landmark_error_max:.2%} over all) -> {state}"
+            f"landmarks mean {f.landmark_error_mean:.2%} of the IOD, max {f.landmark_error_max_judged:.2%} on "
+            f"faces of a useful size ({f.landmark_error_max:.2%} over all) -> {state}"
         )
         for band in ("large", "small"):
             b = f.by_size.get(band) or {}

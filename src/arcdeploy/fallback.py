@@ -93,10 +93,10 @@ class LayerSearch(Generic[M]):
         self.tried: dict[int, M] = {}
         self.order: list[str] = []
 
-    def rank(self) -> tuple[list[tuple[float, str]], int]:
+    def rank(self, base: float | None = None) -> tuple[list[tuple[float, str]], int]:
         """Each layer back in float alone, by its gain in ``rank_score`` (best first); and how
-        many layers were candidates."""
-        base = self.rank_score([])
+        many layers were candidates. ``base``: the score with no layer in float, when known."""
+        base = self.rank_score([]) if base is None else base
         gains = [(self.rank_score([name]) - base, name) for name in self.layers]
         gains.sort(reverse=True)
         self.order = [name for _, name in gains]
@@ -159,7 +159,7 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
         describe=_cosine_figures,
     )
     before = search.prefix(0)
-    gains, candidates = search.rank()
+    gains, candidates = search.rank(float(before[:RANKING_FACES].mean()))  # the ranking faces lead ``x``
     k = search.shortest_passing_prefix()
     kept = search.order[:k]
     after = search.prefix(k)
@@ -200,17 +200,18 @@ def keep_sensitive_layers_float(engine, job, split, images, floor: dict[str, flo
     return result
 
 
-def nothing_int8_left(kept: int, candidates: int, reached: bool) -> str | None:
+RECOGNITION_REMEDY = "build fp32 or bf16 instead, or allow a larger --max-cosine-drop"
+
+
+def nothing_int8_left(kept: int, candidates: int, reached: bool, remedy: str = RECOGNITION_REMEDY) -> str | None:
     """When a fallback keeps every quantized layer in float, no int8 package is left, only an fp32
     one under an int8 label at a fraction of the speed: what the build says of it then (it counts as
-    below the floor, so ``--strict`` refuses it), else None."""
+    below the floor, so ``--strict`` refuses it), else None. ``remedy``: what the user can do (a
+    detector build has no ``--max-cosine-drop``)."""
     if not candidates or kept < candidates:
         return None
     missed = "" if reached else ", and still misses the floor"
-    return (
-        f"no int8 layer left: all {candidates} quantized layers went back to float{missed}; "
-        "build fp32 or bf16 instead, or allow a larger --max-cosine-drop"
-    )
+    return f"no int8 layer left: all {candidates} quantized layers went back to float{missed}; {remedy}"
 
 
 def _rebuild(engine, job, kept: list[str], x: np.ndarray, threads: int | None) -> dict:
@@ -245,23 +246,32 @@ def requantize(engine, job, kept: list[str]):
 def _speed_cost(recipe_pkg: Path, new_pkg: Path, x: np.ndarray, threads: int | None) -> dict:
     """Images/s of the recipe's int8 package and of the package with the kept layers in float,
     timed in turns (the median over rounds; one batch of validation faces), and their ratio."""
-    from .engines.base import interleaved_rates
     from .package import Package
 
     pkgs = {"recipe": Package(recipe_pkg, threads), "fallback": Package(new_pkg, threads)}
     batch = x[: pkgs["fallback"].manifest.fixed_batch or 16]
     calls = {key: functools.partial(pkg.runtime.infer, batch) for key, pkg in pkgs.items()}
-    rates = interleaved_rates(calls, dict.fromkeys(pkgs, len(batch)), SPEED_ROUNDS, SPEED_SECONDS, min_runs=2)
+    record = speed_in_turns(calls, len(batch), "images", "package", SPEED_ROUNDS, SPEED_SECONDS)
     for pkg in pkgs.values():
         pkg.runtime.close()
+    return record
+
+
+def speed_in_turns(calls: dict, batch: int, unit: str, what: str, rounds: int, seconds: float) -> dict:
+    """The speed record of a fallback: ``calls["recipe"]`` and ``calls["fallback"]`` (each runs one
+    batch of ``batch`` ``unit``) timed in turns, ``rounds`` of ``seconds`` each; their median rates
+    and the median of the rounds' ratios."""
+    from .engines.base import interleaved_rates
+
+    rates = interleaved_rates(calls, dict.fromkeys(calls, batch), rounds, seconds, min_runs=2)
     ratio = statistics.median(a / b for a, b in zip(rates["fallback"], rates["recipe"]))
-    log.info("fallback: the package keeps %.0f%% of the recipe's int8 speed", 100 * ratio)
+    log.info("fallback: the %s keeps %.0f%% of the recipe's int8 speed", what, 100 * ratio)
     return {
-        "batch": int(len(batch)),
-        "recipe_images_per_s": round(statistics.median(rates["recipe"]), 2),
-        "fallback_images_per_s": round(statistics.median(rates["fallback"]), 2),
+        "batch": int(batch),
+        f"recipe_{unit}_per_s": round(statistics.median(rates["recipe"]), 2),
+        f"fallback_{unit}_per_s": round(statistics.median(rates["fallback"]), 2),
         "fallback_vs_recipe": round(ratio, 3),
-        "how": f"median of {SPEED_ROUNDS} rounds of {SPEED_SECONDS:g} s per package, taken in turns, at build time",
+        "how": f"median of {rounds} rounds of {seconds:g} s per {what}, taken in turns, at build time",
     }
 
 

@@ -1105,6 +1105,12 @@ class DetectorFidelity:
     below_floor: list = field(default_factory=list)
     by_size: dict = field(default_factory=dict)  # the same figures for small and large faces apart
 
+    @property
+    def landmark_error_max_judged(self) -> float:
+        """The largest landmark error where the floor judges it: on faces of a useful size (the
+        ``large`` band; 0 when there are none)."""
+        return float((self.by_size.get("large") or {}).get("landmark_error_max") or 0.0)
+
     def to_json(self) -> dict:
         return asdict(self)
 
