@@ -477,3 +477,26 @@ def test_scrfd_decoding_five_strides():
 def test_graph_summary_names_shapes():
     io = GraphIO(Path("x.onnx"), [("in", [None, 3, 112, 112])], [("out", ["N", 512])])
     assert io.summary() == "1 input [?,3,112,112], 1 output [N,512]"
+
+
+@needs_real
+def test_openvino_detector_runs_concurrent_calls_on_streams_of_their_threads(photos):
+    """A detector opened with one engine thread per call is compiled with a CPU stream per core, so
+    the preparation workers' calls run side by side (one stream runs one request at a time), and
+    give what serial calls give; opened without a thread count it keeps the single latency stream."""
+    from arcdeploy.faces.detectors import DetectorSpec
+    from arcdeploy.machine import usable_cpus
+
+    per_call = DetectorSpec(SCRFD, engine="openvino", threads=1).open()
+    assert int(per_call.session.compiled.get_property("NUM_STREAMS")) == usable_cpus()
+    assert int(per_call.session.compiled.get_property("INFERENCE_NUM_THREADS")) == usable_cpus()
+    whole = DetectorSpec(SCRFD, engine="openvino").open()
+    assert int(whole.session.compiled.get_property("NUM_STREAMS")) == 1
+    names = sorted(photos)
+    serial = {n: whole.detect(photos[n]) for n in names}
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda n: (n, per_call.detect(photos[n])), names * 2))
+    for n, faces in got:
+        assert len(faces) == len(serial[n])
+        for f, g in zip(faces, serial[n]):
+            np.testing.assert_allclose(f.points, g.points, atol=1e-3)
