@@ -383,7 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     med = statistics.median
     info = machine_info()
     print(f"\nCPU: {info['cpu']} ({info['logical_cpus']} logical CPUs; {', '.join(info['flags'])}); shared machine")
-    print(f"median of {args.rounds} interleaved rounds; ratios taken within each round, then the median\n")
+    print(
+        f"median of {args.rounds} interleaved rounds, the order turned each round; "
+        "ratios taken within each round, then the median\n"
+    )
     print("| set | contestant | photos/s | faces/s | x insightface | x recognition alone |")
     print("|---|---|---:|---:|---:|---:|")
     table = []

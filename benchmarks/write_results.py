@@ -242,8 +242,9 @@ def photos_section(doc: dict | None) -> list[str]:
     lines += _provenance(doc, "bench_photos.py")
     lines += [
         f"{_run_cpu(doc)}; load average {_la(doc.get('load_average_start'))} at the start,"
-        f" {_la(doc.get('load_average_end'))} at the end. Median of {doc.get('rounds')} interleaved rounds; "
-        f"ratios taken within each round. arcdeploy's preparation workers: {doc.get('workers')}; the process keeps "
+        f" {_la(doc.get('load_average_end'))} at the end. Median of {doc.get('rounds')} interleaved rounds, the "
+        "contestants' order turned each round; ratios taken within each round. arcdeploy's preparation "
+        f"workers: {doc.get('workers')}; the process keeps "
         "freed memory for reuse as the `arcdeploy` command does (`keep_freed_memory`; insightface's loop runs in "
         "the same process). Targets: 3x insightface's loop on the 12 MP set, 0.5x recognition alone "
         "on LFW-size photos, cosine >= 0.98 to insightface's embedding on every face it finds.",

@@ -182,7 +182,7 @@ def _finish_on_loopback(proc: subprocess.Popen) -> tuple[int, str, str]:
     while proc.poll() is None:
         count, found = _sockets()
         seen, outside = max(seen, count), outside + found
-        time.sleep(0.5)
+        time.sleep(0.25)
     result = _finish(proc)
     assert seen > 10 and not outside, outside
     return result
@@ -195,9 +195,7 @@ def _sockets() -> tuple[int, list[str]]:
     import psutil
 
     me = psutil.Process()
-    ours = {me.pid}
-    for child in me.children(recursive=True):
-        ours.add(child.pid)
+    ours = {me.pid, *(child.pid for child in me.children(recursive=True))}
     count, found = 0, []
     for c in psutil.net_connections(kind="inet"):
         if c.pid not in ours:
@@ -205,8 +203,17 @@ def _sockets() -> tuple[int, list[str]]:
         count += 1
         for addr in (c.laddr, c.raddr):
             if addr and addr.ip not in LOOPBACK:
-                found.append(f"pid {c.pid}: {c.laddr} -> {c.raddr} {c.status}")
+                found.append(f"{_process_name(c.pid)} (pid {c.pid}): {c.laddr} -> {c.raddr} {c.status}")
     return count, found
+
+
+def _process_name(pid: int) -> str:
+    import psutil
+
+    try:
+        return psutil.Process(pid).name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return "?"
 
 
 def _chunks(out: Path) -> int:

@@ -278,21 +278,17 @@ class OpenVINORuntime(Runtime):
 
 
 def graph_config(threads: int | None, precision_hint: str | None) -> dict[str, Any]:
-    """How a graph session is compiled. With ``threads`` per call, one CPU stream per ``threads``
-    cores: a stream runs one request at a time, so the several callers of one session (the photo
-    pipeline's preparation workers sharing a detector) would otherwise take turns on one core, where
-    ONNX Runtime runs them side by side. Measured (benchmarks/bench_photos.py's SCRFD-500M int8
-    package, 3 preparation workers, 2 cores): one stream 48 LFW-size photos/s on 1.34 cores busy,
-    a stream per core 74-77 on 1.97; 12 MP photos 32 -> 39.5 photos/s. One caller runs as before,
-    on one stream of ``threads`` threads."""
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-    if threads:
-        streams = max(1, usable_cpus() // int(threads))
-        config["NUM_STREAMS"] = streams
-        config["INFERENCE_NUM_THREADS"] = int(threads) * streams
-    if precision_hint:
-        config["INFERENCE_PRECISION_HINT"] = precision_hint
-    return config
+    """How a graph session is compiled: a package's latency settings (:func:`compile_config`) and,
+    with ``threads`` per call, one CPU stream per ``threads`` cores. A stream runs one request at a
+    time, so the several callers of one session (the photo pipeline's preparation workers sharing a
+    detector) would otherwise take turns on one core, where ONNX Runtime runs them side by side.
+    Measured (benchmarks/bench_photos.py's SCRFD-500M int8 package, 3 preparation workers, 2 cores):
+    one stream 48 LFW-size photos/s on 1.34 cores busy, a stream per core 74 on 1.97; 12 MP photos
+    32 -> 38-40 photos/s. One caller runs as before, on one stream of ``threads`` threads."""
+    if not threads:
+        return compile_config({"inference_precision": precision_hint}, None)
+    streams = max(1, usable_cpus() // int(threads))
+    return {**compile_config({"inference_precision": precision_hint}, int(threads) * streams), "NUM_STREAMS": streams}
 
 
 class OpenVINOGraph(GraphSession):
