@@ -421,3 +421,24 @@ def test_fallback_cli_options(tmp_path, r18_export, capsys):
         capsys,
     )
     assert "--max-cosine-drop must be between 0 and 1" in err
+
+
+def test_input_spreads_are_the_float_models_channel_ranges(mbf_export):
+    """The recipe's "spread" measure (every convolution input's per-channel range), reduced inside
+    the OpenVINO graph: the first convolution reads the input itself, so its spread is numpy's on
+    the input; every other one is what ONNX Runtime measures on the same export (tensors fetched,
+    reduced in numpy)."""
+    from arcdeploy.engines import onnxruntime as ort_engine
+    from arcdeploy.engines import openvino as ov_engine
+    from arcdeploy.quantize import range_spread
+
+    x = np.random.default_rng(5).normal(0, 1, (20, 3, 112, 112)).astype(np.float32)
+    x[:, 1] *= 3.0  # channels of unlike ranges: a spread far from 1
+    model = ov_engine.convert(mbf_export.onnx_path)
+    ov = ov_engine.input_spreads(model, x, batch=8)  # batches of 8, 8 and 4: ranges merged across them
+    first = next(op for op in ov_engine.weighted_ops(model) if op.get_type_name() != "MatMul")
+    want = range_spread(x.max(axis=(0, 2, 3)) - x.min(axis=(0, 2, 3)))
+    assert ov[first.get_friendly_name()] == pytest.approx(want, rel=1e-6) and want > 1.5
+    ort = ort_engine.input_spreads(mbf_export.onnx_path, x, model.inputs[0].get_any_name())
+    assert len(ov) == len(ort) >= 10
+    np.testing.assert_allclose(sorted(ov.values()), sorted(ort.values()), rtol=1e-3)

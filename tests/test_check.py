@@ -91,3 +91,36 @@ def test_check_errors(tmp_path, r18_ort_fp32_pkg, capsys):
         bad_dir.mkdir()
         (bad_dir / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
         check(load(r18_ort_fp32_pkg), images=bad_dir)
+
+
+def test_reference_runs_once_for_the_same_content_and_faces(tmp_path, r18_packages, faces16, mbf_export, monkeypatch):
+    """Packages of one source checked on the same faces run the fp32 reference once in a process
+    (each package holds its own copy: the memo is keyed by its content); other faces or another
+    reference run it again, and what the memo gives is what the reference computes."""
+    from arcdeploy import fidelity
+
+    ort, ov = r18_packages("onnxruntime", "fp32"), r18_packages("openvino", "fp32")  # built (and checked) before
+    runs: list[int] = []
+    init = fidelity.Reference.__init__
+
+    def counting_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        runner = self.runner
+        self.runner = lambda faces: runs.append(len(faces)) or runner(faces)
+
+    monkeypatch.setattr(fidelity.Reference, "__init__", counting_init)
+    fidelity._reference_memo.clear()
+    assert load(ort).manifest.reference_path(ort) != load(ov).manifest.reference_path(ov)
+    first = check(ort, images=faces16)
+    memoised = check(ov, images=faces16)
+    assert runs == [16] and first.passed and memoised.passed
+    check(ort, images=faces16[:8])  # other faces
+    assert runs == [16, 8]
+    bad = tmp_path / "bad"  # another network's reference in a copy of the package
+    shutil.copytree(ort, bad)
+    shutil.copyfile(mbf_export.reference_path, bad / read_manifest(bad)["reference"]["file"])
+    assert check(bad, images=faces16).cosine.mean < 0.5 and runs == [16, 8, 16]
+    fidelity._reference_memo.clear()
+    computed = check(ov, images=faces16)
+    assert runs == [16, 8, 16, 16]
+    np.testing.assert_allclose(computed.per_image, memoised.per_image, atol=1e-6)

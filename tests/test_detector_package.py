@@ -175,7 +175,8 @@ def test_int8_detector_package_fidelity_is_checked_and_recorded(tmp_path, monkey
     the small faces of the group photo (16 canvas px between the eyes) are measured and recorded apart.
     The recipe's package misses the floor there (int8 moves their points by a few tenths of a detector
     pixel: 1.4% of their IOD, mean), so the fallback keeps its most sensitive layers in float until the
-    calibration's group photos meet it (6 layers on an AVX-512 EPYC, mean 0.7%) and records them."""
+    calibration's group photos meet it (4 layers on an AVX-512 EPYC, validation mean 1.2% -> 0.8%;
+    6 when 40 LFW photos were calibrated on) and records them."""
     sys.path.insert(0, str(BENCHMARKS))
     from _photo_sets import group_photo
     from arcdeploy import detector_fallback
@@ -185,7 +186,9 @@ def test_int8_detector_package_fidelity_is_checked_and_recorded(tmp_path, monkey
     monkeypatch.setattr(detector_fallback, "VALIDATION_PHOTOS", 8)
     monkeypatch.setattr(detector_fallback, "RANKING_PHOTOS", 4)
     real = FACES.parent
-    lfw = sorted((FACES / "lfw_colour").rglob("*.jpg"))[::9][:40]
+    # 20 LFW photos (a user's build takes more): the statistics and the fallback's second quantization
+    # cost in proportion, and the small faces still miss the floor before the fallback
+    lfw = sorted((FACES / "lfw_colour").rglob("*.jpg"))[::9][:20]
     groups = [group_photo(real, tmp_path / f"calib_group_{s}.jpg", seed=s, start=100 * s) for s in (1, 2)]
     checks = [*list_images(PHOTOS), group_photo(real, tmp_path / "group.jpg")]
     pkg = arcdeploy.build(

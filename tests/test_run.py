@@ -25,11 +25,12 @@ TINY_DEMO = DemoConfig(
 
 
 @pytest.fixture(scope="module")
-def failing_run(tmp_path_factory, r18_ckpt):
-    """fp32 builds; int8 without calibration images must fail and be reported."""
+def failing_run(tmp_path_factory, mbf_ckpt):
+    """fp32 builds; int8 without calibration images must fail and be reported (the small mbf network:
+    what is tested is the run, not the network)."""
     out = tmp_path_factory.mktemp("run") / "out"
     first = run_pipeline(
-        r18_ckpt, out, engine="onnxruntime", precisions=["fp32", "int8"], batches=[2], iterations=3, log=lambda m: None
+        mbf_ckpt, out, engine="onnxruntime", precisions=["fp32", "int8"], batches=[2], iterations=3, log=lambda m: None
     )
     return out, first
 
@@ -56,10 +57,10 @@ def test_failing_step_is_reported_and_the_rest_runs(failing_run):
     assert (out / "plots" / "throughput.png").stat().st_size > 1000
 
 
-def test_rerun_reuses_finished_steps(failing_run, r18_ckpt):
+def test_rerun_reuses_finished_steps(failing_run, mbf_ckpt):
     out, _ = failing_run
     again = run_pipeline(
-        r18_ckpt, out, engine="onnxruntime", precisions=["fp32", "int8"], batches=[2], iterations=3, log=lambda m: None
+        mbf_ckpt, out, engine="onnxruntime", precisions=["fp32", "int8"], batches=[2], iterations=3, log=lambda m: None
     )
     status = {s.name: s.status for s in again.steps}
     assert status["export"] == "reused"
@@ -104,12 +105,12 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert demo_cli  # the command module is importable
 
 
-def test_cli_run_names_failed_steps_and_exits_nonzero(failing_run, r18_ckpt, capsys):
+def test_cli_run_names_failed_steps_and_exits_nonzero(failing_run, mbf_ckpt, capsys):
     out, _ = failing_run
     code = main(
         [
             "run",
-            str(r18_ckpt),
+            str(mbf_ckpt),
             "-o",
             str(out),
             "--engine",

@@ -24,28 +24,34 @@ MATCH_IOU = 0.5  # boxes this close are the same face; its IoU is then held to F
 SMALL_IOD = 16.0
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    iw = max(0.0, float(min(a[2], b[2]) - max(a[0], b[0])))
-    ih = max(0.0, float(min(a[3], b[3]) - max(a[1], b[1])))
+def _iou_matrix(ref: list, got: list) -> np.ndarray:
+    """Box IoU of every reference face (rows) with every candidate face (columns); sides and areas
+    in the boxes' float32, as one pair's IoU was computed before (ties then order pairs alike)."""
+    a = np.array([f.box[:4] for f in ref], np.float32).reshape(-1, 4)[:, None, :]
+    b = np.array([f.box[:4] for f in got], np.float32).reshape(-1, 4)[None, :, :]
+    iw = np.maximum(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0).astype(np.float64)
+    ih = np.maximum(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0).astype(np.float64)
     inter = iw * ih
-    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
-    return inter / union if union > 0 else 0.0
+    areas = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    union = areas.astype(np.float64) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def _pair_faces(ref: list, got: list) -> tuple[set[int], set[int], list[tuple[float, int, int]]]:
     """Reference and candidate faces paired by box IoU, best pairs first: (reference faces paired,
-    candidate faces paired, the pairs as (IoU, reference index, candidate index))."""
-    pairs = sorted(((_iou(r.box, g.box), i, j) for i, r in enumerate(ref) for j, g in enumerate(got)), reverse=True)
+    candidate faces paired, the pairs as (IoU, reference index, candidate index)). Only pairs
+    over ``MATCH_IOU`` are sorted (a group photo's faces make 10^4-10^5 pairs)."""
+    iou = _iou_matrix(ref, got)
+    rows, cols = np.nonzero(iou >= MATCH_IOU)
+    order = np.lexsort((-cols, -rows, -iou[rows, cols]))  # by IoU; ties as sorted(reverse=True) breaks them
     used_r: set[int] = set()
     used_g: set[int] = set()
     matched = []
-    for iou, i, j in pairs:
-        if iou < MATCH_IOU:
-            break
+    for i, j in zip(rows[order].tolist(), cols[order].tolist()):
         if i not in used_r and j not in used_g:
             used_r.add(i)
             used_g.add(j)
-            matched.append((iou, i, j))
+            matched.append((float(iou[i, j]), i, j))
     return used_r, used_g, matched
 
 

@@ -9,7 +9,11 @@ per-image cosine: mean, min, 1st percentile, against the precision's floor.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,6 +22,7 @@ from .engines.runner import CropRunner, graph_input_feed
 from .errors import ArcdeployError
 from .manifest import CosineStats, FidelityGroupsRecord, FidelityRecord
 from .types import Precision
+from .utils import sha256_file
 
 if TYPE_CHECKING:
     from .fidelity_groups import FaceLabels
@@ -30,6 +35,14 @@ FLOORS: dict[Precision, dict[str, float]] = {
     Precision.INT8: {"mean": 0.99, "min": 0.97},
 }
 REFERENCE_BATCH = 32
+# The fp32 reference's embeddings already computed in this process, by all they depend on: the
+# reference file's content, how it is fed, the faces. The packages of one source checked on the
+# same faces (the candidates of --precision auto, a run's check steps beside its builds' gates)
+# run the reference once. The most recent entries, each [N, D] float32.
+REFERENCE_MEMO_ENTRIES = 8
+_reference_memo: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_file_digests: dict[tuple, str] = {}
+_memo_lock = threading.Lock()
 
 
 def floor_for(precision: Precision, max_cosine_drop: float | None = None) -> dict[str, float]:
@@ -167,10 +180,45 @@ class Reference:
 
         # a reference traced at one batch runs at that batch; a foreign source's unread inputs get zeros
         run = graph_input_feed(self.session, self.input.name, strict=False)
+        self.batch = ref.batch
         self.runner = CropRunner(run, self.input, batch=ref.batch, max_batch=REFERENCE_BATCH)
 
     def embed(self, faces: np.ndarray) -> np.ndarray:
-        return self.runner(faces).astype(np.float32)
+        """The reference's embeddings of aligned crops (computed once per process for the same
+        reference content and faces: ``REFERENCE_MEMO_ENTRIES``)."""
+        faces = np.ascontiguousarray(faces)
+        key = (
+            _file_digest(self.path),
+            self.kind,
+            self.input,
+            self.batch,
+            faces.shape,
+            faces.dtype.str,
+            hashlib.blake2b(faces.view(np.uint8).reshape(-1).data).hexdigest(),
+        )
+        with _memo_lock:
+            if key in _reference_memo:
+                _reference_memo.move_to_end(key)
+                return _reference_memo[key].copy()
+        out = self.runner(faces).astype(np.float32)
+        with _memo_lock:
+            _reference_memo[key] = out.copy()
+            while len(_reference_memo) > REFERENCE_MEMO_ENTRIES:
+                _reference_memo.popitem(last=False)
+        return out
+
+
+def _file_digest(path: Path) -> str:
+    """A file's sha256, hashed once per process while its size, time and inode stay the same."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    with _memo_lock:
+        known = _file_digests.get(key)
+    if known is None:
+        known = sha256_file(path)
+        with _memo_lock:
+            _file_digests[key] = known
+    return known
 
 
 def package_embeddings(pkg, faces: np.ndarray) -> np.ndarray:

@@ -346,16 +346,25 @@ def weighted_ops(model) -> list:
 
 def input_spreads(model, x: np.ndarray, batch: int = 16) -> dict[str, float]:
     """The per-channel range spread of every convolution's input (see
-    :func:`arcdeploy.quantize.channel_spread`), measured by running the float model on ``x``."""
+    :func:`arcdeploy.quantize.channel_spread`), measured by running the float model on ``x``. Each
+    input's per-channel min and max are reduced inside the graph (ReduceMin / ReduceMax over all
+    but the channel axis): only [C] vectors leave it, not a detector's [N, C, 320, 320] tensors."""
+    import openvino.opset13 as ops
+
     probe = model.clone()
     first = len(probe.outputs)  # the model's own outputs come first (a detector has several)
     convs = [op for op in weighted_ops(probe) if op.get_type_name() != "MatMul"]
-    # convolutions that read the same tensor (a detector's heads) share one added output
+    # convolutions that read the same tensor (a detector's heads) share one pair of added outputs
     ports = [op.input_value(0) for op in convs]
     keys = [(p.get_node().get_friendly_name(), p.get_index()) for p in ports]
     unique = list(dict.fromkeys(keys))
-    probe.add_outputs([ports[keys.index(key)] for key in unique])
-    slot = {key: first + i for i, key in enumerate(unique)}
+    reduced = []
+    for key in unique:
+        port = ports[keys.index(key)]
+        axes = ops.constant(np.array([a for a in range(port.get_partial_shape().rank.get_length()) if a != 1]))
+        reduced += [ops.reduce_min(port, axes, keep_dims=False).output(0), ops.reduce_max(port, axes, False).output(0)]
+    probe.add_outputs(reduced)
+    slot = {key: first + 2 * i for i, key in enumerate(unique)}
     compiled = _compile(probe, {"INFERENCE_PRECISION_HINT": "f32"}, "the model (measuring activation ranges)")
     req = compiled.create_infer_request()
     lo: dict = {}
@@ -363,15 +372,12 @@ def input_spreads(model, x: np.ndarray, batch: int = 16) -> dict[str, float]:
     for s in range(0, len(x), batch):
         req.infer({0: x[s : s + batch]})
         for key in unique:
-            a = req.get_output_tensor(slot[key]).data  # [N, C, H, W]
-            mn, mx = a.min(axis=(0, 2, 3)), a.max(axis=(0, 2, 3))
-            lo[key] = np.minimum(lo[key], mn) if key in lo else mn.copy()
-            hi[key] = np.maximum(hi[key], mx) if key in hi else mx.copy()
-    lo_k = [lo[key] for key in keys]
-    hi_k = [hi[key] for key in keys]
+            mn, mx = (req.get_output_tensor(slot[key] + k).data.copy() for k in (0, 1))  # [C] each
+            lo[key] = np.minimum(lo[key], mn) if key in lo else mn
+            hi[key] = np.maximum(hi[key], mx) if key in hi else mx
     out = {}
-    for k, op in enumerate(convs):
-        ranges = np.asarray(hi_k[k]) - np.asarray(lo_k[k])
+    for op, key in zip(convs, keys):
+        ranges = np.asarray(hi[key]) - np.asarray(lo[key])
         out[op.get_friendly_name()] = range_spread(ranges) if ranges.size else 0.0
     return out
 
