@@ -264,3 +264,22 @@ def test_detector_package_travels_to_ray_workers(fp32_packages, tmp_path):
     images = decoded(list_images(PHOTOS)[:3])
     for a, b in zip(here.detect_decoded(images), moved.detect_decoded(images)):
         assert np.array_equal(a[0].points, b[0].points)
+
+
+def test_faces_pair_by_box_iou_best_first():
+    """Hand-checkable pairing: the best pairs first, each face in one pair at most, IoU 0.5 still
+    a pair, a face with no partner left out."""
+    from types import SimpleNamespace
+
+    from arcdeploy.detector_check import _pair_faces
+
+    def faces(*boxes):
+        return [SimpleNamespace(box=np.array(b, np.float32)) for b in boxes]
+
+    ref = faces([0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10])
+    got = faces([1, 0, 11, 10], [0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 5], [70, 70, 80, 80])
+    used_r, used_g, pairs = _pair_faces(ref, got)
+    assert [(i, j) for _, i, j in pairs] == [(1, 2), (0, 1), (2, 3)]  # ties: as sorted(reverse=True)
+    assert [round(iou, 6) for iou, _, _ in pairs] == [1.0, 1.0, 0.5]
+    assert used_r == {0, 1, 2} and used_g == {1, 2, 3}  # got[0] (IoU 0.82 with ref[0], taken) and got[4]: none
+    assert _pair_faces([], got) == (set(), set(), []) and _pair_faces(ref, []) == (set(), set(), [])
