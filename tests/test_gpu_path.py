@@ -57,11 +57,16 @@ def test_torch_cpu_runtime_times_without_a_device_split(torch_pkg):
 
 
 @pytest.mark.slow
-def test_gpu_check_script_runs_on_cpu(tmp_path, monkeypatch):
+def test_gpu_check_script_runs_on_cpu(tmp_path, monkeypatch, r18_ckpt, r18_export):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # as the script runs
     import gpu_check
 
     monkeypatch.setenv("OUT", str(tmp_path))
+    # the session's generated r18 and its export where the script keeps its own (it makes them only
+    # when absent, as on a rerun): what runs here is its build, fidelity, timing and report
+    (tmp_path / "work").mkdir()
+    shutil.copyfile(r18_ckpt, tmp_path / "work" / "r18.pth")
+    shutil.copytree(r18_export.out_dir, tmp_path / "work" / "r18_export")
     code = gpu_check.main(
         [
             "--device",

@@ -165,6 +165,7 @@ def test_precision_auto_keeps_the_fastest_faithful_precision(tmp_path, r18_expor
     from arcdeploy.auto_precision import SAME_SPEED
 
     monkeypatch.setattr(auto_precision, "SPEED_SECONDS", 0.3)  # rounds shorter than a user's
+    monkeypatch.setattr(auto_precision, "SPEED_ROUNDS", 2)  # and fewer (a user's: 3)
     from arcdeploy.machine import has_native_bf16
     from arcdeploy.synthetic import aligned_faces
 

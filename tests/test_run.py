@@ -74,6 +74,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr("arcdeploy.demo.QUICK", TINY_DEMO)
     monkeypatch.setattr("arcdeploy.auto_precision.SPEED_SECONDS", 0.3)  # "choose precision": shorter rounds
+    monkeypatch.setattr("arcdeploy.auto_precision.SPEED_ROUNDS", 2)  # and fewer (a user's: 3)
     out = tmp_path / "demo"
     code = main(["demo", "--quick", "-o", str(out)])
     captured = capsys.readouterr()
