@@ -124,3 +124,32 @@ def test_reference_runs_once_for_the_same_content_and_faces(tmp_path, r18_packag
     computed = check(ov, images=faces16)
     assert runs == [16, 8, 16, 16]
     np.testing.assert_allclose(computed.per_image, memoised.per_image, atol=1e-6)
+
+
+def test_reference_digest_covers_an_onnx_files_external_data(tmp_path):
+    """The memo's key for an ONNX reference covers the external data file it names: new weights
+    there (the .onnx file untouched) give a new digest, so the reference runs again."""
+    import os
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from arcdeploy.fidelity import _reference_digest
+
+    w = numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(64, 64), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [w],
+    )
+    path = tmp_path / "ref.onnx"
+    onnx.save(helper.make_model(graph), str(path), save_as_external_data=True, location="ref.data", size_threshold=0)
+    data = tmp_path / "ref.data"
+    first = _reference_digest(path, "onnx")
+    assert _reference_digest(path, "onnx") == first != _reference_digest(path, "torchscript")
+    data.write_bytes(data.read_bytes()[::-1])  # other weights, same size
+    st = data.stat()
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert _reference_digest(path, "onnx") != first

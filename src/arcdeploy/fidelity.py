@@ -22,7 +22,7 @@ from .engines.runner import CropRunner, graph_input_feed
 from .errors import ArcdeployError
 from .manifest import CosineStats, FidelityGroupsRecord, FidelityRecord
 from .types import Precision
-from .utils import sha256_file
+from .utils import hash_file_into
 
 if TYPE_CHECKING:
     from .fidelity_groups import FaceLabels
@@ -42,6 +42,7 @@ REFERENCE_BATCH = 32
 REFERENCE_MEMO_ENTRIES = 8
 _reference_memo: OrderedDict[tuple, np.ndarray] = OrderedDict()
 _file_digests: dict[tuple, str] = {}
+_data_file_names: dict[tuple, list[str]] = {}
 _memo_lock = threading.Lock()
 
 
@@ -188,7 +189,7 @@ class Reference:
         reference content and faces: ``REFERENCE_MEMO_ENTRIES``)."""
         faces = np.ascontiguousarray(faces)
         key = (
-            _file_digest(self.path),
+            _reference_digest(self.path, self.kind),
             self.kind,
             self.input,
             self.batch,
@@ -208,16 +209,37 @@ class Reference:
         return out
 
 
-def _file_digest(path: Path) -> str:
-    """A file's sha256, hashed once per process while its size, time and inode stay the same."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+def _reference_digest(path: Path, kind: str) -> str:
+    """sha256 over a reference file and, for an ONNX one, the external data files it names (in the
+    order it names them); hashed once per process while their sizes, times and inodes stay the same."""
+    files = [path]
+    if kind == "onnx":
+        files += [path.parent / name for name in _data_files(path)]
+    key = tuple((str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [f.stat()])
     with _memo_lock:
         known = _file_digests.get(key)
     if known is None:
-        known = sha256_file(path)
+        h = hashlib.sha256()
+        for f in files:
+            hash_file_into(h, f)
+        known = h.hexdigest()
         with _memo_lock:
             _file_digests[key] = known
+    return known
+
+
+def _data_files(path: Path) -> list[str]:
+    """The external data files an ONNX file names, read once per version of the file."""
+    from .onnx_files import external_data_files
+
+    st = path.stat()
+    key = ("data files", str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    with _memo_lock:
+        known = _data_file_names.get(key)
+    if known is None:
+        known = external_data_files(path)
+        with _memo_lock:
+            _data_file_names[key] = known
     return known
 
 
