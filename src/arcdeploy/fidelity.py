@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -181,7 +182,6 @@ class Reference:
 
         # a reference traced at one batch runs at that batch; a foreign source's unread inputs get zeros
         run = graph_input_feed(self.session, self.input.name, strict=False)
-        self.batch = ref.batch
         self.runner = CropRunner(run, self.input, batch=ref.batch, max_batch=REFERENCE_BATCH)
 
     def embed(self, faces: np.ndarray) -> np.ndarray:
@@ -192,7 +192,7 @@ class Reference:
             _reference_digest(self.path, self.kind),
             self.kind,
             self.input,
-            self.batch,
+            self.runner.batch,
             faces.shape,
             faces.dtype.str,
             hashlib.blake2b(faces.view(np.uint8).reshape(-1).data).hexdigest(),
@@ -211,36 +211,32 @@ class Reference:
 
 def _reference_digest(path: Path, kind: str) -> str:
     """sha256 over a reference file and, for an ONNX one, the external data files it names (in the
-    order it names them); hashed once per process while their sizes, times and inodes stay the same."""
-    files = [path]
-    if kind == "onnx":
-        files += [path.parent / name for name in _data_files(path)]
-    key = tuple((str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [f.stat()])
-    with _memo_lock:
-        known = _file_digests.get(key)
-    if known is None:
-        h = hashlib.sha256()
-        for f in files:
-            hash_file_into(h, f)
-        known = h.hexdigest()
-        with _memo_lock:
-            _file_digests[key] = known
-    return known
-
-
-def _data_files(path: Path) -> list[str]:
-    """The external data files an ONNX file names, read once per version of the file."""
+    order it names them); computed once per process while their sizes, times and inodes stay the same."""
     from .onnx_files import external_data_files
 
-    st = path.stat()
-    key = ("data files", str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    files = [path]
+    if kind == "onnx":
+        files += [path.parent / n for n in _once_per_version(_data_file_names, [path], external_data_files)]
+    return _once_per_version(_file_digests, files, _sha256_of_files)
+
+
+def _sha256_of_files(*files: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        hash_file_into(h, f)
+    return h.hexdigest()
+
+
+def _once_per_version(table: dict, files: list[Path], compute: Callable[..., Any]) -> Any:
+    """``compute(*files)``, kept in ``table`` while each file's size, mtime and inode stay the same."""
+    key = tuple((str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [f.stat()])
     with _memo_lock:
-        known = _data_file_names.get(key)
-    if known is None:
-        known = external_data_files(path)
-        with _memo_lock:
-            _data_file_names[key] = known
-    return known
+        if key in table:
+            return table[key]
+    value = compute(*files)
+    with _memo_lock:
+        table[key] = value
+    return value
 
 
 def package_embeddings(pkg, faces: np.ndarray) -> np.ndarray:

@@ -377,7 +377,7 @@ def input_spreads(model, x: np.ndarray, batch: int = 16) -> dict[str, float]:
             hi[key] = np.maximum(hi[key], mx) if key in hi else mx
     out = {}
     for op, key in zip(convs, keys):
-        ranges = np.asarray(hi[key]) - np.asarray(lo[key])
+        ranges = hi[key] - lo[key]
         out[op.get_friendly_name()] = range_spread(ranges) if ranges.size else 0.0
     return out
 
