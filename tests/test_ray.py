@@ -501,9 +501,9 @@ def test_no_address_starts_a_local_ray_and_stops_it(ray_env, mbf_pkg, short_job,
             ]
 
         end = time.monotonic() + 10  # its last processes may take a moment to exit after the command
-        while left() and time.monotonic() < end:
+        while (still := left()) and time.monotonic() < end:
             time.sleep(0.2)
-        assert not left(), left()  # the Ray the command started is gone with it
+        assert not still, still  # the Ray the command started is gone with it
         after = set(Path("/tmp/ray").glob("session_*")) if Path("/tmp/ray").exists() else set()
         assert after <= before
         assert not list(tmp.glob("arcdeploy-*")) and not list(tmp.glob("session_*")), list(tmp.iterdir())
