@@ -88,6 +88,76 @@ def test_orientation_reader_survives_broken_exif():
     assert jpeg_orientation(with_orientation(plain, 9)) == 1  # out of range: as stored
 
 
+# ---------------------------------------------------------------- JPEG decoding (libjpeg-turbo, OpenCV's pixels)
+
+
+def _opencv(data: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+
+def _jpeg_variants() -> dict[str, bytes]:
+    """Every chroma subsampling OpenCV writes, progressive, restart markers, grayscale, odd sizes."""
+    rng = np.random.default_rng(7)
+    # smooth colour with sharp edges: chroma upsampling and the IDCT both show in the pixels
+    small = rng.integers(0, 255, (9, 13, 3), dtype=np.uint8)
+    img = cv2.resize(small, (205, 147), interpolation=cv2.INTER_CUBIC)
+    img[40:60, 30:180] = (250, 10, 120)
+    out = {}
+    for sampling in ("411", "420", "422", "440", "444"):
+        flag = getattr(cv2, f"IMWRITE_JPEG_SAMPLING_FACTOR_{sampling}")
+        out[f"4:{sampling[1]}:{sampling[2]}"] = cv2.imencode(
+            ".jpg", img, [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, flag, cv2.IMWRITE_JPEG_QUALITY, 90]
+        )[1].tobytes()
+    out["progressive"] = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    out["restart markers"] = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_RST_INTERVAL, 3])[1].tobytes()
+    out["grayscale"] = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))[1].tobytes()
+    out["1x1"] = cv2.imencode(".jpg", img[:1, :1])[1].tobytes()
+    return out
+
+
+@pytest.mark.parametrize("variant", list(_jpeg_variants()))
+def test_jpeg_decoder_gives_opencvs_pixels(variant):
+    from arcdeploy.faces.io import _turbo_jpeg, decode_reduced
+
+    data = _jpeg_variants()[variant]
+    bgr = _turbo_jpeg(data, bgr=True)
+    assert bgr is not None, "libjpeg-turbo (simplejpeg) declined a plain JPEG"
+    assert np.array_equal(bgr, _opencv(data))
+    assert np.array_equal(decode_image(data, variant), cv2.cvtColor(_opencv(data), cv2.COLOR_BGR2RGB))
+    assert np.array_equal(decode_reduced(data, variant).pixels, _opencv(data))
+
+
+def test_jpeg_decoder_leaves_what_it_cannot_do_to_opencv():
+    from PIL import Image
+
+    from arcdeploy.faces.io import ImageError, _turbo_jpeg
+
+    rgb = cv2.resize(np.random.default_rng(3).integers(0, 255, (5, 7, 3), dtype=np.uint8), (70, 50))
+    buf = __import__("io").BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(buf, "JPEG")
+    cmyk = buf.getvalue()
+    assert _turbo_jpeg(cmyk, bgr=False) is None  # OpenCV converts CMYK itself
+    assert np.array_equal(decode_image(cmyk, "cmyk.jpg"), cv2.cvtColor(_opencv(cmyk), cv2.COLOR_BGR2RGB))
+    cut = encode(cv2.resize(rgb, (280, 200)))
+    cut = cut[: len(cut) // 2]  # the scan cut off: libjpeg only warns (and greys the rest)
+    assert _turbo_jpeg(cut, bgr=False) is None
+    with pytest.raises(ImageError, match=r"cut\.jpg: (truncated|corrupt) JPEG"):
+        decode_image(cut, "cut.jpg")
+
+
+@needs_real("faces/photos", "faces/lfw_colour", "faces/lfw")
+def test_jpeg_decoder_gives_opencvs_pixels_on_real_photos():
+    from arcdeploy.faces.io import _turbo_jpeg
+
+    lfw = sorted((FACES / "lfw").rglob("*.jpg"))[::40]
+    colour = sorted((FACES / "lfw_colour").rglob("*.jpg"))[::40]
+    files = [*sorted(PHOTOS.rglob("*.jpg")), *lfw, *colour]
+    assert len(files) > 40
+    for path in files:
+        data = path.read_bytes()
+        assert np.array_equal(_turbo_jpeg(data, bgr=True), _opencv(data)), path
+
+
 @needs_real("models/scrfd_500m_kps.onnx", "faces/photos")
 def test_sideways_real_photo_is_seen_upright(tmp_path):
     from arcdeploy.faces.detectors import open_detector
