@@ -442,3 +442,43 @@ def test_input_spreads_are_the_float_models_channel_ranges(mbf_export):
     ort = ort_engine.input_spreads(mbf_export.onnx_path, x, model.inputs[0].get_any_name())
     assert len(ov) == len(ort) >= 10
     np.testing.assert_allclose(sorted(ov.values()), sorted(ort.values()), rtol=1e-3)
+
+
+def test_narrow_group_convolutions_are_regrouped_with_the_same_outputs():
+    """OpenVINO: a grouped convolution of 2 channels per group is rewritten as groups of 8 (block-diagonal
+    weights); depthwise ones, groups that do not tile 8 channels and wide groups are left alone."""
+    import openvino as ov
+    from openvino import opset13
+
+    from arcdeploy.engines.openvino import regroup_narrow_group_convolutions
+
+    rng = np.random.default_rng(0)
+    x = opset13.parameter([2, 16, 9, 9], np.float32)
+
+    def gconv(inp, groups, per, stride=1):
+        w = rng.standard_normal((groups, per, per, 3, 3)).astype(np.float32)
+        return opset13.group_convolution(inp, opset13.constant(w), [stride, stride], [1, 1], [1, 1], [1, 1])
+
+    narrow = gconv(x, 8, 2, stride=2)  # rewritten
+    depthwise = gconv(narrow, 16, 1)  # left: depthwise
+    wide = gconv(depthwise, 1, 16)  # left: already one group of 16
+    odd = gconv(opset13.parameter([2, 12, 5, 5], np.float32), 3, 4)  # left: 12 channels do not tile 8
+    x2 = odd.input_value(0).get_node()
+    model = ov.Model([wide, odd], [x, x2])
+    data = [
+        rng.standard_normal((2, 16, 9, 9)).astype(np.float32),
+        rng.standard_normal((2, 12, 5, 5)).astype(np.float32),
+    ]
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    before = [o.copy() for o in ov.Core().compile_model(model, "CPU", config)(data).values()]
+    done = regroup_narrow_group_convolutions(model)
+    assert len(done) == 1 and "8 groups of 2 channels -> 2 groups of 8" in done[0], done
+    shapes = [
+        list(op.input_value(1).get_shape())
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "GroupConvolution"
+    ]
+    assert sorted(shapes) == [[1, 16, 16, 3, 3], [2, 8, 8, 3, 3], [3, 4, 4, 3, 3], [16, 1, 1, 3, 3]]
+    after = list(ov.Core().compile_model(model, "CPU", config)(data).values())
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)

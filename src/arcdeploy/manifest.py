@@ -859,6 +859,7 @@ class PackageManifest:
     executed: ExecutedRecord | None = None
     precision_choice: PrecisionChoiceRecord | None = None  # --precision auto: the candidates and why this one
     engine_config: dict[str, str] = field(default_factory=dict)  # the engine's own settings, by name
+    graph_rewrites: list[str] = field(default_factory=list)  # what the engine changed in the graph, and why
     source: SourceRecord | None = None
     export: ExportRecord | None = None
     host: HostRecord | None = None
@@ -929,6 +930,7 @@ class PackageManifest:
             executed=_record(r, "executed", ExecutedRecord),
             precision_choice=_record(r, "precision_choice", PrecisionChoiceRecord),
             engine_config=r.str_map("engine_config", {}),
+            graph_rewrites=[str(x) for x in r.get("graph_rewrites", list, [])],
             source=_record(r, "source", SourceRecord),
             export=_record(r, "export", ExportRecord),
             host=_record(r, "host", HostRecord),
