@@ -9,6 +9,7 @@ import os
 import struct
 import sys
 import zlib
+from io import BytesIO
 from pathlib import Path
 
 import cv2
@@ -115,11 +116,14 @@ def _jpeg_variants() -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("variant", list(_jpeg_variants()))
+JPEG_VARIANTS = _jpeg_variants()
+
+
+@pytest.mark.parametrize("variant", list(JPEG_VARIANTS))
 def test_jpeg_decoder_gives_opencvs_pixels(variant):
     from arcdeploy.faces.io import _turbo_jpeg, decode_reduced
 
-    data = _jpeg_variants()[variant]
+    data = JPEG_VARIANTS[variant]
     bgr = _turbo_jpeg(data, bgr=True)
     assert bgr is not None, "libjpeg-turbo (simplejpeg) declined a plain JPEG"
     assert np.array_equal(bgr, _opencv(data))
@@ -133,7 +137,7 @@ def test_jpeg_decoder_leaves_what_it_cannot_do_to_opencv():
     from arcdeploy.faces.io import ImageError, _turbo_jpeg
 
     rgb = cv2.resize(np.random.default_rng(3).integers(0, 255, (5, 7, 3), dtype=np.uint8), (70, 50))
-    buf = __import__("io").BytesIO()
+    buf = BytesIO()
     Image.fromarray(rgb).convert("CMYK").save(buf, "JPEG")
     cmyk = buf.getvalue()
     assert _turbo_jpeg(cmyk, bgr=False) is None  # OpenCV converts CMYK itself

@@ -358,26 +358,18 @@ def checked_size(
     return kind, w, h
 
 
-# EXIF orientation -> the OpenCV calls that turn the stored pixels upright (as cv2.imdecode does)
-_UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {}
+# EXIF orientation -> the flip (cv2.flip's code) that follows the transpose of orientations 5-8: together
+# they turn the stored pixels upright, as cv2.imdecode does
+_EXIF_FLIP = {2: 1, 3: -1, 4: 0, 6: 1, 7: -1, 8: 0}
 
 
-def _upright_table() -> dict[int, Callable[[np.ndarray], np.ndarray]]:
-    if not _UPRIGHT:
-        import cv2
+def _upright(img: np.ndarray, orientation: int) -> np.ndarray:
+    import cv2
 
-        _UPRIGHT.update(
-            {
-                2: lambda a: cv2.flip(a, 1),
-                3: lambda a: cv2.flip(a, -1),
-                4: lambda a: cv2.flip(a, 0),
-                5: cv2.transpose,
-                6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
-                7: lambda a: cv2.flip(cv2.transpose(a), -1),
-                8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
-            }
-        )
-    return _UPRIGHT
+    if orientation in TRANSPOSED_ORIENTATIONS:
+        img = cv2.transpose(img)
+    flip = _EXIF_FLIP.get(orientation)
+    return img if flip is None else cv2.flip(img, flip)
 
 
 def _turbo_jpeg(data: bytes, bgr: bool) -> np.ndarray | None:
@@ -398,8 +390,7 @@ def _turbo_jpeg(data: bytes, bgr: bool) -> np.ndarray | None:
         img = simplejpeg.decode_jpeg(data, colorspace="BGR" if bgr else "RGB", strict=True)
     except (ValueError, TypeError):
         return None
-    orientation = jpeg_orientation(data)
-    return img if orientation == 1 else _upright_table()[orientation](img)
+    return _upright(img, jpeg_orientation(data))
 
 
 def _imdecode(data: bytes, flag: int, name: str | os.PathLike, kind: str, bgr: bool = False) -> np.ndarray:
