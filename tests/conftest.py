@@ -2,16 +2,62 @@
 
 Everything is made on the fly from arcdeploy.synthetic and arcdeploy.demo.synth, so the suite needs no
 downloads. Session-scoped, because exporting and building cost seconds.
+
+The README runs the suite in two processes (pytest-xdist, ``-n 2 --dist loadfile``: each test file in
+one of them). The packages the files share are built once for the whole run, by whichever process asks
+first, under a lock (:func:`built_once`); the other process waits for it and opens the same folder.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from arcdeploy.demo.synth import generated_state_dict
 from arcdeploy.synthetic import aligned_faces
+
+
+def shared_root(tmp_path_factory, name: str) -> Path:
+    """A folder every pytest-xdist worker of this run shares (the run's base temporary folder; the
+    session's own without xdist), for the packages :func:`built_once` makes."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # each worker's base is popen-gwN inside the run's
+    root = base / "shared" / name
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def built_once(target: Path, build: Callable[[], Path]) -> Path:
+    """The package ``target``, built by ``build`` unless a process of this run has built it: a build
+    writes its folder atomically, so a folder there is a whole package; the lock makes a second
+    process wait for the first's build instead of building it again."""
+    with FileLock(f"{target}.lock"):
+        return target if target.is_dir() else build()
+
+
+# generic tests modules, slowest first: pytest-xdist's loadfile hands them out in this order, so the
+# long ones start early and the two processes finish together (measured with --durations: 50-110 s
+# each, serial, on 2 cores; every other module follows in its usual order)
+SLOWEST_MODULES = (
+    "test_int8_faithful.py",
+    "test_ray.py",
+    "test_real_models.py",
+    "test_detector_package.py",
+    "test_build.py",
+    "test_run.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: k for k, name in enumerate(SLOWEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
@@ -63,21 +109,25 @@ def r18_packages(tmp_path_factory, r18_export, r18_calib_faces):
     tests of later stages share them (no test may change one; copy it first)."""
     from arcdeploy import build
 
-    root = tmp_path_factory.mktemp("r18_pkgs")
+    root = shared_root(tmp_path_factory, "r18_pkgs")
     cache: dict = {}
 
     def get(engine: str, precision: str):
         if (engine, precision) not in cache:
             int8 = precision == "int8"
-            cache[engine, precision] = build(
-                r18_export.out_dir,
-                root / f"{engine}_{precision}",
-                engine=engine,
-                precision=precision,
-                calib=r18_calib_faces if int8 else None,
-                calib_count=R18_CALIB_COUNT,
-                check_count=R18_CHECK_COUNT,
-                recipe=untrained_int8_recipe(R18_CALIB_COUNT) if int8 else None,
+            target = root / f"{engine}_{precision}"
+            cache[engine, precision] = built_once(
+                target,
+                lambda: build(
+                    r18_export.out_dir,
+                    target,
+                    engine=engine,
+                    precision=precision,
+                    calib=r18_calib_faces if int8 else None,
+                    calib_count=R18_CALIB_COUNT,
+                    check_count=R18_CHECK_COUNT,
+                    recipe=untrained_int8_recipe(R18_CALIB_COUNT) if int8 else None,
+                ),
             )
         return cache[engine, precision]
 
@@ -164,22 +214,26 @@ def real_packages(tmp_path_factory, real_exports):
 
     tmp = tmp_path_factory.mktemp("real")
     calib, held_out = identity_split(FACES / "lfw", tmp)
-    export_dir = real_exports("mbf").out_dir
+    root = shared_root(tmp_path_factory, "real_pkgs")
     cache: dict = {}
 
     def get(engine: str, precision: str):
         if (engine, precision) not in cache:
-            cache[(engine, precision)] = build(
-                export_dir,
-                tmp / f"{engine}_{precision}",
-                engine=engine,
-                precision=precision,
-                calib=calib if precision == "int8" else None,
-                calib_landmarks=FACES / "lfw_5pts.txt",
-                calib_count=REAL_CALIB_COUNT,
-                check_images=held_out,
-                check_landmarks=FACES / "lfw_5pts.txt",
-                check_count=160,
+            target = root / f"{engine}_{precision}"
+            cache[(engine, precision)] = built_once(
+                target,
+                lambda: build(
+                    real_exports("mbf").out_dir,
+                    target,
+                    engine=engine,
+                    precision=precision,
+                    calib=calib if precision == "int8" else None,
+                    calib_landmarks=FACES / "lfw_5pts.txt",
+                    calib_count=REAL_CALIB_COUNT,
+                    check_images=held_out,
+                    check_landmarks=FACES / "lfw_5pts.txt",
+                    check_count=160,
+                ),
             )
         return cache[(engine, precision)]
 
@@ -198,16 +252,22 @@ def w600k_packages(tmp_path_factory, real_exports):
     w600k, lfw, points = MODELS / "w600k_mbf.onnx", FACES / "lfw", FACES / "lfw_5pts.txt"
     if not (w600k.is_file() and points.is_file()):
         pytest.skip(f"real test material not found: {w600k}, {points}")
-    check_faces = load_images(lfw, points, limit=64).faces
-    export_dir = real_exports("w600k").out_dir
-    root = tmp_path_factory.mktemp("w600k_pkgs")
+    root = shared_root(tmp_path_factory, "w600k_pkgs")
     cache: dict = {}
 
     def get(engine: str, precision: str):
         assert precision != "int8", "the w600k's int8 packages: faithful_packages"
         if (engine, precision) not in cache:
-            cache[engine, precision] = build(
-                export_dir, root / f"{engine}_{precision}", engine=engine, precision=precision, check_images=check_faces
+            target = root / f"{engine}_{precision}"
+            cache[engine, precision] = built_once(
+                target,
+                lambda: build(
+                    real_exports("w600k").out_dir,
+                    target,
+                    engine=engine,
+                    precision=precision,
+                    check_images=load_images(lfw, points, limit=64).faces,
+                ),
             )
         return cache[engine, precision]
 
@@ -239,12 +299,27 @@ def material(tmp_path_factory):
     """A check folder (photos/, grayscale LFW of held-out people, colour LFW by group, one landmark file
     for all, names relative to the folder), colour calibration images (people the check does not
     hold), and small faces: the photos shrunk so the face is 60-100 px wide in a large picture."""
+
+    tmp = shared_root(tmp_path_factory, "faithful")
+    made = {
+        "check": tmp / "check",
+        "check_5pts": tmp / "check_5pts.txt",
+        "colour_calib": tmp / "colour_calib.txt",
+        "small": tmp / "small",
+    }
+    with FileLock(f"{tmp}.lock"):  # made once for the run (its packages are gated on this check folder)
+        if not (tmp / "made").is_file():
+            _make_material(made)
+            (tmp / "made").touch()
+    return made
+
+
+def _make_material(made: dict) -> None:
     import cv2
 
     from real_material import FACES, MODELS
 
-    tmp = tmp_path_factory.mktemp("faithful")
-    check_dir = tmp / "check"
+    check_dir = made["check"]
     rows: list[str] = []
 
     def link(folder: str, src_root, names: list[str], lmk_file) -> None:
@@ -273,11 +348,9 @@ def material(tmp_path_factory):
                 FACES / "lfw_colour_5pts.txt",
             )
         calib += [str(FACES / "lfw_colour" / n) for n in names if n.split("/")[0] not in checked]
-    lmk = tmp / "check_5pts.txt"
-    lmk.write_text("\n".join(rows) + "\n")
-    colour_calib = tmp / "colour_calib.txt"
-    colour_calib.write_text("\n".join(calib[::2]) + "\n")  # every group, many people
-    small = tmp / "small"
+    made["check_5pts"].write_text("\n".join(rows) + "\n")
+    made["colour_calib"].write_text("\n".join(calib[::2]) + "\n")  # every group, many people
+    small = made["small"]
     small.mkdir()
     from arcdeploy.faces.detectors import open_detector
     from arcdeploy.faces.io import list_images, read_image
@@ -295,7 +368,6 @@ def material(tmp_path_factory):
             y, x = int(rng.integers(0, 960 - h)), int(rng.integers(0, 1280 - ww))
             canvas[y : y + h, x : x + ww] = shrunk
             cv2.imwrite(str(small / f"{path.stem}_{w}px.jpg"), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
-    return {"check": check_dir, "check_5pts": lmk, "colour_calib": colour_calib, "small": small}
 
 
 @pytest.fixture(scope="session")
@@ -308,6 +380,7 @@ def faithful_packages(tmp_path_factory, material, real_packages, real_exports):
     from real_material import FACES
 
     tmp = tmp_path_factory.mktemp("faithful_pkgs")
+    root = shared_root(tmp_path_factory, "faithful_pkgs")
     gray_calib, _ = identity_split(FACES / "lfw", tmp)
     sources = {
         "gray": (gray_calib, FACES / "lfw_5pts.txt"),
@@ -321,16 +394,20 @@ def faithful_packages(tmp_path_factory, material, real_packages, real_exports):
             return real_packages(engine, "int8")
         if key not in cache:
             calib, lmk = sources[calibration]
-            cache[key] = build(
-                real_exports(model).out_dir,
-                tmp / "_".join(key),
-                engine=engine,
-                precision="int8",
-                calib=calib,
-                calib_landmarks=lmk,
-                calib_count=REAL_CALIB_COUNT,
-                check_images=material["check"],
-                check_landmarks=material["check_5pts"],
+            target = root / "_".join(key)
+            cache[key] = built_once(
+                target,
+                lambda: build(
+                    real_exports(model).out_dir,
+                    target,
+                    engine=engine,
+                    precision="int8",
+                    calib=calib,
+                    calib_landmarks=lmk,
+                    calib_count=REAL_CALIB_COUNT,
+                    check_images=material["check"],
+                    check_landmarks=material["check_5pts"],
+                ),
             )
         return cache[key]
 
