@@ -35,9 +35,10 @@ def shared_root(tmp_path_factory, name: str) -> Path:
 
 
 def built_once(target: Path, build: Callable[[], Path]) -> Path:
-    """The package ``target``, built by ``build`` unless a process of this run has built it: a build
-    writes its folder atomically, so a folder there is a whole package; the lock makes a second
-    process wait for the first's build instead of building it again."""
+    """The package ``target``, built by ``build`` unless a process of this run (this one included)
+    has built it: a build writes its folder atomically, so a folder there is a whole package; the
+    lock makes a second process wait for the first's build instead of building it again. (The
+    fixtures ask it each time and keep no cache of their own: a free lock is taken in microseconds.)"""
     with FileLock(f"{target}.lock"):
         return target if target.is_dir() else build()
 
@@ -110,26 +111,23 @@ def r18_packages(tmp_path_factory, r18_export, r18_calib_faces):
     from arcdeploy import build
 
     root = shared_root(tmp_path_factory, "r18_pkgs")
-    cache: dict = {}
 
     def get(engine: str, precision: str):
-        if (engine, precision) not in cache:
-            int8 = precision == "int8"
-            target = root / f"{engine}_{precision}"
-            cache[engine, precision] = built_once(
+        int8 = precision == "int8"
+        target = root / f"{engine}_{precision}"
+        return built_once(
+            target,
+            lambda: build(
+                r18_export.out_dir,
                 target,
-                lambda: build(
-                    r18_export.out_dir,
-                    target,
-                    engine=engine,
-                    precision=precision,
-                    calib=r18_calib_faces if int8 else None,
-                    calib_count=R18_CALIB_COUNT,
-                    check_count=R18_CHECK_COUNT,
-                    recipe=untrained_int8_recipe(R18_CALIB_COUNT) if int8 else None,
-                ),
-            )
-        return cache[engine, precision]
+                engine=engine,
+                precision=precision,
+                calib=r18_calib_faces if int8 else None,
+                calib_count=R18_CALIB_COUNT,
+                check_count=R18_CHECK_COUNT,
+                recipe=untrained_int8_recipe(R18_CALIB_COUNT) if int8 else None,
+            ),
+        )
 
     return get
 
@@ -215,27 +213,24 @@ def real_packages(tmp_path_factory, real_exports):
     tmp = tmp_path_factory.mktemp("real")
     calib, held_out = identity_split(FACES / "lfw", tmp)
     root = shared_root(tmp_path_factory, "real_pkgs")
-    cache: dict = {}
 
     def get(engine: str, precision: str):
-        if (engine, precision) not in cache:
-            target = root / f"{engine}_{precision}"
-            cache[(engine, precision)] = built_once(
+        target = root / f"{engine}_{precision}"
+        return built_once(
+            target,
+            lambda: build(
+                real_exports("mbf").out_dir,
                 target,
-                lambda: build(
-                    real_exports("mbf").out_dir,
-                    target,
-                    engine=engine,
-                    precision=precision,
-                    calib=calib if precision == "int8" else None,
-                    calib_landmarks=FACES / "lfw_5pts.txt",
-                    calib_count=REAL_CALIB_COUNT,
-                    check_images=held_out,
-                    check_landmarks=FACES / "lfw_5pts.txt",
-                    check_count=160,
-                ),
-            )
-        return cache[(engine, precision)]
+                engine=engine,
+                precision=precision,
+                calib=calib if precision == "int8" else None,
+                calib_landmarks=FACES / "lfw_5pts.txt",
+                calib_count=REAL_CALIB_COUNT,
+                check_images=held_out,
+                check_landmarks=FACES / "lfw_5pts.txt",
+                check_count=160,
+            ),
+        )
 
     return get
 
@@ -253,23 +248,20 @@ def w600k_packages(tmp_path_factory, real_exports):
     if not (w600k.is_file() and points.is_file()):
         pytest.skip(f"real test material not found: {w600k}, {points}")
     root = shared_root(tmp_path_factory, "w600k_pkgs")
-    cache: dict = {}
 
     def get(engine: str, precision: str):
         assert precision != "int8", "the w600k's int8 packages: faithful_packages"
-        if (engine, precision) not in cache:
-            target = root / f"{engine}_{precision}"
-            cache[engine, precision] = built_once(
+        target = root / f"{engine}_{precision}"
+        return built_once(
+            target,
+            lambda: build(
+                real_exports("w600k").out_dir,
                 target,
-                lambda: build(
-                    real_exports("w600k").out_dir,
-                    target,
-                    engine=engine,
-                    precision=precision,
-                    check_images=load_images(lfw, points, limit=64).faces,
-                ),
-            )
-        return cache[engine, precision]
+                engine=engine,
+                precision=precision,
+                check_images=load_images(lfw, points, limit=64).faces,
+            ),
+        )
 
     return get
 
@@ -386,29 +378,25 @@ def faithful_packages(tmp_path_factory, material, real_packages, real_exports):
         "gray": (gray_calib, FACES / "lfw_5pts.txt"),
         "colour": (material["colour_calib"], FACES / "lfw_colour_5pts.txt"),
     }
-    cache: dict = {}
 
     def get(model: str, engine: str, calibration: str):
-        key = (model, engine, calibration)
         if model == "mbf" and calibration == "gray":
             return real_packages(engine, "int8")
-        if key not in cache:
-            calib, lmk = sources[calibration]
-            target = root / "_".join(key)
-            cache[key] = built_once(
+        calib, lmk = sources[calibration]
+        target = root / f"{model}_{engine}_{calibration}"
+        return built_once(
+            target,
+            lambda: build(
+                real_exports(model).out_dir,
                 target,
-                lambda: build(
-                    real_exports(model).out_dir,
-                    target,
-                    engine=engine,
-                    precision="int8",
-                    calib=calib,
-                    calib_landmarks=lmk,
-                    calib_count=REAL_CALIB_COUNT,
-                    check_images=material["check"],
-                    check_landmarks=material["check_5pts"],
-                ),
-            )
-        return cache[key]
+                engine=engine,
+                precision="int8",
+                calib=calib,
+                calib_landmarks=lmk,
+                calib_count=REAL_CALIB_COUNT,
+                check_images=material["check"],
+                check_landmarks=material["check_5pts"],
+            ),
+        )
 
     return get

@@ -264,13 +264,16 @@ def _same_output(got: Path, want: Path) -> None:
     assert not got.with_name(got.name + ".parts").exists()
 
 
-def _embedder_pids() -> list[int]:
+def _embedder_pids(besides: frozenset[int] = frozenset()) -> list[int]:
+    """The embedding actors' processes under this one, other than ``besides`` (the actors of the
+    test before may still be exiting: their driver has gone, Ray stops them a moment later, later on
+    a busy machine)."""
     import psutil
 
     pids = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "BlockEmbedder" in p.name() or "BlockEmbedder" in " ".join(p.cmdline()):
+            if p.pid not in besides and ("BlockEmbedder" in p.name() or "BlockEmbedder" in " ".join(p.cmdline())):
                 pids.append(p.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
@@ -312,14 +315,10 @@ def test_workers_read_equals_local(cluster, mbf_pkg, short_job, short_local, tmp
 @pytest.mark.slow
 def test_actor_killed_mid_job_is_retried(cluster, mbf_pkg, job, local, tmp_path):
     out = tmp_path / "feats.npy"
-    earlier = set(_embedder_pids())  # an actor of the test before, still exiting, is not this job's
-
-    def ours() -> list[int]:
-        return [pid for pid in _embedder_pids() if pid not in earlier]
-
+    earlier = frozenset(_embedder_pids())  # an actor of the test before, still exiting, is not this job's
     proc = _start(_args(mbf_pkg, job, out, "--ray", cluster.address))
-    _wait_for(lambda: _chunks(out) >= 1 and ours(), proc)
-    victim = ours()[0]
+    _wait_for(lambda: _chunks(out) >= 1 and _embedder_pids(earlier), proc)
+    victim = _embedder_pids(earlier)[0]
     os.kill(victim, signal.SIGKILL)
     saved_at_kill = _chunks(out)
     rc, stdout, stderr = _finish(proc)
@@ -471,15 +470,13 @@ def test_threads_the_cluster_cannot_place_are_refused_at_once(cluster, mbf_pkg, 
     out = tmp_path / "feats.npy"
     args = _args(mbf_pkg, job, out, "--ray", cluster.address)
     args[args.index("--threads") + 1] = "2"  # the nodes have one CPU each
-    # the actors of the test before may still be exiting (their driver has gone; Ray stops them soon
-    # after, later on a busy machine): only an actor this command started counts against it
-    earlier = set(_embedder_pids())
+    earlier = frozenset(_embedder_pids())  # only an actor this command started counts against it
     t0 = time.monotonic()
     rc, _, stderr = _finish(_start(args), timeout=120)
     assert rc == 2 and time.monotonic() - t0 < 90, stderr[-2000:]
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "--threads 2" in lines[0] and "has 1" in lines[0], stderr
-    assert not out.exists() and not set(_embedder_pids()) - earlier
+    assert not out.exists() and not _embedder_pids(earlier)
 
 
 @pytest.mark.slow
