@@ -482,3 +482,68 @@ def test_narrow_group_convolutions_are_regrouped_with_the_same_outputs():
     after = list(ov.Core().compile_model(model, "CPU", config)(data).values())
     for a, b in zip(before, after):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mean, std", [(127.5, 128.0), (127.5, 127.5), ((120.0, 127.5, 130.0), (60.0, 64.0, 70.0))])
+def test_the_input_quantizer_on_the_pixel_grid_gives_back_every_pixel_value_exactly(mean, std):
+    """A FakeQuantize on normalised pixels with a calibration range (levels between the pixels')
+    moved onto the pixels' own grid: all 256 values of each channel come out as they went in."""
+    import openvino as ov
+    from openvino import opset13
+
+    from arcdeploy.engines.openvino import input_quantizers_on_pixel_grid
+    from arcdeploy.manifest import InputSpec
+
+    x = opset13.parameter([1, 3, 16, 16], np.float32)
+    lo, hi = opset13.constant(np.float32(-0.97)), opset13.constant(np.float32(0.93))  # as NNCF might find
+    model = ov.Model([opset13.fake_quantize(x, lo, hi, lo, hi, 256)], [x])
+    spec = InputSpec(name="x", size=(16, 16), mean=mean, std=std)
+    pixels = np.arange(256, dtype=np.float32).reshape(1, 1, 16, 16).repeat(3, axis=1)
+    m, s = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in (mean, std))
+    normalised = (pixels - m) / s
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    before = ov.Core().compile_model(model, "CPU", config)(normalised)[0]
+    assert np.abs(before - normalised).max() > 1e-3  # the calibration range misses the pixels' levels
+    assert input_quantizers_on_pixel_grid(model, spec) == 1
+    after = ov.Core().compile_model(model, "CPU", config)(normalised)[0]
+    np.testing.assert_allclose(after, normalised, rtol=0, atol=1e-6)
+
+
+def test_openvino_folded_preprocessing_normalises_before_the_transpose_with_the_same_outputs(mbf_export, faces16):
+    """The uint8 NHWC input folded into the graph (normalised in NHWC, then transposed) gives what
+    the float graph gives on the same crops normalised outside, and what OpenVINO's own
+    PrePostProcessor (transpose first) gives, RGB and BGR models alike."""
+    import openvino as ov
+    from openvino.preprocess import ColorFormat, PrePostProcessor
+
+    from arcdeploy.engines.openvino import _fold_preprocessing
+    from arcdeploy.manifest import InputSpec
+
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    crops = faces16[:5]
+    for color, mean, std in (("RGB", 127.5, 127.5), ("BGR", (120.0, 127.5, 130.0), (60.0, 64.0, 70.0))):
+        spec = InputSpec(name="input.1", size=(112, 112), color=color, mean=mean, std=std)
+        ppp = PrePostProcessor(core.read_model(str(mbf_export.onnx_path)))
+        ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+        if color == "BGR":
+            ppp.input().tensor().set_color_format(ColorFormat.RGB)
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        steps = ppp.input().preprocess().convert_element_type(ov.Type.f32)
+        if color == "BGR":
+            steps.convert_color(ColorFormat.BGR)
+        steps.mean(list(mean) if isinstance(mean, tuple) else mean).scale(list(std) if isinstance(std, tuple) else std)
+        theirs = core.compile_model(ppp.build(), "CPU", config)(crops)[0]
+        folded = _fold_preprocessing(core.read_model(str(mbf_export.onnx_path)), spec)
+        shape = folded.inputs[0].get_partial_shape()
+        assert folded.inputs[0].get_element_type() == ov.Type.u8 and [d.get_length() for d in list(shape)[1:]] == [
+            112,
+            112,
+            3,
+        ]
+        ours = core.compile_model(folded, "CPU", config)(crops)[0]
+        x = crops[..., ::-1] if color == "BGR" else crops
+        m, s = (np.asarray(v, np.float32).reshape(1, 1, 1, -1) for v in (mean, std))
+        plain = core.compile_model(str(mbf_export.onnx_path), "CPU", config)(((x - m) / s).transpose(0, 3, 1, 2))[0]
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(ours, plain, rtol=1e-4, atol=1e-4)

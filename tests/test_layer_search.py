@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from arcdeploy.fallback import LayerSearch
+from arcdeploy.detector_fallback import _cheapest_order
+from arcdeploy.fallback import LayerSearch, by_gain_per_cost, dear_last
 
 
 def _search(loss: dict[str, float], goal: float, calls: list | None = None) -> LayerSearch:
@@ -33,6 +34,45 @@ def test_ranks_by_gain_and_finds_the_shortest_prefix_one_layer_at_a_time():
     assert [round(g, 9) for g, _ in gains] == [3.0, 1.0, 0.5, 0.1]
     assert search.shortest_passing_prefix() == 2  # b and d: 4.6 - 4.0 = 0.6
     assert search.prefix(2) == pytest.approx(0.6) and search.prefix(1) == pytest.approx(1.6)
+
+
+def test_gain_per_millisecond_orders_the_cheap_layers_first_and_the_unseen_and_useless_last():
+    gains = [(3.0, "dear"), (1.0, "cheap"), (0.5, "fused b"), (0.4, "unseen"), (0.1, "fused a"), (0.0, "useless")]
+    costs = {"dear": 6.0, "cheap": 1.0, "fused b": 0.009, "unseen": 0.0, "fused a": 0.001, "useless": 0.1}
+    # median of the measured costs 0.1: a cost under 0.01 counts as 0.01, so "fused b" (0.5 / 0.01 = 50 per ms)
+    # leads "fused a" (0.1 / 0.01 = 10; 100 by its own 0.001 ms), then cheap (1.0 per ms) and dear (0.5);
+    # "unseen" (its cost measured as none) and "useless" keep their order after them
+    assert by_gain_per_cost(gains, costs) == ["fused b", "fused a", "cheap", "dear", "unseen", "useless"]
+    assert by_gain_per_cost(gains, {}) == [n for _, n in gains]  # nothing measured: the order by gain
+
+
+def test_dear_layers_go_last_and_nothing_else_moves():
+    gains = [(3.0, "dear"), (1.0, "a"), (0.5, "b"), (0.2, "unmeasured"), (0.1, "c")]
+    costs = {"dear": 1.5, "a": 0.3, "b": 0.2, "c": 0.4}  # median 0.4 (the upper middle): dear over 1.2
+    assert dear_last(gains, costs) == ["a", "b", "unmeasured", "c", "dear"]
+    assert dear_last(gains, {"dear": 1.0, "a": 0.5}) == [n for _, n in gains]  # 1.0 is not over 3 x 1.0
+    assert dear_last(gains, {}) == [n for _, n in gains]
+
+
+def test_the_cheapest_passing_set_of_the_orders_is_kept():
+    """The most sensitive layer costs more than the two next together, which also reach the goal."""
+    loss, costs = {"big": 3.0, "b": 1.6, "c": 1.5, "d": 0.1}, {"big": 5.0, "b": 1.0, "c": 1.0, "d": 1.0}
+    search = _search(loss, goal=3.2)
+    gains, _ = search.rank()
+    kept = search.order[: search.shortest_passing_prefix()]
+    after = search.prefix(len(kept))
+    assert kept == ["big"]
+    chosen, kept2, after2, orders = _cheapest_order(search, kept, after, gains, costs)
+    assert kept2 == ["b", "c"] and after2 == pytest.approx(3.1) and chosen.meets(after2)
+    assert orders["kept"] == "by gain, dear layers last"  # the first of two as cheap
+    assert orders["by gain"] == {"layers": 1, "float_ms": 5.0, "passed": True}
+    assert orders["by gain, dear layers last"] == {"layers": 2, "float_ms": 2.0, "passed": True}
+    assert orders["by gain per ms"] == {"layers": 2, "float_ms": 2.0, "passed": True}
+    # when the dear layer is also the cheapest way there, no other order differs: the ranking by gain stays
+    costs["big"] = 1.5
+    chosen, kept3, _, orders = _cheapest_order(search, kept, after, gains, costs)
+    assert orders["kept"] == "by gain" and kept3 == ["big"] and chosen is search
+    assert set(orders) == {"by gain", "kept", "how"}
 
 
 # total 40.5: 10.0 wants 30.5 removed (the first and 29 more), 16.5 wants 24 (the first and 23 more)

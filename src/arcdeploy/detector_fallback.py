@@ -15,6 +15,10 @@ layers go back to float until validation photos meet the floor with a margin:
    its landmark errors times ``MARGIN`` (:func:`validation_goal`; one layer at a time first, then
    doubling and bisecting, as for recognition). Only what was missed: the largest error of one
    validation face drove an earlier version to 16 layers where the check had missed the mean alone.
+   Searched again where the engine can time its layers (OpenVINO's per-node counters: each
+   layer's milliseconds per canvas in float less those in int8, one thread, two compiles): along
+   the ranking by gain with its dear layers last, and along the ranking by gain per millisecond;
+   the passing set that costs the least float time is kept (:func:`_cheapest_order`).
 4. The package is quantized again, cleanly, with those layers in the recipe's float scope; the
    build checks it on the check photos as every build is. The manifest's calibration entry records
    the layers, the ranking, the validation figures before and after, the seconds it took and the
@@ -25,7 +29,11 @@ its layers (the most sensitive of SCRFD-500M's 43 carries 13% of it), and float 
 canvas's full resolution cost speed: on the benchmark's build (benchmarks/bench_photos.py: 60 LFW
 photos and 4 group photos, checked on the real photos and a group photo, AVX-512 VNNI CPU) the mean
 error of the group photo's small faces fell from 1.4% to 0.90% of their IOD with 5 layers in float,
-for a detector at 0.84x the recipe's speed; hence the speed is recorded beside the layers.
+for a detector at 0.84x the recipe's speed; hence the speed is recorded beside the layers, and
+the search is run along orders that weigh each layer's cost too (step 3). The dearest of those five
+(a 3x3 convolution at 1/8 of the canvas, 1.5 ms of float a canvas) gains about what cheap ones
+gain for a tenth of that: with the dear layers last the same build keeps 5 others costing 0.9-1.0
+ms of float instead of 2.3, and its check photos' error is 0.79% of the IOD (mean) against 0.77%.
 """
 
 from __future__ import annotations
@@ -120,7 +128,9 @@ def keep_sensitive_layers_float(
         raise ArcdeployError("the detector fallback found no face in the calibration photos to validate on")
     val, ref_found = [photos[i] for i in chosen], [found[i] for i in chosen]
     target = validation_goal(floor, missed)
-    search, candidate = _layer_search(engine.reverter(job), job.out_dir, reference, val, ref_found, target, threads)
+    reverter = engine.reverter(job)
+    search, candidate = _layer_search(reverter, job.out_dir, reference, val, ref_found, target, threads)
+    canvases = candidate.canvas(val[0])[0][None]
     before = search.prefix(0)
     record: dict = {
         "why": "the recipe's package missed the fidelity floor on the check photos",
@@ -140,8 +150,14 @@ def keep_sensitive_layers_float(
     gains, _ = search.rank()
     k = search.shortest_passing_prefix()
     kept, after = search.order[:k], search.prefix(k)
+    costs = _float_costs(reverter, [n for g, n in gains if g > 0], canvases)
+    if costs:
+        search, kept, after, record["orders"] = _cheapest_order(search, kept, after, gains, costs)
     record["kept_float"] = kept
-    record["ranking"] = [{"layer": n, "gain": round(g, 6)} for g, n in gains[: max(len(kept), 10)]]
+    record["ranking"] = [
+        {"layer": n, "gain": round(g, 6), **({"float_ms": round(costs[n], 3)} if n in costs else {})}
+        for g, n in gains[: max(len(kept), 10)]
+    ]
     record["prefixes_tried"] = {str(n): _figures(f) for n, f in sorted(search.tried.items()) if n}
     record["validation_after"] = _figures(after)
     nothing_left = nothing_int8_left(len(kept), len(search.layers), after.passed, remedy="build fp32 or bf16 instead")
@@ -149,13 +165,56 @@ def keep_sensitive_layers_float(
         record["no_int8_left"] = True
         log.warning("detector fallback: %s", nothing_left)
     if kept:
-        canvases = candidate.canvas(val[0])[0][None]
         with scratch_dir("detector-fallback") as recipe_files:
             move_engine_files(job, recipe_files)  # aside, not deleted: its speed is compared with the new one's
             requantize(engine, job, kept)  # job.manifest (the scratch one) takes the new build's entries
             record["speed"] = _speed_cost(engine.name, recipe_files, job, canvases)
     record["seconds"] = round(time.time() - started, 1)
     return record, nothing_left
+
+
+def _float_costs(reverter, layers: list[str], canvases: np.ndarray) -> dict[str, float]:
+    """Each layer's milliseconds in float less the int8 model's, one canvas per call on the
+    pipeline's detector threads; empty where the engine cannot time its layers."""
+    from .faces.detectors.registry import DETECTOR_THREADS
+
+    timer = getattr(reverter, "float_costs", None)
+    return timer(layers, canvases, threads=DETECTOR_THREADS) if timer is not None else {}
+
+
+def _cheapest_order(search, kept: list[str], after, gains, costs: dict[str, float]):
+    """The layers to keep in float, searched again along other orders of the ranking (SCRFD's error
+    is spread over many layers, and the most sensitive of them can be the dearest: a 3x3
+    convolution at 1/8 of the canvas costs several cheap ones): by gain with the dear layers last
+    (:func:`arcdeploy.fallback.dear_last`), and by gain per millisecond
+    (:func:`arcdeploy.fallback.by_gain_per_cost`). Of the passing sets the one that costs the least
+    float time is kept (the order by gain on a tie). Returns (search, kept, its validation figures,
+    the record of every order for the manifest)."""
+    from .fallback import by_gain_per_cost, dear_last
+
+    def ms(names: list[str]) -> float:
+        return round(sum(costs.get(n, 0.0) for n in names), 3)
+
+    found = {"by gain": (search, kept, after)}
+    for name, order in (
+        ("by gain, dear layers last", dear_last(gains, costs)),
+        ("by gain per ms", by_gain_per_cost(gains, costs)),
+    ):
+        if order == search.order or any(order == s.order for s, _, _ in found.values()):
+            continue  # the same order: the same answer
+        other = search.reordered(order)
+        k = other.shortest_passing_prefix()
+        found[name] = (other, other.order[:k], other.prefix(k))
+    record: dict[str, object] = {
+        name: {"layers": len(names), "float_ms": ms(names), "passed": bool(s.meets(figures))}
+        for name, (s, names, figures) in found.items()
+    }
+    passing = [name for name, (s, _, figures) in found.items() if s.meets(figures)] or ["by gain"]
+    best = min(passing, key=lambda name: (ms(found[name][1]), name != "by gain"))
+    record["kept"] = best
+    record["how"] = "a layer's ms per canvas in float less in int8 (OpenVINO's node counters, one thread)"
+    chosen, names, figures = found[best]
+    return chosen, names, figures, record
 
 
 def _layer_search(reverter, package_dir: Path, reference, val: list, ref_found: list, target: dict, threads):

@@ -102,6 +102,13 @@ class LayerSearch(Generic[M]):
         self.order = [name for _, name in gains]
         return gains, len(self.layers)
 
+    def reordered(self, order: list[str]) -> LayerSearch[M]:
+        """The same search over the same layers taken in another ``order`` (its own prefixes)."""
+        other = LayerSearch(self.layers, self.rank_score, self.measure, self.meets, self.describe)
+        other.order = list(order)
+        other.tried[0] = self.tried[0] if 0 in self.tried else other.measure([])
+        return other
+
     def prefix(self, k: int) -> M:
         if k not in self.tried:
             self.tried[k] = got = self.measure(self.order[:k])
@@ -126,6 +133,37 @@ class LayerSearch(Generic[M]):
             else:
                 lo = mid
         return k
+
+
+def by_gain_per_cost(gains: list[tuple[float, str]], costs: dict[str, float]) -> list[str]:
+    """Layers ordered by sensitivity gained per millisecond of float (``gains``: (gain, name) as
+    :meth:`LayerSearch.rank` gives them; ``costs``: name -> ms, for some of them). Layers that gain
+    nothing, or whose cost was not measured or measured as none (unseen by the counters, not free),
+    keep their order after those ranked; a cost under a tenth of the median cost counts as that
+    tenth, so a nearly free layer leads by what it gains, not by a division by almost nothing."""
+    positive = sorted(c for c in costs.values() if c > 0)
+    least = 0.1 * positive[len(positive) // 2] if positive else 1.0
+    helpful = [(g / max(costs[n], least), n) for g, n in gains if g > 0 and costs.get(n, 0.0) > 0]
+    helpful.sort(key=lambda t: -t[0])
+    ranked = {n for _, n in helpful}
+    return [n for _, n in helpful] + [n for _, n in gains if n not in ranked]
+
+
+DEAR = 3.0  # a layer whose float costs more than this many times the median layer's is dear
+
+
+def dear_last(gains: list[tuple[float, str]], costs: dict[str, float]) -> list[str]:
+    """The ranking by gain (``gains`` as :meth:`LayerSearch.rank` gives them) with its dear layers
+    (measured float cost over ``DEAR`` times the median measured cost) moved to the end, in their
+    order. Steadier than the order by gain per millisecond: it needs the costs only to tell a
+    layer several times dearer than most, not to rank the cheap ones, whose costs are a few
+    hundredths of a millisecond apart and move with the machine's noise."""
+    measured = sorted(c for c in costs.values() if c > 0)
+    if not measured:
+        return [n for _, n in gains]
+    limit = DEAR * measured[len(measured) // 2]
+    dear = {n for n, c in costs.items() if c > limit}
+    return [n for _, n in gains if n not in dear] + [n for _, n in gains if n in dear]
 
 
 def _cosine_figures(cos: np.ndarray) -> dict[str, float]:

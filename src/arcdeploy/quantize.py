@@ -126,6 +126,10 @@ class QuantRecipe:
     float_layers: tuple[str, ...] = ()  # named layers kept in float (the fallback's choice)
     float_precision: FloatLayerPrecision = FloatLayerPrecision.F32  # what float layers execute in (OpenVINO CPU)
     ort_op_types: tuple[str, ...] = ("Conv",)  # ops quantize_static quantizes
+    # the graph's input is uint8 pixels normalised by the input spec: its quantizer is put on their
+    # exact grid ((0..255 - mean) / std, 256 levels), so a quantized stem loses nothing on its input
+    # (OpenVINO; the detector packages' recipe there)
+    pixel_input: bool = False
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -184,7 +188,8 @@ class QuantRecipe:
         bias = {"fast": "fast bias correction", "full": "bias correction", "none": "no bias correction"}[
             self.bias_correction
         ]
-        return f"{weights}, {acts} activations ({self.range_estimator} ranges), {bias}"
+        pixels = ", the input quantized on the pixels' own grid" if self.pixel_input else ""
+        return f"{weights}, {acts} activations ({self.range_estimator} ranges){pixels}, {bias}"
 
     def manifest_entry(self, method: str, kept: FloatScope, count: int) -> CalibrationRecord:
         """The manifest's ``calibration`` entry: generated from the recipe and the resolved float scope."""
