@@ -68,6 +68,17 @@ def test_the_cheapest_passing_set_of_the_orders_is_kept():
     assert orders["by gain"] == {"layers": 1, "float_ms": 5.0, "passed": True}
     assert orders["by gain, dear layers last"] == {"layers": 2, "float_ms": 2.0, "passed": True}
     assert orders["by gain per ms"] == {"layers": 2, "float_ms": 2.0, "passed": True}
+    # timed, the fastest passing set wins whatever the summed costs say (each distinct set timed once)
+    timed: list = []
+
+    def timer(sets):
+        timed.append(sets)
+        return {name: (50.0 if name == "by gain" else 40.0) for name in sets}
+
+    chosen, kept4, _, orders = _cheapest_order(search, kept, after, gains, costs, timer)
+    assert orders["kept"] == "by gain" and kept4 == ["big"] and chosen is search
+    assert timed == [{"by gain": ["big"], "by gain, dear layers last": ["b", "c"]}]  # "per ms" found the same set
+    assert orders["by gain"]["canvases_per_s"] == 50.0 and "timed in turns" in orders["how"]
     # when the dear layer is also the cheapest way there, no other order differs: the ranking by gain stays
     costs["big"] = 1.5
     chosen, kept3, _, orders = _cheapest_order(search, kept, after, gains, costs)
