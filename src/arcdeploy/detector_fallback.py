@@ -225,11 +225,10 @@ def _cheapest_order(search, kept: list[str], after, gains, costs: dict[str, floa
         for name, (s, names, figures) in found.items()
     }
     passing = [name for name, (s, _, figures) in found.items() if s.meets(figures)] or ["by gain"]
-    distinct = {
-        name: found[name][1]
-        for name in passing
-        if found[name][1] not in [found[p][1] for p in passing[: passing.index(name)]]
-    }
+    distinct: dict[str, list[str]] = {}  # a set found along two orders is timed once, under the first
+    for name in passing:
+        if found[name][1] not in distinct.values():
+            distinct[name] = found[name][1]
     if timer is not None and len(distinct) > 1:
         rates = timer(distinct)
         for name, rate in rates.items():

@@ -135,14 +135,20 @@ class LayerSearch(Generic[M]):
         return k
 
 
+def _median_cost(costs: dict[str, float]) -> float | None:
+    """The middle of the measured (positive) costs, the upper one of an even count; None if none."""
+    measured = sorted(c for c in costs.values() if c > 0)
+    return measured[len(measured) // 2] if measured else None
+
+
 def by_gain_per_cost(gains: list[tuple[float, str]], costs: dict[str, float]) -> list[str]:
     """Layers ordered by sensitivity gained per millisecond of float (``gains``: (gain, name) as
     :meth:`LayerSearch.rank` gives them; ``costs``: name -> ms, for some of them). Layers that gain
     nothing, or whose cost was not measured or measured as none (unseen by the counters, not free),
     keep their order after those ranked; a cost under a tenth of the median cost counts as that
     tenth, so a nearly free layer leads by what it gains, not by a division by almost nothing."""
-    positive = sorted(c for c in costs.values() if c > 0)
-    least = 0.1 * positive[len(positive) // 2] if positive else 1.0
+    median = _median_cost(costs)
+    least = 0.1 * median if median else 1.0
     helpful = [(g / max(costs[n], least), n) for g, n in gains if g > 0 and costs.get(n, 0.0) > 0]
     helpful.sort(key=lambda t: -t[0])
     ranked = {n for _, n in helpful}
@@ -158,11 +164,8 @@ def dear_last(gains: list[tuple[float, str]], costs: dict[str, float]) -> list[s
     order. Steadier than the order by gain per millisecond: it needs the costs only to tell a
     layer several times dearer than most, not to rank the cheap ones, whose costs are a few
     hundredths of a millisecond apart and move with the machine's noise."""
-    measured = sorted(c for c in costs.values() if c > 0)
-    if not measured:
-        return [n for _, n in gains]
-    limit = DEAR * measured[len(measured) // 2]
-    dear = {n for n, c in costs.items() if c > limit}
+    median = _median_cost(costs)
+    dear = {n for n, c in costs.items() if median and c > DEAR * median}
     return [n for _, n in gains if n not in dear] + [n for _, n in gains if n in dear]
 
 

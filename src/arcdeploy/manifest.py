@@ -190,11 +190,14 @@ class InputSpec:
         x = (faces.transpose(0, 3, 1, 2) if self.layout == "NCHW" else faces).astype(np.float32)
         if not self.normalize_in_graph:
             axis_shape = (1, 3, 1, 1) if self.layout == "NCHW" else (1, 1, 1, 3)
-            mean = np.asarray(self.mean, np.float32).reshape(-1)
-            std = np.asarray(self.std, np.float32).reshape(-1)
+            mean, std = self.norm_vectors()
             x -= mean.reshape(axis_shape) if mean.size == 3 else mean[0]
             x /= std.reshape(axis_shape) if std.size == 3 else std[0]
         return np.ascontiguousarray(x)
+
+    def norm_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """``mean`` and ``std`` as float32 vectors (one value, or one per channel in ``color`` order)."""
+        return np.asarray(self.mean, np.float32).reshape(-1), np.asarray(self.std, np.float32).reshape(-1)
 
     def describe(self) -> str:
         norm = f"(x - {format_norm(self.mean)}) / {format_norm(self.std)}"

@@ -483,8 +483,7 @@ def input_quantizers_on_pixel_grid(model, spec) -> int:
     the calibration images is a little narrower or wider, and its levels fall between the pixels').
     Returns how many quantizers were set (0 where the first layers stay in float)."""
     ov = _ov()
-    mean = np.asarray(spec.mean, np.float32).reshape(-1)
-    std = np.asarray(spec.std, np.float32).reshape(-1)
+    mean, std = spec.norm_vectors()
     low, high = (0.0 - mean) / std, (255.0 - mean) / std
     if low.size > 1:  # per channel, on the channel axis of NCHW
         low, high = low.reshape(1, -1, 1, 1), high.reshape(1, -1, 1, 1)
@@ -501,6 +500,7 @@ def input_quantizers_on_pixel_grid(model, spec) -> int:
     return count
 
 
+_FLOAT_F32 = {"inference_precision": "f32"}  # the reverter's models: float layers in f32
 COST_ROUNDS = 5  # calls of each model whose per-layer times give a layer's float cost (medians)
 
 
@@ -540,9 +540,7 @@ class LayerReverter:
     def runner(self, names: list[str]) -> Callable[[np.ndarray], list[np.ndarray]]:
         """The model with ``names`` back in float, compiled: inputs -> every output (float32)."""
         model = self._reverted(names)
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
-        if self.threads:
-            config["INFERENCE_NUM_THREADS"] = int(self.threads)
+        config = compile_config(_FLOAT_F32, self.threads)  # float layers in f32, as a package runs them
         req = _compile(model, config, "the int8 model (ranking layers)").create_infer_request()
         n_out = len(model.outputs)
 
@@ -610,9 +608,7 @@ class LayerReverter:
 def _node_ms(model, x: np.ndarray, threads: int | None, rounds: int) -> dict[tuple[str, str], float]:
     """Milliseconds per call of each executed node of ``model`` on ``x``, by (name, type) (OpenVINO's
     per-node counters; medians over ``rounds`` calls)."""
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = int(threads)
+    config = {**compile_config(_FLOAT_F32, threads), "PERF_COUNT": True}
     req = _compile(model, config, "the int8 model (timing layers)").create_infer_request()
     req.infer({0: x})  # the first call pays one-off allocations
     samples: dict[tuple[str, str], list[float]] = {}
@@ -727,8 +723,7 @@ def _fold_preprocessing(model, spec):
     if spec.color == "BGR":  # the caller's RGB, turned into the B, G, R the model was trained on
         x = ops.gather(x, ops.constant(np.array([2, 1, 0], np.int64)), ops.constant(np.int64(3)))
     if not spec.normalize_in_graph:
-        mean = np.asarray(spec.mean, np.float32).reshape(-1)
-        std = np.asarray(spec.std, np.float32).reshape(-1)
+        mean, std = spec.norm_vectors()
         x = ops.divide(ops.subtract(x, ops.constant(mean)), ops.constant(std))
     x = ops.transpose(x, ops.constant(np.array([0, 3, 1, 2], np.int64)))
     for target in list(old.output(0).get_target_inputs()):
