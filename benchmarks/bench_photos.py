@@ -22,8 +22,9 @@ Contestants, interleaved in every round (a busy spell on the shared machine hits
   in a process that keeps freed memory for reuse as the ``arcdeploy`` command does
   (:func:`arcdeploy.machine.keep_freed_memory`; insightface's loop runs in the same process, and
   its one decoding thread measured the same either way); with
-  ``decode="full"`` (default: insightface's pixels) and ``decode="reduced"`` (large JPEGs at 1/2 to
-  1/8 with libjpeg's DCT scaling);
+  ``decode="full"`` (default: insightface's pixels), ``decode="reduced"`` (large JPEGs at 1/2 to
+  1/8 with libjpeg's DCT scaling) and ``decode="planes"`` (large JPEGs as their Y, Cb, Cr planes,
+  sampled in colour where the canvas and crops need them; needs the system's libturbojpeg);
 - on the LFW-size photos, also a 256x256 SCRFD-500M int8 detector package (the photo at its own scale
   instead of blown up 2.56x into 640x640: a sixth of the detector's work, but not insightface's
   detection scale, so not its landmarks);
@@ -174,7 +175,7 @@ def recognition_alone(package, crops: np.ndarray, batch: int = 32) -> float:
 
 def breakdown_arcdeploy(package, detection, paths) -> dict[str, float]:
     """ms per photo of each stage, one photo at a time (the preparation path's own functions)."""
-    from arcdeploy.faces.align import to_aligned
+    from arcdeploy.faces.align import aligned_from
     from arcdeploy.faces.prepare import decode_for_detection, faces_to_align, find_faces
 
     spent = {"decode": 0.0, "detect": 0.0, "align": 0.0, "recognise": 0.0}
@@ -195,9 +196,7 @@ def breakdown_arcdeploy(package, detection, paths) -> dict[str, float]:
             spent["detect"] += time.perf_counter() - t - _decode_seconds(found.image, p, det)
             img = found.image
         t = time.perf_counter()
-        crops = np.stack(
-            [img.in_rgb(to_aligned(img.pixels, img.from_full(f.points))) for _, f in faces_to_align(found, True)]
-        )
+        crops = np.stack([aligned_from(img, f.points) for _, f in faces_to_align(found, True)])
         spent["align"] += time.perf_counter() - t
         t = time.perf_counter()
         package.infer(crops)
@@ -318,10 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     setups = {
         "arcdeploy (decode full)": (det_path, "full"),
         "arcdeploy (decode reduced)": (det_path, "reduced"),
+        "arcdeploy (decode planes)": (det_path, "planes"),
         "arcdeploy (256x256 detector)": (built["detector int8 256"], "full"),
     }
     opened = {c: Detection(DetectorSpec(d, threads=1, decode=m).open(), all_faces=True) for c, (d, m) in setups.items()}
-    runs = {name: ["arcdeploy (decode full)", "arcdeploy (decode reduced)"] for name in sets}
+    decodes = ["arcdeploy (decode full)", "arcdeploy (decode reduced)", "arcdeploy (decode planes)"]
+    runs = {name: list(decodes) for name in sets}
     runs["LFW 250x250"] = ["arcdeploy (decode full)", "arcdeploy (256x256 detector)"]
 
     # warm-up; the crops recognition alone runs on (arcdeploy's own, decode full); accuracy
@@ -351,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             for rname, pkg in (("w600k int8 package", package), ("w600k fp32", fp32)):
                 _, res = run_arcdeploy(pkg, det, unique, workers)
                 accuracy[name][f"{dname} + {rname}"] = against_insightface(found_if, res, unique)
-        for mode in ("reduced",):
-            _, res = run_arcdeploy(package, opened["arcdeploy (decode reduced)"], unique, workers)
+        for mode in ("reduced", "planes"):
+            _, res = run_arcdeploy(package, opened[f"arcdeploy (decode {mode})"], unique, workers)
             accuracy[name][f"SCRFD int8 package, decode {mode} + w600k int8 package"] = against_insightface(
                 found_if, res, unique
             )

@@ -1,4 +1,4 @@
-"""Photos in: EXIF orientation, insightface's detection geometry, reduced JPEG decodes, batched detection.
+"""Photos in: EXIF orientation, insightface's detection geometry, reduced JPEG decodes, JPEG planes, batched detection.
 
 The real photos and SCRFD-500M come from the shared material (skipped with the reason when absent);
 the 12 MP and group photos are made from them in a temporary folder (benchmarks/_photo_sets.py)."""
@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from arcdeploy.faces.io import decode_image, jpeg_orientation
+from arcdeploy.faces.jpeg_planes import decode_planes, planes_available
+from arcdeploy.faces.types import DecodedImage
 from real_material import FACES, MODELS, needs_real
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -473,3 +475,117 @@ def test_keep_freed_memory_stops_refaulting_large_blocks():
     assert faults_default > 12 * pages, faults_default  # 18 decodes in 3 threads: nearly each anew
     assert faults_kept < 4 * pages, faults_kept  # each thread's first decode only
     assert run("keep", MALLOC_ARENA_MAX="2")[0] is False  # the user's own setting wins
+
+
+# ---------------------------------------------------------------- JPEGs held as planes (decode="planes")
+
+needs_planes = pytest.mark.skipif(not planes_available(), reason="libturbojpeg is not installed on this machine")
+
+
+def _full(data: bytes) -> np.ndarray:
+    from arcdeploy.faces.io import decode_image
+
+    return decode_image(data)
+
+
+def _planes(data: bytes) -> DecodedImage:
+    from arcdeploy.faces.io import jpeg_orientation
+
+    planes = decode_planes(data, jpeg_orientation(data))
+    assert planes is not None
+    return DecodedImage.from_planes(planes, data)
+
+
+@needs_planes
+@pytest.mark.parametrize("variant", ["4:2:0", "4:2:2", "4:4:0", "4:4:4", "progressive", "grayscale"])
+def test_planes_give_the_full_decode_back(variant):
+    """Every pixel sampled from the planes (luma at its place, chroma where libjpeg's smooth
+    upsampling puts it) within two grey levels of the full decode: the rounding of two conversions."""
+    data = JPEG_VARIANTS[variant]
+    img = _planes(data)
+    full = _full(data)
+    assert img.full_size == (full.shape[1], full.shape[0])
+    diff = np.abs(img.rgb().astype(int) - full.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.3, (diff.max(), diff.mean())
+
+
+@needs_planes
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_planes_are_turned_upright(orientation):
+    """A photo stored turned with an EXIF orientation: the planes' picture and canvas are the upright
+    image's, as the full decode's are."""
+    rng = np.random.default_rng(orientation)
+    upright = cv2.resize(rng.integers(0, 255, (7, 11, 3), dtype=np.uint8), (330, 210), interpolation=cv2.INTER_CUBIC)
+    data = with_orientation(encode(STORED[orientation](upright)), orientation)
+    img, full = _planes(data), _full(data)
+    assert img.full_size == (330, 210) and full.shape == (210, 330, 3)
+    assert np.abs(img.rgb().astype(int) - full.astype(int)).max() <= 2
+    small = cv2.resize(full, (110, 70), interpolation=cv2.INTER_LINEAR)
+    assert np.abs(img.resized(110, 70).astype(int) - small.astype(int)).mean() < 1.0
+
+
+@needs_planes
+def test_what_planes_decline_is_decoded_in_full():
+    from arcdeploy.faces.io import decode_reduced
+
+    png = encode(np.full((60, 80, 3), 77, np.uint8), ".png")
+    cut = JPEG_VARIANTS["4:2:0"][: len(JPEG_VARIANTS["4:2:0"]) // 2]
+    # 4:1:1: libjpeg-turbo repeats its chroma samples instead of interpolating them
+    assert decode_planes(png) is None and decode_planes(cut) is None and decode_planes(JPEG_VARIANTS["4:1:1"]) is None
+    got = decode_reduced(png, "a.png", as_planes=lambda w, h: True)
+    assert got.planes is None and got.pixels is not None
+    held = decode_reduced(JPEG_VARIANTS["4:2:0"], "a.jpg", as_planes=lambda w, h: True)
+    assert held.planes is not None and held.pixels is None
+    assert decode_reduced(JPEG_VARIANTS["4:2:0"], "a.jpg", as_planes=lambda w, h: False).planes is None
+
+
+@needs_planes
+@needs_real("faces/photos")
+def test_canvas_and_crops_from_planes_on_real_photos():
+    """On the real photos: the canvas resized from the planes is within a grey level or two of
+    cv2.resize of the full decode, and a crop sampled from them of the full decode's crop."""
+    import cv2
+
+    from arcdeploy.faces.align import aligned_from
+    from arcdeploy.faces.io import list_images
+
+    points = np.array([[0.38, 0.45], [0.62, 0.45], [0.5, 0.58], [0.41, 0.7], [0.59, 0.7]])
+    for path in [p for p in list_images(PHOTOS) if p.suffix.lower() in (".jpg", ".jpeg")]:
+        data = path.read_bytes()
+        img, full = _planes(data), _full(data)
+        w, h = img.full_size
+        size = (max(1, w // 3), max(1, h // 3))
+        diff = np.abs(img.resized(*size).astype(int) - cv2.resize(full, size).astype(int))
+        assert diff.mean() < 0.5 and np.mean(diff > 4) < 0.005, (path, diff.mean(), diff.max())
+        lmk = (points * [w, h]).astype(np.float32)
+        crop = np.abs(aligned_from(img, lmk).astype(int) - aligned_from(DecodedImage.full(full), lmk).astype(int))
+        # chroma interpolated once where the full decode's crop interpolates upsampled chroma: a few
+        # levels apart at sharp colour edges
+        assert crop.mean() < 0.5 and np.mean(crop > 4) < 0.01, (path, crop.mean(), crop.max())
+
+
+@pytest.mark.slow
+@needs_planes
+@needs_real("models/scrfd_500m_kps.onnx", "models/w600k_mbf.onnx", "faces/photos", "faces/lfw_colour")
+def test_planes_against_full_decode_on_12mp_photos(photo_sets, w600k_fp32):
+    """decode="planes" on 12 MP JPEGs with SCRFD-500M fp32: the same faces as the full decode's,
+    landmarks within 0.2% (mean) / 0.5% (max) of the eye distance, embeddings at cosine >= 0.998."""
+    from arcdeploy.faces.detectors import open_detector
+    from arcdeploy.faces.prepare import Detection, prepare_image
+
+    full = Detection(open_detector(SCRFD, threads=1), all_faces=True)
+    planes = Detection(open_detector(SCRFD, threads=1, decode="planes"), all_faces=True)
+    errors, cosines = [], []
+    for path in photo_sets["12mp"]:
+        a, b = prepare_image(path, detection=full), prepare_image(path, detection=planes)
+        pairs = match_faces([f.box for f in a.faces], [f.box for f in b.faces])
+        assert len(pairs) == len(a.faces) == len(b.faces), path
+        e = w600k_fp32.infer(np.concatenate([a.crops, b.crops]))
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        for i, j in pairs:
+            fa, fb = a.faces[i].points, b.faces[j].points
+            errors.append(np.linalg.norm(fa - fb, axis=1).mean() / np.linalg.norm(fa[1] - fa[0]))
+            cosines.append(float(e[i] @ e[len(a.faces) + j]))
+    assert len(errors) >= 12
+    assert np.mean(errors) <= 0.002 and np.max(errors) <= 0.005, errors
+    assert min(cosines) >= 0.998, cosines

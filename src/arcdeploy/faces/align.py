@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import ArcdeployError
 from ..manifest import ALIGNED_SIZE
+from .types import DecodedImage
 
 TEMPLATE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
@@ -133,6 +134,20 @@ def align_face(img: np.ndarray, lmk5, size: int = ALIGNED_SIZE) -> np.ndarray:
     if not np.all(np.isfinite(m)):
         raise ArcdeployError("degenerate landmarks (no similarity transform)")
     return cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def aligned_from(img: DecodedImage, points) -> np.ndarray:
+    """The aligned 112x112 RGB crop of a face in a decoded photo, given its 5 points in full-image
+    pixels: warped from the decoded pixels as :func:`align_face` warps, or sampled where that warp
+    samples the full image (a photo held as planes)."""
+    if img.planes is None:
+        return img.in_rgb(to_aligned(img.decoded, img.from_full(points)))
+    import cv2
+
+    m = estimate_transform(np.asarray(points, np.float32))
+    if not np.all(np.isfinite(m)):
+        raise ArcdeployError("degenerate landmarks (no similarity transform)")
+    return img.sample(cv2.invertAffineTransform(m), (ALIGNED_SIZE, ALIGNED_SIZE), black_border=True)
 
 
 def to_aligned(img: np.ndarray, lmk=None) -> np.ndarray:

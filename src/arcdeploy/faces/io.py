@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArcdeployError, printable
+from .jpeg_planes import decode_planes
 from .types import DecodedImage, ImageError
 
 log = logging.getLogger(__name__)
@@ -363,7 +364,7 @@ def checked_size(
 _EXIF_FLIP = {2: 1, 3: -1, 4: 0, 6: 1, 7: -1, 8: 0}
 
 
-def _upright(img: np.ndarray, orientation: int) -> np.ndarray:
+def upright(img: np.ndarray, orientation: int) -> np.ndarray:
     import cv2
 
     if orientation in TRANSPOSED_ORIENTATIONS:
@@ -390,7 +391,7 @@ def _turbo_jpeg(data: bytes, bgr: bool) -> np.ndarray | None:
         img = simplejpeg.decode_jpeg(data, colorspace="BGR" if bgr else "RGB", strict=True)
     except (ValueError, TypeError):
         return None
-    return _upright(img, jpeg_orientation(data))
+    return upright(img, jpeg_orientation(data))
 
 
 def _imdecode(data: bytes, flag: int, name: str | os.PathLike, kind: str, bgr: bool = False) -> np.ndarray:
@@ -445,7 +446,7 @@ def reduction_for(width: int, height: int, at_least: tuple[int, int]) -> int:
     return 1
 
 
-def _orientation_map(orientation: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+def orientation_map(orientation: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
     """EXIF ``orientation`` as an affine map of stored pixel coordinates (a ``w`` x ``h`` image)
     to upright ones: (2x2 matrix, translation)."""
     table = {
@@ -471,8 +472,8 @@ def reduced_offset(orientation: int, stored: tuple[int, int], reduction: int) ->
     multiple of ``r``)."""
     w, h = stored
     r = int(reduction)
-    m, t_full = _orientation_map(orientation, w, h)
-    _, t_red = _orientation_map(orientation, -(-w // r), -(-h // r))
+    m, t_full = orientation_map(orientation, w, h)
+    _, t_red = orientation_map(orientation, -(-w // r), -(-h // r))
     centre = np.full(2, (r - 1) / 2.0)
     off = t_full - r * t_red + m @ centre
     return float(off[0]), float(off[1])
@@ -483,6 +484,7 @@ def decode_reduced(
     name: str | os.PathLike = "<bytes>",
     max_pixels: int | None = None,
     at_least: Callable[[int, int], tuple[int, int] | None] | None = None,
+    as_planes: Callable[[int, int], bool] | None = None,
 ) -> DecodedImage:
     """Image bytes decoded for finding faces: a JPEG is decoded at 1/8, 1/4 or 1/2 of its size with
     libjpeg's DCT scaling (``cv2.IMREAD_REDUCED_COLOR_*``), the largest reduction whose image is
@@ -490,18 +492,24 @@ def decode_reduced(
     upright (EXIF orientation applied, as the full decode does); other formats, smaller JPEGs and
     ``at_least`` None (or returning None) are decoded in full. The result says how its pixels map
     onto the full image and keeps the bytes for a full decode; its pixels are in the decoder's
-    B, G, R order (see :class:`DecodedImage`)."""
+    B, G, R order (see :class:`DecodedImage`). A JPEG not reduced for which ``as_planes(width, height)``
+    says so is held as its Y, Cb, Cr planes where libturbojpeg can decode it
+    (:mod:`arcdeploy.faces.jpeg_planes`)."""
     import cv2
 
     kind, sw, sh = checked_size(data, name, max_pixels)
     r = 1
     orientation = 1
-    if kind == "JPEG" and at_least is not None:
+    if kind == "JPEG" and (at_least is not None or as_planes is not None):
         orientation = jpeg_orientation(data)
         w, h = (sh, sw) if orientation in TRANSPOSED_ORIENTATIONS else (sw, sh)
-        wanted = at_least(w, h)
+        wanted = at_least(w, h) if at_least is not None else None
         if wanted is not None:
             r = reduction_for(w, h, (int(wanted[0]), int(wanted[1])))
+        if r == 1 and as_planes is not None and as_planes(w, h):
+            planes = decode_planes(data, orientation)
+            if planes is not None:
+                return DecodedImage.from_planes(planes, data, str(name))
     if r == 1:
         bgr = _imdecode(data, cv2.IMREAD_COLOR, name, kind, bgr=True)
         return DecodedImage.full(bgr, data, str(name), bgr=True)

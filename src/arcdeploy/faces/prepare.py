@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ArcdeployError, first_line
-from .align import estimate_transform, landmarks_problem, to_aligned
+from .align import aligned_from, estimate_transform, landmarks_problem, to_aligned
 from .detectors import FaceDetector, as_detector
 from .io import decode_image, decode_reduced, read_image, read_image_bytes
 from .landmarks import Landmarks, read_landmarks
@@ -236,7 +236,7 @@ def decode_for_detection(item, name: str, max_pixels: int | None, detector: Face
         data = item.data
     else:
         data = read_image_bytes(item)
-    return decode_reduced(data, name, max_pixels, detector.reduced_decode_size)
+    return decode_reduced(data, name, max_pixels, detector.reduced_decode_size, detector.decodes_planes)
 
 
 def faces_to_align(found: Found, all_faces: bool) -> list[tuple[int, Face]]:
@@ -280,7 +280,8 @@ def find_faces(
             data, name = got.image.data, got.image.name
             assert data is not None  # only files and bytes are decoded reduced
             try:
-                again[k] = decode_reduced(data, name, max_pixels)  # no reduction asked: in full
+                # no reduction asked: in full (or as planes)
+                again[k] = decode_reduced(data, name, max_pixels, as_planes=detection.detector.decodes_planes)
             except ImageError as exc:
                 results[k] = exc
     # found again in the full decode: where a photo needs it, its faces are exactly a full decode's
@@ -345,6 +346,6 @@ def _align_found(found: Found, name: str, detection: Detection) -> Prepared:
     chosen = faces_to_align(found, detection.all_faces)
     if not chosen:
         raise ImageError(name, f"no face that can be aligned among the {len(found.faces)} found")
-    crops = [img.in_rgb(to_aligned(img.pixels, img.from_full(f.points))) for _, f in chosen]
+    crops = [aligned_from(img, f.points) for _, f in chosen]
     # a tiny or degenerate face in a crowd is left out, as --min-face would
     return Prepared(np.stack(crops), [f for _, f in chosen], [k for k, _ in chosen])

@@ -7,10 +7,14 @@ speaks in these types, so they live below all of them and import nothing of the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ArcdeployError
+
+if TYPE_CHECKING:
+    from .jpeg_planes import YCbCrPlanes
 
 __all__ = [
     "MISSING",
@@ -63,8 +67,10 @@ class DecodedImage:
     """An image decoded to find faces in: uint8 ``pixels``, possibly decoded at 1/2, 1/4 or
     1/8 of the full size (a JPEG's DCT scaling, see :func:`arcdeploy.faces.io.decode_reduced`),
     and where those pixels lie in the full image: ``full = reduction * pixel + offset`` per axis
-    (pixel centres at integer coordinates, the image upright). ``data``: the encoded bytes, kept
-    so the image can be decoded again at full size (None for an image given as an array).
+    (pixel centres at integer coordinates, the image upright); or, for a large JPEG, its Y, Cb, Cr
+    ``planes`` at full size instead of pixels (:mod:`arcdeploy.faces.jpeg_planes`: sampled in
+    colour only where a canvas or a crop needs them). ``data``: the encoded bytes, kept so the
+    image can be decoded again at full size (None for an image given as an array).
 
     ``bgr``: the pixels are in the decoder's B, G, R order. A photo decoded to find faces in keeps
     it, and only what is made from it (a detector's canvas, an aligned crop) is put in RGB order
@@ -72,17 +78,29 @@ class DecodedImage:
     canvas and crops, made channel by channel, do not need (measured ~5 ms of ~50 ms of CPU per
     photo). The result is the same to the bit."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     full_size: tuple[int, int]  # (width, height) of the full, upright image
     reduction: int = 1
     offset: tuple[float, float] = (0.0, 0.0)
     data: bytes | None = None
     name: str = ""
     bgr: bool = False
+    planes: YCbCrPlanes | None = None
 
     @classmethod
     def full(cls, pixels: np.ndarray, data: bytes | None = None, name: str = "", bgr: bool = False) -> DecodedImage:
         return cls(pixels, (int(pixels.shape[1]), int(pixels.shape[0])), 1, (0.0, 0.0), data, name, bgr)
+
+    @classmethod
+    def from_planes(cls, planes: YCbCrPlanes, data: bytes | None = None, name: str = "") -> DecodedImage:
+        return cls(None, planes.upright_size, 1, (0.0, 0.0), data, name, False, planes)
+
+    @property
+    def decoded(self) -> np.ndarray:
+        """The decoded pixels (not for an image held as planes)."""
+        if self.pixels is None:
+            raise ValueError(f"{self.name}: held as JPEG planes, not pixels")
+        return self.pixels
 
     def in_rgb(self, made: np.ndarray) -> np.ndarray:
         """``made`` (an H x W x 3 array made from ``pixels`` channel by channel: a canvas, a crop)
@@ -94,8 +112,42 @@ class DecodedImage:
         return cv2.cvtColor(made, cv2.COLOR_BGR2RGB)
 
     def rgb(self) -> np.ndarray:
-        """The pixels in RGB order (a full-size copy when they are BGR)."""
-        return self.in_rgb(self.pixels)
+        """The full-size image in RGB order (a full-size copy when they are BGR or planes)."""
+        if self.planes is not None:
+            return self.planes.sample(np.eye(2, 3), self.full_size, black_border=False)
+        return self.in_rgb(self.decoded)
+
+    def resized(self, width: int, height: int) -> np.ndarray:
+        """The full image resized to ``width`` x ``height`` (RGB) as ``cv2.resize`` resizes it
+        (bilinear): a full decode (and each of the planes) by ``cv2.resize`` itself; a reduced decode
+        sampled where that resize samples the full image."""
+        import cv2
+
+        if self.planes is not None:
+            return self.planes.resized(width, height)
+        if self.reduction == 1:
+            return self.in_rgb(cv2.resize(self.decoded, (width, height), interpolation=cv2.INTER_LINEAR))
+        sx, sy = self.full_size[0] / width, self.full_size[1] / height  # full pixels per pixel, as cv2.resize steps
+        # pixel x -> full (x + 0.5) * sx - 0.5, clamped to the edge as cv2.resize does
+        return self.sample(np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]]), (width, height), False)
+
+    def sample(self, to_full: np.ndarray, size: tuple[int, int], black_border: bool) -> np.ndarray:
+        """The RGB picture of ``size`` = (width, height) whose pixel (x, y) is the full image,
+        bilinearly interpolated, at ``to_full @ (x, y, 1)`` (a 2x3 map); outside the image black
+        (``black_border``) or its nearest edge pixel."""
+        if self.planes is not None:
+            return self.planes.sample(to_full, size, black_border)
+        import cv2
+
+        # full -> pixels: (full - offset) / reduction
+        m = np.asarray(to_full, np.float64).copy()
+        m[:, 2] -= self.offset
+        m /= float(self.reduction)
+        border = cv2.BORDER_CONSTANT if black_border else cv2.BORDER_REPLICATE
+        made = cv2.warpAffine(
+            self.decoded, m, size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=border, borderValue=0
+        )
+        return self.in_rgb(made)
 
     @property
     def full_shape(self) -> tuple[int, int]:

@@ -29,8 +29,10 @@ NMS_IOU = 0.4  # insightface SCRFD's NMS threshold
 PAD_RETRY = 0.4  # border, as a fraction of the larger side, for a second try on tight crops
 # how photos are decoded for detection: "full" (insightface's exact pixels), or "reduced": a kind
 # may decode large JPEGs at 1/2, 1/4, 1/8 with libjpeg's DCT scaling (see reduced_decode_size), which
-# is faster but moves landmarks a little (measured in faces/prepare.py), so it is asked for, not default
-DECODES = ("full", "reduced")
+# is faster but moves landmarks a little (measured in faces/prepare.py), so it is asked for, not default;
+# or "planes": large JPEGs held as their Y, Cb, Cr planes and sampled in colour where needed
+# (faces/jpeg_planes.py), close to the full decode's pixels but not the same
+DECODES = ("full", "planes", "reduced")
 DEFAULT_DECODE = "full"
 RECOGNITION_DIMS = (128, 256, 512, 1024)
 
@@ -174,6 +176,12 @@ class FaceDetector(ABC):
         """The smallest decode of a ``width`` x ``height`` photo that loses nothing this detector
         sees (a JPEG can be decoded at 1/2, 1/4, 1/8 down to it), or None: decode in full."""
         return None
+
+    def decodes_planes(self, width: int, height: int) -> bool:
+        """Whether a JPEG of ``width`` x ``height`` (upright) may be held as its Y, Cb, Cr planes
+        (:mod:`arcdeploy.faces.jpeg_planes`): for a detector whose input samples a large photo
+        sparsely (its canvas made with :meth:`DecodedImage.resized`)."""
+        return False
 
     def detect(self, image: np.ndarray, threshold: float | None = None, min_face: float | None = None) -> list[Face]:
         """Faces in an RGB uint8 ``H x W x 3`` image, best first (see :func:`best_first`);

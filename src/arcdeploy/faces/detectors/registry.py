@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import math
 import os
 from pathlib import Path
@@ -42,6 +43,8 @@ DETECTOR_THREADS = 1
 # photos with the 640 detector, 1.44x with a 256x256 detector package (the smaller the photo, the more
 # of the work is recognition). An earlier grid on a busy machine (load 4-8) had found one recognition
 # thread better on 12 MP photos (every core 0.89-0.95x); on a quiet one it is not.
+
+log = logging.getLogger(__name__)
 
 
 def detector_class(kind: str) -> type[FaceDetector]:
@@ -88,8 +91,9 @@ class DetectorSpec:
     pixels are left out. ``threads``: engine threads per call (None: the engine's default).
     ``input_size`` (width, height): SCRFD's canvas when its input is dynamic (default 640 x 640).
     ``pad_retry``: see
-    :meth:`FaceDetector.detect` (0: no second try). ``decode``: "full" (default) or "reduced"
-    (large JPEGs decoded at 1/2 to 1/8 for detection, see :mod:`arcdeploy.faces.prepare`). ``batch``:
+    :meth:`FaceDetector.detect` (0: no second try). ``decode``: "full" (default), "reduced"
+    (large JPEGs decoded at 1/2 to 1/8 for detection, see :mod:`arcdeploy.faces.prepare`) or "planes"
+    (large JPEGs held as their Y, Cb, Cr planes, :mod:`arcdeploy.faces.jpeg_planes`). ``batch``:
     canvases per network call for a graph with a batch axis (None: the kind's default)."""
 
     path: Path
@@ -131,6 +135,14 @@ class DetectorSpec:
             graph = read_graph_io(self.path)
             detector = _kind_of(graph).from_spec(graph, self)
         detector.spec = self
+        if self.decode == "planes":
+            from ..jpeg_planes import planes_available
+
+            if not planes_available():  # said once per opening, not per photo
+                log.warning(
+                    "decode planes: libturbojpeg is not installed (Debian/Ubuntu: apt install libturbojpeg0); "
+                    "photos are decoded in full"
+                )
         return detector
 
     def with_path(self, path: str | os.PathLike) -> DetectorSpec:

@@ -20,7 +20,7 @@ import numpy as np
 
 from ...errors import ArcdeployError
 from ..types import DecodedImage
-from .base import DEFAULT_DECODE, NMS_IOU, PAD_RETRY, FaceDetector, GraphIO, letterbox, letterbox_geometry, nms
+from .base import DEFAULT_DECODE, NMS_IOU, PAD_RETRY, FaceDetector, GraphIO, letterbox_geometry, nms
 
 if TYPE_CHECKING:
     from ...manifest import DetectorManifest
@@ -37,6 +37,9 @@ DEFAULT_BATCH = 1
 # that the canvas is still a bilinear shrink of it (as of the full image) and faces that fill a
 # good part of the photo can be aligned from it without a full decode (faces/prepare.py)
 REDUCED_OVERSAMPLE = 2
+# a JPEG shrunk at least this much into the canvas is decoded to its planes (faces/jpeg_planes.py): there
+# the canvas samples a small part of its pixels; a smaller photo is decoded in full, insightface's pixels
+PLANES_MIN_SHRINK = 2
 
 
 @functools.lru_cache(maxsize=32)
@@ -169,27 +172,22 @@ class ScrfdDetector(FaceDetector):
         nw, nh, _ = letterbox_geometry(width, height, self.size)
         return REDUCED_OVERSAMPLE * nw, REDUCED_OVERSAMPLE * nh
 
+    def decodes_planes(self, width: int, height: int) -> bool:
+        if self.decode != "planes":
+            return False
+        _, nh, _ = letterbox_geometry(width, height, self.size)
+        return nh * PLANES_MIN_SHRINK <= height
+
     def canvas(self, img: DecodedImage) -> tuple[np.ndarray, float]:
         """The letterboxed canvas of a decoded image (uint8 RGB, ``size``) and the scale from full
         image pixels to canvas pixels. The placement is always the full image's (insightface's
-        rule); a full decode is resized as insightface resizes it, a reduced one is sampled (bilinear)
-        exactly where that resize samples the full image."""
-        import cv2
-
+        rule); a full decode is resized as insightface resizes it, a reduced one or planes are
+        sampled (bilinear) where that resize samples the full image."""
         width, height = img.full_size
         nw, nh, scale = letterbox_geometry(width, height, self.size)
-        if img.reduction == 1:
-            return img.in_rgb(letterbox(img.pixels, self.size)[0]), scale
-        r = float(img.reduction)
-        ox, oy = img.offset
-        sx, sy = width / nw, height / nh  # full pixels per canvas pixel, as cv2.resize steps
-        # canvas x -> full (x + 0.5) * sx - 0.5 -> reduced ((x + 0.5) * sx - 0.5 - ox) / r
-        m = np.array([[sx / r, 0.0, (0.5 * sx - 0.5 - ox) / r], [0.0, sy / r, (0.5 * sy - 0.5 - oy) / r]])
         canvas = np.zeros((self.size[1], self.size[0], 3), np.uint8)
-        canvas[:nh, :nw] = cv2.warpAffine(
-            img.pixels, m, (nw, nh), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
-        )
-        return img.in_rgb(canvas), scale
+        canvas[:nh, :nw] = img.resized(nw, nh)
+        return canvas, scale
 
     def _detect(self, rgb: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self._detect_many([DecodedImage.full(rgb)], threshold)[0]
