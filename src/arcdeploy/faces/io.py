@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import ArcdeployError, printable
 from .jpeg_planes import decode_planes
+from .orientation import TRANSPOSED_ORIENTATIONS, orientation_map, upright
 from .types import DecodedImage, ImageError
 
 log = logging.getLogger(__name__)
@@ -266,10 +267,6 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-# EXIF orientations that swap width and height (the stored image is the upright one transposed)
-TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
-
-
 def jpeg_orientation(data: bytes) -> int:
     """The EXIF ``Orientation`` (1-8) of JPEG data, read from its first ``Exif`` APP1 segment as
     OpenCV reads it; 1 (as stored) when there is none or it cannot be read."""
@@ -359,20 +356,6 @@ def checked_size(
     return kind, w, h
 
 
-# EXIF orientation -> the flip (cv2.flip's code) that follows the transpose of orientations 5-8: together
-# they turn the stored pixels upright, as cv2.imdecode does
-_EXIF_FLIP = {2: 1, 3: -1, 4: 0, 6: 1, 7: -1, 8: 0}
-
-
-def upright(img: np.ndarray, orientation: int) -> np.ndarray:
-    import cv2
-
-    if orientation in TRANSPOSED_ORIENTATIONS:
-        img = cv2.transpose(img)
-    flip = _EXIF_FLIP.get(orientation)
-    return img if flip is None else cv2.flip(img, flip)
-
-
 def _turbo_jpeg(data: bytes, bgr: bool) -> np.ndarray | None:
     """A JPEG decoded by libjpeg-turbo through ``simplejpeg``, upright: the decoder OpenCV bundles,
     with OpenCV's settings (accurate integer IDCT, smooth chroma upsampling), so the same pixels as
@@ -444,23 +427,6 @@ def reduction_for(width: int, height: int, at_least: tuple[int, int]) -> int:
         if -(-width // r) >= at_least[0] and -(-height // r) >= at_least[1]:
             return r
     return 1
-
-
-def orientation_map(orientation: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
-    """EXIF ``orientation`` as an affine map of stored pixel coordinates (a ``w`` x ``h`` image)
-    to upright ones: (2x2 matrix, translation)."""
-    table = {
-        1: (((1, 0), (0, 1)), (0, 0)),
-        2: (((-1, 0), (0, 1)), (w - 1, 0)),
-        3: (((-1, 0), (0, -1)), (w - 1, h - 1)),
-        4: (((1, 0), (0, -1)), (0, h - 1)),
-        5: (((0, 1), (1, 0)), (0, 0)),
-        6: (((0, -1), (1, 0)), (h - 1, 0)),
-        7: (((0, -1), (-1, 0)), (h - 1, w - 1)),
-        8: (((0, 1), (-1, 0)), (0, w - 1)),
-    }
-    m, t = table[orientation]
-    return np.array(m, np.float64), np.array(t, np.float64)
 
 
 def reduced_offset(orientation: int, stored: tuple[int, int], reduction: int) -> tuple[float, float]:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .orientation import TRANSPOSED_ORIENTATIONS, orientation_map, upright
+
 __all__ = ["YCbCrPlanes", "decode_planes", "planes_available"]
 
 # turbojpeg.h (TurboJPEG 2 API)
@@ -102,7 +104,7 @@ class YCbCrPlanes:
     def upright_size(self) -> tuple[int, int]:
         """(width, height) of the upright image."""
         w, h = self.stored_size
-        return (h, w) if self.orientation in (5, 6, 7, 8) else (w, h)
+        return (h, w) if self.orientation in TRANSPOSED_ORIENTATIONS else (w, h)
 
     def resized(self, width: int, height: int) -> np.ndarray:
         """The upright image resized to ``width`` x ``height`` (RGB) as ``cv2.resize`` (bilinear)
@@ -113,9 +115,7 @@ class YCbCrPlanes:
         the same factor samples); then turned upright."""
         import cv2
 
-        from .io import upright
-
-        turned = self.orientation in (5, 6, 7, 8)
+        turned = self.orientation in TRANSPOSED_ORIENTATIONS
         size = (height, width) if turned else (width, height)
         luma = cv2.resize(self.y, size, interpolation=cv2.INTER_LINEAR)
         if self.cb is None or self.cr is None:
@@ -138,8 +138,6 @@ class YCbCrPlanes:
         with ``WARP_INVERSE_MAP`` gives from the full decode, up to rounding. Outside the image:
         black (``black_border``, as an aligned crop) or the nearest edge pixel (as ``cv2.resize``)."""
         import cv2
-
-        from .io import orientation_map
 
         w, h = self.stored_size
         turn, shift = orientation_map(self.orientation, w, h)  # stored -> upright; turn is orthogonal

@@ -96,18 +96,18 @@ def letterbox_geometry(width: int, height: int, size: tuple[int, int]) -> tuple[
     return nw, nh, float(nh) / height
 
 
-def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, tuple[float, float]]:
-    """Resize ``image`` keeping its aspect ratio to fit a ``size`` = (width, height) canvas
+def letterbox(image: np.ndarray | DecodedImage, size: tuple[int, int]) -> tuple[np.ndarray, tuple[float, float]]:
+    """Resize ``image`` (pixels, or a :class:`DecodedImage`: its full image, see
+    :meth:`DecodedImage.resized`) keeping its aspect ratio to fit a ``size`` = (width, height) canvas
     (bilinear, ``cv2.resize``'s default), placed at the top-left, zeros elsewhere: insightface's
     SCRFD input (:func:`letterbox_geometry`). Returns the canvas and the (x, y) scale from image
     pixels to canvas pixels (insightface's one scale, for both axes)."""
-    import cv2
-
+    img = image if isinstance(image, DecodedImage) else DecodedImage.full(image)
     cw, ch = size
-    h, w = image.shape[:2]
-    nw, nh, scale = letterbox_geometry(w, h, size)
-    canvas = np.zeros((ch, cw, image.shape[2]), dtype=image.dtype)
-    canvas[:nh, :nw] = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    nw, nh, scale = letterbox_geometry(*img.full_size, size)
+    placed = img.resized(nw, nh)
+    canvas = np.zeros((ch, cw, *placed.shape[2:]), dtype=placed.dtype)
+    canvas[:nh, :nw] = placed
     return canvas, (scale, scale)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ...errors import ArcdeployError
 from ..types import DecodedImage
-from .base import DEFAULT_DECODE, NMS_IOU, PAD_RETRY, FaceDetector, GraphIO, letterbox_geometry, nms
+from .base import DEFAULT_DECODE, NMS_IOU, PAD_RETRY, FaceDetector, GraphIO, letterbox, letterbox_geometry, nms
 
 if TYPE_CHECKING:
     from ...manifest import DetectorManifest
@@ -183,10 +183,7 @@ class ScrfdDetector(FaceDetector):
         image pixels to canvas pixels. The placement is always the full image's (insightface's
         rule); a full decode is resized as insightface resizes it, a reduced one or planes are
         sampled (bilinear) where that resize samples the full image."""
-        width, height = img.full_size
-        nw, nh, scale = letterbox_geometry(width, height, self.size)
-        canvas = np.zeros((self.size[1], self.size[0], 3), np.uint8)
-        canvas[:nh, :nw] = img.resized(nw, nh)
+        canvas, (scale, _) = letterbox(img, self.size)
         return canvas, scale
 
     def _detect(self, rgb: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
