@@ -2,8 +2,9 @@
 
 A photo that is shrunk to a detector's canvas does not need all of its 12 million colour pixels:
 the canvas samples a few of them, an aligned crop a few more. libjpeg-turbo's full decode spends a
-third of its time after the inverse DCT, upsampling the half-size chroma planes and converting
-every pixel to B, G, R (measured on the 12 MP photos: 19.5 ms a photo in colour, 15 as planes). So
+fifth of its time after the inverse DCT, upsampling the half-size chroma planes and converting
+every pixel to B, G, R (measured on the 12 MP photos, one core: 18.6 ms a photo in colour, 15.5 as
+planes). So
 a large photo is decoded to its planes (libturbojpeg's ``tjDecompressToYUVPlanes``: the same
 entropy decoding and accurate inverse DCT as a full decode, nothing after it), and the canvas and
 the crops are sampled from the planes where cv2.resize and cv2.warpAffine would sample the full
@@ -12,9 +13,11 @@ interpolation of chroma samples centred between their luma pixels, so a chroma p
 bilinearly at ``(x + 0.5) / 2 - 0.5`` is that upsampling), then converted to colour only there.
 Conversion and interpolation are both linear, so the result differs from sampling the full decode
 by rounding (and where a colour clips at 0 or 255): measured on the 12 MP photos' canvases, 0.05-0.18
-of a grey level on average, at most 5.
+of a grey level on average, at most 5. Not insightface's pixels to the bit, so SCRFD's landmarks move
+a little (README: 0.07% of the eye distance on 12 MP portraits, more on faces a few canvas pixels
+wide): the detectors' ``decode="planes"`` asks for it, the default decodes in full.
 
-libturbojpeg is the system's (``libturbojpeg.so.0`` from libjpeg-turbo 1.4 or later; Debian and
+libturbojpeg is the system's (``libturbojpeg.so.0`` from libjpeg-turbo 2.0 or later; Debian and
 Ubuntu ``libturbojpeg0``, Fedora ``turbojpeg``, Homebrew ``jpeg-turbo``), called through its
 TurboJPEG 2 functions, which libjpeg-turbo 3 keeps: PyTurboJPEG, the usual binding, needs version
 3, which the distributions do not ship yet. Without it, or for a JPEG it declines (CMYK, 12-bit,
@@ -71,6 +74,9 @@ def _library() -> ctypes.CDLL | None:
                 ctypes.c_int,
                 ctypes.c_int,
             ]
+            # libjpeg-turbo 2.0 and later (its error codes and TJFLAG_STOPONWARNING): an older one
+            # would decode a cut-off file with grey filled in and only warn
+            lib.tjGetErrorCode.argtypes = [ctypes.c_void_p]
             for plane_size in (lib.tjPlaneWidth, lib.tjPlaneHeight):
                 plane_size.argtypes = [ctypes.c_int] * 3
         except (OSError, AttributeError):
