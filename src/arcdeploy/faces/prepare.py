@@ -28,7 +28,11 @@ otherwise the photo is decoded again in full and its faces found again there, so
 small faces (a group photo) gets exactly a full decode's result. What "reduced" costs is a
 little of the landmarks' agreement with insightface: the canvas made from a reduced decode is
 the same picture filtered otherwise, and SCRFD's points move by a few tenths of a canvas pixel
-(measured by ``benchmarks/bench_photos.py``; the figures are in the README).
+(measured by ``benchmarks/bench_photos.py``; the figures are in the README). With
+``decode="planes"`` such a JPEG is held as its Y, Cb, Cr planes instead
+(:mod:`arcdeploy.faces.jpeg_planes`), and its canvas and crops are sampled from them: within a grey
+level or two of the full decode's pixels, not the same, so SCRFD's points move by hundredths to
+tenths of a percent of the eye distance (the README has the figures).
 
 A failure is an :class:`ImageError` naming the input and the reason; the embed
 pipeline turns it into a :class:`Failure` row instead of stopping the job.
