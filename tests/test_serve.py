@@ -619,6 +619,19 @@ def test_sigterm_during_load_answers_every_accepted_request_and_exits_0(pkg, pho
     assert "Traceback" not in "".join(s.stderr)
 
 
+@needs_real("models/scrfd_500m_kps.onnx")
+def test_cli_detector_settings_reach_the_detector(tmp_path):
+    """serve's --detector settings (threshold, minimum face, decode) are the detector spec's, as embed's."""
+    from arcdeploy.cli import build_parser
+    from arcdeploy.cli.serve import _open_detector
+
+    serve = ["serve", str(tmp_path), "--detector", str(SCRFD)]
+    args = build_parser().parse_args([*serve, "--det-threshold", "0.6", "--min-face", "20", "--decode", "planes"])
+    spec = _open_detector(args)
+    assert (spec.threshold, spec.min_face, spec.decode) == (0.6, 20.0, "planes")
+    assert _open_detector(build_parser().parse_args(serve)).decode == "full"
+
+
 def test_cli_refusals_are_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])}
 

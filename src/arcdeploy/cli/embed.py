@@ -111,11 +111,10 @@ def add_detector_arguments(p) -> None:
         default=None,
         help="with --detector: what runs SCRFD (default onnxruntime); YuNet always runs in OpenCV",
     )
-    p.add_argument("--decode", choices=DECODES, default=None, help=DECODE_HELP)
 
 
 def add_detector_settings(p) -> None:
-    """What a --detector keeps: --min-face and --det-threshold (embed, serve)."""
+    """What a --detector keeps: --min-face, --det-threshold and --decode (embed, serve)."""
     p.add_argument(
         "--min-face",
         type=float,
@@ -130,6 +129,7 @@ def add_detector_settings(p) -> None:
         metavar="T",
         help="with --detector: minimum detection score (default 0.5 for SCRFD, 0.6 for YuNet)",
     )
+    p.add_argument("--decode", choices=DECODES, default=None, help=DECODE_HELP)
 
 
 def run(args) -> int:

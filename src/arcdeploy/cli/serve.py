@@ -192,5 +192,6 @@ def _open_detector(args):
             detector=args.detector,
             det_threshold=args.det_threshold,
             min_face=args.min_face,
+            decode=args.decode,
         )
     )
