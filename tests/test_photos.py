@@ -483,14 +483,10 @@ needs_planes = pytest.mark.skipif(not planes_available(), reason="libturbojpeg i
 
 
 def _full(data: bytes) -> np.ndarray:
-    from arcdeploy.faces.io import decode_image
-
     return decode_image(data)
 
 
 def _planes(data: bytes) -> DecodedImage:
-    from arcdeploy.faces.io import jpeg_orientation
-
     planes = decode_planes(data, jpeg_orientation(data))
     assert planes is not None
     return DecodedImage.from_planes(planes, data)

@@ -126,13 +126,20 @@ def landmarks_problem(lmk5, shape) -> str | None:
     return None
 
 
+def crop_transform(lmk5, size: int = ALIGNED_SIZE) -> np.ndarray:
+    """The 2x3 similarity map of image pixels onto the aligned ``size`` x ``size`` crop for these 5
+    landmarks; raises :class:`ArcdeployError` when there is none (degenerate points)."""
+    m = estimate_transform(lmk5, TEMPLATE_112 * (size / ALIGNED_SIZE))
+    if not np.all(np.isfinite(m)):
+        raise ArcdeployError("degenerate landmarks (no similarity transform)")
+    return m
+
+
 def align_face(img: np.ndarray, lmk5, size: int = ALIGNED_SIZE) -> np.ndarray:
     """The aligned ``size`` x ``size`` crop (uint8, channels kept) of ``img`` given its 5 landmarks."""
     import cv2
 
-    m = estimate_transform(lmk5, TEMPLATE_112 * (size / ALIGNED_SIZE))
-    if not np.all(np.isfinite(m)):
-        raise ArcdeployError("degenerate landmarks (no similarity transform)")
+    m = crop_transform(lmk5, size)
     return cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
@@ -144,9 +151,7 @@ def aligned_from(img: DecodedImage, points) -> np.ndarray:
         return img.in_rgb(to_aligned(img.decoded, img.from_full(points)))
     import cv2
 
-    m = estimate_transform(np.asarray(points, np.float32))
-    if not np.all(np.isfinite(m)):
-        raise ArcdeployError("degenerate landmarks (no similarity transform)")
+    m = crop_transform(np.asarray(points, np.float32))
     return img.sample(cv2.invertAffineTransform(m), (ALIGNED_SIZE, ALIGNED_SIZE), black_border=True)
 
 

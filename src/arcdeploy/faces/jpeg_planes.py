@@ -50,10 +50,8 @@ _SUBSAMPLING = {0: (1, 1), 1: (2, 1), 2: (2, 2), 4: (1, 2)}
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("turbojpeg")
-    candidates = [name] if name else []
-    candidates.append("libturbojpeg.so.0")
-    for candidate in candidates:
+    # what the loader finds, else the usual file name (each tried once)
+    for candidate in dict.fromkeys(filter(None, [ctypes.util.find_library("turbojpeg"), "libturbojpeg.so.0"])):
         try:
             lib = ctypes.CDLL(candidate)
             lib.tjInitDecompress.restype = ctypes.c_void_p
@@ -112,13 +110,14 @@ class YCbCrPlanes:
         w, h = self.stored_size
         return (h, w) if self.orientation in TRANSPOSED_ORIENTATIONS else (w, h)
 
-    def resized(self, width: int, height: int) -> np.ndarray:
+    def resized(self, width: int, height: int) -> np.ndarray | None:
         """The upright image resized to ``width`` x ``height`` (RGB) as ``cv2.resize`` (bilinear)
         resizes the full decode: each plane resized by cv2.resize itself, so luma is sampled at
         exactly that resize's positions and weights (a warp would put them on a 1/32-pixel grid,
         enough to move a small face's landmarks by tenths of a percent), and chroma at the same
         positions in its own grid (``(x + 0.5) / f - 0.5`` is where resizing the chroma plane by
-        the same factor samples); then turned upright."""
+        the same factor samples); then turned upright. None where the chroma planes' own scale
+        rounds to another size (a shrink under 2x): such a picture is to be sampled instead."""
         import cv2
 
         turned = self.orientation in TRANSPOSED_ORIENTATIONS
@@ -132,9 +131,8 @@ class YCbCrPlanes:
             w, h = self.stored_size
             fx, fy = size[0] * self.factors[0] / w, size[1] * self.factors[1] / h
             cr, cb = (cv2.resize(p, (0, 0), fx=fx, fy=fy, interpolation=cv2.INTER_LINEAR) for p in (self.cr, self.cb))
-            if cr.shape != luma.shape:  # rounded to another size (a shrink under 2x): sampled instead
-                sx, sy = self.upright_size[0] / width, self.upright_size[1] / height
-                return self.sample(np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5]]), (width, height), False)
+            if cr.shape != luma.shape:
+                return None
             rgb = cv2.cvtColor(cv2.merge([luma, cr, cb]), cv2.COLOR_YCrCb2RGB)
         return upright(rgb, self.orientation)
 

@@ -120,12 +120,15 @@ class DecodedImage:
     def resized(self, width: int, height: int) -> np.ndarray:
         """The full image resized to ``width`` x ``height`` (RGB) as ``cv2.resize`` resizes it
         (bilinear): a full decode (and each of the planes) by ``cv2.resize`` itself; a reduced decode
-        sampled where that resize samples the full image."""
+        (or planes whose chroma would not resize to the size) sampled where that resize samples the
+        full image."""
         import cv2
 
         if self.planes is not None:
-            return self.planes.resized(width, height)
-        if self.reduction == 1:
+            made = self.planes.resized(width, height)
+            if made is not None:
+                return made
+        elif self.reduction == 1:
             return self.in_rgb(cv2.resize(self.decoded, (width, height), interpolation=cv2.INTER_LINEAR))
         sx, sy = self.full_size[0] / width, self.full_size[1] / height  # full pixels per pixel, as cv2.resize steps
         # pixel x -> full (x + 0.5) * sx - 0.5, clamped to the edge as cv2.resize does
