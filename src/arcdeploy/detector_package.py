@@ -168,7 +168,6 @@ def build_detector(
     whose next ``check_count`` (default 32) check fidelity; ``check_images``: photos for the check
     instead; ``fallback``: an int8 package below its floor keeps its most sensitive layers in float
     (:mod:`arcdeploy.detector_fallback`). Returns ``out``."""
-
     started = time.time()
     requested, precision = str(precision), Precision.parse(precision)
     engine = engine or DEFAULT_ENGINE
